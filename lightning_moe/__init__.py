@@ -1,0 +1,1 @@
+"""lightning-moe: sparse mixture-of-experts methods for multimodal LLMs on PyTorch Lightning."""
