@@ -13,3 +13,6 @@ VIDEO_TOKEN = "<video>"
 
 # modality name -> placeholder text; the order fixes the order of special tokens.
 PLACEHOLDERS: dict[str, str] = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN, "video": VIDEO_TOKEN}
+
+# modality name -> the batch key that carries its raw inputs (collate writes it, the model reads it)
+MODALITY_INPUTS: dict[str, str] = {"image": "pixel_values", "audio": "audio_values", "video": "video_values"}

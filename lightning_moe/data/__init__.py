@@ -1,0 +1,33 @@
+"""Data layer: LLaVA-format records -> validated, tokenized samples -> batches, mixed over domains.
+
+Never imports `lightning_moe.models` or `lightning_moe.methods`; the only thing shared with the
+models is the tokenizer and the placeholder tokens of `lightning_moe.tokens`.
+"""
+
+from lightning_moe.data.conversation import ChatTemplateError, ConversationTokenizer, TokenizedConversation
+from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
+from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
+from lightning_moe.data.records import BadRecordError, Message, parse_record, read_llava_records
+from lightning_moe.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
+
+__all__ = [
+    "BadRecordError",
+    "ChatTemplateError",
+    "ConversationTokenizer",
+    "DataReport",
+    "DEFAULT_TOKENIZER",
+    "DomainMixtureDataModule",
+    "DomainSpec",
+    "HFImageProcessor",
+    "LlavaDataset",
+    "Message",
+    "NormalizeImage",
+    "SAMPLING_MODES",
+    "TokenizedConversation",
+    "collate_batch",
+    "load_tokenizer",
+    "mixture_probabilities",
+    "parse_record",
+    "placeholder_token_ids",
+    "read_llava_records",
+]

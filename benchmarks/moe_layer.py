@@ -1,0 +1,152 @@
+"""Speed of `SparseMoE` (forward + backward) against Hugging Face's Mixtral block and a dense FFN.
+
+    python benchmarks/moe_layer.py [--quick]
+
+For each shape (tokens, hidden, intermediate, experts, top-k) it times, in this process and on
+identical weights: ours, the Hugging Face `MixtralSparseMoeBlock` with the `eager` and the
+`grouped_mm` experts implementations, and a dense SwiGLU FFN with the same active compute
+(intermediate size k x I). Implementations are interleaved inside each repetition so that
+background load hits all of them alike; the median over repetitions after warm-up is reported.
+Prints a markdown table with the date and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import MixtralConfig
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from lightning_moe.layers import SparseMoE  # noqa: E402
+
+SHAPES = [(16, 512, 1024, 8, 2), (512, 128, 256, 4, 2), (512, 128, 256, 16, 2), (4096, 512, 1024, 8, 2)]
+
+
+class DenseSwiGLU(nn.Module):
+    """Llama-style MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def hf_block(hidden: int, inter: int, experts: int, k: int, impl: str) -> MixtralSparseMoeBlock:
+    cfg = MixtralConfig(
+        hidden_size=hidden, intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=k,
+        experts_implementation=impl,
+    )
+    block = MixtralSparseMoeBlock(cfg)
+    chosen = ALL_EXPERTS_FUNCTIONS.get_interface(block.experts.config._experts_implementation, None)
+    # make sure the config really switched the experts' forward
+    assert (chosen is grouped_mm_experts_forward) == (impl == "grouped_mm"), impl
+    return block
+
+
+def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).backward(grad)
+
+    return step
+
+
+def time_interleaved(fns: dict[str, callable], reps: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps: int, warmup: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    eager = hf_block(hidden, inter, experts, k, "eager")
+    for p in eager.parameters():
+        nn.init.normal_(p, std=0.02)
+    grouped = hf_block(hidden, inter, experts, k, "grouped_mm")
+    grouped.load_state_dict(eager.state_dict())
+    ours = SparseMoE.from_mixtral(eager)
+    dense = DenseSwiGLU(hidden, k * inter)
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    grad = torch.randn(1, tokens, hidden)
+    with torch.no_grad():  # same weights, same answer: the comparison is fair
+        ref = eager(x)
+        for m in (grouped, ours):
+            torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
+    fns = {
+        "ours": step_fn(ours, x, grad),
+        "hf_eager": step_fn(eager, x, grad),
+        "hf_grouped_mm": step_fn(grouped, x, grad),
+        "dense": step_fn(dense, x, grad),
+    }
+    return time_interleaved(fns, reps, warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions, for a smoke run")
+    args = parser.parse_args()
+    print(f"## SparseMoE forward+backward, {datetime.date.today().isoformat()}")
+    print()
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print()
+    print("| tokens | hidden | inter | experts | k | ours ms | HF eager ms | HF grouped_mm ms | dense ms "
+          "| ours / best HF | ours / dense | goal | met |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    results = {}
+    for shape in SHAPES:
+        tokens = shape[0]
+        reps, warmup = (2, 1) if args.quick else ((5, 2) if tokens >= 4096 else (15, 3))
+        r = bench_shape(*shape, reps=reps, warmup=warmup)
+        results[shape] = r
+        best_hf = min(r["hf_eager"], r["hf_grouped_mm"])
+        vs_hf, vs_dense = r["ours"] / best_hf, r["ours"] / r["dense"]
+        if tokens >= 4096:
+            goal, met = "<= 1.1 x dense", vs_dense <= 1.1
+        elif tokens >= 512:
+            goal, met = "<= 0.8 x best HF", vs_hf <= 0.8
+        else:
+            goal, met = "<= 1.0 x best HF", vs_hf <= 1.0
+        print(
+            f"| {' | '.join(map(str, shape))} | {r['ours']:.2f} | {r['hf_eager']:.2f} | {r['hf_grouped_mm']:.2f} "
+            f"| {r['dense']:.2f} | {vs_hf:.2f} | {vs_dense:.2f} | {goal} | {'yes' if met else 'no'} |",
+            flush=True,
+        )
+    four, sixteen = results[SHAPES[1]]["ours"], results[SHAPES[2]]["ours"]
+    scale = sixteen / four
+    print()
+    print(
+        f"4 -> 16 experts at 512 tokens: ours x{scale:.2f} (goal <= 1.2: {'yes' if scale <= 1.2 else 'no'}), "
+        f"HF eager x{results[SHAPES[2]]['hf_eager'] / results[SHAPES[1]]['hf_eager']:.2f}, "
+        f"HF grouped_mm x{results[SHAPES[2]]['hf_grouped_mm'] / results[SHAPES[1]]['hf_grouped_mm']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""TensorBoard views of routing: expert load per sparse layer (histograms), router entropy, and
+a domain × expert heat map per layer that shows whether routing specialises by domain.
+
+Reads the `routing` and `token_mask` that the method's steps return, so it sees the routing of
+the teacher-forced forward pass (not of generation).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from ..layers import RouterOutput
+
+
+def layer_names(pl_module: L.LightningModule) -> list[str]:
+    """Short names ("layer0", ...) of the routed layers, in the order the method collects them."""
+    from ..models import routed_layers
+
+    names = []
+    for name, _ in routed_layers(pl_module.model):
+        number = re.search(r"\.(\d+)\.", name)
+        names.append(f"layer{number.group(1)}" if number else name)
+    return names
+
+
+def heatmap_image(matrix: torch.Tensor, cell: int = 16) -> torch.Tensor:
+    """(rows, cols) values in [0, 1] -> (3, rows*cell, cols*cell) image, dark blue (0) to yellow (1)."""
+    low, high = torch.tensor([0.07, 0.04, 0.33]), torch.tensor([0.99, 0.91, 0.14])
+    rgb = low[:, None, None] + (high - low)[:, None, None] * matrix.clamp(0, 1)[None]
+    return rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def _tensorboard(trainer: L.Trainer):
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class RoutingStatistics(L.Callback):
+    def __init__(self, log_every_n_steps: int | None = None):
+        """log_every_n_steps: how often training routing is logged; None = the trainer's setting."""
+        self.log_every_n_steps = log_every_n_steps
+        self._counts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> domain -> (E,) routed slots
+        self._entropy: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx: int) -> None:
+        writer = _tensorboard(trainer)
+        if writer is None or not isinstance(outputs, dict) or not outputs.get("routing"):
+            return
+        if trainer.global_step % (self.log_every_n_steps or trainer.log_every_n_steps):
+            return
+        mask = outputs["token_mask"].reshape(-1).bool()
+        for name, routing in zip(layer_names(pl_module), outputs["routing"]):
+            indices = routing.indices[mask].detach().flatten().cpu()
+            num_experts = routing.probs.shape[-1]
+            writer.add_histogram(f"routing/{name}/expert_load", indices, trainer.global_step,
+                                 bins=torch.arange(num_experts + 1).float().numpy() - 0.5)
+            pl_module.log(f"routing/{name}/entropy", entropy(routing, mask))
+
+    def _accumulate(self, pl_module, outputs: Any) -> None:
+        if not isinstance(outputs, dict) or not outputs.get("routing"):
+            return
+        token_mask = outputs["token_mask"]  # (B, T')
+        batch, length = token_mask.shape
+        sample_domain = outputs["domain"]
+        for name, routing in zip(layer_names(pl_module), outputs["routing"]):
+            indices = routing.indices.reshape(batch, length, -1).detach().cpu()
+            mask = token_mask.bool().cpu()
+            num_experts = routing.probs.shape[-1]
+            per_domain = self._counts.setdefault(name, {})
+            for b, domain in enumerate(sample_domain):
+                counts = torch.bincount(indices[b][mask[b]].flatten(), minlength=num_experts).float()
+                per_domain[domain] = per_domain.get(domain, torch.zeros(num_experts)) + counts
+            self._entropy[name].append(entropy(routing, token_mask.reshape(-1).bool()).cpu())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._accumulate(pl_module, outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._accumulate(pl_module, outputs)
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        writer = _tensorboard(trainer)
+        counts, entropies = self._counts, self._entropy
+        self._counts, self._entropy = {}, defaultdict(list)
+        if writer is None or trainer.sanity_checking:
+            return
+        for name, per_domain in counts.items():
+            domains = sorted(per_domain)
+            matrix = torch.stack([per_domain[d] / per_domain[d].sum().clamp(min=1) for d in domains])  # (D, E)
+            writer.add_image(f"routing/{name}/{stage}_domain_expert_heatmap", heatmap_image(matrix), trainer.global_step)
+            header = "| domain | " + " | ".join(f"expert {e}" for e in range(matrix.shape[1])) + " |"
+            rows = [f"| {d} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for d, row in zip(domains, matrix.tolist())]
+            separator = "|---" * (matrix.shape[1] + 1) + "|"
+            writer.add_text(f"routing/{name}/{stage}_domain_expert_table", "\n".join([header, separator, *rows]),
+                            trainer.global_step)
+            total = torch.stack(list(per_domain.values())).sum(0)
+            writer.add_scalar(f"routing/{name}/{stage}_load_max_over_mean", total.max() / total.mean().clamp(min=1e-9),
+                              trainer.global_step)
+        for name, values in entropies.items():
+            writer.add_scalar(f"routing/{name}/{stage}_entropy", torch.stack(values).mean(), trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "test")
+
+
+def entropy(routing: RouterOutput, mask: torch.Tensor) -> torch.Tensor:
+    """Mean router entropy (nats) over real tokens; log(E) = uniform routing, 0 = deterministic."""
+    probs = routing.probs.detach()[mask]
+    return -(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()

@@ -1,0 +1,235 @@
+"""`DomainMixtureDataModule`: several LLaVA-format domains, mixed for training, apart for evaluation.
+
+Training draws from one mixture of all domains that have a train split:
+
+- `proportional`: each domain in proportion to its size (a plain shuffle of the concatenation);
+- `weighted`: domain probability proportional to its `weight`;
+- `temperature`: probability proportional to size ** (1 / temperature) (T = 1 is proportional,
+  large T approaches uniform), as in multilingual / multi-task mixing.
+
+Validation and test return one DataLoader per domain that has the split, in the order of the
+`domains` mapping, so that Lightning's `dataloader_idx` i is domain `eval_domains(stage)[i]` and
+conflicts between domains show in per-domain metrics. The tokenizer is loaded in `__init__`
+because the model needs its vocabulary size, pad id and placeholder ids before setup.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
+
+from lightning_moe.data.dataset import HFImageProcessor, ImageTransform, LlavaDataset, NormalizeImage, collate_batch
+from lightning_moe.data.paths import resolve_data_path
+from lightning_moe.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+SAMPLING_MODES = ("proportional", "weighted", "temperature")
+SPLITS = ("train", "val", "test")
+# Lightning stage -> the splits it needs.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+@dataclass
+class DomainSpec:
+    """One domain: data file(s) per split, relative to the DataModule's `root`, and a mixing weight.
+
+    `weight` is used by `sampling: weighted` only.
+    """
+
+    train: str | list[str] | None = None
+    val: str | list[str] | None = None
+    test: str | list[str] | None = None
+    weight: float = 1.0
+
+
+def mixture_probabilities(
+    sizes: dict[str, int], weights: dict[str, float], sampling: str, temperature: float = 2.0
+) -> dict[str, float]:
+    """Probability of drawing each domain (keys of `sizes`) under a sampling mode (module docstring)."""
+    if sampling == "proportional":
+        scores = {d: float(n) for d, n in sizes.items()}
+    elif sampling == "weighted":
+        scores = {d: float(weights[d]) for d in sizes}
+    elif sampling == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        scores = {d: float(n) ** (1.0 / temperature) for d, n in sizes.items()}
+    else:
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if any(s < 0 or not math.isfinite(s) for s in scores.values()) or sum(scores.values()) <= 0:
+        raise ValueError(f"cannot mix domains with scores {scores} (sampling={sampling!r})")
+    total = sum(scores.values())
+    return {d: s / total for d, s in scores.items()}
+
+
+class DomainMixtureDataModule(L.LightningDataModule):
+    """A mixture of LLaVA-format domains (see the module docstring).
+
+    Args:
+        domains: name -> `DomainSpec` (or a dict with its fields): files per split and a weight.
+        root: dataset root; data files and image paths resolve under it.
+        tokenizer: tokenizer name or directory, loaded with `load_tokenizer`.
+        batch_size / eval_batch_size: training / evaluation batch sizes.
+        sampling: `proportional`, `weighted` or `temperature` (training mixture).
+        temperature: T of temperature sampling.
+        samples_per_epoch: training samples drawn per epoch (with replacement); default: the
+            total train size, and `proportional` then visits each sample once per epoch.
+        max_length: conversations are truncated to this many tokens (and counted).
+        image_size / image_mean / image_std: the default image transform.
+        image_processor: a Hugging Face image processor name/path; replaces the default transform.
+        max_eval_samples_per_domain: cap each validation / test domain (first N samples).
+        skip_bad_records: skip and count bad records instead of raising.
+        num_workers: DataLoader workers.
+        seed: seed of the training sampler.
+    """
+
+    def __init__(
+        self,
+        domains: dict[str, DomainSpec],
+        root: str = "data/shapes",
+        tokenizer: str = DEFAULT_TOKENIZER,
+        batch_size: int = 64,
+        eval_batch_size: int = 128,
+        sampling: str = "proportional",
+        temperature: float = 2.0,
+        samples_per_epoch: int | None = None,
+        max_length: int = 128,
+        image_size: int = 32,
+        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_processor: str | None = None,
+        max_eval_samples_per_domain: int | None = None,
+        skip_bad_records: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if not domains:
+            raise ValueError("domains is empty")
+        # Python callers may pass plain dicts; the CLI passes DomainSpec instances.
+        self.domains = {name: s if isinstance(s, DomainSpec) else DomainSpec(**s) for name, s in domains.items()}
+        self.save_hyperparameters(ignore=["domains"])
+        self.hparams["domains"] = {name: asdict(s) for name, s in self.domains.items()}  # plain, YAML-friendly
+        if sampling != "weighted" and any(s.weight != 1.0 for s in self.domains.values()):
+            rank_zero_warn(f"domain weights are only used by sampling='weighted' (sampling={sampling!r})")
+
+        self.root = resolve_data_path(root)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.image_transform: ImageTransform = (
+            HFImageProcessor(image_processor) if image_processor else NormalizeImage(image_size, image_mean, image_std)
+        )
+        self.datasets: dict[str, dict[str, LlavaDataset]] = {}  # split -> domain -> dataset
+        self.data_report: dict[str, dict[str, dict]] = {}  # split -> domain -> DataReport.as_dict()
+
+    # ----- setup ---------------------------------------------------------------------------
+
+    def eval_domains(self, stage: str) -> list[str]:
+        """Domain of each evaluation dataloader_idx, for stage `validate` / `fit` (val) or `test` / `predict`."""
+        split = "val" if stage in ("fit", "validate", "val") else "test"
+        return [name for name, spec in self.domains.items() if getattr(spec, split)]
+
+    def setup(self, stage: str) -> None:
+        for split in STAGE_SPLITS[stage]:
+            if split not in self.datasets:
+                self.datasets[split] = self._build_split(split)
+        self._print_report(stage)
+
+    def _build_split(self, split: str) -> dict[str, LlavaDataset]:
+        datasets = {}
+        for name, spec in self.domains.items():
+            files = getattr(spec, split)
+            if not files:
+                continue
+            dataset = LlavaDataset(
+                [self.root / f for f in ([files] if isinstance(files, str) else files)],
+                root=self.root,
+                tokenizer=self.tokenizer,
+                domain=name,
+                max_length=self.hparams.max_length,
+                image_transform=self.image_transform,
+                skip_bad_records=self.hparams.skip_bad_records,
+                max_samples=None if split == "train" else self.hparams.max_eval_samples_per_domain,
+            )
+            self.data_report.setdefault(split, {})[name] = dataset.report.as_dict()
+            if len(dataset) == 0:
+                raise ValueError(f"domain {name!r} has no usable {split} samples: {dataset.report.as_dict()}")
+            datasets[name] = dataset
+        if split == "train" and not datasets:
+            raise ValueError("no domain has a train split")
+        return datasets
+
+    def _print_report(self, stage: str) -> None:
+        lines = [f"data report ({stage}): split/domain: kept of records, skipped, truncated, no answer tokens left"]
+        problems = []
+        for split in STAGE_SPLITS[stage]:
+            for name, dataset in self.datasets[split].items():
+                r = dataset.report
+                skipped = ", ".join(f"{k}={v}" for k, v in sorted(r.skipped.items())) or "0"
+                lines.append(
+                    f"  {split}/{name}: {r.kept} of {r.records}, skipped {skipped}, "
+                    f"truncated {r.truncated}, no answer tokens {r.no_answer_tokens}"
+                )
+                if r.skipped or r.truncated or r.no_answer_tokens:
+                    problems.append(f"{split}/{name}")
+                lines.extend(f"    e.g. {example}" for example in r.examples)
+        rank_zero_info("\n".join(lines))
+        if problems:
+            rank_zero_warn(f"records were skipped or truncated in {', '.join(problems)} (see the data report)")
+
+    # ----- loaders -------------------------------------------------------------------------
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def domain_probabilities(self) -> dict[str, float]:
+        """Probability of each training domain under the configured sampling (needs setup('fit'))."""
+        sizes = {name: len(d) for name, d in self.datasets["train"].items()}
+        weights = {name: self.domains[name].weight for name in sizes}
+        return mixture_probabilities(sizes, weights, self.hparams.sampling, self.hparams.temperature)
+
+    def train_sampler(self, dataset: ConcatDataset) -> Sampler:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        num_samples = self.hparams.samples_per_epoch
+        if self.hparams.sampling == "proportional" and num_samples is None:
+            return RandomSampler(dataset, generator=generator)
+        # per-sample weight p(domain) / size(domain): a domain is drawn with p(domain), then uniformly within.
+        probabilities = self.domain_probabilities()
+        weights = torch.cat(
+            [torch.full((len(d),), probabilities[d.domain] / len(d), dtype=torch.double) for d in dataset.datasets]
+        )
+        return WeightedRandomSampler(weights, num_samples or len(dataset), replacement=True, generator=generator)
+
+    def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,  # training order comes from the sampler; evaluation stays in file order
+            collate_fn=partial(collate_batch, pad_token_id=self.pad_token_id),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = ConcatDataset(list(self.datasets["train"].values()))
+        return self._loader(dataset, self.hparams.batch_size, self.train_sampler(dataset))
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        return [self._loader(d, self.hparams.eval_batch_size) for d in self.datasets[split].values()]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """The test split, one loader per domain (generation on held-out data)."""
+        return self._eval_loaders("test")

@@ -1,0 +1,257 @@
+"""`LlavaDataset` (validated, pre-tokenized LLaVA records of one domain) and `collate_batch`.
+
+All validation and tokenization happen in `LlavaDataset.__init__` (the DataModule builds the
+datasets at setup), so bad records fail early, before any worker starts, and the counts of
+skipped, truncated and answerless samples are known before training. `__getitem__` only loads
+and transforms the images.
+
+A sample is a dict; `collate_batch` turns a list of them into the batch dict the models read:
+
+    input_ids (B, T) long, right-padded     attention_mask (B, T)     labels (B, T), -100 but on assistant tokens
+    prompt_input_ids (B, P) LEFT-padded     prompt_attention_mask (B, P)   (for generation)
+    pixel_values (num_images, 3, H, W)      image_counts (B,)   (pixel_values absent without images)
+    answers: list[str]   domain: list[str]   id: list[str]
+
+Each placeholder stays one token in `input_ids`; the model expands it into the encoder's
+features. Images are ordered sample by sample, in placeholder order.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejectedError
+from lightning_moe.data.records import (
+    CHAT_TEMPLATE_REJECTED,
+    UNREADABLE_IMAGE,
+    BadRecordError,
+    check_image,
+    iter_llava_file,
+    parse_record,
+)
+from lightning_moe.tokens import IGNORE_INDEX, IMAGE_TOKEN, MODALITY_INPUTS
+
+PIXEL_VALUES = MODALITY_INPUTS["image"]  # the batch key of images, shared with the model
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float
+
+
+class NormalizeImage:
+    """RGB, resize to `size` x `size` (bicubic) if needed, scale to [0, 1], normalise per channel."""
+
+    def __init__(self, size: int = 32, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+        return (pixels - self.mean) / self.std
+
+
+class HFImageProcessor:
+    """A Hugging Face image processor (e.g. a CLIP checkpoint's) as an `ImageTransform`."""
+
+    def __init__(self, name_or_path: str):
+        from transformers import AutoImageProcessor  # only needed for real checkpoints
+
+        self.processor = AutoImageProcessor.from_pretrained(name_or_path)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
+@dataclass
+class DataReport:
+    """What happened to the records of one dataset; nothing is dropped without being counted here."""
+
+    records: int = 0  # records read (including bad ones)
+    kept: int = 0  # samples in the dataset
+    skipped: Counter = field(default_factory=Counter)  # bad-record reason -> count (skip_bad_records=True)
+    truncated: int = 0  # kept samples cut to max_length (still with some answer tokens)
+    no_answer_tokens: int = 0  # skipped (always): no assistant token left after truncation
+    examples: list[str] = field(default_factory=list)  # the first few skip messages, to show the user
+
+    def as_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "kept": self.kept,
+            "skipped": dict(self.skipped),
+            "truncated": self.truncated,
+            "no_answer_tokens": self.no_answer_tokens,
+        }
+
+
+@dataclass
+class _Sample:
+    id: str
+    input_ids: torch.Tensor  # (T,) long
+    labels: torch.Tensor  # (T,) long
+    prompt_ids: torch.Tensor  # (P,) long
+    answer: str
+    images: list[Path]
+    source: str  # "file:line", to name the record if an image fails to decode later
+
+
+class LlavaDataset(Dataset):
+    """One domain's LLaVA-format records, validated and tokenized eagerly.
+
+    Args:
+        paths: one or more `.json` / `.jsonl` files.
+        root: directory that image paths resolve under (never outside it).
+        tokenizer: a tokenizer from `load_tokenizer` (chat template, single-token placeholders).
+        domain: name carried by every sample (per-domain metrics).
+        max_length: longer conversations are truncated (and counted).
+        image_transform: PIL image -> (3, H, W) tensor; default `NormalizeImage()`.
+        skip_bad_records: skip and count bad records instead of raising.
+        max_samples: keep only the first `max_samples` good samples (evaluation subsets).
+    """
+
+    MAX_EXAMPLES = 5
+
+    def __init__(
+        self,
+        paths: str | Path | Sequence[str | Path],
+        root: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        domain: str = "default",
+        max_length: int = 2048,
+        image_transform: ImageTransform | None = None,
+        skip_bad_records: bool = False,
+        max_samples: int | None = None,
+    ):
+        self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        self.root = Path(root)
+        self.domain = domain
+        self.max_length = max_length
+        self.image_transform = image_transform or NormalizeImage()
+        self.skip_bad_records = skip_bad_records
+        self.report = DataReport()
+        self.samples: list[_Sample] = []
+        self._load(ConversationTokenizer(tokenizer), max_samples)
+        self.report.kept = len(self.samples)
+
+    def _load(self, chat: ConversationTokenizer, max_samples: int | None) -> None:
+        checked_images: set[Path] = set()  # images shared by several records are checked once
+        for path in self.paths:
+            for line, record in iter_llava_file(path):
+                if max_samples is not None and len(self.samples) >= max_samples:
+                    return
+                self.report.records += 1
+                try:
+                    sample = self._make_sample(record, path, line, chat, checked_images)
+                except BadRecordError as e:
+                    if not self.skip_bad_records:
+                        raise
+                    self.report.skipped[e.reason] += 1
+                    if len(self.report.examples) < self.MAX_EXAMPLES:
+                        self.report.examples.append(str(e))
+                    continue
+                if sample is not None:
+                    self.samples.append(sample)
+
+    def _make_sample(
+        self, record: dict | BadRecordError, path: Path, line: int | None, chat: ConversationTokenizer, checked: set[Path]
+    ) -> _Sample | None:
+        if isinstance(record, BadRecordError):  # a malformed JSON line
+            raise record
+        parsed = parse_record(record, self.root, path, line)
+        images = parsed.files.get("image", [])
+        for image in images:
+            if image not in checked:
+                try:
+                    check_image(image)
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    raise BadRecordError(UNREADABLE_IMAGE, path, line, parsed.id, f"unreadable image {image}: {e}") from e
+                checked.add(image)
+        try:
+            tokens = chat(parsed.messages, self.max_length)
+        except TemplateRejectedError as e:
+            raise BadRecordError(CHAT_TEMPLATE_REJECTED, path, line, parsed.id, str(e)) from e
+        if tokens.num_trained == 0:
+            # counted apart from bad records: the record is fine, max_length is too small for it.
+            self.report.no_answer_tokens += 1
+            return None
+        self.report.truncated += tokens.truncated
+        if tokens.truncated:
+            # a placeholder cut off by truncation must take its image with it.
+            image_id = chat.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            images = images[: tokens.input_ids.count(image_id)]
+        return _Sample(
+            id=parsed.id,
+            input_ids=torch.tensor(tokens.input_ids, dtype=torch.long),
+            labels=torch.tensor(tokens.labels, dtype=torch.long),
+            prompt_ids=torch.tensor(tokens.prompt_ids, dtype=torch.long),
+            answer=tokens.answer,
+            images=images,
+            source=f"{path}:{line}" if line is not None else str(path),
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        pixels = []
+        for file in sample.images:
+            try:
+                with Image.open(file) as image:
+                    pixels.append(self.image_transform(image))
+            except (OSError, ValueError) as e:
+                raise BadRecordError(UNREADABLE_IMAGE, sample.source, None, sample.id, f"cannot decode {file}: {e}") from e
+        return {
+            "id": sample.id,
+            "domain": self.domain,
+            "input_ids": sample.input_ids,
+            "labels": sample.labels,
+            "prompt_ids": sample.prompt_ids,
+            "answer": sample.answer,
+            PIXEL_VALUES: torch.stack(pixels) if pixels else None,  # (n_images, 3, H, W)
+        }
+
+
+def _pad(sequences: list[torch.Tensor], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors into (B, T) padded with `value` on the right (or left); also the 0/1 mask."""
+    length = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        cols = slice(length - len(s), length) if left else slice(0, len(s))
+        out[i, cols] = s
+        mask[i, cols] = 1
+    return out, mask
+
+
+def collate_batch(samples: list[dict], pad_token_id: int) -> dict:
+    """Samples of `LlavaDataset` -> batch dict (see the module docstring for keys and shapes)."""
+    input_ids, attention_mask = _pad([s["input_ids"] for s in samples], pad_token_id)
+    labels, _ = _pad([s["labels"] for s in samples], IGNORE_INDEX)
+    # left padding: generation appends to the right end of every prompt at once.
+    prompt_input_ids, prompt_attention_mask = _pad([s["prompt_ids"] for s in samples], pad_token_id, left=True)
+    images = [s[PIXEL_VALUES] for s in samples if s[PIXEL_VALUES] is not None]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "prompt_input_ids": prompt_input_ids,
+        "prompt_attention_mask": prompt_attention_mask,
+        "image_counts": torch.tensor(
+            [0 if s[PIXEL_VALUES] is None else len(s[PIXEL_VALUES]) for s in samples], dtype=torch.long
+        ),
+        "answers": [s["answer"] for s in samples],
+        "domain": [s["domain"] for s in samples],
+        "id": [s["id"] for s in samples],
+    }
+    if images:
+        batch[PIXEL_VALUES] = torch.cat(images)  # (num_images_in_batch, 3, H, W)
+    return batch

@@ -1,0 +1,121 @@
+"""Grouped linear: one matmul per expert over rows already sorted by expert.
+
+`grouped_linear(x, weight, counts)` computes `x[rows of e] @ weight[e].T` for every expert e
+whose rows are a contiguous slice of `x`. It is the one primitive under `SparseMoE` and the
+LoRA experts of `MoLEMLP`. The forward uses `torch.nn.functional.grouped_mm` where this torch
+supports it for the dtype/device/strides, else a loop over the experts that received rows.
+
+The backward is a custom autograd Function because autograd through per-expert slices
+(`weight[e]`) materialises a full zero (E, N, K) gradient per expert and adds them up, which is
+why a naive loop costs E x the weight bytes. Here the weight gradient is written once, slice by
+slice, into one uninitialised buffer; only experts with no rows are zero-filled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["grouped_linear", "grouped_mm_supported", "mm_groups", "weight_grad_groups", "make_offsets"]
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+# dtypes for which this torch build has a grouped_mm kernel on each device type, probed lazily
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _PROBED:
+        ok = False
+        if _HAS_GROUPED_MM:
+            try:
+                a = torch.ones(8, 8, device=device, dtype=dtype)
+                b = torch.ones(2, 8, 8, device=device, dtype=dtype)
+                offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+                ok = bool(torch.allclose(F.grouped_mm(a, b, offs=offs).float(), torch.full((8, 8), 8.0, device=device)))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _PROBED[key] = ok
+    return _PROBED[key]
+
+
+def _aligned(t: Tensor) -> bool:
+    # the CPU/CUDA kernels require 16-byte aligned base pointers and strides
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
+
+
+def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+    """True when `F.grouped_mm(x, w, offs=...)` runs on these tensors (dtype, device, alignment)."""
+    return x.dtype == w.dtype and _probe(x.device, x.dtype) and _aligned(x) and _aligned(w)
+
+
+def mm_groups(x: Tensor, w: Tensor, counts: list[int], offs: Tensor | None) -> Tensor:
+    """(S, K) x grouped (E, K, N) -> (S, N); rows of x sorted by group, counts[e] rows each."""
+    if offs is not None and grouped_mm_supported(x, w):
+        return F.grouped_mm(x, w, offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(x[start : start + c], w[e], out=out[start : start + c])
+            start += c
+    return out
+
+
+def weight_grad_groups(grad: Tensor, x: Tensor, counts: list[int], weight: Tensor) -> Tensor:
+    """(E, N, K) gradient of `weight` for y = x @ weight[e].T per group: grad_e.T @ x_e.
+
+    Written slice by slice into one uninitialised buffer; experts without rows are zeroed.
+    """
+    grad_w = torch.empty_like(weight)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(grad[start : start + c].t(), x[start : start + c], out=grad_w[e])
+            start += c
+        else:
+            grad_w[e].zero_()
+    return grad_w
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, counts: list[int], offs: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.counts, ctx.offs = counts, offs
+        # x (S, K), weight (E, N, K) -> (S, N); transposed view, no copy
+        return mm_groups(x, weight.transpose(1, 2), counts, offs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        counts = ctx.counts
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = mm_groups(grad, weight, counts, ctx.offs)  # (S, N) x (E, N, K) -> (S, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad_groups(grad, x, counts, weight)
+        return grad_x, grad_w, None, None
+
+
+def grouped_linear(x: Tensor, weight: Tensor, counts: list[int], offs: Tensor | None = None) -> Tensor:
+    """Rows of `x` (S, K) sorted by expert, `counts[e]` rows for expert e; weight (E, N, K) -> (S, N).
+
+    offs: optional int32 cumulative counts on x's device (enables grouped_mm; pass it once per
+    layer to avoid rebuilding it for every projection).
+    """
+    if len(counts) != weight.shape[0]:
+        raise ValueError(f"{len(counts)} counts for {weight.shape[0]} experts")
+    return _GroupedLinear.apply(x, weight, counts, offs)
+
+
+def make_offsets(counts: list[int], device: torch.device) -> Tensor:
+    """int32 cumulative row counts, the `offs` argument of grouped_mm."""
+    total, offs = 0, []
+    for c in counts:
+        total += c
+        offs.append(total)
+    return torch.tensor(offs, dtype=torch.int32, device=device)

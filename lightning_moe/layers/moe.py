@@ -1,0 +1,265 @@
+"""`SparseMoE`: a top-k mixture of FFN experts, a drop-in replacement for a decoder's MLP.
+
+Experts are stacked parameters, one tensor per projection, in Hugging Face Mixtral's layout:
+  gated (SwiGLU):  gate_up_proj (E, 2I, H) [gate rows first, then up], down_proj (E, H, I)
+  plain (fc1/fc2): up_proj (E, I, H), down_proj (E, H, I)
+  optional biases: gate_up_bias (E, 2I) or up_bias (E, I), and down_bias (E, H).
+
+Dispatch is dropless by default: the (token, slot) pairs are sorted by expert, each expert runs
+one matmul on its contiguous slice (`grouped_linear`), the outputs are scaled by the gate weights
+and scatter-added back to their tokens. A capacity factor turns on DeepSpeed-style token
+dropping (see `routing.capacity_drop` for exactly which pairs drop).
+
+Mixed precision: the router always computes in float32 (its weights are stored in float32);
+the experts compute in the input dtype, or in the autocast dtype when autocast is on; the output
+has the input's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .grouped import grouped_linear, make_offsets
+from .routing import RoutedLayer, RouterOutput, TopKRouter, capacity_drop, expert_capacity
+
+__all__ = ["SparseMoE", "get_activation"]
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), CLIP's activation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "quick_gelu": QuickGELU,
+}
+
+
+def get_activation(activation: str | nn.Module) -> nn.Module:
+    """An activation module by Hugging Face name ('silu', 'gelu', 'gelu_new', ...), or the module itself."""
+    if isinstance(activation, nn.Module):
+        return activation
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)} (or pass a module)")
+    return _ACTIVATIONS[activation]()
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class SparseMoE(nn.Module, RoutedLayer):
+    """Top-k mixture of E FFN experts with a float32 linear router (`router.proj.weight`)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        gated: bool = True,
+        activation: str | nn.Module = "silu",
+        bias: bool = False,
+        normalize_weights: bool = True,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        router_jitter: float = 0.0,
+        noisy_second_choice: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k, self.gated = num_experts, top_k, gated
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.router = TopKRouter(
+            hidden_size,
+            num_experts,
+            top_k,
+            normalize=normalize_weights,
+            jitter=router_jitter,
+            noisy_second_choice=noisy_second_choice,
+        )
+        self.act_fn = get_activation(activation)
+        E, H, I = num_experts, hidden_size, intermediate_size
+        up_rows = 2 * I if gated else I
+        self.register_parameter("gate_up_proj" if gated else "up_proj", nn.Parameter(torch.empty(E, up_rows, H)))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        if bias:
+            self.register_parameter("gate_up_bias" if gated else "up_bias", nn.Parameter(torch.zeros(E, up_rows)))
+            self.down_bias = nn.Parameter(torch.zeros(E, H))
+        else:
+            self.register_parameter("gate_up_bias" if gated else "up_bias", None)
+            self.down_bias = None
+        self.reset_parameters()
+        self.last_routing = None
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def w_in(self) -> Tensor:
+        return self.gate_up_proj if self.gated else self.up_proj
+
+    @property
+    def b_in(self) -> Tensor | None:
+        return self.gate_up_bias if self.gated else self.up_bias
+
+    def reset_parameters(self) -> None:
+        # same distribution as nn.Linear's default, expert by expert
+        for w in (self.w_in, self.down_proj):
+            bound = 1.0 / w.shape[-1] ** 0.5
+            nn.init.uniform_(w, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
+            f"top_k={self.top_k}, gated={self.gated}, "
+            f"capacity_factor={self.capacity_factor}"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _capacity(self, tokens: int) -> int | None:
+        cf = self.capacity_factor if self.training else (self.eval_capacity_factor or self.capacity_factor)
+        if cf is None:
+            return None
+        return expert_capacity(tokens, self.num_experts, self.top_k, cf, self.min_capacity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape, in_dtype = x.shape, x.dtype
+        flat = x.reshape(-1, shape[-1])  # (T, H)
+        routing = self.router(flat)
+        weights, indices = routing.weights, routing.indices  # (T, k) each
+        capacity = self._capacity(flat.shape[0])
+        if capacity is not None:
+            routing.dropped = capacity_drop(indices, self.num_experts, capacity)
+            weights = weights.masked_fill(routing.dropped, 0.0)
+            if self.router.normalize:
+                # DeepSpeed renormalises over the kept slots; a fully dropped token outputs 0
+                weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+            routing.weights = weights
+        self.last_routing = routing
+
+        dtype = _compute_dtype(x)
+        out = self._experts(flat.to(dtype), indices, weights, routing.dropped)
+        return out.to(in_dtype).reshape(shape)
+
+    def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
+        T, k = indices.shape
+        dtype = flat.dtype
+        pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
+        if dropped is not None:
+            # dropped pairs go to a sentinel group E that sorts last and is never computed
+            pair_expert = pair_expert.masked_fill(dropped.reshape(-1), self.num_experts)
+        sorted_expert, order = torch.sort(pair_expert, stable=True)  # (S,) grouped by expert
+        counts = torch.bincount(sorted_expert, minlength=self.num_experts + 1).tolist()
+        kept = sum(counts[: self.num_experts])
+        counts = counts[: self.num_experts]
+        order = order[:kept]  # (S_kept,)
+        token = order // k  # (S_kept,) token of each sorted pair
+        offs = make_offsets(counts, flat.device)
+
+        xs = flat[token]  # (S, H) gathered in expert order
+        w_in, w_down = self.w_in.to(dtype), self.down_proj.to(dtype)
+        h = grouped_linear(xs, w_in, counts, offs)  # (S, 2I) or (S, I)
+        if self.b_in is not None:
+            h = h + self.b_in.to(dtype)[sorted_expert[:kept]]
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # (S, I) each
+            h = self.act_fn(gate) * up
+        else:
+            h = self.act_fn(h)
+        y = grouped_linear(h, w_down, counts, offs)  # (S, H)
+        if self.down_bias is not None:
+            y = y + self.down_bias.to(dtype)[sorted_expert[:kept]]
+        y = y * weights.reshape(-1)[order].to(dtype)[:, None]
+        return flat.new_zeros(T, flat.shape[-1]).index_add_(0, token, y)  # (T, H)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int, **kwargs) -> SparseMoE:
+        """Upcycle a dense MLP: every expert an exact copy, the router new (small init).
+
+        Recognised layouts (duck typing on attribute names):
+          gated: gate_proj, up_proj, down_proj, act_fn (Llama, Mistral, Qwen, ...)
+          plain: fc1, fc2 and activation_fn or act (Phi, CLIP, ...)
+        Since the gate weights of a token sum to 1 (normalize_weights, the default) and every
+        expert is the same function, the output equals the dense MLP's up to float rounding.
+        """
+        names = {n for n, _ in mlp.named_children()} | {n for n in vars(mlp) if not n.startswith("_")}
+        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            gate, up, down, act, gated = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, True
+        elif hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and (hasattr(mlp, "activation_fn") or hasattr(mlp, "act")):
+            gate, up, down, gated = None, mlp.fc1, mlp.fc2, False
+            act = mlp.activation_fn if hasattr(mlp, "activation_fn") else mlp.act
+        else:
+            raise ValueError(
+                f"cannot upcycle {type(mlp).__name__}: expected gate_proj/up_proj/down_proj/act_fn or "
+                f"fc1/fc2/(activation_fn|act); found attributes {sorted(names)}"
+            )
+        for lin in (gate, up, down):
+            if lin is not None and not isinstance(lin, nn.Linear):
+                raise ValueError(f"cannot upcycle {type(mlp).__name__}: {type(lin).__name__} is not nn.Linear")
+        has_bias = any(lin is not None and lin.bias is not None for lin in (gate, up, down))
+        moe = cls(
+            up.in_features,
+            up.out_features,
+            num_experts,
+            top_k,
+            gated=gated,
+            activation=act,
+            bias=has_bias,
+            **kwargs,
+        ).to(device=up.weight.device)
+        with torch.no_grad():
+            w_in = torch.cat([gate.weight, up.weight]) if gated else up.weight  # (2I, H) or (I, H)
+            moe.w_in.copy_(w_in.expand_as(moe.w_in))
+            moe.down_proj.copy_(down.weight.expand_as(moe.down_proj))
+            if has_bias:
+                zeros = lambda lin: torch.zeros(lin.out_features, device=lin.weight.device)  # noqa: E731
+                b_of = lambda lin: lin.bias if lin.bias is not None else zeros(lin)  # noqa: E731
+                b_in = torch.cat([b_of(gate), b_of(up)]) if gated else b_of(up)
+                moe.b_in.copy_(b_in.expand_as(moe.b_in))
+                moe.down_bias.copy_(b_of(down).expand_as(moe.down_bias))
+        # experts follow the dense weights' dtype; the router stays float32
+        moe.w_in.data = moe.w_in.data.to(up.weight.dtype)
+        moe.down_proj.data = moe.down_proj.data.to(up.weight.dtype)
+        return moe
+
+    @classmethod
+    def from_mixtral(cls, block: nn.Module, **kwargs) -> SparseMoE:
+        """Copy a Hugging Face (transformers 5) `MixtralSparseMoeBlock`: block.gate.weight (E, H),
+        block.experts.gate_up_proj (E, 2I, H), block.experts.down_proj (E, H, I)."""
+        try:
+            router_w, experts = block.gate.weight, block.experts
+            gate_up, down = experts.gate_up_proj, experts.down_proj
+        except AttributeError as err:
+            raise ValueError(
+                f"{type(block).__name__} is not a transformers-5 MixtralSparseMoeBlock "
+                "(needs gate.weight, experts.gate_up_proj, experts.down_proj)"
+            ) from err
+        E, two_i, H = gate_up.shape
+        act = getattr(experts, "act_fn", "silu")
+        top_k = getattr(block, "top_k", None) or getattr(block.gate, "top_k")
+        moe = cls(H, two_i // 2, E, top_k, gated=True, activation=act, **kwargs).to(gate_up.device)
+        with torch.no_grad():
+            moe.router.proj.weight.copy_(router_w.float())
+            moe.gate_up_proj.data = gate_up.detach().clone()
+            moe.down_proj.data = down.detach().clone()
+        return moe

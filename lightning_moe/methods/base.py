@@ -1,0 +1,273 @@
+"""`MultimodalMethod`: what every method shares, once.
+
+A method subclass says only what is specific to it: how the backbone is rewritten
+(`configure_backbone`), which parameter groups train (`trainable_groups`) and, if it differs,
+its loss (`compute_loss`). This base builds or loads the `MultimodalLM`, computes the LM loss
+plus the routing losses of every sparse layer, evaluates per domain (LM loss, exact match from
+greedy generation, POPE metrics), and sets up the optimizer.
+
+Validation/test batches come from one dataloader per domain; each sample also carries its
+`domain`, so metrics are kept per domain and overall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..layers import RouterOutput, load_balancing_loss, router_z_loss
+from ..metrics import ExactMatch, POPEMetrics
+from ..models import MultimodalLM, build_multimodal, routed_layers
+from ..models.surgery import set_trainable
+from ..data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from ..tokens import IGNORE_INDEX, MODALITY_INPUTS
+
+CHECKPOINT_CONFIG_KEY = "multimodal_config"
+
+
+@dataclass
+class BackboneConfig:
+    """Which model to build (tiny presets or Hugging Face names/paths), or which stage output to load."""
+
+    llm: str = "tiny-llama"  # preset name, or a Hugging Face causal-LM name/path
+    llm_overrides: dict[str, Any] = field(default_factory=dict)  # config fields for presets, kwargs for from_pretrained
+    vision_tower: str | None = "tiny-clip"  # preset name, or a CLIP/SigLIP name/path; None = text only
+    vision_overrides: dict[str, Any] = field(default_factory=dict)
+    vision_feature_layer: int = -2  # LLaVA takes the penultimate layer's patch features
+    connector: str = "mlp2x_gelu"
+    pretrained: str | None = None  # a previous stage's save_pretrained directory or .ckpt; replaces the above
+    torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
+
+
+@dataclass
+class AuxLossConfig:
+    """Routing losses, summed over every sparse layer (see README: what a healthy value is)."""
+
+    form: str = "gshard"  # gshard (MoE-LLaVA, balanced = 1 per layer) | switch (Mixtral, balanced = top_k) | mole
+    coef: float = 0.01
+    z_coef: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor]  # named loss terms, logged under the stage prefix
+    token_mask: torch.Tensor  # (B, T') real tokens of the spliced sequence
+    routing: list[RouterOutput]  # one per sparse layer, captured right after the forward
+    per_sample_loss: torch.Tensor | None = None  # (B,) mean LM loss per sample, for per-domain metrics
+    per_sample_tokens: torch.Tensor | None = None  # (B,) trained tokens per sample
+
+
+def load_backbone(path: str | Path) -> MultimodalLM:
+    """A `save_pretrained` directory, or a Lightning checkpoint written by any method here."""
+    path = Path(path)
+    if path.is_dir():
+        return MultimodalLM.from_pretrained(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained backbone {path} does not exist (run the previous stage first)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if CHECKPOINT_CONFIG_KEY not in checkpoint:
+        raise ValueError(f"{path} is not a lightning-moe checkpoint (no {CHECKPOINT_CONFIG_KEY!r} entry)")
+    model = MultimodalLM.from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY])
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy. Returns (batch mean over trained tokens, per-sample sum, per-sample count)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    trained = labels != IGNORE_INDEX
+    per_sample, counts = token_loss.sum(1), trained.sum(1)
+    return per_sample.sum() / counts.sum().clamp(min=1), per_sample, counts
+
+
+class MultimodalMethod(L.LightningModule):
+    def __init__(
+        self,
+        backbone: BackboneConfig | None = None,
+        tokenizer: str = DEFAULT_TOKENIZER,
+        train_vision_tower: bool = False,
+        aux_loss: AuxLossConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        max_new_tokens: int = 8,
+        pope_domains: list[str] | None = None,
+        generate_in_eval: bool = True,
+    ):
+        """
+        Args:
+            backbone: the model to build or load.
+            tokenizer: tokenizer name or path; must match the data module's.
+            train_vision_tower: tiny presets have no pretrained tower, so the quickstart trains it;
+                real checkpoints keep it frozen as the references do.
+            aux_loss: load-balancing / z-loss settings for sparse layers.
+            optimizer, scheduler: callables taking the trainable parameters / the optimizer.
+            max_new_tokens: generation length for exact-match evaluation.
+            pope_domains: domains with yes/no answers that also get POPE metrics.
+            generate_in_eval: run greedy generation in validate/test (exact match); LM loss only if False.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.backbone = backbone or BackboneConfig()
+        self.aux = aux_loss or AuxLossConfig()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.train_vision_tower = train_vision_tower
+        self.max_new_tokens, self.generate_in_eval = max_new_tokens, generate_in_eval
+        self.pope_domains = set(pope_domains or [])
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.model = self.build_backbone()
+        self.configure_backbone(self.model)
+        groups = self.trainable_groups() + (["vision"] if train_vision_tower else [])
+        self.trainable_names = set_trainable(self.model, groups)
+        self._routed = [m for _, m in routed_layers(self.model)]
+        self.eval_metrics = nn.ModuleDict()  # "<stage>/<domain>" -> per-domain metrics, made on first use
+
+    # ------------------------------------------------------------------ what subclasses say
+    def build_backbone(self) -> MultimodalLM:
+        b = self.backbone
+        if b.pretrained:
+            return load_backbone(b.pretrained)
+        return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
+                                b.vision_feature_layer, b.connector, b.torch_dtype)
+
+    def configure_backbone(self, model: MultimodalLM) -> None:
+        """Rewrite the model in place (upcycling, adapters). Runs before the freeze plan."""
+
+    def trainable_groups(self) -> list[str]:
+        """Parameter groups (models/surgery.py PARAMETER_GROUPS) that train; the rest is frozen."""
+        return ["connector", "llm"]
+
+    def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
+        """LM cross-entropy on assistant tokens + coef × load balancing + z_coef × z-loss."""
+        out = self.model(**self.model_inputs(batch), labels=batch["labels"])
+        lm_loss, per_sample, counts = causal_lm_loss(out.logits, out.labels)
+        routing = self.collect_routing()
+        logs = {"lm_loss": lm_loss}
+        loss = lm_loss
+        if routing:
+            mask = out.attention_mask.reshape(-1).bool()
+            logs["aux_loss"] = load_balancing_loss(routing, mask, form=self.aux.form)
+            loss = loss + self.aux.coef * logs["aux_loss"]
+            if self.aux.z_coef:
+                logs["z_loss"] = router_z_loss(routing, mask)
+                loss = loss + self.aux.z_coef * logs["z_loss"]
+        logs["loss"] = loss
+        return StepOutput(loss, logs, out.attention_mask, routing, per_sample / counts.clamp(min=1), counts)
+
+    # ------------------------------------------------------------------ shared machinery
+    @staticmethod
+    def model_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, Any]:
+        """The tensors the model reads from a batch (training sequence, or the generation prompt)."""
+        ids, mask = ("prompt_input_ids", "prompt_attention_mask") if prompt else ("input_ids", "attention_mask")
+        inputs = {"input_ids": batch[ids], "attention_mask": batch[mask]}
+        inputs.update({k: batch[k] for k in MODALITY_INPUTS.values() if k in batch})
+        return inputs
+
+    def collect_routing(self) -> list[RouterOutput]:
+        return [m.last_routing for m in self._routed if m.last_routing is not None]
+
+    @torch.no_grad()
+    def generate_answers(self, batch: dict[str, Any], **generate_kwargs: Any) -> list[str]:
+        inputs = self.model_inputs(batch, prompt=True)
+        new_tokens = self.model.generate(
+            inputs.pop("input_ids"), inputs.pop("attention_mask"), max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            **inputs, **generate_kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        step = self.compute_loss(batch)
+        self.log_dict({f"train/{k}": v for k, v in step.logs.items()}, prog_bar=False, batch_size=len(batch["domain"]))
+        self.log("loss", step.logs["loss"], prog_bar=True, logger=False)
+        return {"loss": step.loss, "routing": step.routing, "token_mask": step.token_mask}
+
+    def _metrics_for(self, stage: str, domain: str) -> nn.ModuleDict:
+        key = f"{stage}/{domain}"
+        if key not in self.eval_metrics:
+            metrics = {"lm_loss": MeanMetric(), "exact_match": ExactMatch()}
+            if domain in self.pope_domains:
+                metrics["pope"] = POPEMetrics()
+            self.eval_metrics[key] = nn.ModuleDict(metrics).to(self.device)
+        return self.eval_metrics[key]
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        step = self.compute_loss(batch)
+        predictions = self.generate_answers(batch) if self.generate_in_eval else None
+        for i, domain in enumerate(batch["domain"]):
+            metrics = self._metrics_for(stage, domain)
+            metrics["lm_loss"].update(step.per_sample_loss[i], weight=step.per_sample_tokens[i])
+        for domain in sorted(set(batch["domain"])):
+            idx = [i for i, d in enumerate(batch["domain"]) if d == domain]
+            metrics = self._metrics_for(stage, domain)
+            if predictions is not None:
+                preds, answers = [predictions[i] for i in idx], [batch["answers"][i] for i in idx]
+                metrics["exact_match"].update(preds, answers)
+                if "pope" in metrics:
+                    metrics["pope"].update(preds, answers)
+        return {"routing": step.routing, "token_mask": step.token_mask, "domain": batch["domain"],
+                "predictions": predictions}
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        values: dict[str, torch.Tensor] = {}
+        exact, counts, losses = [], [], []
+        for key, metrics in self.eval_metrics.items():
+            if not key.startswith(f"{stage}/"):
+                continue
+            values[f"{key}/lm_loss"] = metrics["lm_loss"].compute()
+            losses.append(values[f"{key}/lm_loss"])
+            if metrics["exact_match"].total > 0:
+                values[f"{key}/exact_match"] = metrics["exact_match"].compute()
+                exact.append(values[f"{key}/exact_match"])
+                counts.append(metrics["exact_match"].total)
+            if "pope" in metrics and (metrics["pope"].tp + metrics["pope"].fp + metrics["pope"].tn + metrics["pope"].fn) > 0:
+                values.update({f"{key}/{k}": v for k, v in metrics["pope"].compute().items()})
+            for metric in metrics.values():
+                metric.reset()
+        if losses:
+            values[f"{stage}/lm_loss"] = torch.stack(losses).mean()
+        if exact:
+            # the mean over domains weighs every domain equally, whatever its size
+            values[f"{stage}/exact_match"] = torch.stack(exact).mean()
+        self.log_dict(values, sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
+        predictions = self.generate_answers(batch)
+        return [{"id": i, "domain": d, "prediction": p, "answer": a}
+                for i, d, p, a in zip(batch["id"], batch["domain"], predictions, batch["answers"])]
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__}: the freeze plan leaves no trainable parameter")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # lets the next stage (or inference) rebuild the model from the checkpoint alone
+        checkpoint[CHECKPOINT_CONFIG_KEY] = self.model.config_dict()

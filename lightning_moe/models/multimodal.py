@@ -1,0 +1,246 @@
+"""`MultimodalLM`: modality encoders + connectors + any Hugging Face causal LM.
+
+Data flow (DESIGN.md): each placeholder token in `input_ids` (one per image) is replaced by the
+N projected features of its item, so a (B, T) batch becomes (B, T') input embeddings with labels
+-100 on the features. The LLM then runs unchanged; sparse layers inside it (after surgery) record
+their routing for the method's losses.
+
+`save_pretrained` writes `multimodal_config.json` (every sub-config, the connector kinds, the
+placeholder ids and the surgery log) and `model.safetensors`; `from_pretrained` rebuilds the
+modules, replays the surgery and loads the weights, so a stage's output is the next stage's input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, PLACEHOLDERS
+from .connectors import build_connector
+from .encoders import VisionTower, build_vision_tower, vision_tower_from_config
+from .presets import LLM_PRESETS, preset_config
+
+CONFIG_NAME = "multimodal_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class MultimodalOutput:
+    logits: torch.Tensor  # (B, T', V)
+    labels: torch.Tensor | None  # (B, T') aligned with logits (not shifted), IGNORE_INDEX where untrained
+    attention_mask: torch.Tensor  # (B, T'): 1 on real tokens, also what routing losses use as padding mask
+
+
+class MultimodalLM(nn.Module):
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        encoders: dict[str, VisionTower] | None = None,
+        connectors: dict[str, nn.Module] | None = None,
+        connector_kinds: dict[str, str] | None = None,
+        placeholder_ids: dict[str, int] | None = None,
+    ):
+        super().__init__()
+        self.llm = llm
+        self.encoders = nn.ModuleDict(encoders or {})
+        self.connectors = nn.ModuleDict(connectors or {})
+        if set(self.encoders) != set(self.connectors):
+            raise ValueError(f"encoders {sorted(self.encoders)} and connectors {sorted(self.connectors)} differ")
+        self.connector_kinds = dict(connector_kinds or {})
+        self.placeholder_ids = dict(placeholder_ids or {})
+        missing = set(self.encoders) - set(self.placeholder_ids)
+        if missing:
+            raise ValueError(f"no placeholder token id for modalities {sorted(missing)}")
+        # Ordered record of in-place rewrites (models/surgery.py), replayed by from_pretrained.
+        self.surgery: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, modality: str, values: torch.Tensor) -> torch.Tensor:
+        """(items, ...) raw inputs -> (items, N, llm_hidden) projected features."""
+        encoder = self.encoders[modality]
+        frozen = not any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            features = encoder(values)
+        connector = self.connectors[modality]
+        return connector(features.to(next(connector.parameters()).dtype))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        padding_side: str = "right",
+        **modality_inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Splice modality features into the token embeddings at their placeholders."""
+        embed_tokens = self.llm.get_input_embeddings()
+        features: dict[int, torch.Tensor] = {}  # placeholder id -> (items, N, D)
+        for modality in self.encoders:
+            values = modality_inputs.get(MODALITY_INPUTS[modality])
+            if values is not None and values.shape[0] > 0:
+                features[self.placeholder_ids[modality]] = self.encode(modality, values)
+        is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
+        for modality, token_id in self.placeholder_ids.items():
+            is_placeholder |= input_ids == token_id
+        if not features:
+            if is_placeholder.any():
+                raise ValueError("the batch has placeholder tokens but no modality inputs")
+            return embed_tokens(input_ids), attention_mask, labels
+
+        batch, length = input_ids.shape
+        # Each token occupies one slot, each placeholder N slots; `starts` is each token's first slot.
+        slots = torch.ones_like(input_ids)
+        for token_id, feats in features.items():
+            slots[input_ids == token_id] = feats.shape[1]
+        totals = slots.sum(1)  # (B,)
+        new_length = int(totals.max())
+        # right padding: samples end early; left padding (generation): samples end together
+        offsets = (new_length - totals) if padding_side == "left" else torch.zeros_like(totals)
+        starts = slots.cumsum(1) - slots + offsets[:, None]  # (B, T)
+
+        text_embeds = embed_tokens(input_ids.masked_fill(is_placeholder, 0))
+        out = text_embeds.new_zeros(batch, new_length, text_embeds.shape[-1])
+        out_mask = attention_mask.new_zeros(batch, new_length)
+        out_labels = None if labels is None else labels.new_full((batch, new_length), IGNORE_INDEX)
+        rows, cols = (~is_placeholder).nonzero(as_tuple=True)
+        out = out.index_put((rows, starts[rows, cols]), text_embeds[rows, cols])
+        out_mask[rows, starts[rows, cols]] = attention_mask[rows, cols]
+        if out_labels is not None:
+            out_labels[rows, starts[rows, cols]] = labels[rows, cols]
+        for token_id, feats in features.items():
+            rows, cols = (input_ids == token_id).nonzero(as_tuple=True)  # row-major = order of items
+            if rows.numel() != feats.shape[0]:
+                raise ValueError(
+                    f"{rows.numel()} placeholder tokens (id {token_id}) in the batch but {feats.shape[0]} items to fill them"
+                )
+            n = feats.shape[1]
+            item_slots = starts[rows, cols][:, None] + torch.arange(n, device=input_ids.device)  # (items, N)
+            out = out.index_put((rows[:, None].expand(-1, n), item_slots), feats.to(out.dtype))
+            out_mask[rows[:, None].expand(-1, n), item_slots] = attention_mask[rows, cols][:, None]
+        return out, out_mask, out_labels
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **modality_inputs: torch.Tensor,
+    ) -> MultimodalOutput:
+        embeds, mask, labels = self.embed(input_ids, attention_mask, labels, **modality_inputs)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        return MultimodalOutput(logits=out.logits, labels=labels, attention_mask=mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_input_ids: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        max_new_tokens: int = 16,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy (default) or sampled continuation of LEFT-padded prompts -> (B, new tokens)."""
+        modality_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in MODALITY_INPUTS.values()}
+        embeds, mask, _ = self.embed(prompt_input_ids, prompt_attention_mask, padding_side="left", **modality_inputs)
+        kwargs.setdefault("do_sample", False)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ persistence
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "llm": self.llm.config.to_dict(),
+            "encoders": {
+                m: {"config": enc.config.to_dict(), "feature_layer": enc.feature_layer} for m, enc in self.encoders.items()
+            },
+            "connectors": {
+                m: {"kind": self.connector_kinds[m], "in_dim": self.encoders[m].hidden_size,
+                    "out_dim": self.llm.config.hidden_size}
+                for m in self.connectors
+            },
+            "placeholder_ids": self.placeholder_ids,
+            "surgery": self.surgery,
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> "MultimodalLM":
+        """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
+        from .surgery import replay_surgery  # surgery imports this module
+
+        llm_config = AutoConfig.for_model(**config["llm"])
+        llm = AutoModelForCausalLM.from_config(llm_config)
+        encoders = {m: vision_tower_from_config(e["config"], e["feature_layer"]) for m, e in config["encoders"].items()}
+        connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"]) for m, c in config["connectors"].items()}
+        model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
+                    config["placeholder_ids"])
+        replay_surgery(model, config["surgery"])
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, default=str))
+        save_model(self, str(directory / WEIGHTS_NAME))  # handles tied embeddings
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "MultimodalLM":
+        directory = Path(directory)
+        config_file = directory / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{config_file} not found: not a MultimodalLM directory (write one with save_pretrained)"
+            )
+        model = cls.from_config_dict(json.loads(config_file.read_text()))
+        missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{directory / WEIGHTS_NAME} does not match the recorded model: "
+                               f"missing {missing[:5]}..., unexpected {unexpected[:5]}...")
+        return model
+
+
+def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None,
+              torch_dtype: str | None = None) -> PreTrainedModel:
+    """A preset name builds a fresh tiny LLM sized to the tokenizer; anything else loads with from_pretrained."""
+    special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if name_or_path in LLM_PRESETS:
+        llm = AutoModelForCausalLM.from_config(preset_config(LLM_PRESETS, name_or_path, {**special, **(overrides or {})}))
+    else:
+        dtype = getattr(torch, torch_dtype) if torch_dtype else None
+        llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **(overrides or {}))
+        if llm.get_input_embeddings().num_embeddings < len(tokenizer):  # placeholders were added
+            llm.resize_token_embeddings(len(tokenizer))
+    llm.generation_config.pad_token_id = tokenizer.pad_token_id
+    llm.generation_config.eos_token_id = tokenizer.eos_token_id
+    return llm
+
+
+def build_multimodal(
+    tokenizer: PreTrainedTokenizerBase,
+    llm: str = "tiny-llama",
+    llm_overrides: dict[str, Any] | None = None,
+    vision_tower: str | None = "tiny-clip",
+    vision_overrides: dict[str, Any] | None = None,
+    vision_feature_layer: int = -2,
+    connector: str = "mlp2x_gelu",
+    torch_dtype: str | None = None,
+) -> MultimodalLM:
+    language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype)
+    encoders, connectors, kinds, placeholder_ids = {}, {}, {}, {}
+    if vision_tower:
+        tower = build_vision_tower(vision_tower, vision_overrides, vision_feature_layer)
+        encoders["image"] = tower
+        connectors["image"] = build_connector(connector, tower.hidden_size, language_model.config.hidden_size)
+        kinds["image"] = connector
+        placeholder_ids["image"] = tokenizer.convert_tokens_to_ids(PLACEHOLDERS["image"])
+        if placeholder_ids["image"] in (None, tokenizer.unk_token_id):
+            raise ValueError(f"the tokenizer has no {PLACEHOLDERS['image']!r} token (load it with load_tokenizer)")
+    model = MultimodalLM(language_model, encoders, connectors, kinds, placeholder_ids)
+    if torch_dtype:
+        model.to(getattr(torch, torch_dtype))
+    return model

@@ -1,0 +1,34 @@
+"""Shared test fixtures: one small CPU configuration every test reuses (tiny widths, no workers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = str(ROOT / "data" / "tokenizer")
+
+# Smaller than the quickstart preset: tests need shapes, not learning.
+TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lightning_moe.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(TOKENIZER)
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch):
+    """Configs name paths relative to the repository root, as users run them."""
+    monkeypatch.chdir(ROOT)
+    return ROOT

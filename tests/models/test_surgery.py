@@ -1,0 +1,42 @@
+"""Surgery: upcycling keeps the model's function; layer specs; freeze groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_moe.layers import SparseMoE
+from lightning_moe.models import MoEConfig, build_multimodal, decoder_layers, set_trainable, upcycle
+from lightning_moe.models.surgery import resolve_layers
+from tests.conftest import TINY_LLM, TINY_VISION
+
+
+@pytest.mark.parametrize("llm", ["tiny-llama", "tiny-phi"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_upcycled_model_computes_what_the_dense_model_did(tokenizer, llm, top_k):
+    model = build_multimodal(tokenizer, llm, {**TINY_LLM, "num_hidden_layers": 4}, "tiny-clip", TINY_VISION).eval()
+    ids = torch.randint(10, len(tokenizer), (2, 12))
+    mask = torch.ones_like(ids)
+    dense = model(ids, mask).logits
+    chosen = upcycle(model, MoEConfig(num_experts=4, top_k=top_k, layers="::2"))
+    assert chosen == [0, 2]
+    layers = decoder_layers(model.llm)
+    assert [isinstance(layers[i].mlp, SparseMoE) for i in range(4)] == [True, False, True, False]
+    torch.testing.assert_close(model(ids, mask).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_specs():
+    assert resolve_layers("::2", 5) == [0, 2, 4]
+    assert resolve_layers("1::2", 5) == [1, 3]
+    assert resolve_layers("all", 3) == [0, 1, 2]
+    assert resolve_layers([-1, 0], 4) == [0, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers([7], 4)
+    with pytest.raises(ValueError, match="slice"):
+        resolve_layers("every other", 4)
+
+
+def test_unknown_parameter_group_is_an_error(tokenizer):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        set_trainable(model, ["decoder"])

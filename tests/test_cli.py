@@ -1,0 +1,100 @@
+"""The CLI end to end: every shipped config runs a few steps; the MoE-LLaVA stages chain; a user's
+method subclass runs through `--model`; TensorBoard gets the expected tags; configs merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_moe.cli import main
+from lightning_moe.methods import MoETuning
+from tests.conftest import ROOT
+
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
+          "configs/moe_llava/stage3_moe.yaml"]
+# A few steps on a few samples: the point is that every piece runs, not that it learns.
+FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=1.0",
+        "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
+        "--data.init_args.max_eval_samples_per_domain=8"]
+
+
+class CountingMoETuning(MoETuning):
+    """A user's method: subclasses a shipped one and changes one thing."""
+
+    steps_seen = 0
+
+    def training_step(self, batch, batch_idx):
+        CountingMoETuning.steps_seen += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    # outputs (runs/...) land here; shipped data paths fall back to the repository (data/paths.py)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def fit(config: str | list[str], *extra: str):
+    configs = [config] if isinstance(config, str) else config
+    args = ["fit"] + [a for c in configs for a in ("--config", str(ROOT / c))] + FAST + list(extra)
+    return main(args)
+
+
+def test_configs_are_shipped():
+    assert "configs/quickstart.yaml" in CONFIGS and set(STAGES) <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in STAGES])
+def test_shipped_config_runs_a_few_steps(workdir, config):
+    cli = fit(config)
+    assert cli.trainer.global_step == 2
+
+
+def test_moe_llava_stages_chain_through_their_outputs(workdir):
+    for stage in STAGES:
+        cli = fit(stage)
+        assert cli.trainer.global_step == 2
+    assert (workdir / "runs/moe_llava/stage1/model/model.safetensors").is_file()
+    assert (workdir / "runs/moe_llava/stage2/model/model.safetensors").is_file()
+    assert cli.model.stage == "moe" and cli.model.model.surgery[0]["op"] == "upcycle"
+
+
+def test_user_subclass_runs_through_the_model_flag(workdir):
+    CountingMoETuning.steps_seen = 0
+    cli = fit("configs/quickstart.yaml", "--model=tests.test_cli.CountingMoETuning")
+    assert type(cli.model) is CountingMoETuning
+    assert CountingMoETuning.steps_seen == 2
+
+
+def test_quickstart_writes_tensorboard_tags_and_a_checkpoint(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = fit("configs/quickstart.yaml", "--trainer.log_every_n_steps=1")
+    log_dir = Path(cli.trainer.logger.log_dir)
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/lm_loss", "train/aux_loss", "train/loss", "val/exact_match", "val/lm_loss"} <= set(tags["scalars"])
+    assert any(t.startswith("lr-") for t in tags["scalars"])
+    assert any(t.endswith("/exact_match") and t.count("/") == 2 for t in tags["scalars"])  # per domain
+    assert any(t.endswith("/pope_f1") for t in tags["scalars"])
+    assert "routing/layer0/expert_load" in tags["histograms"]
+    assert "routing/layer0/val_domain_expert_heatmap" in tags["images"]
+    assert any(t.startswith("routing/layer0/") and "entropy" in t for t in tags["scalars"])
+    assert list(log_dir.rglob("*.ckpt")), "no checkpoint written"
+
+
+def test_configs_merge_and_print_config_is_complete(workdir, capsys):
+    override = workdir / "override.yaml"
+    override.write_text("model:\n  init_args:\n    max_new_tokens: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(override), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "max_new_tokens: 3" in printed and "class_path: lightning_moe.methods.MoETuning" in printed
+    assert "num_experts: 4" in printed  # defaults are filled in, not only what the files say
