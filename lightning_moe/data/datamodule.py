@@ -30,6 +30,11 @@ SAMPLING_MODES = ("proportional", "weighted", "temperature")
 SPLITS = ("train", "val", "test")
 # Lightning stage -> the splits it needs.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+# Stage names (TrainerFn and RunningStage values included) -> the split their evaluation loaders hold.
+EVAL_SPLIT = {
+    "fit": "val", "train": "val", "sanity_check": "val", "validate": "val", "val": "val",
+    "test": "test", "predict": "test",
+}  # fmt: skip
 
 
 @dataclass
@@ -65,11 +70,26 @@ def mixture_probabilities(
     return {d: s / total for d, s in scores.items()}
 
 
+def discover_domains(root) -> dict[str, DomainSpec]:
+    """The shipped layout: one folder per domain with `{train,val,test}.jsonl`, in name order."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} is not a directory")
+    domains = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = {split: f"{folder.name}/{split}.jsonl" for split in SPLITS if (folder / f"{split}.jsonl").is_file()}
+        if files:
+            domains[folder.name] = DomainSpec(**files)
+    if not domains:
+        raise ValueError(f"no domains under {root}: expected <domain>/train.jsonl (val.jsonl, test.jsonl) folders")
+    return domains
+
+
 class DomainMixtureDataModule(L.LightningDataModule):
     """A mixture of LLaVA-format domains (see the module docstring).
 
     Args:
         domains: name -> `DomainSpec` (or a dict with its fields): files per split and a weight.
+            None: every `<root>/<domain>/` holding any of `train.jsonl`, `val.jsonl`, `test.jsonl`.
         root: dataset root; data files and image paths resolve under it.
         tokenizer: tokenizer name or directory, loaded with `load_tokenizer`.
         batch_size / eval_batch_size: training / evaluation batch sizes.
@@ -88,7 +108,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        domains: dict[str, DomainSpec],
+        domains: dict[str, DomainSpec] | None = None,
         root: str = "data/shapes",
         tokenizer: str = DEFAULT_TOKENIZER,
         batch_size: int = 64,
@@ -109,6 +129,9 @@ class DomainMixtureDataModule(L.LightningDataModule):
         super().__init__()
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        self.root = resolve_data_path(root)
+        if domains is None:
+            domains = discover_domains(self.root)
         if not domains:
             raise ValueError("domains is empty")
         # Python callers may pass plain dicts; the CLI passes DomainSpec instances.
@@ -118,7 +141,6 @@ class DomainMixtureDataModule(L.LightningDataModule):
         if sampling != "weighted" and any(s.weight != 1.0 for s in self.domains.values()):
             rank_zero_warn(f"domain weights are only used by sampling='weighted' (sampling={sampling!r})")
 
-        self.root = resolve_data_path(root)
         self.tokenizer = load_tokenizer(tokenizer)
         self.image_transform: ImageTransform = (
             HFImageProcessor(image_processor) if image_processor else NormalizeImage(image_size, image_mean, image_std)
@@ -129,9 +151,10 @@ class DomainMixtureDataModule(L.LightningDataModule):
     # ----- setup ---------------------------------------------------------------------------
 
     def eval_domains(self, stage: str) -> list[str]:
-        """Domain of each evaluation dataloader_idx, for stage `validate` / `fit` (val) or `test` / `predict`."""
-        split = "val" if stage in ("fit", "validate", "val") else "test"
-        return [name for name, spec in self.domains.items() if getattr(spec, split)]
+        """The domain of each evaluation dataloader_idx in `stage` (a Lightning stage or `trainer.state.stage`)."""
+        if stage not in EVAL_SPLIT:
+            raise ValueError(f"unknown stage {stage!r}; one of {sorted(EVAL_SPLIT)}")
+        return [name for name, spec in self.domains.items() if getattr(spec, EVAL_SPLIT[stage])]
 
     def setup(self, stage: str) -> None:
         for split in STAGE_SPLITS[stage]:
@@ -164,7 +187,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         return datasets
 
     def _print_report(self, stage: str) -> None:
-        lines = [f"data report ({stage}): split/domain: kept of records, skipped, truncated, no answer tokens left"]
+        lines = [f"data report ({stage}): split/domain: kept of records read, then what was skipped or truncated"]
         problems = []
         for split in STAGE_SPLITS[stage]:
             for name, dataset in self.datasets[split].items():
@@ -172,9 +195,10 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 skipped = ", ".join(f"{k}={v}" for k, v in sorted(r.skipped.items())) or "0"
                 lines.append(
                     f"  {split}/{name}: {r.kept} of {r.records}, skipped {skipped}, "
-                    f"truncated {r.truncated}, no answer tokens {r.no_answer_tokens}"
+                    f"truncated {r.truncated}, no answer tokens left {r.no_answer_tokens}, "
+                    f"image placeholder cut {r.cut_placeholders}"
                 )
-                if r.skipped or r.truncated or r.no_answer_tokens:
+                if r.skipped or r.truncated or r.no_answer_tokens or r.cut_placeholders:
                     problems.append(f"{split}/{name}")
                 lines.extend(f"    e.g. {example}" for example in r.examples)
         rank_zero_info("\n".join(lines))

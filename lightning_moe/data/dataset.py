@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejectedError
 from lightning_moe.data.records import (
     CHAT_TEMPLATE_REJECTED,
+    PLACEHOLDER_MISMATCH,
     UNREADABLE_IMAGE,
     BadRecordError,
     check_image,
@@ -80,6 +81,7 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)  # bad-record reason -> count (skip_bad_records=True)
     truncated: int = 0  # kept samples cut to max_length (still with some answer tokens)
     no_answer_tokens: int = 0  # skipped (always): no assistant token left after truncation
+    cut_placeholders: int = 0  # skipped (always): truncation would cut an image placeholder off
     examples: list[str] = field(default_factory=list)  # the first few skip messages, to show the user
 
     def as_dict(self) -> dict:
@@ -89,6 +91,7 @@ class DataReport:
             "skipped": dict(self.skipped),
             "truncated": self.truncated,
             "no_answer_tokens": self.no_answer_tokens,
+            "cut_placeholders": self.cut_placeholders,
         }
 
 
@@ -182,11 +185,20 @@ class LlavaDataset(Dataset):
             # counted apart from bad records: the record is fine, max_length is too small for it.
             self.report.no_answer_tokens += 1
             return None
-        self.report.truncated += tokens.truncated
-        if tokens.truncated:
-            # a placeholder cut off by truncation must take its image with it.
-            image_id = chat.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-            images = images[: tokens.input_ids.count(image_id)]
+        # Training (input_ids) and generation (prompt_ids) both pair every image with one placeholder.
+        image_id = chat.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        in_input, in_prompt = tokens.input_ids.count(image_id), tokens.prompt_ids.count(image_id)
+        if tokens.truncated and in_input < len(images):
+            # cutting an image would leave its features unmatched; max_length is too small for it.
+            self.report.cut_placeholders += 1
+            return None
+        if in_input != len(images) or in_prompt != len(images):
+            raise BadRecordError(
+                PLACEHOLDER_MISMATCH, path, line, parsed.id,
+                f"{len(images)} image(s) but {in_input} {IMAGE_TOKEN} token(s), {in_prompt} before the last answer "
+                "(an image after the last assistant turn, or a tokenizer not loaded with load_tokenizer)",
+            )  # fmt: skip
+        self.report.truncated += int(tokens.truncated)
         return _Sample(
             id=parsed.id,
             input_ids=torch.tensor(tokens.input_ids, dtype=torch.long),

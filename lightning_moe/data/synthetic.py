@@ -282,6 +282,12 @@ def readme(out: Path, data: dict[str, dict[str, list[dict]]], n_train: int, n_ev
             "switch, while a mixture of experts can route each style to its own expert.",
             "`count`, `colour` and `pope` ask about the same white-background images.",
             "",
+            "**Tokenizer.** `data/tokenizer` (written by the same command) is word-level over this vocabulary",
+            "(lower-cased; `<unk>` for anything else) with `<image>` / `<audio>` / `<video>` and the chat roles as",
+            "special tokens. Its chat template renders `<s><|user|>question<|end|><|assistant|>answer<|end|>`;",
+            "`<|end|>` is the eos token, so greedy generation stops after the answer, and every answer above",
+            "decodes back to itself exactly.",
+            "",
             f"Total size of images and JSONL files: {size_mb:.2f} MB in {len(files)} files (seed {seed}).",
             "",
         ]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["grouped_linear", "grouped_mm_supported", "mm_groups", "weight_grad_groups", "make_offsets"]
+__all__ = ["grouped_linear", "grouped_mm_supported", "linear_groups", "mm_groups", "weight_grad_groups", "make_offsets"]
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # dtypes for which this torch build has a grouped_mm kernel on each device type, probed lazily
@@ -64,6 +64,31 @@ def mm_groups(x: Tensor, w: Tensor, counts: list[int], offs: Tensor | None) -> T
     return out
 
 
+# below this many rows per expert, `w[e] @ x_e.T` beats `x_e @ w[e].T` and grouped_mm on CPU:
+# MKL then streams the weight once as the left operand instead of packing it (measured 3.5x at
+# 4 rows x (2048, 512) weights, 1.3x at 64 rows, equal for small weights)
+SMALL_ROWS_PER_EXPERT = 128
+
+
+def linear_groups(x: Tensor, weight: Tensor, counts: list[int], offs: Tensor | None) -> Tensor:
+    """x (S, K) sorted by group @ weight[e].T, weight (E, N, K) -> (S, N); no autograd.
+
+    With few rows per expert on CPU the result is computed transposed, (N, S), and returned as a
+    (S, N) view with strides (1, S): callers must not assume it is contiguous.
+    """
+    active = sum(1 for c in counts if c)
+    if x.device.type == "cpu" and weight.is_contiguous() and x.shape[0] <= SMALL_ROWS_PER_EXPERT * max(active, 1):
+        x = x.contiguous()
+        out_t = x.new_empty(weight.shape[1], x.shape[0])  # (N, S)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                torch.mm(weight[e], x[start : start + c].t(), out=out_t[:, start : start + c])
+                start += c
+        return out_t.t()
+    return mm_groups(x, weight.transpose(1, 2), counts, offs)
+
+
 def weight_grad_groups(grad: Tensor, x: Tensor, counts: list[int], weight: Tensor) -> Tensor:
     """(E, N, K) gradient of `weight` for y = x @ weight[e].T per group: grad_e.T @ x_e.
 
@@ -86,7 +111,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.counts, ctx.offs = counts, offs
         # x (S, K), weight (E, N, K) -> (S, N); transposed view, no copy
-        return mm_groups(x, weight.transpose(1, 2), counts, offs)
+        return linear_groups(x, weight, counts, offs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

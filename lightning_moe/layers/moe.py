@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grouped import grouped_linear, make_offsets
+from .grouped import linear_groups, make_offsets, mm_groups, weight_grad_groups
 from .routing import RoutedLayer, RouterOutput, TopKRouter, capacity_drop, expert_capacity
 
 __all__ = ["SparseMoE", "get_activation"]
@@ -54,6 +54,94 @@ def get_activation(activation: str | nn.Module) -> nn.Module:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)} (or pass a module)")
     return _ACTIVATIONS[activation]()
+
+
+def _is_silu(act: nn.Module) -> bool:
+    # transformers' SiLUActivation is F.silu; recognised by name so layers/ need not import it
+    return type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """gather -> grouped up/gate_up -> activation -> grouped down -> x gate weight -> scatter-add.
+
+    One autograd node for the whole expert computation. Compared with composing the ops under
+    autograd this avoids: the index_put backward of the gather, the chunk/cat of the gate/up
+    halves (the SwiGLU gradient is written straight into one (S, 2I) buffer), and a node per
+    small op (which dominates at a few hundred tokens). Saved for backward, as autograd would
+    for a dense SwiGLU: the pre-activation h (S, N), silu(gate) (S, I), the activation a (S, I)
+    and the expert outputs y (S, H); the gathered input rows are recomputed from x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, w_down, b_in, b_down, pair_w, token, expert, inverse, counts, offs, act, gated):
+        # x (T, H); w_in (E, N, H) with N = 2I (gated) or I; w_down (E, H, I)
+        # pair_w, token, expert: (S,) gate weight, token and expert of each kept pair, sorted by expert
+        # inverse: (T*k,) position in the sorted order of pair t*k+s when no pair was dropped, else None
+        xs = x.index_select(0, token)  # (S, H)
+        h = linear_groups(xs, w_in, counts, offs)  # (S, N), maybe column-major
+        if b_in is not None:
+            h = h + b_in.index_select(0, expert)
+        if gated:
+            gate, up = h.chunk(2, dim=-1)  # (S, I) views
+            act_out = F.silu(gate) if _is_silu(act) else act(gate)
+            a = act_out * up
+        else:
+            act_out = None
+            a = act(h)
+        y = linear_groups(a, w_down, counts, offs)  # (S, H)
+        if b_down is not None:
+            y = y + b_down.index_select(0, expert)
+        out = _combine(y * pair_w[:, None], token, inverse, x.shape)
+        ctx.save_for_backward(x, w_in, w_down, pair_w, token, expert, inverse, h, act_out, a, y)
+        ctx.counts, ctx.offs, ctx.act, ctx.gated = counts, offs, act, gated
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_in, w_down, pair_w, token, expert, inverse, h, act_out, a, y = ctx.saved_tensors
+        counts, offs, need = ctx.counts, ctx.offs, ctx.needs_input_grad
+        E = w_in.shape[0]
+        go = grad_out.contiguous().index_select(0, token)  # (S, H) upstream gradient of each pair's token
+        grad_pair_w = (go * y).sum(-1) if need[5] else None  # (S,)
+        gy = go.mul_(pair_w[:, None])  # (S, H) gradient of y
+        grad_w_down = weight_grad_groups(gy, a, counts, w_down) if need[2] else None
+        grad_b_down = y.new_zeros(E, y.shape[1]).index_add_(0, expert, gy) if need[4] else None
+        ga = mm_groups(gy, w_down, counts, offs)  # (S, I)
+        gh = _activation_grad(h, act_out, ga, ctx.act, ctx.gated)  # (S, N)
+        grad_b_in = h.new_zeros(E, h.shape[1]).index_add_(0, expert, gh) if need[3] else None
+        xs = x.index_select(0, token)  # (S, H)
+        grad_w_in = weight_grad_groups(gh, xs, counts, w_in) if need[1] else None
+        grad_x = _combine(mm_groups(gh, w_in, counts, offs), token, inverse, x.shape) if need[0] else None
+        return grad_x, grad_w_in, grad_w_down, grad_b_in, grad_b_down, grad_pair_w, *([None] * 7)
+
+
+def _combine(rows: Tensor, token: Tensor, inverse: Tensor | None, shape: torch.Size) -> Tensor:
+    """Sum the pair rows (S, H) of each token into (T, H)."""
+    if inverse is None:  # some pairs dropped: scatter-add
+        return rows.new_zeros(shape).index_add_(0, token, rows)
+    # dropless: every token has exactly k pairs; gather them back in token order and sum,
+    # which is faster than index_add_ on CPU and deterministic everywhere
+    return rows.index_select(0, inverse).view(shape[0], -1, shape[1]).sum(dim=1)
+
+
+def _activation_grad(h: Tensor, act_out: Tensor | None, ga: Tensor, act: nn.Module, gated: bool) -> Tensor:
+    """Gradient w.r.t. the pre-activation h (S, N) given the gradient ga (S, I) of the activation."""
+    if gated and _is_silu(act):
+        gate, up = h.chunk(2, dim=-1)
+        half = gate.shape[1]
+        gh = h.new_empty(h.shape)  # row-major whatever h's layout, for the grouped matmuls
+        torch.mul(ga, act_out, out=gh[:, half:])  # d/d up = ga * silu(gate)
+        torch.ops.aten.silu_backward.grad_input(ga * up, gate, grad_input=gh[:, :half])
+        return gh
+    with torch.enable_grad():  # any other activation: let autograd differentiate it
+        hd = h.detach().requires_grad_()
+        if gated:
+            gate, up = hd.chunk(2, dim=-1)
+            a = act(gate) * up
+        else:
+            a = act(hd)
+        (gh,) = torch.autograd.grad(a, hd, ga)
+    return gh
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -160,7 +248,7 @@ class SparseMoE(nn.Module, RoutedLayer):
         return out.to(in_dtype).reshape(shape)
 
     def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
-        T, k = indices.shape
+        k = indices.shape[1]
         dtype = flat.dtype
         pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
         if dropped is not None:
@@ -170,25 +258,19 @@ class SparseMoE(nn.Module, RoutedLayer):
         counts = torch.bincount(sorted_expert, minlength=self.num_experts + 1).tolist()
         kept = sum(counts[: self.num_experts])
         counts = counts[: self.num_experts]
-        order = order[:kept]  # (S_kept,)
+        order, sorted_expert = order[:kept], sorted_expert[:kept]  # (S_kept,)
         token = order // k  # (S_kept,) token of each sorted pair
+        pair_w = weights.reshape(-1)[order].to(dtype)  # (S_kept,)
         offs = make_offsets(counts, flat.device)
-
-        xs = flat[token]  # (S, H) gathered in expert order
-        w_in, w_down = self.w_in.to(dtype), self.down_proj.to(dtype)
-        h = grouped_linear(xs, w_in, counts, offs)  # (S, 2I) or (S, I)
-        if self.b_in is not None:
-            h = h + self.b_in.to(dtype)[sorted_expert[:kept]]
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)  # (S, I) each
-            h = self.act_fn(gate) * up
-        else:
-            h = self.act_fn(h)
-        y = grouped_linear(h, w_down, counts, offs)  # (S, H)
-        if self.down_bias is not None:
-            y = y + self.down_bias.to(dtype)[sorted_expert[:kept]]
-        y = y * weights.reshape(-1)[order].to(dtype)[:, None]
-        return flat.new_zeros(T, flat.shape[-1]).index_add_(0, token, y)  # (T, H)
+        inverse = None
+        if dropped is None:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)  # (T*k,)
+        cast = lambda p: None if p is None else p.to(dtype)  # noqa: E731  (no-op unless autocast)
+        return _ExpertFFN.apply(
+            flat, cast(self.w_in), cast(self.down_proj), cast(self.b_in), cast(self.down_bias),
+            pair_w, token, sorted_expert, inverse, counts, offs, self.act_fn, self.gated,
+        )
 
     # ------------------------------------------------------------------ construction
 

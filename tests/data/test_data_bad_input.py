@@ -107,7 +107,7 @@ def test_long_samples_are_truncated_and_answerless_ones_skipped_and_counted(root
     assert dataset.report.truncated == 1 and dataset.report.no_answer_tokens == 1
 
 
-def test_truncation_drops_the_images_of_cut_placeholders(root, tokenizer):
+def test_truncation_that_cuts_an_image_placeholder_skips_and_counts(root, tokenizer):
     row = {
         "id": "two-images",
         "image": ["img.png", "img.png"],
@@ -118,11 +118,20 @@ def test_truncation_drops_the_images_of_cut_placeholders(root, tokenizer):
             {"from": "gpt", "value": "yes"},
         ],
     }
-    # "<s> <|user|> <image> how many shapes are there ? <|end|> <|assistant|> two <|end|>" is 12 tokens,
-    # then "<|user|>": the second placeholder falls beyond max_length = 13.
-    dataset = _load(root, [row], tokenizer=tokenizer, max_length=13)
-    assert dataset.report.truncated == 1 and len(dataset.samples[0].images) == 1
-    assert dataset[0]["pixel_values"].shape[0] == 1
+    # "<s> <|user|> <image> how many shapes are there ? <|end|> <|assistant|> two <|end|>" is 13 tokens,
+    # then "<|user|> <image>": max_length = 14 cuts the second placeholder, which would leave an image unmatched.
+    dataset = _load(root, [record("ok"), row], tokenizer=tokenizer, max_length=14)
+    assert [s.id for s in dataset.samples] == ["ok"]
+    assert dataset.report.cut_placeholders == 1 and dataset.report.truncated == 0
+    assert len(_load(root, [row], tokenizer=tokenizer, max_length=15)) == 1  # both placeholders fit
+
+
+def test_image_after_the_last_answer_is_rejected(root, tokenizer):
+    row = record("late-image")
+    row["conversations"].append({"from": "human", "value": "<image>\nAnd this one?"})
+    row["image"] = ["img.png", "img.png"]
+    with pytest.raises(BadRecordError, match="'late-image': 2 image.*1 before the last answer"):
+        _load(root, [row], tokenizer=tokenizer)
 
 
 def test_datamodule_reports_at_setup_or_raises_early(root, tokenizer):
