@@ -1,9 +1,21 @@
-"""Placeholder tokens and the label mask shared by `data/` and `models/`.
+"""The tokenizer and the placeholder tokens: all that `data/` and `models/` share (DESIGN.md).
 
-This is the only module the two layers share (DESIGN.md): the data side writes one
-placeholder token per modality item into `input_ids`; the model side replaces each with the
-projected encoder features.
+The data side writes one placeholder token per modality item into `input_ids`; the model side
+replaces each with the projected encoder features. Both load the tokenizer through
+`load_tokenizer`, which guarantees two things the rest of the pipeline relies on:
+
+- a pad token (collate pads with it; labels there are -100 anyway, so its identity is free);
+- every placeholder of `PLACEHOLDERS` (`<image>`, ...) is ONE special token, so that each
+  placeholder in the text is exactly one id the model can find and expand. Missing ones are
+  added; the model resizes its embeddings to `len(tokenizer)`.
 """
+
+from pathlib import Path
+
+from tokenizers import AddedToken
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .paths import resolve_data_path
 
 IGNORE_INDEX = -100
 
@@ -16,3 +28,41 @@ PLACEHOLDERS: dict[str, str] = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN, "vid
 
 # modality name -> the batch key that carries its raw inputs (collate writes it, the model reads it)
 MODALITY_INPUTS: dict[str, str] = {"image": "pixel_values", "audio": "audio_values", "video": "video_values"}
+
+# Relative to the repository root, where configs are run from (see `paths.resolve_data_path`).
+DEFAULT_TOKENIZER = "data/tokenizer"
+
+
+def load_tokenizer(
+    name_or_path: str | Path = DEFAULT_TOKENIZER, chat_template: str | None = None
+) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained` plus a pad token and single-token placeholders.
+
+    `chat_template` replaces the tokenizer's own (for base-model tokenizers that have none).
+    """
+    path = resolve_data_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+
+    missing = [p for p in PLACEHOLDERS.values() if p not in tokenizer.get_added_vocab()]
+    if missing:
+        # normalized=False: a lower-casing normalizer must not turn "<image>" into something else.
+        tokenizer.add_tokens([AddedToken(p, special=True, normalized=False) for p in missing], special_tokens=True)
+    for placeholder, token_id in placeholder_token_ids(tokenizer).items():
+        encoded = tokenizer(f"a {placeholder}\nb", add_special_tokens=False)["input_ids"]
+        if encoded.count(token_id) != 1:
+            raise ValueError(f"tokenizer {name_or_path!r} does not keep {placeholder!r} as one token: {encoded}")
+
+    if tokenizer.pad_token is None:
+        # Reusing unk (as LLaVA does for Llama) avoids growing the vocabulary; else add one.
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def placeholder_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Placeholder text -> its token id, for every placeholder in `PLACEHOLDERS`."""
+    return {p: tokenizer.convert_tokens_to_ids(p) for p in PLACEHOLDERS.values()}

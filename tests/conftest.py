@@ -22,7 +22,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from lightning_moe.data.tokenizer import load_tokenizer
+    from lightning_moe.tokens import load_tokenizer
 
     return load_tokenizer(TOKENIZER)
 

@@ -34,7 +34,7 @@ class CountingMoETuning(MoETuning):
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    # outputs (runs/...) land here; shipped data paths fall back to the repository (data/paths.py)
+    # outputs (runs/...) land here; shipped data paths fall back to the repository (lightning_moe/paths.py)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

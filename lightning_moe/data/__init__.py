@@ -8,7 +8,7 @@ from lightning_moe.data.conversation import ChatTemplateError, ConversationToken
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
 from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
 from lightning_moe.data.records import BadRecordError, Message, parse_record, read_llava_records
-from lightning_moe.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
+from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
 __all__ = [
     "BadRecordError",

@@ -23,8 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from lightning_moe.data.dataset import HFImageProcessor, ImageTransform, LlavaDataset, NormalizeImage, collate_batch
-from lightning_moe.data.paths import resolve_data_path
-from lightning_moe.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from lightning_moe.paths import resolve_data_path
+from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer
 
 SAMPLING_MODES = ("proportional", "weighted", "temperature")
 SPLITS = ("train", "val", "test")

@@ -64,10 +64,12 @@ def mm_groups(x: Tensor, w: Tensor, counts: list[int], offs: Tensor | None) -> T
     return out
 
 
-# below this many rows per expert, `w[e] @ x_e.T` beats `x_e @ w[e].T` and grouped_mm on CPU:
-# MKL then streams the weight once as the left operand instead of packing it (measured 3.5x at
-# 4 rows x (2048, 512) weights, 1.3x at 64 rows, equal for small weights)
-SMALL_ROWS_PER_EXPERT = 128
+# With few rows per expert and large expert weights, `w[e] @ x_e.T` beats `x_e @ w[e].T` and
+# grouped_mm on CPU: MKL then streams the weight once as the left operand instead of packing it
+# (measured on 2 cores: 3.9x at 4 rows x (2048, 512) weights, 1.5x at 16 rows, no gain and a
+# column-major output that slows what follows for (512, 128) weights)
+SMALL_ROWS_PER_EXPERT = 32
+LARGE_EXPERT_WEIGHT = 1 << 18  # elements per expert matrix
 
 
 def linear_groups(x: Tensor, weight: Tensor, counts: list[int], offs: Tensor | None) -> Tensor:
@@ -77,7 +79,8 @@ def linear_groups(x: Tensor, weight: Tensor, counts: list[int], offs: Tensor | N
     (S, N) view with strides (1, S): callers must not assume it is contiguous.
     """
     active = sum(1 for c in counts if c)
-    if x.device.type == "cpu" and weight.is_contiguous() and x.shape[0] <= SMALL_ROWS_PER_EXPERT * max(active, 1):
+    few_rows = x.shape[0] <= SMALL_ROWS_PER_EXPERT * max(active, 1)
+    if x.device.type == "cpu" and few_rows and weight[0].numel() >= LARGE_EXPERT_WEIGHT and weight.is_contiguous():
         x = x.contiguous()
         out_t = x.new_empty(weight.shape[1], x.shape[0])  # (N, S)
         start = 0

@@ -27,7 +27,7 @@ from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
 from ..models import MultimodalLM, build_multimodal, routed_layers
 from ..models.surgery import set_trainable
-from ..data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
 from ..tokens import IGNORE_INDEX, MODALITY_INPUTS
 
 CHECKPOINT_CONFIG_KEY = "multimodal_config"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lightning_moe.data.paths import REPO_ROOT
+from lightning_moe.paths import REPO_ROOT
 
 SHIPPED_TOKENIZER = REPO_ROOT / "data" / "tokenizer"
 SHIPPED_DATA = REPO_ROOT / "data" / "shapes"

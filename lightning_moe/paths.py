@@ -9,8 +9,8 @@ package. Paths that exist as given, and absolute paths, are used unchanged.
 
 from pathlib import Path
 
-# lightning_moe/data/paths.py -> repository root (only meaningful for a source checkout).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# lightning_moe/paths.py -> repository root (only meaningful for a source checkout).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def resolve_data_path(path: str | Path) -> Path:
