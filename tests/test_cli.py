@@ -16,7 +16,7 @@ CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.y
 STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
           "configs/moe_llava/stage3_moe.yaml"]
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
-FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=1.0",
+FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
         "--data.init_args.max_eval_samples_per_domain=8"]

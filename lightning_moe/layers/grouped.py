@@ -92,11 +92,15 @@ def linear_groups(x: Tensor, weight: Tensor, counts: list[int], offs: Tensor | N
     return mm_groups(x, weight.transpose(1, 2), counts, offs)
 
 
-def weight_grad_groups(grad: Tensor, x: Tensor, counts: list[int], weight: Tensor) -> Tensor:
+def weight_grad_groups(grad: Tensor, x: Tensor, counts: list[int], weight: Tensor, offs: Tensor | None = None) -> Tensor:
     """(E, N, K) gradient of `weight` for y = x @ weight[e].T per group: grad_e.T @ x_e.
 
-    Written slice by slice into one uninitialised buffer; experts without rows are zeroed.
+    One grouped_mm over the shared row dimension where supported (experts without rows come
+    out zero: an empty inner dimension); else written slice by slice into one uninitialised
+    buffer, experts without rows zeroed.
     """
+    if offs is not None and grad.dtype == weight.dtype and grouped_mm_supported(grad.t(), x):
+        return F.grouped_mm(grad.t(), x, offs=offs)
     grad_w = torch.empty_like(weight)
     start = 0
     for e, c in enumerate(counts):
@@ -125,7 +129,7 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = mm_groups(grad, weight, counts, ctx.offs)  # (S, N) x (E, N, K) -> (S, K)
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad_groups(grad, x, counts, weight)
+            grad_w = weight_grad_groups(grad, x, counts, weight, ctx.offs)
         return grad_x, grad_w, None, None
 
 

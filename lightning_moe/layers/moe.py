@@ -62,7 +62,7 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """gather -> grouped up/gate_up -> activation -> grouped down -> x gate weight -> scatter-add.
+    """gather -> grouped up/gate_up -> activation -> grouped down -> x gate weight -> sum per token.
 
     One autograd node for the whole expert computation. Compared with composing the ops under
     autograd this avoids: the index_put backward of the gather, the chunk/cat of the gate/up
@@ -91,7 +91,7 @@ class _ExpertFFN(torch.autograd.Function):
         y = linear_groups(a, w_down, counts, offs)  # (S, H)
         if b_down is not None:
             y = y + b_down.index_select(0, expert)
-        out = _combine(y * pair_w[:, None], token, inverse, x.shape)
+        out = _combine(y, pair_w, token, inverse, x.shape)
         ctx.save_for_backward(x, w_in, w_down, pair_w, token, expert, inverse, h, act_out, a, y)
         ctx.counts, ctx.offs, ctx.act, ctx.gated = counts, offs, act, gated
         return out
@@ -102,26 +102,31 @@ class _ExpertFFN(torch.autograd.Function):
         counts, offs, need = ctx.counts, ctx.offs, ctx.needs_input_grad
         E = w_in.shape[0]
         go = grad_out.contiguous().index_select(0, token)  # (S, H) upstream gradient of each pair's token
-        grad_pair_w = (go * y).sum(-1) if need[5] else None  # (S,)
+        grad_pair_w = torch.linalg.vecdot(go, y) if need[5] else None  # (S,) <dL/dout_t, y_p>
         gy = go.mul_(pair_w[:, None])  # (S, H) gradient of y
-        grad_w_down = weight_grad_groups(gy, a, counts, w_down) if need[2] else None
+        grad_w_down = weight_grad_groups(gy, a, counts, w_down, offs) if need[2] else None
         grad_b_down = y.new_zeros(E, y.shape[1]).index_add_(0, expert, gy) if need[4] else None
         ga = mm_groups(gy, w_down, counts, offs)  # (S, I)
         gh = _activation_grad(h, act_out, ga, ctx.act, ctx.gated)  # (S, N)
         grad_b_in = h.new_zeros(E, h.shape[1]).index_add_(0, expert, gh) if need[3] else None
         xs = x.index_select(0, token)  # (S, H)
-        grad_w_in = weight_grad_groups(gh, xs, counts, w_in) if need[1] else None
-        grad_x = _combine(mm_groups(gh, w_in, counts, offs), token, inverse, x.shape) if need[0] else None
+        grad_w_in = weight_grad_groups(gh, xs, counts, w_in, offs) if need[1] else None
+        grad_x = _combine(mm_groups(gh, w_in, counts, offs), None, token, inverse, x.shape) if need[0] else None
         return grad_x, grad_w_in, grad_w_down, grad_b_in, grad_b_down, grad_pair_w, *([None] * 7)
 
 
-def _combine(rows: Tensor, token: Tensor, inverse: Tensor | None, shape: torch.Size) -> Tensor:
-    """Sum the pair rows (S, H) of each token into (T, H)."""
+def _combine(rows: Tensor, pair_w: Tensor | None, token: Tensor, inverse: Tensor | None, shape: torch.Size) -> Tensor:
+    """Sum the pair rows (S, H), each scaled by its gate weight (S,) if given, into tokens (T, H)."""
     if inverse is None:  # some pairs dropped: scatter-add
+        rows = rows if pair_w is None else rows * pair_w[:, None]
         return rows.new_zeros(shape).index_add_(0, token, rows)
-    # dropless: every token has exactly k pairs; gather them back in token order and sum,
-    # which is faster than index_add_ on CPU and deterministic everywhere
-    return rows.index_select(0, inverse).view(shape[0], -1, shape[1]).sum(dim=1)
+    # dropless: every token has exactly k pairs; gather them back in token order and reduce,
+    # faster than index_add_ on CPU and deterministic everywhere
+    rows = rows.index_select(0, inverse).view(shape[0], -1, shape[1])  # (T, k, H)
+    if pair_w is None:
+        return rows.sum(dim=1)
+    # (T, 1, k) @ (T, k, H): the weighted sum in one pass
+    return torch.bmm(pair_w.index_select(0, inverse).view(shape[0], 1, -1), rows).view(shape)
 
 
 def _activation_grad(h: Tensor, act_out: Tensor | None, ga: Tensor, act: nn.Module, gated: bool) -> Tensor:
@@ -141,7 +146,7 @@ def _activation_grad(h: Tensor, act_out: Tensor | None, ga: Tensor, act: nn.Modu
         else:
             a = act(hd)
         (gh,) = torch.autograd.grad(a, hd, ga)
-    return gh
+    return gh.contiguous()
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -243,6 +248,8 @@ class SparseMoE(nn.Module, RoutedLayer):
             routing.weights = weights
         self.last_routing = routing
 
+        if flat.shape[0] == 0:  # an empty batch: nothing to route (views below need T > 0)
+            return x.new_zeros(shape)
         dtype = _compute_dtype(x)
         out = self._experts(flat.to(dtype), indices, weights, routing.dropped)
         return out.to(in_dtype).reshape(shape)

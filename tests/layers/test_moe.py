@@ -61,6 +61,7 @@ def naive_moe(moe: SparseMoE, x: torch.Tensor, indices: torch.Tensor, weights: t
         (1, 2, 32, 48, 8, 2),  # 2 tokens x top-2 reach at most 4 of 8 experts
         (3, 5, 30, 20, 6, 3),  # odd sizes: grouped_mm alignment fails, loop path
         (2, 16, 64, 32, 4, 1),
+        (1, 3, 512, 256, 4, 2),  # few rows, large experts: the transposed small-batch matmul path
     ],
 )
 def test_from_mixtral_matches_hf_block_outputs_and_gradients(batch, seq, hidden, inter, experts, k):
@@ -101,6 +102,24 @@ def test_grouped_mm_and_loop_dispatch_agree(monkeypatch):
     y2.square().sum().backward()
     assert_rel_close(y2, y1, 1e-6)
     assert_rel_close(moe.gate_up_proj.grad, g1, 1e-6)
+
+
+@pytest.mark.parametrize("rows", [[0, 3, 5, 0], [1, 2, 0, 1], [80, 0, 9, 60]])
+def test_grouped_linear_matches_per_expert_matmul_forward_and_backward(rows):
+    # (4, 512, 512) experts take the transposed small-batch path for few rows, grouped_mm for many
+    weight = torch.randn(4, 512, 512, requires_grad=True)
+    x = torch.randn(sum(rows), 512, requires_grad=True)
+    offs = grouped.make_offsets(rows, x.device)
+    y = grouped.grouped_linear(x, weight, rows, offs)
+    bounds = torch.tensor([0] + rows).cumsum(0).tolist()
+    ref = torch.cat([x[bounds[e] : bounds[e + 1]] @ weight[e].t() for e in range(4)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, weight), g)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-4)
+    assert all(torch.all(gw[e] == 0) for e in range(4) if rows[e] == 0)
 
 
 def llama_mlp() -> nn.Module:
@@ -204,8 +223,15 @@ def test_capacity_mode_drops_overflow_pairs_and_renormalises_kept_weights():
     p = r.probs.gather(1, prefs)
     expected_w[1] = p[1] / p[1].sum()
     torch.testing.assert_close(r.weights, expected_w)
-    torch.testing.assert_close(y, naive_moe(moe, x, prefs, expected_w), rtol=1e-5, atol=1e-6)
+    ref = naive_moe(moe, x, prefs, r.weights)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     assert torch.all(y[2] == 0)
+    # gradients through the scatter-add path (used when pairs drop) match the reference too
+    params = [moe.gate_up_proj, moe.down_proj, moe.router.proj.weight]
+    g_ours = torch.autograd.grad(y.square().sum(), params, retain_graph=True)
+    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # eval uses eval_capacity_factor; without one it keeps the training factor
     moe.eval_capacity_factor = 10.0
     moe.eval()
@@ -232,6 +258,12 @@ def test_bf16_and_autocast_keep_router_fp32_and_output_dtype():
     assert moe_bf16.gate_up_proj.grad.dtype == torch.bfloat16
     assert moe_bf16.router.proj.weight.grad.dtype == torch.float32
     torch.testing.assert_close(y16.float(), ref, rtol=0.05, atol=0.02)
+
+
+def test_moe_accepts_an_empty_batch():
+    moe = SparseMoE(8, 16, 4, 2)
+    y = moe(torch.randn(0, 3, 8))
+    assert y.shape == (0, 3, 8)
 
 
 def test_collect_routing_returns_every_moe_layer_of_a_model():
