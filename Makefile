@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 RUN_CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-all clean-runs
+.PHONY: install run test test-fast clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,10 @@ run: install
 	$(PY) main.py fit --config $(RUN_CONFIG)
 
 test: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
-
-test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -147,7 +147,6 @@ class MoLEMLP(nn.Module, RoutedLayer):
         super().__init__()
         projections, self.act_fn, self.gated = _mlp_layout(mlp)
         self.mlp = mlp.requires_grad_(False)
-        self._roles = list(projections)
         self.num_experts, self.r, self.alpha, self.scaling = num_experts, r, alpha, alpha / r
         self.scale_by_prob = scale_by_prob
         hidden = projections["up"].in_features

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .grouped import linear_groups, make_offsets, mm_groups, weight_grad_groups
-from .routing import RoutedLayer, RouterOutput, TopKRouter, capacity_drop, expert_capacity
+from .routing import RoutedLayer, TopKRouter, capacity_drop, expert_capacity
 
 __all__ = ["SparseMoE", "get_activation"]
 
