@@ -20,7 +20,11 @@ model learns each domain on a CPU in minutes. Five domains (LLaVA format, one JS
   the switch: the conflicting pair for experiments on mixtures of LoRA experts.
 
 count, colour and pope ask about the same white-background images (as LLaVA asks several tasks
-about one image); the position pair has its own images, one question per shape (three) each.
+about one image); the position pair has its own images with one shape each (`POSITION_SHAPES`):
+with two or three shapes, binding the asked colour to its shape was not learnt by the quickstart's
+from-scratch model in its CPU budget (three shapes: stuck at the 66.5% "side with most shapes"
+shortcut; two: at chance), while one shape is learnt to ~100% and keeps the conflict between the
+two conventions, which only the background resolves.
 The generator also writes `README.md` with the statistics of what it wrote.
 """
 
@@ -58,8 +62,8 @@ class Style:
 
 STYLES = {
     "white": Style((255, 255, 255), "white background, 1-4 shapes"),
-    "grey": Style((170, 170, 170), "light-grey background, 3 shapes of different colours"),
-    "dark": Style((40, 40, 40), "dark background, 3 shapes of different colours"),
+    "grey": Style((170, 170, 170), "light-grey background, 1 shape"),
+    "dark": Style((40, 40, 40), "dark background, 1 shape"),
 }
 
 
@@ -153,14 +157,14 @@ def white_images(rng: random.Random, n: int) -> Iterator[tuple[list[Shape], list
         yield shapes, _jitter(rng, count), questions
 
 
-POSITION_SHAPES = 3  # shapes per position image, each asked about once (fewer image files to ship)
+POSITION_SHAPES = 1  # shapes per position image, each asked about once; more are not learnt in the quickstart's budget
 
 
 def position_images(rng: random.Random, n: int) -> Iterator[tuple[list[Shape], list[tuple[int, int]]]]:
     """Images for a position domain: (shapes, jitter); every shape has its own colour and is asked about."""
     for _ in range(n):
         cells = rng.sample(sorted(CELLS), POSITION_SHAPES)
-        colours = rng.sample(list(COLOURS), POSITION_SHAPES)  # distinct, so "the red shape" is unique
+        colours = rng.sample(list(COLOURS), POSITION_SHAPES)  # distinct, so "the red shape" is unique (if more than one)
         shapes = [Shape(rng.choice(SHAPES), c, r, col) for c, (r, col) in zip(colours, cells)]
         yield shapes, _jitter(rng, POSITION_SHAPES)
 
@@ -273,7 +277,7 @@ def readme(out: Path, data: dict[str, dict[str, list[dict]]], n_train: int, n_ev
             "",
             "Chance: uniform guess over the domain's answers; majority: always answering the most frequent test answer.",
             "`{cell}` is top left / top right / bottom left / bottom right, `{shape}` circle / square / triangle /",
-            "cross (for `no`, a shape absent from the image), `{colour}` the colour of one of the three shapes (each asked about once).",
+            "cross (for `no`, a shape absent from the image), `{colour}` the colour of the position image's shape.",
             "",
             "**Conflicting domains.** `position_lr` and `position_tb` ask the same question, `Where is the <colour>",
             "shape?`, about the same kind of layout; `position_lr` answers with the column (left / right) on",
