@@ -1,6 +1,6 @@
 """Data layer: LLaVA-format records -> validated, tokenized samples -> batches, mixed over domains.
 
-Never imports `lightning_moe.models` or `lightning_moe.methods`; the only thing shared with the
+Never imports the model or method packages; the only thing shared with the
 models is the tokenizer and the placeholder tokens of `lightning_moe.tokens`.
 """
 
