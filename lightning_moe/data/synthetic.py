@@ -12,14 +12,20 @@ model learns each domain on a CPU in minutes. Five domains (LLaVA format, one JS
 
 - count: "How many shapes are there?" -> one .. four
 - colour: "What colour is the shape at the top left?" -> red | green | blue | yellow
-- pope: "Is there a circle in the image?" -> yes | no (POPE-style, absent shapes asked
-  about, exactly balanced)
+- pope: "Is there a shape at the top left?" -> yes | no (POPE-style object existence: absent
+  objects, i.e. empty cells, asked about; exactly balanced, and independent of the number of
+  shapes, so counting is no shortcut). Its own images with 1-3 shapes on the same white
+  background. Asking for a kind or a colour ("Is there a circle / a red shape?") stayed exactly at
+  chance at every setting tried, even alone and with one shape per image: that answer is an
+  equality between a question word and the image content, which has no first-order signal (each
+  alone says nothing about yes/no, an XOR-like saddle), whereas a cell word only routes attention
+  to the cells it names and the content there decides, as in `colour`, which is learnt.
 - position_lr / position_tb: the SAME question "Where is the red shape?" answered under two
   conventions: left | right on light-grey images, top | bottom on dark images. The background
   is the only cue to the convention, so one shared low-capacity adapter must spend capacity on
   the switch: the conflicting pair for experiments on mixtures of LoRA experts.
 
-count, colour and pope ask about the same white-background images (as LLaVA asks several tasks
+count and colour ask about the same white-background images (as LLaVA asks several tasks
 about one image); the position pair has its own images with one shape each (`POSITION_SHAPES`):
 with two or three shapes, binding the asked colour to its shape was not learnt by the quickstart's
 from-scratch model in its CPU budget (three shapes: stuck at the 66.5% "side with most shapes"
@@ -62,6 +68,7 @@ class Style:
 
 STYLES = {
     "white": Style((255, 255, 255), "white background, 1-4 shapes"),
+    "objects": Style((255, 255, 255), "white background, 1-3 shapes"),
     "grey": Style((170, 170, 170), "light-grey background, 1 shape"),
     "dark": Style((40, 40, 40), "dark background, 1 shape"),
 }
@@ -81,7 +88,7 @@ DOMAINS = {
         "white", "What colour is the shape at the {cell}?", tuple(COLOURS), "colour of the shape in that cell"
     ),
     "pope": DomainInfo(
-        "white", "Is there a {shape} in the image?", ("yes", "no"), "object existence, yes/no balanced (POPE)"
+        "objects", "Is there a shape at the {cell}?", ("yes", "no"), "object existence, yes/no balanced (POPE)"
     ),
     "position_lr": DomainInfo(
         "grey", "Where is the {colour} shape?", ("left", "right"), "the column of that shape: left / right"
@@ -135,26 +142,32 @@ def _jitter(rng: random.Random, k: int) -> list[tuple[int, int]]:
 
 
 def white_images(rng: random.Random, n: int) -> Iterator[tuple[list[Shape], list[tuple[int, int]], dict]]:
-    """Images for count / colour / pope: (shapes, jitter, {domain: (question, answer)})."""
+    """Images for count / colour: (shapes, jitter, {domain: (question, answer)})."""
     counts = balanced(rng, list(NUMBERS), n)
-    pope_answers = balanced(rng, ["yes", "no"], n)
     colour_answers = balanced(rng, list(COLOURS), n)
-    for count, pope, colour in zip(counts, pope_answers, colour_answers):
+    for count, colour in zip(counts, colour_answers):
         cells = rng.sample(sorted(CELLS), count)
         kinds = [rng.choice(SHAPES) for _ in cells]
-        while pope == "no" and set(kinds) == set(SHAPES):  # a "no" needs an absent shape
-            kinds = [rng.choice(SHAPES) for _ in cells]
         colours = [rng.choice(list(COLOURS)) for _ in cells]
         asked = rng.randrange(count)
         colours[asked] = colour
         shapes = [Shape(k, c, r, col) for k, c, (r, col) in zip(kinds, colours, cells)]
-        pool = sorted(set(kinds)) if pope == "yes" else sorted(set(SHAPES) - set(kinds))
         questions = {
             "count": ("How many shapes are there?", NUMBERS[count]),
             "colour": (f"What colour is the shape at the {CELLS[cells[asked]]}?", colour),
-            "pope": (f"Is there a {rng.choice(pool)} in the image?", pope),
         }
         yield shapes, _jitter(rng, count), questions
+
+
+def object_images(rng: random.Random, n: int) -> Iterator[tuple[list[Shape], list[tuple[int, int]], dict]]:
+    """Images for pope, 1-3 shapes (so an empty cell exists): answers balanced and independent of the count."""
+    counts = balanced(rng, [1, 2, 3], n)
+    answers = balanced(rng, ["yes", "no"], n)
+    for count, answer in zip(counts, answers):
+        cells = rng.sample(sorted(CELLS), count)
+        shapes = [Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), r, col) for r, col in cells]
+        asked = rng.choice(cells if answer == "yes" else sorted(set(CELLS) - set(cells)))
+        yield shapes, _jitter(rng, count), {"pope": (f"Is there a shape at the {CELLS[asked]}?", answer)}
 
 
 POSITION_SHAPES = 1  # shapes per position image, each asked about once; more are not learnt in the quickstart's budget
@@ -199,11 +212,12 @@ def generate_split(out: Path, split: str, n: int, seed: int) -> dict[str, list[d
         (out / rel).write_bytes(png)
         return rel
 
-    rng = random.Random(f"{seed}:white:{split}")
-    for i, (shapes, jitter, questions) in enumerate(white_images(rng, n)):
-        image = save("white", i, draw(shapes, STYLES["white"].background, jitter))
-        for domain, (question, answer) in questions.items():
-            records[domain].append(_record(domain, split, i, image, question, answer))
+    for style, images in (("white", white_images), ("objects", object_images)):
+        rng = random.Random(f"{seed}:{style}:{split}")
+        for i, (shapes, jitter, questions) in enumerate(images(rng, n)):
+            image = save(style, i, draw(shapes, STYLES[style].background, jitter))
+            for domain, (question, answer) in questions.items():
+                records[domain].append(_record(domain, split, i, image, question, answer))
 
     for domain in ("position_lr", "position_tb"):
         style = DOMAINS[domain].style
@@ -276,15 +290,16 @@ def readme(out: Path, data: dict[str, dict[str, list[dict]]], n_train: int, n_ev
             *rows,
             "",
             "Chance: uniform guess over the domain's answers; majority: always answering the most frequent test answer.",
-            "`{cell}` is top left / top right / bottom left / bottom right, `{shape}` circle / square / triangle /",
-            "cross (for `no`, a shape absent from the image), `{colour}` the colour of the position image's shape.",
+            "`{cell}` is top left / top right / bottom left / bottom right (for `pope`'s `no`, an empty cell),",
+            "`{colour}` the colour of the position image's shape.",
             "",
             "**Conflicting domains.** `position_lr` and `position_tb` ask the same question, `Where is the <colour>",
             "shape?`, about the same kind of layout; `position_lr` answers with the column (left / right) on",
             "light-grey images, `position_tb` with the row (top / bottom) on dark images. Only the background tells",
             "which convention applies, so a single shared low-capacity adapter trained on both has to encode the",
             "switch, while a mixture of experts can route each style to its own expert.",
-            "`count`, `colour` and `pope` ask about the same white-background images.",
+            "`count` and `colour` ask about the same white-background images; `pope` has its own (1-3 shapes, so an",
+            "empty cell, the absent object, can be asked about; yes/no is independent of the number of shapes).",
             "",
             "**Tokenizer.** `data/tokenizer` (written by the same command) is word-level over this vocabulary",
             "(lower-cased; `<unk>` for anything else) with `<image>` / `<audio>` / `<video>` and the chat roles as",
@@ -326,7 +341,10 @@ def vocabulary_texts() -> list[str]:
     """Every question and answer the generator can write (the tokenizer must cover them all), plus `EXTRA_TEXTS`."""
     texts = ["How many shapes are there?", *EXTRA_TEXTS]
     texts += [f"What colour is the shape at the {cell}?" for cell in CELLS.values()]
+    texts += [f"Is there a shape at the {cell}?" for cell in CELLS.values()]
+    # earlier pope wordings stay in the vocabulary, so token ids do not move when the data changes
     texts += [f"Is there a {shape} in the image?" for shape in SHAPES]
+    texts += [f"Is there a {colour} shape in the image?" for colour in COLOURS]
     texts += [f"Where is the {colour} shape?" for colour in COLOURS]
     return texts + [answer for info in DOMAINS.values() for answer in info.answers]
 

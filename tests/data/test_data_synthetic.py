@@ -49,7 +49,7 @@ def test_every_answer_follows_from_the_pixels(tiny_shapes):
     answer_from = {
         "count": lambda shapes, q: S.NUMBERS[len(shapes)],
         "colour": lambda shapes, q: next(c for (cell, (k, c)) in shapes.items() if S.CELLS[cell] in q),
-        "pope": lambda shapes, q: "yes" if any(f" {k} " in q for k, _ in shapes.values()) else "no",
+        "pope": lambda shapes, q: "yes" if any(S.CELLS[cell] in q for cell in shapes) else "no",
         "position_lr": lambda shapes, q: ("left", "right")[next(cell for cell, (k, c) in shapes.items() if f" {c} " in q)[1]],
         "position_tb": lambda shapes, q: ("top", "bottom")[next(cell for cell, (k, c) in shapes.items() if f" {c} " in q)[0]],
     }
