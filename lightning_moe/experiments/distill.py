@@ -103,33 +103,32 @@ def baseline_config(source: Path, target: Path, name: str, stage: str, steps: in
     return target
 
 
-def max_steps(config: Path) -> int:
-    return int(yaml.safe_load(config.read_text())["trainer"]["max_steps"])
-
-
 def run(out: Path, quick: bool = False) -> dict:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     overrides = NO_VALIDATION + (QUICK if quick else [])
-    steps = {stage: max_steps(CONFIGS / f"{stage}.yaml") for stage in ("mimic_dense", "mimic_sparse", "preference")}
-    results: list[RunResult] = []
+    results: dict[str, RunResult] = {}
     start = time.perf_counter()
     with contextlib.chdir(out):  # every runs/... path of the configs (and the stage hand-offs) lands in `out`
         for stage in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
-            results.append(fit_and_test(stage, CONFIGS / f"{stage}.yaml", overrides))
+            results[stage] = fit_and_test(stage, CONFIGS / f"{stage}.yaml", overrides)
+        # equal student steps: as many as the distilled student took (also under --quick's overrides)
+        steps = results["mimic_dense"].steps
         instruct = baseline_config(CONFIGS / "mimic_dense.yaml", out / "configs" / "baseline_instruct.yaml",
-                                   "baseline_instruct", "instruct", steps["mimic_dense"], None)
-        results.append(fit_and_test("baseline_instruct", instruct, overrides))
+                                   "baseline_instruct", "instruct", steps, None)
+        results["baseline_instruct"] = fit_and_test("baseline_instruct", instruct,
+                                                    overrides + [f"--trainer.max_steps={steps}"])
+        steps = results["mimic_sparse"].steps + results["preference"].steps
         moe = baseline_config(CONFIGS / "mimic_sparse.yaml", out / "configs" / "baseline_moe.yaml", "baseline_moe",
-                              "moe", steps["mimic_sparse"] + steps["preference"], "runs/mod/baseline_instruct/model")
-        results.append(fit_and_test("baseline_moe", moe, overrides))
+                              "moe", steps, "runs/mod/baseline_instruct/model")
+        results["baseline_moe"] = fit_and_test("baseline_moe", moe, overrides + [f"--trainer.max_steps={steps}"])
     summary = {
         "command": "python -m lightning_moe.experiments.distill --out DIR" + (" --quick" if quick else ""),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,
         "torch_threads": torch.get_num_threads(),
         "wall_s": time.perf_counter() - start,
-        "runs": [asdict(r) for r in results],
+        "runs": [asdict(r) for r in results.values()],
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_markdown(summary))
