@@ -255,3 +255,13 @@ def test_parameter_counts_count_top_k_of_the_experts(tokenizer):
     # top-1 of copies of the dense MLP: a token uses exactly one MLP's worth, plus the router
     assert counts.activated == dense_total + router
     assert counts.total == dense_total + 3 * mlp + router
+
+
+def test_bfloat16_teacher_halves_its_memory_and_still_distils(teacher_dir, tokenizer):
+    method = make(teacher_dir, teacher_dtype="bfloat16")
+    assert {p.dtype for p in method.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in method.model.parameters()} == {torch.float32}
+    step = method.compute_loss(_batch(tokenizer))
+    assert torch.isfinite(step.loss) and step.logs["kd_loss"].item() > 0
+    step.loss.backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
