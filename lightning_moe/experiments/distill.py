@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -61,6 +62,17 @@ class RunResult:
     params_total: int
     params_activated: int
     metrics: dict[str, float] = field(default_factory=dict)  # test/<domain>/<metric>, test/exact_match
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """`contextlib.chdir` (Python 3.11+) for Python 3.10."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def fit_and_test(name: str, config: Path, overrides: list[str]) -> RunResult:
@@ -109,7 +121,7 @@ def run(out: Path, quick: bool = False) -> dict:
     overrides = NO_VALIDATION + (QUICK if quick else [])
     results: dict[str, RunResult] = {}
     start = time.perf_counter()
-    with contextlib.chdir(out):  # every runs/... path of the configs (and the stage hand-offs) lands in `out`
+    with working_directory(out):  # every runs/... path of the configs (and the stage hand-offs) lands in `out`
         for stage in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
             results[stage] = fit_and_test(stage, CONFIGS / f"{stage}.yaml", overrides)
         # equal student steps: as many as the distilled student took (also under --quick's overrides)
