@@ -23,6 +23,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -125,16 +126,35 @@ def baseline_config(source: Path, target: Path, name: str, stage: str, steps: in
     return target
 
 
-def run(out: Path, quick: bool = False) -> dict:
+def reuse_teacher(previous: Path, out: Path) -> RunResult:
+    """The teacher of an earlier run of this experiment: its model is copied, its results row is kept."""
+    source = previous / "runs" / "mod" / "teacher" / "model"
+    summary_file = previous / "results.json"
+    if not source.is_dir() or not summary_file.is_file():
+        raise FileNotFoundError(f"{previous} holds no finished run of this experiment ({source}, {summary_file})")
+    shutil.copytree(source, out / "runs" / "mod" / "teacher" / "model", dirs_exist_ok=True)
+    row = next(r for r in json.loads(summary_file.read_text())["runs"] if r["name"] == "teacher")
+    return RunResult(**row)
+
+
+def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, teacher_from: Path | None = None) -> dict:
+    """All runs (module docstring); `mimic_lm_weight` overrides the mimic stages' `mimic.lm_weight`,
+    `teacher_from` reuses the teacher of an earlier output directory instead of training one."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     overrides = NO_VALIDATION + (QUICK if quick else [])
     results: dict[str, RunResult] = {}
     start = time.perf_counter()
     with working_directory(out):  # every runs/... path of the configs (and the stage hand-offs) lands in `out`
+        if teacher_from is not None:
+            results["teacher"] = reuse_teacher(Path(teacher_from).resolve(), out)
         for stage in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
-            data = quick_data(stage == "preference") if quick else []
-            results[stage] = fit_and_test(stage, CONFIGS / f"{stage}.yaml", overrides + data)
+            if stage in results:
+                continue
+            extra = quick_data(stage == "preference") if quick else []
+            if mimic_lm_weight is not None and stage.startswith("mimic"):
+                extra.append(f"--model.init_args.mimic.lm_weight={mimic_lm_weight}")
+            results[stage] = fit_and_test(stage, CONFIGS / f"{stage}.yaml", overrides + extra)
         if quick:
             overrides = overrides + quick_data(False)
         # equal student steps: as many as the distilled student took (also under --quick's overrides)
@@ -148,7 +168,9 @@ def run(out: Path, quick: bool = False) -> dict:
                               "moe", steps, "runs/mod/baseline_instruct/model")
         results["baseline_moe"] = fit_and_test("baseline_moe", moe, overrides + [f"--trainer.max_steps={steps}"])
     summary = {
-        "command": "python -m lightning_moe.experiments.distill --out DIR" + (" --quick" if quick else ""),
+        "command": "python -m lightning_moe.experiments.distill --out DIR" + (" --quick" if quick else "")
+        + (f" --mimic-lm-weight {mimic_lm_weight}" if mimic_lm_weight is not None else "")
+        + (f" --teacher-from {teacher_from}" if teacher_from is not None else ""),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,
         "torch_threads": torch.get_num_threads(),
@@ -227,10 +249,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke version: a few steps and samples")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared, oversubscribed CPU 1 can be several times faster)")
+    parser.add_argument("--mimic-lm-weight", type=float, default=None,
+                        help="add the student's own LM loss with this weight in the mimic stages (kd_lm)")
+    parser.add_argument("--teacher-from", type=Path, default=None,
+                        help="reuse the teacher of an earlier output directory of this experiment")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = run(args.out, args.quick)
+    summary = run(args.out, args.quick, args.mimic_lm_weight, args.teacher_from)
     print((args.out / "results.md").read_text())
     return summary
 
