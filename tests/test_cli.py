@@ -15,6 +15,9 @@ from tests.conftest import ROOT
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
 STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
           "configs/moe_llava/stage3_moe.yaml"]
+# LLaVA-MoD: the teacher, then the student's stages, each reading the previous outputs
+MOD_STAGES = ["configs/mod/teacher.yaml", "configs/mod/mimic_dense.yaml", "configs/mod/mimic_sparse.yaml",
+              "configs/mod/preference.yaml"]
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
@@ -46,10 +49,10 @@ def fit(config: str | list[str], *extra: str):
 
 
 def test_configs_are_shipped():
-    assert "configs/quickstart.yaml" in CONFIGS and set(STAGES) <= set(CONFIGS)
+    assert "configs/quickstart.yaml" in CONFIGS and set(STAGES) <= set(CONFIGS) and set(MOD_STAGES) <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in STAGES])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in STAGES + MOD_STAGES])
 def test_shipped_config_runs_a_few_steps(workdir, config):
     cli = fit(config)
     assert cli.trainer.global_step == 2
@@ -62,6 +65,17 @@ def test_moe_llava_stages_chain_through_their_outputs(workdir):
     assert (workdir / "runs/moe_llava/stage1/model/model.safetensors").is_file()
     assert (workdir / "runs/moe_llava/stage2/model/model.safetensors").is_file()
     assert cli.model.stage == "moe" and cli.model.model.surgery[0]["op"] == "upcycle"
+
+
+def test_mod_stages_chain_through_their_outputs(workdir):
+    for stage in MOD_STAGES:
+        cli = fit(stage)
+        assert cli.trainer.global_step == 2
+    for output in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
+        assert (workdir / f"runs/mod/{output}/model/model.safetensors").is_file()
+    assert cli.model.stage == "preference" and cli.model.model.surgery[0]["op"] == "upcycle"
+    assert not any(k.startswith("teacher.") for k in torch.load(next((workdir / "runs/mod/preference").rglob("*.ckpt")),
+                                                                 weights_only=False)["state_dict"])
 
 
 def test_user_subclass_runs_through_the_model_flag(workdir):

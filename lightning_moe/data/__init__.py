@@ -7,6 +7,7 @@ models is the tokenizer and the placeholder tokens of `lightning_moe.tokens`.
 from lightning_moe.data.conversation import ChatTemplateError, ConversationTokenizer, TokenizedConversation
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
 from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
+from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
 from lightning_moe.data.records import BadRecordError, Message, parse_record, read_llava_records
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
@@ -28,6 +29,9 @@ __all__ = [
     "load_tokenizer",
     "mixture_probabilities",
     "parse_record",
+    "PreferenceDataModule",
+    "PreferenceDataset",
+    "collate_preference",
     "placeholder_token_ids",
     "read_llava_records",
 ]

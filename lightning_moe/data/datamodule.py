@@ -162,13 +162,17 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 self.datasets[split] = self._build_split(split)
         self._print_report(stage)
 
+    def dataset_class(self, split: str) -> type[LlavaDataset]:
+        """The dataset class that reads a split's files (a subclass may read another record format)."""
+        return LlavaDataset
+
     def _build_split(self, split: str) -> dict[str, LlavaDataset]:
         datasets = {}
         for name, spec in self.domains.items():
             files = getattr(spec, split)
             if not files:
                 continue
-            dataset = LlavaDataset(
+            dataset = self.dataset_class(split)(
                 [self.root / f for f in ([files] if isinstance(files, str) else files)],
                 root=self.root,
                 tokenizer=self.tokenizer,
@@ -229,14 +233,14 @@ class DomainMixtureDataModule(L.LightningDataModule):
         )
         return WeightedRandomSampler(weights, num_samples or len(dataset), replacement=True, generator=generator)
 
-    def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None, collate=collate_batch) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             shuffle=False,  # training order comes from the sampler; evaluation stays in file order
-            collate_fn=partial(collate_batch, pad_token_id=self.pad_token_id),
+            collate_fn=partial(collate, pad_token_id=self.pad_token_id),
             num_workers=workers,
             persistent_workers=workers > 0,
         )

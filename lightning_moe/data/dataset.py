@@ -214,6 +214,10 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
+        return self.item(sample, self.load_images(sample))
+
+    def load_images(self, sample: _Sample) -> torch.Tensor | None:
+        """The sample's images, transformed: (n_images, 3, H, W), or None for a text-only sample."""
         pixels = []
         for file in sample.images:
             try:
@@ -221,6 +225,10 @@ class LlavaDataset(Dataset):
                     pixels.append(self.image_transform(image))
             except (OSError, ValueError) as e:
                 raise BadRecordError(UNREADABLE_IMAGE, sample.source, None, sample.id, f"cannot decode {file}: {e}") from e
+        return torch.stack(pixels) if pixels else None
+
+    def item(self, sample: _Sample, pixels: torch.Tensor | None) -> dict:
+        """The dict `collate_batch` reads, for a sample and its loaded images."""
         return {
             "id": sample.id,
             "domain": self.domain,
@@ -228,7 +236,7 @@ class LlavaDataset(Dataset):
             "labels": sample.labels,
             "prompt_ids": sample.prompt_ids,
             "answer": sample.answer,
-            PIXEL_VALUES: torch.stack(pixels) if pixels else None,  # (n_images, 3, H, W)
+            PIXEL_VALUES: pixels,  # (n_images, 3, H, W) or None
         }
 
 

@@ -31,6 +31,10 @@ with two or three shapes, binding the asked colour to its shape was not learnt b
 from-scratch model in its CPU budget (three shapes: stuck at the 66.5% "side with most shapes"
 shortcut; two: at chance), while one shape is learnt to ~100% and keeps the conflict between the
 two conventions, which only the background resolves.
+Preference pairs (RLAIF-V style, for preference distillation) are derived from the records above,
+so they follow any change to the questions: `preference/<domain>/<split>.jsonl` holds, per record,
+the same image and question with `chosen` = the correct answer and `rejected` = a wrong one (the
+other answer of a yes/no or two-way domain, i.e. the hallucinated one on `pope`).
 The generator also writes `README.md` with the statistics of what it wrote.
 """
 
@@ -234,11 +238,32 @@ def generate_split(out: Path, split: str, n: int, seed: int) -> dict[str, list[d
     return records
 
 
+PREFERENCE_DIR = "preference"  # preference/<domain>/<split>.jsonl; not a domain folder, so discovery skips it
+
+
+def preference_pairs(domain: str, records: list[dict], seed: int = 0) -> list[dict]:
+    """One RLAIF-V style pair per record: same image and prompt, `chosen` = its answer, `rejected` = a wrong one.
+
+    Built from the records themselves (not from the question templates), so regenerating the data
+    with other questions keeps the pairs consistent. Domains with more than two answers draw the
+    wrong answer from a generator seeded by (seed, record id).
+    """
+    answers = DOMAINS[domain].answers
+    pairs = []
+    for record in records:
+        *prompt, last = record["conversations"]
+        wrong = [a for a in answers if a != last["value"]]
+        rejected = wrong[0] if len(wrong) == 1 else random.Random(f"{seed}:preference:{record['id']}").choice(wrong)
+        pairs.append({"id": record["id"], "image": record["image"], "conversations": prompt,
+                      "chosen": last["value"], "rejected": rejected})
+    return pairs
+
+
 def generate(out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     """Write the whole data set (images, JSONL per domain and split, README) and return the records."""
     out = Path(out)
     # only what this generator owns is removed, so stale images of a larger run cannot linger.
-    for owned in ["images", *DOMAINS]:
+    for owned in ["images", PREFERENCE_DIR, *DOMAINS]:
         if (out / owned).is_dir():
             shutil.rmtree(out / owned)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +274,10 @@ def generate(out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int 
             (out / domain).mkdir(exist_ok=True)
             lines = "".join(json.dumps(r) + "\n" for r in records)
             (out / domain / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+            pairs = preference_pairs(domain, records, seed)
+            (out / PREFERENCE_DIR / domain).mkdir(parents=True, exist_ok=True)
+            lines = "".join(json.dumps(r) + "\n" for r in pairs)
+            (out / PREFERENCE_DIR / domain / f"{split}.jsonl").write_text(lines, encoding="utf-8")
     (out / "README.md").write_text(readme(out, data, n_train, n_eval, seed), encoding="utf-8")
     return data
 
@@ -300,6 +329,11 @@ def readme(out: Path, data: dict[str, dict[str, list[dict]]], n_train: int, n_ev
             "switch, while a mixture of experts can route each style to its own expert.",
             "`count` and `colour` ask about the same white-background images; `pope` has its own (1-3 shapes, so an",
             "empty cell, the absent object, can be asked about; yes/no is independent of the number of shapes).",
+            "",
+            f"**Preference pairs.** `{PREFERENCE_DIR}/<domain>/<split>.jsonl` (RLAIF-V style, for preference",
+            "distillation) hold one pair per record above: the same image and question (`conversations` ends with",
+            "the question), `chosen` = the correct answer, `rejected` = a wrong one (the other answer in two-way",
+            "domains, so on `pope` the hallucinated one; a seeded random wrong answer in `count` / `colour`).",
             "",
             "**Tokenizer.** `data/tokenizer` (written by the same command) is word-level over this vocabulary",
             "(lower-cased; `<unk>` for anything else) with `<image>` / `<audio>` / `<video>` and the chat roles as",

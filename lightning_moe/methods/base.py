@@ -152,18 +152,23 @@ class MultimodalMethod(L.LightningModule):
         """LM cross-entropy on assistant tokens + coef × load balancing + z_coef × z-loss."""
         out = self.model(**self.model_inputs(batch), labels=batch["labels"])
         lm_loss, per_sample, counts = causal_lm_loss(out.logits, out.labels)
-        routing = self.collect_routing()
         logs = {"lm_loss": lm_loss}
-        loss = lm_loss
+        routing, routing_loss = self.routing_losses(out.attention_mask, logs)
+        logs["loss"] = loss = lm_loss + routing_loss
+        return StepOutput(loss, logs, out.attention_mask, routing, per_sample / counts.clamp(min=1), counts)
+
+    def routing_losses(self, attention_mask: torch.Tensor, logs: dict[str, torch.Tensor]) -> tuple[list[RouterOutput], Any]:
+        """The last forward's routing and coef × load balancing + z_coef × z-loss (0 if dense); terms go into `logs`."""
+        routing = self.collect_routing()
+        loss: Any = 0.0
         if routing:
-            mask = out.attention_mask.reshape(-1).bool()
+            mask = attention_mask.reshape(-1).bool()
             logs["aux_loss"] = load_balancing_loss(routing, mask, form=self.aux.form)
-            loss = loss + self.aux.coef * logs["aux_loss"]
+            loss = self.aux.coef * logs["aux_loss"]
             if self.aux.z_coef:
                 logs["z_loss"] = router_z_loss(routing, mask)
                 loss = loss + self.aux.z_coef * logs["z_loss"]
-        logs["loss"] = loss
-        return StepOutput(loss, logs, out.attention_mask, routing, per_sample / counts.clamp(min=1), counts)
+        return routing, loss
 
     # ------------------------------------------------------------------ shared machinery
     @staticmethod

@@ -103,6 +103,23 @@ def routed_layers(model: nn.Module) -> list[tuple[str, RoutedLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]
 
 
+@dataclass
+class ParameterCounts:
+    total: int  # every parameter of the model (vision tower included)
+    activated: int  # parameters one token uses: a top-k of E experts counts k/E of each MoE layer's experts
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Total and per-token activated parameters (sparse layers count only their top-k experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            experts = sum(p.numel() for name, p in module.named_parameters() if not name.startswith("router."))
+            inactive += experts * (module.num_experts - module.top_k) // module.num_experts
+    return ParameterCounts(total, total - inactive)
+
+
 # op name -> function(model, **logged args); extended by later surgeries (LoRA, MoLE, MoRA ...)
 SURGERIES: dict[str, Callable[..., Any]] = {
     "upcycle": lambda model, **args: upcycle(model, MoEConfig(**args)),
