@@ -5,6 +5,7 @@ models is the tokenizer and the placeholder tokens of `lightning_moe.tokens`.
 """
 
 from lightning_moe.data.conversation import ChatTemplateError, ConversationTokenizer, TokenizedConversation
+from lightning_moe.data.continual import ContinualDataModule, TaskSpec
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
 from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
 from lightning_moe.data.records import BadRecordError, Message, parse_record, read_llava_records
@@ -13,6 +14,7 @@ from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_
 __all__ = [
     "BadRecordError",
     "ChatTemplateError",
+    "ContinualDataModule",
     "ConversationTokenizer",
     "DataReport",
     "DEFAULT_TOKENIZER",
@@ -23,6 +25,7 @@ __all__ = [
     "Message",
     "NormalizeImage",
     "SAMPLING_MODES",
+    "TaskSpec",
     "TokenizedConversation",
     "collate_batch",
     "load_tokenizer",
