@@ -1,7 +1,9 @@
-"""Lightning callbacks: routing statistics for TensorBoard, stage export, metric summary."""
+"""Lightning callbacks: routing statistics and the continual accuracy matrix for TensorBoard, stage export,
+metric summary."""
 
+from .continual import AccuracyMatrixImage
 from .export import SavePretrained
 from .routing import RoutingStatistics
 from .summary import MetricsSummary
 
-__all__ = ["SavePretrained", "RoutingStatistics", "MetricsSummary"]
+__all__ = ["AccuracyMatrixImage", "SavePretrained", "RoutingStatistics", "MetricsSummary"]
