@@ -79,12 +79,11 @@ class ContinualDataModule(DomainMixtureDataModule):
             raise ValueError(f"task names must be unique, got {names}")
         domains = {t.name: DomainSpec(train=t.train, val=t.test, test=t.test) for t in self.tasks}
         kwargs.pop("samples_per_epoch", None)  # set from steps_per_task below
-        kwargs.setdefault("sampling", "proportional")
-        super().__init__(domains=domains, root=root, samples_per_epoch=steps_per_task * kwargs.get("batch_size", 64),
-                         **kwargs)
+        super().__init__(domains=domains, root=root, **kwargs)
         self.steps_per_task, self.schedule = steps_per_task, schedule
+        # after the base saved its hyperparameters (under the CLI they are the given config, so set here)
         self.hparams.update(tasks=[t.name for t in self.tasks], order=order, steps_per_task=steps_per_task,
-                            schedule=schedule)
+                            schedule=schedule, samples_per_epoch=steps_per_task * self.hparams.batch_size)
 
     @property
     def task_names(self) -> list[str]:

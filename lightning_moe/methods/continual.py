@@ -12,28 +12,51 @@ metric; a task is a domain). Row i goes into an `AccuracyMatrix` torchmetric, an
 Transfer / BWT / forgetting of the rows so far are logged after every task (`continual/...`);
 `callbacks.AccuracyMatrixImage` draws the matrix in TensorBoard.
 
-A subclass says what happens at a task boundary (`start_task`) and, if needed, around the
-evaluation of one task (`use_task_for_eval`, for methods that are given the task id).
+The backbone gets adapters on the chosen projections (`models.surgery.add_adapters`) and only
+the `adapters` group trains (the base model, connector and vision tower stay frozen). A subclass
+says what happens at a task boundary (`start_task`) and, if needed, around the evaluation of one
+task (`use_task_for_eval`, for methods that are given the task id). `ContinualLoRA` holds the
+plain-LoRA baselines of the MoRA experiment (sequential, joint, task-specific); `MoRAContinual`
+is in `mora.py`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import torch
 
 from ..metrics import AccuracyMatrix
+from ..models import AdapterConfig, MultimodalLM, add_adapters
 from .base import MultimodalMethod
+
+# attention and MLP projections of Llama-family decoder layers (the MoRA default placement)
+ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class ContinualMethod(MultimodalMethod):
-    def __init__(self, **kwargs: Any):
-        """Args: MultimodalMethod's (backbone, optimizer, ...); the task sequence comes from the data module."""
+    default_adapter = AdapterConfig(kind="lora", targets=ATTENTION_AND_MLP)
+
+    def __init__(self, adapter: AdapterConfig | None = None, **kwargs: Any):
+        """
+        Args:
+            adapter: which projections get which adapter (kind, targets, layers, rank, alpha, ...).
+            **kwargs: MultimodalMethod's (backbone, optimizer, ...); the task sequence comes from
+                the data module.
+        """
+        self.adapter = copy.deepcopy(adapter or self.default_adapter)
         super().__init__(**kwargs)
         self.task_names: list[str] = []
         self.current_task = -1  # no task started yet
         self.accuracy: AccuracyMatrix | None = None
+
+    def configure_backbone(self, model: MultimodalLM) -> None:
+        add_adapters(model, [self.adapter])
+
+    def trainable_groups(self) -> list[str]:
+        return ["adapters"]
 
     # ------------------------------------------------------------------ what subclasses say
     def start_task(self, task: int) -> None:
@@ -46,11 +69,15 @@ class ContinualMethod(MultimodalMethod):
         """Called after an evaluation pass, to undo what `use_task_for_eval` changed."""
 
     def adapter_parameter_counts(self) -> dict[str, int]:
-        """`total`: adapter parameters the method holds at the end; `per_task`: trained on each task."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"total": trainable, "per_task": trainable}
+        """`total`: adapter parameters the method holds now; `per_task`: those trained on one task."""
+        total = sum(self.model.get_parameter(n).numel() for n in self.adapter_names())
+        return {"total": total, "per_task": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
     # ------------------------------------------------------------------ the task loop
+    def adapter_names(self) -> list[str]:
+        """Names of the adapter parameters (trainable or frozen by a finished task)."""
+        return [n for n, _ in self.model.named_parameters() if ".lora_" in n]
+
     def _continual_data(self):
         data = self.trainer.datamodule
         if data is None or not hasattr(data, "task_names"):
@@ -60,7 +87,7 @@ class ContinualMethod(MultimodalMethod):
     def on_fit_start(self) -> None:
         data = self._continual_data()
         data.check_trainer(self.trainer)
-        self.task_names = list(data.task_names)
+        self.task_names, self.current_task = list(data.task_names), -1
         self.accuracy = AccuracyMatrix(len(self.task_names)).to(self.device)
 
     def on_train_epoch_start(self) -> None:
@@ -107,3 +134,77 @@ class ContinualMethod(MultimodalMethod):
     def on_test_epoch_end(self) -> None:
         self.end_eval()
         super().on_test_epoch_end()
+
+
+# --------------------------------------------------------------------------- plain-LoRA baselines
+LORA_STRATEGIES = ("sequential", "joint", "task_specific")
+
+
+class ContinualLoRA(ContinualMethod):
+    """Plain-LoRA baselines over the same task sequence and steps as MoRA.
+
+    - `sequential`: one LoRA keeps training task after task (forgetting expected).
+    - `joint`: one LoRA trained on the mixture of all tasks (the data module's `schedule: joint`),
+      the multi-task upper bound; its rows show the same model after each epoch of the mixture.
+    - `task_specific`: a fresh LoRA per task, and evaluation on task j uses task j's LoRA (the task
+      id is given: an oracle no continual method has). Tasks not trained yet are evaluated with the
+      fresh LoRA (B = 0, i.e. the base model).
+    """
+
+    def __init__(self, strategy: str = "sequential", **kwargs: Any):
+        """strategy: sequential | joint | task_specific (class docstring). **kwargs: ContinualMethod's."""
+        if strategy not in LORA_STRATEGIES:
+            raise ValueError(f"strategy must be one of {LORA_STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
+        super().__init__(**kwargs)
+        if self.adapter.kind != "lora":
+            raise ValueError(f"ContinualLoRA trains plain LoRA adapters; got adapter kind {self.adapter.kind!r}")
+        self._bank: dict[int, dict[str, torch.Tensor]] = {}  # task -> its trained LoRA (task_specific)
+        self._live: dict[str, torch.Tensor] | None = None  # the weights in training, kept during evaluation
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        schedule = getattr(self.trainer.datamodule, "schedule", None)
+        if (self.strategy == "joint") != (schedule == "joint"):
+            raise ValueError(f"strategy {self.strategy!r} needs the data module's schedule "
+                             f"{'joint' if self.strategy == 'joint' else 'sequential'}, got {schedule!r}")
+        self._bank = {}
+        # every task's LoRA starts from the same initialisation (also what untrained tasks are evaluated with)
+        self._initial = self._adapter_state()
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        return {n: self.model.get_parameter(n).detach().clone() for n in self.adapter_names()}
+
+    @torch.no_grad()
+    def _load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            self.model.get_parameter(name).copy_(value)
+
+    def start_task(self, task: int) -> None:
+        if self.strategy != "task_specific" or task == 0:
+            return
+        self._bank[task - 1] = self._adapter_state()
+        self._load_adapter_state(self._initial)
+
+    def use_task_for_eval(self, task: int) -> None:
+        if self.strategy != "task_specific":
+            return
+        if self._live is None:
+            self._live = self._adapter_state()
+        if task in self._bank:
+            self._load_adapter_state(self._bank[task])
+        elif task > self.current_task:
+            self._load_adapter_state(self._initial)
+        else:  # the task in training
+            self._load_adapter_state(self._live)
+
+    def end_eval(self) -> None:
+        if self._live is not None:
+            self._load_adapter_state(self._live)
+            self._live = None
+
+    def adapter_parameter_counts(self) -> dict[str, int]:
+        counts = super().adapter_parameter_counts()
+        if self.strategy == "task_specific":  # one LoRA per task is kept
+            counts["total"] = counts["per_task"] * max(len(self.task_names), 1)
+        return counts
