@@ -1,7 +1,7 @@
 """Lightning callbacks: routing statistics for TensorBoard, stage export, metric summary."""
 
-from .export import SavePretrained
+from .export import SaveAdapters, SavePretrained
 from .routing import RoutingStatistics
 from .summary import MetricsSummary
 
-__all__ = ["SavePretrained", "RoutingStatistics", "MetricsSummary"]
+__all__ = ["SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary"]
