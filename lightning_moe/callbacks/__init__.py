@@ -2,8 +2,8 @@
 metric summary."""
 
 from .continual import AccuracyMatrixImage
-from .export import SavePretrained
+from .export import SaveAdapters, SavePretrained
 from .routing import RoutingStatistics
 from .summary import MetricsSummary
 
-__all__ = ["AccuracyMatrixImage", "SavePretrained", "RoutingStatistics", "MetricsSummary"]
+__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary"]

@@ -38,7 +38,7 @@ from lightning_moe.paths import REPO_ROOT
 
 PRETRAIN = REPO_ROOT / "configs/mora/pretrain.yaml"
 CONTINUAL = REPO_ROOT / "configs/mora/continual.yaml"
-LORA = ["--model=lightning_moe.methods.ContinualLoRA", "--model.init_args.adapter.kind=lora"]
+LORA = ["--model=lightning_moe.methods.ContinualLoRA"]
 # method -> overrides of configs/mora/continual.yaml (same data, steps, targets, rank and optimizer)
 METHODS: dict[str, list[str]] = {
     "mora": [],
@@ -98,7 +98,7 @@ def run_method(method: str, quick: bool) -> MethodResult:
     if "val/active_ranks" in cli.trainer.callback_metrics:  # MoRA: measured
         ranks = float(cli.trainer.callback_metrics["val/active_ranks"])
     else:  # plain LoRA: every rank of the one adapter in use is active for every token
-        ranks = float(model.adapter.r)
+        ranks = float(model.lora.r)
     return MethodResult(method, list(model.task_names), matrix.tolist(), **scores.as_dict(),
                         adapter_params_total=counts["total"], adapter_params_per_task=counts["per_task"],
                         active_ranks_per_token=ranks, seconds=round(time.time() - start, 1))

@@ -3,7 +3,9 @@
 from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, StepOutput, load_backbone
 from .continual import ContinualLoRA, ContinualMethod
 from .moe_tuning import MoETuning
-from .mora import MoRAContinual
+from .mole import ExpertOptions, LoRAOptions, LoRATuning, MoLE
+from .mora import MoRAContinual, MoRAOptions
 
 __all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "StepOutput", "load_backbone", "MoETuning",
-           "ContinualMethod", "ContinualLoRA", "MoRAContinual"]
+           "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "ContinualMethod", "ContinualLoRA", "MoRAContinual",
+           "MoRAOptions"]

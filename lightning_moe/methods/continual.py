@@ -12,51 +12,44 @@ metric; a task is a domain). Row i goes into an `AccuracyMatrix` torchmetric, an
 Transfer / BWT / forgetting of the rows so far are logged after every task (`continual/...`);
 `callbacks.AccuracyMatrixImage` draws the matrix in TensorBoard.
 
-The backbone gets adapters on the chosen projections (`models.surgery.add_adapters`) and only
-the `adapters` group trains (the base model, connector and vision tower stay frozen). A subclass
+Adapters and the freeze plan are `LoRATuning`'s (`lora`: rank, alpha, targets, layers; only
+the `adapters` group trains, the base model, connector and vision tower stay frozen). A subclass
 says what happens at a task boundary (`start_task`) and, if needed, around the evaluation of one
 task (`use_task_for_eval`, for methods that are given the task id). `ContinualLoRA` holds the
 plain-LoRA baselines of the MoRA experiment (sequential, joint, task-specific); `MoRAContinual`
-is in `mora.py`.
+(`mora.py`) swaps the LoRA rule for MoRA's.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import torch
 
 from ..metrics import AccuracyMatrix
-from ..models import AdapterConfig, MultimodalLM, add_adapters
-from .base import MultimodalMethod
-
-# attention and MLP projections of Llama-family decoder layers (the MoRA default placement)
-ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .mole import LoRAOptions, LoRATuning
 
 
-class ContinualMethod(MultimodalMethod):
-    default_adapter = AdapterConfig(kind="lora", targets=ATTENTION_AND_MLP)
+def small_lora() -> LoRAOptions:
+    """The continual experiment's default: rank 8 on attention and MLP projections, no dropout
+    (tiny models, short tasks; the MoLE reference's r=32 / dropout 0.05 is for 7B models)."""
+    return LoRAOptions(r=8, alpha=16.0, dropout=0.0)
 
-    def __init__(self, adapter: AdapterConfig | None = None, **kwargs: Any):
+
+class ContinualMethod(LoRATuning):
+    def __init__(self, lora: LoRAOptions | None = None, **kwargs: Any):
         """
         Args:
-            adapter: which projections get which adapter (kind, targets, layers, rank, alpha, ...).
-            **kwargs: MultimodalMethod's (backbone, optimizer, ...); the task sequence comes from
-                the data module.
+            lora: rank, alpha, dropout, target projections and layers of the adapters (default
+                `small_lora()`: r=8 on every attention and MLP projection).
+            **kwargs: LoRATuning's and MultimodalMethod's (backbone, optimizer, ...); the task
+                sequence comes from the data module.
         """
-        self.adapter = copy.deepcopy(adapter or self.default_adapter)
-        super().__init__(**kwargs)
+        super().__init__(lora=lora or small_lora(), **kwargs)
         self.task_names: list[str] = []
         self.current_task = -1  # no task started yet
         self.accuracy: AccuracyMatrix | None = None
-
-    def configure_backbone(self, model: MultimodalLM) -> None:
-        add_adapters(model, [self.adapter])
-
-    def trainable_groups(self) -> list[str]:
-        return ["adapters"]
 
     # ------------------------------------------------------------------ what subclasses say
     def start_task(self, task: int) -> None:
@@ -157,8 +150,6 @@ class ContinualLoRA(ContinualMethod):
             raise ValueError(f"strategy must be one of {LORA_STRATEGIES}, got {strategy!r}")
         self.strategy = strategy
         super().__init__(**kwargs)
-        if self.adapter.kind != "lora":
-            raise ValueError(f"ContinualLoRA trains plain LoRA adapters; got adapter kind {self.adapter.kind!r}")
         self._bank: dict[int, dict[str, torch.Tensor]] = {}  # task -> its trained LoRA (task_specific)
         self._live: dict[str, torch.Tensor] | None = None  # the weights in training, kept during evaluation
 

@@ -6,10 +6,11 @@ rank-1 experts, each token weighting them by its own normalised activations (no 
     z_i = A_i x,  s = z / ||z||,  w = softmax(s / temperature),  keep the top_k largest w and those
     with s_i >= threshold,   out = base(x) + alpha / r * sum_i w_i B_i z_i
 
-Task 0 trains the first `adapter.r` ranks; before each later task `add_mora_task` appends `r` new
-ranks to every MoRA layer and freezes all earlier ones (they get no gradient and stay
-bit-identical), and a fresh optimizer sees only the new ranks. The task loop, the accuracy matrix
-and its scores are `ContinualMethod`'s.
+Task 0 trains the first `lora.r` ranks; before each later task `add_mora_task` appends
+`ranks_per_task` new ranks to every MoRA layer and freezes all earlier ones (they get no gradient
+and stay bit-identical), and the fresh optimizer of the new task sees only the new ranks. The
+task loop, the accuracy matrix and its scores are `ContinualMethod`'s; where the adapters go
+(`lora.targets`, `lora.layers`) and the freeze plan are `LoRATuning`'s.
 
 Besides the LM loss, the method logs the average number of active ranks per real token
 (`train/active_ranks`, `val/active_ranks`), which the activation budget and pruning bound.
@@ -17,6 +18,7 @@ Besides the LM loss, the method logs the average number of active ranks per real
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,30 +27,40 @@ from torchmetrics import MeanMetric
 from ..layers import MoRALinear
 from ..models import AdapterConfig, add_mora_task
 from .base import StepOutput
-from .continual import ATTENTION_AND_MLP, ContinualMethod
+from .continual import ContinualMethod
+
+
+@dataclass
+class MoRAOptions:
+    """Self-activation and growth of the rank-1 experts (the paper publishes no values: README, MoRA)."""
+
+    temperature: float = 0.5  # softmax temperature over the normalised activations s (each in [-1, 1])
+    top_k: int | None = 8  # activation budget: ranks kept per token; None = all
+    threshold: float | None = None  # pruning: drop ranks with s_i below it; None = no pruning
+    ranks_per_task: int | None = None  # ranks added before each later task; None = lora.r
 
 
 class MoRAContinual(ContinualMethod):
-    # the defaults of the shipped experiment (README, MoRA: why these values)
-    default_adapter = AdapterConfig(kind="mora", targets=ATTENTION_AND_MLP, r=8, alpha=16.0,
-                                    temperature=0.5, top_k=8, threshold=None)
-
-    def __init__(self, ranks_per_task: int | None = None, **kwargs: Any):
+    def __init__(self, mora: MoRAOptions | None = None, **kwargs: Any):
         """
         Args:
-            ranks_per_task: rank-1 experts added for each task after the first (None: `adapter.r`).
-            **kwargs: ContinualMethod's (`adapter`: kind mora, targets, layers, r (ranks of task 0),
-                alpha, temperature, top_k (activation budget), threshold (pruning δ), ...).
+            mora: temperature, activation budget (top_k), pruning threshold, ranks added per task.
+            **kwargs: ContinualMethod's (`lora`: r = ranks of task 0, alpha, dropout, targets,
+                layers) and MultimodalMethod's (backbone, optimizer, ...).
         """
+        self.mora = mora or MoRAOptions()
         super().__init__(**kwargs)
-        if self.adapter.kind != "mora":
-            raise ValueError(f"MoRAContinual needs adapter kind 'mora', got {self.adapter.kind!r}")
-        self.ranks_per_task = ranks_per_task or self.adapter.r
+        self.ranks_per_task = self.mora.ranks_per_task or self.lora.r
         self.mora_layers = [m for m in self.model.modules() if isinstance(m, MoRALinear)]
         self.active_ranks = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})  # training logs per step
 
+    def adapter_rules(self) -> list[AdapterConfig]:
+        o, m = self.lora, self.mora
+        return [AdapterConfig(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
+                              dropout=o.dropout, temperature=m.temperature, top_k=m.top_k, threshold=m.threshold)]
+
     def start_task(self, task: int) -> None:
-        # task 0 trains the ranks made by the surgery; a later task (or a resumed run) adds its own
+        # task 0 trains the ranks the surgery made; each later task adds its own (earlier ones freeze)
         while len(self.mora_layers[0].lora_A) < task + 1:
             add_mora_task(self.model, self.ranks_per_task)
 
