@@ -15,6 +15,9 @@ from tests.conftest import ROOT
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
 STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
           "configs/moe_llava/stage3_moe.yaml"]
+# the continual run starts from the pre-training's output: chained below
+MORA = ["configs/mora/pretrain.yaml", "configs/mora/continual.yaml"]
+CHAINED = STAGES + MORA
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
@@ -46,10 +49,10 @@ def fit(config: str | list[str], *extra: str):
 
 
 def test_configs_are_shipped():
-    assert "configs/quickstart.yaml" in CONFIGS and set(STAGES) <= set(CONFIGS)
+    assert "configs/quickstart.yaml" in CONFIGS and set(CHAINED) <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in STAGES])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in CHAINED])
 def test_shipped_config_runs_a_few_steps(workdir, config):
     cli = fit(config)
     assert cli.trainer.global_step == 2
@@ -62,6 +65,25 @@ def test_moe_llava_stages_chain_through_their_outputs(workdir):
     assert (workdir / "runs/moe_llava/stage1/model/model.safetensors").is_file()
     assert (workdir / "runs/moe_llava/stage2/model/model.safetensors").is_file()
     assert cli.model.stage == "moe" and cli.model.model.surgery[0]["op"] == "upcycle"
+
+
+def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(MORA[0])
+    assert (workdir / "runs/mora/pretrain/model/model.safetensors").is_file()
+    # one step per task, every task evaluated after each task (epoch = task)
+    cli = fit(MORA[1], "--trainer.max_steps=-1", "--trainer.val_check_interval=1.0", "--trainer.log_every_n_steps=1",
+              "--data.init_args.steps_per_task=1")
+    tasks = cli.datamodule.task_names
+    assert cli.trainer.global_step == len(tasks) == 3
+    assert cli.model.accuracy.matrix().shape == (3, 3)
+    assert [len(m.lora_A) for m in cli.model.mora_layers[:1]] == [3]  # ranks added for tasks 1 and 2
+    events = EventAccumulator(str(cli.trainer.logger.log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "continual/accuracy_matrix" in events.Tags()["images"]
+    assert {f"continual/acc/{t}" for t in tasks} | {"continual/last", "continual/bwt"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("continual/accuracy_matrix")] == [0, 1, 2]
 
 
 def test_user_subclass_runs_through_the_model_flag(workdir):
