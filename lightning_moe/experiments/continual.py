@@ -73,6 +73,8 @@ class MethodResult:
     adapter_params_per_task: int  # adapter parameters trained on one task
     active_ranks_per_token: float  # average over real tokens and adapted layers, last evaluation
     seconds: float
+    # MoRA: evaluated task -> active ranks per token from each training task's rank block (last evaluation)
+    rank_usage: dict[str, list[float]] | None = None
 
 
 @contextmanager
@@ -99,9 +101,10 @@ def run_method(method: str, quick: bool) -> MethodResult:
         ranks = float(cli.trainer.callback_metrics["val/active_ranks"])
     else:  # plain LoRA: every rank of the one adapter in use is active for every token
         ranks = float(model.lora.r)
+    usage = {task: u.tolist() for task, u in model.rank_usage.items()} if hasattr(model, "rank_usage") else None
     return MethodResult(method, list(model.task_names), matrix.tolist(), **scores.as_dict(),
                         adapter_params_total=counts["total"], adapter_params_per_task=counts["per_task"],
-                        active_ranks_per_token=ranks, seconds=round(time.time() - start, 1))
+                        active_ranks_per_token=ranks, seconds=round(time.time() - start, 1), rank_usage=usage)
 
 
 def _fmt(value: float) -> str:
@@ -128,6 +131,13 @@ def results_markdown(results: list[MethodResult], pretrain_seconds: float, quick
                   "|---" * (len(r.tasks) + 1) + "|"]
         lines += [f"| {r.tasks[i]} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(r.accuracy)]
         lines.append("")
+        if r.rank_usage:
+            lines += [f"{r.method}: active ranks per token on each task's test data, by the task that trained them "
+                      "(after the last task; mean over layers)", "",
+                      "| evaluated \\ ranks of | " + " | ".join(r.tasks) + " |", "|---" * (len(r.tasks) + 1) + "|"]
+            lines += [f"| {t} | " + " | ".join(f"{v:.2f}" for v in r.rank_usage[t]) + " |" for t in r.tasks
+                      if t in r.rank_usage]
+            lines.append("")
     return "\n".join(lines)
 
 

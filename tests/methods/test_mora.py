@@ -68,7 +68,7 @@ class WatchTaskZero(L.Callback):
 
 
 def test_earlier_task_ranks_get_no_gradient_and_stay_bit_identical(shapes, tmp_path):
-    method = make(MoRAContinual, mora=MoRAOptions(temperature=0.5, top_k=4, ranks_per_task=3))
+    method = make(MoRAContinual, mora=MoRAOptions(temperature=0.5, top_k=4, threshold=None, ranks_per_task=3))
     watch = WatchTaskZero()
     fit(method, shapes, tmp_path, [watch])
     assert watch.trained_in_task0 and watch.backward_checks == 3
@@ -80,6 +80,9 @@ def test_earlier_task_ranks_get_no_gradient_and_stay_bit_identical(shapes, tmp_p
     assert not any(p.requires_grad for n, p in method.model.named_parameters() if ".lora_" not in n)
     # the accuracy matrix has one row per task, every task evaluated after each task
     assert method.accuracy.matrix().shape == (2, 2)
+    # every evaluated task's active ranks are attributed to the two tasks' blocks, within the budget
+    assert set(method.rank_usage) == set(TASKS)
+    assert all(u.shape == (2,) and 0 < float(u.sum()) <= 4 for u in method.rank_usage.values())
     counts = method.adapter_parameter_counts()
     assert counts["ranks"] == 7 and counts["total"] == counts["per_task"] * 7 // 3
 
