@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -79,12 +80,15 @@ class MethodResult:
 
 @contextmanager
 def working_directory(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
+    """Run inside `path`; also hide this script's own argv from LightningCLI, which reads both."""
+    previous, argv = Path.cwd(), sys.argv
     os.chdir(path)
+    sys.argv = argv[:1]
     try:
         yield
     finally:
         os.chdir(previous)
+        sys.argv = argv
 
 
 def run_method(method: str, quick: bool) -> MethodResult:

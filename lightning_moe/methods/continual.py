@@ -61,16 +61,16 @@ class ContinualMethod(LoRATuning):
     def end_eval(self) -> None:
         """Called after an evaluation pass, to undo what `use_task_for_eval` changed."""
 
+    def adapter_names(self) -> list[str]:
+        """Names of the adapter parameters (trainable or frozen by a finished task)."""
+        return [n for n, _ in self.model.named_parameters() if ".lora_" in n]
+
     def adapter_parameter_counts(self) -> dict[str, int]:
         """`total`: adapter parameters the method holds now; `per_task`: those trained on one task."""
         total = sum(self.model.get_parameter(n).numel() for n in self.adapter_names())
         return {"total": total, "per_task": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
     # ------------------------------------------------------------------ the task loop
-    def adapter_names(self) -> list[str]:
-        """Names of the adapter parameters (trainable or frozen by a finished task)."""
-        return [n for n, _ in self.model.named_parameters() if ".lora_" in n]
-
     def _continual_data(self):
         data = self.trainer.datamodule
         if data is None or not hasattr(data, "task_names"):
