@@ -91,9 +91,10 @@ def working_directory(path: Path) -> Iterator[None]:
         sys.argv = argv
 
 
-def run_method(method: str, quick: bool) -> MethodResult:
+def run_method(method: str, quick: bool, seed: int = 0) -> MethodResult:
     start = time.time()
-    args = ["fit", "--config", str(CONTINUAL), *COMMON, *METHODS[method], f"--trainer.logger.init_args.name={method}"]
+    args = ["fit", "--config", str(CONTINUAL), *COMMON, *METHODS[method], f"--trainer.logger.init_args.name={method}",
+            f"--seed_everything={seed}"]
     cli = cli_main(args + (QUICK_CONTINUAL if quick else []))
     model = cli.model
     matrix = model.accuracy.matrix()
@@ -115,9 +116,9 @@ def _fmt(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.3f}"
 
 
-def results_markdown(results: list[MethodResult], pretrain_seconds: float, quick: bool) -> str:
+def results_markdown(results: list[MethodResult], pretrain_seconds: float, quick: bool, seed: int = 0) -> str:
     lines = [
-        f"# Continual instruction tuning: MoRA vs plain LoRA{' (--quick smoke run)' if quick else ''}",
+        f"# Continual instruction tuning: MoRA vs plain LoRA{' (--quick smoke run)' if quick else ''}, seed {seed}",
         "",
         f"Task sequence: {' -> '.join(results[0].tasks)}. Accuracy = exact match of greedy answers on each task's "
         "test split. BWT < 0 and forgetting > 0 mean forgetting.",
@@ -145,19 +146,21 @@ def results_markdown(results: list[MethodResult], pretrain_seconds: float, quick
     return "\n".join(lines)
 
 
-def run(out: str | Path, quick: bool = False, methods: list[str] | None = None) -> list[MethodResult]:
+def run(out: str | Path, quick: bool = False, methods: list[str] | None = None, seed: int = 0) -> list[MethodResult]:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     methods = methods or list(METHODS)
     with working_directory(out):
         start = time.time()
-        cli_main(["fit", "--config", str(PRETRAIN), *COMMON, *(QUICK_PRETRAIN if quick else [])])
+        cli_main(["fit", "--config", str(PRETRAIN), *COMMON, f"--seed_everything={seed}",
+                  *(QUICK_PRETRAIN if quick else [])])
         pretrain_seconds = time.time() - start
-        results = [run_method(m, quick) for m in methods]
+        results = [run_method(m, quick, seed) for m in methods]
     (out / "results.json").write_text(json.dumps(
-        {"quick": quick, "pretrain_seconds": round(pretrain_seconds, 1), "methods": [asdict(r) for r in results]},
+        {"quick": quick, "seed": seed, "pretrain_seconds": round(pretrain_seconds, 1),
+         "methods": [asdict(r) for r in results]},
         indent=2))
-    (out / "results.md").write_text(results_markdown(results, pretrain_seconds, quick))
+    (out / "results.md").write_text(results_markdown(results, pretrain_seconds, quick, seed))
     return results
 
 
@@ -166,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory (results, TensorBoard logs, the base model)")
     parser.add_argument("--quick", action="store_true", help="smoke version: a few steps and samples")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pre-training and of every run")
     args = parser.parse_args(argv)
-    run(args.out, args.quick, args.methods)
+    run(args.out, args.quick, args.methods, args.seed)
     print((Path(args.out) / "results.md").read_text())
 
 

@@ -74,7 +74,8 @@ class ContinualMethod(LoRATuning):
     def _continual_data(self):
         data = self.trainer.datamodule
         if data is None or not hasattr(data, "task_names"):
-            raise ValueError(f"{type(self).__name__} needs a ContinualDataModule (a task sequence), got {type(data).__name__}")
+            raise ValueError(f"{type(self).__name__} needs a ContinualDataModule (a task sequence), "
+                             f"got {type(data).__name__}")
         return data
 
     def on_fit_start(self) -> None:
