@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
 STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
           "configs/moe_llava/stage3_moe.yaml"]
+MOLE = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.yaml"]  # base first, then adapters
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
@@ -49,7 +50,7 @@ def test_configs_are_shipped():
     assert "configs/quickstart.yaml" in CONFIGS and set(STAGES) <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in STAGES])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in STAGES + MOLE])
 def test_shipped_config_runs_a_few_steps(workdir, config):
     cli = fit(config)
     assert cli.trainer.global_step == 2
@@ -62,6 +63,23 @@ def test_moe_llava_stages_chain_through_their_outputs(workdir):
     assert (workdir / "runs/moe_llava/stage1/model/model.safetensors").is_file()
     assert (workdir / "runs/moe_llava/stage2/model/model.safetensors").is_file()
     assert cli.model.stage == "moe" and cli.model.model.surgery[0]["op"] == "upcycle"
+
+
+def test_mole_configs_chain_from_the_base_and_log_routing(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for config in MOLE:
+        cli = fit(config, "--trainer.log_every_n_steps=1")
+        assert cli.trainer.global_step == 2
+    assert (workdir / "runs/mole/base/model/model.safetensors").is_file()
+    for run in ("lora", "mole"):
+        assert (workdir / f"runs/mole/{run}/adapters/adapter_model.safetensors").is_file()
+    assert type(cli.model).__name__ == "MoLE" and cli.model._routed
+    events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert "routing/layer0/expert_load" in events.Tags()["histograms"]
+    assert "routing/layer1/val_domain_expert_heatmap" in events.Tags()["images"]
+    assert "train/step_time_ms" in events.Tags()["scalars"]
 
 
 def test_user_subclass_runs_through_the_model_flag(workdir):
