@@ -17,7 +17,8 @@ STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instr
           "configs/moe_llava/stage3_moe.yaml"]
 # the continual run starts from the pre-training's output: chained below
 MORA = ["configs/mora/pretrain.yaml", "configs/mora/continual.yaml"]
-CHAINED = STAGES + MORA
+MOLE = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.yaml"]  # base first, then adapters
+CHAINED = STAGES + MORA + MOLE  # each chain has its own test; the rest run one by one
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
@@ -84,6 +85,23 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
     assert "continual/accuracy_matrix" in events.Tags()["images"]
     assert {f"continual/acc/{t}" for t in tasks} | {"continual/last", "continual/bwt"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Images("continual/accuracy_matrix")] == [0, 1, 2]
+
+
+def test_mole_configs_chain_from_the_base_and_log_routing(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for config in MOLE:
+        cli = fit(config, "--trainer.log_every_n_steps=1")
+        assert cli.trainer.global_step == 2
+    assert (workdir / "runs/mole/base/model/model.safetensors").is_file()
+    for run in ("lora", "mole"):
+        assert (workdir / f"runs/mole/{run}/adapters/adapter_model.safetensors").is_file()
+    assert type(cli.model).__name__ == "MoLE" and cli.model._routed
+    events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert "routing/layer0/expert_load" in events.Tags()["histograms"]
+    assert "routing/layer1/val_domain_expert_heatmap" in events.Tags()["images"]
+    assert "train/step_time_ms" in events.Tags()["scalars"]
 
 
 def test_user_subclass_runs_through_the_model_flag(workdir):

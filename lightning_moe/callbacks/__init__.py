@@ -1,9 +1,10 @@
 """Lightning callbacks: routing statistics and the continual accuracy matrix for TensorBoard, stage export,
-metric summary."""
+metric summary, step time."""
 
 from .continual import AccuracyMatrixImage
 from .export import SaveAdapters, SavePretrained
 from .routing import RoutingStatistics
 from .summary import MetricsSummary
+from .timing import StepTimer
 
-__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary"]
+__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary", "StepTimer"]
