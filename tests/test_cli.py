@@ -18,6 +18,10 @@ STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instr
 # LLaVA-MoD: the teacher, then the student's stages, each reading the previous outputs
 MOD_STAGES = ["configs/mod/teacher.yaml", "configs/mod/mimic_dense.yaml", "configs/mod/mimic_sparse.yaml",
               "configs/mod/preference.yaml"]
+# the continual run starts from the pre-training's output: chained below
+MORA = ["configs/mora/pretrain.yaml", "configs/mora/continual.yaml"]
+MOLE = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.yaml"]  # base first, then adapters
+CHAINED = STAGES + MOD_STAGES + MORA + MOLE  # each chain has its own test; the rest run one by one
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
@@ -49,10 +53,10 @@ def fit(config: str | list[str], *extra: str):
 
 
 def test_configs_are_shipped():
-    assert "configs/quickstart.yaml" in CONFIGS and set(STAGES) <= set(CONFIGS) and set(MOD_STAGES) <= set(CONFIGS)
+    assert "configs/quickstart.yaml" in CONFIGS and set(CHAINED) <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in STAGES + MOD_STAGES])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in CHAINED])
 def test_shipped_config_runs_a_few_steps(workdir, config):
     cli = fit(config)
     assert cli.trainer.global_step == 2
@@ -76,6 +80,42 @@ def test_mod_stages_chain_through_their_outputs(workdir):
     assert cli.model.stage == "preference" and cli.model.model.surgery[0]["op"] == "upcycle"
     assert not any(k.startswith("teacher.") for k in torch.load(next((workdir / "runs/mod/preference").rglob("*.ckpt")),
                                                                  weights_only=False)["state_dict"])
+
+
+def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(MORA[0])
+    assert (workdir / "runs/mora/pretrain/model/model.safetensors").is_file()
+    # one step per task, every task evaluated after each task (epoch = task)
+    cli = fit(MORA[1], "--trainer.max_steps=-1", "--trainer.val_check_interval=1.0", "--trainer.log_every_n_steps=1",
+              "--data.init_args.steps_per_task=1")
+    tasks = cli.datamodule.task_names
+    assert cli.trainer.global_step == len(tasks) == 3
+    assert cli.model.accuracy.matrix().shape == (3, 3)
+    assert [len(m.lora_A) for m in cli.model.mora_layers[:1]] == [3]  # ranks added for tasks 1 and 2
+    events = EventAccumulator(str(cli.trainer.logger.log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "continual/accuracy_matrix" in events.Tags()["images"]
+    assert {f"continual/acc/{t}" for t in tasks} | {"continual/last", "continual/bwt"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("continual/accuracy_matrix")] == [0, 1, 2]
+
+
+def test_mole_configs_chain_from_the_base_and_log_routing(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for config in MOLE:
+        cli = fit(config, "--trainer.log_every_n_steps=1")
+        assert cli.trainer.global_step == 2
+    assert (workdir / "runs/mole/base/model/model.safetensors").is_file()
+    for run in ("lora", "mole"):
+        assert (workdir / f"runs/mole/{run}/adapters/adapter_model.safetensors").is_file()
+    assert type(cli.model).__name__ == "MoLE" and cli.model._routed
+    events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert "routing/layer0/expert_load" in events.Tags()["histograms"]
+    assert "routing/layer1/val_domain_expert_heatmap" in events.Tags()["images"]
+    assert "train/step_time_ms" in events.Tags()["scalars"]
 
 
 def test_user_subclass_runs_through_the_model_flag(workdir):

@@ -1,8 +1,12 @@
-"""Lightning callbacks: routing statistics for TensorBoard, stage export, metric summary, step time and memory."""
+"""Lightning callbacks: routing statistics and the continual accuracy matrix for TensorBoard, stage export,
+metric summary, step time and memory."""
 
-from .export import SavePretrained
+from .continual import AccuracyMatrixImage
+from .export import SaveAdapters, SavePretrained
 from .profile import StageProfile
 from .routing import RoutingStatistics
 from .summary import MetricsSummary
+from .timing import StepTimer
 
-__all__ = ["SavePretrained", "RoutingStatistics", "MetricsSummary", "StageProfile"]
+__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary", "StepTimer",
+           "StageProfile"]

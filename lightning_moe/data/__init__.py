@@ -5,6 +5,7 @@ models is the tokenizer and the placeholder tokens of `lightning_moe.tokens`.
 """
 
 from lightning_moe.data.conversation import ChatTemplateError, ConversationTokenizer, TokenizedConversation
+from lightning_moe.data.continual import ContinualDataModule, TaskSpec
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
 from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
 from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
@@ -14,6 +15,7 @@ from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_
 __all__ = [
     "BadRecordError",
     "ChatTemplateError",
+    "ContinualDataModule",
     "ConversationTokenizer",
     "DataReport",
     "DEFAULT_TOKENIZER",
@@ -24,6 +26,7 @@ __all__ = [
     "Message",
     "NormalizeImage",
     "SAMPLING_MODES",
+    "TaskSpec",
     "TokenizedConversation",
     "collate_batch",
     "load_tokenizer",

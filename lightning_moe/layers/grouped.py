@@ -41,9 +41,12 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _aligned(t: Tensor) -> bool:
-    # the CPU/CUDA kernels require 16-byte aligned base pointers and strides
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
+    # the CPU/CUDA kernels require 16-byte aligned base pointers and strides, except the innermost
+    # (unit-stride) dimension's; size-1 dimensions count too (a rank-1 LoRA's (S, 1) activations
+    # have a 4-byte row stride, which the kernel rejects)
+    size, strides = t.element_size(), t.stride()
+    innermost = max(i for i, s in enumerate(strides) if s == min(strides))
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for i, s in enumerate(strides) if i != innermost)
 
 
 def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:

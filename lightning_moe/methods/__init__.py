@@ -2,7 +2,11 @@
 
 from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, StepOutput, load_backbone
 from .distill import MimicConfig, MoDDistillation, PreferenceConfig
+from .continual import ContinualLoRA, ContinualMethod
 from .moe_tuning import MoETuning
+from .mole import ExpertOptions, LoRAOptions, LoRATuning, MoLE
+from .mora import MoRAContinual, MoRAOptions
 
-__all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "StepOutput", "load_backbone", "MoETuning", "MoDDistillation",
-           "MimicConfig", "PreferenceConfig"]
+__all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "StepOutput", "load_backbone", "MoETuning",
+           "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "ContinualMethod", "ContinualLoRA", "MoRAContinual",
+           "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig"]

@@ -54,6 +54,7 @@ class AuxLossConfig:
     form: str = "gshard"  # gshard (MoE-LLaVA, balanced = 1 per layer) | switch (Mixtral, balanced = top_k) | mole
     coef: float = 0.01
     z_coef: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
+    layers: str = "sum"  # sum of per-layer losses | mean | concat (pooled over layers: the LLaVA-MoLE reference)
 
 
 @dataclass
@@ -163,7 +164,7 @@ class MultimodalMethod(L.LightningModule):
         loss: Any = 0.0
         if routing:
             mask = attention_mask.reshape(-1).bool()
-            logs["aux_loss"] = load_balancing_loss(routing, mask, form=self.aux.form)
+            logs["aux_loss"] = load_balancing_loss(routing, mask, form=self.aux.form, layers=self.aux.layers)
             loss = self.aux.coef * logs["aux_loss"]
             if self.aux.z_coef:
                 logs["z_loss"] = router_z_loss(routing, mask)

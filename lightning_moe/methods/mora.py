@@ -1,0 +1,136 @@
+"""MoRA: continual instruction tuning with self-activated sparse rank-1 experts (METHODS.md, MoRA).
+
+Every chosen projection (attention and MLP by default) gets a `MoRALinear`: a LoRA update read as
+rank-1 experts, each token weighting them by its own normalised activations (no router):
+
+    z_i = A_i x,  s = z / ||z||,  w = softmax(s / temperature),  keep the top_k largest w and those
+    with s_i >= threshold,   out = base(x) + alpha / r * sum_i w_i B_i z_i
+
+Task 0 trains the first `lora.r` ranks; before each later task `add_mora_task` appends
+`ranks_per_task` new ranks to every MoRA layer and freezes all earlier ones (they get no gradient
+and stay bit-identical), and the fresh optimizer of the new task sees only the new ranks. The
+task loop, the accuracy matrix and its scores are `ContinualMethod`'s; where the adapters go
+(`lora.targets`, `lora.layers`) and the freeze plan are `LoRATuning`'s.
+
+Besides the LM loss, the method logs the average number of active ranks per real token
+(`train/active_ranks`, `val/active_ranks`), which the activation budget and pruning bound, and
+keeps `rank_usage`: for each evaluated task, how many of a token's active ranks belong to each
+training task's block (the last evaluation). It shows whether old tasks' tokens still select their
+own ranks or the newest ones (the mechanism behind forgetting, or its absence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from ..layers import MoRALinear
+from ..models import AdapterConfig, add_mora_task
+from .base import StepOutput
+from .continual import ContinualMethod
+
+
+@dataclass
+class MoRAOptions:
+    """Self-activation and growth of the rank-1 experts (the paper publishes no values: README, MoRA)."""
+
+    temperature: float = 0.1  # softmax temperature over the normalised activations s (each in [-1, 1])
+    top_k: int | None = 8  # activation budget: ranks kept per token; None = all
+    threshold: float | None = 0.3  # pruning: drop ranks with s_i below it; None = no pruning
+    ranks_per_task: int | None = None  # ranks added before each later task; None = lora.r
+
+
+class MoRAContinual(ContinualMethod):
+    def __init__(self, mora: MoRAOptions | None = None, **kwargs: Any):
+        """
+        Args:
+            mora: temperature, activation budget (top_k), pruning threshold, ranks added per task.
+            **kwargs: ContinualMethod's (`lora`: r = ranks of task 0, alpha, dropout, targets,
+                layers) and MultimodalMethod's (backbone, optimizer, ...).
+        """
+        self.mora = mora or MoRAOptions()
+        super().__init__(**kwargs)
+        self.ranks_per_task = self.mora.ranks_per_task or self.lora.r
+        self.mora_layers = [m for m in self.model.modules() if isinstance(m, MoRALinear)]
+        self.active_ranks = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})  # training logs per step
+        self.rank_usage: dict[str, torch.Tensor] = {}  # evaluated task -> (tasks trained,) active ranks per block
+        self._usage: dict[str, list[torch.Tensor]] = {}  # this pass: task -> [(sum per block, tokens)]
+        self._record_inputs = False
+        for layer in self.mora_layers:  # evaluation only: the layer input, to attribute active ranks to tasks
+            layer.register_forward_hook(self._remember_input)
+
+    def _remember_input(self, layer: MoRALinear, args: tuple, output: torch.Tensor) -> None:
+        if self._record_inputs:
+            layer.recorded_input = args[0].detach()
+
+    def adapter_rules(self) -> list[AdapterConfig]:
+        o, m = self.lora, self.mora
+        return [AdapterConfig(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
+                              dropout=o.dropout, temperature=m.temperature, top_k=m.top_k, threshold=m.threshold)]
+
+    def start_task(self, task: int) -> None:
+        # task 0 trains the ranks the surgery made; each later task adds its own (earlier ones freeze)
+        while len(self.mora_layers[0].lora_A) < task + 1:
+            add_mora_task(self.model, self.ranks_per_task)
+
+    def mean_active_ranks(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """Active ranks per real token, averaged over tokens and MoRA layers, of the last forward pass."""
+        mask = token_mask.bool()  # (B, T')
+        per_layer = [layer.last_active_ranks[mask].float().mean() for layer in self.mora_layers]
+        return torch.stack(per_layer).mean()
+
+    def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
+        step = super().compute_loss(batch)
+        step.logs["active_ranks"] = self.mean_active_ranks(step.token_mask)
+        self._forward_active_ranks = step.logs["active_ranks"]
+        if self._record_inputs:  # evaluation: attribute the active ranks to the tasks that trained them
+            self._forward_usage = self.rank_usage_sum(step.token_mask)
+            self._record_inputs = False  # generation, which follows, runs the layers again
+        return step
+
+    @torch.no_grad()
+    def rank_usage_sum(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """(tasks,) active ranks of each task's block, summed over real tokens, averaged over layers,
+        of the last recorded forward pass."""
+        mask = token_mask.bool()  # (B, T')
+        per_layer = []
+        for layer in self.mora_layers:
+            a = torch.cat(list(layer.lora_A))  # (R, in)
+            kept_count = layer.last_active_ranks
+            keep = layer.rank_weights(F.linear(layer.recorded_input[mask].to(a.dtype), a)) > 0  # (tokens, R)
+            layer.last_active_ranks = kept_count  # rank_weights overwrote it with this subset's
+            sizes = [t.shape[0] for t in layer.lora_A]
+            per_layer.append(torch.stack([block.sum() for block in keep.split(sizes, dim=-1)]).float())
+        return torch.stack(per_layer).mean(0)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        self._record_inputs = True
+        try:
+            step_out = super()._eval_step(batch, stage)
+        finally:
+            self._record_inputs = False
+        # the teacher-forced pass's ranks (generation ran after it and overwrote last_active_ranks)
+        self.active_ranks[stage].update(self._forward_active_ranks, weight=step_out["token_mask"].sum())
+        if stage == "val":
+            self._usage.setdefault(batch["domain"][0], []).append((self._forward_usage, step_out["token_mask"].sum()))
+        return step_out
+
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        if stage == "val" and self._usage:
+            self.rank_usage = {task: sum(u for u, _ in parts) / sum(n for _, n in parts).clamp(min=1)
+                               for task, parts in self._usage.items()}
+            self._usage = {}
+        super()._log_eval_epoch(stage)
+        if self.active_ranks[stage].update_count:
+            self.log(f"{stage}/active_ranks", self.active_ranks[stage].compute())
+        self.active_ranks[stage].reset()
+
+    def adapter_parameter_counts(self) -> dict[str, int]:
+        counts = super().adapter_parameter_counts()
+        counts["ranks"] = self.mora_layers[0].r  # ranks per layer now (all tasks)
+        return counts

@@ -1,0 +1,55 @@
+"""Continual-learning scores on a hand-written accuracy matrix (values worked out by hand below)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_moe.metrics import AccuracyMatrix, continual_scores
+
+# acc[i, j]: accuracy on task j after training task i (3 tasks)
+ACC = torch.tensor([
+    [0.90, 0.30, 0.20],
+    [0.60, 0.80, 0.40],
+    [0.50, 0.70, 0.95],
+])
+
+
+def test_scores_of_a_hand_written_matrix():
+    s = continual_scores(ACC)
+    assert s.last == pytest.approx((0.50 + 0.70 + 0.95) / 3)
+    assert s.avg == pytest.approx((0.90 + 0.30 + 0.20 + 0.60 + 0.80 + 0.40 + 0.50 + 0.70 + 0.95) / 9)
+    assert s.transfer == pytest.approx((0.30 + 0.20 + 0.40) / 3)  # strict upper triangle
+    assert s.bwt == pytest.approx(((0.50 - 0.90) + (0.70 - 0.80)) / 2)  # = -0.25
+    assert s.forgetting == pytest.approx(((0.90 - 0.50) + (0.80 - 0.70)) / 2)  # max over earlier rows
+    # forgetting measures from the best earlier value, BWT from the value right after training
+    s2 = continual_scores(torch.tensor([[0.5, 0.0], [0.9, 0.9]]))
+    assert s2.bwt == pytest.approx(0.4) and s2.forgetting == pytest.approx(-0.4)
+
+
+def test_partial_matrix_scores_use_only_the_rows_filled_so_far():
+    metric = AccuracyMatrix(num_tasks=3)
+    metric.update(0, ACC[0])
+    first = metric.compute()
+    assert first["last"].item() == pytest.approx(0.90 / 3 + 0.30 / 3 + 0.20 / 3)
+    assert math.isnan(first["bwt"].item())
+    metric.update(1, ACC[1])
+    second = metric.compute()
+    assert second["bwt"].item() == pytest.approx(0.60 - 0.90)
+    assert second["transfer"].item() == pytest.approx((0.30 + 0.20 + 0.40) / 3)
+    metric.update(2, ACC[2])
+    assert torch.equal(metric.matrix(), ACC)
+    assert metric.compute()["bwt"].item() == pytest.approx(-0.25)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="one accuracy per task"):
+        AccuracyMatrix(3).update(0, torch.ones(2))
+    with pytest.raises(ValueError, match="out of range"):
+        AccuracyMatrix(3).update(3, torch.ones(3))
+    with pytest.raises(ValueError, match="no row"):
+        AccuracyMatrix(3).compute()
+    with pytest.raises(ValueError, match="missing entries"):
+        continual_scores(torch.tensor([[0.5, float("nan")]]))
