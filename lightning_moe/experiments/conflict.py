@@ -41,6 +41,8 @@ from ..paths import resolve_data_path
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mole"
 # A drop of 5 points on 200 test samples is about two standard errors of an accuracy near 80%.
 CONFLICT_MARGIN = 0.05
+# what the base trains on (configs/mole/base.yaml): the white-image domains, none of the position pair
+BASE_DOMAINS = ("count", "colour", "pope")
 
 
 @dataclass
@@ -57,10 +59,11 @@ class Plan:
     lr: float = 2e-3
     batch_size: int = 64
     eval_samples: int = 200  # test samples per domain (the whole shipped test split)
-    seed: int = 0
+    seed: int = 0  # of every adapter run (initialisation, sampling order, dropout)
+    base_seed: int = 0  # of the base model's training
 
     def base_signature(self) -> dict[str, Any]:
-        return {"base_steps": self.base_steps, "batch_size": self.batch_size, "seed": self.seed}
+        return {"base_steps": self.base_steps, "batch_size": self.batch_size, "seed": self.base_seed}
 
 
 # the smoke test: only the conflicting pair, a few steps on a few samples
@@ -79,21 +82,21 @@ class RunResult:
     seconds: float
 
 
-def _data_config(plan: Plan, train_domains: list[str]) -> dict[str, Any]:
+def _data_config(plan: Plan, train_domains: list[str], seed: int) -> dict[str, Any]:
     """Train on `train_domains`, test on every domain of the plan (no validation during training)."""
     domains = {d: {"train": f"{d}/train.jsonl" if d in train_domains else None,
                    "test": f"{d}/test.jsonl" if d in plan.domains else None}
                for d in [*plan.domains, *(d for d in train_domains if d not in plan.domains)]}
     return {"class_path": "lightning_moe.data.DomainMixtureDataModule",
             "init_args": {"domains": domains, "batch_size": plan.batch_size, "eval_batch_size": 200,
-                          "max_eval_samples_per_domain": plan.eval_samples, "seed": plan.seed}}
+                          "max_eval_samples_per_domain": plan.eval_samples, "seed": seed}}
 
 
 def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], steps: int,
-                callbacks: list[dict[str, Any]], model: dict[str, Any]) -> Path:
+                callbacks: list[dict[str, Any]], model: dict[str, Any], seed: int) -> Path:
     """The per-run overrides on top of a shipped config, written where a reader can rerun them."""
     config = {
-        "seed_everything": plan.seed,
+        "seed_everything": seed,
         "trainer": {
             "max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
             "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
@@ -102,7 +105,7 @@ def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], step
             "callbacks": [{"class_path": "lightning_moe.callbacks.StepTimer"}, *callbacks],
         },
         "model": {"init_args": model},
-        "data": _data_config(plan, train_domains),
+        "data": _data_config(plan, train_domains, seed),
     }
     path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,18 +134,17 @@ def train_base(plan: Plan, base: Path, out: Path) -> tuple[Path, RunResult | Non
     model_dir, signature_file = base / "model", base / "plan.json"
     if (model_dir / "multimodal_config.json").is_file() and signature_file.is_file():
         if json.loads(signature_file.read_text()) == plan.base_signature():
-            results = base / "result.json"
-            return model_dir, RunResult(**json.loads(results.read_text())) if results.is_file() else None
+            saved = base / "result.json"
+            result = RunResult(**json.loads(saved.read_text())) if saved.is_file() else None
+            # the saved test row is only shown when it covers the same domains as this plan
+            return model_dir, result if result and sorted(result.accuracy) == sorted(plan.domains) else None
     callbacks = [{"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(model_dir)}}]
     # the base trains on the white-image domains only (configs/mole/base.yaml); it is tested on the plan's
-    run_config = _run_config(plan, out, "base", list(BASE_DOMAINS), plan.base_steps, callbacks, {})
+    run_config = _run_config(plan, out, "base", list(BASE_DOMAINS), plan.base_steps, callbacks, {}, plan.base_seed)
     result = _fit_and_test("base.yaml", run_config, "base", "base model (no adapters)", list(BASE_DOMAINS), plan)
     signature_file.write_text(json.dumps(plan.base_signature()))
     (base / "result.json").write_text(json.dumps(asdict(result)))
     return model_dir, result
-
-
-BASE_DOMAINS = ("count", "colour", "pope")
 
 
 def adapter_runs(plan: Plan) -> list[tuple[str, str, str, list[str], dict[str, Any]]]:
@@ -170,7 +172,7 @@ def run(out: Path, plan: Plan, base: Path | None = None) -> dict[str, Any]:
             callbacks.append({"class_path": "lightning_moe.callbacks.RoutingStatistics"})
         overrides = {**model, "backbone": {"pretrained": str(base_model)},
                      "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": plan.lr, "weight_decay": 0.0}}}
-        config = _run_config(plan, out, name, train_domains, plan.steps, callbacks, overrides)
+        config = _run_config(plan, out, name, train_domains, plan.steps, callbacks, overrides, plan.seed)
         results.append(_fit_and_test(shipped, config, name, label, train_domains, plan))
     summary = summarise(plan, results)
     summary["seconds"] = time.perf_counter() - start
@@ -238,7 +240,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "# Data conflict: plain LoRA vs MoLE",
         "",
         f"Exact-match accuracy (%) on each domain's test split ({plan['eval_samples']} samples per domain); "
-        f"{plan['steps']} training steps of batch {plan['batch_size']} per adapter run, seed {plan['seed']}, "
+        f"{plan['steps']} training steps of batch {plan['batch_size']} per adapter run, seed {plan['seed']} (base: seed {plan['base_seed']}), "
         f"lr {plan['lr']}; base model: {plan['base_steps']} dense steps on the white-image domains. "
         "Step time: median wall-clock ms of a training step (forward, backward, optimizer) after 5 warm-up steps.",
         "",
@@ -265,13 +267,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base", default=None, help="where the base model is kept and reused (default OUT/base)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of each adapter run")
     parser.add_argument("--rank", type=int, default=None, help="LoRA / MoLE expert rank")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the adapter runs (the base keeps its own)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a machine shared with other jobs, 1 avoids oversubscription)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else Plan()
-    plan = replace(plan, **{k: v for k, v in (("steps", args.steps), ("rank", args.rank)) if v is not None})
+    plan = replace(plan, **{k: v for k, v in (("steps", args.steps), ("rank", args.rank), ("seed", args.seed)) if v is not None})
     resolve_data_path("data/shapes")  # fail early, with the data layer's message, if the data is missing
     summary = run(Path(args.out), plan, Path(args.base) if args.base else None)
     print((Path(args.out) / "results.md").read_text())

@@ -201,3 +201,14 @@ def test_mole_cannot_be_merged(tokenizer):
         merge_lora(model)
     # nothing was merged half-way
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_rank_one_mole_runs_forward_and_backward(tokenizer):
+    """Rank 1 gives (tokens, 1) activations whose 4-byte strides grouped_mm rejects: the loop must take over."""
+    model = tiny(tokenizer).train()
+    add_adapters(model, [AdapterConfig(kind="mole", targets=["mlp"], r=1, alpha=2, num_experts=2)])
+    perturb_adapters(model)
+    ids, mask = inputs(tokenizer)
+    model(ids, mask).logits.sum().backward()
+    router = decoder_layers(model.llm)[0].mlp.router.proj.weight
+    assert router.grad is not None and torch.isfinite(router.grad).all()
