@@ -6,7 +6,5 @@ from .export import SaveAdapters, SavePretrained
 from .profile import StageProfile
 from .routing import RoutingStatistics
 from .summary import MetricsSummary
-from .timing import StepTimer
 
-__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary", "StepTimer",
-           "StageProfile"]
+__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary", "StageProfile"]

@@ -1,7 +1,9 @@
 """Step time and peak memory of a training run, for TensorBoard and for experiment tables.
 
 Step time is the wall time from a training batch's start to its end (forward, backward, optimizer
-step; data loading excluded), summarised by the median after a few warm-up steps. Peak memory is
+step; data loading excluded), logged per step as `train/step_time_ms` and summarised by the median
+after a few warm-up steps (the median, since on a shared machine a few steps are slowed by other
+processes). Peak memory is
 `torch.cuda.max_memory_allocated` on a GPU; on CPU it is the process's peak resident set size
 (Linux `VmHWM`, reset at the start of training through `/proc/self/clear_refs`), so it includes
 the Python process, the libraries and the data, not only tensors.
@@ -62,7 +64,9 @@ class StageProfile(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        self.step_times.append(time.perf_counter() - self._start)
+        seconds = time.perf_counter() - self._start
+        self.step_times.append(seconds)
+        pl_module.log("train/step_time_ms", 1000 * seconds, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         times = self.step_times[self.warmup_steps:] or self.step_times

@@ -34,7 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ..callbacks import StepTimer
+from ..callbacks import StageProfile
 from ..cli import main as cli_main
 from ..paths import resolve_data_path
 
@@ -102,7 +102,7 @@ def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], step
             "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(out / "tensorboard"), "name": name, "version": ""}},
-            "callbacks": [{"class_path": "lightning_moe.callbacks.StepTimer"}, *callbacks],
+            "callbacks": [{"class_path": "lightning_moe.callbacks.StageProfile", "init_args": {"warmup_steps": 5}}, *callbacks],
         },
         "model": {"init_args": model},
         "data": _data_config(plan, train_domains, seed),
@@ -120,12 +120,12 @@ def _fit_and_test(shipped: str, run_config: Path, name: str, label: str, train_d
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = cli.trainer.callback_metrics
     accuracy = {d: float(metrics[f"test/{d}/exact_match"]) for d in plan.domains}
-    timer = next(c for c in cli.trainer.callbacks if isinstance(c, StepTimer))
+    profile = next(c for c in cli.trainer.callbacks if isinstance(c, StageProfile))
     return RunResult(
         name=name, label=label, train_domains=train_domains, accuracy=accuracy,
         mean=sum(accuracy.values()) / len(accuracy),
         trainable_params=sum(p.numel() for p in cli.model.parameters() if p.requires_grad),
-        step_time_ms=timer.median_ms(), seconds=time.perf_counter() - start,
+        step_time_ms=None if profile.step_time_s is None else 1000 * profile.step_time_s, seconds=time.perf_counter() - start,
     )
 
 
