@@ -1,0 +1,310 @@
+"""Offloaded execution: non-expert weights resident, experts read from an `ExpertStore` on demand.
+
+`offload(model, store, ...)` swaps every `SparseMoE` of a resident model for an
+`OffloadedSparseMoE` that keeps the router (and everything about routing and dispatch) of
+`SparseMoE` and overrides only `expert_weights`: it asks the `ExpertOffloader` for the experts
+that received tokens and returns a stack of just those, so the layer's dispatch runs unchanged
+on a smaller expert dimension. `load_offloaded(store)` builds the model from the store alone.
+
+The offloader, per MoE layer call:
+ 1. looks up each needed expert in the `ExpertCache` (hit), else waits for a prefetch already
+    loading it (prefetch hit, late), else reads it from the store now (miss, on demand);
+ 2. with a predictor, predicts the next MoE layer's experts and queues the ones not cached on a
+    background thread, which loads them into the cache while this layer computes;
+ 3. dequantises the experts into one stacked float tensor for the layer's dispatch.
+The cache holds experts as stored (quantised experts stay packed), so a byte budget holds more
+low-bit experts. Counters (`OffloadStats`): hits, misses, prefetches issued and used, bytes read,
+seconds loading and seconds the decoding thread waited, evictions, peak expert bytes in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import SparseMoE
+from ..models import MultimodalLM
+from .cache import ExpertCache
+from .prefetch import ExpertPredictor, RoutingProfile
+from .quantize import QuantizedTensor, dequantize
+from .store import ExpertStore, ExpertTensors, StoreError, expert_layers
+
+__all__ = ["OffloadedSparseMoE", "ExpertOffloader", "OffloadStats", "offload", "load_offloaded", "resident_bytes"]
+
+Key = tuple[int, int]
+
+
+@dataclass
+class OffloadStats:
+    hits: int = 0  # needed experts found in the cache
+    misses: int = 0  # needed experts read on demand
+    prefetch_issued: int = 0  # experts queued for background loading
+    prefetch_hits: int = 0  # needed experts that a prefetch had loaded (or was loading)
+    bytes_read: int = 0  # bytes read from the store (on demand + prefetch)
+    load_seconds: float = 0.0  # time spent reading + decoding expert files, both threads
+    wait_seconds: float = 0.0  # time the decoding thread was blocked on expert loads
+    evictions: int = 0
+    peak_expert_bytes: int = 0  # peak bytes of expert weights in memory (cache + in flight + working stack)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.hits + self.misses, 1)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _tensor_bytes(t: Tensor | QuantizedTensor | None) -> int:
+    if t is None:
+        return 0
+    return t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
+
+
+class ExpertOffloader:
+    """Serves expert weights to `OffloadedSparseMoE` layers from a store through a cache.
+
+    budget_bytes: cache budget; None = no cache (every needed expert is read on demand).
+    policy: 'lru' or 'freq_distance' (cache.py). profile: routing statistics, used for the
+    frequency of `freq_distance` and, with prefetch=True, for next-layer prediction.
+    prefetch_width: experts predicted per layer (default: the layer's top_k).
+    """
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        budget_bytes: int | None = None,
+        policy: str = "lru",
+        profile: RoutingProfile | None = None,
+        prefetch: bool = False,
+        prefetch_width: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.store, self.dtype = store, dtype
+        self.num_layers = len(store.layers)
+        self.stats = OffloadStats()
+        self.cache = None
+        if budget_bytes is not None:
+            largest = store.largest_expert_bytes
+            if budget_bytes < largest:
+                raise ValueError(f"cache budget of {budget_bytes} bytes is smaller than the largest expert of "
+                                 f"{store.directory} ({largest} bytes): no expert could be cached; raise the budget "
+                                 f"to at least {largest} bytes or use no cache (budget None)")
+            frequencies = profile.frequencies() if (profile is not None and policy == "freq_distance") else None
+            self.cache = ExpertCache(budget_bytes, policy, self.num_layers, frequencies)
+        if prefetch and (profile is None or self.cache is None):
+            raise ValueError("prefetch needs a routing profile and a cache budget (it loads into the cache)")
+        self.predictor = None
+        if prefetch:
+            width = prefetch_width or store.layers[0]["top_k"]
+            self.predictor = ExpertPredictor(profile, width)
+        self._lock = threading.Lock()
+        self._pending: dict[Key, Future] = {}
+        self._prefetched: set[Key] = set()  # loaded by a prefetch and not used yet
+        self._in_flight = 0  # expert bytes loaded but not (yet) in the cache
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch") if prefetch else None
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, key: Key) -> ExpertTensors:
+        start = time.perf_counter()
+        tensors = self.store.read(*key)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self.stats.load_seconds += elapsed
+            self.stats.bytes_read += self.store.entries[key].bytes
+        return tensors
+
+    def _track(self, working: int) -> None:
+        current = (self.cache.bytes if self.cache is not None else 0) + self._in_flight + working
+        self.stats.peak_expert_bytes = max(self.stats.peak_expert_bytes, current)
+
+    def _background_load(self, key: Key) -> None:
+        try:
+            tensors = self._load(key)
+            with self._lock:
+                self.stats.evictions += len(self.cache.put(key, tensors, tensors.nbytes))
+                self._prefetched.add(key)
+                self._track(0)
+        finally:
+            with self._lock:
+                self._in_flight -= self.store.entries[key].memory_bytes
+                self._pending.pop(key, None)
+
+    def prefetch(self, layer: int, chosen: list[int] | None) -> list[int]:
+        """Queue the predicted experts of MoE layer `layer` that are neither cached nor loading."""
+        queued = []
+        for expert in self.predictor.predict(layer, chosen):
+            key = (layer, expert)
+            with self._lock:
+                if key in self.cache or key in self._pending:
+                    continue
+                self._in_flight += self.store.entries[key].memory_bytes
+                self._pending[key] = self._executor.submit(self._background_load, key)
+                self.stats.prefetch_issued += 1
+            queued.append(expert)
+        return queued
+
+    def wait_prefetches(self) -> None:
+        """Block until every queued prefetch has finished (scripted tests, end of generation)."""
+        for future in list(self._pending.values()):
+            future.result()
+
+    def fetch(self, layer: int, experts: list[int]) -> list[ExpertTensors]:
+        """The experts of MoE layer `layer`, from the cache, a finishing prefetch, or the store."""
+        out = []
+        for expert in experts:
+            key = (layer, expert)
+            with self._lock:
+                if self.cache is not None:
+                    self.cache.current_layer = layer
+                tensors = self.cache.get(key) if self.cache is not None else None
+                future = self._pending.get(key) if tensors is None else None
+                if tensors is not None:
+                    self.stats.hits += 1
+                    if key in self._prefetched:
+                        self.stats.prefetch_hits += 1
+                        self._prefetched.discard(key)
+            if tensors is None and future is not None:  # being prefetched: wait for it
+                start = time.perf_counter()
+                future.result()
+                with self._lock:
+                    self.stats.wait_seconds += time.perf_counter() - start
+                    tensors = self.cache.get(key)
+                    if tensors is not None:
+                        self.stats.hits += 1
+                        self.stats.prefetch_hits += 1
+                        self._prefetched.discard(key)
+            if tensors is None:  # miss: read it now
+                start = time.perf_counter()
+                tensors = self._load(key)
+                with self._lock:
+                    self.stats.wait_seconds += time.perf_counter() - start
+                    self.stats.misses += 1
+                    if self.cache is not None:
+                        self.stats.evictions += len(self.cache.put(key, tensors, tensors.nbytes))
+            out.append(tensors)
+        return out
+
+    def expert_stack(self, layer: int, experts: list[int]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Stacked (len(experts), ...) dense weights of MoE layer `layer`, the shapes SparseMoE dispatches on."""
+        loaded = self.fetch(layer, experts)
+        if self.predictor is not None:
+            # next MoE layer of this token, or the first layer of the next token after the last one
+            nxt = (layer + 1) % self.num_layers
+            self.prefetch(nxt, experts if nxt > 0 else None)
+        first = loaded[0]
+        rows_in, hidden = first.w_in.shape if isinstance(first.w_in, QuantizedTensor) else tuple(first.w_in.shape)
+        w_in = torch.empty(len(loaded), rows_in, hidden, dtype=self.dtype)  # (E_used, 2I or I, H)
+        w_down = torch.empty(len(loaded), hidden, rows_in // 2 if self.store.layers[layer]["gated"] else rows_in,
+                             dtype=self.dtype)  # (E_used, H, I)
+        for i, t in enumerate(loaded):
+            for src, dst in ((t.w_in, w_in[i]), (t.w_down, w_down[i])):
+                if isinstance(src, QuantizedTensor):
+                    dequantize(src, self.dtype, out=dst)
+                else:
+                    dst.copy_(src)
+        b_in = b_down = None
+        if first.b_in is not None:
+            b_in = torch.stack([t.b_in for t in loaded]).to(self.dtype)
+            b_down = torch.stack([t.b_down for t in loaded]).to(self.dtype)
+        # experts read on demand without a cache are held only for this call: count them as working memory
+        uncached = 0 if self.cache is not None else sum(t.nbytes for t in loaded)
+        with self._lock:
+            self._track(_tensor_bytes(w_in) + _tensor_bytes(w_down) + _tensor_bytes(b_in) + _tensor_bytes(b_down)
+                        + uncached)
+        return w_in, w_down, b_in, b_down
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self.wait_prefetches()
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def reset_stats(self) -> None:
+        self.stats = OffloadStats()
+        if self.cache is not None:
+            self._track(0)
+
+
+class OffloadedSparseMoE(SparseMoE):
+    """A SparseMoE whose experts live in an ExpertStore (served by an ExpertOffloader).
+
+    Shares the router module and every routing/dispatch setting of the layer it replaces; holds
+    no expert parameters.
+    """
+
+    def __init__(self, moe: SparseMoE, layer_index: int, offloader: ExpertOffloader) -> None:
+        nn.Module.__init__(self)  # not SparseMoE.__init__: that would allocate all experts
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "gated", "capacity_factor",
+                     "eval_capacity_factor", "min_capacity"):
+            setattr(self, name, getattr(moe, name))
+        self.router, self.act_fn = moe.router, moe.act_fn
+        self.layer_index, self.offloader = layer_index, offloader
+        self.last_routing = None
+        self.train(moe.training)
+
+    def expert_weights(self, counts: list[int], sorted_expert: Tensor):
+        used = [e for e, c in enumerate(counts) if c]
+        w_in, w_down, b_in, b_down = self.offloader.expert_stack(self.layer_index, used)
+        # renumber the sorted pairs' experts to positions in the stack (only biases index by expert)
+        position = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=sorted_expert.device)
+        position[used] = torch.arange(len(used), device=sorted_expert.device)
+        return w_in, w_down, b_in, b_down, [counts[e] for e in used], position[sorted_expert]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, offloaded MoE layer {self.layer_index}"
+
+
+def _swap_layers(model: nn.Module, offloader: ExpertOffloader) -> None:
+    for index, (name, moe) in enumerate(expert_layers(model)):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, OffloadedSparseMoE(moe, index, offloader))
+
+
+def offload(model: MultimodalLM, store: ExpertStore | str | Path, **offloader_kwargs) -> ExpertOffloader:
+    """Swap the model's SparseMoE layers (in place) for offloaded ones served from `store`.
+
+    Raises StoreError if the store was exported from another model. Keyword arguments go to
+    `ExpertOffloader` (budget_bytes, policy, profile, prefetch, prefetch_width).
+    """
+    store = store if isinstance(store, ExpertStore) else ExpertStore(Path(store))
+    if any(isinstance(m, OffloadedSparseMoE) for m in model.modules()):
+        raise ValueError("the model is already offloaded")
+    store.check_model(model)
+    offloader = ExpertOffloader(store, **offloader_kwargs)
+    _swap_layers(model, offloader)
+    return offloader
+
+
+def load_offloaded(store: ExpertStore | str | Path, **offloader_kwargs) -> tuple[MultimodalLM, ExpertOffloader]:
+    """Build the model from a store alone: resident weights from base.safetensors, experts offloaded."""
+    store = store if isinstance(store, ExpertStore) else ExpertStore(Path(store))
+    offloader = ExpertOffloader(store, **offloader_kwargs)
+    model = MultimodalLM.from_config_dict(store.manifest["model_config"])
+    layers = expert_layers(model)
+    if len(layers) != len(store.layers):
+        raise StoreError(f"{store.directory}: the recorded model has {len(layers)} MoE layers, the manifest "
+                         f"{len(store.layers)}")
+    _swap_layers(model, offloader)  # drops the freshly initialised experts before loading anything
+    missing, unexpected = model.load_state_dict(store.load_base(), strict=False)
+    if missing or unexpected:
+        raise StoreError(f"{store.directory / 'base.safetensors'} does not match the recorded model: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.eval()
+    return model, offloader
