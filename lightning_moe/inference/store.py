@@ -34,7 +34,8 @@ from ..layers import SparseMoE
 from ..models import MultimodalLM
 from .quantize import FLOAT_BITS, QuantizedTensor, bits_label, dequantize, quantize
 
-__all__ = ["ExpertStore", "ExpertTensors", "ExpertEntry", "StoreError", "export_store", "expert_layers",
+__all__ = ["ExpertStore", "ExpertTensors", "ExpertEntry", "StoreError", "export_store", "expert_layers", "apply_bits",
+           "load_resident_model",
            "model_fingerprint", "sparse_expert_tensors"]
 
 MANIFEST = "manifest.json"
@@ -325,3 +326,41 @@ class ExpertStore:
         if t.b_in is not None:
             out["b_in"], out["b_down"] = t.b_in, t.b_down
         return out
+
+
+def load_resident_model(store: ExpertStore) -> MultimodalLM:
+    """The whole model in memory from a store (experts dequantised to float32): for profiling and planning."""
+    model = MultimodalLM.from_config_dict(store.manifest["model_config"])
+    layers = expert_layers(model)
+    if len(layers) != len(store.layers):
+        raise StoreError(f"{store.directory}: the recorded model has {len(layers)} MoE layers, the manifest "
+                         f"{len(store.layers)}")
+    missing, unexpected = model.load_state_dict(store.load_base(), strict=False)
+    experts = _expert_keys(model)
+    if set(missing) - experts or unexpected:
+        raise StoreError(f"{store.directory / BASE_WEIGHTS} does not match the recorded model: "
+                         f"missing {sorted(set(missing) - experts)[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for index, (_, moe) in enumerate(layers):
+            for e in range(moe.num_experts):
+                tensors = store.read_float(index, e)
+                moe.w_in[e].copy_(tensors["w_in"])
+                moe.down_proj[e].copy_(tensors["w_down"])
+                if moe.b_in is not None:
+                    moe.b_in[e].copy_(tensors["b_in"])
+                    moe.down_bias[e].copy_(tensors["b_down"])
+    return model.eval()
+
+
+def apply_bits(store: ExpertStore, bits: dict[tuple[int, int], int], plan: dict[str, Any] | None = None) -> None:
+    """Rewrite a float32 store's experts at the given bitwidths (missing = 32) and record the plan."""
+    quantised = sorted(k for k, e in store.entries.items() if e.bits != FLOAT_BITS)
+    if quantised:
+        raise StoreError(f"{store.directory} already holds quantised experts (e.g. {quantised[:3]}); bitwidths are "
+                         "applied to a float32 store (export again with bits 32)")
+    for key in sorted(store.entries):
+        b = bits.get(key, FLOAT_BITS)
+        if b != FLOAT_BITS:
+            store.rewrite_expert(*key, store.read_float(*key), b)
+    store.manifest["plan"] = plan
+    store.write_manifest()
