@@ -127,8 +127,6 @@ def plan_bitwidths(model: nn.Module, evaluate: Callable[[nn.Module], float], con
                     hi = n - 1
             bits.update({k: low for k in candidates[:lo]})
             current = best
-            if lo < len(candidates):  # the next level down would only lower fewer experts further
-                break
         return BitwidthPlan(bits, sensitivity, reference, current, config.tolerance, len(history), history)
     finally:
         weights.restore()
