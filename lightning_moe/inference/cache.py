@@ -68,6 +68,12 @@ class ExpertCache:
             self._entries.move_to_end(key)
             return self._entries[key][0]
 
+    def peek(self, key: Key) -> Any | None:
+        """The cached value or None, without counting an access or refreshing recency."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
+
     def put(self, key: Key, value: Any, nbytes: int) -> list[Key]:
         """Insert (or refresh) an entry, evicting per the policy until it fits. Returns the evicted keys."""
         if nbytes > self.budget_bytes:

@@ -32,7 +32,7 @@ from ..layers import SparseMoE
 from ..models import MultimodalLM
 from .cache import ExpertCache
 from .prefetch import ExpertPredictor, RoutingProfile
-from .quantize import QuantizedTensor, dequantize
+from .quantize import FLOAT_BITS, QuantizedTensor, dequantize
 from .store import ExpertStore, ExpertTensors, StoreError, expert_layers
 
 __all__ = ["OffloadedSparseMoE", "ExpertOffloader", "OffloadStats", "offload", "load_offloaded", "resident_bytes"]
@@ -46,6 +46,7 @@ class OffloadStats:
     misses: int = 0  # needed experts read on demand
     prefetch_issued: int = 0  # experts queued for background loading
     prefetch_hits: int = 0  # needed experts that a prefetch had loaded (or was loading)
+    staged_hits: int = 0  # quantised experts the prefetch thread had already dequantised
     bytes_read: int = 0  # bytes read from the store (on demand + prefetch)
     load_seconds: float = 0.0  # time spent reading + decoding expert files, both threads
     wait_seconds: float = 0.0  # time the decoding thread was blocked on expert loads
@@ -83,6 +84,11 @@ class ExpertOffloader:
     policy: 'lru' or 'freq_distance' (cache.py). profile: routing statistics, used for the
     frequency of `freq_distance` and, with prefetch=True, for next-layer prediction.
     prefetch_width: experts predicted per layer (default: the layer's top_k).
+    dequantize_on_load: the cache holds dequantised (dense) experts, so a hit costs nothing more
+        but the budget holds fewer quantised experts; default: the cache holds them packed and a
+        use dequantises (predicted experts are dequantised ahead on the prefetch thread).
+    max_working_experts: most experts a layer holds dense at once (prefill: see
+        `OffloadedSparseMoE._experts`); None = all the experts routed in the call.
     """
 
     def __init__(
@@ -93,14 +99,19 @@ class ExpertOffloader:
         profile: RoutingProfile | None = None,
         prefetch: bool = False,
         prefetch_width: int | None = None,
+        dequantize_on_load: bool = False,
+        max_working_experts: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.store, self.dtype = store, dtype
+        self.dequantize_on_load, self.max_working_experts = dequantize_on_load, max_working_experts
+        if max_working_experts is not None and max_working_experts < 1:
+            raise ValueError(f"max_working_experts must be at least 1, got {max_working_experts}")
         self.num_layers = len(store.layers)
         self.stats = OffloadStats()
         self.cache = None
         if budget_bytes is not None:
-            largest = store.largest_expert_bytes
+            largest = self._largest_cached_bytes()
             if budget_bytes < largest:
                 raise ValueError(f"cache budget of {budget_bytes} bytes is smaller than the largest expert of "
                                  f"{store.directory} ({largest} bytes): no expert could be cached; raise the budget "
@@ -117,12 +128,30 @@ class ExpertOffloader:
         self._pending: dict[Key, Future] = {}
         self._prefetched: set[Key] = set()  # loaded by a prefetch and not used yet
         self._in_flight = 0  # expert bytes loaded but not (yet) in the cache
+        self._staged: dict[Key, tuple[Tensor, Tensor]] = {}  # quantised experts dequantised ahead of use
+        self._staged_bytes = 0
+        self._buffers: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}  # (rows, H, I) -> stack buffers
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch") if prefetch else None
 
     # ------------------------------------------------------------------ loading
+    def _largest_cached_bytes(self) -> int:
+        """The largest expert as the cache holds it (packed as stored, or dense float)."""
+        if not self.dequantize_on_load:
+            return self.store.largest_expert_bytes
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        dense = []
+        for layer in self.store.layers:
+            h, i = layer["hidden_size"], layer["intermediate_size"]
+            rows = 2 * i if layer["gated"] else i
+            dense.append(size * (rows * h + h * i + ((rows + h) if layer["bias"] else 0)))
+        return max(max(dense), self.store.largest_expert_bytes)
+
     def _load(self, key: Key) -> ExpertTensors:
         start = time.perf_counter()
         tensors = self.store.read(*key)
+        if self.dequantize_on_load and tensors.bits != FLOAT_BITS:
+            w_in, w_down = tensors.dense(self.dtype)
+            tensors = ExpertTensors(w_in, w_down, tensors.b_in, tensors.b_down, FLOAT_BITS)
         elapsed = time.perf_counter() - start
         with self._lock:
             self.stats.load_seconds += elapsed
@@ -130,31 +159,44 @@ class ExpertOffloader:
         return tensors
 
     def _track(self, working: int) -> None:
-        current = (self.cache.bytes if self.cache is not None else 0) + self._in_flight + working
+        current = (self.cache.bytes if self.cache is not None else 0) + self._in_flight + self._staged_bytes + working
         self.stats.peak_expert_bytes = max(self.stats.peak_expert_bytes, current)
 
-    def _background_load(self, key: Key) -> None:
+    def _background_prepare(self, key: Key) -> None:
+        """Prefetch thread: load the expert into the cache unless cached, then stage it dequantised."""
         try:
-            tensors = self._load(key)
             with self._lock:
-                self.stats.evictions += len(self.cache.put(key, tensors, tensors.nbytes))
-                self._prefetched.add(key)
-                self._track(0)
+                tensors = self.cache.peek(key)
+            if tensors is None:
+                tensors = self._load(key)
+                with self._lock:
+                    self.stats.evictions += len(self.cache.put(key, tensors, tensors.nbytes))
+                    self._prefetched.add(key)
+                    self._track(0)
+            if tensors.bits != FLOAT_BITS:
+                # dequantise here, off the decoding thread, so the layer finds dense weights ready
+                dense = tensors.dense(self.dtype)
+                with self._lock:
+                    self._staged[key] = dense
+                    self._staged_bytes += sum(_tensor_bytes(t) for t in dense)
+                    self._track(0)
         finally:
             with self._lock:
                 self._in_flight -= self.store.entries[key].memory_bytes
                 self._pending.pop(key, None)
 
     def prefetch(self, layer: int, chosen: list[int] | None) -> list[int]:
-        """Queue the predicted experts of MoE layer `layer` that are neither cached nor loading."""
+        """Queue the predicted experts of MoE layer `layer` that are not ready (cached and, if quantised, staged)."""
         queued = []
         for expert in self.predictor.predict(layer, chosen):
             key = (layer, expert)
             with self._lock:
-                if key in self.cache or key in self._pending:
+                quantised = self.store.entries[key].bits != FLOAT_BITS
+                ready = key in self._staged if quantised else key in self.cache
+                if ready or key in self._pending:
                     continue
                 self._in_flight += self.store.entries[key].memory_bytes
-                self._pending[key] = self._executor.submit(self._background_load, key)
+                self._pending[key] = self._executor.submit(self._background_prepare, key)
                 self.stats.prefetch_issued += 1
             queued.append(expert)
         return queued
@@ -200,6 +242,24 @@ class ExpertOffloader:
             out.append(tensors)
         return out
 
+    def _stack_buffers(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
+        """(n, 2I or I, H) and (n, H, I) views of buffers reused across calls.
+
+        Fresh allocations of this size are page-faulted on every call (measured: about twice the
+        cost of a copy into memory already touched), so the stack lives in buffers that grow to
+        the most experts a call has needed and are then reused. Inference only: the next layer
+        overwrites what the previous one read, so nothing may keep these for a backward pass.
+        """
+        info = self.store.layers[layer]
+        hidden, inter = info["hidden_size"], info["intermediate_size"]
+        rows = 2 * inter if info["gated"] else inter
+        shape = (rows, hidden, inter)
+        buffers = self._buffers.get(shape)
+        if buffers is None or buffers[0].shape[0] < n:
+            buffers = (torch.empty(n, rows, hidden, dtype=self.dtype), torch.empty(n, hidden, inter, dtype=self.dtype))
+            self._buffers[shape] = buffers
+        return buffers[0][:n], buffers[1][:n]
+
     def expert_stack(self, layer: int, experts: list[int]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Stacked (len(experts), ...) dense weights of MoE layer `layer`, the shapes SparseMoE dispatches on."""
         loaded = self.fetch(layer, experts)
@@ -208,13 +268,16 @@ class ExpertOffloader:
             nxt = (layer + 1) % self.num_layers
             self.prefetch(nxt, experts if nxt > 0 else None)
         first = loaded[0]
-        rows_in, hidden = first.w_in.shape if isinstance(first.w_in, QuantizedTensor) else tuple(first.w_in.shape)
-        w_in = torch.empty(len(loaded), rows_in, hidden, dtype=self.dtype)  # (E_used, 2I or I, H)
-        w_down = torch.empty(len(loaded), hidden, rows_in // 2 if self.store.layers[layer]["gated"] else rows_in,
-                             dtype=self.dtype)  # (E_used, H, I)
-        for i, t in enumerate(loaded):
-            for src, dst in ((t.w_in, w_in[i]), (t.w_down, w_down[i])):
-                if isinstance(src, QuantizedTensor):
+        w_in, w_down = self._stack_buffers(layer, len(loaded))
+        for i, (expert, t) in enumerate(zip(experts, loaded)):
+            with self._lock:
+                staged = self._staged.get((layer, expert))
+            if staged is not None:
+                self.stats.staged_hits += 1
+            for j, (src, dst) in enumerate(((t.w_in, w_in[i]), (t.w_down, w_down[i]))):
+                if staged is not None:
+                    dst.copy_(staged[j])
+                elif isinstance(src, QuantizedTensor):
                     dequantize(src, self.dtype, out=dst)
                 else:
                     dst.copy_(src)
@@ -224,9 +287,12 @@ class ExpertOffloader:
             b_down = torch.stack([t.b_down for t in loaded]).to(self.dtype)
         # experts read on demand without a cache are held only for this call: count them as working memory
         uncached = 0 if self.cache is not None else sum(t.nbytes for t in loaded)
+        buffers = sum(_tensor_bytes(t) for pair in self._buffers.values() for t in pair)
         with self._lock:
-            self._track(_tensor_bytes(w_in) + _tensor_bytes(w_down) + _tensor_bytes(b_in) + _tensor_bytes(b_down)
-                        + uncached)
+            self._track(buffers + _tensor_bytes(b_in) + _tensor_bytes(b_down) + uncached)
+            # staged weights of this layer are used (or were mispredicted): free them
+            for key in [k for k in self._staged if k[0] == layer and k not in self._pending]:
+                self._staged_bytes -= sum(_tensor_bytes(t) for t in self._staged.pop(key))
         return w_in, w_down, b_in, b_down
 
     def close(self) -> None:
@@ -257,6 +323,24 @@ class OffloadedSparseMoE(SparseMoE):
         self.layer_index, self.offloader = layer_index, offloader
         self.last_routing = None
         self.train(moe.training)
+
+    def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
+        # A prefill may route to every expert of the layer; with max_working_experts set, the
+        # experts are brought in groups of that many (the pairs of other groups marked dropped,
+        # so SparseMoE's dispatch skips them) and the group outputs summed, which bounds the dense
+        # weights held at once. The summation order then differs from one pass (float rounding).
+        limit = self.offloader.max_working_experts
+        used = torch.unique(indices if dropped is None else indices[~dropped]).tolist()
+        if limit is None or len(used) <= limit:
+            return super()._experts(flat, indices, weights, dropped)
+        out = None
+        for start in range(0, len(used), limit):
+            outside = ~torch.isin(indices, torch.tensor(used[start : start + limit], device=indices.device))
+            if dropped is not None:
+                outside |= dropped
+            part = super()._experts(flat, indices, weights, outside)  # (T, H)
+            out = part if out is None else out + part
+        return out
 
     def expert_weights(self, counts: list[int], sorted_expert: Tensor):
         used = [e for e, c in enumerate(counts) if c]

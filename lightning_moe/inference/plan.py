@@ -74,15 +74,19 @@ class _ExpertWeights:
             raise ValueError("the model has no resident SparseMoE layer to plan bitwidths for")
         self.original = [(m.w_in.detach().clone(), m.down_proj.detach().clone()) for m in self.layers]
         self.keys = [(l, e) for l, m in enumerate(self.layers) for e in range(m.num_experts)]
+        self.current = {k: FLOAT_BITS for k in self.keys}  # what the weights hold now
 
     @torch.no_grad()
     def apply(self, bits: dict[Key, int]) -> None:
-        for l, m in enumerate(self.layers):
+        """Set every expert to bits.get(key, 32); only experts whose bitwidth changes are rewritten."""
+        for l, e in self.keys:
+            b = bits.get((l, e), FLOAT_BITS)
+            if self.current[(l, e)] == b:
+                continue
             w_in, w_down = self.original[l]
-            for e in range(m.num_experts):
-                b = bits.get((l, e), FLOAT_BITS)
-                m.w_in[e].copy_(fake_quantize(w_in[e], b))
-                m.down_proj[e].copy_(fake_quantize(w_down[e], b))
+            self.layers[l].w_in[e].copy_(fake_quantize(w_in[e], b))
+            self.layers[l].down_proj[e].copy_(fake_quantize(w_down[e], b))
+            self.current[(l, e)] = b
 
     def restore(self) -> None:
         self.apply({})
