@@ -105,3 +105,25 @@ def test_store_from_another_model_is_refused(store, tokenizer):
     with pytest.raises(StoreError, match=r"exported from another model: its MoE layers"):
         offload(wider, store)
     assert not any(type(m).__name__ == "OffloadedSparseMoE" for m in other.modules())  # left untouched
+
+
+def test_dense_cache_and_grouped_prefill_compute_the_quantised_model(sparse_model, tmp_path):
+    from lightning_moe.inference.plan import _ExpertWeights
+
+    store = export_store(sparse_model, tmp_path / "int8", bits=8)
+    ids = torch.randint(10, 60, (2, 9))
+    mask = torch.ones_like(ids)
+    weights = _ExpertWeights(sparse_model)
+    weights.apply({k: 8 for k in weights.keys})  # the oracle: the resident model with fake-quantised experts
+    reference = sparse_model(input_ids=ids, attention_mask=mask).logits
+    dense_expert = 4 * sum(p.numel() for p in (expert_layers(sparse_model)[0][1].w_in[0],
+                                                expert_layers(sparse_model)[0][1].down_proj[0]))
+    budget = 2 * dense_expert
+    model, offloader = load_offloaded(ExpertStore(store.directory), budget_bytes=budget, dequantize_on_load=True,
+                                      max_working_experts=1)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)  # grouped: summation order differs
+    assert offloader.cache.peak_bytes <= budget
+    assert offloader.stats.peak_expert_bytes <= budget + dense_expert  # + the one-expert working stack
+    with pytest.raises(ValueError, match="smaller than the largest expert"):
+        ExpertOffloader(ExpertStore(store.directory), dense_expert - 1, dequantize_on_load=True)
