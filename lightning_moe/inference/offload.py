@@ -88,7 +88,10 @@ class ExpertOffloader:
         but the budget holds fewer quantised experts; default: the cache holds them packed and a
         use dequantises (predicted experts are dequantised ahead on the prefetch thread).
     max_working_experts: most experts a layer holds dense at once (prefill: see
-        `OffloadedSparseMoE._experts`); None = all the experts routed in the call.
+        `OffloadedSparseMoE._experts`); None = all the experts routed in the call. Several experts
+        are copied into one stack for the dispatch; a single dense expert is used in place, so 1
+        avoids every copy of cached float experts (at the price of one dispatch per expert and a
+        different float summation order than the in-memory layer's).
     """
 
     def __init__(
@@ -268,6 +271,33 @@ class ExpertOffloader:
             nxt = (layer + 1) % self.num_layers
             self.prefetch(nxt, experts if nxt > 0 else None)
         first = loaded[0]
+        with self._lock:
+            staged = self._staged.get((layer, experts[0]))
+        if len(loaded) == 1 and (staged is not None or not isinstance(first.w_in, QuantizedTensor)):
+            # one dense expert: (1, N, K) views of the cached (or staged) weights, no copy at all
+            if staged is not None:
+                self.stats.staged_hits += 1
+            w_in, w_down = staged if staged is not None else (first.w_in, first.w_down)
+            w_in, w_down = w_in.to(self.dtype).unsqueeze(0), w_down.to(self.dtype).unsqueeze(0)
+            buffers = 0
+        else:
+            w_in, w_down = self._stack(layer, experts, loaded)
+            buffers = sum(_tensor_bytes(t) for pair in self._buffers.values() for t in pair)
+        b_in = b_down = None
+        if first.b_in is not None:
+            b_in = torch.stack([t.b_in for t in loaded]).to(self.dtype)
+            b_down = torch.stack([t.b_down for t in loaded]).to(self.dtype)
+        # experts read on demand without a cache are held only for this call: count them as working memory
+        uncached = 0 if self.cache is not None else sum(t.nbytes for t in loaded)
+        with self._lock:
+            self._track(buffers + _tensor_bytes(b_in) + _tensor_bytes(b_down) + uncached)
+            # staged weights of this layer are used (or were mispredicted): free them
+            for key in [k for k in self._staged if k[0] == layer and k not in self._pending]:
+                self._staged_bytes -= sum(_tensor_bytes(t) for t in self._staged.pop(key))
+        return w_in, w_down, b_in, b_down
+
+    def _stack(self, layer: int, experts: list[int], loaded: list[ExpertTensors]) -> tuple[Tensor, Tensor]:
+        """Dense (E_used, ...) stacks of several experts in the reused buffers (dequantising packed ones)."""
         w_in, w_down = self._stack_buffers(layer, len(loaded))
         for i, (expert, t) in enumerate(zip(experts, loaded)):
             with self._lock:
@@ -281,19 +311,7 @@ class ExpertOffloader:
                     dequantize(src, self.dtype, out=dst)
                 else:
                     dst.copy_(src)
-        b_in = b_down = None
-        if first.b_in is not None:
-            b_in = torch.stack([t.b_in for t in loaded]).to(self.dtype)
-            b_down = torch.stack([t.b_down for t in loaded]).to(self.dtype)
-        # experts read on demand without a cache are held only for this call: count them as working memory
-        uncached = 0 if self.cache is not None else sum(t.nbytes for t in loaded)
-        buffers = sum(_tensor_bytes(t) for pair in self._buffers.values() for t in pair)
-        with self._lock:
-            self._track(buffers + _tensor_bytes(b_in) + _tensor_bytes(b_down) + uncached)
-            # staged weights of this layer are used (or were mispredicted): free them
-            for key in [k for k in self._staged if k[0] == layer and k not in self._pending]:
-                self._staged_bytes -= sum(_tensor_bytes(t) for t in self._staged.pop(key))
-        return w_in, w_down, b_in, b_down
+        return w_in, w_down
 
     def close(self) -> None:
         if self._executor is not None:
