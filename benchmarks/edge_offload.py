@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.25, help="cache budget, fraction of float32 expert bytes")
-    parser.add_argument("--prefetch-width", type=int, default=2, help="experts prefetched per layer")
+    parser.add_argument("--prefetch-width", type=int, default=1, help="experts prefetched per layer")
     parser.add_argument("--working-experts", type=int, default=1,
                         help="most experts an offloaded layer holds dense at once (prefill works in groups)")
     parser.add_argument("--speed-tolerance", type=float, default=2.0,
