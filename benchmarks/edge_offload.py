@@ -146,7 +146,8 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
     measure("in memory", lambda: (model, None))
     measure("on demand (no cache)", lambda: load_offloaded(ExpertStore(float_store.directory), **working))
     measure("LRU cache", lambda: load_offloaded(ExpertStore(float_store.directory), budget_bytes=budget, **working))
-    edge = dict(budget_bytes=budget, profile=profile, prefetch=True, prefetch_width=args.prefetch_width, **working)
+    edge = dict(budget_bytes=budget, profile=profile, prefetch=True, prefetch_width=args.prefetch_width,
+                prefetch_min_probability=args.prefetch_min_probability, **working)
     planned = lambda: ExpertStore(planned_store.directory)  # noqa: E731
     measure("EdgeMoE", lambda: load_offloaded(planned(), dequantize_on_load=True, policy="lru", **edge))
     measure("EdgeMoE, frequency/distance eviction",
@@ -172,7 +173,8 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
     title = (f"Speed and memory: {args.layers} MoE layers x {args.experts} experts (top-2), experts "
              f"{100 * expert_params / total:.1f}% of the parameters, cache budget {100 * args.budget:.0f}% of the "
              f"float32 expert bytes ({budget / MiB:.1f} MiB), {args.prompts} prompts x {args.new_tokens} new tokens, "
-             f"batch 1; EdgeMoE bitwidths {counts}, prefetch width {args.prefetch_width}")
+             f"batch 1; EdgeMoE bitwidths {counts}, prefetch width {args.prefetch_width}, guesses below "
+             f"{args.prefetch_min_probability} skipped")
     return "\n".join([title, "", *rows]), {"results": results, "goals": goals, "plan_counts": counts,
                                           "all_in_memory_bytes": all_in_memory, "budget_bytes": budget}
 
@@ -244,6 +246,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.25, help="cache budget, fraction of float32 expert bytes")
     parser.add_argument("--prefetch-width", type=int, default=1, help="experts prefetched per layer")
+    parser.add_argument("--prefetch-min-probability", type=float, default=0.3,
+                        help="prefetch only guesses at least this likely under the profile")
     parser.add_argument("--working-experts", type=int, default=1,
                         help="most experts an offloaded layer holds dense at once (prefill works in groups)")
     parser.add_argument("--speed-tolerance", type=float, default=2.0,

@@ -11,10 +11,13 @@ The offloader, per MoE layer call:
     loading it (prefetch hit, late), else reads it from the store now (miss, on demand);
  2. with a predictor, predicts the next MoE layer's experts and queues the ones not cached on a
     background thread, which loads them into the cache while this layer computes;
- 3. dequantises the experts into one stacked float tensor for the layer's dispatch.
-The cache holds experts as stored (quantised experts stay packed), so a byte budget holds more
-low-bit experts. Counters (`OffloadStats`): hits, misses, prefetches issued and used, bytes read,
-seconds loading and seconds the decoding thread waited, evictions, peak expert bytes in memory.
+ 3. hands the dispatch dense weights: one float expert in place (a view, no copy), several
+    copied (and packed ones dequantised) into one reused stack buffer.
+By default the cache holds experts as stored (quantised experts stay packed), so a byte budget
+holds more low-bit experts but every use dequantises; `dequantize_on_load=True` caches them
+dense. Inference only (stack buffers are reused from layer to layer). Counters (`OffloadStats`):
+hits, misses, prefetches issued and used, bytes read, seconds loading and seconds the decoding
+thread waited, evictions, peak expert bytes in memory.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ class ExpertOffloader:
     budget_bytes: cache budget; None = no cache (every needed expert is read on demand).
     policy: 'lru' or 'freq_distance' (cache.py). profile: routing statistics, used for the
     frequency of `freq_distance` and, with prefetch=True, for next-layer prediction.
-    prefetch_width: experts predicted per layer (default: the layer's top_k).
+    prefetch_width: experts predicted per layer (default: the layer's top_k);
+    prefetch_min_probability: skip guesses less likely than this (prefetch.ExpertPredictor).
     dequantize_on_load: the cache holds dequantised (dense) experts, so a hit costs nothing more
         but the budget holds fewer quantised experts; default: the cache holds them packed and a
         use dequantises (predicted experts are dequantised ahead on the prefetch thread).
@@ -102,6 +106,7 @@ class ExpertOffloader:
         profile: RoutingProfile | None = None,
         prefetch: bool = False,
         prefetch_width: int | None = None,
+        prefetch_min_probability: float = 0.0,
         dequantize_on_load: bool = False,
         max_working_experts: int | None = None,
         dtype: torch.dtype = torch.float32,
@@ -126,7 +131,7 @@ class ExpertOffloader:
         self.predictor = None
         if prefetch:
             width = prefetch_width or store.layers[0]["top_k"]
-            self.predictor = ExpertPredictor(profile, width)
+            self.predictor = ExpertPredictor(profile, width, prefetch_min_probability)
         self._lock = threading.Lock()
         self._pending: dict[Key, Future] = {}
         self._prefetched: set[Key] = set()  # loaded by a prefetch and not used yet

@@ -100,10 +100,13 @@ def profile_routing(model: nn.Module, batches: Iterable[dict[str, Any]]) -> Rout
 class ExpertPredictor:
     """Predicts the next MoE layer's experts from the experts chosen in the current one."""
 
-    def __init__(self, profile: RoutingProfile, width: int) -> None:
+    def __init__(self, profile: RoutingProfile, width: int, min_probability: float = 0.0) -> None:
+        """width: most experts predicted per layer; min_probability: drop guesses whose estimated
+        probability (their share of the summed transition counts) is lower (a wrong prefetch costs a
+        load and may evict an expert that was needed)."""
         if width < 1:
             raise ValueError(f"prefetch width must be at least 1, got {width}")
-        self.profile, self.width = profile, width
+        self.profile, self.width, self.min_probability = profile, width, min_probability
         self._counts = [torch.tensor(c) for c in profile.counts]
         self._transitions = [torch.tensor(t) if t else None for t in profile.transitions]
 
@@ -118,4 +121,6 @@ class ExpertPredictor:
         if layer > 0 and chosen:
             # summed transition counts dominate; the prior (< 1) only breaks ties
             score = self._transitions[layer][chosen].sum(0) + prior
-        return torch.topk(score, min(self.width, score.numel())).indices.tolist()
+        top = torch.topk(score, min(self.width, score.numel()))
+        probability = top.values / score.sum().clamp(min=1e-12)  # (width,) estimated chance of each guess
+        return [e for e, p in zip(top.indices.tolist(), probability.tolist()) if p >= self.min_probability]

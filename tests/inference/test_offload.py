@@ -127,3 +127,12 @@ def test_dense_cache_and_grouped_prefill_compute_the_quantised_model(sparse_mode
     assert offloader.stats.peak_expert_bytes <= budget + dense_expert  # + the one-expert working stack
     with pytest.raises(ValueError, match="smaller than the largest expert"):
         ExpertOffloader(ExpertStore(store.directory), dense_expert - 1, dequantize_on_load=True)
+
+
+def test_predictor_drops_unlikely_guesses():
+    from lightning_moe.inference import ExpertPredictor
+
+    confident = ExpertPredictor(_scripted_profile(), width=2, min_probability=0.6)
+    assert confident.predict(1, [0]) == [1]  # 10 of ~11 counts: kept; the runner-up has ~0
+    assert confident.predict(1, [0, 1]) == []  # experts 1 and 2 share the counts: neither reaches 0.6
+    assert ExpertPredictor(_scripted_profile(), width=2).predict(1, [0, 1]) == [1, 2]
