@@ -352,6 +352,9 @@ class OffloadedSparseMoE(SparseMoE):
         # experts are brought in groups of that many (the pairs of other groups marked dropped,
         # so SparseMoE's dispatch skips them) and the group outputs summed, which bounds the dense
         # weights held at once. The summation order then differs from one pass (float rounding).
+        if torch.is_grad_enabled() and flat.requires_grad:
+            # the stacks are reused buffers and the experts are not parameters: nothing to train here
+            raise RuntimeError("offloaded experts are for inference: run under torch.no_grad() (or freeze the model)")
         limit = self.offloader.max_working_experts
         used = torch.unique(indices if dropped is None else indices[~dropped]).tolist()
         if limit is None or len(used) <= limit:
@@ -413,5 +416,5 @@ def load_offloaded(store: ExpertStore | str | Path, **offloader_kwargs) -> tuple
     if missing or unexpected:
         raise StoreError(f"{store.directory / 'base.safetensors'} does not match the recorded model: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.eval()
+    model.eval().requires_grad_(False)
     return model, offloader

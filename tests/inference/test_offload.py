@@ -136,3 +136,12 @@ def test_predictor_drops_unlikely_guesses():
     assert confident.predict(1, [0]) == [1]  # 10 of ~11 counts: kept; the runner-up has ~0
     assert confident.predict(1, [0, 1]) == []  # experts 1 and 2 share the counts: neither reaches 0.6
     assert ExpertPredictor(_scripted_profile(), width=2).predict(1, [0, 1]) == [1, 2]
+
+
+def test_offloaded_layers_refuse_to_build_a_graph(sparse_model, store):
+    offload(sparse_model, store)
+    ids = torch.randint(10, 60, (1, 5))
+    with pytest.raises(RuntimeError, match="for inference"):
+        sparse_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        sparse_model(input_ids=ids, attention_mask=torch.ones_like(ids))
