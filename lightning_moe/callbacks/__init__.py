@@ -1,10 +1,12 @@
 """Lightning callbacks: routing statistics and the continual accuracy matrix for TensorBoard, stage export,
-metric summary, step time and memory."""
+metric summary, step time and memory, prediction writer."""
 
 from .continual import AccuracyMatrixImage
 from .export import SaveAdapters, SavePretrained
+from .predictions import PredictionWriter
 from .profile import StageProfile
 from .routing import RoutingStatistics
 from .summary import MetricsSummary
 
-__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary", "StageProfile"]
+__all__ = ["AccuracyMatrixImage", "SaveAdapters", "SavePretrained", "RoutingStatistics", "MetricsSummary", "StageProfile",
+           "PredictionWriter"]

@@ -268,16 +268,29 @@ class SparseMoE(nn.Module, RoutedLayer):
         order, sorted_expert = order[:kept], sorted_expert[:kept]  # (S_kept,)
         token = order // k  # (S_kept,) token of each sorted pair
         pair_w = weights.reshape(-1)[order].to(dtype)  # (S_kept,)
-        offs = make_offsets(counts, flat.device)
         inverse = None
         if dropped is None:
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)  # (T*k,)
+        w_in, w_down, b_in, b_down, counts, sorted_expert = self.expert_weights(counts, sorted_expert)
+        offs = make_offsets(counts, flat.device)
         cast = lambda p: None if p is None else p.to(dtype)  # noqa: E731  (no-op unless autocast)
         return _ExpertFFN.apply(
-            flat, cast(self.w_in), cast(self.down_proj), cast(self.b_in), cast(self.down_bias),
+            flat, cast(w_in), cast(w_down), cast(b_in), cast(b_down),
             pair_w, token, sorted_expert, inverse, counts, offs, self.act_fn, self.gated,
         )
+
+    def expert_weights(
+        self, counts: list[int], sorted_expert: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, list[int], Tensor]:
+        """The stacked expert weights dispatch runs on, given the pairs per expert `counts` (E,).
+
+        Returns (w_in, w_down, b_in, b_down, counts, sorted_expert). Here: all E resident experts,
+        unchanged. A subclass that keeps experts elsewhere (lightning_moe.inference's offloaded
+        layer) returns a stack of only the experts with pairs, with `counts` and `sorted_expert`
+        renumbered to that stack, and reuses the routing and dispatch above unchanged.
+        """
+        return self.w_in, self.down_proj, self.b_in, self.down_bias, counts, sorted_expert
 
     # ------------------------------------------------------------------ construction
 

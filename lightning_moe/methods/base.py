@@ -13,7 +13,6 @@ Validation/test batches come from one dataloader per domain; each sample also ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,11 +25,12 @@ from torchmetrics import MeanMetric
 from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
 from ..models import MultimodalLM, build_multimodal, routed_layers
+# load_backbone lives in models/ so that inference can load checkpoints without importing methods
+from ..models.multimodal import CHECKPOINT_CONFIG_KEY, load_backbone  # noqa: F401  (re-exported)
 from ..models.surgery import set_trainable
 from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
 from ..tokens import IGNORE_INDEX, MODALITY_INPUTS
 
-CHECKPOINT_CONFIG_KEY = "multimodal_config"
 
 
 @dataclass
@@ -65,23 +65,6 @@ class StepOutput:
     routing: list[RouterOutput]  # one per sparse layer, captured right after the forward
     per_sample_loss: torch.Tensor | None = None  # (B,) mean LM loss per sample, for per-domain metrics
     per_sample_tokens: torch.Tensor | None = None  # (B,) trained tokens per sample
-
-
-def load_backbone(path: str | Path) -> MultimodalLM:
-    """A `save_pretrained` directory, or a Lightning checkpoint written by any method here."""
-    path = Path(path)
-    if path.is_dir():
-        return MultimodalLM.from_pretrained(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained backbone {path} does not exist (run the previous stage first)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if CHECKPOINT_CONFIG_KEY not in checkpoint:
-        raise ValueError(f"{path} is not a lightning-moe checkpoint (no {CHECKPOINT_CONFIG_KEY!r} entry)")
-    model = MultimodalLM.from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY])
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

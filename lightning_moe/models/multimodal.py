@@ -29,6 +29,8 @@ from .presets import LLM_PRESETS, preset_config
 
 CONFIG_NAME = "multimodal_config.json"
 WEIGHTS_NAME = "model.safetensors"
+# key of the model config inside a Lightning checkpoint written by any method (methods/base.py)
+CHECKPOINT_CONFIG_KEY = "multimodal_config"
 
 
 @dataclass
@@ -201,6 +203,23 @@ class MultimodalLM(nn.Module):
             raise RuntimeError(f"{directory / WEIGHTS_NAME} does not match the recorded model: "
                                f"missing {missing[:5]}..., unexpected {unexpected[:5]}...")
         return model
+
+
+def load_backbone(path: str | Path) -> MultimodalLM:
+    """A `save_pretrained` directory, or a Lightning checkpoint written by any method here."""
+    path = Path(path)
+    if path.is_dir():
+        return MultimodalLM.from_pretrained(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained backbone {path} does not exist (run the previous stage first)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if CHECKPOINT_CONFIG_KEY not in checkpoint:
+        raise ValueError(f"{path} is not a lightning-moe checkpoint (no {CHECKPOINT_CONFIG_KEY!r} entry)")
+    model = MultimodalLM.from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY])
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None,

@@ -1,0 +1,288 @@
+"""EdgeMoE: expert offloading measured against keeping everything in memory and against on-demand loading.
+
+    python benchmarks/edge_offload.py [--quick] [--checkpoint PATH] [--out DIR]
+
+Prints two markdown tables (with the date and the machine):
+
+1. Speed and memory, on a text-only sparse Llama built here with random weights: every decoder
+   layer's MLP is a 16-expert top-2 SparseMoE, sized so that experts hold >= 85% of the parameters.
+   Its routing profile comes from its own forward over calibration text (random prompts continued
+   by the model itself, greedily: the kind of text it decodes at run time, other prompts than the
+   measured ones); its bitwidth plan from token agreement with its float32 self on that text.
+   Configurations, all decoding the same random prompts greedily at batch size 1 in this process:
+     - in memory: the model as trained, nothing offloaded;
+     - on demand: experts read from the store whenever routed, no cache;
+     - LRU cache: a cache of 25% of the float32 expert bytes, LRU eviction;
+     - EdgeMoE: the same byte budget and LRU eviction, next-layer prediction with background
+       prefetch, experts stored at the planned bitwidths and dequantised on load (the cache holds
+       dense experts, so a hit costs nothing extra);
+     - EdgeMoE, frequency/distance eviction: the same with the paper's eviction policy (profiled
+       frequency / (1 + layer distance)); on this model's decoding, which revisits the experts it
+       just used, recency predicts reuse better, so the EdgeMoE row uses LRU;
+     - EdgeMoE, packed cache: as EdgeMoE, but the cache holds the experts packed (more of them fit
+       the budget) and each use dequantises them (predicted ones ahead, on the prefetch thread).
+   Every offloaded configuration holds at most --working-experts experts dense at once (a
+   prefill that routes to many experts brings them in groups).
+   "Peak weight memory" = resident parameters and buffers + the peak bytes of expert weights held
+   at once (cache + loads in flight + the dequantised working stack of the layer computing);
+   activations and the KV cache are the same for every configuration and are not counted.
+   The store is on the local disk; after the first read its files sit in the OS page cache, so a
+   "load" here is a page-cache read + decode (+ a checksum on a file's first read) + dequantise,
+   cheaper than a flash read on an edge device (which would favour caching and prefetch more).
+   Decode speed is the median of several prompts after a warm-up prompt; counters cover them all.
+
+2. Quality, on a sparse model trained on the shipped data: by default the quickstart config
+   (configs/quickstart.yaml) trained for --steps steps through the CLI (the same classes as
+   `python main.py fit`), or a trained model given with --checkpoint (a .ckpt or save_pretrained
+   directory). Exact-match accuracy on the shipped test split with experts offloaded at float32,
+   int8, int4, int2 and the bitwidths planned on the validation split within --tolerance points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from lightning_moe.inference import (  # noqa: E402
+    ExpertStore, GenerationConfig, PlanConfig, apply_bits, exact_match_quality, export_store, generate,
+    load_offloaded, plan_bitwidths, profile_routing, resident_bytes, token_agreement_quality,
+)
+from lightning_moe.inference.cli import eval_batches  # noqa: E402
+from lightning_moe.inference.plan import reference_tokens  # noqa: E402
+from lightning_moe.inference.store import expert_layers  # noqa: E402
+from lightning_moe.models import MoEConfig, build_multimodal, upcycle  # noqa: E402
+from lightning_moe.models.multimodal import load_backbone  # noqa: E402
+from lightning_moe.tokens import load_tokenizer  # noqa: E402
+
+TOKENIZER = str(ROOT / "data" / "tokenizer")
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------- speed and memory
+def speed_model(tokenizer, hidden: int, inter: int, layers: int, experts: int, seed: int = 0):
+    """Random sparse Llama: every MLP a `experts`-expert top-2 SparseMoE with independent random experts."""
+    torch.manual_seed(seed)
+    overrides = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                     num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    model = build_multimodal(tokenizer, "tiny-llama", overrides, vision_tower=None)
+    upcycle(model, MoEConfig(num_experts=experts, top_k=2, layers="all"))
+    for _, moe in expert_layers(model):
+        moe.reset_parameters()  # upcycled experts are copies: make them differ
+        torch.nn.init.normal_(moe.router.proj.weight, std=hidden**-0.5)
+    return model.eval()
+
+
+def random_sequences(n: int, length: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(11, 61, (1, length), generator=g) for _ in range(n)]  # ids <= 10 are special
+
+
+def decode_run(model, prompts: list[torch.Tensor], new_tokens: int) -> list[float]:
+    """Decode tokens/second of each prompt (greedy, fixed length: no eos)."""
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=None)
+    return [generate(model, p, torch.ones_like(p), config).decode_tokens_per_second for p in prompts]
+
+
+def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
+    model = speed_model(tokenizer, args.hidden, args.inter, args.layers, args.experts)
+    total = sum(p.numel() for p in model.parameters())
+    expert_params = sum(m.w_in.numel() + m.down_proj.numel() for _, m in expert_layers(model))
+    # calibration text: random prompts continued by the model itself, the text it decodes at run time
+    continued = []
+    for prompt in random_sequences(args.calibration, 16, seed=1):
+        out = generate(model, prompt, torch.ones_like(prompt), GenerationConfig(max_new_tokens=32, eos_token_id=None))
+        continued.append(torch.cat([prompt, out.tokens], dim=1))
+    calibration = [{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in continued]
+    prompts = random_sequences(args.prompts + 1, 16, seed=2)  # the first is the warm-up
+    print(f"speed model: {args.layers} MoE layers x {args.experts} experts (hidden {args.hidden}, inter "
+          f"{args.inter}); experts hold {100 * expert_params / total:.1f}% of {total / 1e6:.1f}M parameters",
+          flush=True)
+
+    start = time.perf_counter()
+    profile = profile_routing(model, calibration)
+    reference = reference_tokens(model, calibration)
+    planning = calibration[: args.plan_sequences]  # each of the ~80 plan evaluations runs over these
+    plan = plan_bitwidths(model, lambda m: token_agreement_quality(m, planning, reference[: len(planning)]),
+                          PlanConfig(tolerance=args.speed_tolerance))
+    counts = {b: sum(v == b for v in plan.bits.values()) for b in (8, 4, 2)}
+    print(f"profiled {profile.tokens} tokens and planned bitwidths in {time.perf_counter() - start:.1f}s: "
+          f"experts per bitwidth {counts}, token agreement {plan.quality:.1f}% (tolerance {args.speed_tolerance})",
+          flush=True)
+
+    float_store = export_store(model, workdir / "speed_f32")
+    planned_store = export_store(model, workdir / "speed_planned", bits=plan.bits)
+    budget = int(args.budget * float_store.expert_memory_bytes)
+    all_in_memory = resident_bytes(model)
+
+    rows, results = [], {}
+
+    def measure(name: str, build):
+        loaded, offloader = build()
+        speeds = decode_run(loaded, prompts[:1], args.new_tokens)  # warm-up (cold cache, first checksums)
+        speeds = decode_run(loaded, prompts[1:], args.new_tokens)
+        memory = resident_bytes(loaded) + (offloader.stats.peak_expert_bytes if offloader else 0)
+        if offloader is not None:
+            offloader.close()
+        stats = offloader.stats if offloader else None
+        results[name] = {
+            "peak_weight_bytes": memory, "decode_tokens_per_second": statistics.median(speeds),
+            "hit_rate": stats.hit_rate if stats else None, "bytes_read": stats.bytes_read if stats else 0,
+            "wait_seconds": stats.wait_seconds if stats else 0.0, "stats": stats.as_dict() if stats else None,
+        }
+        print(f"  {name}: {results[name]['decode_tokens_per_second']:.1f} tok/s", flush=True)
+
+    working = {"max_working_experts": args.working_experts}  # the same bound on dense weights for every offload
+    measure("in memory", lambda: (model, None))
+    measure("on demand (no cache)", lambda: load_offloaded(ExpertStore(float_store.directory), **working))
+    measure("LRU cache", lambda: load_offloaded(ExpertStore(float_store.directory), budget_bytes=budget, **working))
+    edge = dict(budget_bytes=budget, profile=profile, prefetch=True, prefetch_width=args.prefetch_width,
+                prefetch_min_probability=args.prefetch_min_probability, **working)
+    planned = lambda: ExpertStore(planned_store.directory)  # noqa: E731
+    measure("EdgeMoE", lambda: load_offloaded(planned(), dequantize_on_load=True, policy="lru", **edge))
+    measure("EdgeMoE, frequency/distance eviction",
+            lambda: load_offloaded(planned(), dequantize_on_load=True, policy="freq_distance", **edge))
+    measure("EdgeMoE, packed cache", lambda: load_offloaded(planned(), policy="lru", **edge))
+
+    base = results["in memory"]
+    demand = results["on demand (no cache)"]["decode_tokens_per_second"]
+    header = ("| configuration | peak weight memory (MiB) | vs in memory | decode tok/s | vs on demand | hit rate | "
+              "read (MiB) | waiting on loads (s) |")
+    rows = [header, "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        hit = "" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
+        rows.append(f"| {name} | {r['peak_weight_bytes'] / MiB:.1f} | "
+                    f"{100 * r['peak_weight_bytes'] / base['peak_weight_bytes']:.1f}% | "
+                    f"{r['decode_tokens_per_second']:.1f} | {r['decode_tokens_per_second'] / demand:.2f}x | {hit} | "
+                    f"{r['bytes_read'] / MiB:.1f} | {r['wait_seconds']:.2f} |")
+    edge = results["EdgeMoE"]
+    goals = {
+        "peak memory <= 40% of in memory": edge["peak_weight_bytes"] <= 0.4 * base["peak_weight_bytes"],
+        ">= 2x the decode speed of on demand": edge["decode_tokens_per_second"] >= 2 * demand,
+    }
+    title = (f"Speed and memory: {args.layers} MoE layers x {args.experts} experts (top-2), experts "
+             f"{100 * expert_params / total:.1f}% of the parameters, cache budget {100 * args.budget:.0f}% of the "
+             f"float32 expert bytes ({budget / MiB:.1f} MiB), {args.prompts} prompts x {args.new_tokens} new tokens, "
+             f"batch 1; EdgeMoE bitwidths {counts}, prefetch width {args.prefetch_width}, guesses below "
+             f"{args.prefetch_min_probability} skipped")
+    return "\n".join([title, "", *rows]), {"results": results, "goals": goals, "plan_counts": counts,
+                                          "all_in_memory_bytes": all_in_memory, "budget_bytes": budget}
+
+
+# ---------------------------------------------------------------------------- quality
+def trained_model(args, workdir: Path):
+    if args.checkpoint:
+        return load_backbone(args.checkpoint).eval(), f"checkpoint {args.checkpoint}"
+    from lightning_moe.cli import main as cli_main
+
+    steps = args.steps
+    cli = cli_main([
+        "fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", f"--data.init_args.root={ROOT / 'data/shapes'}",
+        f"--model.init_args.tokenizer={TOKENIZER}", f"--data.init_args.tokenizer={TOKENIZER}",
+        *(["--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=16",
+           "--data.init_args.max_eval_samples_per_domain=16"] if args.quick else []),
+    ])
+    return cli.model.model.eval(), f"configs/quickstart.yaml trained {steps} steps"
+
+
+def quality_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
+    start = time.perf_counter()
+    model, source = trained_model(args, workdir)
+    print(f"trained model ({source}) ready in {time.perf_counter() - start:.0f}s", flush=True)
+    test = eval_batches(str(ROOT / "data/shapes"), TOKENIZER, "test", args.max_eval_samples)
+    val = eval_batches(str(ROOT / "data/shapes"), TOKENIZER, "val", args.max_eval_samples)
+    plan = plan_bitwidths(model, lambda m: exact_match_quality(m, val, tokenizer), PlanConfig(tolerance=args.tolerance))
+    counts = {b: sum(v == b for v in plan.bits.values()) for b in (8, 4, 2)}
+    print(f"planned on val: {counts}, val exact match {plan.quality:.2f} vs float32 {plan.reference_quality:.2f}",
+          flush=True)
+    results = {}
+    for name, bits in [("float32", 32), ("int8", 8), ("int4", 4), ("int2", 2), ("planned", None)]:
+        store = export_store(model, workdir / f"quality_{name}", bits=32 if bits is None else bits)
+        if bits is None:
+            apply_bits(store, plan.bits, plan.to_manifest())
+        loaded, offloader = load_offloaded(ExpertStore(store.directory), budget_bytes=store.expert_memory_bytes)
+        accuracy = exact_match_quality(loaded, test, tokenizer)
+        offloader.close()
+        results[name] = {"exact_match": accuracy, "expert_bytes": store.expert_memory_bytes}
+    f32 = results["float32"]["exact_match"]
+    rows = ["| experts | expert bytes (KiB) | vs float32 | test exact match (%) | change (points) |",
+            "|---|---|---|---|---|"]
+    for name, r in results.items():
+        label = f"planned {counts}" if name == "planned" else name
+        rows.append(f"| {label} | {r['expert_bytes'] / 1024:.1f} | "
+                    f"{100 * r['expert_bytes'] / results['float32']['expert_bytes']:.1f}% | {r['exact_match']:.2f} | "
+                    f"{r['exact_match'] - f32:+.2f} |")
+    goals = {"int8 within 1 point of float32": abs(results["int8"]["exact_match"] - f32) <= 1.0}
+    samples = sum(len(b["answers"]) for b in test)
+    title = (f"Quality: {source}; exact match on {samples} test samples (all shipped domains); bitwidths planned on "
+             f"the val split within {args.tolerance} point(s) (val: {plan.quality:.2f} vs {plan.reference_quality:.2f})")
+    return "\n".join([title, "", *rows]), {"results": results, "goals": goals, "plan": plan.to_manifest(),
+                                          "source": source}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few steps")
+    parser.add_argument("--checkpoint", default=None, help="trained sparse model for the quality table "
+                                                           "(.ckpt or save_pretrained dir); default: train quickstart")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of the quickstart model")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="quality table: planning tolerance (points)")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="per domain, val and test")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--inter", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--budget", type=float, default=0.25, help="cache budget, fraction of float32 expert bytes")
+    parser.add_argument("--prefetch-width", type=int, default=1, help="experts prefetched per layer")
+    parser.add_argument("--prefetch-min-probability", type=float, default=0.3,
+                        help="prefetch only guesses at least this likely under the profile")
+    parser.add_argument("--working-experts", type=int, default=1,
+                        help="most experts an offloaded layer holds dense at once (prefill works in groups)")
+    parser.add_argument("--speed-tolerance", type=float, default=2.0,
+                        help="speed model: planning tolerance in token-agreement points")
+    parser.add_argument("--calibration", type=int, default=4, help="calibration sequences (16 prompt + 32 generated tokens)")
+    parser.add_argument("--plan-sequences", type=int, default=2, help="calibration sequences the speed plan uses")
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--only", choices=("speed", "quality"), default=None, help="run one table only")
+    parser.add_argument("--out", default=None, help="also write results.json and results.md here")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.inter, args.layers, args.steps = 64, 128, 2, 2
+        args.max_eval_samples = args.max_eval_samples or 4
+        args.calibration, args.prompts, args.new_tokens = 2, 1, 4
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(TOKENIZER)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.out or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        speed, speed_results = speed_table(args, tokenizer, workdir) if args.only != "quality" else ("", {"goals": {}})
+        quality, quality_results = (quality_table(args, tokenizer, workdir) if args.only != "speed"
+                                    else ("", {"goals": {}}))
+    stamp = (f"{datetime.date.today()} on {platform.machine()} ({torch.get_num_threads()} torch threads), torch "
+             f"{torch.__version__}; total {time.perf_counter() - start:.0f}s")
+    goals = {**speed_results["goals"], **quality_results["goals"]}
+    text = "\n\n".join([f"`python benchmarks/edge_offload.py` ({stamp})", speed, quality,
+                        "Goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items())])
+    print("\n" + text)
+    if args.out:
+        Path(args.out, "results.md").write_text(text + "\n")
+        Path(args.out, "results.json").write_text(json.dumps(
+            {"speed": speed_results, "quality": quality_results, "stamp": stamp}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Commands of `python -m lightning_moe.inference`: export, profile, plan, generate.
+
+    export    a trained model (save_pretrained directory or Lightning .ckpt) -> an expert store
+    profile   routing statistics on a calibration split -> STORE/routing_profile.json
+    plan      expert-wise bitwidths within a quality tolerance -> experts rewritten, plan in the manifest
+    generate  answer a prompt (and image) with experts offloaded, print the answer and the counters
+
+The command layer is the one place here that reads datasets (through `lightning_moe.data`);
+the library modules beside it take plain batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.multimodal import load_backbone
+from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
+from .generation import GenerationConfig, generate
+from .offload import load_offloaded, resident_bytes
+from .plan import PlanConfig, exact_match_quality, plan_bitwidths
+from .prefetch import RoutingProfile, profile_routing
+from .store import ExpertStore, apply_bits, export_store, load_resident_model
+
+PROFILE_NAME = "routing_profile.json"
+
+
+def eval_batches(root: str, tokenizer: str, split: str, max_samples_per_domain: int | None,
+                 batch_size: int = 100) -> list[dict[str, Any]]:
+    """Collated batches of every domain's `split` ('val' or 'test') under a shipped-layout data root."""
+    from ..data import DomainMixtureDataModule  # the data layer (and Lightning) only for commands that read data
+
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    data = DomainMixtureDataModule(root=root, tokenizer=tokenizer, eval_batch_size=batch_size,
+                                   max_eval_samples_per_domain=max_samples_per_domain)
+    data.setup("validate" if split == "val" else "test")
+    loaders = data.val_dataloader() if split == "val" else data.test_dataloader()
+    return [batch for loader in loaders for batch in loader]
+
+
+def budget_bytes(store: ExpertStore, fraction: float | None, megabytes: float | None) -> int | None:
+    """Cache budget from a fraction of the store's expert bytes or from megabytes; None = no cache."""
+    if fraction is not None and megabytes is not None:
+        raise ValueError("give --budget-fraction or --budget-mb, not both")
+    if megabytes is not None:
+        return int(megabytes * 2**20)
+    if fraction is not None:
+        return int(fraction * store.expert_memory_bytes)
+    return None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    model = load_backbone(args.model).eval()
+    store = export_store(model, args.out, bits=args.bits)
+    print(f"exported {len(store.entries)} experts of {len(store.layers)} MoE layers to {store.directory} "
+          f"({store.expert_memory_bytes / 2**20:.2f} MiB of experts, {resident_bytes(model) / 2**20:.2f} MiB model)")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    store = ExpertStore(args.store)
+    model = load_resident_model(store)
+    batches = eval_batches(args.data, args.tokenizer, args.split, args.max_samples, args.batch_size)
+    profile = profile_routing(model, batches)
+    out = Path(args.out) if args.out else store.directory / PROFILE_NAME
+    profile.save(out)
+    print(f"profiled {profile.tokens} tokens over {len(store.layers)} MoE layers -> {out}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    store = ExpertStore(args.store)
+    model = load_resident_model(store)
+    tokenizer = load_tokenizer(args.tokenizer)
+    batches = eval_batches(args.data, args.tokenizer, args.split, args.max_samples, args.batch_size)
+    config = PlanConfig(tolerance=args.tolerance, levels=tuple(args.levels))
+    plan = plan_bitwidths(model, lambda m: exact_match_quality(m, batches, tokenizer, args.max_new_tokens), config,
+                          progress=print)
+    apply_bits(store, plan.bits, {**plan.to_manifest(), "metric": f"exact match (%) on {args.data} {args.split}"})
+    counts = {b: sum(1 for v in plan.bits.values() if v == b) for b in sorted(set(plan.bits.values()))}
+    print(f"plan: experts per bitwidth {counts}; quality {plan.quality:.2f} vs float32 {plan.reference_quality:.2f} "
+          f"(tolerance {plan.tolerance}); expert bytes now {store.expert_memory_bytes / 2**20:.2f} MiB")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from ..data import Message
+    from ..data.conversation import ConversationTokenizer
+    from ..data.dataset import NormalizeImage
+    from PIL import Image
+
+    store = ExpertStore(args.store)
+    profile_path = store.directory / PROFILE_NAME
+    profile = RoutingProfile.load(profile_path) if (args.prefetch or args.policy == "freq_distance") else None
+    model, offloader = load_offloaded(
+        store, budget_bytes=budget_bytes(store, args.budget_fraction, args.budget_mb), policy=args.policy,
+        profile=profile, prefetch=args.prefetch, prefetch_width=args.prefetch_width,
+    )
+    tokenizer = load_tokenizer(args.tokenizer)
+    text = f"<image>\n{args.prompt}" if args.image else args.prompt
+    ids = ConversationTokenizer(tokenizer).ids([Message("user", text)], add_generation_prompt=True)
+    inputs: dict[str, torch.Tensor] = {}
+    if args.image:
+        with Image.open(args.image) as image:
+            inputs["pixel_values"] = NormalizeImage(args.image_size)(image)[None]  # (1, 3, H, W)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.tensor([ids])
+    out = generate(model, input_ids, torch.ones_like(input_ids), config, generator, **inputs)
+    offloader.close()
+    print(tokenizer.decode(out.tokens[0], skip_special_tokens=True).strip())
+    print(json.dumps({**offloader.stats.as_dict(), "decode_tokens_per_second": out.decode_tokens_per_second}),
+          file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightning_moe.inference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="trained model -> expert store")
+    p.add_argument("--model", required=True, help="save_pretrained directory or Lightning .ckpt of a sparse model")
+    p.add_argument("--out", required=True, help="store directory to write")
+    p.add_argument("--bits", type=int, default=32, choices=(32, 8, 4, 2), help="bitwidth of every expert (32 = float32)")
+    p.set_defaults(func=cmd_export)
+
+    def data_args(p: argparse.ArgumentParser, split: str) -> None:
+        p.add_argument("--store", required=True)
+        p.add_argument("--data", default="data/shapes", help="dataset root (one folder per domain)")
+        p.add_argument("--split", default=split, choices=("val", "test"))
+        p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+        p.add_argument("--max-samples", type=int, default=None, help="first N samples of each domain")
+        p.add_argument("--batch-size", type=int, default=100)
+
+    p = sub.add_parser("profile", help="routing statistics for prediction and eviction")
+    data_args(p, "val")
+    p.add_argument("--out", default=None, help=f"profile file (default STORE/{PROFILE_NAME})")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("plan", help="expert-wise bitwidths within a quality tolerance (rewrites the store)")
+    data_args(p, "val")
+    p.add_argument("--tolerance", type=float, default=1.0, help="largest exact-match drop (points) against float32")
+    p.add_argument("--levels", type=int, nargs="+", default=[8, 4, 2], help="bitwidths, high to low")
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("generate", help="answer a prompt with experts offloaded")
+    p.add_argument("--store", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", default=None, help="an image file; the prompt gets an <image> placeholder")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    p.add_argument("--budget-fraction", type=float, default=None, help="cache budget as a fraction of all expert bytes")
+    p.add_argument("--budget-mb", type=float, default=None, help="cache budget in MiB (neither: no cache)")
+    p.add_argument("--policy", default="lru", choices=("lru", "freq_distance"))
+    p.add_argument("--prefetch", action="store_true", help=f"predict and prefetch experts (needs STORE/{PROFILE_NAME})")
+    p.add_argument("--prefetch-width", type=int, default=None, help="experts prefetched per layer (default top_k)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
