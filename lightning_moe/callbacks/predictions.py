@@ -20,12 +20,13 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str = "runs/predictions", filename: str = "predictions.jsonl"):
         """output_dir: where the file goes; filename: the JSON-lines file (one record per sample)."""
         super().__init__(write_interval="batch")
-        self.path = Path(output_dir) / filename
+        self.base_path = Path(output_dir) / filename
+        self.path = self.base_path  # per rank when several processes predict
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.base_path.parent.mkdir(parents=True, exist_ok=True)
         suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
-        self.path = self.path.with_name(self.path.name + suffix) if suffix else self.path
+        self.path = self.base_path.with_name(self.base_path.name + suffix)
         self.path.write_text("")  # a fresh file per run
         self.written = 0
 

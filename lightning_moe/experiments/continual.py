@@ -25,16 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lightning_moe.cli import main as cli_main
 from lightning_moe.metrics import continual_scores
+from lightning_moe.experiments import working_directory
 from lightning_moe.paths import REPO_ROOT
 
 PRETRAIN = REPO_ROOT / "configs/mora/pretrain.yaml"
@@ -76,19 +73,6 @@ class MethodResult:
     seconds: float
     # MoRA: evaluated task -> active ranks per token from each training task's rank block (last evaluation)
     rank_usage: dict[str, list[float]] | None = None
-
-
-@contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    """Run inside `path`; also hide this script's own argv from LightningCLI, which reads both."""
-    previous, argv = Path.cwd(), sys.argv
-    os.chdir(path)
-    sys.argv = argv[:1]
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-        sys.argv = argv
 
 
 def run_method(method: str, quick: bool, seed: int = 0) -> MethodResult:

@@ -19,7 +19,6 @@ logs of every run under DIR/runs/mod/. `--quick` is the smoke version (a few ste
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -28,7 +27,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -37,6 +35,7 @@ from ..callbacks import StageProfile
 from ..cli import main as cli_main
 from ..models import parameter_counts
 from ..paths import REPO_ROOT
+from . import working_directory
 
 CONFIGS = REPO_ROOT / "configs" / "mod"
 DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")
@@ -73,17 +72,6 @@ class RunResult:
     params_total: int
     params_activated: int
     metrics: dict[str, float] = field(default_factory=dict)  # test/<domain>/<metric>, test/exact_match
-
-
-@contextlib.contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    """`contextlib.chdir` (Python 3.11+) for Python 3.10."""
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 def fit_and_test(name: str, config: Path, overrides: list[str]) -> RunResult:

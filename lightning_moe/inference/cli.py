@@ -105,14 +105,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     inputs: dict[str, torch.Tensor] = {}
     if args.image:
         with Image.open(args.image) as image:
-            inputs["pixel_values"] = NormalizeImage(args.image_size)(image)[None]  # (1, 3, H, W)
+            size = args.image_size or model.encoders["image"].config.image_size  # the stored tower's input size
+            inputs["pixel_values"] = NormalizeImage(size)(image)[None]  # (1, 3, H, W)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(args.seed)
     input_ids = torch.tensor([ids])
-    out = generate(model, input_ids, torch.ones_like(input_ids), config, generator, **inputs)
-    offloader.close()
+    try:
+        out = generate(model, input_ids, torch.ones_like(input_ids), config, generator, **inputs)
+    finally:
+        offloader.close()  # stops the prefetch thread, also when generation fails
     print(tokenizer.decode(out.tokens[0], skip_special_tokens=True).strip())
     print(json.dumps({**offloader.stats.as_dict(), "decode_tokens_per_second": out.decode_tokens_per_second}),
           file=sys.stderr)
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", default=None, help="an image file; the prompt gets an <image> placeholder")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this (default: the stored tower's)")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--budget-fraction", type=float, default=None, help="cache budget as a fraction of all expert bytes")
     p.add_argument("--budget-mb", type=float, default=None, help="cache budget in MiB (neither: no cache)")

@@ -396,6 +396,10 @@ def offload(model: MultimodalLM, store: ExpertStore | str | Path, **offloader_kw
     store = store if isinstance(store, ExpertStore) else ExpertStore(Path(store))
     if any(isinstance(m, OffloadedSparseMoE) for m in model.modules()):
         raise ValueError("the model is already offloaded")
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cpu"}:
+        # experts are read from storage into CPU tensors; EdgeMoE targets CPU-resident inference
+        raise ValueError(f"offloading serves experts on the CPU; the model is on {sorted(devices)} (move it to cpu)")
     store.check_model(model)
     offloader = ExpertOffloader(store, **offloader_kwargs)
     _swap_layers(model, offloader)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics.answers import normalize_answer
+from ..models.multimodal import batch_inputs
 from .generation import GenerationConfig, generate
-from .prefetch import batch_inputs
 from .quantize import FLOAT_BITS, QUANT_BITS, fake_quantize
 from .store import expert_layers
 

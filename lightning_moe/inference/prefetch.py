@@ -21,17 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import SparseMoE
-from ..tokens import MODALITY_INPUTS
+from ..models.multimodal import batch_inputs
 
-__all__ = ["RoutingProfile", "ExpertPredictor", "profile_routing", "batch_inputs"]
-
-
-def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, Tensor]:
-    """The model's tensors from a collated batch (training sequence, or the generation prompt)."""
-    ids, mask = ("prompt_input_ids", "prompt_attention_mask") if prompt else ("input_ids", "attention_mask")
-    inputs = {"input_ids": batch[ids], "attention_mask": batch[mask]}
-    inputs.update({k: batch[k] for k in MODALITY_INPUTS.values() if k in batch})
-    return inputs
+__all__ = ["RoutingProfile", "ExpertPredictor", "profile_routing"]
 
 
 @dataclass

@@ -4,7 +4,8 @@ from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, StepOutput, l
 from .distill import MimicConfig, MoDDistillation, PreferenceConfig
 from .continual import ContinualLoRA, ContinualMethod
 from .moe_tuning import MoETuning
-from .mole import ExpertOptions, LoRAOptions, LoRATuning, MoLE
+from .lora import LoRAOptions, LoRATuning
+from .mole import ExpertOptions, MoLE
 from .mora import MoRAContinual, MoRAOptions
 
 __all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "StepOutput", "load_backbone", "MoETuning",

@@ -26,10 +26,10 @@ from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
 from ..models import MultimodalLM, build_multimodal, routed_layers
 # load_backbone lives in models/ so that inference can load checkpoints without importing methods
-from ..models.multimodal import CHECKPOINT_CONFIG_KEY, load_backbone  # noqa: F401  (re-exported)
+from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
 from ..models.surgery import set_trainable
 from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
-from ..tokens import IGNORE_INDEX, MODALITY_INPUTS
+from ..tokens import IGNORE_INDEX
 
 
 
@@ -158,10 +158,7 @@ class MultimodalMethod(L.LightningModule):
     @staticmethod
     def model_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, Any]:
         """The tensors the model reads from a batch (training sequence, or the generation prompt)."""
-        ids, mask = ("prompt_input_ids", "prompt_attention_mask") if prompt else ("input_ids", "attention_mask")
-        inputs = {"input_ids": batch[ids], "attention_mask": batch[mask]}
-        inputs.update({k: batch[k] for k in MODALITY_INPUTS.values() if k in batch})
-        return inputs
+        return batch_inputs(batch, prompt)
 
     def collect_routing(self) -> list[RouterOutput]:
         return [m.last_routing for m in self._routed if m.last_routing is not None]

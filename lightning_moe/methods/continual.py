@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..metrics import AccuracyMatrix
-from .mole import LoRAOptions, LoRATuning
+from .lora import LoRAOptions, LoRATuning
 
 
 def small_lora() -> LoRAOptions:

@@ -1,5 +1,5 @@
-"""LLaVA-MoLE and its baseline: `LoRATuning` (plain LoRA, base frozen) and `MoLE` (a sparse
-top-1 mixture of LoRA experts on each decoder layer's MLP, plain LoRA on attention).
+"""LLaVA-MoLE against its baseline `LoRATuning` (plain LoRA, base frozen; lora.py): `MoLE`, a sparse
+top-1 mixture of LoRA experts on each decoder layer's MLP, plain LoRA on attention.
 METHODS.md, section MoLE.
 
 Both methods only say which adapters go where (`adapter_rules`, consumed by the adapter surgery
@@ -11,27 +11,12 @@ before the LoRA rule sees them, so in layers without experts the MLP keeps plain
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from ..models import AdapterConfig, MultimodalLM, add_adapters, load_adapters
-from ..models.surgery import ADAPTER_OPS
-from .base import AuxLossConfig, MultimodalMethod
-
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class LoRAOptions:
-    """Plain LoRA on the named linear projections (peft-style names) of the chosen decoder layers."""
-
-    r: int = 32  # rank (reference MoLE: 32)
-    alpha: float = 64.0  # scaling = alpha / r (reference: 64)
-    dropout: float = 0.05  # on the adapter input (reference: 0.05)
-    targets: list[str] = field(default_factory=lambda: ATTENTION + MLP_PROJECTIONS)
-    layers: str | list[int] = "all"  # "all", a slice string like "::2", or layer indices
+from ..models import AdapterConfig
+from .base import AuxLossConfig
+from .lora import LoRATuning
 
 
 @dataclass
@@ -45,42 +30,6 @@ class ExpertOptions:
     scale_by_prob: bool = True  # scale the expert update by its router probability (Switch); False = reference
     layers: str | list[int] = "all"  # which decoder layers get experts; the others keep plain LoRA on their MLP
     router_bias: bool = True  # reference router: Linear(d, E) with bias
-
-
-class LoRATuning(MultimodalMethod):
-    def __init__(
-        self,
-        lora: LoRAOptions | None = None,
-        adapters_path: str | None = None,
-        trainable: list[str] | None = None,
-        **kwargs: Any,
-    ):
-        """
-        Args:
-            lora: rank, alpha, dropout, target projections and layers of the plain LoRA.
-            adapters_path: a `save_adapters` directory to start from (e.g. to evaluate trained
-                adapters with `validate`/`test`); its adapter surgery replaces the one above.
-            trainable: parameter groups that train; default ["adapters"] (base frozen).
-            **kwargs: MultimodalMethod's arguments (backbone, optimizer, aux_loss, ...).
-        """
-        self.lora = lora or LoRAOptions()
-        self.adapters_path, self.trainable_override = adapters_path, trainable
-        super().__init__(**kwargs)
-
-    def adapter_rules(self) -> list[AdapterConfig]:
-        """Which modules get which adapter; the surgery applies the first rule matching a module."""
-        o = self.lora
-        return [AdapterConfig(kind="lora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
-                              dropout=o.dropout)]
-
-    def configure_backbone(self, model: MultimodalLM) -> None:
-        if self.adapters_path:
-            load_adapters(model, Path(self.adapters_path))
-        elif not any(entry["op"] in ADAPTER_OPS for entry in model.surgery):  # a loaded adapted model keeps its own
-            add_adapters(model, self.adapter_rules())
-
-    def trainable_groups(self) -> list[str]:
-        return list(self.trainable_override if self.trainable_override is not None else ["adapters"])
 
 
 class MoLE(LoRATuning):

@@ -103,6 +103,7 @@ class MoRAContinual(ContinualMethod):
             kept_count = layer.last_active_ranks
             keep = layer.rank_weights(F.linear(layer.recorded_input[mask].to(a.dtype), a)) > 0  # (tokens, R)
             layer.last_active_ranks = kept_count  # rank_weights overwrote it with this subset's
+            layer.recorded_input = None  # (B, T', d) per layer: not kept alive into the next task
             sizes = [t.shape[0] for t in layer.lora_A]
             per_layer.append(torch.stack([block.sum() for block in keep.split(sizes, dim=-1)]).float())
         return torch.stack(per_layer).mean(0)

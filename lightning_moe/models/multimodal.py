@@ -205,6 +205,14 @@ class MultimodalLM(nn.Module):
         return model
 
 
+def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors from a collated batch (training sequence, or the left-padded generation prompt)."""
+    ids, mask = ("prompt_input_ids", "prompt_attention_mask") if prompt else ("input_ids", "attention_mask")
+    inputs = {"input_ids": batch[ids], "attention_mask": batch[mask]}
+    inputs.update({k: batch[k] for k in MODALITY_INPUTS.values() if k in batch})
+    return inputs
+
+
 def load_backbone(path: str | Path) -> MultimodalLM:
     """A `save_pretrained` directory, or a Lightning checkpoint written by any method here."""
     path = Path(path)

@@ -130,8 +130,6 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     return ParameterCounts(total, total - inactive)
 
 
-
-
 # ---------------------------------------------------------------------------- adapters
 ADAPTER_KINDS = ("lora", "mole", "mora")
 ADAPTER_TYPES = (LoRALinear, MoLEMLP, MoRALinear)

@@ -1,0 +1,77 @@
+"""`LoRATuning`: plain LoRA on chosen projections, base frozen. The base of the adapter methods
+(`MoLE` in mole.py, the continual methods in continual.py / mora.py), which swap or add rules.
+
+A method here only says which adapters go where (`adapter_rules`, consumed by the adapter surgery
+in `models/surgery.py`) and that only the `adapters` group trains; everything else (the loss,
+per-domain evaluation, routing statistics) is the base class's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models import AdapterConfig, MultimodalLM, add_adapters, load_adapters
+from .base import MultimodalMethod
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRAOptions:
+    """Plain LoRA on the named linear projections (peft-style names) of the chosen decoder layers."""
+
+    r: int = 32  # rank (reference MoLE: 32)
+    alpha: float = 64.0  # scaling = alpha / r (reference: 64)
+    dropout: float = 0.05  # on the adapter input (reference: 0.05)
+    targets: list[str] = field(default_factory=lambda: ATTENTION + MLP_PROJECTIONS)
+    layers: str | list[int] = "all"  # "all", a slice string like "::2", or layer indices
+
+
+class LoRATuning(MultimodalMethod):
+    def __init__(
+        self,
+        lora: LoRAOptions | None = None,
+        adapters_path: str | None = None,
+        trainable: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            lora: rank, alpha, dropout, target projections and layers of the plain LoRA.
+            adapters_path: a `save_adapters` directory to start from (e.g. to evaluate trained
+                adapters with `validate`/`test`); its adapter surgery replaces the one above.
+            trainable: parameter groups that train; default ["adapters"] (base frozen).
+            **kwargs: MultimodalMethod's arguments (backbone, optimizer, aux_loss, ...).
+        """
+        self.lora = lora or LoRAOptions()
+        self.adapters_path, self.trainable_override = adapters_path, trainable
+        super().__init__(**kwargs)
+
+    def adapter_rules(self) -> list[AdapterConfig]:
+        """Which modules get which adapter; the surgery applies the first rule matching a module."""
+        o = self.lora
+        return [AdapterConfig(kind="lora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
+                              dropout=o.dropout)]
+
+    def configure_backbone(self, model: MultimodalLM) -> None:
+        if self.adapters_path:
+            load_adapters(model, Path(self.adapters_path))
+            return
+        loaded = [entry["configs"] for entry in model.surgery if entry["op"] == "adapters"]
+        if not loaded:
+            add_adapters(model, self.adapter_rules())
+            return
+        # a loaded adapted model keeps its adapters, but only if they are the ones this method asks for:
+        # MoLE on a LoRA run's output would otherwise train plain LoRA without a word
+        wanted = [asdict(rule) for rule in self.adapter_rules()]
+        if loaded != [wanted]:
+            raise ValueError(
+                f"{type(self).__name__}: the backbone already carries adapters {loaded}, not the ones this method "
+                f"configures {wanted}; start from the base model (and `adapters_path` to load trained adapters)"
+            )
+
+    def trainable_groups(self) -> list[str]:
+        return list(self.trainable_override if self.trainable_override is not None else ["adapters"])
