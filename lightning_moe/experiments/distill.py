@@ -130,12 +130,15 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
     `teacher_from` reuses the teacher of an earlier output directory instead of training one."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # resolved here, against the caller's directory: inside working_directory(out) a relative path
+    # would be looked up under `out`
+    teacher_from = Path(teacher_from).resolve() if teacher_from is not None else None
     overrides = NO_VALIDATION + (QUICK if quick else [])
     results: dict[str, RunResult] = {}
     start = time.perf_counter()
     with working_directory(out):  # every runs/... path of the configs (and the stage hand-offs) lands in `out`
         if teacher_from is not None:
-            results["teacher"] = reuse_teacher(Path(teacher_from).resolve(), out)
+            results["teacher"] = reuse_teacher(teacher_from, out)
         for stage in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
             if stage in results:
                 continue

@@ -8,7 +8,7 @@ import json
 from lightning_moe.experiments.distill import main
 
 
-def test_distill_experiment_quick_writes_results(tmp_path):
+def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
     out = tmp_path / "distill"
     summary = main(["--out", str(out), "--quick"])
     runs = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
@@ -30,3 +30,13 @@ def test_distill_experiment_quick_writes_results(tmp_path):
     assert "| **distilled student** (after preference) |" in table and "POPE F1" in table
     assert list((out / "runs" / "mod" / "preference").rglob("events.out.tfevents.*"))
     assert (out / "configs" / "baseline_moe.yaml").is_file()
+
+    # kd_lm reusing that teacher, named relative to the caller's directory (the experiment works inside
+    # --out, where a relative --teacher-from was once looked up)
+    monkeypatch.chdir(tmp_path)
+    again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0"])
+    reused = {r["name"]: r for r in again["runs"]}
+    assert reused["teacher"] == runs["teacher"]  # its row is kept, not retrained
+    assert (tmp_path / "distill_kd_lm" / "runs" / "mod" / "teacher" / "model").is_dir()
+    assert not (tmp_path / "distill_kd_lm" / "runs" / "mod" / "teacher" / "version_0").exists()
+    assert list(reused) == list(runs)
