@@ -45,6 +45,7 @@ import datetime
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,8 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from lightning_moe.inference import (  # noqa: E402
-    ExpertStore, GenerationConfig, PlanConfig, apply_bits, exact_match_quality, export_store, generate,
-    load_offloaded, plan_bitwidths, profile_routing, resident_bytes, token_agreement_quality,
+    ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits, exact_match_quality, export_store, generate,
+    load_offloaded, load_resident_model, plan_bitwidths, profile_routing, resident_bytes, token_agreement_quality,
 )
 from lightning_moe.inference.cli import eval_batches  # noqa: E402
 from lightning_moe.inference.plan import reference_tokens  # noqa: E402
@@ -94,6 +95,60 @@ def decode_run(model, prompts: list[torch.Tensor], new_tokens: int) -> list[floa
     return [generate(model, p, torch.ones_like(p), config).decode_tokens_per_second for p in prompts]
 
 
+def memory_status() -> dict[str, int]:
+    """This process's resident set now and its peak (bytes), from /proc/self/status (Linux)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024  # reported in kB
+    return {"rss": fields["VmRSS"], "peak_rss": fields["VmHWM"]}
+
+
+def measure_configuration(spec: dict) -> dict:
+    """One configuration in this (fresh) process: load, decode the warm-up and measured prompts.
+
+    Runs in its own interpreter (`--child`), so the process's peak resident set is this
+    configuration's alone; `runtime_rss` is the resident set before loading anything (Python,
+    torch, transformers and this package imported), the same for every configuration.
+    """
+    runtime = memory_status()["rss"]
+    prompts = torch.load(spec["prompts"])
+    if spec["offload"] is None:
+        model, offloader = load_resident_model(ExpertStore(spec["store"])), None
+    else:
+        kwargs = dict(spec["offload"])
+        if kwargs.pop("profile", None):
+            kwargs["profile"] = RoutingProfile.load(spec["profile"])
+        store = ExpertStore(spec["store"], drop_page_cache=spec["drop_page_cache"])
+        model, offloader = load_offloaded(store, **kwargs)
+    decode_run(model, prompts[:1], spec["new_tokens"])  # warm-up (cold cache, first checksums)
+    speeds = decode_run(model, prompts[1:], spec["new_tokens"])
+    if offloader is not None:
+        offloader.close()
+    memory = memory_status()
+    stats = offloader.stats if offloader else None
+    return {
+        "decode_tokens_per_second": statistics.median(speeds), "speeds": speeds,
+        "peak_rss": memory["peak_rss"], "runtime_rss": runtime,
+        "weight_bytes": resident_bytes(model) + (stats.peak_expert_bytes if stats else 0),
+        "hit_rate": stats.hit_rate if stats else None, "bytes_read": stats.bytes_read if stats else 0,
+        "wait_seconds": stats.wait_seconds if stats else 0.0, "stats": stats.as_dict() if stats else None,
+    }
+
+
+def run_child(spec: dict, workdir: Path) -> dict:
+    """`measure_configuration` in a fresh interpreter; the store starts out of the OS page cache."""
+    if spec["drop_page_cache"]:
+        ExpertStore(spec["store"]).evict_page_cache()
+    path = workdir / "child_spec.json"
+    path.write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"configuration {spec['name']!r} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
     model = speed_model(tokenizer, args.hidden, args.inter, args.layers, args.experts)
     total = sum(p.numel() for p in model.parameters())
@@ -122,61 +177,67 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
 
     float_store = export_store(model, workdir / "speed_f32")
     planned_store = export_store(model, workdir / "speed_planned", bits=plan.bits)
+    profile.save(workdir / "speed_profile.json")
+    torch.save(prompts, workdir / "speed_prompts.pt")
     budget = int(args.budget * float_store.expert_memory_bytes)
-    all_in_memory = resident_bytes(model)
-
-    rows, results = [], {}
-
-    def measure(name: str, build):
-        loaded, offloader = build()
-        speeds = decode_run(loaded, prompts[:1], args.new_tokens)  # warm-up (cold cache, first checksums)
-        speeds = decode_run(loaded, prompts[1:], args.new_tokens)
-        memory = resident_bytes(loaded) + (offloader.stats.peak_expert_bytes if offloader else 0)
-        if offloader is not None:
-            offloader.close()
-        stats = offloader.stats if offloader else None
-        results[name] = {
-            "peak_weight_bytes": memory, "decode_tokens_per_second": statistics.median(speeds),
-            "hit_rate": stats.hit_rate if stats else None, "bytes_read": stats.bytes_read if stats else 0,
-            "wait_seconds": stats.wait_seconds if stats else 0.0, "stats": stats.as_dict() if stats else None,
-        }
-        print(f"  {name}: {results[name]['decode_tokens_per_second']:.1f} tok/s", flush=True)
+    del model, reference  # the configurations load the model from the stores, each in its own process
 
     working = {"max_working_experts": args.working_experts}  # the same bound on dense weights for every offload
-    measure("in memory", lambda: (model, None))
-    measure("on demand (no cache)", lambda: load_offloaded(ExpertStore(float_store.directory), **working))
-    measure("LRU cache", lambda: load_offloaded(ExpertStore(float_store.directory), budget_bytes=budget, **working))
-    edge = dict(budget_bytes=budget, profile=profile, prefetch=True, prefetch_width=args.prefetch_width,
+    edge = dict(budget_bytes=budget, profile=True, prefetch=True, prefetch_width=args.prefetch_width,
                 prefetch_min_probability=args.prefetch_min_probability, **working)
-    planned = lambda: ExpertStore(planned_store.directory)  # noqa: E731
-    measure("EdgeMoE", lambda: load_offloaded(planned(), dequantize_on_load=True, policy="lru", **edge))
-    measure("EdgeMoE, frequency/distance eviction",
-            lambda: load_offloaded(planned(), dequantize_on_load=True, policy="freq_distance", **edge))
-    measure("EdgeMoE, packed cache", lambda: load_offloaded(planned(), policy="lru", **edge))
+    f32, planned = str(float_store.directory), str(planned_store.directory)
+    configurations = {
+        "in memory": (f32, None),
+        "on demand (no cache)": (f32, working),
+        "LRU cache": (f32, {"budget_bytes": budget, **working}),
+        "EdgeMoE": (planned, {"dequantize_on_load": True, "policy": "lru", **edge}),
+        "EdgeMoE, frequency/distance eviction": (planned, {"dequantize_on_load": True, "policy": "freq_distance",
+                                                           **edge}),
+        "EdgeMoE, packed cache": (planned, {"policy": "lru", **edge}),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in configurations}
+    for round_index in range(args.rounds):  # rounds interleave the configurations: load drifts hit all alike
+        for name, (store, offload_kwargs) in configurations.items():
+            spec = {"name": name, "store": store, "offload": offload_kwargs, "profile": str(workdir / "speed_profile.json"),
+                    "prompts": str(workdir / "speed_prompts.pt"), "new_tokens": args.new_tokens,
+                    "drop_page_cache": args.page_cache == "drop"}
+            runs[name].append(run_child(spec, workdir))
+            print(f"  round {round_index + 1}/{args.rounds} {name}: {runs[name][-1]['decode_tokens_per_second']:.1f} "
+                  f"tok/s, peak RSS {runs[name][-1]['peak_rss'] / MiB:.0f} MiB", flush=True)
+    results = {}
+    for name, measured in runs.items():
+        results[name] = {**measured[-1],  # counters of the last round; speed: median over the rounds
+                         "decode_tokens_per_second": statistics.median(r["decode_tokens_per_second"] for r in measured),
+                         "rounds_tokens_per_second": [r["decode_tokens_per_second"] for r in measured],
+                         "peak_rss": max(r["peak_rss"] for r in measured),
+                         "model_rss": max(r["peak_rss"] - r["runtime_rss"] for r in measured)}
 
     base = results["in memory"]
     demand = results["on demand (no cache)"]["decode_tokens_per_second"]
-    header = ("| configuration | peak weight memory (MiB) | vs in memory | decode tok/s | vs on demand | hit rate | "
-              "read (MiB) | waiting on loads (s) |")
-    rows = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| configuration | peak RSS (MiB) | above runtime (MiB) | vs in memory | weights held (MiB) | decode tok/s "
+              "| vs on demand | hit rate | read (MiB) | waiting on loads (s) |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         hit = "" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
-        rows.append(f"| {name} | {r['peak_weight_bytes'] / MiB:.1f} | "
-                    f"{100 * r['peak_weight_bytes'] / base['peak_weight_bytes']:.1f}% | "
+        rows.append(f"| {name} | {r['peak_rss'] / MiB:.0f} | {r['model_rss'] / MiB:.0f} | "
+                    f"{100 * r['model_rss'] / base['model_rss']:.1f}% | {r['weight_bytes'] / MiB:.1f} | "
                     f"{r['decode_tokens_per_second']:.1f} | {r['decode_tokens_per_second'] / demand:.2f}x | {hit} | "
                     f"{r['bytes_read'] / MiB:.1f} | {r['wait_seconds']:.2f} |")
-    edge = results["EdgeMoE"]
+    edge_result = results["EdgeMoE"]
     goals = {
-        "peak memory <= 40% of in memory": edge["peak_weight_bytes"] <= 0.4 * base["peak_weight_bytes"],
-        ">= 2x the decode speed of on demand": edge["decode_tokens_per_second"] >= 2 * demand,
+        "peak memory <= 40% of in memory": edge_result["model_rss"] <= 0.4 * base["model_rss"],
+        ">= 2x the decode speed of on demand": edge_result["decode_tokens_per_second"] >= 2 * demand,
     }
+    reads = ("every expert read from storage (page cache dropped after each read)" if args.page_cache == "drop"
+             else "expert files left in the OS page cache")
     title = (f"Speed and memory: {args.layers} MoE layers x {args.experts} experts (top-2), experts "
              f"{100 * expert_params / total:.1f}% of the parameters, cache budget {100 * args.budget:.0f}% of the "
-             f"float32 expert bytes ({budget / MiB:.1f} MiB), {args.prompts} prompts x {args.new_tokens} new tokens, "
-             f"batch 1; EdgeMoE bitwidths {counts}, prefetch width {args.prefetch_width}, guesses below "
-             f"{args.prefetch_min_probability} skipped")
+             f"float32 expert bytes ({budget / MiB:.1f} MiB), {reads}; {args.prompts} prompts x {args.new_tokens} new "
+             f"tokens, batch 1, each configuration in its own process, median of {args.rounds} round(s); EdgeMoE "
+             f"bitwidths {counts}, prefetch width {args.prefetch_width}, guesses below {args.prefetch_min_probability} "
+             f"skipped")
     return "\n".join([title, "", *rows]), {"results": results, "goals": goals, "plan_counts": counts,
-                                          "all_in_memory_bytes": all_in_memory, "budget_bytes": budget}
+                                          "budget_bytes": budget}
 
 
 # ---------------------------------------------------------------------------- quality
@@ -256,13 +317,22 @@ def main() -> None:
     parser.add_argument("--plan-sequences", type=int, default=2, help="calibration sequences the speed plan uses")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--page-cache", choices=("drop", "keep"), default="drop",
+                        help="drop: every expert read comes from storage (the store is evicted from the OS page cache "
+                             "before each configuration and each file after each read); keep: reads may hit the page "
+                             "cache (memory the budget does not count)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all speed configurations (median)")
     parser.add_argument("--only", choices=("speed", "quality"), default=None, help="run one table only")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one configuration
     parser.add_argument("--out", default=None, help="also write results.json and results.md here")
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure_configuration(json.loads(Path(args.child).read_text()))))
+        return
     if args.quick:
         args.hidden, args.inter, args.layers, args.steps = 64, 128, 2, 2
         args.max_eval_samples = args.max_eval_samples or 4
-        args.calibration, args.prompts, args.new_tokens = 2, 1, 4
+        args.calibration, args.prompts, args.new_tokens, args.rounds = 2, 1, 4, 1
     torch.manual_seed(0)
     tokenizer = load_tokenizer(TOKENIZER)
     start = time.perf_counter()

@@ -14,14 +14,14 @@ Imports models/ and layers/ (never Lightning or methods/), as DESIGN.md lays out
 
 from .cache import CACHE_POLICIES, ExpertCache
 from .generation import GenerationConfig, GenerationOutput, generate
-from .offload import ExpertOffloader, OffloadedSparseMoE, OffloadStats, load_offloaded, offload, resident_bytes
+from .offload import BufferPool, ExpertOffloader, OffloadedSparseMoE, OffloadStats, load_offloaded, offload, resident_bytes
 from .plan import BitwidthPlan, PlanConfig, exact_match_quality, plan_bitwidths, token_agreement_quality
 from .prefetch import ExpertPredictor, RoutingProfile, profile_routing
 from .quantize import QuantizedTensor, dequantize, fake_quantize, quantize
 from .store import ExpertStore, StoreError, apply_bits, export_store, load_resident_model
 
 __all__ = [
-    "CACHE_POLICIES", "ExpertCache", "GenerationConfig", "GenerationOutput", "generate", "ExpertOffloader",
+    "CACHE_POLICIES", "ExpertCache", "GenerationConfig", "GenerationOutput", "generate", "BufferPool", "ExpertOffloader",
     "OffloadedSparseMoE", "OffloadStats", "load_offloaded", "offload", "resident_bytes", "BitwidthPlan",
     "PlanConfig", "exact_match_quality", "plan_bitwidths", "token_agreement_quality", "ExpertPredictor",
     "RoutingProfile", "profile_routing", "QuantizedTensor", "dequantize", "fake_quantize", "quantize",

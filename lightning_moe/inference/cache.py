@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Any, Hashable
 
 __all__ = ["ExpertCache", "CACHE_POLICIES"]
@@ -32,13 +33,16 @@ class ExpertCache:
         policy: str = "lru",
         num_layers: int = 1,
         frequencies: dict[Key, float] | None = None,
+        on_evict: Callable[[Key, Any], None] | None = None,
     ) -> None:
+        """on_evict(key, value): called for every value that leaves the cache (evicted or replaced)."""
         if policy not in CACHE_POLICIES:
             raise ValueError(f"cache policy must be one of {CACHE_POLICIES}, got {policy!r}")
         if budget_bytes <= 0:
             raise ValueError(f"cache budget must be positive, got {budget_bytes} bytes")
         self.budget_bytes, self.policy, self.num_layers = budget_bytes, policy, num_layers
         self.frequencies = dict(frequencies) if frequencies else None
+        self.on_evict = on_evict
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # least recently used first
         self._accesses: Counter = Counter()
         self._lock = threading.RLock()
@@ -82,12 +86,18 @@ class ExpertCache:
         evicted = []
         with self._lock:
             if key in self._entries:
-                self.bytes -= self._entries.pop(key)[1]
+                old, old_bytes = self._entries.pop(key)
+                self.bytes -= old_bytes
+                if self.on_evict is not None and old is not value:
+                    self.on_evict(key, old)
             while self.bytes + nbytes > self.budget_bytes:
                 victim = self._victim()
-                self.bytes -= self._entries.pop(victim)[1]
+                victim_value, victim_bytes = self._entries.pop(victim)
+                self.bytes -= victim_bytes
                 self.evictions += 1
                 evicted.append(victim)
+                if self.on_evict is not None:
+                    self.on_evict(victim, victim_value)
             self._entries[key] = (value, nbytes)
             self.bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.bytes)

@@ -88,18 +88,32 @@ def quantize(weight: Tensor, bits: int) -> QuantizedTensor:
     return QuantizedTensor(_pack(q, bits), scale, lo, bits, (w.shape[0], w.shape[1]))
 
 
+DEQUANTIZE_BLOCK_ELEMENTS = 1 << 18  # rows are dequantised in blocks of about this many weights
+
+
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
-    """QuantizedTensor -> (N, K) `dtype` matrix (written into `out` when given)."""
-    q = _unpack(qt.codes, qt.bits, qt.shape[1])
+    """QuantizedTensor -> (N, K) `dtype` matrix (written into `out` when given).
+
+    Works through blocks of rows so the unpacked codes are small temporaries (a few hundred KiB,
+    reused by the allocator) instead of expert-sized ones: those stayed resident in the
+    offloader's process (allocator retention) and cost page faults on every load.
+    """
     if out is None:
         out = torch.empty(qt.shape, dtype=dtype, device=qt.codes.device)
-    if out.dtype == torch.float32:
-        # q * scale written straight into out (uint8 x float32 promotes to float32), then + lo:
-        # two passes over the output and no float copy of the codes (2-2.5x faster than addcmul
-        # on a float copy for int4/int2 on CPU)
-        torch.mul(q, qt.scale, out=out)
-        return out.add_(qt.lo)
-    return out.copy_(q * qt.scale + qt.lo)  # in float32, then cast once
+    rows = max(1, DEQUANTIZE_BLOCK_ELEMENTS // max(qt.shape[1], 1))
+    for start in range(0, qt.shape[0], rows):
+        block = slice(start, start + rows)
+        q = _unpack(qt.codes[block], qt.bits, qt.shape[1])  # (rows, K) uint8
+        scale, lo, target = qt.scale[block], qt.lo[block], out[block]
+        if target.dtype == torch.float32:
+            # q * scale written straight into out (uint8 x float32 promotes to float32), then + lo:
+            # two passes over the output and no float copy of the codes (2-2.5x faster than addcmul
+            # on a float copy for int4/int2 on CPU)
+            torch.mul(q, scale, out=target)
+            target.add_(lo)
+        else:
+            target.copy_(q * scale + lo)  # in float32, then cast once
+    return out
 
 
 def fake_quantize(weight: Tensor, bits: int) -> Tensor:

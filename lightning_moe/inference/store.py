@@ -13,6 +13,9 @@ Layout of a store directory (written by `export_store`):
 L numbers the MoE layers in module order (0 = the first SparseMoE), not decoder layers.
 Reading an expert checks that its file exists, has the manifest's byte size and (the first time
 it is read, or always with verify="always") the manifest's sha256; any failure names the file.
+With `drop_page_cache=True` every read also tells the kernel to drop the file's pages from the OS
+page cache, so the next read of that expert comes from storage again: what a device whose memory
+cannot hold the store sees (and memory the cache budget does not count is not used behind its back).
 The fingerprint (sha256 of the model config and of every non-expert weight) lets `check_model`
 refuse a store that was exported from another model.
 """
@@ -21,12 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
 
@@ -34,8 +40,8 @@ from ..layers import SparseMoE
 from ..models import MultimodalLM
 from .quantize import FLOAT_BITS, QuantizedTensor, bits_label, dequantize, quantize
 
-__all__ = ["ExpertStore", "ExpertTensors", "ExpertEntry", "StoreError", "export_store", "expert_layers", "apply_bits",
-           "load_resident_model",
+__all__ = ["ExpertStore", "safetensors_views", "ExpertTensors", "ExpertEntry", "StoreError", "export_store", "expert_layers", "apply_bits",
+           "load_resident_model", "model_from_store",
            "model_fingerprint", "sparse_expert_tensors"]
 
 MANIFEST = "manifest.json"
@@ -87,6 +93,7 @@ class ExpertTensors:
     b_in: Tensor | None
     b_down: Tensor | None
     bits: int
+    buffers: tuple[Tensor, ...] = ()  # the memory the tensors are views of (the offloader reuses it after eviction)
 
     @property
     def nbytes(self) -> int:
@@ -126,14 +133,14 @@ def _encode(tensors: dict[str, Tensor], bits: int) -> dict[str, Tensor]:
     return out
 
 
-def _decode(tensors: dict[str, Tensor], bits: int, shapes: dict[str, tuple[int, int]]) -> ExpertTensors:
+def _decode(tensors: dict[str, Tensor], bits: int, shapes: dict[str, tuple[int, int]], raw: Tensor) -> ExpertTensors:
     def matrix(name: str) -> Tensor | QuantizedTensor:
         if bits == FLOAT_BITS:
             return tensors[name]
         return QuantizedTensor(tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.lo"], bits,
                                shapes[name])
 
-    return ExpertTensors(matrix("w_in"), matrix("w_down"), tensors.get("b_in"), tensors.get("b_down"), bits)
+    return ExpertTensors(matrix("w_in"), matrix("w_down"), tensors.get("b_in"), tensors.get("b_down"), bits, (raw,))
 
 
 @dataclass
@@ -148,6 +155,46 @@ class ExpertEntry:
     bytes: int  # file size on disk
     memory_bytes: int  # tensor bytes once loaded (what the cache budget counts)
     sha256: str
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def safetensors_views(raw: Tensor, path: Path | str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file held in `raw` (uint8), as views of it (no copy when aligned).
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets}} (offsets relative to the end of the header), then the data. safetensors' own
+    `load` copies every tensor out of the bytes; views let the offloader reuse the read buffer.
+    `path` only names the file in errors.
+    """
+    try:
+        if raw.numel() < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        length = int.from_bytes(raw[:8].numpy().tobytes(), "little")
+        if 8 + length > raw.numel():
+            raise ValueError(f"header of {length} bytes runs past the end of the file")
+        header = json.loads(raw[8 : 8 + length].numpy().tobytes())
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r}: unsupported dtype {info['dtype']!r}")
+            start, end = (8 + length + offset for offset in info["data_offsets"])
+            size = dtype.itemsize * math.prod(info["shape"])
+            if end - start != size or end > raw.numel():
+                raise ValueError(f"tensor {name!r}: data offsets {info['data_offsets']} do not fit its shape "
+                                 f"{info['shape']} ({size} bytes) within the file")
+            chunk = raw[start:end]
+            if start % dtype.itemsize:
+                chunk = chunk.clone()  # a view must start on an element boundary
+            out[name] = chunk.view(dtype).view(info["shape"])
+        return out
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise StoreError(f"expert file {path} cannot be decoded as safetensors: {err}") from err
 
 
 def _expert_file(layer: int, expert: int) -> str:
@@ -207,10 +254,16 @@ def export_store(
 
 @dataclass
 class ExpertStore:
-    """A store directory opened for reading. verify: 'once' (sha256 on a file's first read), 'always', 'never'."""
+    """A store directory opened for reading.
+
+    verify: 'once' (sha256 on a file's first read), 'always', 'never'.
+    drop_page_cache: after each expert read, advise the kernel to evict the file from the page
+        cache (POSIX `posix_fadvise(DONTNEED)`), so every read is a read from storage.
+    """
 
     directory: Path
     verify: str = "once"
+    drop_page_cache: bool = False
     manifest: dict[str, Any] = field(init=False)
     entries: dict[tuple[int, int], ExpertEntry] = field(init=False)
     _verified: set[tuple[int, int]] = field(init=False, default_factory=set)
@@ -219,6 +272,8 @@ class ExpertStore:
         self.directory = Path(self.directory)
         if self.verify not in ("once", "always", "never"):
             raise ValueError(f"verify must be 'once', 'always' or 'never', got {self.verify!r}")
+        if self.drop_page_cache and not hasattr(os, "posix_fadvise"):
+            raise ValueError("drop_page_cache needs os.posix_fadvise (Linux and other POSIX systems), not available here")
         path = self.directory / MANIFEST
         if not path.is_file():
             raise StoreError(f"{path} not found: not an expert store (write one with export_store / `export`)")
@@ -252,41 +307,74 @@ class ExpertStore:
     def expert_memory_bytes(self) -> int:
         return sum(e.memory_bytes for e in self.entries.values())
 
+    def expert_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Dense shapes of one expert of MoE layer `layer`: w_in (2I or I, H), w_down (H, I), biases if any."""
+        info = self.layers[layer]
+        hidden, inter = info["hidden_size"], info["intermediate_size"]
+        rows_in = 2 * inter if info["gated"] else inter
+        shapes = {"w_in": (rows_in, hidden), "w_down": (hidden, inter)}
+        if info["bias"]:
+            shapes.update({"b_in": (rows_in,), "b_down": (hidden,)})
+        return shapes
+
+    def dense_expert_bytes(self, layer: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of one expert of MoE layer `layer` held dense in `dtype`."""
+        size = torch.tensor([], dtype=dtype).element_size()
+        return size * sum(math.prod(shape) for shape in self.expert_shapes(layer).values())
+
     def bits(self) -> dict[tuple[int, int], int]:
         return {k: e.bits for k, e in self.entries.items()}
 
     # ------------------------------------------------------------------ reading
-    def read_bytes(self, layer: int, expert: int) -> bytes:
-        """The expert's file, checked against the manifest (existence, size, checksum)."""
+    def read_raw(self, layer: int, expert: int, out: Tensor | None = None) -> Tensor:
+        """The expert's file as a uint8 tensor, checked against the manifest (existence, size, checksum).
+
+        out: a uint8 buffer of at least the file's size to read into (the offloader reuses buffers);
+        the result is then a view of it. Default: a new tensor.
+        """
         entry = self.entries.get((layer, expert))
         if entry is None:
             raise StoreError(f"{self.directory / MANIFEST} has no expert {expert} in MoE layer {layer}")
         path = self.directory / entry.file
         if not path.is_file():
             raise StoreError(f"expert file {path} is missing (MoE layer {layer}, expert {expert})")
-        data = path.read_bytes()
-        if len(data) != entry.bytes:
-            raise StoreError(f"expert file {path} is truncated or altered: {len(data)} bytes, the manifest says "
-                             f"{entry.bytes}")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry.bytes:
+                raise StoreError(f"expert file {path} is truncated or altered: {size} bytes, the manifest says "
+                                 f"{entry.bytes}")
+            if out is not None and (out.dtype != torch.uint8 or out.numel() < size):
+                raise ValueError(f"read buffer of {out.numel()} {out.dtype} elements for a {size}-byte expert file")
+            raw = torch.empty(size, dtype=torch.uint8) if out is None else out[:size]
+            read = f.readinto(raw.numpy())  # straight into the tensor's memory: no intermediate bytes object
+            if self.drop_page_cache:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if read != size:
+            raise StoreError(f"expert file {path} changed while reading: {read} of {size} bytes read")
         if self.verify == "always" or (self.verify == "once" and (layer, expert) not in self._verified):
-            digest = hashlib.sha256(data).hexdigest()
+            digest = hashlib.sha256(raw.numpy()).hexdigest()
             if digest != entry.sha256:
                 raise StoreError(f"expert file {path} is corrupted: sha256 {digest[:12]}... does not match the "
                                  f"manifest's {entry.sha256[:12]}...")
             self._verified.add((layer, expert))
-        return data
+        return raw
 
-    def read(self, layer: int, expert: int) -> ExpertTensors:
-        data = self.read_bytes(layer, expert)  # raises StoreError for an unknown expert
+    def evict_page_cache(self) -> None:
+        """Advise the kernel to drop every expert file from the OS page cache (the next reads come from storage)."""
+        if not hasattr(os, "posix_fadvise"):
+            raise ValueError("evicting files from the page cache needs os.posix_fadvise (POSIX), not available here")
+        for entry in self.entries.values():
+            path = self.directory / entry.file
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def read(self, layer: int, expert: int, out: Tensor | None = None) -> ExpertTensors:
+        """One expert, its tensors views of the file's bytes (read into `out` when given, see `read_raw`)."""
+        raw = self.read_raw(layer, expert, out)  # raises StoreError for an unknown expert
         entry = self.entries[(layer, expert)]
-        info = self.layers[layer]
-        rows_in = 2 * info["intermediate_size"] if info["gated"] else info["intermediate_size"]
-        shapes = {"w_in": (rows_in, info["hidden_size"]), "w_down": (info["hidden_size"], info["intermediate_size"])}
-        try:
-            tensors = load_safetensors_bytes(data)
-        except Exception as err:  # safetensors raises its own error types for malformed headers
-            raise StoreError(f"expert file {self.directory / entry.file} cannot be decoded: {err}") from err
-        return _decode(tensors, entry.bits, shapes)
+        tensors = safetensors_views(raw, self.directory / entry.file)
+        return _decode(tensors, entry.bits, self.expert_shapes(layer), raw if out is None else out)
 
     def load_base(self) -> dict[str, Tensor]:
         path = self.directory / BASE_WEIGHTS
@@ -328,28 +416,80 @@ class ExpertStore:
         return out
 
 
-def load_resident_model(store: ExpertStore) -> MultimodalLM:
-    """The whole model in memory from a store (experts dequantised to float32): for profiling and planning."""
-    model = MultimodalLM.from_config_dict(store.manifest["model_config"])
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (shapes, no memory); buffers
+    (e.g. rotary frequencies, computed at construction and not saved) stay real. Parameters are
+    allocated with `torch.empty` before the move, which touches no page, so nothing is resident."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _materialize_parameters(model: nn.Module) -> None:
+    """Give every meta parameter (uninitialised) CPU memory; a parameter shared by modules stays shared."""
+    memo: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in memo:
+                    memo[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                   requires_grad=param.requires_grad)
+                module._parameters[name] = memo[id(param)]
+
+
+def model_from_store(store: ExpertStore, replace_experts: Callable[[MultimodalLM], None] | None = None) -> MultimodalLM:
+    """The recorded model with the store's resident weights (base.safetensors) loaded.
+
+    replace_experts: None = every SparseMoE keeps its experts, read from the store (dequantised to
+    float32): the whole model in memory, for profiling and planning. Otherwise the model is built
+    with its parameters on the meta device, `replace_experts(model)` swaps the SparseMoE layers
+    for layers that hold no expert (offloading), and only what is left gets memory: the expert
+    weights are never allocated, so loading peaks at the resident weights, not the whole model.
+    """
+    config = store.manifest["model_config"]
+    if replace_experts is None:
+        model = MultimodalLM.from_config_dict(config)
+    else:
+        with _parameters_on_meta():
+            model = MultimodalLM.from_config_dict(config)
     layers = expert_layers(model)
     if len(layers) != len(store.layers):
         raise StoreError(f"{store.directory}: the recorded model has {len(layers)} MoE layers, the manifest "
                          f"{len(store.layers)}")
+    if replace_experts is not None:
+        replace_experts(model)
+        _materialize_parameters(model)
     missing, unexpected = model.load_state_dict(store.load_base(), strict=False)
-    experts = _expert_keys(model)
-    if set(missing) - experts or unexpected:
+    missing = set(missing) - (_expert_keys(model) if replace_experts is None else set())
+    if missing or unexpected:
         raise StoreError(f"{store.directory / BASE_WEIGHTS} does not match the recorded model: "
-                         f"missing {sorted(set(missing) - experts)[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for index, (_, moe) in enumerate(layers):
-            for e in range(moe.num_experts):
-                tensors = store.read_float(index, e)
-                moe.w_in[e].copy_(tensors["w_in"])
-                moe.down_proj[e].copy_(tensors["w_down"])
-                if moe.b_in is not None:
-                    moe.b_in[e].copy_(tensors["b_in"])
-                    moe.down_bias[e].copy_(tensors["b_down"])
+                         f"missing {sorted(missing)[:5]}, unexpected {unexpected[:5]}")
+    if replace_experts is None:
+        with torch.no_grad():
+            for index, (_, moe) in enumerate(layers):
+                for e in range(moe.num_experts):
+                    tensors = store.read_float(index, e)
+                    moe.w_in[e].copy_(tensors["w_in"])
+                    moe.down_proj[e].copy_(tensors["w_down"])
+                    if moe.b_in is not None:
+                        moe.b_in[e].copy_(tensors["b_in"])
+                        moe.down_bias[e].copy_(tensors["b_down"])
     return model.eval()
+
+
+def load_resident_model(store: ExpertStore) -> MultimodalLM:
+    """The whole model in memory from a store (experts dequantised to float32): for profiling and planning."""
+    return model_from_store(store)
 
 
 def apply_bits(store: ExpertStore, bits: dict[tuple[int, int], int], plan: dict[str, Any] | None = None) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ import torch
 from lightning_moe.inference import (ExpertOffloader, ExpertStore, RoutingProfile, StoreError, export_store,
                                      load_offloaded, offload)
 from lightning_moe.inference.store import expert_layers
+from lightning_moe.models import MoEConfig, build_multimodal, upcycle
+from tests.conftest import TINY_LLM
 from tests.inference.conftest import make_sparse_model
 
 
@@ -124,7 +129,8 @@ def test_dense_cache_and_grouped_prefill_compute_the_quantised_model(sparse_mode
     logits = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)  # grouped: summation order differs
     assert offloader.cache.peak_bytes <= budget
-    assert offloader.stats.peak_expert_bytes <= budget + dense_expert  # + the one-expert working stack
+    # + the one-expert working stack + the buffers kept for reuse (BufferPool: evicted experts' memory)
+    assert offloader.stats.peak_expert_bytes <= budget + dense_expert + offloader._pool.max_free_bytes
     with pytest.raises(ValueError, match="smaller than the largest expert"):
         ExpertOffloader(ExpertStore(store.directory), dense_expert - 1, dequantize_on_load=True)
 
@@ -145,3 +151,92 @@ def test_offloaded_layers_refuse_to_build_a_graph(sparse_model, store):
         sparse_model(input_ids=ids, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         sparse_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+LOAD_MEMORY_CHILD = """
+import json, sys
+from pathlib import Path
+from lightning_moe.inference import ExpertStore, load_offloaded, load_resident_model
+
+def peak():  # (resident set now, peak resident set) in bytes; writing 5 to clear_refs resets the peak
+    fields = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+store = ExpertStore(sys.argv[1])
+before, _ = peak()
+model, offloader = load_offloaded(store)
+offloaded = peak()[1] - before
+del model, offloader
+Path("/proc/self/clear_refs").write_text("5")
+before, _ = peak()
+model = load_resident_model(store)
+resident = peak()[1] - before
+print(json.dumps({"offloaded": offloaded, "resident": resident, "experts": store.expert_memory_bytes}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak resident set is read from Linux /proc")
+def test_loading_offloaded_never_allocates_the_experts(tokenizer, tmp_path):
+    """The process's peak resident set while building from the store stays far below the expert bytes
+    (the experts are never allocated), while loading the whole model does grow by them (the check can see it)."""
+    torch.manual_seed(0)
+    model = build_multimodal(tokenizer, "tiny-llama", {**TINY_LLM, "intermediate_size": 2048}, vision_tower=None)
+    upcycle(model, MoEConfig(num_experts=16, top_k=2, layers="all"))  # experts: 48 MiB of float32
+    store = export_store(model, tmp_path / "store")
+    del model
+    done = subprocess.run([sys.executable, "-c", LOAD_MEMORY_CHILD, str(store.directory)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["experts"] > 40 * 2**20
+    assert measured["offloaded"] < 0.2 * measured["experts"], measured
+    assert measured["resident"] > 0.9 * measured["experts"], measured
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="page-cache advice is POSIX only")
+def test_drop_page_cache_reads_the_same_expert_and_advises_the_kernel_per_file(store, monkeypatch):
+    import os
+
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(advice) or
+                        real(fd, offset, length, advice))
+    cold = ExpertStore(store.directory, drop_page_cache=True)
+    assert torch.equal(cold.read(1, 2).w_in, store.read(1, 2).w_in)
+    assert advised == [os.POSIX_FADV_DONTNEED]  # the cold store only; the default store gives no advice
+    cold.evict_page_cache()
+    assert len(advised) == 1 + len(store.entries)
+
+
+def test_safetensors_views_equal_safetensors_own_load(store, tmp_path):
+    from safetensors.torch import load, save
+
+    from lightning_moe.inference.store import safetensors_views
+
+    mixed = {"codes": torch.arange(7, dtype=torch.uint8), "scale": torch.randn(3, 2), "lo": torch.randn(5).double()}
+    files = [save(mixed)] + [(store.directory / e.file).read_bytes() for e in store.entries.values()]
+    for data in files:
+        views = safetensors_views(torch.frombuffer(bytearray(data), dtype=torch.uint8), "x.safetensors")
+        oracle = load(data)
+        assert views.keys() == oracle.keys()
+        for name, tensor in oracle.items():
+            assert views[name].dtype == tensor.dtype and torch.equal(views[name], tensor)
+    with pytest.raises(StoreError, match="x.safetensors"):
+        safetensors_views(torch.tensor([200, 0, 0, 0, 0, 0, 0, 0, 1], dtype=torch.uint8), "x.safetensors")
+
+
+def test_buffer_pool_reuses_retired_buffers_only_after_the_next_layer_call_starts():
+    from lightning_moe.inference import BufferPool
+
+    granule = BufferPool.GRANULE
+    pool = BufferPool(max_free_bytes=2 * granule)
+    a = pool.take(40)
+    assert a.numel() == granule  # sizes round up to the granule
+    pool.retire((a,))
+    assert pool.take(40) is not a  # may still be read by the layer computing now
+    pool.advance()
+    assert pool.take(granule - 1) is a and pool.free_bytes == 0
+    b, c, d = pool.take(40), pool.take(40), pool.take(40)
+    pool.release((b, c, d))  # the third would pass the cap: dropped to the allocator
+    again = pool.take(40)
+    assert pool.free_bytes == granule and (again is b or again is c)
