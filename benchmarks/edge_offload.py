@@ -59,7 +59,7 @@ from lightning_moe.inference import (  # noqa: E402
     ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits, exact_match_quality, export_store, generate,
     load_offloaded, load_resident_model, plan_bitwidths, profile_routing, resident_bytes, token_agreement_quality,
 )
-from lightning_moe.inference.cli import eval_batches  # noqa: E402
+from lightning_moe.edge import eval_batches  # noqa: E402
 from lightning_moe.inference.plan import reference_tokens  # noqa: E402
 from lightning_moe.inference.store import expert_layers  # noqa: E402
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle  # noqa: E402

@@ -1,4 +1,5 @@
-"""The tokenizer and the placeholder tokens: all that `data/` and `models/` share (DESIGN.md).
+"""The tokenizer, the placeholder tokens and answer normalisation: what `data/`, `models/`, `metrics/`
+and `inference/` share (DESIGN.md), kept free of Lightning and torchmetrics.
 
 The data side writes one placeholder token per modality item into `input_ids`; the model side
 replaces each with the projected encoder features. Both load the tokenizer through
@@ -8,6 +9,10 @@ replaces each with the projected encoder features. Both load the tokenizer throu
 - every placeholder of `PLACEHOLDERS` (`<image>`, ...) is ONE special token, so that each
   placeholder in the text is exactly one id the model can find and expand. Missing ones are
   added; the model resizes its embeddings to `len(tokenizer)`.
+
+`normalize_answer` is the one definition of when a generated answer matches a reference: the
+`ExactMatch` metric (training-time evaluation) and EdgeMoE's exact-match quality (`inference/plan.py`)
+both use it.
 """
 
 from pathlib import Path
@@ -66,3 +71,8 @@ def load_tokenizer(
 def placeholder_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Placeholder text -> its token id, for every placeholder in `PLACEHOLDERS`."""
     return {p: tokenizer.convert_tokens_to_ids(p) for p in PLACEHOLDERS.values()}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, trim, drop a trailing period (VQA-style exact match, kept deliberately simple)."""
+    return text.strip().lower().rstrip(".").strip()

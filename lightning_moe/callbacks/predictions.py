@@ -1,7 +1,8 @@
 """`PredictionWriter`: what `main.py predict` generates, written as JSON lines.
 
 The method's `predict_step` returns one dict per sample (id, domain, prediction, answer), made by
-greedy generation with the KV cache; this writer appends them to `<output_dir>/predictions.jsonl`
+generation with the KV cache as the method's `generation` settings say (greedy by default, or
+seeded sampling; with `ExpertOffloading`, experts read from a store); this writer appends them to `<output_dir>/predictions.jsonl`
 batch by batch, so a long prediction run keeps what it has done if it stops.
 """
 

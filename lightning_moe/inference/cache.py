@@ -20,10 +20,23 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any, Hashable
 
-__all__ = ["ExpertCache", "CACHE_POLICIES"]
+__all__ = ["ExpertCache", "CACHE_POLICIES", "cache_budget"]
 
 CACHE_POLICIES = ("lru", "freq_distance")
 Key = tuple[int, int]  # (MoE layer, expert)
+
+
+def cache_budget(expert_bytes: int, fraction: float | None = None, megabytes: float | None = None) -> int | None:
+    """Cache budget in bytes from a fraction of all expert bytes or from MiB; neither: None (no cache)."""
+    if fraction is not None and megabytes is not None:
+        raise ValueError(f"give the cache budget as a fraction ({fraction}) or in MiB ({megabytes}), not both")
+    if megabytes is not None:
+        return int(megabytes * 2**20)
+    if fraction is not None:
+        if fraction <= 0:
+            raise ValueError(f"the cache budget fraction must be positive, got {fraction}")
+        return int(fraction * expert_bytes)
+    return None
 
 
 class ExpertCache:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..metrics.answers import normalize_answer
 from ..models.multimodal import batch_inputs
+from ..tokens import normalize_answer
 from .generation import GenerationConfig, generate
 from .quantize import FLOAT_BITS, QUANT_BITS, fake_quantize
 from .store import expert_layers

@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from ..layers import SparseMoE
 from ..models.multimodal import batch_inputs
 
-__all__ = ["RoutingProfile", "ExpertPredictor", "profile_routing"]
+__all__ = ["RoutingProfile", "ExpertPredictor", "profile_routing", "PROFILE_NAME"]
+
+PROFILE_NAME = "routing_profile.json"  # a store's routing profile: STORE/routing_profile.json by default
 
 
 @dataclass

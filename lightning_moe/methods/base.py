@@ -58,6 +58,32 @@ class AuxLossConfig:
 
 
 @dataclass
+class GenerationSettings:
+    """How `predict` generates answers. Validation and test always decode greedily (`max_new_tokens`
+    of the method), so their exact match stays comparable across runs; these settings are for the
+    answers `main.py predict` writes."""
+
+    do_sample: bool = False  # False: greedy (argmax), the default
+    temperature: float = 1.0  # sampling: logits / temperature
+    top_k: int | None = None  # sampling: keep the k likeliest tokens; None = no limit
+    top_p: float | None = None  # sampling: keep the smallest set reaching probability p; None = no limit
+    # sampling: batch b of dataloader d draws from torch's RNG seeded with seed + 100003 * d + b, so a
+    # run is reproducible and a batch's answers do not depend on the batches before it; None = unseeded
+    seed: int | None = 0
+    max_new_tokens: int | None = None  # None: the method's max_new_tokens
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for Hugging Face `generate` (whose defaults, e.g. top_k=50, must not leak in)."""
+        if not self.do_sample:
+            return {"do_sample": False}
+        if self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0 when sampling, got {self.temperature}")
+        return {"do_sample": True, "temperature": self.temperature,
+                "top_k": self.top_k if self.top_k is not None else 0,  # 0 disables Hugging Face's top-k filter
+                "top_p": self.top_p if self.top_p is not None else 1.0}
+
+
+@dataclass
 class StepOutput:
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]  # named loss terms, logged under the stage prefix
@@ -88,6 +114,7 @@ class MultimodalMethod(L.LightningModule):
         max_new_tokens: int = 8,
         pope_domains: list[str] | None = None,
         generate_in_eval: bool = True,
+        generation: GenerationSettings | None = None,
     ):
         """
         Args:
@@ -100,21 +127,27 @@ class MultimodalMethod(L.LightningModule):
             max_new_tokens: generation length for exact-match evaluation.
             pope_domains: domains with yes/no answers that also get POPE metrics.
             generate_in_eval: run greedy generation in validate/test (exact match); LM loss only if False.
+            generation: how `predict` generates (greedy by default; sampling with a seed, length).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # `generation` is a setting of a prediction run, not of the trained model: kept out of the checkpoint's
+        # hyperparameters, which LightningCLI would otherwise apply over `--model.init_args.generation...`
+        # when `predict --ckpt_path` is given
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation"])
         self.backbone = backbone or BackboneConfig()
         self.aux = aux_loss or AuxLossConfig()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.train_vision_tower = train_vision_tower
         self.max_new_tokens, self.generate_in_eval = max_new_tokens, generate_in_eval
+        self.generation = generation or GenerationSettings()
+        self.generation.generate_kwargs()  # a bad setting fails here, not after a model has loaded
         self.pope_domains = set(pope_domains or [])
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = self.build_backbone()
         self.configure_backbone(self.model)
         groups = self.trainable_groups() + (["vision"] if train_vision_tower else [])
         self.trainable_names = set_trainable(self.model, groups)
-        self._routed = [m for _, m in routed_layers(self.model)]
+        self.refresh_routed_layers()
         self.eval_metrics = nn.ModuleDict()  # "<stage>/<domain>" -> per-domain metrics, made on first use
 
     # ------------------------------------------------------------------ what subclasses say
@@ -160,18 +193,39 @@ class MultimodalMethod(L.LightningModule):
         """The tensors the model reads from a batch (training sequence, or the generation prompt)."""
         return batch_inputs(batch, prompt)
 
+    def refresh_routed_layers(self) -> None:
+        """Find the model's routed layers again, after something swapped them (e.g. `ExpertOffloading`)."""
+        self._routed = [m for _, m in routed_layers(self.model)]
+
     def collect_routing(self) -> list[RouterOutput]:
         return [m.last_routing for m in self._routed if m.last_routing is not None]
 
     @torch.no_grad()
     def generate_answers(self, batch: dict[str, Any], **generate_kwargs: Any) -> list[str]:
+        """Answers to the batch's prompts: greedy with the method's `max_new_tokens` unless kwargs say otherwise."""
         inputs = self.model_inputs(batch, prompt=True)
+        generate_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         new_tokens = self.model.generate(
-            inputs.pop("input_ids"), inputs.pop("attention_mask"), max_new_tokens=self.max_new_tokens,
+            inputs.pop("input_ids"), inputs.pop("attention_mask"),
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             **inputs, **generate_kwargs,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def predict_answers(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> list[str]:
+        """Answers as `generation` says: greedy, or sampled from an RNG seeded for this batch."""
+        settings = self.generation
+        kwargs = settings.generate_kwargs()
+        if settings.max_new_tokens is not None:
+            kwargs["max_new_tokens"] = settings.max_new_tokens
+        if not settings.do_sample or settings.seed is None:
+            return self.generate_answers(batch, **kwargs)
+        # Hugging Face samples from torch's global RNG: seed it for this batch, and restore it afterwards
+        # so that sampling leaves the run's other random streams as they were
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(settings.seed + 100003 * dataloader_idx + batch_idx)
+            return self.generate_answers(batch, **kwargs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         step = self.compute_loss(batch)
@@ -241,7 +295,7 @@ class MultimodalMethod(L.LightningModule):
         self._log_eval_epoch("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
-        predictions = self.generate_answers(batch)
+        predictions = self.predict_answers(batch, batch_idx, dataloader_idx)
         return [{"id": i, "domain": d, "prediction": p, "answer": a}
                 for i, d, p, a in zip(batch["id"], batch["domain"], predictions, batch["answers"])]
 

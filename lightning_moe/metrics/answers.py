@@ -11,10 +11,7 @@ import re
 import torch
 from torchmetrics import Metric
 
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, trim, drop a trailing period (VQA-style exact match, kept deliberately simple)."""
-    return text.strip().lower().rstrip(".").strip()
+from ..tokens import normalize_answer  # one definition, shared with inference/ (which imports no metrics)
 
 
 class ExactMatch(Metric):

@@ -1,12 +1,13 @@
-"""Commands of `python -m lightning_moe.inference`: export, profile, plan, generate.
+"""EdgeMoE commands, `python -m lightning_moe.edge`: export, profile, plan, generate.
 
     export    a trained model (save_pretrained directory or Lightning .ckpt) -> an expert store
     profile   routing statistics on a calibration split -> STORE/routing_profile.json
     plan      expert-wise bitwidths within a quality tolerance -> experts rewritten, plan in the manifest
     generate  answer a prompt (and image) with experts offloaded, print the answer and the counters
 
-The command layer is the one place here that reads datasets (through `lightning_moe.data`);
-the library modules beside it take plain batches.
+This is the command layer over `lightning_moe.inference`: it reads datasets and images (through
+`lightning_moe.data`, hence Lightning), which `inference/` itself never imports (DESIGN.md: inference
+imports models/ and layers/ only); the library takes plain batches.
 """
 
 from __future__ import annotations
@@ -18,23 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from ..models.multimodal import load_backbone
-from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
-from .generation import GenerationConfig, generate
-from .offload import load_offloaded, resident_bytes
-from .plan import PlanConfig, exact_match_quality, plan_bitwidths
-from .prefetch import RoutingProfile, profile_routing
-from .store import ExpertStore, apply_bits, export_store, load_resident_model
-
-PROFILE_NAME = "routing_profile.json"
+from .data import DomainMixtureDataModule, Message
+from .data.conversation import ConversationTokenizer
+from .data.dataset import NormalizeImage
+from .inference import (PROFILE_NAME, ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits,
+                        cache_budget, exact_match_quality, export_store, generate, load_offloaded, load_resident_model,
+                        plan_bitwidths, profile_routing, resident_bytes)
+from .models.multimodal import load_backbone
+from .tokens import DEFAULT_TOKENIZER, load_tokenizer
 
 
 def eval_batches(root: str, tokenizer: str, split: str, max_samples_per_domain: int | None,
                  batch_size: int = 100) -> list[dict[str, Any]]:
     """Collated batches of every domain's `split` ('val' or 'test') under a shipped-layout data root."""
-    from ..data import DomainMixtureDataModule  # the data layer (and Lightning) only for commands that read data
-
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     data = DomainMixtureDataModule(root=root, tokenizer=tokenizer, eval_batch_size=batch_size,
@@ -42,17 +41,6 @@ def eval_batches(root: str, tokenizer: str, split: str, max_samples_per_domain: 
     data.setup("validate" if split == "val" else "test")
     loaders = data.val_dataloader() if split == "val" else data.test_dataloader()
     return [batch for loader in loaders for batch in loader]
-
-
-def budget_bytes(store: ExpertStore, fraction: float | None, megabytes: float | None) -> int | None:
-    """Cache budget from a fraction of the store's expert bytes or from megabytes; None = no cache."""
-    if fraction is not None and megabytes is not None:
-        raise ValueError("give --budget-fraction or --budget-mb, not both")
-    if megabytes is not None:
-        return int(megabytes * 2**20)
-    if fraction is not None:
-        return int(fraction * store.expert_memory_bytes)
-    return None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -87,16 +75,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from ..data import Message
-    from ..data.conversation import ConversationTokenizer
-    from ..data.dataset import NormalizeImage
-    from PIL import Image
-
     store = ExpertStore(args.store)
     profile_path = store.directory / PROFILE_NAME
     profile = RoutingProfile.load(profile_path) if (args.prefetch or args.policy == "freq_distance") else None
     model, offloader = load_offloaded(
-        store, budget_bytes=budget_bytes(store, args.budget_fraction, args.budget_mb), policy=args.policy,
+        store, budget_bytes=cache_budget(store.expert_memory_bytes, args.budget_fraction, args.budget_mb), policy=args.policy,
         profile=profile, prefetch=args.prefetch, prefetch_width=args.prefetch_width,
     )
     tokenizer = load_tokenizer(args.tokenizer)
@@ -122,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_moe.inference", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lightning_moe.edge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -176,3 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.func(args)
+
+
+if __name__ == "__main__":
+    main()
