@@ -9,30 +9,38 @@ Prints two markdown tables (with the date and the machine):
    Its routing profile comes from its own forward over calibration text (random prompts continued
    by the model itself, greedily: the kind of text it decodes at run time, other prompts than the
    measured ones); its bitwidth plan from token agreement with its float32 self on that text.
-   Configurations, all decoding the same random prompts greedily at batch size 1 in this process:
+   Configurations, all decoding the same random prompts greedily at batch size 1, each in its own
+   fresh interpreter (`--child`), the models loaded from the exported stores:
      - in memory: the model as trained, nothing offloaded;
      - on demand: experts read from the store whenever routed, no cache;
      - LRU cache: a cache of 25% of the float32 expert bytes, LRU eviction;
-     - EdgeMoE: the same byte budget and LRU eviction, next-layer prediction with background
-       prefetch, experts stored at the planned bitwidths and dequantised on load (the cache holds
-       dense experts, so a hit costs nothing extra);
+     - EdgeMoE: the same byte budget and LRU eviction, next-layer prediction from the profile's
+       transition table with background prefetch, experts stored at the planned bitwidths and
+       dequantised on load (the cache holds dense experts, so a hit costs nothing extra);
      - EdgeMoE, frequency/distance eviction: the same with the paper's eviction policy (profiled
        frequency / (1 + layer distance)); on this model's decoding, which revisits the experts it
        just used, recency predicts reuse better, so the EdgeMoE row uses LRU;
      - EdgeMoE, packed cache: as EdgeMoE, but the cache holds the experts packed (more of them fit
-       the budget) and each use dequantises them (predicted ones ahead, on the prefetch thread).
+       the budget) and each use dequantises them (predicted ones ahead, on the prefetch thread);
+     - EdgeMoE, lookahead prediction: as EdgeMoE, but the guesses come from the next layer's
+       router applied to this layer's input (mixtral-offloading's speculative loading) instead
+       of the transition table.
    Every offloaded configuration holds at most --working-experts experts dense at once (a
    prefill that routes to many experts brings them in groups).
-   "Peak weight memory" = resident parameters and buffers + the peak bytes of expert weights held
-   at once (cache + loads in flight + the dequantised working stack of the layer computing);
-   activations and the KV cache are the same for every configuration and are not counted.
-   The store is on the local disk; after the first read its files sit in the OS page cache, so a
-   "load" here is a page-cache read + decode (+ a checksum on a file's first read) + dequantise,
-   cheaper than a flash read on an edge device (which would favour caching and prefetch more).
-   Decode speed is the median of several prompts after a warm-up prompt; counters cover them all.
+   Memory: the process's peak resident set (VmHWM), whole and above the runtime (the resident set
+   before loading anything: Python, torch, transformers, this package; the same for every row);
+   the goal is judged on the part above the runtime. "Weights held" = resident parameters and
+   buffers + the peak bytes of expert weights held at once (cache, loads in flight, reusable
+   buffers, the working stack).
+   Reads: with --page-cache drop (the default) the store is evicted from the OS page cache before
+   each configuration and every expert file after each read, so every load is a read from the
+   disk, as on a device whose memory cannot hold the store (otherwise the page cache would hold
+   the whole store: memory no budget counts, and a "load" would be a memory copy).
+   Decode speed: per process the median over the prompts after a warm-up prompt; the table gives
+   the median over --rounds rounds (the configurations interleaved); counters are the last round's.
 
 2. Quality, on a sparse model trained on the shipped data: by default the quickstart config
-   (configs/quickstart.yaml) trained for --steps steps through the CLI (the same classes as
+   (configs/quickstart.yaml) trained for its own steps (or --steps) through the CLI (the same classes as
    `python main.py fit`), or a trained model given with --checkpoint (a .ckpt or save_pretrained
    directory). Exact-match accuracy on the shipped test split with experts offloaded at float32,
    int8, int4, int2 and the bitwidths planned on the validation split within --tolerance points.
@@ -59,7 +67,6 @@ from lightning_moe.inference import (  # noqa: E402
     ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits, exact_match_quality, export_store, generate,
     load_offloaded, load_resident_model, plan_bitwidths, profile_routing, resident_bytes, token_agreement_quality,
 )
-from lightning_moe.edge import eval_batches  # noqa: E402
 from lightning_moe.inference.plan import reference_tokens  # noqa: E402
 from lightning_moe.inference.store import expert_layers  # noqa: E402
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle  # noqa: E402
@@ -194,6 +201,8 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
         "EdgeMoE, frequency/distance eviction": (planned, {"dequantize_on_load": True, "policy": "freq_distance",
                                                            **edge}),
         "EdgeMoE, packed cache": (planned, {"policy": "lru", **edge}),
+        "EdgeMoE, lookahead prediction": (planned, {"dequantize_on_load": True, "policy": "lru", **edge,
+                                                    "profile": False, "prediction": "lookahead"}),
     }
     runs: dict[str, list[dict]] = {name: [] for name in configurations}
     for round_index in range(args.rounds):  # rounds interleave the configurations: load drifts hit all alike
@@ -246,7 +255,9 @@ def trained_model(args, workdir: Path):
         return load_backbone(args.checkpoint).eval(), f"checkpoint {args.checkpoint}"
     from lightning_moe.cli import main as cli_main
 
-    steps = args.steps
+    from omegaconf import OmegaConf
+
+    steps = args.steps or OmegaConf.load(ROOT / "configs/quickstart.yaml").trainer.max_steps
     cli = cli_main([
         "fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--trainer.max_steps={steps}",
         f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -259,6 +270,8 @@ def trained_model(args, workdir: Path):
 
 
 def quality_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
+    from lightning_moe.edge import eval_batches  # reads datasets (Lightning): not imported by the speed children
+
     start = time.perf_counter()
     model, source = trained_model(args, workdir)
     print(f"trained model ({source}) ready in {time.perf_counter() - start:.0f}s", flush=True)
@@ -298,7 +311,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few steps")
     parser.add_argument("--checkpoint", default=None, help="trained sparse model for the quality table "
                                                            "(.ckpt or save_pretrained dir); default: train quickstart")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of the quickstart model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of the quickstart model (default: the config's own)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="quality table: planning tolerance (points)")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="per domain, val and test")
     parser.add_argument("--hidden", type=int, default=1024)

@@ -75,12 +75,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    store = ExpertStore(args.store)
+    store = ExpertStore(args.store, drop_page_cache=args.drop_page_cache)
     profile_path = store.directory / PROFILE_NAME
-    profile = RoutingProfile.load(profile_path) if (args.prefetch or args.policy == "freq_distance") else None
+    needs_profile = (args.prefetch and args.prediction == "table") or args.policy == "freq_distance"
+    profile = RoutingProfile.load(profile_path) if needs_profile else None
     model, offloader = load_offloaded(
         store, budget_bytes=cache_budget(store.expert_memory_bytes, args.budget_fraction, args.budget_mb), policy=args.policy,
-        profile=profile, prefetch=args.prefetch, prefetch_width=args.prefetch_width,
+        profile=profile, prefetch=args.prefetch, prediction=args.prediction, prefetch_width=args.prefetch_width,
+        dequantize_on_load=args.dequantize_on_load,
     )
     tokenizer = load_tokenizer(args.tokenizer)
     text = f"<image>\n{args.prompt}" if args.image else args.prompt
@@ -145,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mb", type=float, default=None, help="cache budget in MiB (neither: no cache)")
     p.add_argument("--policy", default="lru", choices=("lru", "freq_distance"))
     p.add_argument("--prefetch", action="store_true", help=f"predict and prefetch experts (needs STORE/{PROFILE_NAME})")
+    p.add_argument("--prediction", default="table", choices=("table", "lookahead"),
+                   help="prefetch guesses: the profile's transition table (EdgeMoE) or the next layer's router on "
+                        "this layer's input (lookahead)")
     p.add_argument("--prefetch-width", type=int, default=None, help="experts prefetched per layer (default top_k)")
+    p.add_argument("--dequantize-on-load", action="store_true",
+                   help="cache quantised experts dense (a hit costs nothing more; the budget holds fewer of them)")
+    p.add_argument("--drop-page-cache", action="store_true",
+                   help="every expert read from storage: drop each file from the OS page cache after reading it")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)

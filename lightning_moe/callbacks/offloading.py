@@ -40,6 +40,9 @@ class ExpertOffloading(L.Callback):
         prefetch: bool = False,
         profile: str | None = None,
         prefetch_width: int | None = None,
+        prediction: str = "table",
+        dequantize_on_load: bool = False,
+        drop_page_cache: bool = False,
         stats_path: str | None = None,
         in_test: bool = True,
     ):
@@ -52,6 +55,11 @@ class ExpertOffloading(L.Callback):
             prefetch: predict the next MoE layer's experts and load them on a background thread.
             profile: routing profile JSON for prefetch / 'freq_distance'; default STORE/routing_profile.json.
             prefetch_width: experts prefetched per layer (default: the layer's top_k).
+            prediction: 'table' (the profile's transitions, EdgeMoE) or 'lookahead' (the next
+                layer's router on this layer's input; needs no profile), see `ExpertOffloader`.
+            dequantize_on_load: cache quantised experts dense (see `ExpertOffloader`).
+            drop_page_cache: drop each expert file from the OS page cache after reading it, so every
+                read comes from storage (see `ExpertStore`).
             stats_path: write the counters there as JSON (e.g. beside the predictions).
             in_test: offload in `test` too, not only in `predict`.
         """
@@ -60,6 +68,7 @@ class ExpertOffloading(L.Callback):
         cache_budget(0, budget_fraction, budget_mb)  # both given, or a non-positive fraction: fail now
         self.store_path, self.budget_fraction, self.budget_mb = Path(store), budget_fraction, budget_mb
         self.policy, self.prefetch, self.prefetch_width = policy, prefetch, prefetch_width
+        self.dequantize_on_load, self.drop_page_cache, self.prediction = dequantize_on_load, drop_page_cache, prediction
         self.profile_path = Path(profile) if profile else None
         self.stats_path = Path(stats_path) if stats_path else None
         self.in_test = in_test
@@ -72,13 +81,15 @@ class ExpertOffloading(L.Callback):
         if model is None or not expert_layers(model):
             raise ValueError(f"ExpertOffloading: {type(pl_module).__name__}.model has no SparseMoE layer; experts "
                              "can be offloaded only from a sparse model (e.g. MoE-tuning's stage `moe`)")
-        store = ExpertStore(self.store_path)  # StoreError naming the directory if it is not a store
+        # StoreError naming the directory if it is not a store
+        store = ExpertStore(self.store_path, drop_page_cache=self.drop_page_cache)
         profile = None
-        if self.prefetch or self.policy == "freq_distance":
+        if (self.prefetch and self.prediction == "table") or self.policy == "freq_distance":
             profile = RoutingProfile.load(self.profile_path or store.directory / PROFILE_NAME)
         self.offloader = offload(
             model, store, budget_bytes=cache_budget(store.expert_memory_bytes, self.budget_fraction, self.budget_mb),
             policy=self.policy, profile=profile, prefetch=self.prefetch, prefetch_width=self.prefetch_width,
+            prediction=self.prediction, dequantize_on_load=self.dequantize_on_load,
         )  # raises if the store is another model's, the budget is below the largest expert, or the model is on GPU
         if hasattr(pl_module, "refresh_routed_layers"):  # routing statistics read the swapped layers
             pl_module.refresh_routed_layers()

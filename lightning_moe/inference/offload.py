@@ -42,6 +42,7 @@ from .store import ExpertStore, ExpertTensors, expert_layers, model_from_store
 __all__ = ["OffloadedSparseMoE", "ExpertOffloader", "BufferPool", "OffloadStats", "offload", "load_offloaded", "resident_bytes"]
 
 Key = tuple[int, int]
+PREDICTIONS = ("table", "lookahead")
 
 
 @dataclass
@@ -152,9 +153,17 @@ class ExpertOffloader:
 
     budget_bytes: cache budget; None = no cache (every needed expert is read on demand).
     policy: 'lru' or 'freq_distance' (cache.py). profile: routing statistics, used for the
-    frequency of `freq_distance` and, with prefetch=True, for next-layer prediction.
+    frequency of `freq_distance` and, with prefetch=True and prediction='table', for next-layer
+    prediction.
+    prediction: how prefetch guesses the next MoE layer's experts. 'table' (EdgeMoE): from the
+        experts chosen in this layer, through the profile's transition counts
+        (prefetch.ExpertPredictor). 'lookahead' (mixtral-offloading's speculative loading,
+        Pre-gated MoE): the next layer's own router applied to this layer's input; the residual
+        stream changes little from one layer to the next, so this often picks the experts the next
+        layer will choose. Needs no profile; the first MoE layer of the next token, whose input is
+        not known yet, gets no prefetch.
     prefetch_width: experts predicted per layer (default: the layer's top_k);
-    prefetch_min_probability: skip guesses less likely than this (prefetch.ExpertPredictor).
+    prefetch_min_probability: skip table guesses less likely than this (prefetch.ExpertPredictor).
     dequantize_on_load: the cache holds dequantised (dense) experts, so a hit costs nothing more
         but the budget holds fewer quantised experts; default: the cache holds them packed and a
         use dequantises (predicted experts are dequantised ahead on the prefetch thread).
@@ -172,6 +181,7 @@ class ExpertOffloader:
         policy: str = "lru",
         profile: RoutingProfile | None = None,
         prefetch: bool = False,
+        prediction: str = "table",
         prefetch_width: int | None = None,
         prefetch_min_probability: float = 0.0,
         dequantize_on_load: bool = False,
@@ -196,12 +206,18 @@ class ExpertOffloader:
             frequencies = profile.frequencies() if (profile is not None and policy == "freq_distance") else None
             self.cache = ExpertCache(budget_bytes, policy, self.num_layers, frequencies,
                                      on_evict=lambda key, tensors: self._pool.retire(tensors.buffers))
-        if prefetch and (profile is None or self.cache is None):
-            raise ValueError("prefetch needs a routing profile and a cache budget (it loads into the cache)")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if prefetch and self.cache is None:
+            raise ValueError("prefetch needs a cache budget (it loads into the cache)")
+        if prefetch and prediction == "table" and profile is None:
+            raise ValueError("prefetch with prediction='table' needs a routing profile (or use prediction='lookahead')")
+        self.prefetching, self.prediction = prefetch, prediction
+        self.prefetch_width = prefetch_width or store.layers[0]["top_k"]
         self.predictor = None
-        if prefetch:
-            width = prefetch_width or store.layers[0]["top_k"]
-            self.predictor = ExpertPredictor(profile, width, prefetch_min_probability)
+        if prefetch and prediction == "table":
+            self.predictor = ExpertPredictor(profile, self.prefetch_width, prefetch_min_probability)
+        self.routers: dict[int, nn.Module] = {}  # MoE layer -> its router (set by OffloadedSparseMoE), for lookahead
         self._lock = threading.Lock()
         self._pending: dict[Key, Future] = {}
         self._prefetched: set[Key] = set()  # loaded by a prefetch and not used yet
@@ -272,10 +288,24 @@ class ExpertOffloader:
                 self._in_flight -= self.store.entries[key].memory_bytes
                 self._pending.pop(key, None)
 
-    def prefetch(self, layer: int, chosen: list[int] | None) -> list[int]:
-        """Queue the predicted experts of MoE layer `layer` that are not ready (cached and, if quantised, staged)."""
+    @torch.no_grad()
+    def lookahead(self, layer: int, hidden: Tensor) -> list[int]:
+        """The experts MoE layer `layer`'s router picks for `hidden` (T, H), the most picked first, at most prefetch_width."""
+        indices = self.routers[layer](hidden).indices  # (T, k)
+        votes = torch.bincount(indices.reshape(-1), minlength=self.store.layers[layer]["num_experts"])  # (E,)
+        top = torch.topk(votes, min(self.prefetch_width, int((votes > 0).sum())))
+        return top.indices.tolist()
+
+    def predict(self, layer: int, chosen: list[int], hidden: Tensor | None) -> list[int]:
+        """Guesses for MoE layer `layer`, given the experts `chosen` in layer - 1 and that layer's input `hidden`."""
+        if self.prediction == "lookahead":
+            return [] if layer == 0 or hidden is None else self.lookahead(layer, hidden)
+        return self.predictor.predict(layer, chosen if layer > 0 else None)
+
+    def prefetch(self, layer: int, experts: list[int]) -> list[int]:
+        """Queue the given experts of MoE layer `layer` that are not ready (cached and, if quantised, staged)."""
         queued = []
-        for expert in self.predictor.predict(layer, chosen):
+        for expert in experts:
             key = (layer, expert)
             with self._lock:
                 quantised = self.store.entries[key].bits != FLOAT_BITS
@@ -345,14 +375,18 @@ class ExpertOffloader:
             self._buffers[shape] = buffers
         return buffers[0][:n], buffers[1][:n]
 
-    def expert_stack(self, layer: int, experts: list[int]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Stacked (len(experts), ...) dense weights of MoE layer `layer`, the shapes SparseMoE dispatches on."""
+    def expert_stack(self, layer: int, experts: list[int], hidden: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Stacked (len(experts), ...) dense weights of MoE layer `layer`, the shapes SparseMoE dispatches on.
+
+        hidden: the layer's input (T, H), for lookahead prediction.
+        """
         self._pool.advance()  # the previous layer call has computed: what it retired is free
         loaded = self.fetch(layer, experts)
-        if self.predictor is not None:
+        if self.prefetching:
             # next MoE layer of this token, or the first layer of the next token after the last one
             nxt = (layer + 1) % self.num_layers
-            self.prefetch(nxt, experts if nxt > 0 else None)
+            self.prefetch(nxt, self.predict(nxt, experts, hidden))
         first = loaded[0]
         with self._lock:
             staged = self._staged.get((layer, experts[0]))
@@ -421,6 +455,8 @@ class OffloadedSparseMoE(SparseMoE):
             setattr(self, name, getattr(moe, name))
         self.router, self.act_fn = moe.router, moe.act_fn
         self.layer_index, self.offloader = layer_index, offloader
+        offloader.routers[layer_index] = self.router
+        self._input: Tensor | None = None  # this call's input, for the offloader's lookahead prediction
         self.last_routing = None
         self.train(moe.training)
 
@@ -434,6 +470,7 @@ class OffloadedSparseMoE(SparseMoE):
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad() (or freeze the model)")
         limit = self.offloader.max_working_experts
         used = torch.unique(indices if dropped is None else indices[~dropped]).tolist()
+        self._input = flat
         if limit is None or len(used) <= limit:
             return super()._experts(flat, indices, weights, dropped)
         out = None
@@ -447,7 +484,7 @@ class OffloadedSparseMoE(SparseMoE):
 
     def expert_weights(self, counts: list[int], sorted_expert: Tensor):
         used = [e for e, c in enumerate(counts) if c]
-        w_in, w_down, b_in, b_down = self.offloader.expert_stack(self.layer_index, used)
+        w_in, w_down, b_in, b_down = self.offloader.expert_stack(self.layer_index, used, self._input)
         # renumber the sorted pairs' experts to positions in the stack (only biases index by expert)
         position = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=sorted_expert.device)
         position[used] = torch.arange(len(used), device=sorted_expert.device)
@@ -468,7 +505,7 @@ def offload(model: MultimodalLM, store: ExpertStore | str | Path, **offloader_kw
     """Swap the model's SparseMoE layers (in place) for offloaded ones served from `store`.
 
     Raises StoreError if the store was exported from another model. Keyword arguments go to
-    `ExpertOffloader` (budget_bytes, policy, profile, prefetch, prefetch_width).
+    `ExpertOffloader` (budget_bytes, policy, profile, prefetch, prediction, prefetch_width, ...).
     """
     store = store if isinstance(store, ExpertStore) else ExpertStore(Path(store))
     if any(isinstance(m, OffloadedSparseMoE) for m in model.modules()):

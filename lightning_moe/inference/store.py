@@ -450,25 +450,22 @@ def _materialize_parameters(model: nn.Module) -> None:
 def model_from_store(store: ExpertStore, replace_experts: Callable[[MultimodalLM], None] | None = None) -> MultimodalLM:
     """The recorded model with the store's resident weights (base.safetensors) loaded.
 
-    replace_experts: None = every SparseMoE keeps its experts, read from the store (dequantised to
-    float32): the whole model in memory, for profiling and planning. Otherwise the model is built
-    with its parameters on the meta device, `replace_experts(model)` swaps the SparseMoE layers
-    for layers that hold no expert (offloading), and only what is left gets memory: the expert
-    weights are never allocated, so loading peaks at the resident weights, not the whole model.
+    The model is built with its parameters on the meta device and only then given memory, so no
+    weight is initialised randomly just to be overwritten. replace_experts: None = every SparseMoE
+    keeps its experts, read from the store (dequantised to float32): the whole model in memory, for
+    profiling and planning. Otherwise `replace_experts(model)` swaps the SparseMoE layers for
+    layers that hold no expert (offloading) before memory is given: the expert weights are never
+    allocated, so loading peaks at the resident weights, not the whole model.
     """
-    config = store.manifest["model_config"]
-    if replace_experts is None:
-        model = MultimodalLM.from_config_dict(config)
-    else:
-        with _parameters_on_meta():
-            model = MultimodalLM.from_config_dict(config)
+    with _parameters_on_meta():  # no random initialisation of weights that are loaded next
+        model = MultimodalLM.from_config_dict(store.manifest["model_config"])
     layers = expert_layers(model)
     if len(layers) != len(store.layers):
         raise StoreError(f"{store.directory}: the recorded model has {len(layers)} MoE layers, the manifest "
                          f"{len(store.layers)}")
     if replace_experts is not None:
         replace_experts(model)
-        _materialize_parameters(model)
+    _materialize_parameters(model)
     missing, unexpected = model.load_state_dict(store.load_base(), strict=False)
     missing = set(missing) - (_expert_keys(model) if replace_experts is None else set())
     if missing or unexpected:

@@ -58,13 +58,17 @@ def test_offloaded_float32_generation_gives_exactly_the_in_memory_tokens(tokeniz
     store = export_store(model, tmp_path / "store")
     three = 3 * store.largest_expert_bytes  # fewer than one layer's 4 experts: the cache must evict
     # on demand, LRU cache, EdgeMoE (frequency/distance eviction + prediction + prefetch), built from the store
+    # and lookahead prediction (the next layer's router on this layer's input)
     for kwargs in ({}, {"budget_bytes": three}, {"budget_bytes": three, "policy": "freq_distance",
-                                                   "profile": profile, "prefetch": True}):
+                                                   "profile": profile, "prefetch": True},
+                   {"budget_bytes": three, "prefetch": True, "prediction": "lookahead"}):
         loaded, offloader = load_offloaded(ExpertStore(store.directory), **kwargs)
         tokens = generate(loaded, ids, mask, config, pixel_values=pixels).tokens
         offloader.close()
         assert torch.equal(tokens, reference), kwargs
         assert offloader.stats.misses > 0
+        if kwargs.get("prefetch"):
+            assert offloader.stats.prefetch_issued > 0
         if offloader.cache is not None:
             assert offloader.cache.peak_bytes <= three and offloader.cache.evictions > 0
     offloader = offload(model, store, budget_bytes=three)  # in place, on the model the store came from

@@ -240,3 +240,19 @@ def test_buffer_pool_reuses_retired_buffers_only_after_the_next_layer_call_start
     pool.release((b, c, d))  # the third would pass the cap: dropped to the allocator
     again = pool.take(40)
     assert pool.free_bytes == granule and (again is b or again is c)
+
+
+def test_lookahead_predicts_what_the_next_layers_router_picks(store, sparse_model):
+    offloader = ExpertOffloader(ExpertStore(store.directory), 8 * store.largest_expert_bytes, prefetch=True,
+                                prediction="lookahead")
+    with pytest.raises(ValueError, match="needs a routing profile"):
+        ExpertOffloader(ExpertStore(store.directory), 8 * store.largest_expert_bytes, prefetch=True)
+    router = expert_layers(sparse_model)[1][1].router
+    offloader.routers[1] = router
+    hidden = torch.randn(1, 64)
+    assert sorted(offloader.lookahead(1, hidden)) == sorted(router(hidden).indices[0].tolist())  # width = top_k = 2
+    assert offloader.predict(0, [1], hidden) == []  # the next token's first layer: its input is not known yet
+    tokens = torch.randn(5, 64)
+    votes = torch.bincount(router(tokens).indices.reshape(-1), minlength=4)
+    guesses = offloader.lookahead(1, tokens)
+    assert sorted(votes[guesses].tolist()) == sorted(votes.tolist())[-2:]  # the two most voted experts
