@@ -11,15 +11,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from ..metrics import accuracy_table
 from .routing import _tensorboard, heatmap_image
-
-
-def accuracy_table(matrix: torch.Tensor, task_names: list[str]) -> str:
-    """Markdown table: rows = after training task i, columns = accuracy on task j."""
-    header = "| after \\ on | " + " | ".join(task_names) + " |"
-    separator = "|---" * (len(task_names) + 1) + "|"
-    rows = [f"| {task_names[i]} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(matrix.tolist())]
-    return "\n".join([header, separator, *rows])
 
 
 class AccuracyMatrixImage(L.Callback):

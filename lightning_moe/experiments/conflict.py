@@ -18,7 +18,10 @@ time) and TensorBoard logs under OUT/tensorboard/<run> (MoLE's domain x expert h
 
 The conflict: `position_lr` and `position_tb` ask the same question ("Where is the red shape?")
 answered left/right on grey images and top/bottom on dark ones. A domain *loses to the mixture*
-when plain LoRA on the mixture is at least `CONFLICT_MARGIN` below plain LoRA on that domain alone.
+(`conflicted_domains`) when plain LoRA on that domain alone beats the majority-answer score of the
+domain's test samples (always giving the most frequent answer) by at least `CONFLICT_MARGIN`, and
+plain LoRA on the mixture is at least `CONFLICT_MARGIN` below it: a domain not learnt even alone,
+where the alone run gives one constant answer, shows no conflict whatever the mixture run answers.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ..callbacks import StageProfile
-from ..cli import main as cli_main
+from ..data.records import parse_record, read_llava_records
+from ..metrics import majority_answer_score
 from ..paths import resolve_data_path
+from . import fit_and_test
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mole"
 # A drop of 5 points on 200 test samples is about two standard errors of an accuracy near 80%.
 CONFLICT_MARGIN = 0.05
+# accuracies are counts / samples: a difference of exactly the margin must count despite float rounding
+TOLERANCE = 1e-9
+DATA_ROOT = "data/shapes"  # the shipped configs' data root
 # what the base trains on (configs/mole/base.yaml): the white-image domains, none of the position pair
 BASE_DOMAINS = ("count", "colour", "pope")
 
@@ -115,17 +122,13 @@ def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], step
 
 def _fit_and_test(shipped: str, run_config: Path, name: str, label: str, train_domains: list[str],
                   plan: Plan) -> RunResult:
-    start = time.perf_counter()
-    cli = cli_main(["fit", "--config", str(CONFIGS / shipped), "--config", str(run_config)])
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    metrics = cli.trainer.callback_metrics
-    accuracy = {d: float(metrics[f"test/{d}/exact_match"]) for d in plan.domains}
-    profile = next(c for c in cli.trainer.callbacks if isinstance(c, StageProfile))
+    """The shipped config plus the run's own, trained and tested (`experiments.fit_and_test`), as a table row."""
+    result = fit_and_test(name, ["--config", str(CONFIGS / shipped), "--config", str(run_config)])
+    accuracy = {d: result.metrics[f"test/{d}/exact_match"] for d in plan.domains}
     return RunResult(
         name=name, label=label, train_domains=train_domains, accuracy=accuracy,
-        mean=sum(accuracy.values()) / len(accuracy),
-        trainable_params=sum(p.numel() for p in cli.model.parameters() if p.requires_grad),
-        step_time_ms=None if profile.step_time_s is None else 1000 * profile.step_time_s, seconds=time.perf_counter() - start,
+        mean=sum(accuracy.values()) / len(accuracy), trainable_params=result.params_trainable,
+        step_time_ms=None if result.step_time_s is None else 1000 * result.step_time_s, seconds=result.wall_s,
     )
 
 
@@ -174,19 +177,47 @@ def run(out: Path, plan: Plan, base: Path | None = None) -> dict[str, Any]:
                      "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": plan.lr, "weight_decay": 0.0}}}
         config = _run_config(plan, out, name, train_domains, plan.steps, callbacks, overrides, plan.seed)
         results.append(_fit_and_test(shipped, config, name, label, train_domains, plan))
-    summary = summarise(plan, results)
+    summary = summarise(plan, results, majority_baselines(plan))
     summary["seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown(summary))
     return summary
 
 
-def summarise(plan: Plan, results: list[RunResult]) -> dict[str, Any]:
+def majority_baselines(plan: Plan, root: Path | None = None) -> dict[str, float]:
+    """Domain -> exact match of always giving the most frequent answer, on the test samples every run is
+    tested on (the first `plan.eval_samples` of the domain's test split): the score of a constant answer."""
+    root = root or resolve_data_path(DATA_ROOT)
+    scores = {}
+    for domain in plan.domains:
+        path = root / domain / "test.jsonl"
+        records = read_llava_records(path)[: plan.eval_samples]
+        answers = [[m.content for m in parse_record(r, root, path, i + 1).messages if m.role == "assistant"][-1]
+                   for i, r in enumerate(records)]
+        scores[domain] = majority_answer_score(answers)
+    return scores
+
+
+def learnt_domains(alone: dict[str, float], majority: dict[str, float], margin: float = CONFLICT_MARGIN) -> list[str]:
+    """Domains where plain LoRA alone scores at least `margin` above the majority-answer score."""
+    return [d for d in alone if alone[d] - majority[d] >= margin - TOLERANCE]
+
+
+def conflicted_domains(alone: dict[str, float], mixture: dict[str, float], majority: dict[str, float],
+                       margin: float = CONFLICT_MARGIN) -> list[str]:
+    """Domains that plain LoRA learns alone (`learnt_domains`) and loses on the mixture (at least `margin`
+    below the alone run). One constant answer alone against another on the mixture is no conflict: the
+    domain was never learnt."""
+    return [d for d in learnt_domains(alone, majority, margin) if alone[d] - mixture[d] >= margin - TOLERANCE]
+
+
+def summarise(plan: Plan, results: list[RunResult], majority: dict[str, float]) -> dict[str, Any]:
     by_name = {r.name: r for r in results}
     alone = {d: by_name[f"lora_{d}"].accuracy[d] for d in plan.domains}
     mixture = by_name["lora_mixture"]
     drop = {d: alone[d] - mixture.accuracy[d] for d in plan.domains}
-    conflicted = [d for d in plan.domains if drop[d] >= CONFLICT_MARGIN]
+    conflicted = conflicted_domains(alone, mixture.accuracy, majority)
+    learnt_alone = learnt_domains(alone, majority)
     # share of plain LoRA's loss (alone -> mixture) on the conflicted domains that a run wins back
     lost = sum(drop[d] for d in conflicted)
     contenders = {"lora4x": by_name["lora4x_mixture"], **{f"mole{e}": by_name[f"mole{e}_mixture"] for e in plan.experts}}
@@ -207,11 +238,15 @@ def summarise(plan: Plan, results: list[RunResult]) -> dict[str, Any]:
             verdicts[name] = "not confirmed"
     distinct = set(verdicts.values())
     verdict = distinct.pop() if len(distinct) == 1 else "partly confirmed (depends on the number of experts)"
-    if not conflicted:
-        verdict = "no conflict shown: plain LoRA on the mixture loses no domain by the margin, so nothing to mitigate"
+    if not learnt_alone:
+        verdict = ("no conflict shown: plain LoRA alone beats the majority answer on no domain by the margin "
+                   "(nothing learnt to lose), so nothing to mitigate")
+    elif not conflicted:
+        verdict = ("no conflict shown: plain LoRA on the mixture loses no domain it learns alone by the margin, "
+                   "so nothing to mitigate")
     return {
-        "plan": asdict(plan), "runs": [asdict(r) for r in results],
-        "alone": alone, "drop_mixture_vs_alone": drop, "conflicted_domains": conflicted,
+        "plan": asdict(plan), "runs": [asdict(r) for r in results], "majority_answer": majority,
+        "alone": alone, "learnt_alone": learnt_alone, "drop_mixture_vs_alone": drop, "conflicted_domains": conflicted,
         "recovered_share": recovered, "mole_step_time_ratio": ratios, "verdicts": verdicts, "verdict": verdict,
     }
 
@@ -231,6 +266,7 @@ def markdown(summary: dict[str, Any]) -> str:
         step = f"{r['step_time_ms']:.0f}" if r["step_time_ms"] else "-"
         lines.append(row(r["label"], trained, r["accuracy"], f"{r['trainable_params']:,}", step))
     lines.append(row(f"LoRA r={plan['rank']}, each domain alone (diagonal)", "its own domain", summary["alone"], "-", "-"))
+    lines.append(row("majority answer (one constant answer)", "-", summary["majority_answer"], "-", "-"))
     drops = ", ".join(f"{d} {100 * v:+.1f}" for d, v in summary["drop_mixture_vs_alone"].items())
     fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     recovered = ", ".join(f"{name} {fmt(v)}" for name, v in summary["recovered_share"].items())
@@ -247,8 +283,9 @@ def markdown(summary: dict[str, Any]) -> str:
         *lines,
         "",
         f"Accuracy lost by plain LoRA on the mixture against LoRA on the domain alone (points): {drops}.",
-        f"Domains that lose at least {100 * CONFLICT_MARGIN:.0f} points (the conflict): "
-        f"{', '.join(summary['conflicted_domains']) or 'none'}.",
+        f"Domains that LoRA learns alone (at least {100 * CONFLICT_MARGIN:.0f} points above the majority answer): "
+        f"{', '.join(summary['learnt_alone']) or 'none'}; of those, domains that lose at least "
+        f"{100 * CONFLICT_MARGIN:.0f} points on the mixture (the conflict): {', '.join(summary['conflicted_domains']) or 'none'}.",
         f"Share of that loss won back on those domains (plain LoRA on the mixture = 0%, alone = 100%): {recovered}.",
         f"MoLE step time / plain LoRA step time (same rank, this run; target <= 1.25): {ratios}.",
         "",

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lightning_moe.cli import main as cli_main
-from lightning_moe.metrics import continual_scores
+from lightning_moe.metrics import accuracy_table, continual_scores
 from lightning_moe.experiments import working_directory
 from lightning_moe.paths import REPO_ROOT
 
@@ -116,10 +116,7 @@ def results_markdown(results: list[MethodResult], pretrain_seconds: float, quick
                      f"{r.active_ranks_per_token:.2f} | {r.seconds:.0f} |")
     lines += ["", f"Dense pre-training of the shared base: {pretrain_seconds:.0f} s.", ""]
     for r in results:
-        lines += [f"## {r.method}: acc[i, j]", "", "| after \\ on | " + " | ".join(r.tasks) + " |",
-                  "|---" * (len(r.tasks) + 1) + "|"]
-        lines += [f"| {r.tasks[i]} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(r.accuracy)]
-        lines.append("")
+        lines += [f"## {r.method}: acc[i, j]", "", accuracy_table(r.accuracy, r.tasks), ""]
         if r.rank_usage:
             lines += [f"{r.method}: active ranks per token on each task's test data, by the task that trained them "
                       "(after the last task; mean over layers)", "",

@@ -1,6 +1,6 @@
 """Does LLaVA-MoD's distillation help? Teacher, distilled sparse student, undistilled student.
 
-    python -m lightning_moe.experiments.distill --out DIR [--quick] [--threads N]
+    python -m lightning_moe.experiments.distill --out DIR [--quick] [--threads N] [--seeds 0 1 ...] [--no-control]
 
 Runs, through the CLI (`lightning_moe.cli.main` with the shipped configs, in DIR so that every
 `runs/...` path lands there):
@@ -9,33 +9,36 @@ Runs, through the CLI (`lightning_moe.cli.main` with the shipped configs, in DIR
 2. the student through `mimic_dense`, `mimic_sparse` and `preference` (`configs/mod/*.yaml`);
 3. the same student without a teacher at equal steps: MoE-tuning's instruct stage for as many
    steps as mimic_dense, then its moe stage for as many as mimic_sparse + preference (configs
-   derived from the mimic ones, changing only the method, so data, sizes and optimizer match).
+   derived from the mimic ones, changing only the method, so data, sizes and optimizer match);
+4. the control for the preference stage (on by default, `--no-control` skips it): from the same
+   mimic_sparse checkpoint, as many extra steps as preference took, of the mimic_sparse objective
+   with the preference stage's optimizer, so "preference" can be told apart from "more steps".
 
 Each run is tested on the test split (per-domain exact match from greedy generation, POPE
 accuracy / F1 / yes-ratio). Writes DIR/results.json, DIR/results.md (tables) and the TensorBoard
-logs of every run under DIR/runs/mod/. `--quick` is the smoke version (a few steps, few samples).
+logs of every run under DIR/runs/mod/. `--seeds 0 1 2` repeats the student runs (2-4) per seed,
+each in DIR/seed<N>/ (one teacher for all, trained at its config's seed under DIR/runs/mod/), and
+reports the mean and the range over the seeds. `--quick` is the smoke version (a few steps, few samples).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
 
-from ..callbacks import StageProfile
-from ..cli import main as cli_main
-from ..models import parameter_counts
 from ..paths import REPO_ROOT
-from . import working_directory
+from . import RunResult, fit_and_test, working_directory
 
 CONFIGS = REPO_ROOT / "configs" / "mod"
 DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")
@@ -57,49 +60,20 @@ def quick_data(preference: bool) -> list[str]:
 
 # validation during fit is skipped: every run is tested once at its end
 NO_VALIDATION = ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
+RUN_FIELDS = {f.name for f in fields(RunResult)}
 
 
-@dataclass
-class RunResult:
-    name: str  # teacher | mimic_dense | mimic_sparse | preference | baseline_instruct | baseline_moe
-    method: str
-    stage: str
-    steps: int
-    wall_s: float  # fit + test, data setup included
-    step_time_s: float | None  # median training step
-    peak_memory_mb: float | None
-    memory_kind: str  # cpu_peak_rss (whole process) | cuda_max_allocated
-    params_total: int
-    params_activated: int
-    metrics: dict[str, float] = field(default_factory=dict)  # test/<domain>/<metric>, test/exact_match
+def seed_overrides(seed: int) -> list[str]:
+    """A student seed: weights, dropout (seed_everything) and the training sampler's order."""
+    return [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
 
 
-def fit_and_test(name: str, config: Path, overrides: list[str]) -> RunResult:
-    """One CLI `fit` with `config` + overrides, then `test` with the same trainer and model."""
-    start = time.perf_counter()
-    cli = cli_main(["fit", "--config", str(config), *overrides])
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    profile = next((cb for cb in cli.trainer.callbacks if isinstance(cb, StageProfile)), StageProfile())
-    counts = parameter_counts(cli.model.model)
-    result = RunResult(
-        name=name, method=type(cli.model).__name__, stage=cli.model.stage, steps=cli.trainer.global_step,
-        wall_s=time.perf_counter() - start, step_time_s=profile.step_time_s, peak_memory_mb=profile.peak_memory_mb,
-        memory_kind=profile.memory_kind, params_total=counts.total, params_activated=counts.activated,
-        metrics={k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")},
-    )
-    del cli
-    gc.collect()  # the next run's peak memory should not hold this one's model
-    return result
-
-
-def baseline_config(source: Path, target: Path, name: str, stage: str, steps: int, pretrained: str | None) -> Path:
-    """The mimic config `source` as MoE-tuning without a teacher: same student, data and optimizer."""
+def derive_config(source: Path, target: Path, name: str, steps: int, pretrained: str | None,
+                  change: Callable[[dict], None]) -> Path:
+    """A copy of the shipped config `source` for run `name`: `steps` steps, its own logger name and
+    hand-off directory, `pretrained` as the backbone, then `change(config)`; written to `target`."""
     config = yaml.safe_load(source.read_text())
     init = config["model"]["init_args"]
-    for key in MOD_ONLY_KEYS:
-        init.pop(key, None)
-    config["model"]["class_path"] = "lightning_moe.methods.MoETuning"
-    init["stage"] = stage
     if pretrained:
         init["backbone"] = {"pretrained": pretrained}
     trainer = config["trainer"]
@@ -108,10 +82,37 @@ def baseline_config(source: Path, target: Path, name: str, stage: str, steps: in
     for callback in trainer["callbacks"]:
         if callback["class_path"].endswith("SavePretrained"):
             callback["init_args"]["dirpath"] = f"runs/mod/{name}/model"
+    change(config)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(f"# derived from {source.relative_to(REPO_ROOT)} by lightning_moe/experiments/distill.py\n"
                       + yaml.safe_dump(config, sort_keys=False))
     return target
+
+
+def baseline_config(source: Path, target: Path, name: str, stage: str, steps: int, pretrained: str | None) -> Path:
+    """The mimic config `source` as MoE-tuning without a teacher: same student, data and optimizer."""
+    def without_teacher(config: dict) -> None:
+        init = config["model"]["init_args"]
+        for key in MOD_ONLY_KEYS:
+            init.pop(key, None)
+        config["model"]["class_path"] = "lightning_moe.methods.MoETuning"
+        init["stage"] = stage
+
+    return derive_config(source, target, name, steps, pretrained, without_teacher)
+
+
+def control_config(target: Path, steps: int) -> Path:
+    """The control for the preference stage: `steps` more steps of the mimic_sparse objective (KL to the
+    teacher) from the same checkpoint (runs/mod/mimic_sparse/model), with the preference stage's optimizer
+    and learning rate, on the mimic data at mimic_sparse's batch (64 sequences, as a preference step's
+    32 chosen + 32 rejected). It differs from the preference run only in the objective and its data."""
+    preference = yaml.safe_load((CONFIGS / "preference.yaml").read_text())["model"]["init_args"]
+
+    def preference_optimizer(config: dict) -> None:
+        config["model"]["init_args"]["optimizer"] = preference["optimizer"]
+
+    return derive_config(CONFIGS / "mimic_sparse.yaml", target, "control", steps, "runs/mod/mimic_sparse/model",
+                         preference_optimizer)
 
 
 def reuse_teacher(previous: Path, out: Path) -> RunResult:
@@ -120,57 +121,111 @@ def reuse_teacher(previous: Path, out: Path) -> RunResult:
     summary_file = previous / "results.json"
     if not source.is_dir() or not summary_file.is_file():
         raise FileNotFoundError(f"{previous} holds no finished run of this experiment ({source}, {summary_file})")
-    shutil.copytree(source, out / "runs" / "mod" / "teacher" / "model", dirs_exist_ok=True)
+    copy_teacher(previous, out)
     row = next(r for r in json.loads(summary_file.read_text())["runs"] if r["name"] == "teacher")
-    return RunResult(**row)
+    return RunResult(**{k: v for k, v in row.items() if k in RUN_FIELDS})
 
 
-def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, teacher_from: Path | None = None) -> dict:
+def copy_teacher(source_dir: Path, target_dir: Path) -> None:
+    """The teacher model of `source_dir` into `target_dir`, where the configs' relative teacher path finds it."""
+    source = source_dir / "runs" / "mod" / "teacher" / "model"
+    shutil.copytree(source, target_dir / "runs" / "mod" / "teacher" / "model", dirs_exist_ok=True)
+
+
+def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float | None,
+                 control: bool) -> dict[str, RunResult]:
+    """Every student run of one seed, inside `workdir` (which holds the teacher under runs/mod/teacher/model)."""
+    overrides = NO_VALIDATION + (QUICK if quick else []) + seed_overrides(seed)
+    mimic_extra = [f"--model.init_args.mimic.lm_weight={mimic_lm_weight}"] if mimic_lm_weight is not None else []
+    results: dict[str, RunResult] = {}
+    with working_directory(workdir):  # every runs/... path of the configs (and the stage hand-offs) lands here
+        for stage in ("mimic_dense", "mimic_sparse", "preference"):
+            extra = quick_data(stage == "preference") if quick else []
+            if stage.startswith("mimic"):
+                extra += mimic_extra
+            results[stage] = fit_and_test(stage, ["--config", str(CONFIGS / f"{stage}.yaml"), *overrides, *extra])
+        if quick:
+            overrides = overrides + quick_data(False)
+        if control:  # as many extra steps as preference took, of the mimic objective instead
+            steps = results["preference"].steps
+            config = control_config(workdir / "configs" / "control.yaml", steps)
+            results["control"] = fit_and_test("control", ["--config", str(config), *overrides, *mimic_extra,
+                                                          f"--trainer.max_steps={steps}"])
+        # equal student steps: as many as the distilled student took (also under --quick's overrides)
+        steps = results["mimic_dense"].steps
+        instruct = baseline_config(CONFIGS / "mimic_dense.yaml", workdir / "configs" / "baseline_instruct.yaml",
+                                   "baseline_instruct", "instruct", steps, None)
+        results["baseline_instruct"] = fit_and_test("baseline_instruct", ["--config", str(instruct), *overrides,
+                                                                          f"--trainer.max_steps={steps}"])
+        steps = results["mimic_sparse"].steps + results["preference"].steps
+        moe = baseline_config(CONFIGS / "mimic_sparse.yaml", workdir / "configs" / "baseline_moe.yaml", "baseline_moe",
+                              "moe", steps, "runs/mod/baseline_instruct/model")
+        results["baseline_moe"] = fit_and_test("baseline_moe", ["--config", str(moe), *overrides,
+                                                                f"--trainer.max_steps={steps}"])
+    return results
+
+
+def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, teacher_from: Path | None = None,
+        seeds: list[int] | None = None, control: bool = True) -> dict:
     """All runs (module docstring); `mimic_lm_weight` overrides the mimic stages' `mimic.lm_weight`,
-    `teacher_from` reuses the teacher of an earlier output directory instead of training one."""
+    `teacher_from` reuses the teacher of an earlier output directory instead of training one, `seeds`
+    repeats every student run per seed (one teacher for all), `control` adds the extra-steps control."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds) if seeds else [0]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds has repeated seeds: {seeds}")
     # resolved here, against the caller's directory: inside working_directory(out) a relative path
     # would be looked up under `out`
     teacher_from = Path(teacher_from).resolve() if teacher_from is not None else None
-    overrides = NO_VALIDATION + (QUICK if quick else [])
-    results: dict[str, RunResult] = {}
     start = time.perf_counter()
-    with working_directory(out):  # every runs/... path of the configs (and the stage hand-offs) lands in `out`
-        if teacher_from is not None:
-            results["teacher"] = reuse_teacher(teacher_from, out)
-        for stage in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
-            if stage in results:
-                continue
-            extra = quick_data(stage == "preference") if quick else []
-            if mimic_lm_weight is not None and stage.startswith("mimic"):
-                extra.append(f"--model.init_args.mimic.lm_weight={mimic_lm_weight}")
-            results[stage] = fit_and_test(stage, CONFIGS / f"{stage}.yaml", overrides + extra)
-        if quick:
-            overrides = overrides + quick_data(False)
-        # equal student steps: as many as the distilled student took (also under --quick's overrides)
-        steps = results["mimic_dense"].steps
-        instruct = baseline_config(CONFIGS / "mimic_dense.yaml", out / "configs" / "baseline_instruct.yaml",
-                                   "baseline_instruct", "instruct", steps, None)
-        results["baseline_instruct"] = fit_and_test("baseline_instruct", instruct,
-                                                    overrides + [f"--trainer.max_steps={steps}"])
-        steps = results["mimic_sparse"].steps + results["preference"].steps
-        moe = baseline_config(CONFIGS / "mimic_sparse.yaml", out / "configs" / "baseline_moe.yaml", "baseline_moe",
-                              "moe", steps, "runs/mod/baseline_instruct/model")
-        results["baseline_moe"] = fit_and_test("baseline_moe", moe, overrides + [f"--trainer.max_steps={steps}"])
+    if teacher_from is not None:
+        teacher = reuse_teacher(teacher_from, out)
+    else:  # the teacher at its config's seed, once for every student seed
+        with working_directory(out):
+            teacher = fit_and_test("teacher", ["--config", str(CONFIGS / "teacher.yaml"), *NO_VALIDATION,
+                                               *(QUICK + quick_data(False) if quick else [])])
+    rows = [{**asdict(teacher), "seed": None}]
+    per_seed: dict[int, dict[str, RunResult]] = {}
+    for seed in seeds:
+        # one seed keeps the single-run layout (everything under `out`); several get out/seed<N>/
+        workdir = out if len(seeds) == 1 else out / f"seed{seed}"
+        if workdir != out:
+            copy_teacher(out, workdir)
+        per_seed[seed] = student_runs(workdir, seed, quick, mimic_lm_weight, control)
+        rows += [{**asdict(r), "seed": seed} for r in per_seed[seed].values()]
     summary = {
         "command": "python -m lightning_moe.experiments.distill --out DIR" + (" --quick" if quick else "")
         + (f" --mimic-lm-weight {mimic_lm_weight}" if mimic_lm_weight is not None else "")
-        + (f" --teacher-from {teacher_from}" if teacher_from is not None else ""),
+        + (f" --teacher-from {teacher_from}" if teacher_from is not None else "")
+        + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else "")
+        + ("" if control else " --no-control"),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,
+        "seeds": seeds,
+        "control": control,
         "torch_threads": torch.get_num_threads(),
         "wall_s": time.perf_counter() - start,
-        "runs": [asdict(r) for r in results.values()],
+        "runs": rows,  # the teacher (seed None: its config's seed), then every student run of every seed
+        "aggregate": aggregate(per_seed),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_markdown(summary))
     return summary
+
+
+def aggregate(per_seed: dict[int, dict[str, RunResult]]) -> dict[str, dict[str, dict[str, float]]]:
+    """run name -> test metric -> mean, min, max and per-seed values over the seeds."""
+    names = next(iter(per_seed.values())).keys()
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name in names:
+        keys = set.intersection(*(set(results[name].metrics) for results in per_seed.values()))
+        table[name] = {}
+        for key in sorted(keys):
+            values = [results[name].metrics[key] for results in per_seed.values()]
+            table[name][key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                                "values": values}
+    return table
 
 
 def _cell(value: float | None, fmt: str = "{:.3f}") -> str:
@@ -182,50 +237,97 @@ ROW_NAMES = {
     "mimic_dense": "student after mimic_dense",
     "mimic_sparse": "student after mimic_sparse",
     "preference": "**distilled student** (after preference)",
+    "control": "control: mimic_sparse + as many more mimic steps",
     "baseline_instruct": "undistilled student, instruct",
     "baseline_moe": "**undistilled student** (instruct + moe)",
 }
+POPE_KEYS = ("accuracy", "f1", "yes_ratio")
+POPE_LABELS = {"accuracy": "accuracy", "f1": "F1", "yes_ratio": "yes-ratio"}
+
+
+def _stat(summary: dict, name: str, key: str) -> dict[str, float] | None:
+    """{mean, min, max, values} of a test metric of a student run over the seeds (the teacher: its one value)."""
+    if name == "teacher":
+        value = next(r for r in summary["runs"] if r["name"] == "teacher")["metrics"].get(key)
+        return None if value is None else {"mean": value, "min": value, "max": value, "values": [value]}
+    return summary["aggregate"].get(name, {}).get(key)
+
+
+def _spread_cell(stat: dict[str, float] | None) -> str:
+    """One value, or over several seeds `mean (min-max)`."""
+    if stat is None:
+        return ""
+    if len(stat["values"]) == 1:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} ({stat['min']:.3f}-{stat['max']:.3f})"
+
+
+def _per_seed(stat: dict[str, float]) -> str:
+    return "" if len(stat["values"]) == 1 else " (per seed " + " / ".join(f"{v:.3f}" for v in stat["values"]) + ")"
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """What the table says, in words: distilled vs undistilled, preference before/after, and preference
+    against the control of equal extra steps (means over the seeds, with every seed's value)."""
+    lines = []
+    stat = lambda name, key: _stat(summary, name, key)  # noqa: E731
+    d, u = stat("preference", "test/exact_match"), stat("baseline_moe", "test/exact_match")
+    if d and u:
+        word = "beats" if d["mean"] > u["mean"] else "does not beat"
+        lines.append(f"- Mean test exact match: distilled sparse student {d['mean']:.3f}{_per_seed(d)}, undistilled "
+                     f"{u['mean']:.3f}{_per_seed(u)} (equal student steps): the distilled student {word} the undistilled one.")
+    pope = {name: {k: stat(name, f"test/pope/pope_{k}") for k in POPE_KEYS}
+            for name in ("mimic_sparse", "preference", "control")}
+    before, after, control = pope["mimic_sparse"], pope["preference"], pope["control"]
+    if all(before.values()) and all(after.values()):
+        lines.append("- Preference distillation, " + ", ".join(
+            f"POPE {POPE_LABELS[k]} {before[k]['mean']:.3f} -> {after[k]['mean']:.3f}" for k in POPE_KEYS) + ".")
+    if all(after.values()) and all(control.values()):
+        steps = [r["steps"] for r in summary["runs"] if r["name"] == "control"]
+        wins = sum(a > c for a, c in zip(after["accuracy"]["values"], control["accuracy"]["values"]))
+        n = len(control["accuracy"]["values"])
+        word = ("beats" if wins == n else "does not beat" if wins == 0 else f"beats, in {wins} of {n} seeds,")
+        lines.append(f"- Preference against the control ({steps[0]} more mimic_sparse steps from the same checkpoint "
+                     "instead of the preference steps): " + ", ".join(
+                         f"POPE {POPE_LABELS[k]} {after[k]['mean']:.3f} vs {control[k]['mean']:.3f}" for k in POPE_KEYS)
+                     + f"; POPE accuracy per seed {' / '.join(f'{v:.3f}' for v in after['accuracy']['values'])} vs "
+                     f"{' / '.join(f'{v:.3f}' for v in control['accuracy']['values'])}: preference {word} "
+                     "equal extra steps of the mimic objective on POPE accuracy.")
+        m_after, m_control = stat("preference", "test/exact_match"), stat("control", "test/exact_match")
+        if m_after and m_control:
+            lines.append(f"- Mean test exact match, preference {m_after['mean']:.3f} vs control {m_control['mean']:.3f}.")
+    return lines
 
 
 def results_markdown(summary: dict) -> str:
-    runs = {r["name"]: r for r in summary["runs"]}
+    seeds = summary.get("seeds", [0])
+    names = ["teacher", *summary["aggregate"]]
     header = ["model", *DOMAINS, "mean", "POPE acc", "POPE F1", "yes-ratio", "activated params", "total params"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for name, run in runs.items():
-        m = run["metrics"]
-        cells = [_cell(m.get(f"test/{d}/exact_match")) for d in DOMAINS] + [_cell(m.get("test/exact_match"))]
-        cells += [_cell(m.get(f"test/pope/pope_{k}")) for k in ("accuracy", "f1", "yes_ratio")]
-        cells += [f"{run['params_activated']:,}", f"{run['params_total']:,}"]
+    for name in names:
+        row = next(r for r in summary["runs"] if r["name"] == name)  # parameter counts: the same for every seed
+        keys = [f"test/{d}/exact_match" for d in DOMAINS] + ["test/exact_match"] + [f"test/pope/pope_{k}" for k in POPE_KEYS]
+        cells = [_spread_cell(_stat(summary, name, k)) for k in keys]
+        cells += [f"{row['params_activated']:,}", f"{row['params_total']:,}"]
         lines.append(f"| {ROW_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
-    stage_lines = ["| run | method | stage | steps | median step (s) | peak memory (MB) | memory measured as | wall (s) |",
-                   "|---|---|---|---:|---:|---:|---|---:|"]
-    for name, run in runs.items():
-        stage_lines.append(f"| {name} | {run['method']} | {run['stage']} | {run['steps']} | {_cell(run['step_time_s'])} | "
-                           f"{_cell(run['peak_memory_mb'], '{:.0f}')} | {run['memory_kind']} | {run['wall_s']:.0f} |")
-    verdict = []
-    distilled, undistilled = runs.get("preference"), runs.get("baseline_moe")
-    if distilled and undistilled:
-        d, u = distilled["metrics"].get("test/exact_match"), undistilled["metrics"].get("test/exact_match")
-        if d is not None and u is not None:
-            word = "beats" if d > u else "does not beat"
-            verdict.append(f"- Mean test exact match: distilled sparse student {d:.3f}, undistilled {u:.3f} "
-                           f"(equal student steps): the distilled student {word} the undistilled one.")
-    before, after = runs.get("mimic_sparse"), runs.get("preference")
-    if before and after:
-        b, a = before["metrics"], after["metrics"]
-        if "test/pope/pope_f1" in b and "test/pope/pope_f1" in a:
-            verdict.append(f"- Preference distillation, POPE F1 {b['test/pope/pope_f1']:.3f} -> {a['test/pope/pope_f1']:.3f}, "
-                           f"yes-ratio {b['test/pope/pope_yes_ratio']:.3f} -> {a['test/pope/pope_yes_ratio']:.3f}, "
-                           f"accuracy {b['test/pope/pope_accuracy']:.3f} -> {a['test/pope/pope_accuracy']:.3f}.")
+    stage_lines = ["| run | seed | method | stage | steps | median step (s) | peak memory (MB) | memory measured as | wall (s) |",
+                   "|---|---:|---|---|---:|---:|---:|---|---:|"]
+    for run in summary["runs"]:
+        seed = "" if run.get("seed") is None else str(run["seed"])
+        stage_lines.append(f"| {run['name']} | {seed} | {run['method']} | {run['stage']} | {run['steps']} | "
+                           f"{_cell(run['step_time_s'])} | {_cell(run['peak_memory_mb'], '{:.0f}')} | "
+                           f"{run['memory_kind']} | {run['wall_s']:.0f} |")
+    spread = ("" if len(seeds) == 1 else
+              f" Student rows: mean over seeds {', '.join(map(str, seeds))} (min-max in brackets); the teacher is one run.")
     return "\n".join([
         f"# LLaVA-MoD distillation ({summary['date']}, `{summary['command']}`, torch threads "
         f"{summary['torch_threads']}, {summary['wall_s'] / 60:.1f} min)",
         "",
-        "Test split, exact match per domain (greedy generation), mean over domains, POPE metrics on `pope`.",
+        "Test split, exact match per domain (greedy generation), mean over domains, POPE metrics on `pope`." + spread,
         "",
         *lines,
         "",
-        *verdict,
+        *verdict_lines(summary),
         "",
         "Per run: training steps, median step time, peak memory (CPU: peak resident set of the whole process).",
         "",
@@ -244,10 +346,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="add the student's own LM loss with this weight in the mimic stages (kd_lm)")
     parser.add_argument("--teacher-from", type=Path, default=None,
                         help="reuse the teacher of an earlier output directory of this experiment")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="student seeds (weights, dropout, data order); several: mean and range over them")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                        help="the control for preference: as many extra mimic_sparse steps from the same checkpoint")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = run(args.out, args.quick, args.mimic_lm_weight, args.teacher_from)
+    summary = run(args.out, args.quick, args.mimic_lm_weight, args.teacher_from, args.seeds, args.control)
     print((args.out / "results.md").read_text())
     return summary
 

@@ -1,17 +1,27 @@
 """Answer metrics on generated text: exact match, and POPE's hallucination metrics.
 
 Both are torchmetrics `Metric`s holding plain counts, so they sum correctly across batches,
-dataloaders and processes.
+dataloaders and processes. `majority_answer_score` is the exact match of the constant-answer
+baseline: what a model that always gives one answer can reach at best.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import torch
 from torchmetrics import Metric
 
 from ..tokens import normalize_answer  # one definition, shared with inference/ (which imports no metrics)
+
+
+def majority_answer_score(answers: list[str]) -> float:
+    """Exact match of always answering the most frequent (normalised) reference answer."""
+    if not answers:
+        raise ValueError("no reference answers: the majority-answer score is undefined")
+    counts = Counter(normalize_answer(a) for a in answers)
+    return max(counts.values()) / len(answers)
 
 
 class ExactMatch(Metric):

@@ -14,6 +14,7 @@
 `AccuracyMatrix` is a torchmetrics `Metric` filled one row (one training stage) at a time; rows not
 filled yet are NaN, and `compute()` evaluates the metrics on the rows filled so far, so the values
 can be logged after every task. Transfer needs two rows, BWT / forgetting two rows; otherwise NaN.
+`accuracy_table` writes the matrix as a markdown table (TensorBoard text, experiment results).
 """
 
 from __future__ import annotations
@@ -60,6 +61,15 @@ def continual_scores(acc: torch.Tensor) -> ContinualScores:
         bwt=bwt,
         forgetting=forgetting,
     )
+
+
+def accuracy_table(matrix: torch.Tensor | list[list[float]], task_names: list[str]) -> str:
+    """Markdown table: rows = after training task i, columns = accuracy on task j."""
+    header = "| after \\ on | " + " | ".join(task_names) + " |"
+    separator = "|---" * (len(task_names) + 1) + "|"
+    rows = [f"| {task_names[i]} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+            for i, row in enumerate(torch.as_tensor(matrix).tolist())]
+    return "\n".join([header, separator, *rows])
 
 
 class AccuracyMatrix(Metric):

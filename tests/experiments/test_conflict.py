@@ -24,8 +24,10 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(tmp_path, 
     assert all(set(r["accuracy"]) == set(domains) for r in results["runs"])
     assert all(r["step_time_ms"] > 0 for r in results["runs"])
     assert results["verdict"] and summary["verdict"] == results["verdict"]
+    assert set(results["majority_answer"]) == set(domains) and all(0.5 <= v <= 1 for v in results["majority_answer"].values())
     table = (out / "results.md").read_text()
     assert "| MoLE 3 experts r=1, mixture | mixture |" in table and "Verdict" in table
+    assert "| majority answer (one constant answer) | - |" in table
     assert (out / "configs" / "mole3_mixture.yaml").is_file()
     assert (out / "adapters" / "mole3_mixture" / "adapter_config.json").is_file()
     assert list((out / "tensorboard" / "mole3_mixture").glob("events.out.tfevents.*"))
@@ -35,3 +37,76 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(tmp_path, 
     stamp = base_weights.stat().st_mtime_ns
     conflict.train_base(conflict.QUICK, out / "base", out)
     assert base_weights.stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- the verdict on hand-written scores
+# position_lr's shipped test split is 53% "left", position_tb's 51.5% "bottom" (the README's tables)
+MAJORITY = {"count": 0.25, "position_lr": 0.53, "position_tb": 0.515}
+
+
+def test_a_constant_answer_alone_is_no_conflict():
+    # the seed-0 rank-1 run: LoRA alone gives the constant "left" (53%), on the mixture the constant "right"
+    # (47%); the old rule (alone - mixture >= margin) called position_lr conflicted
+    alone = {"count": 1.0, "position_lr": 0.53, "position_tb": 0.51}
+    mixture = {"count": 1.0, "position_lr": 0.47, "position_tb": 0.485}
+    assert conflict.learnt_domains(alone, MAJORITY) == ["count"]
+    assert conflict.conflicted_domains(alone, mixture, MAJORITY) == []
+
+
+def test_a_domain_learnt_alone_and_lost_on_the_mixture_is_conflicted():
+    # the rank-2 run: position_lr 100% alone, 47% on the mixture; position_tb 60.5% alone, 48.5% mixed
+    alone = {"count": 1.0, "position_lr": 1.0, "position_tb": 0.605}
+    mixture = {"count": 1.0, "position_lr": 0.47, "position_tb": 0.485}
+    assert conflict.conflicted_domains(alone, mixture, MAJORITY) == ["position_lr", "position_tb"]
+    # learnt alone but not lost on the mixture: no conflict
+    assert conflict.conflicted_domains(alone, {**mixture, "position_lr": 0.96}, MAJORITY) == ["position_tb"]
+
+
+def test_the_margin_is_inclusive_on_both_conditions():
+    margin = conflict.CONFLICT_MARGIN
+    # exactly the margin above the majority answer and exactly the margin below alone: conflicted
+    alone = {"position_lr": 0.58}  # 116 / 200
+    assert conflict.conflicted_domains(alone, {"position_lr": 0.53}, MAJORITY, margin) == ["position_lr"]
+    # one test sample (0.5 points) short on either condition: not
+    assert conflict.conflicted_domains({"position_lr": 0.575}, {"position_lr": 0.40}, MAJORITY, margin) == []
+    assert conflict.conflicted_domains(alone, {"position_lr": 0.535}, MAJORITY, margin) == []
+
+
+def _row(name: str, accuracy: dict[str, float], step_ms: float = 100.0) -> conflict.RunResult:
+    return conflict.RunResult(name=name, label=name, train_domains=list(accuracy), accuracy=accuracy,
+                              mean=sum(accuracy.values()) / len(accuracy), trainable_params=1, step_time_ms=step_ms,
+                              seconds=1.0)
+
+
+def test_summary_verdict_of_the_constant_answer_run_is_no_conflict():
+    plan = conflict.Plan(domains=["count", "position_lr", "position_tb"], experts=[2])
+    constant = {"count": 1.0, "position_lr": 0.47, "position_tb": 0.485}
+    results = [_row("lora_count", {"count": 1.0, "position_lr": 0.0, "position_tb": 0.0}),
+               _row("lora_position_lr", {"count": 0.275, "position_lr": 0.53, "position_tb": 0.0}),
+               _row("lora_position_tb", {"count": 0.5, "position_lr": 0.0, "position_tb": 0.51}),
+               _row("lora_mixture", constant), _row("lora4x_mixture", {**constant, "position_lr": 1.0}),
+               _row("mole2_mixture", constant)]
+    summary = conflict.summarise(plan, results, MAJORITY)
+    assert summary["conflicted_domains"] == [] and summary["learnt_alone"] == ["count"]
+    assert summary["verdict"].startswith("no conflict shown") and summary["recovered_share"]["lora4x"] is None
+    table = conflict.markdown(summary)
+    assert "| majority answer (one constant answer) | - | 25.0 | 53.0 | 51.5 |" in table
+    # seed 1: position_lr learnt alone (100%), lost on the mixture (53%), MoLE wins nothing back, LoRA r=4 all
+    results[1] = _row("lora_position_lr", {"count": 0.005, "position_lr": 1.0, "position_tb": 0.0})
+    summary = conflict.summarise(plan, results, MAJORITY)
+    assert summary["conflicted_domains"] == ["position_lr"]
+    assert summary["recovered_share"]["lora4x"] == 1.0 and summary["recovered_share"]["mole2"] == 0.0
+    assert summary["verdict"] == "not confirmed"
+
+
+def test_majority_baseline_counts_normalised_answers_of_the_tested_samples(tmp_path):
+    domain = tmp_path / "position_lr"
+    domain.mkdir()
+    answers = ["left", "Right.", "right", "left", "left", "left"]  # the first 4: right 2, left 2 -> 0.5
+    domain.joinpath("test.jsonl").write_text("\n".join(
+        json.dumps({"id": str(i), "conversations": [{"from": "human", "value": "Where?"}, {"from": "gpt", "value": a}]})
+        for i, a in enumerate(answers)) + "\n")
+    plan = conflict.Plan(domains=["position_lr"], eval_samples=4)
+    assert conflict.majority_baselines(plan, tmp_path) == {"position_lr": 0.5}
+    assert conflict.majority_baselines(conflict.Plan(domains=["position_lr"], eval_samples=6), tmp_path) == \
+        {"position_lr": 4 / 6}

@@ -1,26 +1,38 @@
 """The LLaVA-MoD experiment's smoke version: every run happens through the CLI's classes and the
-results (tables, parameter counts, equal student steps, TensorBoard logs) are written."""
+results (tables, parameter counts, equal student steps, the extra-steps control, TensorBoard logs) are
+written; with several seeds the student runs repeat per seed and the table reports their mean and range."""
 
 from __future__ import annotations
 
 import json
 
-from lightning_moe.experiments.distill import main
+import yaml
+
+from lightning_moe.experiments.distill import CONFIGS, main
 
 
 def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
     out = tmp_path / "distill"
     summary = main(["--out", str(out), "--quick"])
     runs = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference",
+    assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference", "control",
                                                "baseline_instruct", "baseline_moe"]
-    assert [r["method"] for r in runs.values()] == ["MoETuning"] + 3 * ["MoDDistillation"] + 2 * ["MoETuning"]
+    assert [r["method"] for r in runs.values()] == ["MoETuning"] + 4 * ["MoDDistillation"] + 2 * ["MoETuning"]
+    # the control: the mimic objective for as many steps as preference, from the mimic_sparse checkpoint,
+    # with the preference stage's optimizer
+    assert runs["control"]["stage"] == "mimic_sparse" and runs["control"]["steps"] == runs["preference"]["steps"] == 2
+    control = yaml.safe_load((out / "configs" / "control.yaml").read_text())
+    preference = yaml.safe_load((CONFIGS / "preference.yaml").read_text())
+    assert control["model"]["init_args"]["backbone"] == {"pretrained": "runs/mod/mimic_sparse/model"}
+    assert control["model"]["init_args"]["optimizer"] == preference["model"]["init_args"]["optimizer"]
+    assert control["model"]["init_args"]["mimic"]["kd_weight"] > 0 and "preference" not in control["model"]["init_args"]
+    assert runs["control"]["params_total"] == runs["preference"]["params_total"]  # not upcycled a second time
     # equal student steps with and without the teacher
     assert runs["mimic_dense"]["steps"] == runs["baseline_instruct"]["steps"] == 2
     assert runs["mimic_sparse"]["steps"] + runs["preference"]["steps"] == runs["baseline_moe"]["steps"] == 4
     # the teacher is larger; the sparse students activate fewer parameters than they hold
     assert runs["teacher"]["params_total"] > runs["mimic_dense"]["params_total"]
-    for name in ("mimic_sparse", "preference", "baseline_moe"):
+    for name in ("mimic_sparse", "preference", "control", "baseline_moe"):
         assert runs[name]["params_activated"] < runs[name]["params_total"]
     assert runs["preference"]["params_total"] == runs["baseline_moe"]["params_total"]
     for run in runs.values():
@@ -28,15 +40,28 @@ def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
         assert run["step_time_s"] > 0 and run["peak_memory_mb"] > 0
     table = (out / "results.md").read_text()
     assert "| **distilled student** (after preference) |" in table and "POPE F1" in table
+    assert "| control: mimic_sparse + as many more mimic steps |" in table and "against the control" in table
     assert list((out / "runs" / "mod" / "preference").rglob("events.out.tfevents.*"))
     assert (out / "configs" / "baseline_moe.yaml").is_file()
 
     # kd_lm reusing that teacher, named relative to the caller's directory (the experiment works inside
-    # --out, where a relative --teacher-from was once looked up)
+    # --out, where a relative --teacher-from was once looked up), with two student seeds
     monkeypatch.chdir(tmp_path)
-    again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0"])
-    reused = {r["name"]: r for r in again["runs"]}
-    assert reused["teacher"] == runs["teacher"]  # its row is kept, not retrained
-    assert (tmp_path / "distill_kd_lm" / "runs" / "mod" / "teacher" / "model").is_dir()
-    assert not (tmp_path / "distill_kd_lm" / "runs" / "mod" / "teacher" / "version_0").exists()
-    assert list(reused) == list(runs)
+    again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
+                  "--seeds", "0", "1"])
+    teacher = next(r for r in again["runs"] if r["name"] == "teacher")
+    assert teacher == runs["teacher"]  # its row is kept, not retrained
+    again_out = tmp_path / "distill_kd_lm"
+    assert (again_out / "runs" / "mod" / "teacher" / "model").is_dir()
+    assert not (again_out / "runs" / "mod" / "teacher" / "version_0").exists()
+    students = [n for n in runs if n != "teacher"]
+    assert [(r["name"], r["seed"]) for r in again["runs"][1:]] == [(n, s) for s in (0, 1) for n in students]
+    for seed in (0, 1):  # each seed in its own directory, with the teacher beside it
+        assert (again_out / f"seed{seed}" / "runs" / "mod" / "teacher" / "model").is_dir()
+        assert list((again_out / f"seed{seed}" / "runs" / "mod" / "control").rglob("events.out.tfevents.*"))
+    # the aggregate is the mean, min and max of the per-seed values
+    by_seed = {r["seed"]: r["metrics"] for r in again["runs"] if r["name"] == "control"}
+    stat = again["aggregate"]["control"]["test/exact_match"]
+    assert stat["values"] == [by_seed[0]["test/exact_match"], by_seed[1]["test/exact_match"]]
+    assert stat["mean"] == sum(stat["values"]) / 2 and stat["min"] == min(stat["values"])
+    assert "mean over seeds 0, 1" in (again_out / "results.md").read_text()

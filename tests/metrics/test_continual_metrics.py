@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_moe.metrics import AccuracyMatrix, continual_scores
+from lightning_moe.metrics import AccuracyMatrix, accuracy_table, continual_scores
 
 # acc[i, j]: accuracy on task j after training task i (3 tasks)
 ACC = torch.tensor([
@@ -53,3 +53,9 @@ def test_bad_input_is_named():
         AccuracyMatrix(3).compute()
     with pytest.raises(ValueError, match="missing entries"):
         continual_scores(torch.tensor([[0.5, float("nan")]]))
+
+
+def test_accuracy_table_of_a_hand_written_matrix():
+    expected = "\n".join(["| after \\ on | a | b |", "|---|---|---|", "| a | 1.000 | 0.250 |", "| b | 0.500 | 0.750 |"])
+    assert accuracy_table([[1.0, 0.25], [0.5, 0.75]], ["a", "b"]) == expected
+    assert accuracy_table(torch.tensor([[1.0, 0.25], [0.5, 0.75]]), ["a", "b"]) == expected
