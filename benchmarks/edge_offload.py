@@ -31,7 +31,8 @@ Prints two markdown tables (with the date and the machine):
    before loading anything: Python, torch, transformers, this package; the same for every row);
    the goal is judged on the part above the runtime. "Weights held" = resident parameters and
    buffers + the peak bytes of expert weights held at once (cache, loads in flight, reusable
-   buffers, the working stack).
+   buffers, the working stack). "Guesses right": predicted experts the layer then chose, of all
+   predicted (cached or not; prefetch loads only the guesses not cached).
    Reads: with --page-cache drop (the default) the store is evicted from the OS page cache before
    each configuration and every expert file after each read, so every load is a read from the
    disk, as on a device whose memory cannot hold the store (otherwise the page cache would hold
@@ -224,13 +225,15 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
     base = results["in memory"]
     demand = results["on demand (no cache)"]["decode_tokens_per_second"]
     header = ("| configuration | peak RSS (MiB) | above runtime (MiB) | vs in memory | weights held (MiB) | decode tok/s "
-              "| vs on demand | hit rate | read (MiB) | waiting on loads (s) |")
-    rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "| vs on demand | hit rate | guesses right | read (MiB) | waiting on loads (s) |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         hit = "" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
+        stats = r["stats"] or {}
+        guessed = f"{stats['guesses_right']}/{stats['guesses']}" if stats.get("guesses") else ""
         rows.append(f"| {name} | {r['peak_rss'] / MiB:.0f} | {r['model_rss'] / MiB:.0f} | "
                     f"{100 * r['model_rss'] / base['model_rss']:.1f}% | {r['weight_bytes'] / MiB:.1f} | "
-                    f"{r['decode_tokens_per_second']:.1f} | {r['decode_tokens_per_second'] / demand:.2f}x | {hit} | "
+                    f"{r['decode_tokens_per_second']:.1f} | {r['decode_tokens_per_second'] / demand:.2f}x | {hit} | {guessed} | "
                     f"{r['bytes_read'] / MiB:.1f} | {r['wait_seconds']:.2f} |")
     edge_result = results["EdgeMoE"]
     goals = {

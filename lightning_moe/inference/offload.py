@@ -57,13 +57,19 @@ class OffloadStats:
     wait_seconds: float = 0.0  # time the decoding thread was blocked on expert loads
     evictions: int = 0
     peak_expert_bytes: int = 0  # peak bytes of expert weights in memory (cache + in flight + working stack)
+    guesses: int = 0  # experts predicted for a layer call (cached or not)
+    guesses_right: int = 0  # predicted experts the layer call then chose
+
+    @property
+    def prediction_precision(self) -> float:
+        return self.guesses_right / max(self.guesses, 1)
 
     @property
     def hit_rate(self) -> float:
         return self.hits / max(self.hits + self.misses, 1)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate}
+        return {**asdict(self), "hit_rate": self.hit_rate, "prediction_precision": self.prediction_precision}
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -218,6 +224,7 @@ class ExpertOffloader:
         if prefetch and prediction == "table":
             self.predictor = ExpertPredictor(profile, self.prefetch_width, prefetch_min_probability)
         self.routers: dict[int, nn.Module] = {}  # MoE layer -> its router (set by OffloadedSparseMoE), for lookahead
+        self._guesses: dict[int, set[int]] = {}  # MoE layer -> experts guessed for its next call
         self._lock = threading.Lock()
         self._pending: dict[Key, Future] = {}
         self._prefetched: set[Key] = set()  # loaded by a prefetch and not used yet
@@ -290,11 +297,23 @@ class ExpertOffloader:
 
     @torch.no_grad()
     def lookahead(self, layer: int, hidden: Tensor) -> list[int]:
-        """The experts MoE layer `layer`'s router picks for `hidden` (T, H), the most picked first, at most prefetch_width."""
-        indices = self.routers[layer](hidden).indices  # (T, k)
-        votes = torch.bincount(indices.reshape(-1), minlength=self.store.layers[layer]["num_experts"])  # (E,)
-        top = torch.topk(votes, min(self.prefetch_width, int((votes > 0).sum())))
+        """The experts MoE layer `layer`'s router would pick for `hidden` (T, H): the highest summed
+        routing probability over the tokens first, at most prefetch_width, only experts some token picks."""
+        routing = self.routers[layer](hidden)
+        score = routing.probs.sum(0)  # (E,)
+        picked = torch.zeros_like(score, dtype=torch.bool)
+        picked[routing.indices.reshape(-1)] = True
+        score = score.masked_fill(~picked, -1.0)
+        top = torch.topk(score, min(self.prefetch_width, int(picked.sum())))
         return top.indices.tolist()
+
+    def score_guesses(self, layer: int, chosen: list[int]) -> None:
+        """Count how many of the experts guessed for this layer call it then chose (prediction precision)."""
+        guessed = self._guesses.pop(layer, None)
+        if guessed is not None:
+            with self._lock:
+                self.stats.guesses += len(guessed)
+                self.stats.guesses_right += len(guessed & set(chosen))
 
     def predict(self, layer: int, chosen: list[int], hidden: Tensor | None) -> list[int]:
         """Guesses for MoE layer `layer`, given the experts `chosen` in layer - 1 and that layer's input `hidden`."""
@@ -375,18 +394,24 @@ class ExpertOffloader:
             self._buffers[shape] = buffers
         return buffers[0][:n], buffers[1][:n]
 
-    def expert_stack(self, layer: int, experts: list[int], hidden: Tensor | None = None
+    def expert_stack(self, layer: int, experts: list[int], hidden: Tensor | None = None,
+                     chosen: list[int] | None = None, predict: bool = True,
                      ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Stacked (len(experts), ...) dense weights of MoE layer `layer`, the shapes SparseMoE dispatches on.
 
-        hidden: the layer's input (T, H), for lookahead prediction.
+        hidden: the layer's input (T, H), for lookahead prediction; chosen: every expert the layer
+        call routes to (default `experts`; differs when the call brings its experts in groups);
+        predict: guess and prefetch the next layer's experts after this fetch.
         """
         self._pool.advance()  # the previous layer call has computed: what it retired is free
         loaded = self.fetch(layer, experts)
-        if self.prefetching:
+        if self.prefetching and predict:
+            self.score_guesses(layer, chosen or experts)
             # next MoE layer of this token, or the first layer of the next token after the last one
             nxt = (layer + 1) % self.num_layers
-            self.prefetch(nxt, self.predict(nxt, experts, hidden))
+            guesses = self.predict(nxt, chosen or experts, hidden)
+            self._guesses[nxt] = set(guesses)
+            self.prefetch(nxt, guesses)
         first = loaded[0]
         with self._lock:
             staged = self._staged.get((layer, experts[0]))
@@ -456,7 +481,7 @@ class OffloadedSparseMoE(SparseMoE):
         self.router, self.act_fn = moe.router, moe.act_fn
         self.layer_index, self.offloader = layer_index, offloader
         offloader.routers[layer_index] = self.router
-        self._input: Tensor | None = None  # this call's input, for the offloader's lookahead prediction
+        self._call: tuple[Tensor, list[int]] | None = None  # this call's input and experts, for prediction
         self.last_routing = None
         self.train(moe.training)
 
@@ -470,7 +495,7 @@ class OffloadedSparseMoE(SparseMoE):
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad() (or freeze the model)")
         limit = self.offloader.max_working_experts
         used = torch.unique(indices if dropped is None else indices[~dropped]).tolist()
-        self._input = flat
+        self._call = (flat, used)  # predictions use the whole call's choice, also when experts come in groups
         if limit is None or len(used) <= limit:
             return super()._experts(flat, indices, weights, dropped)
         out = None
@@ -484,7 +509,9 @@ class OffloadedSparseMoE(SparseMoE):
 
     def expert_weights(self, counts: list[int], sorted_expert: Tensor):
         used = [e for e, c in enumerate(counts) if c]
-        w_in, w_down, b_in, b_down = self.offloader.expert_stack(self.layer_index, used, self._input)
+        hidden, chosen = self._call
+        first_group = used[0] == chosen[0]  # predict the next layer once per call, after its first group
+        w_in, w_down, b_in, b_down = self.offloader.expert_stack(self.layer_index, used, hidden, chosen, first_group)
         # renumber the sorted pairs' experts to positions in the stack (only biases index by expert)
         position = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=sorted_expert.device)
         position[used] = torch.arange(len(used), device=sorted_expert.device)
