@@ -32,7 +32,14 @@ from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
 from ..tokens import IGNORE_INDEX
 
 
+def checkpoint_safe(cls: type) -> type:
+    """Class decorator: a config dataclass that a method saves in its hyperparameters may be read back
+    by `torch.load(weights_only=True)`, which Lightning's resume (`fit --ckpt_path`) uses by default."""
+    torch.serialization.add_safe_globals([cls])
+    return cls
 
+
+@checkpoint_safe
 @dataclass
 class BackboneConfig:
     """Which model to build (tiny presets or Hugging Face names/paths), or which stage output to load."""
@@ -47,6 +54,7 @@ class BackboneConfig:
     torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
 
 
+@checkpoint_safe
 @dataclass
 class AuxLossConfig:
     """Routing losses, summed over every sparse layer (see README: what a healthy value is)."""

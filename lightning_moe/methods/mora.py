@@ -30,10 +30,11 @@ from torchmetrics import MeanMetric
 
 from ..layers import MoRALinear
 from ..models import AdapterConfig, add_mora_task
-from .base import StepOutput
+from .base import StepOutput, checkpoint_safe
 from .continual import ContinualMethod
 
 
+@checkpoint_safe
 @dataclass
 class MoRAOptions:
     """Self-activation and growth of the rank-1 experts (the paper publishes no values: README, MoRA)."""
@@ -76,6 +77,11 @@ class MoRAContinual(ContinualMethod):
         # task 0 trains the ranks the surgery made; each later task adds its own (earlier ones freeze)
         while len(self.mora_layers[0].lora_A) < task + 1:
             add_mora_task(self.model, self.ranks_per_task)
+
+    def restore_task(self, task: int, state: dict[str, Any]) -> None:
+        # resuming in task `task`: its ranks and every earlier task's must exist (frozen) before the
+        # checkpoint's state dict loads; the ranks' values come from the checkpoint
+        self.start_task(task)
 
     def mean_active_ranks(self, token_mask: torch.Tensor) -> torch.Tensor:
         """Active ranks per real token, averaged over tokens and MoRA layers, of the last forward pass."""
