@@ -43,13 +43,17 @@ class MoRAOptions:
     top_k: int | None = 8  # activation budget: ranks kept per token; None = all
     threshold: float | None = 0.3  # pruning: drop ranks with s_i below it; None = no pruning
     ranks_per_task: int | None = None  # ranks added before each later task; None = lora.r
+    # scaling alpha / lora.r of the rank-1 experts; None = lora.alpha. Apart from lora.alpha so that the
+    # LoRA baselines, which share the `lora` options, keep theirs (README, MoRA: why MoRA needs more)
+    alpha: float | None = None
 
 
 class MoRAContinual(ContinualMethod):
     def __init__(self, mora: MoRAOptions | None = None, **kwargs: Any):
         """
         Args:
-            mora: temperature, activation budget (top_k), pruning threshold, ranks added per task.
+            mora: temperature, activation budget (top_k), pruning threshold, ranks added per task,
+                the experts' scale alpha (default lora.alpha).
             **kwargs: ContinualMethod's (`lora`: r = ranks of task 0, alpha, dropout, targets,
                 layers) and MultimodalMethod's (backbone, optimizer, ...).
         """
@@ -70,7 +74,8 @@ class MoRAContinual(ContinualMethod):
 
     def adapter_rules(self) -> list[AdapterConfig]:
         o, m = self.lora, self.mora
-        return [AdapterConfig(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
+        alpha = o.alpha if m.alpha is None else m.alpha
+        return [AdapterConfig(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=alpha,
                               dropout=o.dropout, temperature=m.temperature, top_k=m.top_k, threshold=m.threshold)]
 
     def start_task(self, task: int) -> None:
