@@ -2,7 +2,8 @@
 a run stopped after task 0 and resumed from that task's checkpoint ends with the same accuracy matrix
 and bit-identical adapters as the uninterrupted run (MoRA, whose module grows per task, and the
 task-specific LoRA oracle, whose earlier tasks' LoRAs live outside the state dict); a checkpoint of
-another task sequence, or one not written by a continual method, is refused with a clear error."""
+another task sequence, or one not written by a continual method, is refused with a clear error; every
+method's config dataclass reads back with `torch.load(weights_only=True)`, the default of Lightning's resume."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_moe.data import ContinualDataModule
-from lightning_moe.methods import ContinualLoRA, MoRAContinual, MoRAOptions
+from lightning_moe.methods import ContinualLoRA, MoRAContinual, MoRAOptions, base, distill, lora, mole, mora
+from lightning_moe.models import MoEConfig
 from tests.conftest import TOKENIZER
 from tests.methods.test_mora import TASKS, make, shapes  # noqa: F401  (shapes: the module's data fixture)
 
@@ -86,3 +88,12 @@ def test_resume_refuses_a_checkpoint_of_another_task_sequence(shapes, tmp_path):
     trainer, data = trainer_and_data(shapes, tmp_path / "c", tasks=["count"])
     with pytest.raises(ValueError, match="plain.ckpt has no 'continual' state"):
         trainer.fit(make(MoRAContinual, mora=options), data, ckpt_path=tmp_path / "plain.ckpt")
+
+
+@pytest.mark.parametrize("config", [base.BackboneConfig(llm="x"), base.AuxLossConfig(coef=0.5), MoEConfig(num_experts=3),
+                                    lora.LoRAOptions(r=2), mora.MoRAOptions(alpha=3.0), mole.ExpertOptions(),
+                                    distill.MimicConfig(), distill.PreferenceConfig()], ids=lambda c: type(c).__name__)
+def test_method_configs_read_back_with_weights_only_loading(tmp_path, config):
+    # they sit in a checkpoint's hyper_parameters; torch refuses unknown classes under weights_only=True
+    torch.save({"hyper_parameters": {"config": config}}, tmp_path / "h.ckpt")
+    assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["config"] == config
