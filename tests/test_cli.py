@@ -99,6 +99,16 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
     assert "continual/accuracy_matrix" in events.Tags()["images"]
     assert {f"continual/acc/{t}" for t in tasks} | {"continual/last", "continual/bwt"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Images("continual/accuracy_matrix")] == [0, 1, 2]
+    # the config keeps one checkpoint per task; Lightning's resume from the one after task 0 rebuilds
+    # the later tasks' ranks and ends exactly as the uninterrupted run
+    checkpoints = Path(cli.trainer.logger.log_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["task0.ckpt", "task1.ckpt", "task2.ckpt"]
+    resumed = fit(MORA[1], "--trainer.max_steps=-1", "--trainer.val_check_interval=1.0",
+                  "--data.init_args.steps_per_task=1", f"--ckpt_path={checkpoints / 'task0.ckpt'}")
+    assert resumed.trainer.global_step == 3
+    torch.testing.assert_close(resumed.model.accuracy.matrix(), cli.model.accuracy.matrix(), rtol=0, atol=0)
+    final, again = cli.model.model.state_dict(), resumed.model.model.state_dict()
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
 
 
 def test_mole_configs_chain_from_the_base_and_log_routing(workdir):

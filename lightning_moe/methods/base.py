@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 
 from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
-from ..models import MultimodalLM, build_multimodal, routed_layers
+from ..models import MoEConfig, MultimodalLM, build_multimodal, routed_layers
 # load_backbone lives in models/ so that inference can load checkpoints without importing methods
 from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
 from ..models.surgery import set_trainable
@@ -32,7 +32,17 @@ from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
 from ..tokens import IGNORE_INDEX
 
 
+def checkpoint_safe(cls: type) -> type:
+    """Class decorator: a config dataclass that a method saves in its hyperparameters may be read back
+    by `torch.load(weights_only=True)`, which Lightning's resume (`fit --ckpt_path`) uses by default."""
+    torch.serialization.add_safe_globals([cls])
+    return cls
 
+
+checkpoint_safe(MoEConfig)  # models/' config that MoETuning and MoDDistillation take (models/ keeps no torch.load policy)
+
+
+@checkpoint_safe
 @dataclass
 class BackboneConfig:
     """Which model to build (tiny presets or Hugging Face names/paths), or which stage output to load."""
@@ -47,6 +57,7 @@ class BackboneConfig:
     torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
 
 
+@checkpoint_safe
 @dataclass
 class AuxLossConfig:
     """Routing losses, summed over every sparse layer (see README: what a healthy value is)."""

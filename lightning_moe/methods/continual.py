@@ -12,6 +12,15 @@ metric; a task is a domain). Row i goes into an `AccuracyMatrix` torchmetric, an
 Transfer / BWT / forgetting of the rows so far are logged after every task (`continual/...`);
 `callbacks.AccuracyMatrixImage` draws the matrix in TensorBoard.
 
+Resuming (`main.py fit ... --ckpt_path X`, Lightning's own resume path): `on_save_checkpoint` adds
+the task loop's state under `checkpoint["continual"]` (task names, the task in training, the
+accuracy matrix so far, the seed every task's random states derive from, and what a subclass keeps
+outside the state dict, `task_state`); `on_load_checkpoint`, which Lightning calls before it loads
+the state dict, checks the task sequence against the data module's and rebuilds the module as it
+was in that task (`restore_task`: MoRA adds the later tasks' ranks and freezes the earlier ones), so
+the state dict and the task's optimizer state load onto the same parameters. A checkpoint written at the end of a
+task (the shipped config's `ModelCheckpoint`) continues exactly as the uninterrupted run would.
+
 Adapters and the freeze plan are `LoRATuning`'s (`lora`: rank, alpha, targets, layers; only
 the `adapters` group trains, the base model, connector and vision tower stay frozen). A subclass
 says what happens at a task boundary (`start_task`) and, if needed, around the evaluation of one
@@ -23,18 +32,25 @@ plain-LoRA baselines of the MoRA experiment (sequential, joint, task-specific); 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..metrics import AccuracyMatrix
+from ..models.multimodal import CHECKPOINT_CONFIG_KEY
 from .lora import LoRAOptions, LoRATuning
 
+CONTINUAL_CHECKPOINT_KEY = "continual"  # the task loop's state in a Lightning checkpoint
 
-def small_lora() -> LoRAOptions:
-    """The continual experiment's default: rank 8 on attention and MLP projections, no dropout
-    (tiny models, short tasks; the MoLE reference's r=32 / dropout 0.05 is for 7B models)."""
-    return LoRAOptions(r=8, alpha=16.0, dropout=0.0)
+
+def seed_task(sequence_seed: int, task: int) -> None:
+    """Seed the global generators (torch on every device, numpy, random) for task `task` of a sequence."""
+    seed = (sequence_seed + task) % 2**32
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class ContinualMethod(LoRATuning):
@@ -50,6 +66,8 @@ class ContinualMethod(LoRATuning):
         self.task_names: list[str] = []
         self.current_task = -1  # no task started yet
         self.accuracy: AccuracyMatrix | None = None
+        self._resume: dict[str, Any] | None = None  # the checkpoint's task-loop state, until fit starts
+        self.sequence_seed: int | None = None  # task i starts from the random states seeded by sequence_seed + i
 
     # ------------------------------------------------------------------ what subclasses say
     def start_task(self, task: int) -> None:
@@ -60,6 +78,14 @@ class ContinualMethod(LoRATuning):
 
     def end_eval(self) -> None:
         """Called after an evaluation pass, to undo what `use_task_for_eval` changed."""
+
+    def task_state(self) -> dict[str, Any]:
+        """What the method keeps outside its state dict and needs to resume (saved in checkpoints)."""
+        return {}
+
+    def restore_task(self, task: int, state: dict[str, Any]) -> None:
+        """Rebuild the module as it was while task `task` trained, before a checkpoint's state dict
+        loads onto it (same parameters, same ones frozen); `state` is what `task_state` returned."""
 
     def adapter_names(self) -> list[str]:
         """Names of the adapter parameters (trainable or frozen by a finished task)."""
@@ -81,14 +107,72 @@ class ContinualMethod(LoRATuning):
     def on_fit_start(self) -> None:
         data = self._continual_data()
         data.check_trainer(self.trainer)
-        self.task_names, self.current_task = list(data.task_names), -1
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._check_task_sequence(resume["tasks"], list(data.task_names))
+        self.task_names = list(data.task_names)
         self.accuracy = AccuracyMatrix(len(self.task_names)).to(self.device)
+        if resume is None:
+            # drawn from the run's seed (seed_everything), kept in checkpoints
+            self.current_task, self.sequence_seed = -1, int(torch.randint(0, 2**31, ()).item())
+            self.start_sequence()
+            return
+        # resuming: the rows so far, the task in training (its ranks and optimizer are restored by
+        # Lightning), and the seed the next tasks start from
+        self.current_task, self.sequence_seed = resume["current_task"], resume["sequence_seed"]
+        if resume["accuracy"] is not None:
+            self.accuracy.acc.copy_(resume["accuracy"])
+
+    def start_sequence(self) -> None:
+        """Called when a fit starts the task sequence from its beginning (not on resume)."""
+
+    # ------------------------------------------------------------------ checkpoints: resume a sequence
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CONTINUAL_CHECKPOINT_KEY] = {
+            "tasks": list(self.task_names),
+            "current_task": self.current_task,
+            "accuracy": None if self.accuracy is None else self.accuracy.acc.detach().cpu().clone(),
+            "sequence_seed": self.sequence_seed,
+            "method": self.task_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(CONTINUAL_CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError(f"{type(self).__name__}: the checkpoint{self._ckpt_name()} has no '{CONTINUAL_CHECKPOINT_KEY}' "
+                             "state: it was not written by a continual method, so the task loop cannot resume from it")
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if data is not None and hasattr(data, "task_names"):
+            self._check_task_sequence(state["tasks"], list(data.task_names))
+        self.restore_task(max(state["current_task"], 0), state["method"])
+        saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("surgery")
+        if saved is not None and saved != self.model.surgery:
+            raise ValueError(f"{type(self).__name__}: the checkpoint{self._ckpt_name()}'s model went through the surgery "
+                             f"{saved}, but this configuration rebuilds {self.model.surgery} for task "
+                             f"{state['current_task']}; resume with the configuration it was trained with")
+        self.task_names, self.current_task = list(state["tasks"]), state["current_task"]
+        self._resume = state
+
+    def _ckpt_name(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return f" {path}" if path else ""
+
+    def _check_task_sequence(self, saved: list[str], current: list[str]) -> None:
+        if saved != current:
+            raise ValueError(f"the checkpoint{self._ckpt_name()} was written for the task sequence {saved}, but the "
+                             f"data module's is {current}; resume with the same tasks in the same order")
 
     def on_train_epoch_start(self) -> None:
         task = self.trainer.current_epoch
         if task == self.current_task:
             return
         self.current_task = task
+        # every task starts from random states that depend only on the sequence's seed and the task,
+        # so a run resumed from a checkpoint draws the same new ranks as the uninterrupted run
+        # (Lightning itself draws from the global generator a different number of times on restart)
+        seed_task(self.sequence_seed, task)
         self.start_task(task)
         if task > 0:
             # the parameter set (or its values) changed: a fresh optimizer, as at the start of a task.
@@ -160,9 +244,20 @@ class ContinualLoRA(ContinualMethod):
         if (self.strategy == "joint") != (schedule == "joint"):
             raise ValueError(f"strategy {self.strategy!r} needs the data module's schedule "
                              f"{'joint' if self.strategy == 'joint' else 'sequential'}, got {schedule!r}")
+
+    def start_sequence(self) -> None:
         self._bank = {}
         # every task's LoRA starts from the same initialisation (also what untrained tasks are evaluated with)
         self._initial = self._adapter_state()
+
+    def task_state(self) -> dict[str, Any]:
+        # the earlier tasks' LoRAs and the initialisation live outside the state dict (task_specific)
+        return {"bank": self._bank, "initial": getattr(self, "_initial", None)}
+
+    def restore_task(self, task: int, state: dict[str, Any]) -> None:
+        self._bank = {int(t): dict(weights) for t, weights in state.get("bank", {}).items()}
+        if state.get("initial") is not None:
+            self._initial = state["initial"]
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
         return {n: self.model.get_parameter(n).detach().clone() for n in self.adapter_names()}

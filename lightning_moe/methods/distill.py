@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..models import MoEConfig, MultimodalLM, is_sparse, upcycle
 from ..tokens import IGNORE_INDEX, load_tokenizer
-from .base import MultimodalMethod, StepOutput, causal_lm_loss, load_backbone
+from .base import MultimodalMethod, StepOutput, causal_lm_loss, checkpoint_safe, load_backbone
 
 KL_DIRECTIONS = ("forward", "reverse")
 KL_TOKENS = ("response", "all")
@@ -97,6 +97,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (token_logps * trained).sum(-1)
 
 
+@checkpoint_safe
 @dataclass
 class PreferenceLoss:
     loss: torch.Tensor  # scalar
@@ -163,6 +164,7 @@ def teacher_tokenizer_path(teacher: str | Path) -> str | None:
     return None
 
 
+@checkpoint_safe
 @dataclass
 class MimicConfig:
     """Mimic distillation (the two mimic stages)."""
@@ -174,6 +176,7 @@ class MimicConfig:
     lm_weight: float = 0.0  # > 0 adds the student's own LM loss on the response (the reference's `kd_lm`)
 
 
+@checkpoint_safe
 @dataclass
 class PreferenceConfig:
     """Preference distillation: DPO with the teacher as the reference model."""

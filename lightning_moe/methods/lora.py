@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..models import AdapterConfig, MultimodalLM, add_adapters, load_adapters
-from .base import MultimodalMethod
+from .base import MultimodalMethod, checkpoint_safe
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
 
+@checkpoint_safe
 @dataclass
 class LoRAOptions:
     """Plain LoRA on the named linear projections (peft-style names) of the chosen decoder layers."""

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models import AdapterConfig
-from .base import AuxLossConfig
+from .base import AuxLossConfig, checkpoint_safe
 from .lora import LoRATuning
 
 
+@checkpoint_safe
 @dataclass
 class ExpertOptions:
     """The MoLE experts on the MLPs: E LoRA experts per projection, one top-1 router per layer."""

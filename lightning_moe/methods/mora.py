@@ -30,10 +30,11 @@ from torchmetrics import MeanMetric
 
 from ..layers import MoRALinear
 from ..models import AdapterConfig, add_mora_task
-from .base import StepOutput
+from .base import StepOutput, checkpoint_safe
 from .continual import ContinualMethod
 
 
+@checkpoint_safe
 @dataclass
 class MoRAOptions:
     """Self-activation and growth of the rank-1 experts (the paper publishes no values: README, MoRA)."""
@@ -42,13 +43,17 @@ class MoRAOptions:
     top_k: int | None = 8  # activation budget: ranks kept per token; None = all
     threshold: float | None = 0.3  # pruning: drop ranks with s_i below it; None = no pruning
     ranks_per_task: int | None = None  # ranks added before each later task; None = lora.r
+    # scaling alpha / lora.r of the rank-1 experts; None = lora.alpha. Apart from lora.alpha so that the
+    # LoRA baselines, which share the `lora` options, keep theirs (README, MoRA: why MoRA needs more)
+    alpha: float | None = None
 
 
 class MoRAContinual(ContinualMethod):
     def __init__(self, mora: MoRAOptions | None = None, **kwargs: Any):
         """
         Args:
-            mora: temperature, activation budget (top_k), pruning threshold, ranks added per task.
+            mora: temperature, activation budget (top_k), pruning threshold, ranks added per task,
+                the experts' scale alpha (default lora.alpha).
             **kwargs: ContinualMethod's (`lora`: r = ranks of task 0, alpha, dropout, targets,
                 layers) and MultimodalMethod's (backbone, optimizer, ...).
         """
@@ -69,13 +74,19 @@ class MoRAContinual(ContinualMethod):
 
     def adapter_rules(self) -> list[AdapterConfig]:
         o, m = self.lora, self.mora
-        return [AdapterConfig(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
+        alpha = o.alpha if m.alpha is None else m.alpha
+        return [AdapterConfig(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=alpha,
                               dropout=o.dropout, temperature=m.temperature, top_k=m.top_k, threshold=m.threshold)]
 
     def start_task(self, task: int) -> None:
         # task 0 trains the ranks the surgery made; each later task adds its own (earlier ones freeze)
         while len(self.mora_layers[0].lora_A) < task + 1:
             add_mora_task(self.model, self.ranks_per_task)
+
+    def restore_task(self, task: int, state: dict[str, Any]) -> None:
+        # resuming in task `task`: its ranks and every earlier task's must exist (frozen) before the
+        # checkpoint's state dict loads; the ranks' values come from the checkpoint
+        self.start_task(task)
 
     def mean_active_ranks(self, token_mask: torch.Tensor) -> torch.Tensor:
         """Active ranks per real token, averaged over tokens and MoRA layers, of the last forward pass."""

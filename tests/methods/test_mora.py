@@ -1,7 +1,8 @@
 """MoRAContinual and the continual baselines through the method and a real Trainer: earlier tasks'
 ranks get no gradient and stay bit-identical while later tasks train; a MoRA layer of the adapted
 model equals its definition written out in float64; active ranks respect the budget; the accuracy
-matrix is filled row by row; the task-specific oracle evaluates each task with its own LoRA."""
+matrix is filled row by row; the task-specific oracle evaluates each task with its own LoRA;
+`mora.alpha` scales MoRA's ranks only."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from lightning_moe.data import ContinualDataModule
 from lightning_moe.data.synthetic import generate
-from lightning_moe.layers import MoRALinear
+from lightning_moe.layers import LoRALinear, MoRALinear
 from lightning_moe.methods import BackboneConfig, ContinualLoRA, LoRAOptions, MoRAContinual, MoRAOptions
 from lightning_moe.models import add_mora_task
 from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
@@ -151,3 +152,12 @@ def test_task_specific_lora_evaluates_each_task_with_its_own_adapter(shapes, tmp
     assert torch.equal(method.model.get_parameter(name), seen[(1, "position_lr")])  # live weights restored
     with pytest.raises(ValueError, match="schedule"):
         fit(make(ContinualLoRA, strategy="joint"), shapes, tmp_path)
+
+
+def test_mora_alpha_scales_only_the_rank1_experts():
+    # mora.alpha sets MoRA's scaling; the `lora` options the LoRA baselines share keep their alpha
+    mora = make(MoRAContinual, mora=MoRAOptions(alpha=32.0))
+    assert {layer.scaling for layer in mora.mora_layers} == {32.0 / 4}
+    assert {layer.scaling for layer in make(MoRAContinual).mora_layers} == {8 / 4}  # default: lora.alpha
+    lora = make(ContinualLoRA)
+    assert {m.scaling for m in lora.model.modules() if isinstance(m, LoRALinear)} == {8 / 4}

@@ -1,0 +1,99 @@
+"""Resuming a continual run from a checkpoint through Lightning's own path (`trainer.fit(ckpt_path=...)`):
+a run stopped after task 0 and resumed from that task's checkpoint ends with the same accuracy matrix
+and bit-identical adapters as the uninterrupted run (MoRA, whose module grows per task, and the
+task-specific LoRA oracle, whose earlier tasks' LoRAs live outside the state dict); a checkpoint of
+another task sequence, or one not written by a continual method, is refused with a clear error; every
+method's config dataclass reads back with `torch.load(weights_only=True)`, the default of Lightning's resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_moe.data import ContinualDataModule
+from lightning_moe.methods import ContinualLoRA, MoRAContinual, MoRAOptions, base, distill, lora, mole, mora
+from lightning_moe.models import MoEConfig
+from tests.conftest import TOKENIZER
+from tests.methods.test_mora import TASKS, make, shapes  # noqa: F401  (shapes: the module's data fixture)
+
+
+def trainer_and_data(shapes: Path, root: Path, tasks: list[str] = TASKS) -> tuple[L.Trainer, ContinualDataModule]:
+    data = ContinualDataModule(order=tasks, root=str(shapes), tokenizer=TOKENIZER, steps_per_task=3,
+                               batch_size=4, eval_batch_size=6)
+    # one checkpoint per task, written after the task's evaluation (as configs/mora/continual.yaml)
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", filename="task{epoch}", save_top_k=-1,
+                                  auto_insert_metric_name=False)
+    trainer = L.Trainer(max_epochs=len(tasks), reload_dataloaders_every_n_epochs=1, accelerator="cpu",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[checkpoints], default_root_dir=root)
+    return trainer, data
+
+
+def adapters(method) -> dict[str, torch.Tensor]:
+    return {n: method.model.get_parameter(n).detach().clone() for n in method.adapter_names()}
+
+
+@pytest.mark.parametrize("method_kwargs", [
+    {"cls": MoRAContinual, "mora": MoRAOptions(temperature=0.5, top_k=5, threshold=None, ranks_per_task=3)},
+    {"cls": ContinualLoRA, "strategy": "task_specific"},
+], ids=["mora", "lora_task_specific"])
+def test_resumed_run_ends_exactly_as_the_uninterrupted_run(shapes, tmp_path, method_kwargs):  # noqa: F811
+    kwargs = dict(method_kwargs)
+    cls = kwargs.pop("cls")
+    torch.manual_seed(0)
+    full = make(cls, **kwargs)
+    trainer, data = trainer_and_data(shapes, tmp_path / "full")
+    trainer.fit(full, data)
+    after_task0 = tmp_path / "full/checkpoints/task0.ckpt"  # the run "stopped" here
+    assert after_task0.is_file()
+
+    torch.manual_seed(123)  # a different random state at start: the checkpoint's must take over
+    resumed = make(cls, **kwargs)
+    trainer, data = trainer_and_data(shapes, tmp_path / "resumed")
+    trainer.fit(resumed, data, ckpt_path=after_task0)
+    assert trainer.current_epoch == len(TASKS) and trainer.global_step == 3 * len(TASKS)
+
+    matrix = full.accuracy.matrix()
+    assert matrix.shape == (2, 2)
+    torch.testing.assert_close(resumed.accuracy.matrix(), matrix, rtol=0, atol=0)
+    before, after = adapters(full), adapters(resumed)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert any(v.abs().sum() > 0 for n, v in after.items() if "lora_B" in n)  # the adapters did train
+    if cls is MoRAContinual:
+        assert [a.shape[0] for a in resumed.mora_layers[0].lora_A] == [4, 3]
+        assert resumed.model.surgery == full.model.surgery
+    else:  # task 0's LoRA, kept outside the state dict, came back from the checkpoint
+        assert set(resumed._bank) == {0}
+        for name, value in full._bank[0].items():
+            assert torch.equal(resumed._bank[0][name], value)
+
+
+def test_resume_refuses_a_checkpoint_of_another_task_sequence(shapes, tmp_path):  # noqa: F811
+    options = MoRAOptions(temperature=0.5, top_k=5, threshold=None, ranks_per_task=3)
+    trainer, data = trainer_and_data(shapes, tmp_path / "a", tasks=["count"])
+    trainer.fit(make(MoRAContinual, mora=options), data)
+    trainer, data = trainer_and_data(shapes, tmp_path / "b", tasks=["position_lr"])
+    with pytest.raises(ValueError, match=r"task sequence \['count'\].*\['position_lr'\]"):
+        trainer.fit(make(MoRAContinual, mora=options), data, ckpt_path=tmp_path / "a/checkpoints/task0.ckpt")
+    # a checkpoint without the task loop's state (here: the key removed) is refused, naming the file
+    checkpoint = torch.load(tmp_path / "a/checkpoints/task0.ckpt", weights_only=False)
+    del checkpoint["continual"]
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    trainer, data = trainer_and_data(shapes, tmp_path / "c", tasks=["count"])
+    with pytest.raises(ValueError, match="plain.ckpt has no 'continual' state"):
+        trainer.fit(make(MoRAContinual, mora=options), data, ckpt_path=tmp_path / "plain.ckpt")
+
+
+@pytest.mark.parametrize("config", [base.BackboneConfig(llm="x"), base.AuxLossConfig(coef=0.5), MoEConfig(num_experts=3),
+                                    lora.LoRAOptions(r=2), mora.MoRAOptions(alpha=3.0), mole.ExpertOptions(),
+                                    distill.MimicConfig(), distill.PreferenceConfig()], ids=lambda c: type(c).__name__)
+def test_method_configs_read_back_with_weights_only_loading(tmp_path, config):
+    # they sit in a checkpoint's hyper_parameters; torch refuses unknown classes under weights_only=True
+    torch.save({"hyper_parameters": {"config": config}}, tmp_path / "h.ckpt")
+    assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["config"] == config
