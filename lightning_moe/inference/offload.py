@@ -9,15 +9,17 @@ on a smaller expert dimension. `load_offloaded(store)` builds the model from the
 The offloader, per MoE layer call:
  1. looks up each needed expert in the `ExpertCache` (hit), else waits for a prefetch already
     loading it (prefetch hit, late), else reads it from the store now (miss, on demand);
- 2. with a predictor, predicts the next MoE layer's experts and queues the ones not cached on a
-    background thread, which loads them into the cache while this layer computes;
+ 2. with prefetch on, predicts the next MoE layer's experts (transition table or lookahead
+    through the next router) and queues the ones not cached on a background thread, which loads
+    them into the cache while this layer computes;
  3. hands the dispatch dense weights: one float expert in place (a view, no copy), several
     copied (and packed ones dequantised) into one reused stack buffer.
 By default the cache holds experts as stored (quantised experts stay packed), so a byte budget
 holds more low-bit experts but every use dequantises; `dequantize_on_load=True` caches them
-dense. Inference only (stack buffers are reused from layer to layer). Counters (`OffloadStats`):
-hits, misses, prefetches issued and used, bytes read, seconds loading and seconds the decoding
-thread waited, evictions, peak expert bytes in memory.
+dense. File bytes and dequantised weights live in reused buffers (`BufferPool`). Inference only
+(stack buffers are reused from layer to layer). Counters (`OffloadStats`): hits, misses,
+prefetches issued and used, guesses and right guesses, bytes read, seconds loading and seconds the
+decoding thread waited, evictions, peak expert bytes in memory.
 """
 
 from __future__ import annotations
@@ -114,11 +116,13 @@ class BufferPool:
     def held_bytes(self) -> int:
         return self.free_bytes + self.retired_bytes
 
-    GRANULE = 1 << 16  # sizes round up to this: expert files differ by a few header bytes
+    GRANULE = 1 << 16  # sizes above 1 MiB round up to this: expert files differ by a few header bytes
+    SMALL_GRANULE = 1 << 12  # smaller ones to a page, so tiny experts are not inflated
 
     def take(self, nbytes: int) -> Tensor:
         """A uint8 buffer of at least `nbytes` (reused if one of its size class is free, else new)."""
-        size = -(-nbytes // self.GRANULE) * self.GRANULE
+        granule = self.GRANULE if nbytes > 1 << 20 else self.SMALL_GRANULE
+        size = -(-nbytes // granule) * granule
         with self._lock:
             free = self._free.get(size)
             if free:

@@ -230,10 +230,11 @@ def test_safetensors_views_equal_safetensors_own_load(store, tmp_path):
 def test_buffer_pool_reuses_retired_buffers_only_after_the_next_layer_call_starts():
     from lightning_moe.inference import BufferPool
 
-    granule = BufferPool.GRANULE
+    granule = BufferPool.SMALL_GRANULE
     pool = BufferPool(max_free_bytes=2 * granule)
     a = pool.take(40)
-    assert a.numel() == granule  # sizes round up to the granule
+    assert a.numel() == granule  # sizes round up to the granule (a page below 1 MiB)
+    assert pool.take((1 << 20) + 1).numel() == (1 << 20) + BufferPool.GRANULE
     pool.retire((a,))
     assert pool.take(40) is not a  # may still be read by the layer computing now
     pool.advance()
