@@ -38,7 +38,8 @@ Prints two markdown tables (with the date and the machine):
    disk, as on a device whose memory cannot hold the store (otherwise the page cache would hold
    the whole store: memory no budget counts, and a "load" would be a memory copy).
    Decode speed: per process the median over the prompts after a warm-up prompt; the table gives
-   the median over --rounds rounds (the configurations interleaved); counters are the last round's.
+   the median over --rounds rounds (the configurations interleaved); counters are the last round's
+   and cover all its prompts, the warm-up and the prefills included.
 
 2. Quality, on a sparse model trained on the shipped data: by default the quickstart config
    (configs/quickstart.yaml) trained for its own steps (or --steps) through the CLI (the same classes as

@@ -13,8 +13,9 @@ model (same config and non-expert weights: `offload` checks the store's fingerpr
 
 At the end it prints the counters (hits, misses, bytes read, seconds waiting ...), logs them under
 `offload/` to the trainer's logger, writes them as JSON to `stats_path` if given, and closes the
-offloader (stops the prefetch thread). The model stays offloaded afterwards; the counters stay in
-`self.stats`. With float32 experts, offloaded predictions equal resident ones (tested).
+offloader (stops the prefetch thread), and puts the resident `SparseMoE` layers back, so a later
+run with the same module (test after predict) starts from the model as loaded; the counters stay
+in `self.stats`. With float32 experts, offloaded predictions equal resident ones (tested).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from ..inference import CACHE_POLICIES, PROFILE_NAME, ExpertOffloader, ExpertStore, RoutingProfile, cache_budget, offload
 from ..inference.store import expert_layers
@@ -74,6 +76,7 @@ class ExpertOffloading(L.Callback):
         self.in_test = in_test
         self.offloader: ExpertOffloader | None = None
         self.stats: dict[str, Any] | None = None  # the last run's counters
+        self._resident: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, SparseMoE) swapped out
 
     # ------------------------------------------------------------------ swap in, report
     def _start(self, pl_module: L.LightningModule) -> None:
@@ -86,6 +89,10 @@ class ExpertOffloading(L.Callback):
         profile = None
         if (self.prefetch and self.prediction == "table") or self.policy == "freq_distance":
             profile = RoutingProfile.load(self.profile_path or store.directory / PROFILE_NAME)
+        self._resident = []
+        for name, moe in expert_layers(model):
+            parent_name, _, attr = name.rpartition(".")
+            self._resident.append((model.get_submodule(parent_name) if parent_name else model, attr, moe))
         self.offloader = offload(
             model, store, budget_bytes=cache_budget(store.expert_memory_bytes, self.budget_fraction, self.budget_mb),
             policy=self.policy, profile=profile, prefetch=self.prefetch, prefetch_width=self.prefetch_width,
@@ -99,6 +106,14 @@ class ExpertOffloading(L.Callback):
                        f"{'none' if budget is None else f'{budget / 2**20:.2f} MiB'} of "
                        f"{store.expert_memory_bytes / 2**20:.2f} MiB, policy {self.policy}, prefetch {self.prefetch}")
 
+    def _restore(self, pl_module: L.LightningModule) -> None:
+        """Put the resident SparseMoE layers back in place of the offloaded ones."""
+        for parent, attr, moe in self._resident:
+            setattr(parent, attr, moe)
+        self._resident = []
+        if hasattr(pl_module, "refresh_routed_layers"):
+            pl_module.refresh_routed_layers()
+
     def _end(self, trainer: L.Trainer) -> None:
         if self.offloader is None:
             return
@@ -107,6 +122,7 @@ class ExpertOffloading(L.Callback):
         finally:
             self.stats = self.offloader.stats.as_dict()
             self.offloader = None
+            self._restore(trainer.lightning_module)
         rank_zero_info(f"ExpertOffloading counters: {json.dumps(self.stats)}")
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"offload/{k}": float(v) for k, v in self.stats.items()}, step=trainer.global_step)
@@ -136,3 +152,4 @@ class ExpertOffloading(L.Callback):
         if self.offloader is not None:
             self.offloader.close()  # stop the prefetch thread; the run failed, so no counters are written
             self.offloader = None
+            self._restore(pl_module)

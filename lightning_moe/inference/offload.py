@@ -99,8 +99,10 @@ class BufferPool:
     beyond the expert bytes held). Buffers are keyed by size (a store has a few). A buffer given
     back with `retire` may still be read by the layer computing now, so it becomes free only at
     the next `advance` (the offloader calls it when the next MoE layer call starts, after the
-    previous layer's compute); `release` frees at once. Free buffers beyond `max_free_bytes` are
-    dropped to the allocator.
+    previous layer's compute), and only once every background job that started before it was
+    retired has ended (`begin_job` / `end_job`: the prefetch thread may still be reading a cached
+    expert that the decoding thread evicts). `release` frees at once. Free buffers beyond
+    `max_free_bytes` are dropped to the allocator.
     """
 
     def __init__(self, max_free_bytes: int) -> None:
@@ -108,6 +110,8 @@ class BufferPool:
         self._free: dict[int, list[Tensor]] = {}
         self._retired: list[tuple[int, Tensor]] = []  # (epoch retired, buffer)
         self._epoch = 0
+        self._jobs: dict[int, int] = {}  # running background job -> epoch it started in
+        self._next_job = 0
         self.free_bytes = 0
         self.retired_bytes = 0
         self._lock = threading.Lock()
@@ -148,14 +152,31 @@ class BufferPool:
                 self._retired.append((self._epoch, buffer))
                 self.retired_bytes += buffer.numel()
 
+    def begin_job(self) -> int:
+        """A background job starts (it may read buffers that get retired while it runs); returns its token."""
+        with self._lock:
+            token, self._next_job = self._next_job, self._next_job + 1
+            self._jobs[token] = self._epoch
+            return token
+
+    def end_job(self, token: int) -> None:
+        with self._lock:
+            del self._jobs[token]
+
     def advance(self) -> None:
-        """A new MoE layer call starts: what was retired before it is no longer read."""
+        """A new MoE layer call starts: what was retired before it is no longer read by the layers;
+        it is free unless a background job that started no later than its retirement still runs."""
         with self._lock:
             self._epoch += 1
-            for _, buffer in self._retired:
-                self.retired_bytes -= buffer.numel()
-                self._add_free(buffer)
-            self._retired = []
+            oldest_job = min(self._jobs.values(), default=self._epoch)
+            still_read = []
+            for retired_at, buffer in self._retired:
+                if retired_at < oldest_job:
+                    self.retired_bytes -= buffer.numel()
+                    self._add_free(buffer)
+                else:
+                    still_read.append((retired_at, buffer))
+            self._retired = still_read
 
 
 class ExpertOffloader:
@@ -276,8 +297,17 @@ class ExpertOffloader:
                    + self._pool.held_bytes + working)
         self.stats.peak_expert_bytes = max(self.stats.peak_expert_bytes, current)
 
+    def _cached_size(self, key: Key) -> int:
+        """Bytes expert `key` takes in the cache (dense when quantised experts are dequantised on load)."""
+        entry = self.store.entries[key]
+        if self.dequantize_on_load and entry.bits != FLOAT_BITS:
+            return self.store.dense_expert_bytes(key[0], self.dtype)
+        return entry.memory_bytes
+
     def _background_prepare(self, key: Key) -> None:
         """Prefetch thread: load the expert into the cache unless cached, then stage it dequantised."""
+        job = self._pool.begin_job()  # buffers this job reads are not reused until it ends
+        in_flight = self._cached_size(key)
         try:
             with self._lock:
                 tensors = self.cache.peek(key)
@@ -285,6 +315,8 @@ class ExpertOffloader:
                 tensors = self._load(key)
                 with self._lock:
                     self.stats.evictions += len(self.cache.put(key, tensors, tensors.nbytes))
+                    self._in_flight -= in_flight  # counted by the cache from now on
+                    in_flight = 0
                     self._prefetched.add(key)
                     self._track(0)
             if tensors.bits != FLOAT_BITS:
@@ -296,8 +328,9 @@ class ExpertOffloader:
                     self._track(0)
         finally:
             with self._lock:
-                self._in_flight -= self.store.entries[key].memory_bytes
+                self._in_flight -= in_flight
                 self._pending.pop(key, None)
+            self._pool.end_job(job)
 
     @torch.no_grad()
     def lookahead(self, layer: int, hidden: Tensor) -> list[int]:
@@ -331,11 +364,12 @@ class ExpertOffloader:
         for expert in experts:
             key = (layer, expert)
             with self._lock:
-                quantised = self.store.entries[key].bits != FLOAT_BITS
-                ready = key in self._staged if quantised else key in self.cache
+                # packed quantised experts are ready once dequantised ahead (staged), others once cached
+                staged = self.store.entries[key].bits != FLOAT_BITS and not self.dequantize_on_load
+                ready = key in self._staged if staged else key in self.cache
                 if ready or key in self._pending:
                     continue
-                self._in_flight += self.store.entries[key].memory_bytes
+                self._in_flight += self._cached_size(key)
                 self._pending[key] = self._executor.submit(self._background_prepare, key)
                 self.stats.prefetch_issued += 1
             queued.append(expert)
@@ -437,8 +471,12 @@ class ExpertOffloader:
         uncached = 0 if self.cache is not None else sum(t.nbytes for t in loaded)
         with self._lock:
             self._track(buffers + _tensor_bytes(b_in) + _tensor_bytes(b_down) + uncached)
-            # staged weights of this layer are used (or were mispredicted): free them
-            for key in [k for k in self._staged if k[0] == layer and k not in self._pending]:
+            # staged weights of this layer used now, or not chosen by this call (mispredicted): free them;
+            # keep those a later group of the same call will use
+            call = set(chosen or experts)
+            done = [k for k in self._staged
+                    if k[0] == layer and k not in self._pending and (k[1] in experts or k[1] not in call)]
+            for key in done:
                 self._staged_bytes -= sum(_tensor_bytes(t) for t in self._staged.pop(key))
                 self._pool.retire(self._staged_buffers.pop(key))
         if self.cache is None:  # read for this call only: reusable once this layer has computed
@@ -464,10 +502,12 @@ class ExpertOffloader:
         return w_in, w_down
 
     def close(self) -> None:
+        """Stop the prefetch thread; the offloaded model still works, loading on demand through the cache."""
         if self._executor is not None:
             self.wait_prefetches()
             self._executor.shutdown(wait=True)
             self._executor = None
+        self.prefetching = False
 
 
 class OffloadedSparseMoE(SparseMoE):

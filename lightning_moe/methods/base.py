@@ -85,10 +85,16 @@ class GenerationSettings:
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for Hugging Face `generate` (whose defaults, e.g. top_k=50, must not leak in)."""
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not self.do_sample:
             return {"do_sample": False}
         if self.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"generation.top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
         return {"do_sample": True, "temperature": self.temperature,
                 "top_k": self.top_k if self.top_k is not None else 0,  # 0 disables Hugging Face's top-k filter
                 "top_p": self.top_p if self.top_p is not None else 1.0}

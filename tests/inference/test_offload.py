@@ -263,3 +263,44 @@ def test_lookahead_predicts_what_the_next_layers_router_picks(store, sparse_mode
     picked = sorted(set(routing.indices.reshape(-1).tolist()))
     mass = {e: float(routing.probs[:, e].sum()) for e in picked}
     assert offloader.lookahead(1, tokens) == sorted(picked, key=mass.get, reverse=True)[:2]  # most probable first
+
+
+def test_buffers_retired_while_a_background_job_runs_stay_reserved_until_it_ends():
+    from lightning_moe.inference import BufferPool
+
+    pool = BufferPool(max_free_bytes=1 << 20)
+    job = pool.begin_job()  # e.g. the prefetch thread dequantising a cached expert
+    a = pool.take(100)
+    pool.retire((a,))  # the decoding thread evicts that expert meanwhile
+    pool.advance()
+    assert pool.take(100) is not a  # the job may still read it
+    pool.end_job(job)
+    pool.advance()
+    assert pool.take(100) is a
+
+
+def test_staged_experts_survive_until_their_group_of_the_layer_call_uses_them(sparse_model, tmp_path):
+    store = export_store(sparse_model, tmp_path / "int4", bits=4)
+    offloader = ExpertOffloader(store, 8 * store.largest_expert_bytes, "lru", _scripted_profile(), prefetch=True)
+    offloader.prefetch(1, [3])  # loaded packed and dequantised ahead on the prefetch thread
+    offloader.wait_prefetches()
+    offloader.expert_stack(1, [2], chosen=[2, 3])  # first group of a call that also routes to expert 3
+    assert (1, 3) in offloader._staged
+    w_in, _, _, _ = offloader.expert_stack(1, [3], chosen=[2, 3], predict=False)
+    assert offloader.stats.staged_hits == 1 and (1, 3) not in offloader._staged
+    torch.testing.assert_close(w_in[0], store.read(1, 3).dense()[0])
+    offloader.close()
+    issued = offloader.stats.prefetch_issued
+    offloader.expert_stack(0, [1])  # closed: no prefetch thread, loading on demand still works
+    assert offloader.stats.prefetch_issued == issued
+
+
+def test_dense_cache_does_not_prefetch_experts_it_already_holds(sparse_model, tmp_path):
+    store = export_store(sparse_model, tmp_path / "int4", bits=4)
+    dense = 4 * (expert_layers(sparse_model)[0][1].w_in[0].numel() + expert_layers(sparse_model)[0][1].down_proj[0].numel())
+    offloader = ExpertOffloader(store, 8 * dense, "lru", _scripted_profile(), prefetch=True, dequantize_on_load=True)
+    for _ in range(3):
+        offloader.prefetch(1, [3])
+        offloader.wait_prefetches()
+    assert offloader.stats.prefetch_issued == 1 and offloader._in_flight == 0
+    offloader.close()
