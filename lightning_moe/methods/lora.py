@@ -2,17 +2,17 @@
 (`MoLE` in mole.py, the continual methods in continual.py / mora.py), which swap or add rules.
 
 A method here only says which adapters go where (`adapter_rules`, consumed by the adapter surgery
-in `models/surgery.py`) and that only the `adapters` group trains; everything else (the loss,
+in `models/adapters.py`) and that only the `adapters` group trains; everything else (the loss,
 per-domain evaluation, routing statistics) is the base class's.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import AdapterConfig, MultimodalLM, add_adapters, load_adapters
+from ..models import AdapterConfig, AdapterRule, MultimodalLM, add_adapters, load_adapters
 from .base import MultimodalMethod, checkpoint_safe
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -67,7 +67,7 @@ class LoRATuning(MultimodalMethod):
             return
         # a loaded adapted model keeps its adapters, but only if they are the ones this method asks for:
         # MoLE on a LoRA run's output would otherwise train plain LoRA without a word
-        wanted = [asdict(rule) for rule in self.adapter_rules()]
+        wanted = [AdapterRule.from_dict(rule).to_dict() for rule in self.adapter_rules()]
         if loaded != [wanted]:
             raise ValueError(
                 f"{type(self).__name__}: the backbone already carries adapters {loaded}, not the ones this method "
