@@ -9,7 +9,7 @@ Importing this package registers the shipped surgeries (upcycle, adapters, mora_
 """
 
 from .architecture import adapter_modules, decoder_layers, expert_layers, mlp_attribute, resolve_layers, routed_layers
-from .checkpoint import SURGERIES, register_surgery, replay_surgery
+from .checkpoint import SURGERIES, canonical_log, register_surgery, replay_surgery
 from .multimodal import MultimodalLM, MultimodalOutput, build_llm, build_multimodal, load_backbone
 from .upcycle import MoEConfig, ParameterCounts, is_sparse, parameter_counts, upcycle
 from .adapters import (
@@ -29,4 +29,5 @@ __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", 
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
            "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "upcycle", "AdapterConfig", "AdapterRule",
            "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
-           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery"]
+           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
+           "canonical_log"]

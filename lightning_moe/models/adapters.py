@@ -28,7 +28,7 @@ from torch import nn
 
 from ..layers.adapters import adapter_kind, adapter_tensors, kind_of, trainable_adapter_tensors
 from .architecture import adapter_modules, decoder_layers, mlp_attribute, resolve_layers
-from .checkpoint import adapter_ops, register_surgery, replay_surgery
+from .checkpoint import adapter_ops, canonical_log, register_surgery, replay_surgery
 from .multimodal import MultimodalLM
 
 __all__ = ["AdapterRule", "AdapterConfig", "plan_adapters", "add_adapters", "add_mora_task", "adapter_parameters",
@@ -165,7 +165,8 @@ def adapter_parameters(model: nn.Module, trainable_only: bool = False) -> Iterat
             yield f"{name}.{sub}", p
 
 
-register_surgery("adapters", lambda model, configs: add_adapters(model, configs), adapter=True)
+register_surgery("adapters", lambda model, configs: add_adapters(model, configs), adapter=True,
+                 canonical=lambda args: {"configs": [AdapterRule.from_dict(c).to_dict() for c in args["configs"]]})
 register_surgery("mora_add_task", lambda model, r: add_mora_task(model, r), adapter=True)
 
 
@@ -205,7 +206,7 @@ def load_adapters(model: MultimodalLM, directory: str | Path) -> MultimodalLM:
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: not an adapter directory (write one with save_adapters)")
     config = json.loads(config_file.read_text())
-    if config["base_surgery"] != model.surgery:
+    if canonical_log(config["base_surgery"]) != canonical_log(model.surgery):
         raise ValueError(f"{config_file}: the adapters were trained on a base with surgery {config['base_surgery']}, "
                          f"this model has {model.surgery}")
     replay_surgery(model, config["adapter_surgery"])

@@ -21,18 +21,31 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SURGERIES", "register_surgery", "replay_surgery", "adapter_ops"]
+__all__ = ["SURGERIES", "register_surgery", "replay_surgery", "adapter_ops", "canonical_log"]
 
 # op name -> function(model, **logged args)
 SURGERIES: dict[str, Callable[..., Any]] = {}
 _ADAPTER_OPS: set[str] = set()
+# op name -> function(logged args) -> the args as the current code logs them (an older record's form)
+_CANONICAL: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
-def register_surgery(op: str, apply: Callable[..., Any], *, adapter: bool = False, replace: bool = False) -> None:
+def register_surgery(op: str, apply: Callable[..., Any], *, adapter: bool = False, replace: bool = False,
+                     canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """`apply(model, **args)` replays op; `canonical(args)`, where an op's record changed form, rewrites
+    an old record as the op now writes it, so logs of old and new runs compare equal."""
     if op in SURGERIES and not replace and SURGERIES[op] is not apply:
         raise ValueError(f"surgery {op!r} is already registered; pass replace=True to override it")
     SURGERIES[op] = apply
     (_ADAPTER_OPS.add if adapter else _ADAPTER_OPS.discard)(op)
+    if canonical is not None:
+        _CANONICAL[op] = canonical
+
+
+def canonical_log(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`log` with every record in the form the current code writes (replaying either gives the same model)."""
+    return [{"op": e["op"], **_CANONICAL[e["op"]]({k: v for k, v in e.items() if k != "op"})}
+            if e["op"] in _CANONICAL else e for e in log]
 
 
 def adapter_ops() -> frozenset[str]:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..layers import SparseMoE
-from .architecture import decoder_layers, mlp_attribute, resolve_layers
+from .architecture import decoder_layers, expert_layers, mlp_attribute, resolve_layers
 from .checkpoint import register_surgery
 from .multimodal import MultimodalLM
 
@@ -63,10 +63,9 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Total and per-token activated parameters (sparse layers count only their top-k experts)."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
-    for module in model.modules():
-        if isinstance(module, SparseMoE):
-            experts = sum(p.numel() for name, p in module.named_parameters() if not name.startswith("router."))
-            inactive += experts * (module.num_experts - module.top_k) // module.num_experts
+    for _, module in expert_layers(model):
+        experts = sum(p.numel() for name, p in module.named_parameters() if not name.startswith("router."))
+        inactive += experts * (module.num_experts - module.top_k) // module.num_experts
     return ParameterCounts(total, total - inactive)
 
 

@@ -54,3 +54,19 @@ def test_old_checkpoint_gives_identical_logits_as_backbone_and_as_method():
     method = MoETuning.load_from_checkpoint(ckpt, map_location="cpu")
     assert method.stage == "moe" and type(method.hparams["moe"]).__module__ == "lightning_moe.models.upcycle"
     assert torch.equal(logits(method.model), EXPECTED["moe_tuning.logits"])
+
+
+def test_old_adapter_records_read_as_the_new_ones():
+    """A rule logged before issue 12 carried every kind's fields; it reads as the rule the kind now logs."""
+    import json
+
+    from lightning_moe.models import AdapterRule, canonical_log
+
+    old = json.loads((FIXTURES / "mora" / "multimodal_config.json").read_text())["surgery"]
+    assert set(old[0]["configs"][0]) > {"num_experts", "scale_by_prob"}  # the old all-kinds record
+    new = canonical_log(old)
+    assert new[0]["configs"] == [AdapterRule(kind="mora", targets=["q_proj", "v_proj"], r=4, alpha=8, top_k=2).to_dict()]
+    assert new[1] == old[1]
+    assert MultimodalLM.from_pretrained(FIXTURES / "mora").surgery == new
+    with pytest.raises(ValueError, match="unknown options \\['num_experts'\\]"):
+        AdapterRule.from_dict({"kind": "mora", "targets": ["q_proj"], "num_experts": 3})  # only a full old record is lenient
