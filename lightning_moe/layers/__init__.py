@@ -1,11 +1,24 @@
-"""Pure-torch sparse layers: routers and routing losses, `SparseMoE`, LoRA / MoLE / MoRA adapters.
+"""Pure-torch sparse layers: routers and routing losses, `SparseMoE`, adapter kinds (LoRA / MoLE /
+MoRA, one file each under `adapters/`, and their registry).
 
-Imports only torch, so every layer is usable on its own; `models/surgery.py` puts them into
-Hugging Face models.
+Imports only torch, so every layer is usable on its own; `models/` (upcycle.py, adapters.py) puts
+them into Hugging Face models.
 """
 
 from .grouped import grouped_linear, grouped_mm_supported
-from .lora import LoRALinear, MoLEMLP, MoRALinear
+from .adapters import (
+    AdapterKind,
+    LoRAConfig,
+    LoRALinear,
+    MoLEConfig,
+    MoLEMLP,
+    MoRAConfig,
+    MoRALinear,
+    adapter_kind,
+    adapter_kinds,
+    register_adapter_kind,
+)
+from .mlp import MLPLayout, mlp_layout
 from .moe import SparseMoE, get_activation
 from .routing import (
     RoutedLayer,
@@ -32,6 +45,15 @@ __all__ = [
     "LoRALinear",
     "MoLEMLP",
     "MoRALinear",
+    "LoRAConfig",
+    "MoLEConfig",
+    "MoRAConfig",
+    "AdapterKind",
+    "register_adapter_kind",
+    "adapter_kind",
+    "adapter_kinds",
+    "MLPLayout",
+    "mlp_layout",
     "grouped_linear",
     "grouped_mm_supported",
 ]

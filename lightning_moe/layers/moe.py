@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .grouped import linear_groups, make_offsets, mm_groups, weight_grad_groups
+from .mlp import mlp_layout
 from .routing import RoutedLayer, TopKRouter, capacity_drop, expert_capacity
 
 __all__ = ["SparseMoE", "get_activation"]
@@ -298,23 +299,16 @@ class SparseMoE(nn.Module, RoutedLayer):
     def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int, **kwargs) -> SparseMoE:
         """Upcycle a dense MLP: every expert an exact copy, the router new (small init).
 
-        Recognised layouts (duck typing on attribute names):
-          gated: gate_proj, up_proj, down_proj, act_fn (Llama, Mistral, Qwen, ...)
-          plain: fc1, fc2 and activation_fn or act (Phi, CLIP, ...)
+        Recognised layouts: `mlp.mlp_layout` (gated gate/up/down, or fc1/fc2).
         Since the gate weights of a token sum to 1 (normalize_weights, the default) and every
         expert is the same function, the output equals the dense MLP's up to float rounding.
         """
-        names = {n for n, _ in mlp.named_children()} | {n for n in vars(mlp) if not n.startswith("_")}
-        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            gate, up, down, act, gated = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, True
-        elif hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and (hasattr(mlp, "activation_fn") or hasattr(mlp, "act")):
-            gate, up, down, gated = None, mlp.fc1, mlp.fc2, False
-            act = mlp.activation_fn if hasattr(mlp, "activation_fn") else mlp.act
-        else:
-            raise ValueError(
-                f"cannot upcycle {type(mlp).__name__}: expected gate_proj/up_proj/down_proj/act_fn or "
-                f"fc1/fc2/(activation_fn|act); found attributes {sorted(names)}"
-            )
+        try:
+            layout = mlp_layout(mlp)
+        except ValueError as err:
+            raise ValueError(f"cannot upcycle: {err}") from err
+        gate, up, down = (layout.projections.get(role) for role in ("gate", "up", "down"))
+        act, gated = layout.activation, layout.gated
         for lin in (gate, up, down):
             if lin is not None and not isinstance(lin, nn.Linear):
                 raise ValueError(f"cannot upcycle {type(mlp).__name__}: {type(lin).__name__} is not nn.Linear")

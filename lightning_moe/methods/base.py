@@ -27,7 +27,7 @@ from ..metrics import ExactMatch, POPEMetrics
 from ..models import MoEConfig, MultimodalLM, build_multimodal, routed_layers
 # load_backbone lives in models/ so that inference can load checkpoints without importing methods
 from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
-from ..models.surgery import set_trainable
+from ..models.freeze import set_trainable
 from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
 from ..tokens import IGNORE_INDEX
 
@@ -40,6 +40,8 @@ def checkpoint_safe(cls: type) -> type:
 
 
 checkpoint_safe(MoEConfig)  # models/' config that MoETuning and MoDDistillation take (models/ keeps no torch.load policy)
+# checkpoints written before issue 12 name it by its old module (models/surgery.py, now only that alias)
+torch.serialization.add_safe_globals([(MoEConfig, "lightning_moe.models.surgery.MoEConfig")])
 
 
 @checkpoint_safe
@@ -179,7 +181,7 @@ class MultimodalMethod(L.LightningModule):
         """Rewrite the model in place (upcycling, adapters). Runs before the freeze plan."""
 
     def trainable_groups(self) -> list[str]:
-        """Parameter groups (models/surgery.py PARAMETER_GROUPS) that train; the rest is frozen."""
+        """Parameter groups (models/freeze.py PARAMETER_GROUPS) that train; the rest is frozen."""
         return ["connector", "llm"]
 
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:

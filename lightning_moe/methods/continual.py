@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..metrics import AccuracyMatrix
+from ..models import canonical_log
 from ..models.multimodal import CHECKPOINT_CONFIG_KEY
 from .lora import LoRAOptions, LoRATuning
 
@@ -148,7 +149,7 @@ class ContinualMethod(LoRATuning):
             self._check_task_sequence(state["tasks"], list(data.task_names))
         self.restore_task(max(state["current_task"], 0), state["method"])
         saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("surgery")
-        if saved is not None and saved != self.model.surgery:
+        if saved is not None and canonical_log(saved) != canonical_log(self.model.surgery):
             raise ValueError(f"{type(self).__name__}: the checkpoint{self._ckpt_name()}'s model went through the surgery "
                              f"{saved}, but this configuration rebuilds {self.model.surgery} for task "
                              f"{state['current_task']}; resume with the configuration it was trained with")

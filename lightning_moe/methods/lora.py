@@ -2,17 +2,17 @@
 (`MoLE` in mole.py, the continual methods in continual.py / mora.py), which swap or add rules.
 
 A method here only says which adapters go where (`adapter_rules`, consumed by the adapter surgery
-in `models/surgery.py`) and that only the `adapters` group trains; everything else (the loss,
+in `models/adapters.py`) and that only the `adapters` group trains; everything else (the loss,
 per-domain evaluation, routing statistics) is the base class's.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import AdapterConfig, MultimodalLM, add_adapters, load_adapters
+from ..models import AdapterConfig, AdapterRule, MultimodalLM, add_adapters, load_adapters
 from .base import MultimodalMethod, checkpoint_safe
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -35,6 +35,7 @@ class LoRATuning(MultimodalMethod):
     def __init__(
         self,
         lora: LoRAOptions | None = None,
+        adapters: list[dict[str, Any]] | None = None,
         adapters_path: str | None = None,
         trainable: list[str] | None = None,
         **kwargs: Any,
@@ -42,12 +43,17 @@ class LoRATuning(MultimodalMethod):
         """
         Args:
             lora: rank, alpha, dropout, target projections and layers of the plain LoRA.
+            adapters: adapter rules that replace the method's built-in ones (`adapter_rules`), each
+                `{kind: <a registered adapter kind>, targets: [...], layers: all, <that kind's options>}`,
+                first matching rule wins; any kind registered with `register_adapter_kind` works.
             adapters_path: a `save_adapters` directory to start from (e.g. to evaluate trained
                 adapters with `validate`/`test`); its adapter surgery replaces the one above.
             trainable: parameter groups that train; default ["adapters"] (base frozen).
             **kwargs: MultimodalMethod's arguments (backbone, optimizer, aux_loss, ...).
         """
         self.lora = lora or LoRAOptions()
+        # parsed now so that an unknown kind or option fails before the model is built
+        self.adapters = None if adapters is None else [AdapterRule.from_dict(rule) for rule in adapters]
         self.adapters_path, self.trainable_override = adapters_path, trainable
         super().__init__(**kwargs)
 
@@ -57,17 +63,23 @@ class LoRATuning(MultimodalMethod):
         return [AdapterConfig(kind="lora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
                               dropout=o.dropout)]
 
+    def configured_rules(self) -> list[AdapterRule]:
+        """The rules the surgery applies: the `adapters` option if given, else `adapter_rules()`."""
+        if self.adapters is not None:
+            return list(self.adapters)
+        return [AdapterRule.from_dict(rule) for rule in self.adapter_rules()]
+
     def configure_backbone(self, model: MultimodalLM) -> None:
         if self.adapters_path:
             load_adapters(model, Path(self.adapters_path))
             return
         loaded = [entry["configs"] for entry in model.surgery if entry["op"] == "adapters"]
         if not loaded:
-            add_adapters(model, self.adapter_rules())
+            add_adapters(model, self.configured_rules())
             return
         # a loaded adapted model keeps its adapters, but only if they are the ones this method asks for:
         # MoLE on a LoRA run's output would otherwise train plain LoRA without a word
-        wanted = [asdict(rule) for rule in self.adapter_rules()]
+        wanted = [rule.to_dict() for rule in self.configured_rules()]
         if loaded != [wanted]:
             raise ValueError(
                 f"{type(self).__name__}: the backbone already carries adapters {loaded}, not the ones this method "

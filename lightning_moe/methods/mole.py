@@ -3,7 +3,7 @@ top-1 mixture of LoRA experts on each decoder layer's MLP, plain LoRA on attenti
 METHODS.md, section MoLE.
 
 Both methods only say which adapters go where (`adapter_rules`, consumed by the adapter surgery
-in `models/surgery.py`) and that only the `adapters` group trains; everything else (the loss with
+in `models/adapters.py`) and that only the `adapters` group trains; everything else (the loss with
 the routers' balance loss, per-domain evaluation, routing statistics for TensorBoard) is the
 base class's. `MoLE` is `LoRATuning` plus one rule that claims the MLPs of the chosen layers
 before the LoRA rule sees them, so in layers without experts the MLP keeps plain LoRA.

@@ -1,24 +1,33 @@
-"""Plain nn.Modules composed over transformers: `MultimodalLM`, tiny presets, surgery."""
+"""Plain nn.Modules composed over transformers: `MultimodalLM`, tiny presets, and surgery, by job:
 
-from .multimodal import MultimodalLM, MultimodalOutput, build_llm, build_multimodal
-from .surgery import (
+- `architecture.py`: where an LLM family keeps its decoder layers and MLPs; the module finders
+- `upcycle.py`: dense MLPs -> `SparseMoE`, parameter counts
+- `adapters.py`: adapter rules, planned, added, saved, loaded and merged through the kind registry
+- `freeze.py`: parameter groups and `set_trainable`
+- `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
+Importing this package registers the shipped surgeries (upcycle, adapters, mora_add_task).
+"""
+
+from .architecture import adapter_modules, decoder_layers, expert_layers, mlp_attribute, resolve_layers, routed_layers
+from .checkpoint import SURGERIES, canonical_log, register_surgery, replay_surgery
+from .multimodal import MultimodalLM, MultimodalOutput, build_llm, build_multimodal, load_backbone
+from .upcycle import MoEConfig, ParameterCounts, is_sparse, parameter_counts, upcycle
+from .adapters import (
     AdapterConfig,
-    MoEConfig,
-    ParameterCounts,
+    AdapterRule,
+    adapter_parameters,
     add_adapters,
     add_mora_task,
-    decoder_layers,
-    is_sparse,
     load_adapters,
     merge_lora,
-    parameter_counts,
     plan_adapters,
-    routed_layers,
     save_adapters,
-    set_trainable,
-    upcycle,
 )
+from .freeze import PARAMETER_GROUPS, set_trainable
 
-__all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "MoEConfig", "decoder_layers",
-           "is_sparse", "routed_layers", "set_trainable", "upcycle", "AdapterConfig", "add_adapters", "add_mora_task",
-           "plan_adapters", "save_adapters", "load_adapters", "merge_lora", "ParameterCounts", "parameter_counts"]
+__all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "load_backbone", "MoEConfig",
+           "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
+           "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "upcycle", "AdapterConfig", "AdapterRule",
+           "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
+           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
+           "canonical_log"]

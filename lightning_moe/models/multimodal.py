@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, PLACEHOLDERS
+from .checkpoint import replay_surgery
 from .connectors import build_connector
 from .encoders import VisionTower, build_vision_tower, vision_tower_from_config
 from .presets import LLM_PRESETS, preset_config
@@ -60,7 +61,7 @@ class MultimodalLM(nn.Module):
         missing = set(self.encoders) - set(self.placeholder_ids)
         if missing:
             raise ValueError(f"no placeholder token id for modalities {sorted(missing)}")
-        # Ordered record of in-place rewrites (models/surgery.py), replayed by from_pretrained.
+        # Ordered record of in-place rewrites (models/checkpoint.py), replayed by from_pretrained.
         self.surgery: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ forward
@@ -172,8 +173,6 @@ class MultimodalLM(nn.Module):
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> "MultimodalLM":
         """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
-        from .surgery import replay_surgery  # surgery imports this module
-
         llm_config = AutoConfig.for_model(**config["llm"])
         llm = AutoModelForCausalLM.from_config(llm_config)
         encoders = {m: vision_tower_from_config(e["config"], e["feature_layer"]) for m, e in config["encoders"].items()}

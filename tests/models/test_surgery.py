@@ -7,7 +7,7 @@ import torch
 
 from lightning_moe.layers import SparseMoE
 from lightning_moe.models import MoEConfig, build_multimodal, decoder_layers, set_trainable, upcycle
-from lightning_moe.models.surgery import resolve_layers
+from lightning_moe.models import resolve_layers
 from tests.conftest import TINY_LLM, TINY_VISION
 
 

@@ -1,0 +1,119 @@
+"""LLaVA-MoLE's MLP adapter: `MoLEMLP`, E top-1 LoRA experts on each projection of an MLP, and
+its adapter kind "mole" (targets a decoder layer's whole MLP; routed, so it cannot be merged).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..grouped import grouped_linear, make_offsets
+from ..mlp import mlp_layout
+from ..routing import RoutedLayer, TopKRouter
+from .lora import _dropout
+from .registry import AdapterKind, register_adapter_kind
+
+__all__ = ["MoLEConfig", "MoLEMLP"]
+
+
+@dataclass
+class MoLEConfig:
+    num_experts: int = 3  # LoRA experts per MLP projection (reference E=3)
+    r: int = 8  # rank of each expert
+    alpha: float = 16.0  # scaling = alpha / r
+    dropout: float = 0.0  # on the adapter input (the reference uses 0.05)
+    scale_by_prob: bool = True  # scale the expert update by its router probability; False = reference
+    router_bias: bool = True  # Linear(d, E) router with bias, as the reference
+
+
+class MoLEMLP(nn.Module, RoutedLayer):
+    """LLaVA-MoLE: E top-1 LoRA experts on each projection of an MLP, one shared router.
+
+    The router `Linear(H, E, bias)` sees the MLP input; its top-1 choice selects the same expert
+    index for the gate, up and down projections. The frozen base projections run once for all
+    tokens; each token runs only its chosen expert's LoRA. To keep that cheap, tokens are sorted
+    by expert once at the MLP input, the whole MLP runs in that order (base projections do not
+    care about row order), and the output is unsorted once.
+
+    scale_by_prob=True: the expert's update is scaled by its router probability (Switch-style,
+    the router learns from the task loss). False: the reference behaviour, update unscaled; the
+    router then learns only from the balance loss (`load_balancing_loss(..., form="mole")`).
+    Expert LoRA weights: `lora_A[role]` (E, r, in), `lora_B[role]` (E, out, r).
+    """
+
+    def __init__(
+        self,
+        mlp: nn.Module,
+        num_experts: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        scale_by_prob: bool = True,
+        router_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        layout = mlp_layout(mlp)
+        projections, self.act_fn, self.gated = layout.projections, layout.activation, layout.gated
+        self._names = layout.names
+        self.mlp = mlp.requires_grad_(False)
+        self.num_experts, self.r, self.alpha, self.scaling = num_experts, r, alpha, alpha / r
+        self.scale_by_prob = scale_by_prob
+        hidden = projections["up"].in_features
+        self.router = TopKRouter(hidden, num_experts, 1, normalize=False, bias=router_bias)
+        dev = projections["up"].weight.device
+        self.lora_A = nn.ParameterDict(
+            {k: nn.Parameter(torch.empty(num_experts, r, p.in_features, device=dev)) for k, p in projections.items()}
+        )
+        self.lora_B = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(num_experts, p.out_features, r, device=dev)) for k, p in projections.items()}
+        )
+        for a in self.lora_A.values():
+            for e in range(num_experts):  # per expert, fan_in = in_features, as peft
+                nn.init.kaiming_uniform_(a.data[e], a=math.sqrt(5))
+        self.lora_dropout = _dropout(dropout)
+        self.last_routing = None
+
+    def _proj(self, role: str) -> nn.Linear:
+        return getattr(self.mlp, self._names[role])
+
+    def _lora(self, role: str, x: Tensor, counts: list[int], offs: Tensor, scale: Tensor) -> Tensor:
+        a, b = self.lora_A[role], self.lora_B[role]
+        x = self.lora_dropout(x.to(a.dtype))
+        z = grouped_linear(x, a, counts, offs)  # (T, r)
+        return grouped_linear(z * scale, b, counts, offs)  # (T, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (T, H)
+        routing = self.router(flat)
+        self.last_routing = routing
+        expert = routing.indices[:, 0]  # (T,)
+        order = torch.argsort(expert, stable=True)  # (T,) tokens grouped by expert
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        offs = make_offsets(counts, flat.device)
+        xs = flat[order]  # (T, H) sorted
+        # per-token scale of the expert update, (T, 1) in the LoRA dtype
+        gate_w = routing.weights[:, 0][order] if self.scale_by_prob else torch.ones_like(order, dtype=torch.float32)
+        scale = (gate_w * self.scaling).to(self.lora_A["up"].dtype)[:, None]
+
+        def proj(role: str, h: Tensor) -> Tensor:
+            out = self._proj(role)(h)
+            return out + self._lora(role, h, counts, offs, scale).to(out.dtype)
+
+        if self.gated:
+            h = self.act_fn(proj("gate", xs)) * proj("up", xs)
+        else:
+            h = self.act_fn(proj("up", xs))
+        ys = proj("down", h)  # (T, H) sorted
+        out = torch.empty_like(ys).index_copy_(0, order, ys)  # (T, H) back in token order
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, r={self.r}, alpha={self.alpha}, scale_by_prob={self.scale_by_prob}"
+
+
+register_adapter_kind(AdapterKind(name="mole", config=MoLEConfig, layer=MoLEMLP, target="mlp", wrapped="mlp"))

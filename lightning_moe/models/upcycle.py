@@ -1,0 +1,72 @@
+"""Upcycling: dense MLPs -> `SparseMoE` whose experts start as exact copies (MoE-LLaVA), and
+parameter counts of a sparse model. Registers the `upcycle` surgery."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ..layers import SparseMoE
+from .architecture import decoder_layers, expert_layers, mlp_attribute, resolve_layers
+from .checkpoint import register_surgery
+from .multimodal import MultimodalLM
+
+__all__ = ["MoEConfig", "upcycle", "is_sparse", "ParameterCounts", "parameter_counts"]
+
+
+@dataclass
+class MoEConfig:
+    """How dense MLPs become sparse MoE layers (defaults: MoE-LLaVA, except dropless dispatch)."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    layers: str | list[int] = "::2"  # which decoder layers: a slice string, "all", or indices
+    capacity_factor: float | None = None  # None = dropless; MoE-LLaVA used 1.5 (train) / 2.0 (eval)
+    eval_capacity_factor: float | None = None
+    normalize_weights: bool = True  # renormalise the top-k gate weights to sum to 1
+    router_jitter: float = 0.0
+    noisy_second_choice: bool = False  # GShard/DeepSpeed: second expert drawn with Gumbel noise
+
+
+def upcycle(model: MultimodalLM, config: MoEConfig) -> list[int]:
+    """Replace the chosen layers' MLPs by `SparseMoE` whose experts are copies of that MLP."""
+    layers = decoder_layers(model.llm)
+    chosen = resolve_layers(config.layers, len(layers))
+    args = asdict(config)
+    for i in chosen:
+        attr = mlp_attribute(layers[i])
+        mlp = getattr(layers[i], attr)
+        if isinstance(mlp, SparseMoE):
+            raise ValueError(f"decoder layer {i} is already sparse; upcycle once")
+        moe = SparseMoE.from_dense(
+            mlp, config.num_experts, config.top_k, capacity_factor=config.capacity_factor,
+            eval_capacity_factor=config.eval_capacity_factor, normalize_weights=config.normalize_weights,
+            router_jitter=config.router_jitter, noisy_second_choice=config.noisy_second_choice,
+        )
+        setattr(layers[i], attr, moe.to(next(mlp.parameters()).device))
+    model.surgery.append({"op": "upcycle", **args, "layers": chosen})
+    return chosen
+
+
+def is_sparse(model: MultimodalLM) -> bool:
+    return any(entry["op"] == "upcycle" for entry in model.surgery)
+
+
+@dataclass
+class ParameterCounts:
+    total: int  # every parameter of the model (vision tower included)
+    activated: int  # parameters one token uses: a top-k of E experts counts k/E of each MoE layer's experts
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Total and per-token activated parameters (sparse layers count only their top-k experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for _, module in expert_layers(model):
+        experts = sum(p.numel() for name, p in module.named_parameters() if not name.startswith("router."))
+        inactive += experts * (module.num_experts - module.top_k) // module.num_experts
+    return ParameterCounts(total, total - inactive)
+
+
+register_surgery("upcycle", lambda model, **args: upcycle(model, MoEConfig(**args)))
