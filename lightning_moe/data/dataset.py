@@ -66,7 +66,8 @@ class HFImageProcessor:
     def __init__(self, name_or_path: str):
         from transformers import AutoImageProcessor  # only needed for real checkpoints
 
-        self.processor = AutoImageProcessor.from_pretrained(name_or_path)
+        # never the repository's own Python code (safe_load.py)
+        self.processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]

@@ -57,6 +57,10 @@ class BackboneConfig:
     connector: str = "mlp2x_gelu"
     pretrained: str | None = None  # a previous stage's save_pretrained directory or .ckpt; replaces the above
     torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
+    # Loading never runs code from a file (lightning_moe/safe_load.py, docs/security.md). These opt-ins are for
+    # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
+    allow_unsafe_checkpoint: bool = False
+    trust_remote_code: bool = False  # ... and a Hugging Face model's own Python code
 
 
 @checkpoint_safe
@@ -173,9 +177,10 @@ class MultimodalMethod(L.LightningModule):
     def build_backbone(self) -> MultimodalLM:
         b = self.backbone
         if b.pretrained:
-            return load_backbone(b.pretrained)
+            return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
-                                b.vision_feature_layer, b.connector, b.torch_dtype)
+                                b.vision_feature_layer, b.connector, b.torch_dtype, b.trust_remote_code,
+                                b.allow_unsafe_checkpoint)
 
     def configure_backbone(self, model: MultimodalLM) -> None:
         """Rewrite the model in place (upcycling, adapters). Runs before the freeze plan."""

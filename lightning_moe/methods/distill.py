@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..models import MoEConfig, MultimodalLM, is_sparse, upcycle
+from ..safe_load import load_torch_file
 from ..tokens import IGNORE_INDEX, load_tokenizer
 from .base import MultimodalMethod, StepOutput, causal_lm_loss, checkpoint_safe, load_backbone
 
@@ -153,13 +154,14 @@ def check_same_vocabulary(student: Any, teacher: Any) -> None:
     )
 
 
-def teacher_tokenizer_path(teacher: str | Path) -> str | None:
-    """Where the teacher's tokenizer is recorded: its save_pretrained directory, or its checkpoint's hparams."""
+def teacher_tokenizer_path(teacher: str | Path, allow_unsafe: bool = False) -> str | None:
+    """Where the teacher's tokenizer is recorded: its save_pretrained directory, or its checkpoint's hparams
+    (read without executing code from the file; `allow_unsafe` is the trusted-file opt-in)."""
     path = Path(teacher)
     if path.is_dir():
         return str(path) if (path / "tokenizer_config.json").is_file() else None
     if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_torch_file(path, allow_unsafe=allow_unsafe, what="teacher checkpoint")
         return checkpoint.get("hyper_parameters", {}).get("tokenizer")
     return None
 
@@ -234,8 +236,10 @@ class MoDDistillation(MultimodalMethod):
         return list(self.trainable_override if self.trainable_override is not None else STAGE_GROUPS[self.stage])
 
     def load_teacher(self, path: str, dtype: str | None, tokenizer: str | None) -> MultimodalLM:
-        teacher = load_backbone(path)
-        tokenizer = tokenizer or teacher_tokenizer_path(path)
+        # the backbone's opt-in covers the teacher too: one switch for the files a run trusts
+        unsafe = self.backbone.allow_unsafe_checkpoint
+        teacher = load_backbone(path, allow_unsafe=unsafe)
+        tokenizer = tokenizer or teacher_tokenizer_path(path, allow_unsafe=unsafe)
         if tokenizer is None:
             rank_zero_info(f"no tokenizer recorded with the teacher {path}: assuming the student's")
         else:
