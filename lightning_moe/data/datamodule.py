@@ -251,7 +251,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         return datasets
 
     def _print_report(self, stage: str) -> None:
-        lines = [f"data report ({stage}): split/domain: kept of records read, then what was skipped or truncated"]
+        lines = [f"data report ({getattr(stage, 'value', stage)}): split/domain: kept of records read, then what was skipped or truncated"]
         problems = []
         for split in STAGE_SPLITS[stage]:
             for name, dataset in self.datasets[split].items():
@@ -307,7 +307,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         counts = self.skip_log.counts("loading")
         if counts:
             per_reason = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-            rank_zero_info(f"samples skipped while loading, up to the end of {stage}: {per_reason}; "
+            rank_zero_info(f"samples skipped while loading, up to the end of {getattr(stage, 'value', stage)}: {per_reason}; "
                            f"listed in {self._skip_file_note()}")
 
     # ----- loaders -------------------------------------------------------------------------

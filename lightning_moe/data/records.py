@@ -13,6 +13,7 @@ under the dataset root, so a record (or a link placed in the root) cannot make t
 `/etc/passwd` or any file outside the data set.
 """
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -126,6 +127,12 @@ def read_llava_records(path: str | Path) -> list[dict]:
     return records
 
 
+@functools.lru_cache(maxsize=64)
+def _real_path(absolute: str) -> Path:
+    """`realpath` of an absolute root, once per root rather than once per record."""
+    return Path(os.path.realpath(absolute))
+
+
 def parse_record(
     record: object, root: Path, path: str | Path, line: int | None, supported: tuple[str, ...] = ("image",)
 ) -> ParsedRecord:
@@ -153,7 +160,8 @@ def parse_record(
         raise bad(NO_ASSISTANT_TURN, "no assistant ('gpt') turn, so nothing to train on or to evaluate")
 
     files: dict[str, list[Path]] = {}
-    root_abs, root_real = Path(os.path.abspath(root)), Path(os.path.realpath(root))
+    root_abs = Path(os.path.abspath(root))  # not cached: a relative root depends on the working directory
+    root_real = _real_path(str(root_abs))
     for modality, placeholder in PLACEHOLDERS.items():
         entry = record.get(modality)
         names = [] if entry is None else [entry] if isinstance(entry, str) else entry
