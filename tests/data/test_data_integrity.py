@@ -133,6 +133,14 @@ def test_links_inside_the_root_and_a_linked_root_are_followed(root, tokenizer, t
     assert len(linked) == 1
 
 
+def test_data_files_named_in_the_config_may_live_outside_the_root(root, tokenizer, tmp_path):
+    """The config is trusted, records are not: images elsewhere work with the root set to their folder."""
+    data_file = write_jsonl(tmp_path / "elsewhere" / "train.jsonl", [record("r0", images=("img0.png",))])
+    dm = DomainMixtureDataModule({"a": {"train": str(data_file)}}, root=str(root), tokenizer=tokenizer.name_or_path)
+    dm.setup("fit")
+    assert dm.datasets["train"]["a"].samples[0].images == [(root / "img0.png").resolve()]
+
+
 # ----- the skip report: counts per reason, and every record in the run's folder ------------------------
 
 
