@@ -45,6 +45,7 @@ from lightning_moe.data.records import (
     SkippedRecord,
     iter_llava_file,
     parse_record,
+    where,
 )
 from lightning_moe.tokens import IGNORE_INDEX, IMAGE_TOKEN, MODALITY_INPUTS
 
@@ -234,7 +235,7 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict | tuple[dict, dict]:
         """`load_item(index)`; under `skip_bad_records` a sample that fails to decode is replaced (module docstring)."""
         skipped: list[dict] = []
         for attempt in range(min(len(self), self.MAX_CONSECUTIVE_DECODE_FAILURES)):
@@ -251,11 +252,11 @@ class LlavaDataset(Dataset):
             return item
         raise RuntimeError(
             f"{len(skipped)} consecutive samples of domain {self.domain!r} failed to decode from index {index} "
-            f"(is the media storage still reachable?); the first: {skipped[0]['file']}:{skipped[0]['line']} "
-            f"record {skipped[0]['id']!r}: {skipped[0]['problem']}"
+            f"(is the media storage still reachable?); the first: "
+            f"{where(skipped[0]['file'], skipped[0]['line'], skipped[0]['id'])} {skipped[0]['problem']}"
         )
 
-    def load_item(self, index: int):
+    def load_item(self, index: int) -> dict | tuple[dict, dict]:
         """The item of sample `index` with its images loaded; raises `BadRecordError` if one fails to decode."""
         sample = self.samples[index]
         return self.item(sample, self.load_images(sample))
