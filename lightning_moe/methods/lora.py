@@ -2,7 +2,7 @@
 (`MoLE` in mole.py, the continual methods in continual.py / mora.py), which swap or add rules.
 
 A method here only says which adapters go where (`adapter_rules`, consumed by the adapter surgery
-in `models/surgery.py`) and that only the `adapters` group trains; everything else (the loss,
+in `models/surgery.py`) and, as its one stage, that only the `adapters` group trains; everything else (the loss,
 per-domain evaluation, routing statistics) is the base class's.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..models import AdapterConfig, MultimodalLM, add_adapters, load_adapters
-from .base import MultimodalMethod, checkpoint_safe
+from .base import MultimodalMethod, Stage, checkpoint_safe
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
@@ -32,11 +32,13 @@ class LoRAOptions:
 
 
 class LoRATuning(MultimodalMethod):
+    STAGES = {"adapters": Stage(train=["adapters"])}  # one stage: the adapters train, the base stays frozen
+
     def __init__(
         self,
         lora: LoRAOptions | None = None,
         adapters_path: str | None = None,
-        trainable: list[str] | None = None,
+        stage: Literal["adapters"] = "adapters",
         **kwargs: Any,
     ):
         """
@@ -44,12 +46,12 @@ class LoRATuning(MultimodalMethod):
             lora: rank, alpha, dropout, target projections and layers of the plain LoRA.
             adapters_path: a `save_adapters` directory to start from (e.g. to evaluate trained
                 adapters with `validate`/`test`); its adapter surgery replaces the one above.
-            trainable: parameter groups that train; default ["adapters"] (base frozen).
-            **kwargs: MultimodalMethod's arguments (backbone, optimizer, aux_loss, ...).
+            stage: adapters (the only one: train the adapters, base frozen).
+            **kwargs: MultimodalMethod's arguments (backbone, trainable, optimizer, aux_loss, ...).
         """
         self.lora = lora or LoRAOptions()
-        self.adapters_path, self.trainable_override = adapters_path, trainable
-        super().__init__(**kwargs)
+        self.adapters_path = adapters_path
+        super().__init__(stage=stage, **kwargs)
 
     def adapter_rules(self) -> list[AdapterConfig]:
         """Which modules get which adapter; the surgery applies the first rule matching a module."""
@@ -73,6 +75,3 @@ class LoRATuning(MultimodalMethod):
                 f"{type(self).__name__}: the backbone already carries adapters {loaded}, not the ones this method "
                 f"configures {wanted}; start from the base model (and `adapters_path` to load trained adapters)"
             )
-
-    def trainable_groups(self) -> list[str]:
-        return list(self.trainable_override if self.trainable_override is not None else ["adapters"])
