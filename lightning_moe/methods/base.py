@@ -138,7 +138,7 @@ def check_stage_parameter(cls: type) -> None:
     gives its own `__init__` that parameter, typed `Literal[<the table's names>]`, with a default from
     the table. Raises TypeError at class creation when they disagree, so they cannot drift apart.
     """
-    stages = cls.__dict__.get("STAGES", getattr(cls, "STAGES", None))
+    stages = getattr(cls, "STAGES", None)
     if not isinstance(stages, dict) or not stages or not all(
             isinstance(k, str) and isinstance(v, Stage) for k, v in stages.items()):
         raise TypeError(f"{cls.__qualname__}.STAGES must map stage names to Stage(...), got {stages!r}")
