@@ -2,7 +2,7 @@
 (`MoLE` in mole.py, the continual methods in continual.py / mora.py), which swap or add rules.
 
 A method here only says which adapters go where (`adapter_rules`, consumed by the adapter surgery
-in `models/surgery.py`) and, as its one stage, that only the `adapters` group trains; everything else (the loss,
+in `models/surgery.py`) and that only the `adapters` group trains; everything else (the loss,
 per-domain evaluation, routing statistics) is the base class's.
 """
 

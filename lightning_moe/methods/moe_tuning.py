@@ -16,11 +16,11 @@ from .base import MultimodalMethod, Stage
 
 
 class MoETuning(MultimodalMethod):
-    # the vision tower stays frozen throughout (METHODS.md)
+    # the vision tower stays frozen throughout (METHODS.md); the reference leaves the projector trainable in stage 3
     STAGES = {
         "align": Stage(train=["connector"]),
         "instruct": Stage(train=["connector", "llm"]),
-        "moe": Stage(train=["moe", "connector"], upcycle=True),  # the reference leaves the projector trainable in stage 3
+        "moe": Stage(train=["moe", "connector"], upcycle=True),
     }
 
     def __init__(self, stage: Literal["align", "instruct", "moe"] = "instruct", moe: MoEConfig | None = None,
