@@ -2,8 +2,9 @@
 
 Any LightningModule / LightningDataModule can be named with `--model` / `--data` (subclass
 mode), so a researcher's own method subclass runs with the same configs. Configs are parsed in
-omegaconf mode (interpolation such as `${model.init_args.tokenizer}` works) and merge in order
-when `--config` is given several times.
+omegaconf mode (interpolation such as `${trainer.max_steps}` works) and merge in order
+when `--config` is given several times. The data module's tokenizer is the model's too (linked), so
+a config names it once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ class LightningMoECLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args,
                          subclass_mode_model=True, subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # token ids must mean the same on both sides; the model keeps it in its hyperparameters, so a
+        # checkpoint still loads without the data module
+        parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
 
 
 def main(args: list[str] | None = None) -> LightningMoECLI:
