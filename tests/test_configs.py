@@ -5,15 +5,13 @@ tests/fixtures/make_pre_restructure.py on commit 4a2d65c), and the tokenizer is 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lightning_moe.cli import LightningMoECLI, main
+from lightning_moe.cli import LightningMoECLI, effective_config
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"
@@ -25,12 +23,6 @@ def shipped_configs() -> list[Path]:
     return sorted(p for p in CONFIGS.rglob("*.yaml") if "_base" not in p.relative_to(CONFIGS).parts)
 
 
-def print_config(*args: str) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(out.getvalue())  # the `# lightning.pytorch==` header is a comment: not compared
 
 
 def differences(before, now, key: str = "") -> list[str]:
@@ -52,8 +44,8 @@ def test_the_fixtures_cover_every_shipped_config():
 
 @pytest.mark.parametrize("config", [str(p.relative_to(CONFIGS)) for p in shipped_configs()])
 def test_effective_config_is_unchanged(config):
-    before = yaml.safe_load((BEFORE / config).read_text())
-    now = print_config("--config", str(CONFIGS / config))
+    before = yaml.safe_load((BEFORE / config).read_text())  # its `# lightning.pytorch==` header is a comment
+    now = effective_config(CONFIGS / config)
     # The one key printed differently: the model's tokenizer is now linked from the data module's
     # (lightning_moe/cli.py), and jsonargparse leaves a link's target out of --print_config. Before, every
     # config named the same tokenizer twice; the link gives the model that same value.
@@ -78,7 +70,7 @@ def test_the_model_gets_the_data_modules_tokenizer(tmp_path):
 
 def test_a_stage_overrides_single_keys_of_the_shared_parts():
     """A dotted key in a config changes that key only; the rest of the group comes from configs/_base/."""
-    now = print_config("--config", str(CONFIGS / "mole" / "lora.yaml"))
+    now = effective_config(CONFIGS / "mole" / "lora.yaml")
     assert now["trainer"]["max_steps"] == 400  # set by mole/lora.yaml
     assert now["trainer"]["gradient_clip_val"] == 1.0  # from _base/trainer.yaml
     assert now["trainer"]["logger"]["init_args"]["name"] == "lora"
