@@ -257,11 +257,11 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
 def trained_model(args, workdir: Path):
     if args.checkpoint:
         return load_backbone(args.checkpoint).eval(), f"checkpoint {args.checkpoint}"
+    from lightning_moe.cli import effective_config
     from lightning_moe.cli import main as cli_main
 
-    from omegaconf import OmegaConf
-
-    steps = args.steps or OmegaConf.load(ROOT / "configs/quickstart.yaml").trainer.max_steps
+    # the config's own steps as the CLI composes it (it includes configs/_base/)
+    steps = args.steps or effective_config(ROOT / "configs/quickstart.yaml")["trainer"]["max_steps"]
     cli = cli_main([
         "fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--trainer.max_steps={steps}",
         f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",

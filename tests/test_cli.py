@@ -12,7 +12,9 @@ from lightning_moe.cli import main
 from lightning_moe.methods import MoETuning
 from tests.conftest import ROOT
 
-CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+# configs/_base/ holds the parts every config includes (trainer, data), not runnable configs
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
+                 if "_base" not in p.relative_to(ROOT / "configs").parts)
 STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
           "configs/moe_llava/stage3_moe.yaml"]
 # LLaVA-MoD: the teacher, then the student's stages, each reading the previous outputs
@@ -54,6 +56,7 @@ def fit(config: str | list[str], *extra: str):
 
 def test_configs_are_shipped():
     assert "configs/quickstart.yaml" in CONFIGS and set(CHAINED) <= set(CONFIGS)
+    assert len(CONFIGS) == 13 and not any("_base" in c for c in CONFIGS)
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c not in CHAINED])

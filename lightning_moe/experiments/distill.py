@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..cli import effective_config
 from ..paths import REPO_ROOT
 from . import RunResult, fit_and_test, working_directory
 
@@ -71,8 +72,9 @@ def seed_overrides(seed: int) -> list[str]:
 def derive_config(source: Path, target: Path, name: str, steps: int, pretrained: str | None,
                   change: Callable[[dict], None]) -> Path:
     """A copy of the shipped config `source` for run `name`: `steps` steps, its own logger name and
-    hand-off directory, `pretrained` as the backbone, then `change(config)`; written to `target`."""
-    config = yaml.safe_load(source.read_text())
+    hand-off directory, `pretrained` as the backbone, then `change(config)`; written to `target`. It starts
+    from the effective config (configs/_base/ included, defaults filled in), so `target` stands alone."""
+    config = effective_config(source)
     init = config["model"]["init_args"]
     if pretrained:
         init["backbone"] = {"pretrained": pretrained}
@@ -106,7 +108,7 @@ def control_config(target: Path, steps: int) -> Path:
     teacher) from the same checkpoint (runs/mod/mimic_sparse/model), with the preference stage's optimizer
     and learning rate, on the mimic data at mimic_sparse's batch (64 sequences, as a preference step's
     32 chosen + 32 rejected). It differs from the preference run only in the objective and its data."""
-    preference = yaml.safe_load((CONFIGS / "preference.yaml").read_text())["model"]["init_args"]
+    preference = effective_config(CONFIGS / "preference.yaml")["model"]["init_args"]
 
     def preference_optimizer(config: dict) -> None:
         config["model"]["init_args"]["optimizer"] = preference["optimizer"]
