@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,26 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 
+def help_for_named_model(argv: list[str]) -> list[str]:
+    """`fit --model pkg.MyMethod --model.help` lists MyMethod's options (jsonargparse alone would show the
+    base LightningModule's: its `--model.help` takes the class as its own value)."""
+    argv = list(argv)
+    if "--model.help" not in argv:
+        return argv
+    at = argv.index("--model.help")
+    if at + 1 < len(argv) and not argv[at + 1].startswith("-"):
+        return argv  # the class is given to --model.help itself
+    named = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"]
+    named += [a.split("=", 1)[1] for a in argv if a.startswith("--model=")]
+    if named:
+        argv.insert(at + 1, named[-1])
+    return argv
+
+
 class LightningMoECLI(LightningCLI):
     def __init__(self, *args, **kwargs):
+        if isinstance(kwargs.get("args"), list) or kwargs.get("args") is None:
+            kwargs["args"] = help_for_named_model(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args,
