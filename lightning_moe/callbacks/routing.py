@@ -1,5 +1,7 @@
 """TensorBoard views of routing: expert load per sparse layer (histograms), router entropy, and
-a domain × expert heat map per layer that shows whether routing specialises by domain.
+a domain × expert heat map per layer that shows whether routing specialises by domain, and an
+expert-load bar chart per layer, both drawn by `lightning_moe.plots` (names, values, colour bar) with
+the same numbers as text tables beside them.
 
 Reads the `routing` and `token_mask` that the method's steps return, so it sees the routing of
 the teacher-forced forward pass (not of generation).
@@ -14,7 +16,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 
+from .. import plots
 from ..layers import RouterOutput
 
 
@@ -29,11 +33,9 @@ def layer_names(pl_module: L.LightningModule) -> list[str]:
     return names
 
 
-def heatmap_image(matrix: torch.Tensor, cell: int = 16) -> torch.Tensor:
-    """(rows, cols) values in [0, 1] -> (3, rows*cell, cols*cell) image, dark blue (0) to yellow (1)."""
-    low, high = torch.tensor([0.07, 0.04, 0.33]), torch.tensor([0.99, 0.91, 0.14])
-    rgb = low[:, None, None] + (high - low)[:, None, None] * matrix.clamp(0, 1)[None]
-    return rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+def log_figure(writer: Any, tag: str, figure: Figure, step: int) -> None:
+    """A matplotlib figure (`lightning_moe.plots`) as a TensorBoard image."""
+    writer.add_image(tag, plots.to_image(figure), step, dataformats="HWC")
 
 
 def _tensorboard(trainer: L.Trainer):
@@ -95,13 +97,16 @@ class RoutingStatistics(L.Callback):
         for name, per_domain in counts.items():
             domains = sorted(per_domain)
             matrix = torch.stack([per_domain[d] / per_domain[d].sum().clamp(min=1) for d in domains])  # (D, E)
-            writer.add_image(f"routing/{name}/{stage}_domain_expert_heatmap", heatmap_image(matrix), trainer.global_step)
+            log_figure(writer, f"routing/{name}/{stage}_domain_expert_heatmap",
+                       plots.routing_heatmap(matrix, domains, name, stage), trainer.global_step)
             header = "| domain | " + " | ".join(f"expert {e}" for e in range(matrix.shape[1])) + " |"
             rows = [f"| {d} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for d, row in zip(domains, matrix.tolist())]
             separator = "|---" * (matrix.shape[1] + 1) + "|"
             writer.add_text(f"routing/{name}/{stage}_domain_expert_table", "\n".join([header, separator, *rows]),
                             trainer.global_step)
             total = torch.stack(list(per_domain.values())).sum(0)
+            log_figure(writer, f"routing/{name}/{stage}_expert_load", plots.expert_load(total, name, stage),
+                       trainer.global_step)
             writer.add_scalar(f"routing/{name}/{stage}_load_max_over_mean", total.max() / total.mean().clamp(min=1e-9),
                               trainer.global_step)
         for name, values in entropies.items():
