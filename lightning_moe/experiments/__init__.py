@@ -222,14 +222,17 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
-def progress(runs: list[Any], desc: str) -> tqdm:
-    """The one progress bar over an experiment's runs (on the console: the runs' own output goes to logs)."""
+def progress(runs: list[Any] | int, desc: str) -> tqdm:
+    """The one progress bar over an experiment's runs (on the console: the runs' own output goes to logs):
+    over a list of runs, or a bar of `runs` steps to advance with `.update()`."""
+    if isinstance(runs, int):
+        return tqdm(total=runs, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
     return tqdm(runs, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
 
 
 def write_results(out: Path, summary: dict[str, Any], markdown: str, command: str) -> dict[str, Any]:
     """OUT/results.json (the summary with `environment`) and OUT/results.md; returns the summary written."""
-    summary = {**summary, "environment": environment(command)}
+    summary = {**summary, "environment": summary.get("environment") or environment(command)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     env = summary["environment"]
