@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,9 +47,13 @@ def _tensorboard(trainer: L.Trainer):
 
 
 class RoutingStatistics(L.Callback):
-    def __init__(self, log_every_n_steps: int | None = None):
-        """log_every_n_steps: how often training routing is logged; None = the trainer's setting."""
+    def __init__(self, log_every_n_steps: int | None = None, save_figures: str | None = None):
+        """log_every_n_steps: how often training routing is logged; None = the trainer's setting.
+        save_figures: a directory where the validation / test figures are also written as PNG
+        (`<layer>_<stage>_domain_expert_heatmap.png`, `<layer>_<stage>_expert_load.png`; the latest
+        evaluation overwrites the previous one), e.g. for docs; None = TensorBoard only."""
         self.log_every_n_steps = log_every_n_steps
+        self.save_figures = save_figures
         self._counts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> domain -> (E,) routed slots
         self._entropy: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -97,16 +102,19 @@ class RoutingStatistics(L.Callback):
         for name, per_domain in counts.items():
             domains = sorted(per_domain)
             matrix = torch.stack([per_domain[d] / per_domain[d].sum().clamp(min=1) for d in domains])  # (D, E)
-            log_figure(writer, f"routing/{name}/{stage}_domain_expert_heatmap",
-                       plots.routing_heatmap(matrix, domains, name, stage), trainer.global_step)
+            heatmap = plots.routing_heatmap(matrix, domains, name, stage)
+            log_figure(writer, f"routing/{name}/{stage}_domain_expert_heatmap", heatmap, trainer.global_step)
             header = "| domain | " + " | ".join(f"expert {e}" for e in range(matrix.shape[1])) + " |"
             rows = [f"| {d} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for d, row in zip(domains, matrix.tolist())]
             separator = "|---" * (matrix.shape[1] + 1) + "|"
             writer.add_text(f"routing/{name}/{stage}_domain_expert_table", "\n".join([header, separator, *rows]),
                             trainer.global_step)
             total = torch.stack(list(per_domain.values())).sum(0)
-            log_figure(writer, f"routing/{name}/{stage}_expert_load", plots.expert_load(total, name, stage),
-                       trainer.global_step)
+            load = plots.expert_load(total, name, stage)
+            log_figure(writer, f"routing/{name}/{stage}_expert_load", load, trainer.global_step)
+            if self.save_figures and trainer.is_global_zero:
+                plots.save_png(heatmap, Path(self.save_figures) / f"{name}_{stage}_domain_expert_heatmap.png")
+                plots.save_png(load, Path(self.save_figures) / f"{name}_{stage}_expert_load.png")
             writer.add_scalar(f"routing/{name}/{stage}_load_max_over_mean", total.max() / total.mean().clamp(min=1e-9),
                               trainer.global_step)
         for name, values in entropies.items():
