@@ -3,6 +3,8 @@ every cell, a colour bar, and a width TensorBoard shows legibly."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,14 @@ def test_heatmap_rejects_labels_that_do_not_match_the_matrix():
 def test_save_png_writes_a_png(tmp_path):
     path = plots.save_png(plots.routing_heatmap(SHARE, DOMAINS, "layer0"), tmp_path / "sub" / "map.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_import_neither_lightning_nor_torch():
+    # a report draws from numbers in a results.json; the figures must not need the training stack
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_moe.plots; print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert loaded == "[]"
