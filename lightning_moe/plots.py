@@ -93,7 +93,7 @@ def expert_load(counts: Any, layer: str, stage: str = "") -> Figure:
     if values.size == 0:
         raise ValueError(f"expert load of {layer}: no experts")
     share = values / max(values.sum(), 1e-12)
-    figure = Figure(figsize=(max(4.0, 0.45 * values.size + 1.6), 2.8), dpi=DPI)
+    figure = Figure(figsize=(max(5.0, 0.45 * values.size + 1.6), 3.0), dpi=DPI)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     ax.bar(range(values.size), share, color="#3b528b")
@@ -102,7 +102,8 @@ def expert_load(counts: Any, layer: str, stage: str = "") -> Figure:
     ax.set_xlabel("expert")
     ax.set_ylabel("share of routed slots")
     where = f" ({stage})" if stage else ""
-    ax.set_title(f"{layer}: expert load{where}, max/mean {share.max() * values.size:.2f}")
+    ax.set_title(f"{layer}: expert load{where}, max/mean {share.max() * values.size:.2f}", fontsize=10)
+    ax.set_ylim(0, max(share.max(), 1 / values.size) * 1.3)  # room above the bars for the legend
     ax.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     return figure
