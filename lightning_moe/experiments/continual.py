@@ -111,8 +111,8 @@ def results_markdown(results: list[RunResult], pretrain_seconds: float, quick: b
     lines += ["", f"Dense pre-training of the shared base: {pretrain_seconds:.0f} s.", ""]
     for method, d in rows:
         tasks, usage = d["tasks"], d["rank_usage"]
-        lines += [f"## {method}: acc[i, j]", "", accuracy_table(d["accuracy"], tasks), "",
-                  f"![{method} accuracy matrix](figures/{method}_accuracy.png)", ""]
+        # the matrix as a figure: figures/<method>_accuracy.png beside this seed's results
+        lines += [f"## {method}: acc[i, j]", "", accuracy_table(d["accuracy"], tasks), ""]
         if usage:
             lines += [f"{method}: active ranks per token on each task's test data, by the task that trained them "
                       "(after the last task; mean over layers)", "",
