@@ -4,7 +4,8 @@ Any LightningModule / LightningDataModule can be named with `--model` / `--data`
 mode), so a researcher's own method subclass runs with the same configs. Configs are parsed in
 omegaconf mode (interpolation such as `${trainer.max_steps}` works) and merge in order
 when `--config` is given several times. The data module's tokenizer is the model's too (linked), so
-a config names it once. `effective_config` reads what a config means once its includes
+a config names it once. The default progress bar counts optimizer steps to `max_steps`
+(`callbacks.StepProgressBar`). `effective_config` reads what a config means once its includes
 (configs/_base/) and defaults are applied, for code that derives one config from another.
 """
 
@@ -18,7 +19,10 @@ from typing import Any
 
 import lightning as L
 import yaml
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import StepProgressBar
 
 
 def help_for_named_model(argv: list[str]) -> list[str]:
@@ -50,6 +54,18 @@ class LightningMoECLI(LightningCLI):
         # token ids must mean the same on both sides; the model keeps it in its hyperparameters, so a
         # checkpoint still loads without the data module
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's trainer, with `StepProgressBar` in place of the bar Lightning adds by default
+        (kept: a bar the config names; none: `enable_progress_bar: false`)."""
+        # looked at before the trainer exists: Lightning appends its default bar to this same list
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        own_bar = any(isinstance(c, ProgressBar) for c in configured)
+        trainer = super().instantiate_trainer(**kwargs)
+        default = trainer.progress_bar_callback
+        if default is not None and not own_bar:
+            trainer.callbacks[trainer.callbacks.index(default)] = StepProgressBar()
+        return trainer
 
 
 def main(args: list[str] | None = None) -> LightningMoECLI:

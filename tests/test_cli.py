@@ -122,6 +122,7 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
     assert "continual/accuracy_matrix" in events.Tags()["images"]
     assert {f"continual/acc/{t}" for t in tasks} | {"continual/last", "continual/bwt"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Images("continual/accuracy_matrix")] == [0, 1, 2]
+    assert events.Images("continual/accuracy_matrix")[-1].width >= 300  # task names and values drawn
     # the config keeps one checkpoint per task; Lightning's resume from the one after task 0 rebuilds
     # the later tasks' ranks and ends exactly as the uninterrupted run
     checkpoints = Path(cli.trainer.logger.log_dir) / "checkpoints"
@@ -180,7 +181,9 @@ def test_quickstart_writes_tensorboard_tags_and_a_checkpoint(workdir):
     assert any(t.endswith("/exact_match") and t.count("/") == 2 for t in tags["scalars"])  # per domain
     assert any(t.endswith("/pope_f1") for t in tags["scalars"])
     assert "routing/layer0/expert_load" in tags["histograms"]
-    assert "routing/layer0/val_domain_expert_heatmap" in tags["images"]
+    assert {"routing/layer0/val_domain_expert_heatmap", "routing/layer0/val_expert_load"} <= set(tags["images"])
+    heatmap = events.Images("routing/layer0/val_domain_expert_heatmap")[-1]
+    assert heatmap.width >= 300 and heatmap.height >= 150  # a labelled matplotlib figure, not 16 px per cell
     assert any(t.startswith("routing/layer0/") and "entropy" in t for t in tags["scalars"])
     assert list(log_dir.rglob("*.ckpt")), "no checkpoint written"
 
