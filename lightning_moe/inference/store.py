@@ -316,9 +316,8 @@ class ExpertStore:
             missing = [e for e in range(layer["num_experts"]) if (layer["index"], e) not in self.entries]
             if missing:
                 raise StoreError(f"{path}: MoE layer {layer['index']} has no manifest entry for experts {missing}")
-        damaged = self.damaged_files(checksums=False)  # a stat per file: missing or cut files fail now, all named
-        if damaged:
-            raise StoreError(self._damage_report(damaged))
+        if self.damaged_files(checksums=False):  # a stat per file: a missing or cut file fails now...
+            raise StoreError(self._damage_report(self.damaged_files()))  # ...listed with every other damaged one
 
     # ------------------------------------------------------------------ what the manifest says
     @property
