@@ -75,9 +75,9 @@ def imported_modules(file: Path) -> list[tuple[int, str]]:
             else:
                 base = node.module
             found.append((node.lineno, base))
-            # `from .. import data` imports the submodule lightning_moe.data; for a plain name the
-            # extra entry is an attribute path inside `base`, which a rule on `base` already covers
-            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names if alias.name != "*"]
+            if base == "lightning_moe" or base.startswith("lightning_moe."):
+                # `from .. import data` imports the submodule lightning_moe.data (a plain name: an attribute)
+                found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names if alias.name != "*"]
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
@@ -111,9 +111,17 @@ def _modules_run_by(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def reachable_imports(part: str) -> list[tuple[str, str]]:
-    """(where, imported name) for every import of every package module that `part`'s files reach
-    through package imports, lazy ones included; `where` shows the chain from `part`'s file."""
+def _forbidden(part: str, name: str) -> bool:
+    if part != "layers":
+        return _within(name, FORBIDDEN[part])
+    if name == "lightning_moe" or name.startswith("lightning_moe."):
+        return not (name == "lightning_moe" or _within(name, ("lightning_moe.layers",)))
+    return name.split(".")[0] not in STDLIB | {"torch"}
+
+
+def _violations(part: str) -> list[str]:
+    """Every forbidden import of `part`'s files and of every package module they reach through
+    package imports (lazy ones included), each with the chain of imports that reaches it."""
     chain = {_module_of(f): _module_of(f) for f in _files(part)}
     chain.update({name: f"{name} (runs first)" for name in _modules_run_by(_pkg(part))[:-1]})  # lightning_moe/__init__
     queue, out = list(chain), []
@@ -121,27 +129,16 @@ def reachable_imports(part: str) -> list[tuple[str, str]]:
         module = queue.pop()
         file = _module_file(module)
         for line, name in imported_modules(file):
-            out.append((f"{chain[module]} ({file.relative_to(PACKAGE.parent)}:{line})", name))
-            if name == "lightning_moe" or name.startswith("lightning_moe."):
+            ours = name == "lightning_moe" or name.startswith("lightning_moe.")
+            target = _modules_run_by(name)[-1] if ours else name  # `from x import Name`: the module x
+            if _forbidden(part, target):
+                out.append(f"{chain[module]} ({file.relative_to(PACKAGE.parent)}:{line}) imports {target}")
+            elif ours:  # follow it: what it imports is imported too (not past a violation, reported once)
                 for reached in _modules_run_by(name):
                     if reached not in chain:
                         chain[reached] = f"{chain[module]} -> {reached}"
                         queue.append(reached)
-    return out
-
-
-def _violations(part: str) -> list[str]:
-    out = []
-    for where, name in reachable_imports(part):
-        if part == "layers":
-            ours = name == "lightning_moe" or name.startswith("lightning_moe.")
-            allowed = _within(name, ("lightning_moe.layers",)) or name == "lightning_moe"
-            bad = not allowed if ours else name.split(".")[0] not in STDLIB | {"torch"}
-        else:
-            bad = _within(name, FORBIDDEN[part])
-        if bad:
-            out.append(f"{where} imports {name}")
-    return out
+    return sorted(set(out))
 
 
 @pytest.mark.parametrize("part", ["layers", "models", "data", "inference", "tokens"])
