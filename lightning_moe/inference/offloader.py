@@ -125,13 +125,11 @@ class ExpertOffloader:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if prefetch and self.cache is None:
             raise ValueError("prefetch needs a cache budget (it loads into the cache)")
-        if prefetch and prediction == "table" and profile is None:
-            raise ValueError("prefetch with prediction='table' needs a routing profile (or use prediction='lookahead')")
         self.prefetching, self.prediction = prefetch, prediction
         self.prefetch_width = prefetch_width or store.layers[0]["top_k"]
         self.routers: dict[int, nn.Module] = {}  # MoE layer -> its router (set by OffloadedSparseMoE), for lookahead
         self.predictor: Predictor | None = None
-        if prefetch:
+        if prefetch:  # build_predictor refuses 'table' without a profile
             self.predictor = build_predictor(prediction, self.prefetch_width, profile, self.routers,
                                              prefetch_min_probability)
         self._guesses: dict[int, set[int]] = {}  # MoE layer -> experts guessed for its next call
