@@ -43,8 +43,11 @@ def help_for_named_model(argv: list[str]) -> list[str]:
 
 class LightningMoECLI(LightningCLI):
     def __init__(self, *args, **kwargs):
-        if isinstance(kwargs.get("args"), list) or kwargs.get("args") is None:
-            kwargs["args"] = help_for_named_model(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
+        if isinstance(kwargs.get("args"), list):
+            kwargs["args"] = help_for_named_model(kwargs["args"])
+        elif kwargs.get("args") is None:
+            # rewritten in place: passing `args` as well would make Lightning warn that both were given
+            sys.argv[1:] = help_for_named_model(sys.argv[1:])
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args,
