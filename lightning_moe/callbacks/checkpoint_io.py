@@ -17,6 +17,7 @@ The CLI installs it for every run (lightning_moe/cli.py) unless the trainer is g
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -66,38 +67,34 @@ def atomic_write_bytes(data: bytes | memoryview, target: str | os.PathLike) -> N
     remove_orphans(folder)
     temp = folder / f"{TMP_PREFIX}{os.getpid()}-{target.name}"
     view = memoryview(data)
+    dir_fd = os.open(folder, os.O_RDONLY)
     fd = None
-    if hasattr(os, "O_TMPFILE"):
-        try:
-            fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o644)
-        except OSError:  # the filesystem has no unnamed files (e.g. some network filesystems)
-            fd = None
     try:
+        if hasattr(os, "O_TMPFILE"):
+            try:
+                fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o644)
+            except OSError:  # the filesystem has no unnamed files (e.g. some network filesystems)
+                fd = None
         if fd is not None:
             _write_all(fd, view)
             os.fsync(fd)
             temp.unlink(missing_ok=True)
-            os.link(f"/proc/self/fd/{fd}", temp)  # give the complete file a name in the target's folder
+            # give the complete file a name in the target's folder; dst_dir_fd makes Python call linkat with
+            # AT_SYMLINK_FOLLOW, which links the unnamed inode (plain link() would link the /proc symlink)
+            os.link(f"/proc/self/fd/{fd}", temp.name, dst_dir_fd=dir_fd)
         else:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             _write_all(fd, view)
             os.fsync(fd)
         os.replace(temp, target)
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on a folder; the rename is still atomic
+            os.fsync(dir_fd)  # make the rename itself durable
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     finally:
         if fd is not None:
             os.close(fd)
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
         os.close(dir_fd)
 
 
