@@ -19,7 +19,7 @@ from types import TracebackType
 _USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 _CHECKPOINT_ERRORS = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, OSError)
 # lines of jsonargparse's wrapping that say nothing about the cause
-_NOISE = re.compile(r"Does not validate against any of the|Given value type|Not a valid subclass|Namespace\(|"
+_NOISE = re.compile(r"Does not validate against any of the|Given value|Not a valid subclass|Namespace\(|^Subtypes:|^Errors:|"
                     r"Expected a <class|Problem with given class_path|^\s*- |Subclass types expect|"
                     r"Does not validate against|Type <class|Parser key|Unable to load config")
 
@@ -63,13 +63,15 @@ def checkpoint_problem(path: str | Path) -> str | None:
 def _from_argument_error(text: str) -> str:
     """The cause inside jsonargparse's text, without the Union wrapping or the Namespace dump."""
     text = text.split("Namespace(", 1)[0]
+    key = re.search(r'Parser key "([^"]+)"', text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     useful = [line for line in lines if not _NOISE.search(line)]
     # the innermost cause is the last useful line (jsonargparse nests "Problem with ...: <cause>")
     for line in reversed(useful or lines):
         cause = re.sub(r"^.*?(?:Problem with given class_path [^:]+:|instantiating [^:]+:)\s*", "", line)
         if cause:
-            return cause.rstrip(" :")
+            cause = cause.rstrip(" :")
+            return f"{key.group(1)}: {cause}" if key and key.group(1) not in cause else cause
     return text.strip()[:500]
 
 
