@@ -55,8 +55,9 @@ def add_run_safety(config: dict[str, Any]) -> dict[str, Any]:
     plugins = config.get("plugins") or []
     plugins = list(plugins) if isinstance(plugins, list) else [plugins]
     strategy = config.get("strategy")
-    # sharded strategies (FSDP, DeepSpeed) write their checkpoints with their own IO
-    sharded = isinstance(strategy, str) and any(s in strategy for s in ("fsdp", "deepspeed"))
+    # sharded strategies (FSDP, DeepSpeed, ModelParallel) write their checkpoints with their own IO
+    name = (strategy if isinstance(strategy, str) else type(strategy).__name__).lower().replace("_", "")
+    sharded = any(s in name for s in ("fsdp", "deepspeed", "modelparallel"))
     if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     config["plugins"] = plugins or None

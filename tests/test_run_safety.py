@@ -205,3 +205,14 @@ def test_debug_flag_keeps_the_exception_and_its_traceback(tmp_path, monkeypatch)
 def test_no_logger_writes_no_config_yaml_into_the_working_directory(one_thread):
     main(MIXTURE + ["--trainer.max_steps=1", "--trainer.logger=false", "--trainer.callbacks=[]"])
     assert not (one_thread / "config.yaml").exists()
+
+
+def test_the_guard_refuses_to_write_a_checkpoint_with_non_finite_weights():
+    from types import SimpleNamespace
+
+    from lightning_moe.callbacks import NonFiniteError, NonFiniteGuard
+
+    guard, trainer = NonFiniteGuard(), SimpleNamespace(global_step=5)
+    with pytest.raises(NonFiniteError, match="model.w"):
+        guard.on_save_checkpoint(trainer, None, {"state_dict": {"model.b": torch.ones(2), "model.w": torch.tensor([1.0, float("inf")])}})
+    guard.on_save_checkpoint(trainer, None, {"state_dict": {"model.w": torch.ones(2), "step": torch.tensor(3)}})
