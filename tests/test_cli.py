@@ -12,7 +12,8 @@ from lightning_moe.cli import main
 from lightning_moe.methods import MoETuning
 from tests.conftest import ROOT
 
-CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+# configs/strategies/ holds trainer-only files composed after a method's config (tests/distributed/test_strategies.py)
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if "strategies" not in p.parts)
 STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
           "configs/moe_llava/stage3_moe.yaml"]
 # LLaVA-MoD: the teacher, then the student's stages, each reading the previous outputs
