@@ -57,6 +57,7 @@ def tiny_base(tmp_path_factory, tokenizer):
     return str(path)
 
 
+@pytest.mark.slow  # two extra Python processes (imports, gloo) plus three reference runs: ~40 s on an idle 2-core machine
 def test_ddp_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(tiny_base, tmp_path, monkeypatch):
     configs = runs(tiny_base)
     out = tmp_path / "ddp"
