@@ -53,6 +53,23 @@ def test_conflict_verdict_partly_confirmed(mole_lr, mole_ms):
     assert summary["verdict"] == "partly confirmed"
 
 
+def test_conflict_verdict_thresholds_of_a_fifth_and_of_an_unknown_step_time():
+    # position_lr lost 0.625 (1.0 -> 0.375); 0.125 won back is exactly a fifth: partly, inclusive
+    fifth = _summary(1.0, 0.375, {2: 0.5, 3: 0.5})
+    assert fifth["recovered_share"]["mole2"] == 0.2 and fifth["verdict"] == "partly confirmed"
+    # a run without a step time (0: not measured) has no ratio and cannot be confirmed, however much it wins back
+    summary = _summary(1.0, 0.5, {2: 1.0, 3: 1.0}, {2: 0.0, 3: 100.0})
+    assert summary["mole_step_time_ratio"] == {"mole2": None, "mole3": 1.0}
+    assert summary["verdicts"] == {"mole2": "partly confirmed", "mole3": "confirmed"}
+
+
+def test_conflicted_domains_use_the_margin_given():
+    alone, mixture, majority = {"d": 0.9}, {"d": 0.75}, {"d": 0.5}
+    assert conflict.conflicted_domains(alone, mixture, majority, margin=0.1) == ["d"]
+    assert conflict.conflicted_domains(alone, mixture, majority, margin=0.2) == []  # lost 0.15 < 0.2
+    assert conflict.conflicted_domains(alone, {"d": 0.0}, majority, margin=0.45) == []  # learnt by 0.4 < 0.45
+
+
 def test_conflict_verdict_not_confirmed_below_a_fifth_won_back():
     summary = _summary(1.0, 0.5, {2: 0.59, 3: 0.5})  # 18% and 0% won back
     assert summary["verdicts"] == {"mole2": "not confirmed", "mole3": "not confirmed"}
@@ -69,7 +86,8 @@ def test_conflict_verdict_no_conflict_when_nothing_is_lost_or_nothing_learnt():
     kept = _summary(1.0, 1.0 - conflict.CONFLICT_MARGIN + 0.01, {2: 1.0, 3: 1.0})  # lost less than the margin
     assert kept["conflicted_domains"] == [] and kept["learnt_alone"] == ["count", "position_lr"]
     assert set(kept["verdicts"].values()) == {"no conflict shown"}
-    assert kept["verdict"].startswith("no conflict shown: plain LoRA on the mixture loses no domain")
+    assert kept["verdict"] == ("no conflict shown: plain LoRA on the mixture loses no domain it learns alone by the "
+                               "margin, so nothing to mitigate")
     assert kept["recovered_share"] == {"lora4x": None, "mole2": None, "mole3": None}
     # no domain learnt alone (LoRA alone at the majority answer on both)
     results = [_row("lora_count", {"count": 0.25, "position_lr": 0.0}),
@@ -79,8 +97,9 @@ def test_conflict_verdict_no_conflict_when_nothing_is_lost_or_nothing_learnt():
                _row("mole2_mixture", {"count": 0.0, "position_lr": 0.0}),
                _row("mole3_mixture", {"count": 0.0, "position_lr": 0.0})]
     nothing = conflict.summarise(PLAN, results, MAJORITY)
-    assert nothing["learnt_alone"] == [] and nothing["verdict"].startswith(
-        "no conflict shown: plain LoRA alone beats the majority answer on no domain")
+    assert nothing["learnt_alone"] == [] and nothing["verdict"] == (
+        "no conflict shown: plain LoRA alone beats the majority answer on no domain by the margin (nothing learnt to "
+        "lose), so nothing to mitigate")
 
 
 # ---------------------------------------------------------------------------- distillation (verdict_lines)
@@ -111,15 +130,17 @@ def test_distill_verdict_when_distillation_and_preference_win():
     assert lines[0] == ("- Mean test exact match: distilled sparse student 0.750 (per seed 0.800 / 0.700), undistilled "
                         "0.625 (per seed 0.600 / 0.650) (equal student steps): the distilled student beats the "
                         "undistilled one.")
-    assert lines[1].startswith("- Preference distillation, POPE accuracy 0.500 -> 0.850, POPE F1 0.500 -> 0.850")
-    assert "(7 more mimic_sparse steps" in lines[2]
-    assert lines[2].endswith("0.900 / 0.800 vs 0.700 / 0.750: preference beats equal extra steps of the mimic "
-                             "objective on POPE accuracy.")
+    assert lines[1] == ("- Preference distillation, POPE accuracy 0.500 -> 0.850, POPE F1 0.500 -> 0.850, "
+                        "POPE yes-ratio 0.500 -> 0.850.")
+    assert lines[2] == ("- Preference against the control (7 more mimic_sparse steps from the same checkpoint instead "
+                        "of the preference steps): POPE accuracy 0.850 vs 0.725, POPE F1 0.850 vs 0.725, POPE "
+                        "yes-ratio 0.850 vs 0.725; POPE accuracy per seed 0.900 / 0.800 vs 0.700 / 0.750: preference "
+                        "beats equal extra steps of the mimic objective on POPE accuracy.")
     assert lines[3] == "- Mean test exact match, preference 0.750 vs control 0.625."
 
 
 def test_distill_verdict_when_distillation_and_preference_lose():
-    lines = verdict_lines(_distill_summary([0.6, 0.6], [0.6, 0.7], [0.6, 0.7], [0.7, 0.7]))
+    lines = verdict_lines(_distill_summary([0.6, 0.6], [0.5, 0.7], [0.6, 0.7], [0.7, 0.7]))
     # equal means are not a win; one seed tied and one lost is no seed won
     assert lines[0].endswith("the distilled student does not beat the undistilled one.")
     assert lines[2].endswith("preference does not beat equal extra steps of the mimic objective on POPE accuracy.")
@@ -139,3 +160,7 @@ def test_distill_verdict_of_one_seed_and_of_missing_runs():
     del summary["aggregate"]["control"], summary["aggregate"]["baseline_moe"]
     lines = verdict_lines(summary)  # no undistilled student and no control: only the POPE change is said
     assert len(lines) == 1 and lines[0].startswith("- Preference distillation, POPE accuracy 0.500 -> 0.900")
+    summary = _distill_summary([0.8], [0.6], [0.9], [0.7])
+    del summary["aggregate"]["mimic_sparse"], summary["aggregate"]["control"]["test/exact_match"]
+    lines = verdict_lines(summary)  # no POPE before preference; a control without exact match: no such lines
+    assert [line[:30] for line in lines] == ["- Mean test exact match: disti", "- Preference against the contr"]

@@ -382,3 +382,20 @@ def test_preference_with_a_distinct_teacher_matches_a_float64_reference(tmp_path
         # a distinct teacher: the loss is well beyond the tolerance above from its value at policy = reference
         assert abs(expected - (math.log(2) if loss == "sigmoid" else 0.5)) > 10 * 1e-4 * expected, loss
         assert abs(rewards) > 0.1, loss
+
+
+def test_loss_defaults_and_argument_checks():
+    student, teacher = 3 * torch.randn(4, 9), 3 * torch.randn(4, 9)
+    # the defaults are the reference's: temperature 1, beta 0.1
+    torch.testing.assert_close(distillation_kl(student, teacher), distillation_kl(student, teacher, None, 1.0))
+    pairs = _as_tensors(POLICY_C, POLICY_R, REF_C, REF_R)
+    for loss_fn in (dpo_loss, kto_pair_loss):
+        torch.testing.assert_close(loss_fn(*pairs).loss, loss_fn(*pairs, beta=0.1).loss)
+    # one position counts: the mean is over one, not clamped above it
+    mask = torch.tensor([False, True, False, False])
+    assert distillation_kl(student, teacher, mask).item() == pytest.approx(
+        _kl_reference(student[None], teacher[None], mask[None], 1.0, "forward"), rel=1e-5)
+    with pytest.raises(ValueError, match="^direction must be one of \\('forward', 'reverse'\\), got 'both'$"):
+        distillation_kl(student, teacher, direction="both")
+    with pytest.raises(ValueError, match="^student logits \\(4, 9\\) and teacher logits \\(4, 8\\) are not aligned$"):
+        distillation_kl(student, teacher[:, :8])

@@ -17,7 +17,7 @@ def test_majority_answer_score_counts_normalised_answers():
 
 
 def test_majority_answer_score_refuses_no_answers():
-    with pytest.raises(ValueError, match="no reference answers"):
+    with pytest.raises(ValueError, match="^no reference answers: the majority-answer score is undefined$"):
         majority_answer_score([])
 
 
@@ -97,6 +97,16 @@ def test_pope_all_yes_and_all_no_answers():
     # no "yes" predicted: precision and recall 0 (not nan), F1 0
     assert all_no == pytest.approx({"pope_accuracy": 3 / 5, "pope_precision": 0.0, "pope_recall": 0.0,
                                     "pope_f1": 0.0, "pope_yes_ratio": 0.0})
+
+
+def test_pope_of_one_answer_and_of_low_precision_and_recall():
+    # one sample: every denominator is exactly 1
+    assert _pope(["yes"], ["yes"]) == pytest.approx({"pope_accuracy": 1.0, "pope_precision": 1.0, "pope_recall": 1.0,
+                                                     "pope_f1": 1.0, "pope_yes_ratio": 1.0})
+    # tp 1, fp 3, fn 3, tn 1: precision = recall = 1/4, their sum below 1
+    scores = _pope(["yes"] * 4 + ["no"] * 4, ["yes"] + ["no"] * 3 + ["yes"] * 3 + ["no"])
+    assert scores == pytest.approx({"pope_accuracy": 2 / 8, "pope_precision": 1 / 4, "pope_recall": 1 / 4,
+                                    "pope_f1": 1 / 4, "pope_yes_ratio": 4 / 8})
 
 
 def test_pope_of_nothing_is_zero_and_mismatched_lengths_are_an_error():
