@@ -196,11 +196,14 @@ def test_merged_lora_equals_unmerged_and_exports_a_plain_model(tmp_path, tokeniz
 def test_mole_cannot_be_merged(tokenizer):
     model = tiny(tokenizer)
     add_adapters(model, MIXED)
-    before = model.state_dict()
+    perturb_adapters(model)  # non-zero B: a merge would change the base weights
+    # clones: state_dict() tensors are views of the live parameters, an in-place merge would change both
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="cannot merge routed adapters.*MoLEMLP"):
         merge_lora(model)
     # nothing was merged half-way
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 def test_rank_one_mole_runs_forward_and_backward(tokenizer):
