@@ -50,7 +50,8 @@ def upcycle(model: MultimodalLM, config: MoEConfig) -> list[int]:
 
 
 def is_sparse(model: MultimodalLM) -> bool:
-    return any(entry["op"] == "upcycle" for entry in model.surgery)
+    """Upcycled here, or a native Hugging Face MoE converted to SparseMoE (`stage: moe` fine-tunes it as is)."""
+    return any(entry["op"] in ("upcycle", "native_moe") for entry in model.surgery)
 
 
 @dataclass
