@@ -15,7 +15,7 @@ from lightning_moe.layers import SparseMoE
 from lightning_moe.methods import MoETuning
 from lightning_moe.methods.base import AuxLossConfig, BackboneConfig
 from lightning_moe.models import (AdapterConfig, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
-                                  expert_layers, to_hf_causal_lm, upcycle)
+                                  expert_layers, parameter_counts, to_hf_causal_lm, upcycle)
 from lightning_moe.models.multimodal import build_llm
 from tests.conftest import TOKENIZER
 
@@ -210,3 +210,10 @@ def test_sparse_moe_keeps_the_family_settings(tokenizer, tmp_path):
     d = save_hf_moe("olmoe", tmp_path / "olmoe", tokenizer)
     assert all(m.router.normalize is False for _, m in expert_layers(build_multimodal(tokenizer, llm=d,
                                                                                       vision_tower=None)))
+
+
+def test_activated_parameters_count_the_shared_expert_fully(tokenizer, tmp_path):
+    model = build_multimodal(tokenizer, llm=save_hf_moe("qwen2_moe", tmp_path / "q2", tokenizer), vision_tower=None)
+    counts = parameter_counts(model)
+    routed = sum(m.gate_up_proj.numel() + m.down_proj.numel() for _, m in expert_layers(model))
+    assert counts.total - counts.activated == routed * (4 - 2) // 4  # top-2 of 4 routed experts; shared always on
