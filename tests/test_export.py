@@ -152,3 +152,18 @@ def test_export_refuses_what_it_cannot_write_and_says_why(workdir, tokenizer):
     phi.llm.save_pretrained("plain_hf")
     with pytest.raises(NotExportable, match="a transformers directory"):
         export_main(["--model", "plain_hf", "--out", "x"])
+
+
+def test_offloaded_qwen2_moe_keeps_its_shared_expert_resident(tmp_path, tokenizer):
+    from lightning_moe.inference import export_store, load_offloaded
+    from tests.models.test_native_moe import save_hf_moe, text_batch
+
+    model = build_multimodal(tokenizer, llm=save_hf_moe("qwen2_moe", tmp_path / "q2", tokenizer),
+                             vision_tower=None).eval()
+    store = export_store(model, tmp_path / "store")
+    offloaded, _ = load_offloaded(store)
+    assert all(m.shared_expert is not None for _, m in expert_layers(offloaded))
+    b = text_batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded.eval()(b["input_ids"], b["attention_mask"]).logits,
+                                   model(b["input_ids"], b["attention_mask"]).logits, rtol=0, atol=1e-6)
