@@ -136,7 +136,7 @@ def hf_moe_keys(family: MoEFamily, moe_state_keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _moe_settings(moes: list[Any]) -> dict[str, Any]:
+def _moe_settings(moes: list[SparseMoE]) -> dict[str, Any]:
     """The one set of expert settings every sparse layer shares (HF configs hold one per model)."""
     settings = {(m.num_experts, m.top_k, m.intermediate_size, m.router.normalize,
                  None if m.shared_expert is None else m.shared_expert.up_proj.out_features,
@@ -149,7 +149,7 @@ def _moe_settings(moes: list[Any]) -> dict[str, Any]:
                 shared_gate=shared_gate)
 
 
-def _check_exportable_moe(moes: list[Any]) -> None:
+def _check_exportable_moe(moes: list[SparseMoE]) -> None:
     for m in moes:
         problems = []
         if not m.gated or type(m.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
@@ -164,24 +164,25 @@ def _check_exportable_moe(moes: list[Any]) -> None:
             raise ValueError("no Hugging Face MoE family represents these sparse layers: " + "; ".join(problems))
 
 
-def sparse_export_config(config: PretrainedConfig, sparse_layers: list[int], moes: list[Any],
-                         native: bool) -> tuple[PretrainedConfig, MoEFamily]:
+def sparse_export_config(config: PretrainedConfig, sparse_layers: list[int], moes: list[SparseMoE],
+                         native: list[int] | None) -> tuple[PretrainedConfig, MoEFamily]:
     """The Hugging Face config (and its family) that represents this LLM with SparseMoE at `sparse_layers`.
 
-    native: the LLM is a native MoE family converted in place: its own config, checked against the layers.
+    native: the layers a native MoE family had (the `native_moe` log), or None: a native family exports with
+    its own config, checked against the layers.
     Otherwise a dense family upcycled here: Llama becomes Mixtral when every layer is sparse with
     renormalised top-k weights and no shared expert, else Qwen2-MoE (its `mlp_only_layers` lists the dense
     layers, `qkv_bias` off, a zero-width shared expert unless there is a gated one). Anything no family represents exactly is a ValueError saying why
     and what setting would make it exportable.
     """
-    if not native and config.model_type != "llama":
+    if native is None and config.model_type != "llama":
         raise ValueError(
             f"no Hugging Face MoE family has {config.model_type}'s attention and MLP layout with experts; an "
             "upcycled model exports only from a Llama-family LLM (to Mixtral, or Qwen2-MoE for a subset of layers)")
     _check_exportable_moe(moes)
     s = _moe_settings(moes)
     n = config.num_hidden_layers
-    if native:
+    if native is not None:
         family = MOE_FAMILIES[config.model_type]
         normalize = True if family.norm_topk_prob is None else bool(getattr(config, family.norm_topk_prob))
         ours = (s["num_experts"], s["top_k"], s["normalize"])
@@ -189,6 +190,9 @@ def sparse_export_config(config: PretrainedConfig, sparse_layers: list[int], moe
         if ours != theirs:
             raise ValueError(f"the sparse layers' (experts, top_k, normalize) {ours} no longer match the "
                              f"{config.model_type} config's {theirs}")
+        if sorted(sparse_layers) != sorted(native):
+            raise ValueError(f"sparse layers {sorted(sparse_layers)} differ from the {config.model_type} model's own "
+                             f"{sorted(native)} (upcycled on top?); its config places experts only on those")
         return config, family
     if s["shared"] and not s["shared_gate"]:
         raise ValueError("a shared expert without a sigmoid gate has no Hugging Face family (Qwen2-MoE gates its "

@@ -111,7 +111,7 @@ def to_hf_causal_lm(model: MultimodalLM) -> PreTrainedModel:
     moes = _sparse_layer_indices(llm)
     if not moes:
         return llm
-    native = any(e["op"] == "native_moe" for e in model.surgery)
+    native = next((e["layers"] for e in model.surgery if e["op"] == "native_moe"), None)
     modules = dict(expert_layers(llm))
     config, family = sparse_export_config(llm.config, sorted(moes.values()), list(modules.values()), native)
     dtype = next(p.dtype for n, p in llm.named_parameters() if ".router." not in n)

@@ -217,3 +217,15 @@ def test_activated_parameters_count_the_shared_expert_fully(tokenizer, tmp_path)
     counts = parameter_counts(model)
     routed = sum(m.gate_up_proj.numel() + m.down_proj.numel() for _, m in expert_layers(model))
     assert counts.total - counts.activated == routed * (4 - 2) // 4  # top-2 of 4 routed experts; shared always on
+
+
+def test_upcycling_on_top_of_a_native_moe_is_refused_at_export(tokenizer, tmp_path):
+    """Qwen3-MoE with experts on layer 1 only; upcycling layer 0 with the same settings gives a model its
+    config cannot describe (it places experts by decoder_sparse_step / mlp_only_layers)."""
+    config = Qwen3MoeConfig(**SMALL, intermediate_size=48, moe_intermediate_size=48, num_experts=4,
+                            norm_topk_prob=True, decoder_sparse_step=2, vocab_size=len(tokenizer))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "q3")
+    model = build_multimodal(tokenizer, llm=str(tmp_path / "q3"), vision_tower=None)
+    upcycle(model, MoEConfig(num_experts=4, top_k=2, layers=[0]))
+    with pytest.raises(ValueError, match=r"sparse layers \[0, 1\] differ from the qwen3_moe model's own \[1\]"):
+        to_hf_causal_lm(model)
