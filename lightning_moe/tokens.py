@@ -21,6 +21,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .paths import resolve_data_path
+from .safe_load import raise_if_remote_code
 
 IGNORE_INDEX = -100
 
@@ -46,7 +47,12 @@ def load_tokenizer(
     `chat_template` replaces the tokenizer's own (for base-model tokenizers that have none).
     """
     path = resolve_data_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        # a tokenizer never runs its repository's Python code here (safe_load.py)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except ValueError as error:
+        raise_if_remote_code(str(name_or_path), error)
+        raise
     if chat_template is not None:
         tokenizer.chat_template = chat_template
 

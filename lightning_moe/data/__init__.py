@@ -9,7 +9,7 @@ from lightning_moe.data.continual import ContinualDataModule, TaskSpec
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
 from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
 from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
-from lightning_moe.data.records import BadRecordError, Message, parse_record, read_llava_records
+from lightning_moe.data.records import BadRecordError, Message, SkippedRecord, parse_record, read_llava_records
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Message",
     "NormalizeImage",
     "SAMPLING_MODES",
+    "SkippedRecord",
     "TaskSpec",
     "TokenizedConversation",
     "collate_batch",

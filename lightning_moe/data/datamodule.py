@@ -11,18 +11,36 @@ Validation and test return one DataLoader per domain that has the split, in the 
 `domains` mapping, so that Lightning's `dataloader_idx` i is domain `eval_domains(stage)[i]` and
 conflicts between domains show in per-domain metrics. The tokenizer is loaded in `__init__`
 because the model needs its vocabulary size, pad id and placeholder ids before setup.
+
+Domain weights are checked when the config is parsed (`DomainWeight`: finite and > 0), before
+any class is built. A weight of 0 is refused rather than read as "disabled": a domain left out of
+training is one without `train` files (its val / test splits are still evaluated), which says so
+in the config itself. Skipped records are counted per reason, listed in full in the run's log
+directory (`skips.py`), and a sample that fails to decode while training is skipped and counted
+(`on_before_batch_transfer`).
 """
 
 import math
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse.typing import restricted_number_type
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
-from lightning_moe.data.dataset import HFImageProcessor, ImageTransform, LlavaDataset, NormalizeImage, collate_batch
+from lightning_moe.data.dataset import (
+    SKIPPED_RECORDS,
+    HFImageProcessor,
+    ImageTransform,
+    LlavaDataset,
+    NormalizeImage,
+    collate_batch,
+)
+from lightning_moe.data.records import where
+from lightning_moe.data.skips import SkipLog
 from lightning_moe.paths import resolve_data_path
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer
 
@@ -37,17 +55,36 @@ EVAL_SPLIT = {
 }  # fmt: skip
 
 
+# A float the config parser itself refuses unless finite and > 0 (NaN fails both comparisons), so a
+# bad weight stops the run at parsing, naming `data...domains` and `weight`, before the model is built.
+DomainWeight = restricted_number_type("DomainWeight", float, [(">", 0), ("<", math.inf)], join="and")
+
+
+def check_domain_weight(weight: float, key: str = "weight") -> float:
+    """`weight` as a plain float if finite and > 0; else a ValueError naming `key`."""
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < math.inf:
+        raise ValueError(
+            f"{key} must be a finite number > 0, got {weight!r}; to leave a domain out of training, "
+            "drop its `train` files (its val / test splits are still evaluated)"
+        )
+    return float(weight)
+
+
 @dataclass
 class DomainSpec:
     """One domain: data file(s) per split, relative to the DataModule's `root`, and a mixing weight.
 
-    `weight` is used by `sampling: weighted` only.
+    `weight` (finite, > 0) is used by `sampling: weighted` only.
     """
 
     train: str | list[str] | None = None
     val: str | list[str] | None = None
     test: str | list[str] | None = None
-    weight: float = 1.0
+    weight: DomainWeight = 1.0
+
+    def __post_init__(self) -> None:
+        # the parser has checked it already; this covers Python callers, and stores a plain float
+        self.weight = check_domain_weight(self.weight)
 
 
 def mixture_probabilities(
@@ -68,6 +105,14 @@ def mixture_probabilities(
         raise ValueError(f"cannot mix domains with scores {scores} (sampling={sampling!r})")
     total = sum(scores.values())
     return {d: s / total for d, s in scores.items()}
+
+
+def _domain_spec(name: str, spec: DomainSpec | dict) -> DomainSpec:
+    """A `DomainSpec` from a spec or a plain dict (Python callers), errors naming `domains.<name>`."""
+    if isinstance(spec, DomainSpec):
+        return spec  # checked when it was built
+    check_domain_weight(spec.get("weight", 1.0), f"domains.{name}.weight")
+    return DomainSpec(**spec)
 
 
 def discover_domains(root) -> dict[str, DomainSpec]:
@@ -101,7 +146,12 @@ class DomainMixtureDataModule(L.LightningDataModule):
         image_size / image_mean / image_std: the default image transform.
         image_processor: a Hugging Face image processor name/path; replaces the default transform.
         max_eval_samples_per_domain: cap each validation / test domain (first N samples).
-        skip_bad_records: skip and count bad records instead of raising.
+        skip_bad_records: skip and count bad records instead of raising, and skip (and count) a
+            training sample that fails to decode when drawn; all listed in `skipped_records.jsonl`
+            in the run's log directory.
+        defer_train_decoding: for train corpora too large to read at setup: their modality files
+            are checked for existence and place only, not decoded, until a batch draws them.
+            Evaluation splits are always decoded at setup.
         num_workers: DataLoader workers.
         seed: seed of the training sampler.
     """
@@ -123,6 +173,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         image_processor: str | None = None,
         max_eval_samples_per_domain: int | None = None,
         skip_bad_records: bool = False,
+        defer_train_decoding: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ):
@@ -135,7 +186,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         if not domains:
             raise ValueError("domains is empty")
         # Python callers may pass plain dicts; the CLI passes DomainSpec instances.
-        self.domains = {name: s if isinstance(s, DomainSpec) else DomainSpec(**s) for name, s in domains.items()}
+        self.domains = {name: _domain_spec(name, s) for name, s in domains.items()}
         self.save_hyperparameters(ignore=["domains"])
         self.hparams["domains"] = {name: asdict(s) for name, s in self.domains.items()}  # plain, YAML-friendly
         if sampling != "weighted" and any(s.weight != 1.0 for s in self.domains.values()):
@@ -147,6 +198,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         )
         self.datasets: dict[str, dict[str, LlavaDataset]] = {}  # split -> domain -> dataset
         self.data_report: dict[str, dict[str, dict]] = {}  # split -> domain -> DataReport.as_dict()
+        self.skip_log = SkipLog()  # every skipped record (setup and loading), and the file listing them
 
     # ----- setup ---------------------------------------------------------------------------
 
@@ -157,9 +209,16 @@ class DomainMixtureDataModule(L.LightningDataModule):
         return [name for name, spec in self.domains.items() if getattr(spec, EVAL_SPLIT[stage])]
 
     def setup(self, stage: str) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # every rank calls setup, and `log_dir` may synchronise ranks: the folder is read here only
+            self.skip_log.set_directory(trainer.log_dir, trainer.global_rank)
         for split in STAGE_SPLITS[stage]:
             if split not in self.datasets:
                 self.datasets[split] = self._build_split(split)
+                for name, dataset in self.datasets[split].items():
+                    self.skip_log.add((r.as_dict() for r in dataset.report.skipped_records),
+                                      split=split, domain=name, stage="setup")
         self._print_report(stage)
 
     def dataset_class(self, split: str) -> type[LlavaDataset]:
@@ -181,6 +240,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 image_transform=self.image_transform,
                 skip_bad_records=self.hparams.skip_bad_records,
                 max_samples=None if split == "train" else self.hparams.max_eval_samples_per_domain,
+                decode_media=not (split == "train" and self.hparams.defer_train_decoding),
             )
             self.data_report.setdefault(split, {})[name] = dataset.report.as_dict()
             if len(dataset) == 0:
@@ -191,7 +251,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         return datasets
 
     def _print_report(self, stage: str) -> None:
-        lines = [f"data report ({stage}): split/domain: kept of records read, then what was skipped or truncated"]
+        lines = [f"data report ({getattr(stage, 'value', stage)}): split/domain: kept of records read, then what was skipped or truncated"]
         problems = []
         for split in STAGE_SPLITS[stage]:
             for name, dataset in self.datasets[split].items():
@@ -204,10 +264,51 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 )
                 if r.skipped or r.truncated or r.no_answer_tokens or r.cut_placeholders:
                     problems.append(f"{split}/{name}")
-                lines.extend(f"    e.g. {example}" for example in r.examples)
+                first_of_reason = {}
+                for record in r.skipped_records:
+                    first_of_reason.setdefault(record.reason, record)
+                lines.extend(f"    e.g. {reason}: {where(rec.file, rec.line, rec.id)} {rec.problem}"
+                             for reason, rec in sorted(first_of_reason.items()))
+        if any(d.report.skipped_records for split in STAGE_SPLITS[stage] for d in self.datasets[split].values()):
+            lines.append(f"  every skipped record (file, line, id, reason): {self._skip_file_note()}")
         rank_zero_info("\n".join(lines))
         if problems:
             rank_zero_warn(f"records were skipped or truncated in {', '.join(problems)} (see the data report)")
+
+    def _skip_file_note(self) -> str:
+        if self.skip_log.path is not None:
+            return str(self.skip_log.path)
+        return "no run directory (no trainer attached): see the DataModule's `skip_log.records`"
+
+    # ----- samples that fail to decode while loading -------------------------------------------
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count and list the samples a loader skipped (`LlavaDataset.__getitem__`) and drop them from the batch."""
+        skipped = batch.pop(SKIPPED_RECORDS, None) if isinstance(batch, dict) else None
+        if skipped:
+            trainer = getattr(self, "trainer", None)
+            if trainer is None or trainer.training or trainer.state.stage is None:
+                split = "train"
+            else:
+                split = EVAL_SPLIT.get(trainer.state.stage.value, "val")
+            first = not self.skip_log.counts("loading")
+            self.skip_log.add(skipped, split=split, stage="loading",
+                              step=trainer.global_step if trainer is not None else None)
+            if first:
+                r = skipped[0]
+                rank_zero_warn(
+                    f"a {split} sample failed to decode and was replaced by the next one "
+                    f"({where(r['file'], r['line'], r['id'])} {r['problem']}); "
+                    f"each such sample is counted and listed in {self._skip_file_note()}"
+                )
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        counts = self.skip_log.counts("loading")
+        if counts:
+            per_reason = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            rank_zero_info(f"samples skipped while loading, up to the end of {getattr(stage, 'value', stage)}: {per_reason}; "
+                           f"listed in {self._skip_file_note()}")
 
     # ----- loaders -------------------------------------------------------------------------
 

@@ -2,8 +2,15 @@
 
 All validation and tokenization happen in `LlavaDataset.__init__` (the DataModule builds the
 datasets at setup), so bad records fail early, before any worker starts, and the counts of
-skipped, truncated and answerless samples are known before training. `__getitem__` only loads
-and transforms the images.
+skipped, truncated and answerless samples are known before training. Every modality file is
+decoded in full there too (`media.py`), unless `decode_media=False` defers that for a corpus too
+large to read at setup. `__getitem__` only loads and transforms the images.
+
+A file that still fails to decode when drawn (decoding deferred, or the file changed since setup)
+raises naming its record; under `skip_bad_records` the sample is skipped instead: the next sample
+of the dataset that decodes takes its place (so batches keep their size and a resumed run draws
+the same substitutes) and the skipped record rides in the item under `SKIPPED_RECORDS`, which
+`collate_batch` gathers into the batch so that the main process counts it, whatever the workers.
 
 A sample is a dict; `collate_batch` turns a list of them into the batch dict the models read:
 
@@ -11,6 +18,7 @@ A sample is a dict; `collate_batch` turns a list of them into the batch dict the
     prompt_input_ids (B, P) LEFT-padded     prompt_attention_mask (B, P)   (for generation)
     pixel_values (num_images, 3, H, W)      image_counts (B,)   (pixel_values absent without images)
     answers: list[str]   domain: list[str]   id: list[str]
+    skipped_records: list[dict]   (only when a sample was skipped while loading; see above)
 
 Each placeholder stays one token in `input_ids`; the model expands it into the encoder's
 features. Images are ordered sample by sample, in placeholder order.
@@ -28,18 +36,21 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejectedError
+from lightning_moe.data.media import DECODE_ERRORS, decode_media, unreadable_reason
 from lightning_moe.data.records import (
     CHAT_TEMPLATE_REJECTED,
     PLACEHOLDER_MISMATCH,
     UNREADABLE_IMAGE,
     BadRecordError,
-    check_image,
+    SkippedRecord,
     iter_llava_file,
     parse_record,
+    where,
 )
 from lightning_moe.tokens import IGNORE_INDEX, IMAGE_TOKEN, MODALITY_INPUTS
 
 PIXEL_VALUES = MODALITY_INPUTS["image"]  # the batch key of images, shared with the model
+SKIPPED_RECORDS = "skipped_records"  # item / batch key: samples skipped while loading (SkippedRecord dicts + domain)
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float
 
@@ -66,7 +77,8 @@ class HFImageProcessor:
     def __init__(self, name_or_path: str):
         from transformers import AutoImageProcessor  # only needed for real checkpoints
 
-        self.processor = AutoImageProcessor.from_pretrained(name_or_path)
+        # never the repository's own Python code (safe_load.py)
+        self.processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
@@ -82,7 +94,7 @@ class DataReport:
     truncated: int = 0  # kept samples cut to max_length (still with some answer tokens)
     no_answer_tokens: int = 0  # skipped (always): no assistant token left after truncation
     cut_placeholders: int = 0  # skipped (always): truncation would cut an image placeholder off
-    examples: list[str] = field(default_factory=list)  # the first few skip messages, to show the user
+    skipped_records: list[SkippedRecord] = field(default_factory=list)  # every skipped record, in file order
 
     def as_dict(self) -> dict:
         return {
@@ -103,7 +115,8 @@ class _Sample:
     prompt_ids: torch.Tensor  # (P,) long
     answer: str
     images: list[Path]
-    source: str  # "file:line", to name the record if an image fails to decode later
+    file: str  # the data file and line, to name the record if an image fails to decode later
+    line: int | None
 
 
 class LlavaDataset(Dataset):
@@ -116,11 +129,16 @@ class LlavaDataset(Dataset):
         domain: name carried by every sample (per-domain metrics).
         max_length: longer conversations are truncated (and counted).
         image_transform: PIL image -> (3, H, W) tensor; default `NormalizeImage()`.
-        skip_bad_records: skip and count bad records instead of raising.
+        skip_bad_records: skip and count bad records instead of raising; a sample that fails to
+            decode when drawn is replaced by the next one that decodes (module docstring).
         max_samples: keep only the first `max_samples` good samples (evaluation subsets).
+        decode_media: decode every modality file in full here (False: only check that it exists
+            under the root, and leave decoding to `__getitem__`).
     """
 
-    MAX_EXAMPLES = 5
+    # Consecutive samples that may fail to decode while looking for a substitute: more means the
+    # storage itself is gone (an unmounted image folder), which skipping would only hide.
+    MAX_CONSECUTIVE_DECODE_FAILURES = 32
 
     def __init__(
         self,
@@ -132,6 +150,7 @@ class LlavaDataset(Dataset):
         image_transform: ImageTransform | None = None,
         skip_bad_records: bool = False,
         max_samples: int | None = None,
+        decode_media: bool = True,
     ):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self.root = Path(root)
@@ -139,44 +158,48 @@ class LlavaDataset(Dataset):
         self.max_length = max_length
         self.image_transform = image_transform or NormalizeImage()
         self.skip_bad_records = skip_bad_records
+        self.decode_media = decode_media
         self.report = DataReport()
         self.samples: list[_Sample] = []
         self._load(ConversationTokenizer(tokenizer), max_samples)
         self.report.kept = len(self.samples)
 
     def _load(self, chat: ConversationTokenizer, max_samples: int | None) -> None:
-        checked_images: set[Path] = set()  # images shared by several records are checked once
+        decoded: set[Path] = set()  # files shared by several records are decoded once
         for path in self.paths:
             for line, record in iter_llava_file(path):
                 if max_samples is not None and len(self.samples) >= max_samples:
                     return
                 self.report.records += 1
                 try:
-                    sample = self._make_sample(record, path, line, chat, checked_images)
+                    sample = self._make_sample(record, path, line, chat, decoded)
                 except BadRecordError as e:
                     if not self.skip_bad_records:
                         raise
                     self.report.skipped[e.reason] += 1
-                    if len(self.report.examples) < self.MAX_EXAMPLES:
-                        self.report.examples.append(str(e))
+                    self.report.skipped_records.append(SkippedRecord.from_error(e))
                     continue
                 if sample is not None:
                     self.samples.append(sample)
 
     def _make_sample(
-        self, record: dict | BadRecordError, path: Path, line: int | None, chat: ConversationTokenizer, checked: set[Path]
+        self, record: dict | BadRecordError, path: Path, line: int | None, chat: ConversationTokenizer, decoded: set[Path]
     ) -> _Sample | None:
         if isinstance(record, BadRecordError):  # a malformed JSON line
             raise record
         parsed = parse_record(record, self.root, path, line)
         images = parsed.files.get("image", [])
-        for image in images:
-            if image not in checked:
+        for modality, files in parsed.files.items() if self.decode_media else ():
+            for file in files:
+                if file in decoded:
+                    continue
                 try:
-                    check_image(image)
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    raise BadRecordError(UNREADABLE_IMAGE, path, line, parsed.id, f"unreadable image {image}: {e}") from e
-                checked.add(image)
+                    decode_media(modality, file)
+                except DECODE_ERRORS as e:
+                    raise BadRecordError(
+                        unreadable_reason(modality), path, line, parsed.id, f"unreadable {modality} {file}: {e}"
+                    ) from e
+                decoded.add(file)
         try:
             tokens = chat(parsed.messages, self.max_length)
         except TemplateRejectedError as e:
@@ -206,13 +229,36 @@ class LlavaDataset(Dataset):
             prompt_ids=torch.tensor(tokens.prompt_ids, dtype=torch.long),
             answer=tokens.answer,
             images=images,
-            source=f"{path}:{line}" if line is not None else str(path),
+            file=str(path),
+            line=line,
         )
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | tuple[dict, dict]:
+        """`load_item(index)`; under `skip_bad_records` a sample that fails to decode is replaced (module docstring)."""
+        skipped: list[dict] = []
+        for attempt in range(min(len(self), self.MAX_CONSECUTIVE_DECODE_FAILURES)):
+            try:
+                item = self.load_item((index + attempt) % len(self))
+            except BadRecordError as e:
+                if not self.skip_bad_records:
+                    raise
+                skipped.append({**SkippedRecord.from_error(e).as_dict(), "domain": self.domain})
+                continue
+            if skipped:
+                # a preference item is a (chosen, rejected) pair: the records ride on the chosen sample
+                (item[0] if isinstance(item, tuple) else item)[SKIPPED_RECORDS] = skipped
+            return item
+        raise RuntimeError(
+            f"{len(skipped)} consecutive samples of domain {self.domain!r} failed to decode from index {index} "
+            f"(is the media storage still reachable?); the first: "
+            f"{where(skipped[0]['file'], skipped[0]['line'], skipped[0]['id'])} {skipped[0]['problem']}"
+        )
+
+    def load_item(self, index: int) -> dict | tuple[dict, dict]:
+        """The item of sample `index` with its images loaded; raises `BadRecordError` if one fails to decode."""
         sample = self.samples[index]
         return self.item(sample, self.load_images(sample))
 
@@ -223,8 +269,8 @@ class LlavaDataset(Dataset):
             try:
                 with Image.open(file) as image:
                     pixels.append(self.image_transform(image))
-            except (OSError, ValueError) as e:
-                raise BadRecordError(UNREADABLE_IMAGE, sample.source, None, sample.id, f"cannot decode {file}: {e}") from e
+            except DECODE_ERRORS as e:
+                raise BadRecordError(UNREADABLE_IMAGE, sample.file, sample.line, sample.id, f"cannot decode {file}: {e}") from e
         return torch.stack(pixels) if pixels else None
 
     def item(self, sample: _Sample, pixels: torch.Tensor | None) -> dict:
@@ -274,4 +320,7 @@ def collate_batch(samples: list[dict], pad_token_id: int) -> dict:
     }
     if images:
         batch[PIXEL_VALUES] = torch.cat(images)  # (num_images_in_batch, 3, H, W)
+    skipped = [record for s in samples for record in s.get(SKIPPED_RECORDS, ())]
+    if skipped:
+        batch[SKIPPED_RECORDS] = skipped  # counted by the DataModule in the main process
     return batch

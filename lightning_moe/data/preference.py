@@ -74,12 +74,12 @@ class PreferenceDataset(LlavaDataset):
     answer is counted in the report as for any sample).
     """
 
-    def _make_sample(self, record, path: Path, line: int | None, chat: ConversationTokenizer, checked: set[Path]):
+    def _make_sample(self, record, path: Path, line: int | None, chat: ConversationTokenizer, decoded: set[Path]):
         if isinstance(record, BadRecordError):  # a malformed JSON line
             raise record
         pair = []
         for llava_record in split_preference_record(record, path, line):
-            sample = super()._make_sample(llava_record, path, line, chat, checked)
+            sample = super()._make_sample(llava_record, path, line, chat, decoded)
             if sample is None:
                 return None
             # train on the final answer only: everything up to its generation prompt is shared context
@@ -87,7 +87,7 @@ class PreferenceDataset(LlavaDataset):
             pair.append(sample)
         return tuple(pair)
 
-    def __getitem__(self, index: int) -> tuple[dict, dict]:
+    def load_item(self, index: int) -> tuple[dict, dict]:
         chosen, rejected = self.samples[index]
         pixels = self.load_images(chosen)  # both answers are about the same images
         return self.item(chosen, pixels), self.item(rejected, pixels)

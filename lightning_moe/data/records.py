@@ -4,17 +4,23 @@ A record is `{"id", "image": "rel/path.png" | [..], "conversations": [{"from": "
 | "system", "value": "<image>\\n..."}]}`; records without `image` are text-only. Validation is
 eager (the DataModule runs it at setup) so a broken dataset fails before training starts, with
 an error that names the file, the line and the record id. Every problem has a `reason` so
-that the DataModule can skip bad records and still count each kind (nothing dropped silently).
+that the DataModule can skip bad records and still count each kind (nothing dropped silently);
+a skipped record is kept as a `SkippedRecord` (file, line, id, reason, problem) so that every one
+of them can be listed, not only counted.
+
+Modality paths are untrusted input: each is resolved, symbolic links included, and must end
+under the dataset root, so a record (or a link placed in the root) cannot make training read
+`/etc/passwd` or any file outside the data set.
 """
 
+import functools
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from lightning_moe.data.media import unreadable_reason
 from lightning_moe.tokens import PLACEHOLDERS
 
 # LLaVA speaker names (and the ShareGPT / chat names some datasets use) -> chat-template roles.
@@ -25,21 +31,45 @@ MALFORMED_JSON = "malformed_json"
 MALFORMED_RECORD = "malformed_record"
 NO_ASSISTANT_TURN = "no_assistant_turn"
 PLACEHOLDER_MISMATCH = "placeholder_mismatch"
-PATH_OUTSIDE_ROOT = "path_outside_root"
+PATH_OUTSIDE_ROOT = "path_outside_root"  # '..' or an absolute path
+LINK_OUTSIDE_ROOT = "link_outside_root"  # a symbolic link (file or directory) that leads out of the root
 MISSING_FILE = "missing_file"
-UNREADABLE_IMAGE = "unreadable_image"
+UNREADABLE_IMAGE = unreadable_reason("image")  # fails to decode (unreadable_audio, ... for other modalities)
 UNSUPPORTED_MODALITY = "unsupported_modality"
 CHAT_TEMPLATE_REJECTED = "chat_template_rejected"
+
+
+def where(path: str | Path, line: int | None, record_id: str | None) -> str:
+    """`file:line: record 'id':`, the prefix every message about a record starts with."""
+    place = f"{path}:{line}" if line is not None else str(path)
+    who = f" record {record_id!r}:" if record_id is not None else ""
+    return f"{place}:{who}"
 
 
 class BadRecordError(ValueError):
     """A record (or a JSON line) that cannot be used; `reason` is one of the constants above."""
 
     def __init__(self, reason: str, path: str | Path, line: int | None, record_id: str | None, problem: str):
-        self.reason, self.path, self.line, self.record_id = reason, str(path), line, record_id
-        where = f"{path}:{line}" if line is not None else str(path)
-        who = f" record {record_id!r}:" if record_id is not None else ""
-        super().__init__(f"{where}:{who} {problem}")
+        self.reason, self.path, self.line, self.record_id, self.problem = reason, str(path), line, record_id, problem
+        super().__init__(f"{where(path, line, record_id)} {problem}")
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record left out under `skip_bad_records`: where it is, which it is and why (one line of the skip file)."""
+
+    file: str
+    line: int | None  # None in a `.json` list file, where the id names the record
+    id: str | None  # None when the line is not even a JSON object
+    reason: str  # one of the reason constants above
+    problem: str
+
+    @classmethod
+    def from_error(cls, error: BadRecordError) -> "SkippedRecord":
+        return cls(error.path, error.line, error.record_id, error.reason, error.problem)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -54,7 +84,7 @@ class ParsedRecord:
 
     id: str
     messages: list[Message]
-    files: dict[str, list[Path]]  # modality -> absolute paths, e.g. {"image": [...]}
+    files: dict[str, list[Path]]  # modality -> real (symlink-free) paths under the root, e.g. {"image": [...]}
 
 
 def iter_llava_file(path: str | Path) -> Iterator[tuple[int | None, dict | BadRecordError]]:
@@ -97,6 +127,12 @@ def read_llava_records(path: str | Path) -> list[dict]:
     return records
 
 
+@functools.lru_cache(maxsize=64)
+def _real_path(absolute: str) -> Path:
+    """`realpath` of an absolute root, once per root rather than once per record."""
+    return Path(os.path.realpath(absolute))
+
+
 def parse_record(
     record: object, root: Path, path: str | Path, line: int | None, supported: tuple[str, ...] = ("image",)
 ) -> ParsedRecord:
@@ -124,7 +160,8 @@ def parse_record(
         raise bad(NO_ASSISTANT_TURN, "no assistant ('gpt') turn, so nothing to train on or to evaluate")
 
     files: dict[str, list[Path]] = {}
-    root_abs = Path(os.path.abspath(root))
+    root_abs = Path(os.path.abspath(root))  # not cached: a relative root depends on the working directory
+    root_real = _real_path(str(root_abs))
     for modality, placeholder in PLACEHOLDERS.items():
         entry = record.get(modality)
         names = [] if entry is None else [entry] if isinstance(entry, str) else entry
@@ -142,24 +179,21 @@ def parse_record(
             raise bad(UNSUPPORTED_MODALITY, f"has {modality} inputs, which this dataset does not load")
         resolved = []
         for name in names:
-            # A lexical check ('..' and absolute paths): symlinks placed inside the root are the
-            # user's choice (image folders are often linked in) and are followed.
             file = Path(os.path.normpath(root_abs / name))
             if not file.is_relative_to(root_abs):
                 raise bad(PATH_OUTSIDE_ROOT, f"{modality} path {name!r} leaves the dataset root {root}")
-            if not file.is_file():
+            # A link inside the root (to a file or to a folder on the way) may lead anywhere; the
+            # real path decides. The root itself may be a link: it is resolved too.
+            real = Path(os.path.realpath(file))
+            if not real.is_relative_to(root_real):
+                raise bad(
+                    LINK_OUTSIDE_ROOT,
+                    f"{modality} path {name!r} is a symbolic link (or lies under one) that resolves to {real}, "
+                    f"outside the dataset root {root_real}; copy the file into the root, or choose a root "
+                    "that holds it",
+                )
+            if not real.is_file():
                 raise bad(MISSING_FILE, f"{modality} file {name!r} not found under {root}")
-            resolved.append(file)
+            resolved.append(real)  # later reads open the checked path, not the link
         files[modality] = resolved
     return ParsedRecord(record_id, messages, files)
-
-
-def check_image(file: Path) -> None:
-    """Raise `OSError` (PIL's errors are subclasses) unless `file` looks like a readable image.
-
-    `verify()` reads the whole file and checks its structure (PNG chunk checksums, a truncated
-    end) without decoding pixels, which keeps setup fast on large real datasets; a file that
-    still fails to decode later raises in `LlavaDataset.__getitem__`, naming the record.
-    """
-    with Image.open(file) as image:
-        image.verify()

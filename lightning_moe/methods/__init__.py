@@ -1,6 +1,6 @@
 """LightningModules: one file per method, common machinery in base.py."""
 
-from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, StepOutput, load_backbone
+from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, Stage, StepOutput, load_backbone
 from .distill import MimicConfig, MoDDistillation, PreferenceConfig
 from .continual import ContinualLoRA, ContinualMethod
 from .moe_tuning import MoETuning
@@ -8,6 +8,6 @@ from .lora import LoRAOptions, LoRATuning
 from .mole import ExpertOptions, MoLE
 from .mora import MoRAContinual, MoRAOptions
 
-__all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "StepOutput", "load_backbone", "MoETuning",
+__all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "Stage", "StepOutput", "load_backbone", "MoETuning",
            "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "ContinualMethod", "ContinualLoRA", "MoRAContinual",
            "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig"]

@@ -1,10 +1,12 @@
 """`MultimodalMethod`: what every method shares, once.
 
-A method subclass says only what is specific to it: how the backbone is rewritten
-(`configure_backbone`), which parameter groups train (`trainable_groups`) and, if it differs,
-its loss (`compute_loss`). This base builds or loads the `MultimodalLM`, computes the LM loss
-plus the routing losses of every sparse layer, evaluates per domain (LM loss, exact match from
-greedy generation, POPE metrics), and sets up the optimizer.
+A method subclass says only what is specific to it: its stages as data (`STAGES`: which parameter
+groups train in each, whether entering it upcycles the dense MLPs), any other rewriting of the
+backbone (`configure_backbone`, e.g. adapters) and, if it differs, its loss (`compute_loss`). This
+base owns `stage` and the `trainable` override, builds or loads the `MultimodalLM`, upcycles it when
+the stage says so, computes the LM loss plus the routing losses of every sparse layer, evaluates per
+domain (LM loss, exact match from greedy generation, POPE metrics) with public hooks around it for
+what a method adds (docs/adding_a_method.md), and sets up the optimizer.
 
 Validation/test batches come from one dataloader per domain; each sample also carries its
 `domain`, so metrics are kept per domain and overall.
@@ -12,8 +14,9 @@ Validation/test batches come from one dataloader per domain; each sample also ca
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import lightning as L
 import torch
@@ -24,10 +27,9 @@ from torchmetrics import MeanMetric
 
 from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
-from ..models import MoEConfig, MultimodalLM, build_multimodal, routed_layers
+from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
 # load_backbone lives in models/ so that inference can load checkpoints without importing methods
 from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
-from ..models.freeze import set_trainable
 from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
 from ..tokens import IGNORE_INDEX
 
@@ -57,6 +59,10 @@ class BackboneConfig:
     connector: str = "mlp2x_gelu"
     pretrained: str | None = None  # a previous stage's save_pretrained directory or .ckpt; replaces the above
     torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
+    # Loading never runs code from a file (lightning_moe/safe_load.py, docs/security.md). These opt-ins are for
+    # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
+    allow_unsafe_checkpoint: bool = False
+    trust_remote_code: bool = False  # ... and a Hugging Face model's own Python code
 
 
 @checkpoint_safe
@@ -104,12 +110,61 @@ class GenerationSettings:
 
 @dataclass
 class StepOutput:
+    """What one forward pass of `compute_loss` gives the training step and the evaluation hooks."""
+
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]  # named loss terms, logged under the stage prefix
     token_mask: torch.Tensor  # (B, T') real tokens of the spliced sequence
     routing: list[RouterOutput]  # one per sparse layer, captured right after the forward
     per_sample_loss: torch.Tensor | None = None  # (B,) mean LM loss per sample, for per-domain metrics
     per_sample_tokens: torch.Tensor | None = None  # (B,) trained tokens per sample
+    # a method's own statistics of this forward pass (e.g. MoRA's rank usage), read by its `on_eval_batch`;
+    # not logged by the base (what should be logged goes into `logs`)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a method: the parameter groups that train (models' `set_trainable` groups: vision,
+    connector, llm, moe, adapters), and whether entering it upcycles a dense backbone's MLPs into sparse
+    MoE layers (with the method's `moe_config`; a backbone that is already sparse keeps its experts)."""
+
+    train: tuple[str, ...]
+    upcycle: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", tuple(self.train))  # lists are welcome; the table stays immutable
+
+
+def check_stage_parameter(cls: type) -> None:
+    """A method class's `STAGES` and the `stage` parameter jsonargparse reads must agree.
+
+    The CLI lists and checks a method's stages from the `Literal` annotation of a `stage` parameter of
+    `__init__` (jsonargparse reads signatures, not class attributes): a class that declares `STAGES`
+    gives its own `__init__` that parameter, typed `Literal[<the table's names>]`, with a default from
+    the table. Raises TypeError at class creation when they disagree, so they cannot drift apart.
+    """
+    stages = getattr(cls, "STAGES", None)
+    if not isinstance(stages, dict) or not stages or not all(
+            isinstance(k, str) and isinstance(v, Stage) for k, v in stages.items()):
+        raise TypeError(f"{cls.__qualname__}.STAGES must map stage names to Stage(...), got {stages!r}")
+    init = cls.__dict__.get("__init__")
+    has_parameter = init is not None and "stage" in inspect.signature(init).parameters
+    example = (f"def __init__(self, stage: Literal[{', '.join(map(repr, stages))}] = {next(iter(stages))!r}, "
+               "**kwargs): super().__init__(stage=stage, **kwargs)")
+    if "STAGES" in cls.__dict__ and not has_parameter:
+        raise TypeError(f"{cls.__qualname__} declares STAGES, so its __init__ needs the `stage` parameter the CLI "
+                        f"reads, e.g. `{example}`")
+    if not has_parameter:
+        return
+    hint = init.__annotations__.get("stage")
+    if isinstance(hint, str):  # postponed annotation (`from __future__ import annotations`): only this one is needed
+        hint = eval(hint, init.__globals__)  # noqa: S307  (what typing.get_type_hints does, for one name)
+    default = inspect.signature(init).parameters["stage"].default
+    if get_origin(hint) is not Literal or set(get_args(hint)) != set(stages) or default not in stages:
+        raise TypeError(f"{cls.__qualname__}.__init__'s `stage` is {hint} = {default!r}, but its STAGES are "
+                        f"{list(stages)}: annotate it Literal[...] of exactly those names, default one of them "
+                        f"(`{example}`)")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,6 +177,47 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 class MultimodalMethod(L.LightningModule):
+    """The shared LightningModule: build/load, stage plan, loss, per-domain evaluation, optimizer.
+
+    A method declares its stages as data, a class attribute mapping each stage name to a `Stage`
+    (which parameter groups train, whether entering it upcycles the dense MLPs), and gives its
+    `__init__` the `stage` parameter typed `Literal[<those names>]` (checked against the table when
+    the class is created), so `--help` lists the stages and the CLI rejects others:
+
+        STAGES = {"align": Stage(train=["connector"]), "moe": Stage(train=["moe", "connector"], upcycle=True)}
+
+    Public hooks, for what a method adds to the shared steps (none needs overriding the steps themselves):
+
+    - `configure_backbone(model)`: rewrite the model in place (e.g. adapters), after the stage's upcycling
+      and before the freeze plan.
+    - `compute_loss(batch) -> StepOutput`: the loss of one batch (training and evaluation). Extra per-step
+      statistics travel in `StepOutput.logs` (logged in training) or `StepOutput.extras` (for the hooks).
+    - `on_eval_batch_start(batch, stage)`: before an evaluation batch's forward pass (`stage` is "val" or
+      "test"), e.g. select a task's adapters or start recording layer inputs.
+    - `on_eval_batch(step, batch, stage)`: after the batch's teacher-forced pass, with its `StepOutput`,
+      e.g. update a method's own metrics from `step.logs` / `step.extras`.
+    - `eval_epoch_metrics(stage) -> dict`: at the end of an evaluation pass, before the per-domain metrics
+      (`eval_metrics["<stage>/<domain>"]`) are logged and reset; the values returned are logged as given
+      (reduce them across processes first, e.g. with a torchmetric).
+    - `eval_step(batch, stage) -> dict`: the whole per-batch evaluation (calls the two batch hooks); its
+      output (routing, token mask, domains, predictions) is what callbacks receive.
+
+    Args:
+        stage: the stage to run, one of the method's `STAGES`; it decides which groups train and whether
+            the backbone is upcycled first.
+        trainable: parameter groups that train instead of the stage's plan (e.g. the quickstart trains a
+            sparse model from scratch with ["llm", "connector"]).
+    """
+
+    # stage name -> Stage; a subclass that declares its own also types its `stage` parameter (above)
+    STAGES: ClassVar[dict[str, Stage]] = {"finetune": Stage(train=["connector", "llm"])}
+    # the MoE layers an upcycling stage makes; a method with such a stage sets it (its `moe` option)
+    moe_config: MoEConfig | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_stage_parameter(cls)
+
     def __init__(
         self,
         backbone: BackboneConfig | None = None,
@@ -134,6 +230,8 @@ class MultimodalMethod(L.LightningModule):
         pope_domains: list[str] | None = None,
         generate_in_eval: bool = True,
         generation: GenerationSettings | None = None,
+        stage: str = "finetune",
+        trainable: list[str] | None = None,
     ):
         """
         Args:
@@ -147,12 +245,17 @@ class MultimodalMethod(L.LightningModule):
             pope_domains: domains with yes/no answers that also get POPE metrics.
             generate_in_eval: run greedy generation in validate/test (exact match); LM loss only if False.
             generation: how `predict` generates (greedy by default; sampling with a seed, length).
+            stage: one of the method's `STAGES` (a subclass types it as their `Literal`).
+            trainable: parameter groups that train instead of the stage's plan; None = the stage's.
         """
+        if stage not in self.STAGES:
+            raise ValueError(f"{type(self).__name__}: unknown stage {stage!r}; choose one of {list(self.STAGES)}")
         super().__init__()
         # `generation` is a setting of a prediction run, not of the trained model: kept out of the checkpoint's
         # hyperparameters, which LightningCLI would otherwise apply over `--model.init_args.generation...`
         # when `predict --ckpt_path` is given
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "generation"])
+        self.stage, self.trainable = stage, trainable
         self.backbone = backbone or BackboneConfig()
         self.aux = aux_loss or AuxLossConfig()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -163,6 +266,7 @@ class MultimodalMethod(L.LightningModule):
         self.pope_domains = set(pope_domains or [])
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = self.build_backbone()
+        self.enter_stage(self.model)
         self.configure_backbone(self.model)
         groups = self.trainable_groups() + (["vision"] if train_vision_tower else [])
         self.trainable_names = set_trainable(self.model, groups)
@@ -173,16 +277,33 @@ class MultimodalMethod(L.LightningModule):
     def build_backbone(self) -> MultimodalLM:
         b = self.backbone
         if b.pretrained:
-            return load_backbone(b.pretrained)
+            return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
-                                b.vision_feature_layer, b.connector, b.torch_dtype)
+                                b.vision_feature_layer, b.connector, b.torch_dtype, b.trust_remote_code,
+                                b.allow_unsafe_checkpoint)
+
+    @property
+    def stage_plan(self) -> Stage:
+        """The running stage's entry of `STAGES`."""
+        return self.STAGES[self.stage]
+
+    def enter_stage(self, model: MultimodalLM) -> None:
+        """Surgery the stage itself asks for, before `configure_backbone`: an upcycling stage turns the
+        MLPs named in `moe_config` into sparse MoE layers whose experts are copies of the dense MLP. A
+        backbone that is already sparse (a previous sparse stage's output, an MoE-tuned model) keeps its experts."""
+        if not self.stage_plan.upcycle or is_sparse(model):
+            return
+        if self.moe_config is None:
+            raise ValueError(f"{type(self).__name__}: stage {self.stage!r} upcycles the backbone, but the method "
+                             "sets no `moe_config` (the MoE layers to make)")
+        upcycle(model, self.moe_config)
 
     def configure_backbone(self, model: MultimodalLM) -> None:
-        """Rewrite the model in place (upcycling, adapters). Runs before the freeze plan."""
+        """Rewrite the model in place (e.g. adapters); runs after the stage's upcycling, before the freeze plan."""
 
     def trainable_groups(self) -> list[str]:
-        """Parameter groups (models/freeze.py PARAMETER_GROUPS) that train; the rest is frozen."""
-        return ["connector", "llm"]
+        """Parameter groups (models' `set_trainable`) that train: `trainable` if given, else the stage's plan."""
+        return list(self.trainable if self.trainable is not None else self.stage_plan.train)
 
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
         """LM cross-entropy on assistant tokens + coef × load balancing + z_coef × z-loss."""
@@ -252,7 +373,8 @@ class MultimodalMethod(L.LightningModule):
         self.log("loss", step.logs["loss"], prog_bar=True, logger=False)
         return {"loss": step.loss, "routing": step.routing, "token_mask": step.token_mask}
 
-    def _metrics_for(self, stage: str, domain: str) -> nn.ModuleDict:
+    def metrics_for(self, stage: str, domain: str) -> nn.ModuleDict:
+        """The per-domain metrics of an evaluation pass (`stage` "val" or "test"), made on first use."""
         key = f"{stage}/{domain}"
         if key not in self.eval_metrics:
             metrics = {"lm_loss": MeanMetric(), "exact_match": ExactMatch()}
@@ -261,24 +383,40 @@ class MultimodalMethod(L.LightningModule):
             self.eval_metrics[key] = nn.ModuleDict(metrics).to(self.device)
         return self.eval_metrics[key]
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+    # ------------------------------------------------------------------ evaluation hooks (class docstring)
+    def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
+        """Before an evaluation batch's forward pass; `stage` is "val" or "test"."""
+
+    def on_eval_batch(self, step: StepOutput, batch: dict[str, Any], stage: str) -> None:
+        """After an evaluation batch's teacher-forced pass (and generation), with that pass's `StepOutput`."""
+
+    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """Extra values to log at the end of an evaluation pass, read before the per-domain metrics reset."""
+        return {}
+
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        """Evaluate one batch: LM loss per domain, greedy answers for exact match (and POPE)."""
+        self.on_eval_batch_start(batch, stage)
         step = self.compute_loss(batch)
         predictions = self.generate_answers(batch) if self.generate_in_eval else None
         for i, domain in enumerate(batch["domain"]):
-            metrics = self._metrics_for(stage, domain)
+            metrics = self.metrics_for(stage, domain)
             metrics["lm_loss"].update(step.per_sample_loss[i], weight=step.per_sample_tokens[i])
         for domain in sorted(set(batch["domain"])):
             idx = [i for i, d in enumerate(batch["domain"]) if d == domain]
-            metrics = self._metrics_for(stage, domain)
+            metrics = self.metrics_for(stage, domain)
             if predictions is not None:
                 preds, answers = [predictions[i] for i in idx], [batch["answers"][i] for i in idx]
                 metrics["exact_match"].update(preds, answers)
                 if "pope" in metrics:
                     metrics["pope"].update(preds, answers)
+        self.on_eval_batch(step, batch, stage)
         return {"routing": step.routing, "token_mask": step.token_mask, "domain": batch["domain"],
                 "predictions": predictions}
 
-    def _log_eval_epoch(self, stage: str) -> None:
+    def log_eval_epoch(self, stage: str) -> None:
+        """Log the pass's per-domain metrics, their means over domains, and the method's `eval_epoch_metrics`."""
+        extra = self.eval_epoch_metrics(stage)
         values: dict[str, torch.Tensor] = {}
         exact, counts, losses = [], [], []
         for key, metrics in self.eval_metrics.items():
@@ -300,18 +438,20 @@ class MultimodalMethod(L.LightningModule):
             # the mean over domains weighs every domain equally, whatever its size
             values[f"{stage}/exact_match"] = torch.stack(exact).mean()
         self.log_dict(values, sync_dist=True)
+        if extra:
+            self.log_dict(extra)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return self._eval_step(batch, "val")
+        return self.eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return self._eval_step(batch, "test")
+        return self.eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval_epoch("val")
+        self.log_eval_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval_epoch("test")
+        self.log_eval_epoch("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
         predictions = self.predict_answers(batch, batch_idx, dataloader_idx)

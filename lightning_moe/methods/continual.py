@@ -180,15 +180,15 @@ class ContinualMethod(LoRATuning):
             self.trainer.strategy.setup_optimizers(self.trainer)
 
     # ------------------------------------------------------------------ evaluation of every task
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+    def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
+        super().on_eval_batch_start(batch, stage)
         if self.task_names:
             tasks = set(batch["domain"])
             if len(tasks) != 1:
                 raise ValueError(f"an evaluation batch mixes tasks {sorted(tasks)}; expected one loader per task")
             self.use_task_for_eval(self.task_names.index(tasks.pop()))
-        return super()._eval_step(batch, stage)
 
-    def _task_row(self, stage: str) -> torch.Tensor | None:
+    def task_row(self, stage: str) -> torch.Tensor | None:
         """Exact match per task from this pass's metrics (before the base logs and resets them)."""
         row = []
         for name in self.task_names:
@@ -198,21 +198,18 @@ class ContinualMethod(LoRATuning):
             row.append(metrics["exact_match"].compute())
         return torch.stack(row)
 
-    def on_validation_epoch_end(self) -> None:
+    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        values = super().eval_epoch_metrics(stage)
         self.end_eval()
-        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-        row = self._task_row("val") if fitting and self.accuracy is not None else None
-        super().on_validation_epoch_end()
+        # a row of the accuracy matrix after each task of a fit (not the sanity check, not validate/test)
+        fitting = stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        row = self.task_row(stage) if fitting and self.accuracy is not None else None
         if row is None:
-            return
+            return values
         self.accuracy.update(self.current_task, row)
-        values = {f"continual/acc/{name}": v for name, v in zip(self.task_names, row)}
+        values.update({f"continual/acc/{name}": v for name, v in zip(self.task_names, row)})
         values.update({f"continual/{k}": v for k, v in self.accuracy.compute().items() if not math.isnan(v.item())})
-        self.log_dict(values)
-
-    def on_test_epoch_end(self) -> None:
-        self.end_eval()
-        super().on_test_epoch_end()
+        return values
 
 
 # --------------------------------------------------------------------------- plain-LoRA baselines

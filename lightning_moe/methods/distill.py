@@ -26,26 +26,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..models import MoEConfig, MultimodalLM, is_sparse, upcycle
+from ..models import MoEConfig, MultimodalLM
+from ..safe_load import load_torch_file
 from ..tokens import IGNORE_INDEX, load_tokenizer
-from .base import MultimodalMethod, StepOutput, causal_lm_loss, checkpoint_safe, load_backbone
+from .base import MultimodalMethod, Stage, StepOutput, causal_lm_loss, checkpoint_safe, load_backbone
 
 KL_DIRECTIONS = ("forward", "reverse")
 KL_TOKENS = ("response", "all")
 PREFERENCE_LOSSES = ("sigmoid", "kto_pair")
-
-# stage -> parameter groups that train (METHODS.md: whole LLM + projector, then MoE + router)
-STAGE_GROUPS = {
-    "mimic_dense": ["connector", "llm"],
-    "mimic_sparse": ["moe", "connector"],
-    "preference": ["moe", "connector"],
-}
 
 # Label value of text tokens outside the response: it rides through `MultimodalLM.embed` like a
 # label, so after the image features are spliced in we still know which positions are text.
@@ -153,13 +147,14 @@ def check_same_vocabulary(student: Any, teacher: Any) -> None:
     )
 
 
-def teacher_tokenizer_path(teacher: str | Path) -> str | None:
-    """Where the teacher's tokenizer is recorded: its save_pretrained directory, or its checkpoint's hparams."""
+def teacher_tokenizer_path(teacher: str | Path, allow_unsafe: bool = False) -> str | None:
+    """Where the teacher's tokenizer is recorded: its save_pretrained directory, or its checkpoint's hparams
+    (read without executing code from the file; `allow_unsafe` is the trusted-file opt-in)."""
     path = Path(teacher)
     if path.is_dir():
         return str(path) if (path / "tokenizer_config.json").is_file() else None
     if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_torch_file(path, allow_unsafe=allow_unsafe, what="teacher checkpoint")
         return checkpoint.get("hyper_parameters", {}).get("tokenizer")
     return None
 
@@ -186,16 +181,22 @@ class PreferenceConfig:
 
 
 class MoDDistillation(MultimodalMethod):
+    # METHODS.md: whole LLM + projector, then (upcycled by MoE-tuning's own `upcycle`) MoE + router
+    STAGES = {
+        "mimic_dense": Stage(train=["connector", "llm"]),
+        "mimic_sparse": Stage(train=["moe", "connector"], upcycle=True),
+        "preference": Stage(train=["moe", "connector"]),  # starts from mimic_sparse's (sparse) student
+    }
+
     def __init__(
         self,
         teacher: str,
-        stage: str = "mimic_dense",
+        stage: Literal["mimic_dense", "mimic_sparse", "preference"] = "mimic_dense",
         mimic: MimicConfig | None = None,
         preference: PreferenceConfig | None = None,
         moe: MoEConfig | None = None,
         teacher_dtype: str | None = None,
         teacher_tokenizer: str | None = None,
-        trainable: list[str] | None = None,
         **kwargs: Any,
     ):
         """
@@ -208,12 +209,9 @@ class MoDDistillation(MultimodalMethod):
             teacher_dtype: e.g. "bfloat16" to hold the teacher in half the memory (logits are compared in float32).
             teacher_tokenizer: the teacher's tokenizer; default: the one saved beside it (or named in its
                 checkpoint), else the student's. Must map tokens to the same ids as the student's.
-            trainable: parameter groups that train instead of the stage's plan.
-            **kwargs: MultimodalMethod's arguments (backbone = the student, optimizer, aux_loss, ...).
+            **kwargs: MultimodalMethod's arguments (backbone = the student, trainable, optimizer, aux_loss, ...).
         """
-        if stage not in STAGE_GROUPS:
-            raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGE_GROUPS)}")
-        self.stage, self.moe_config, self.trainable_override = stage, moe or MoEConfig(), trainable
+        self.moe_config = moe or MoEConfig()
         self.mimic, self.preference = mimic or MimicConfig(), preference or PreferenceConfig()
         if self.mimic.direction not in KL_DIRECTIONS:
             raise ValueError(f"mimic.direction must be one of {KL_DIRECTIONS}, got {self.mimic.direction!r}")
@@ -221,21 +219,15 @@ class MoDDistillation(MultimodalMethod):
             raise ValueError(f"mimic.tokens must be one of {KL_TOKENS}, got {self.mimic.tokens!r}")
         if self.preference.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"preference.loss must be one of {PREFERENCE_LOSSES}, got {self.preference.loss!r}")
-        super().__init__(**kwargs)
+        super().__init__(stage=stage, **kwargs)
         self.teacher = self.load_teacher(teacher, teacher_dtype, teacher_tokenizer)
 
     # ------------------------------------------------------------------ student and teacher
-    def configure_backbone(self, model: MultimodalLM) -> None:
-        # MoE-tuning stage 3's upcycling, the same code; a student that is already sparse keeps its experts
-        if self.stage == "mimic_sparse" and not is_sparse(model):
-            upcycle(model, self.moe_config)
-
-    def trainable_groups(self) -> list[str]:
-        return list(self.trainable_override if self.trainable_override is not None else STAGE_GROUPS[self.stage])
-
     def load_teacher(self, path: str, dtype: str | None, tokenizer: str | None) -> MultimodalLM:
-        teacher = load_backbone(path)
-        tokenizer = tokenizer or teacher_tokenizer_path(path)
+        # the backbone's opt-in covers the teacher too: one switch for the files a run trusts
+        unsafe = self.backbone.allow_unsafe_checkpoint
+        teacher = load_backbone(path, allow_unsafe=unsafe)
+        tokenizer = tokenizer or teacher_tokenizer_path(path, allow_unsafe=unsafe)
         if tokenizer is None:
             rank_zero_info(f"no tokenizer recorded with the teacher {path}: assuming the student's")
         else:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..models import AdapterConfig, AdapterRule, MultimodalLM, add_adapters, load_adapters
-from .base import MultimodalMethod, checkpoint_safe
+from .base import MultimodalMethod, Stage, checkpoint_safe
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
@@ -32,12 +32,14 @@ class LoRAOptions:
 
 
 class LoRATuning(MultimodalMethod):
+    STAGES = {"adapters": Stage(train=["adapters"])}  # one stage: the adapters train, the base stays frozen
+
     def __init__(
         self,
         lora: LoRAOptions | None = None,
         adapters: list[dict[str, Any]] | None = None,
         adapters_path: str | None = None,
-        trainable: list[str] | None = None,
+        stage: Literal["adapters"] = "adapters",
         **kwargs: Any,
     ):
         """
@@ -48,14 +50,14 @@ class LoRATuning(MultimodalMethod):
                 first matching rule wins; any kind registered with `register_adapter_kind` works.
             adapters_path: a `save_adapters` directory to start from (e.g. to evaluate trained
                 adapters with `validate`/`test`); its adapter surgery replaces the one above.
-            trainable: parameter groups that train; default ["adapters"] (base frozen).
-            **kwargs: MultimodalMethod's arguments (backbone, optimizer, aux_loss, ...).
+            stage: adapters (the only one: train the adapters, base frozen).
+            **kwargs: MultimodalMethod's arguments (backbone, trainable, optimizer, aux_loss, ...).
         """
         self.lora = lora or LoRAOptions()
         # parsed now so that an unknown kind or option fails before the model is built
         self.adapters = None if adapters is None else [AdapterRule.from_dict(rule) for rule in adapters]
-        self.adapters_path, self.trainable_override = adapters_path, trainable
-        super().__init__(**kwargs)
+        self.adapters_path = adapters_path
+        super().__init__(stage=stage, **kwargs)
 
     def adapter_rules(self) -> list[AdapterConfig]:
         """Which modules get which adapter; the surgery applies the first rule matching a module."""
@@ -85,6 +87,3 @@ class LoRATuning(MultimodalMethod):
                 f"{type(self).__name__}: the backbone already carries adapters {loaded}, not the ones this method "
                 f"configures {wanted}; start from the base model (and `adapters_path` to load trained adapters)"
             )
-
-    def trainable_groups(self) -> list[str]:
-        return list(self.trainable_override if self.trainable_override is not None else ["adapters"])

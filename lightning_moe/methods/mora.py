@@ -97,9 +97,8 @@ class MoRAContinual(ContinualMethod):
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
         step = super().compute_loss(batch)
         step.logs["active_ranks"] = self.mean_active_ranks(step.token_mask)
-        self._forward_active_ranks = step.logs["active_ranks"]
         if self._record_inputs:  # evaluation: attribute the active ranks to the tasks that trained them
-            self._forward_usage = self.rank_usage_sum(step.token_mask)
+            step.extras["rank_usage"] = self.rank_usage_sum(step.token_mask)
             self._record_inputs = False  # generation, which follows, runs the layers again
         return step
 
@@ -119,28 +118,29 @@ class MoRAContinual(ContinualMethod):
             per_layer.append(torch.stack([block.sum() for block in keep.split(sizes, dim=-1)]).float())
         return torch.stack(per_layer).mean(0)
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
-        self._record_inputs = True
-        try:
-            step_out = super()._eval_step(batch, stage)
-        finally:
-            self._record_inputs = False
+    def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
+        super().on_eval_batch_start(batch, stage)
+        self._record_inputs = True  # the teacher-forced pass's layer inputs, for `rank_usage_sum`
+
+    def on_eval_batch(self, step: StepOutput, batch: dict[str, Any], stage: str) -> None:
+        super().on_eval_batch(step, batch, stage)
+        self._record_inputs = False
         # the teacher-forced pass's ranks (generation ran after it and overwrote last_active_ranks)
-        self.active_ranks[stage].update(self._forward_active_ranks, weight=step_out["token_mask"].sum())
+        tokens = step.token_mask.sum()
+        self.active_ranks[stage].update(step.logs["active_ranks"], weight=tokens)
         if stage == "val":
-            self._usage.setdefault(batch["domain"][0], []).append((self._forward_usage, step_out["token_mask"].sum()))
-        return step_out
+            self._usage.setdefault(batch["domain"][0], []).append((step.extras["rank_usage"], tokens))
 
-
-    def _log_eval_epoch(self, stage: str) -> None:
+    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        values = super().eval_epoch_metrics(stage)
         if stage == "val" and self._usage:
             self.rank_usage = {task: sum(u for u, _ in parts) / sum(n for _, n in parts).clamp(min=1)
                                for task, parts in self._usage.items()}
             self._usage = {}
-        super()._log_eval_epoch(stage)
         if self.active_ranks[stage].update_count:
-            self.log(f"{stage}/active_ranks", self.active_ranks[stage].compute())
+            values[f"{stage}/active_ranks"] = self.active_ranks[stage].compute()
         self.active_ranks[stage].reset()
+        return values
 
     def adapter_parameter_counts(self) -> dict[str, int]:
         counts = super().adapter_parameter_counts()

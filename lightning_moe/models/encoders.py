@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, CLIPVisionModel, PretrainedConfig, SiglipVisionModel
 
+from ..safe_load import check_safe_weights, raise_if_remote_code, hf_load_kwargs
 from .presets import VISION_PRESETS, preset_config
 
 # model_type of a (full or vision-only) checkpoint -> vision model class
@@ -58,13 +59,21 @@ def vision_config_to_vision_only(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "vision_config", None) or config
 
 
-def build_vision_tower(name_or_path: str, overrides: dict[str, Any] | None = None, feature_layer: int = -2) -> VisionTower:
-    """A preset name builds a fresh tiny tower; anything else is loaded with `from_pretrained`."""
+def build_vision_tower(name_or_path: str, overrides: dict[str, Any] | None = None, feature_layer: int = -2,
+                       trust_remote_code: bool = False, allow_unsafe: bool = False) -> VisionTower:
+    """A preset name builds a fresh tiny tower; anything else is loaded with `from_pretrained` (safetensors
+    only and no repository code, unless `allow_unsafe` / `trust_remote_code` say otherwise)."""
     if name_or_path in VISION_PRESETS:
         config = preset_config(VISION_PRESETS, name_or_path, overrides)
         return VisionTower(vision_model_class(config)(config), feature_layer)
-    config = AutoConfig.from_pretrained(name_or_path)
-    model = vision_model_class(config).from_pretrained(name_or_path, **(overrides or {}))
+    check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise_if_remote_code(name_or_path, error)
+        raise
+    model = vision_model_class(config).from_pretrained(
+        name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
     return VisionTower(model, feature_layer)
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..safe_load import check_safe_weights, raise_if_remote_code, hf_load_kwargs, load_torch_file
 from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, PLACEHOLDERS
 from .checkpoint import replay_surgery
 from .connectors import build_connector
@@ -214,14 +215,18 @@ def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, torch
     return inputs
 
 
-def load_backbone(path: str | Path) -> MultimodalLM:
-    """A `save_pretrained` directory, or a Lightning checkpoint written by any method here."""
+def load_backbone(path: str | Path, allow_unsafe: bool = False) -> MultimodalLM:
+    """A `save_pretrained` directory, or a Lightning checkpoint written by any method here.
+
+    Checkpoints are read without executing code from them (`safe_load.load_torch_file`);
+    `allow_unsafe` is the explicit opt-in (`backbone.allow_unsafe_checkpoint`) for trusted files.
+    """
     path = Path(path)
     if path.is_dir():
         return MultimodalLM.from_pretrained(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained backbone {path} does not exist (run the previous stage first)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_torch_file(path, allow_unsafe=allow_unsafe, what="pretrained backbone checkpoint")
     if CHECKPOINT_CONFIG_KEY not in checkpoint:
         raise ValueError(f"{path} is not a lightning-moe checkpoint (no {CHECKPOINT_CONFIG_KEY!r} entry)")
     model = MultimodalLM.from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY])
@@ -232,8 +237,10 @@ def load_backbone(path: str | Path) -> MultimodalLM:
 
 
 def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None,
-              torch_dtype: str | None = None) -> PreTrainedModel:
-    """A preset name builds a fresh tiny LLM sized to the tokenizer; anything else loads with from_pretrained."""
+              torch_dtype: str | None = None, trust_remote_code: bool = False,
+              allow_unsafe: bool = False) -> PreTrainedModel:
+    """A preset name builds a fresh tiny LLM sized to the tokenizer; anything else loads with from_pretrained
+    (safetensors only and no repository code, unless `allow_unsafe` / `trust_remote_code` say otherwise)."""
     special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if name_or_path in LLM_PRESETS:
@@ -244,7 +251,13 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
                              "transformers model: name it as backbone.pretrained, or export it to transformers with "
                              "python -m lightning_moe.export")
         dtype = getattr(torch, torch_dtype) if torch_dtype else None
-        llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **(overrides or {}))
+        check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
+        except ValueError as error:
+            raise_if_remote_code(name_or_path, error)
+            raise
         if llm.get_input_embeddings().num_embeddings < len(tokenizer):  # placeholders were added
             llm.resize_token_embeddings(len(tokenizer))
     llm.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -261,11 +274,13 @@ def build_multimodal(
     vision_feature_layer: int = -2,
     connector: str = "mlp2x_gelu",
     torch_dtype: str | None = None,
+    trust_remote_code: bool = False,
+    allow_unsafe: bool = False,
 ) -> MultimodalLM:
-    language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype)
+    language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype, trust_remote_code, allow_unsafe)
     encoders, connectors, kinds, placeholder_ids = {}, {}, {}, {}
     if vision_tower:
-        tower = build_vision_tower(vision_tower, vision_overrides, vision_feature_layer)
+        tower = build_vision_tower(vision_tower, vision_overrides, vision_feature_layer, trust_remote_code, allow_unsafe)
         encoders["image"] = tower
         connectors["image"] = build_connector(connector, tower.hidden_size, language_model.config.hidden_size)
         kinds["image"] = connector

@@ -95,7 +95,10 @@ def test_skip_bad_records_skips_counts_per_reason_and_keeps_the_good_ones(root, 
     report = dataset.report.as_dict()
     assert report["records"] == len(rows) and report["kept"] == 2
     assert report["skipped"] == {reason: 1 for reason in BAD_RECORDS} | {R.MALFORMED_JSON: 1}
-    assert len(dataset.report.examples) == LlavaDataset.MAX_EXAMPLES  # the first messages, to show the user
+    # every skipped record is kept (not only the first few), with its file, line, id and reason
+    assert [(r.line, r.reason) for r in dataset.report.skipped_records] == [
+        (i + 2, reason) for i, reason in enumerate([*BAD_RECORDS, R.MALFORMED_JSON])
+    ]
 
 
 def test_long_samples_are_truncated_and_answerless_ones_skipped_and_counted(root, tokenizer):

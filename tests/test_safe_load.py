@@ -1,0 +1,140 @@
+"""Loading a file never runs code (issue 19): a pickle payload is refused before it executes, the
+project's own checkpoints still load, and the opt-in is explicit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_moe.safe_load import UnsafeFileError, check_safe_weights, load_torch_file
+from tests.conftest import ROOT
+
+FIXTURE_CKPT = ROOT / "tests/fixtures/pre_restructure/moe_tuning.ckpt"
+
+
+class MarkerPayload:
+    """Unpickling this creates a file: the test's witness that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_payload_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"x": MarkerPayload(marker)}}, path)
+    return path
+
+
+def test_pickle_payload_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "marker"
+    ckpt = write_payload_checkpoint(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(UnsafeFileError) as error:
+        load_torch_file(ckpt)
+    message = str(error.value)
+    assert str(ckpt) in message and "posix.system" in message and "allow_unsafe_checkpoint" in message
+    assert not marker.exists()
+
+
+def test_opt_in_loads_with_full_pickle_and_warns(tmp_path):
+    marker = tmp_path / "marker"
+    ckpt = write_payload_checkpoint(tmp_path / "trusted.ckpt", marker)
+    with pytest.warns(UserWarning, match="runs any code"):
+        load_torch_file(ckpt, allow_unsafe=True)
+    assert marker.exists()  # the opt-in really is full pickle: that is what it warns about
+
+
+def test_own_checkpoint_loads_safely_with_its_config_dataclasses():
+    checkpoint = load_torch_file(FIXTURE_CKPT)
+    assert "multimodal_config" in checkpoint and checkpoint["state_dict"]
+    backbone = checkpoint["hyper_parameters"]["backbone"]
+    assert type(backbone).__name__ == "BackboneConfig" and backbone.vision_feature_layer == -1
+
+
+@pytest.mark.parametrize("content, expected", [(b"", "empty"), (None, "truncated")])
+def test_empty_or_truncated_checkpoint_names_the_file(tmp_path, content, expected):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(FIXTURE_CKPT.read_bytes()[:300] if content is None else content)
+    with pytest.raises(ValueError, match=expected) as error:
+        load_torch_file(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        load_torch_file(tmp_path / "nowhere.ckpt")
+
+
+def test_directory_with_only_pickle_weights_is_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(UnsafeFileError, match="pytorch_model.bin"):
+        check_safe_weights(tmp_path)
+    check_safe_weights(tmp_path, allow_unsafe=True)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    check_safe_weights(tmp_path)  # safetensors beside it: transformers reads those
+
+
+def test_no_unsafe_torch_load_outside_the_opt_in():
+    offenders = []
+    for path in (ROOT / "lightning_moe").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "weights_only=False" in line and path.name != "safe_load.py":
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, offenders
+
+
+def test_model_directory_with_a_pickle_payload_is_refused_before_it_runs(tmp_path, tokenizer):
+    from lightning_moe.models.multimodal import build_llm
+
+    marker = tmp_path / "marker"
+    model_dir = tmp_path / "llm"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1}')
+    torch.save({"w": MarkerPayload(marker)}, model_dir / "pytorch_model.bin")
+    with pytest.raises(UnsafeFileError, match="pytorch_model.bin") as error:
+        build_llm(str(model_dir), tokenizer)
+    assert str(model_dir) in str(error.value) and "allow_unsafe_checkpoint" in str(error.value)
+    assert not marker.exists()
+
+
+def test_model_needing_remote_code_fails_without_running_it(tmp_path, tokenizer):
+    from lightning_moe.models.multimodal import build_llm
+
+    marker = tmp_path / "marker"
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "customx", "auto_map": {"AutoConfig": "configuration_x.XConfig", '
+        '"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}')
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (tmp_path / "configuration_x.py").write_text(code)
+    (tmp_path / "modeling_x.py").write_text(code)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsafeFileError, match="trust_remote_code"):
+        build_llm(str(tmp_path), tokenizer)
+    assert not marker.exists()
+
+
+def test_payload_named_as_backbone_or_teacher_is_refused(tmp_path):
+    from lightning_moe.methods import MoDDistillation, MoETuning
+    from lightning_moe.methods.base import BackboneConfig
+    from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+
+    marker = tmp_path / "marker"
+    evil = write_payload_checkpoint(tmp_path / "stage.ckpt", marker)
+    with pytest.raises(UnsafeFileError, match="stage.ckpt"):
+        MoETuning(stage="moe", tokenizer=TOKENIZER, backbone=BackboneConfig(pretrained=str(evil)))
+    tiny = BackboneConfig(llm_overrides=TINY_LLM, vision_overrides=TINY_VISION, vision_feature_layer=-1)
+    with pytest.raises(UnsafeFileError, match="stage.ckpt"):
+        MoDDistillation(stage="mimic_dense", teacher=str(evil), tokenizer=TOKENIZER, backbone=tiny)
+    assert not marker.exists()
+
+
+def test_written_checkpoint_loads_as_backbone_under_the_safe_path(tmp_path):
+    """A checkpoint as `fit` writes it (hyperparameters with config dataclasses) needs no opt-in."""
+    from lightning_moe.models import load_backbone
+
+    expected = load_backbone(FIXTURE_CKPT)
+    assert sum(p.numel() for p in expected.parameters()) > 0
