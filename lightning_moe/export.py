@@ -2,6 +2,7 @@
 
     python -m lightning_moe.export --model CKPT_OR_DIR --out DIR [--format hf|peft|project]
                                    [--text-only] [--merge-lora] [--tokenizer NAME_OR_PATH]
+                                   [--allow-unsafe-checkpoint]
 
   --model       a `save_pretrained` directory or a Lightning .ckpt written by any method here
   --format hf   (default) a transformers directory: config.json, weights, generation config and the
@@ -13,6 +14,7 @@
   --format project  the project's own `save_pretrained` directory; with --merge-lora this is `merge_lora`
                 as a command (plain LoRA folded into the base weights, the adapters gone from the log).
   --merge-lora  fold plain LoRA adapters into their base weights first (MoLE / MoRA cannot be: an error).
+  --allow-unsafe-checkpoint  read a .ckpt with full pickle (safe_load.py); by default nothing in it runs.
 
 The export writes what transformers reads; it never writes a `multimodal_config.json`, and
 `build_llm` refuses the project's own directories, so neither is taken for the other.
@@ -26,11 +28,11 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from .models import MultimodalLM, merge_lora, to_hf_causal_lm
 from .models.multimodal import CONFIG_NAME, load_backbone
+from .safe_load import OPT_IN, load_torch_file
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
 
 __all__ = ["ExportFormat", "export_llm", "export", "load_for_export", "main"]
@@ -43,7 +45,7 @@ class NotExportable(ValueError):
     """The model (or the requested format) has no export: the message says why and what would make it one."""
 
 
-def load_for_export(path: str | Path) -> tuple[MultimodalLM, str | None]:
+def load_for_export(path: str | Path, allow_unsafe: bool = False) -> tuple[MultimodalLM, str | None]:
     """The model at `path` and its tokenizer: the one a checkpoint's hyperparameters name, or the directory
     itself where `SavePretrained` wrote the tokenizer beside the model (else None)."""
     path = Path(path)
@@ -51,12 +53,11 @@ def load_for_export(path: str | Path) -> tuple[MultimodalLM, str | None]:
         what = "a transformers directory (config.json)" if (path / "config.json").is_file() else "not a model"
         raise NotExportable(f"{path} is {what}, not a lightning-moe save_pretrained directory ({CONFIG_NAME}) "
                             "or .ckpt: nothing to export")
-    model = load_backbone(path).eval()
+    model = load_backbone(path, allow_unsafe=allow_unsafe).eval()
     tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else None
     if path.is_file():
-        # the method's hyperparameters name the tokenizer it trained with; mmap: no second copy of the weights
-        hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
-        tokenizer = hparams.get("tokenizer")
+        # the method's hyperparameters name the tokenizer it trained with (read without running code, mmap)
+        tokenizer = load_torch_file(path, allow_unsafe=allow_unsafe).get("hyper_parameters", {}).get("tokenizer")
     return model, tokenizer
 
 
@@ -107,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="hf", choices=FORMATS, help="what to write (see above)")
     parser.add_argument("--text-only", action="store_true", help="export only the language model (no encoders)")
     parser.add_argument("--merge-lora", action="store_true", help="fold plain LoRA into the base weights first")
+    parser.add_argument("--allow-unsafe-checkpoint", action="store_true",
+                        help=f"read a .ckpt with full pickle (runs its code; the CLI's {OPT_IN}): trusted files")
     parser.add_argument("--tokenizer", default=None,
-                        help=f"tokenizer to write beside the model (default: the checkpoint's, else {DEFAULT_TOKENIZER})")
+                        help="tokenizer to write beside the model (default: the checkpoint's or the directory's, "
+                             f"else {DEFAULT_TOKENIZER})")
     return parser
 
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise NotExportable(f"--out {args.out} is the model itself; write the export elsewhere")
-    model, recorded = load_for_export(args.model)
+    model, recorded = load_for_export(args.model, allow_unsafe=args.allow_unsafe_checkpoint)
     tokenizer = None
     if args.format == "hf":
         name = args.tokenizer or recorded or DEFAULT_TOKENIZER

@@ -172,8 +172,8 @@ def sparse_export_config(config: PretrainedConfig, sparse_layers: list[int], moe
     its own config, checked against the layers.
     Otherwise a dense family upcycled here: Llama becomes Mixtral when every layer is sparse with
     renormalised top-k weights and no shared expert, else Qwen2-MoE (its `mlp_only_layers` lists the dense
-    layers, `qkv_bias` off, a zero-width shared expert unless there is a gated one). Anything no family represents exactly is a ValueError saying why
-    and what setting would make it exportable.
+    layers, `qkv_bias` off, a zero-width shared expert unless there is a gated one). Anything no family
+    represents exactly is a ValueError saying why and what setting would make it exportable.
     """
     if native is None and config.model_type != "llama":
         raise ValueError(

@@ -63,7 +63,8 @@ def convert_native_moe(model: MultimodalLM, layers: list[int] | None = None) -> 
         setattr(layer, family.block, moe)
         converted.append(i)
     if not converted:
-        raise ValueError(f"{type(llm).__name__} has no {family.model_type} MoE block left to convert (converted already?)")
+        raise ValueError(f"{type(llm).__name__} has no {family.model_type} MoE block left to convert "
+                         "(converted already?)")
     if layers is not None and converted != list(layers):
         raise ValueError(f"the log converted MoE blocks at layers {list(layers)}, this {family.model_type} model has "
                          f"them at {converted}")
@@ -87,7 +88,8 @@ def _sparse_layer_indices(llm: nn.Module) -> dict[str, int]:
     out = {}
     for name, moe in expert_layers(llm):
         if id(moe) not in by_layer:
-            raise ValueError(f"the SparseMoE {name} is not a direct child of a decoder layer; no family places it there")
+            raise ValueError(f"the SparseMoE {name} is not a direct child of a decoder layer; "
+                             "no family places it there")
         out[name] = by_layer[id(moe)]
     return out
 
