@@ -2,15 +2,17 @@
 
 - `architecture.py`: where an LLM family keeps its decoder layers and MLPs; the module finders
 - `upcycle.py`: dense MLPs -> `SparseMoE`, parameter counts
+- `native_moe.py`: Hugging Face MoE blocks (Mixtral, Qwen-MoE, OLMoE) -> `SparseMoE`, and back to transformers
 - `adapters.py`: adapter rules, planned, added, saved, loaded and merged through the kind registry
 - `freeze.py`: parameter groups and `set_trainable`
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
-Importing this package registers the shipped surgeries (upcycle, adapters, mora_add_task).
+Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, mora_add_task).
 """
 
 from .architecture import adapter_modules, decoder_layers, expert_layers, mlp_attribute, resolve_layers, routed_layers
 from .checkpoint import SURGERIES, canonical_log, register_surgery, replay_surgery
 from .multimodal import MultimodalLM, MultimodalOutput, build_llm, build_multimodal, load_backbone
+from .native_moe import convert_native_moe, to_hf_causal_lm
 from .upcycle import MoEConfig, ParameterCounts, is_sparse, parameter_counts, upcycle
 from .adapters import (
     AdapterConfig,
@@ -30,4 +32,4 @@ __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", 
            "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "upcycle", "AdapterConfig", "AdapterRule",
            "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
            "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
-           "canonical_log"]
+           "canonical_log", "convert_native_moe", "to_hf_causal_lm"]

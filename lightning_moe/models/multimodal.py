@@ -27,6 +27,8 @@ from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, PLACEHOLDERS
 from .checkpoint import replay_surgery
 from .connectors import build_connector
 from .encoders import VisionTower, build_vision_tower, vision_tower_from_config
+from .architecture import moe_family
+from .native_moe import convert_native_moe
 from .presets import LLM_PRESETS, preset_config
 
 CONFIG_NAME = "multimodal_config.json"
@@ -244,6 +246,10 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
     if name_or_path in LLM_PRESETS:
         llm = AutoModelForCausalLM.from_config(preset_config(LLM_PRESETS, name_or_path, {**special, **(overrides or {})}))
     else:
+        if (Path(name_or_path) / CONFIG_NAME).is_file():
+            raise ValueError(f"{name_or_path} is a lightning-moe save_pretrained directory ({CONFIG_NAME}), not a "
+                             "transformers model: name it as backbone.pretrained, or export it to transformers with "
+                             "python -m lightning_moe.export")
         dtype = getattr(torch, torch_dtype) if torch_dtype else None
         check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
         try:
@@ -282,6 +288,8 @@ def build_multimodal(
         if placeholder_ids["image"] in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {PLACEHOLDERS['image']!r} token (load it with load_tokenizer)")
     model = MultimodalLM(language_model, encoders, connectors, kinds, placeholder_ids)
+    if moe_family(language_model) is not None:  # a native MoE LLM is a sparse model here
+        convert_native_moe(model)
     if torch_dtype:
         model.to(getattr(torch, torch_dtype))
     return model
