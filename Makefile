@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch (a local file on the project's machines); set TORCH_SPEC="torch" for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 RUN_CONFIG ?= configs/quickstart.yaml
-PYTEST_ARGS ?=
+# one pytest-xdist worker per core (tests/conftest.py gives each worker one torch thread)
+PYTEST_ARGS ?= -n auto
 
 .PHONY: install run test test-fast mutate check-mutants clean-runs
 
