@@ -5,12 +5,13 @@ A record is `{"id", "image": "rel/path.png" | [..], "conversations": [{"from": "
 or a list of clips, one per `<audio>`) and `video` (one per `<video>`) sit beside `image`, and any
 of them may be absent. A video is a directory of frame images (natural name order) or a list of
 frame files in temporal order; several videos are a list of those. A flat list of strings is read
-from what the paths are: all directories, one video each; all files, the frames of ONE video. Validation is
-eager (the DataModule runs it at setup) so a broken dataset fails before training starts, with
-an error that names the file, the line and the record id. Every problem has a `reason` so
-that the DataModule can skip bad records and still count each kind (nothing dropped silently);
-a skipped record is kept as a `SkippedRecord` (file, line, id, reason, problem) so that every one
-of them can be listed, not only counted.
+from what the paths are: all directories, one video each; all files, the frames of ONE video.
+
+Validation is eager (the DataModule runs it at setup) so a broken dataset fails before training
+starts, with an error that names the file, the line and the record id. Every problem has a
+`reason` so that the DataModule can skip bad records and still count each kind (nothing dropped
+silently); a skipped record is kept as a `SkippedRecord` (file, line, id, reason, problem) so that
+every one of them can be listed, not only counted.
 
 Modality paths are untrusted input: each is resolved, symbolic links included, and must end
 under the dataset root, so a record (or a link placed in the root) cannot make training read

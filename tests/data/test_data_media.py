@@ -256,3 +256,12 @@ def test_damaged_audio_and_video_found_while_loading_are_skipped_and_reported(ro
     assert item["id"] == "d"
     assert [(r["id"], r["reason"]) for r in item[SKIPPED_RECORDS]] == [("bad-audio", "unreadable_audio"),
                                                                        ("bad-video", "unreadable_video")]
+
+
+def test_a_whisper_checkpoints_feature_extractor_loads_by_path(tmp_path):
+    """`audio_processor`: a real checkpoint's extractor, saved locally, brings its own window and mel count."""
+    WhisperFeatureExtractor(feature_size=64, chunk_length=2).save_pretrained(tmp_path / "whisper")
+    audio = AudioFeatures(n_mels=80, chunk_seconds=1.0, max_chunks=2, processor=str(tmp_path / "whisper"))
+    assert (audio.n_mels, audio.frames, audio.chunk_seconds) == (64, 200, 2.0)
+    values, mask = audio(tone(3.0))
+    assert values.shape == (2, 64, 200) and mask.tolist() == [True, True]
