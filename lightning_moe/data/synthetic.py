@@ -384,16 +384,22 @@ def vocabulary_texts() -> list[str]:
 
 
 def build_tokenizer(out: str | Path) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the synthetic vocabulary, saved as a HF tokenizer directory.
+    """A word-level tokenizer over the synthetic vocabulary (shapes, then media), saved as a HF tokenizer directory.
 
     Lower-cased words and punctuation are tokens; decoding joins them with spaces, so every
     (lower-case, single-spaced) answer decodes back to itself exactly.
     """
+    from lightning_moe.data.synthetic_media import vocabulary_texts as media_texts  # it imports this module
+
     normalizer = normalizers.Lowercase()
     pre_tokenizer = pre_tokenizers.Whitespace()
-    words = sorted(
-        {w for text in vocabulary_texts() for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
-    )
+
+    def words_of(texts: list[str]) -> set[str]:
+        return {w for text in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
+
+    words = sorted(words_of(vocabulary_texts()))
+    # the media domains' new words come after, so the shapes' token ids stay what they were
+    words += sorted(words_of(media_texts()) - set(words))
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizer
