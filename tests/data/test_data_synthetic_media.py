@@ -18,6 +18,8 @@ from lightning_moe.data.media import frame_files, read_audio
 from lightning_moe.paths import REPO_ROOT
 from tests.data.data_helpers import SHIPPED_TOKENIZER
 
+MEDIA_TOKENIZER = SHIPPED_TOKENIZER.parent / "media_tokenizer"
+
 SHIPPED_MEDIA = REPO_ROOT / "data" / "media"
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200}
 TINY_POOLS = {"train": 8, "val": 4, "test": 4}
@@ -42,7 +44,7 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_shipped_media_is_what_the_generator_writes(tmp_path):
     M.main(["--out", str(tmp_path / "media")])
-    for ours, shipped in ((tmp_path / "media", SHIPPED_MEDIA), (tmp_path / "tokenizer", SHIPPED_TOKENIZER)):
+    for ours, shipped in ((tmp_path / "media", SHIPPED_MEDIA), (tmp_path / "media_tokenizer", MEDIA_TOKENIZER)):
         assert _files(ours) == _files(shipped), ours
 
 
@@ -145,7 +147,10 @@ def test_shipped_media_sizes_balance_held_out_pools_and_budget():
     assert sum(p.stat().st_size for p in files) < 15e6
 
 
-def test_shipped_tokenizer_covers_media_and_keeps_the_shapes_token_ids(tokenizer):
+def test_media_tokenizer_covers_media_and_keeps_the_shapes_token_ids():
+    from lightning_moe.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(MEDIA_TOKENIZER)
     rows = [r for rs in _records().values() for r in rs]
     for text in {t["value"] for r in rows for t in r["conversations"]}:
         assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"], text
@@ -161,7 +166,7 @@ def test_shipped_tokenizer_covers_media_and_keeps_the_shapes_token_ids(tokenizer
 
 
 def test_shipped_media_goes_through_the_datamodule(tokenizer):
-    dm = DomainMixtureDataModule(root=str(SHIPPED_MEDIA), tokenizer=str(SHIPPED_TOKENIZER), eval_batch_size=8,
+    dm = DomainMixtureDataModule(root=str(SHIPPED_MEDIA), tokenizer=str(MEDIA_TOKENIZER), eval_batch_size=8,
                                  audio_chunk_seconds=1.0, audio_max_chunks=2, video_num_frames=4,
                                  max_eval_samples_per_domain=8)
     assert list(dm.domains) == sorted(M.DOMAINS)  # discovered: one folder per domain
