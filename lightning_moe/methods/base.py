@@ -57,7 +57,9 @@ class BackboneConfig:
     vision_overrides: dict[str, Any] = field(default_factory=dict)
     vision_feature_layer: int = -2  # LLaVA takes the penultimate layer's patch features
     connector: str = "mlp2x_gelu"
-    pretrained: str | None = None  # a previous stage's save_pretrained directory or .ckpt; replaces the above
+    # a previous stage's save_pretrained directory or .ckpt, or a llava-hf / original-LLaVA directory or Hub id
+    # (docs/hf_interop.md); replaces the above
+    pretrained: str | None = None
     torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
     # Loading never runs code from a file (lightning_moe/safe_load.py, docs/security.md). These opt-ins are for
     # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
@@ -276,8 +278,9 @@ class MultimodalMethod(L.LightningModule):
     # ------------------------------------------------------------------ what subclasses say
     def build_backbone(self) -> MultimodalLM:
         b = self.backbone
-        if b.pretrained:
-            return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint)
+        if b.pretrained:  # a stage's output, or a llava-hf / original-LLaVA directory (models/hf_llava.py)
+            return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint, tokenizer=self.tokenizer,
+                                 torch_dtype=b.torch_dtype, trust_remote_code=b.trust_remote_code)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
                                 b.vision_feature_layer, b.connector, b.torch_dtype, b.trust_remote_code,
                                 b.allow_unsafe_checkpoint)
