@@ -30,7 +30,8 @@ from ..metrics import ExactMatch, POPEMetrics
 from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
 # load_backbone lives in models/ so that inference can load checkpoints without importing methods
 from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
-from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
+from ..tokens import DEFAULT_TOKENIZER
+from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files
 from ..tokens import IGNORE_INDEX
 
 
@@ -266,10 +267,14 @@ class MultimodalMethod(L.LightningModule):
         self.generation = generation or GenerationSettings()
         self.generation.generate_kwargs()  # a bad setting fails here, not after a model has loaded
         self.pope_domains = set(pope_domains or [])
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.model = self.build_backbone()
-        self.enter_stage(self.model)
-        self.configure_backbone(self.model)
+        self.tokenizer = method_tokenizer(tokenizer)
+        recorded = recorded_model_config()
+        if recorded is not None:  # load_from_checkpoint / --ckpt_path: the record holds the model and its surgery
+            self.model = MultimodalLM.from_config_dict(recorded)
+        else:
+            self.model = self.build_backbone()
+            self.enter_stage(self.model)
+            self.configure_backbone(self.model)
         groups = self.trainable_groups() + (["vision"] if train_vision_tower else [])
         self.trainable_names = set_trainable(self.model, groups)
         self.refresh_routed_layers()
@@ -471,5 +476,14 @@ class MultimodalMethod(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # lets the next stage (or inference) rebuild the model from the checkpoint alone
+        # lets the next stage (or inference, or load_from_checkpoint anywhere) rebuild the model and its
+        # tokenizer from the checkpoint alone (from_checkpoint.py)
         checkpoint[CHECKPOINT_CONFIG_KEY] = self.model.config_dict()
+        checkpoint[TOKENIZER_FILES_KEY] = tokenizer_files(self.tokenizer)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MultimodalMethod":
+        """Lightning's `load_from_checkpoint`, with the model rebuilt from the checkpoint's own record, so it works
+        from any working directory and without the stage directories, base model or teacher it was trained from."""
+        with rebuilding_from(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
