@@ -31,9 +31,13 @@ _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 def could_be_hub_id(name: str | Path) -> bool:
-    """Whether `name` may name a Hub repository (else it can only be a local path)."""
+    """Whether `name` may name a Hub repository (else it can only be a local path): `owner/name` form, and not
+    under a local directory (`data/tokenzier` is a typo in a path, not a repository of a user "data")."""
     text = str(name)
-    return bool(_HUB_ID.fullmatch(text)) and not text.startswith((".", "~")) and not text.endswith((".ckpt", ".pt"))
+    if not _HUB_ID.fullmatch(text) or text.startswith((".", "~")) or text.endswith((".ckpt", ".pt")):
+        return False
+    parent = Path(text).parent
+    return parent == Path(".") or not (parent.is_dir() or (REPO_ROOT / parent).is_dir())
 
 
 def model_source_error(what: str, name: str | Path, error: BaseException | None = None) -> FileNotFoundError:

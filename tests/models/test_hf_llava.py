@@ -181,6 +181,11 @@ def test_original_llava_layout_is_a_backbone_with_its_logits_and_answers(tmp_pat
 
 
 def test_a_path_that_does_not_exist_is_named(tmp_path):
+    from lightning_moe.paths import could_be_hub_id
+
+    assert could_be_hub_id("llava-hf/llava-1.5-7b-hf") and could_be_hub_id("gpt2")
+    # a typo under an existing directory, deeper paths and checkpoints are never sent to the Hub
+    assert not any(map(could_be_hub_id, ["data/tokenzier", "runs/a/model", "./x", "model.ckpt", str(tmp_path)]))
     missing = tmp_path / "no" / "such_model"
     with pytest.raises(FileNotFoundError, match="neither a local directory.*such_model"):
         load_backbone(missing)
