@@ -12,7 +12,9 @@ In (`load_hf_multimodal`, which `load_backbone` calls for a directory with a `co
   keys; weights `model.*` / `lm_head.*` of the LLM, `model.mm_projector.*`, and, where present,
   `model.vision_tower.vision_tower.*` or MoE-LLaVA's `model.image_tower.image_tower.*`): the LLM
   family comes from the architecture name, the tower's config from `mm_vision_tower` (also its
-  weights when the checkpoint does not hold them), the projector from `mm_projector_type`.
+  weights when the checkpoint does not hold them), the projector from `mm_projector_type`. MoE-LLaVA's
+  stage-3 DeepSpeed MoE layers (config `moe`, `mlp.deepspeed_moe.*`) become `SparseMoE`s by the logged
+  `upcycle` surgery with each expert's and router's own tensors.
   transformers itself would read such a `config.json` as a default 7B `LlavaConfig` without a word,
   which is why the `mm_*` keys are looked at first.
 
@@ -28,6 +30,7 @@ config, placeholder id, feature layer and strategy), safetensors weights, the to
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,9 +51,12 @@ from transformers import (
 from ..paths import model_source_error
 from ..safe_load import check_safe_weights, hf_load_kwargs, raise_if_remote_code
 from ..tokens import IMAGE_TOKEN, load_tokenizer
+from ..layers import SparseMoE
+from .architecture import decoder_layers, mlp_attribute
 from .connectors import build_connector
 from .encoders import VISION_MODELS, VisionTower, build_vision_tower, vision_model_class
 from .multimodal import CONFIG_NAME, MultimodalLM
+from .upcycle import MoEConfig, upcycle
 
 __all__ = ["HFLayout", "hf_layout", "load_hf_multimodal", "load_llava_hf", "load_original_llava", "to_llava_hf",
            "export_multimodal", "NotExportable"]
@@ -256,9 +262,7 @@ def load_original_llava(directory: str | Path, tokenizer: PreTrainedTokenizerBas
     if config.get("mm_patch_merge_type", "flat") != "flat":
         raise ValueError(f"{directory}: mm_patch_merge_type {config['mm_patch_merge_type']!r} (LLaVA-NeXT tiling) "
                          "is not supported; 'flat' is")
-    if isinstance(config.get("moe"), dict) and config["moe"].get("moe_enable"):
-        raise ValueError(f"{directory}: MoE-LLaVA's DeepSpeed MoE layers (config 'moe') are not imported yet; "
-                         "its stage-2 (dense) checkpoints are")
+    moe = _moe_llava_config(directory, config)
     select = config.get("mm_vision_select_feature", "patch")
     if select not in ORIGINAL_SELECT:
         raise ValueError(f"{directory}: mm_vision_select_feature {select!r}; known {sorted(ORIGINAL_SELECT)}")
@@ -301,8 +305,13 @@ def load_original_llava(directory: str | Path, tokenizer: PreTrainedTokenizerBas
                               {f"0.{k}": v for k, v in projector_state.items()}, strict=True)
 
     llm = AutoModelForCausalLM.from_config(hidden)
+    experts = _pop_deepspeed_experts(state)
+    if bool(experts) != (moe is not None):
+        raise ValueError(f"{directory}: config 'moe' (moe_enable) and the DeepSpeed expert tensors disagree: "
+                         f"{len(experts)} MoE layers in the weights")
     missing, unexpected = llm.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and hidden.tie_word_embeddings)]
+    missing = [k for k in missing if not (k == "lm_head.weight" and hidden.tie_word_embeddings)
+               and not any(k.startswith(f"model.layers.{i}.mlp.") for i in experts)]
     if missing or unexpected:
         raise ValueError(f"{directory}: the weights do not match a {type(llm).__name__} of its config: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -311,9 +320,88 @@ def load_original_llava(directory: str | Path, tokenizer: PreTrainedTokenizerBas
     _fit_embeddings(llm, tokenizer)
     _finish(llm, tokenizer)
     model = MultimodalLM(llm, {"image": tower}, {"image": connector}, {"image": kind}, {"image": image_id})
+    if moe is not None:
+        _load_moe_llava_experts(directory, model, moe, experts)
     if torch_dtype:
         model.to(getattr(torch, torch_dtype))
     return model
+
+
+# ---------------------------------------------------------------------------- MoE-LLaVA's DeepSpeed MoE layers
+# model.layers.<i>.mlp.deepspeed_moe.gate.wg.weight: the router, Linear(d, E, bias=False);
+# model.layers.<i>.mlp.deepspeed_moe.experts.deepspeed_experts.<e>.<the dense MLP's own names>
+_DEEPSPEED_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.deepspeed_moe\.(?:gate\.wg\.weight|experts\.deepspeed_experts\.(\d+)\.(.+))")
+
+
+def _moe_llava_config(directory: Path, config: dict[str, Any]) -> MoEConfig | None:
+    """MoE-LLaVA's `moe` config block as the `upcycle` surgery's config (its layers, experts, top-k)."""
+    moe = config.get("moe")
+    if not isinstance(moe, dict) or not moe.get("moe_enable"):
+        return None
+    if moe.get("use_residual"):
+        raise ValueError(f"{directory}: MoE-LLaVA's residual MoE (use_residual) is not supported")
+    counts = moe.get("num_experts", 4)
+    counts = set(counts) if isinstance(counts, list) else {counts}
+    if len(counts) != 1:
+        raise ValueError(f"{directory}: MoE layers with different expert counts {sorted(counts)} are not supported")
+    # dropless, as every sparse layer here by default: the reference drops tokens past capacity (1.5 train,
+    # 2.0 eval); set moe capacity factors on a method to train with dropping. Training draws the second
+    # expert with Gumbel noise, as DeepSpeed's top-2 gate does.
+    return MoEConfig(num_experts=counts.pop(), top_k=int(moe.get("top_k_experts", 2)),
+                     layers=[int(i) for i in moe["moe_layers_idx"]], noisy_second_choice=True)
+
+
+def _pop_deepspeed_experts(state: dict[str, torch.Tensor]) -> dict[int, dict[str, Any]]:
+    """Take the DeepSpeed MoE tensors out of `state`: layer -> {"router": W, "experts": {e: {name: tensor}}}."""
+    layers: dict[int, dict[str, Any]] = {}
+    for key in list(state):
+        found = _DEEPSPEED_KEY.fullmatch(key)
+        if found is None:
+            continue
+        layer = layers.setdefault(int(found.group(1)), {"router": None, "experts": {}})
+        if found.group(2) is None:
+            layer["router"] = state.pop(key)
+        else:
+            layer["experts"].setdefault(int(found.group(2)), {})[found.group(3)] = state.pop(key)
+    return layers
+
+
+def _load_moe_llava_experts(directory: Path, model: MultimodalLM, config: MoEConfig,
+                            layers: dict[int, dict[str, Any]]) -> None:
+    """Upcycle the recorded layers (logged, so save_pretrained replays it), then put each expert's and each
+    router's own tensors in place of the copies."""
+    if sorted(layers) != sorted(config.layers):
+        raise ValueError(f"{directory}: moe_layers_idx {config.layers} but expert tensors for layers {sorted(layers)}")
+    decoder = decoder_layers(model.llm)
+    for i, found in layers.items():
+        # the dense MLP takes expert 0's tensors first: upcycling needs a filled MLP of the right layout
+        getattr(decoder[i], mlp_attribute(decoder[i])).load_state_dict(found["experts"][0], strict=True)
+    upcycle(model, config)
+    with torch.no_grad():
+        for i, found in layers.items():
+            moe = getattr(decoder[i], mlp_attribute(decoder[i]))
+            if sorted(found["experts"]) != list(range(moe.num_experts)) or found["router"] is None:
+                raise ValueError(f"{directory}: MoE layer {i} has experts {sorted(found['experts'])} and "
+                                 f"{'a' if found['router'] is not None else 'no'} router; expected "
+                                 f"{moe.num_experts} experts and a router")
+            moe.router.proj.weight.copy_(found["router"].float())
+            for e, tensors in found["experts"].items():
+                expert = SparseMoE.from_dense(_dense_twin(model, i, tensors), 1, 1)
+                moe.w_in[e].copy_(expert.w_in[0])
+                moe.down_proj[e].copy_(expert.down_proj[0])
+                if moe.b_in is not None:
+                    moe.b_in[e].copy_(expert.b_in[0])
+                    moe.down_bias[e].copy_(expert.down_bias[0])
+
+
+def _dense_twin(model: MultimodalLM, layer: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A dense MLP of the LLM's family holding one expert's tensors."""
+    config = model.llm.config
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(config)
+    mlp = getattr(decoder_layers(twin)[layer], mlp_attribute(decoder_layers(twin)[layer]))
+    mlp.load_state_dict(tensors, strict=True, assign=True)
+    return mlp
 
 
 # ---------------------------------------------------------------------------- llava-hf out

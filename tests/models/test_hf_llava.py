@@ -131,7 +131,29 @@ class OriginalLlava(nn.Module):
                                  max_new_tokens=6, do_sample=False, **stop)[0].tolist()
 
 
-def tiny_original_llava(directory: Path, base_tokenizer_dir: Path, with_tower: bool) -> OriginalLlava:
+class DeepSpeedTop2MoE(nn.Module):
+    """MoE-LLaVA's layer in evaluation, written out: DeepSpeed's top2gating (softmax in float32, the best expert,
+    then the best of the rest, weights renormalised over the two), no token dropped; experts are dense MLPs."""
+
+    def __init__(self, wg: torch.Tensor, experts: list[nn.Module]):
+        super().__init__()
+        self.wg, self.experts = wg, nn.ModuleList(experts)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        gates = torch.softmax(flat.float() @ self.wg.float().T, dim=-1)
+        first = gates.argmax(-1)
+        second = gates.masked_fill(nn.functional.one_hot(first, gates.shape[-1]).bool(), -1).argmax(-1)
+        g1, g2 = gates.gather(1, first[:, None]), gates.gather(1, second[:, None])
+        w1, w2 = g1 / (g1 + g2), g2 / (g1 + g2)
+        out = torch.zeros_like(flat)
+        for t in range(flat.shape[0]):
+            out[t] = w1[t] * self.experts[first[t]](flat[t]) + w2[t] * self.experts[second[t]](flat[t])
+        return out.reshape(x.shape)
+
+
+def tiny_original_llava(directory: Path, base_tokenizer_dir: Path, with_tower: bool,
+                        moe_layer: int | None = None) -> OriginalLlava:
     """An original-LLaVA checkpoint: Llama config + mm_* keys, weights model.* / lm_head / model.mm_projector.*,
     the tower saved apart (mm_vision_tower) and, if `with_tower`, also inside the checkpoint."""
     from transformers import AutoTokenizer
@@ -147,6 +169,23 @@ def tiny_original_llava(directory: Path, base_tokenizer_dir: Path, with_tower: b
     llm = LlamaForCausalLM(llm_config).eval()
     projector = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
     state = {k: v for k, v in llm.state_dict().items()}
+    moe_block = {}
+    if moe_layer is not None:  # MoE-LLaVA stage 3: 3 distinct experts and a router in DeepSpeed's layout
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        experts = [LlamaMLP(llm_config) for _ in range(3)]
+        wg = torch.randn(3, 64)
+        prefix = f"model.layers.{moe_layer}.mlp."
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        state[prefix + "deepspeed_moe.gate.wg.weight"] = wg
+        for e, expert in enumerate(experts):
+            state.update({f"{prefix}deepspeed_moe.experts.deepspeed_experts.{e}.{k}": v
+                          for k, v in expert.state_dict().items()})
+        llm.model.layers[moe_layer].mlp = DeepSpeedTop2MoE(wg, experts)
+        moe_block = {"moe": {"moe_enable": True, "moe_mode": "sparse", "moe_layers_idx": [moe_layer],
+                             "num_experts": [3], "top_k_experts": 2, "capacity_factor": 1.5,
+                             "eval_capacity_factor": 2.0, "min_capacity": 0, "use_residual": False,
+                             "router_aux_loss_coef": 0.01, "ep_size": 1}}
     state.update({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()})
     if with_tower:
         state.update({f"model.vision_tower.vision_tower.{k}": v for k, v in tower.state_dict().items()})
@@ -155,15 +194,16 @@ def tiny_original_llava(directory: Path, base_tokenizer_dir: Path, with_tower: b
     config = {**llm_config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
               "mm_vision_tower": str(tower_dir), "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu",
               "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
-              "mm_use_im_patch_token": False, "image_aspect_ratio": "pad", "use_mm_proj": True}
+              "mm_use_im_patch_token": False, "image_aspect_ratio": "pad", "use_mm_proj": True, **moe_block}
     (directory / "config.json").write_text(json.dumps(config))
     base.save_pretrained(directory)
     return OriginalLlava(llm, tower, projector)
 
 
-@pytest.mark.parametrize("with_tower", [False, True])
-def test_original_llava_layout_is_a_backbone_with_its_logits_and_answers(tmp_path, with_tower):
-    reference = tiny_original_llava(tmp_path / "llava_orig", Path(TOKENIZER), with_tower)
+@pytest.mark.parametrize("with_tower,moe_layer", [(False, None), (True, None), (False, 1)],
+                         ids=["tower_apart", "tower_inside", "moe_llava_stage3"])
+def test_original_llava_layout_is_a_backbone_with_its_logits_and_answers(tmp_path, with_tower, moe_layer):
+    reference = tiny_original_llava(tmp_path / "llava_orig", Path(TOKENIZER), with_tower, moe_layer)
     assert hf_layout(tmp_path / "llava_orig") == "llava-original"
     tokenizer = load_tokenizer(tmp_path / "llava_orig")
     ours = load_hf_multimodal(tmp_path / "llava_orig", tokenizer)
@@ -178,6 +218,11 @@ def test_original_llava_layout_is_a_backbone_with_its_logits_and_answers(tmp_pat
 
     with torch.no_grad():
         assert_parity(ours, logits, generate, tokenizer, 1)
+    if moe_layer is not None:  # the experts are the project's SparseMoE, replayed from the log
+        assert [e["op"] for e in ours.surgery] == ["upcycle"] and ours.surgery[0]["layers"] == [moe_layer]
+        ours.save_pretrained(tmp_path / "saved")
+        again = MultimodalLM.from_pretrained(tmp_path / "saved")
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
 def test_a_path_that_does_not_exist_is_named(tmp_path):
