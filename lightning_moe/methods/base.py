@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import lightning as L
@@ -485,5 +486,7 @@ class MultimodalMethod(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MultimodalMethod":
         """Lightning's `load_from_checkpoint`, with the model rebuilt from the checkpoint's own record, so it works
         from any working directory and without the stage directories, base model or teacher it was trained from."""
+        if not isinstance(checkpoint_path, (str, Path)):  # a file object: read once, by Lightning, as before
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         with rebuilding_from(checkpoint_path):
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
