@@ -220,7 +220,10 @@ def load_llava_hf(directory: str | Path, tokenizer: PreTrainedTokenizerBase | No
     llm = _causal_lm_around(inner.language_model, hf.lm_head, config.text_config)
     _fit_embeddings(llm, tokenizer)
     _finish(llm, tokenizer)
-    return MultimodalLM(llm, {"image": tower}, {"image": connector}, {"image": "mlp2x_gelu"}, {"image": image_id})
+    model = MultimodalLM(llm, {"image": tower}, {"image": connector}, {"image": "mlp2x_gelu"}, {"image": image_id})
+    # from_pretrained hands back eval mode; a backbone starts in train mode like any freshly built module,
+    # so that training (which Lightning leaves in the modes it finds) runs with the model's dropout
+    return model.train()
 
 
 def _has_cls(vision_config: Any) -> bool:
