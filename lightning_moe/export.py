@@ -6,11 +6,14 @@
 
   --model       a `save_pretrained` directory or a Lightning .ckpt written by any method here
   --format hf   (default) a transformers directory: config.json, weights, generation config and the
-                tokenizer's files. A text-only model (no encoders), or any model with --text-only, becomes
+                tokenizer's files. A multimodal model becomes a `LlavaForConditionalGeneration` directory
+                with its processor (`models/hf_llava.py`). A text-only model (no encoders), or any model with --text-only, becomes
                 the `AutoModelForCausalLM` of its LLM (`export_llm`): dense stays its own family, a
                 converted native MoE goes back to its family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), an
                 upcycled Llama becomes Mixtral or Qwen2-MoE; a model no family represents is refused with
                 the reason and the setting that would make it exportable.
+  --format peft a peft LoRA adapter (`adapter_config.json`, peft's key names; `models/peft_format.py`) in DIR
+                and the base it goes on in DIR/base; MoLE / MoRA adapters, which peft cannot represent, are refused.
   --format project  the project's own `save_pretrained` directory; with --merge-lora this is `merge_lora`
                 as a command (plain LoRA folded into the base weights, the adapters gone from the log).
   --merge-lora  fold plain LoRA adapters into their base weights first (MoLE / MoRA cannot be: an error).
@@ -31,6 +34,8 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from .models import MultimodalLM, merge_lora, to_hf_causal_lm
+from .models.hf_llava import export_multimodal
+from .models.peft_format import export_peft, without_adapters
 from .models.multimodal import CONFIG_NAME, load_backbone
 from .safe_load import OPT_IN, load_torch_file
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
@@ -91,12 +96,14 @@ def export(model: MultimodalLM, out: str | Path, format: ExportFormat = "hf",
         model.save_pretrained(out)
         return out
     if format == "peft":
-        raise NotExportable("--format peft is not supported yet: save LoRA adapters in the project's format "
-                            "(models.save_adapters), or fold them in with --merge-lora and export --format hf")
+        # the adapters as peft writes them, and beside them (out/base) the base they go on
+        export_peft(model, out, base="causal_lm" if (text_only or not model.encoders) else "llava")
+        export(without_adapters(model), out / "base", "hf", tokenizer, text_only=text_only)
+        return out
     if model.encoders and not text_only:
-        raise NotExportable(f"exporting a multimodal model (encoders {sorted(model.encoders)}) as "
-                            "LlavaForConditionalGeneration is not supported yet; pass --text-only to export its "
-                            "language model as an AutoModelForCausalLM")
+        # a sparse or otherwise rewritten LLM goes through the same family mapping as a text-only export
+        language_model = to_hf_causal_lm(model) if model.surgery else None
+        return export_multimodal(model, out, tokenizer, language_model=language_model)
     return export_llm(model, out, tokenizer)
 
 
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise NotExportable(f"--out {args.out} is the model itself; write the export elsewhere")
     model, recorded = load_for_export(args.model, allow_unsafe=args.allow_unsafe_checkpoint)
     tokenizer = None
-    if args.format == "hf":
+    if args.format in ("hf", "peft"):
         name = args.tokenizer or recorded or DEFAULT_TOKENIZER
         tokenizer = load_tokenizer(name)
         _check_tokenizer(model, tokenizer, name)

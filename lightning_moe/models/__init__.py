@@ -6,6 +6,8 @@
 - `adapters.py`: adapter rules, planned, added, saved, loaded and merged through the kind registry
 - `freeze.py`: parameter groups and `set_trainable`
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
+- `hf_llava.py`: llava-hf and original-LLaVA directories in, llava-hf directories out
+- `peft_format.py`: plain LoRA as a peft adapter, and peft LoRA directories in
 Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, mora_add_task).
 """
 
@@ -26,10 +28,13 @@ from .adapters import (
     save_adapters,
 )
 from .freeze import PARAMETER_GROUPS, set_trainable
+from .hf_llava import export_multimodal, load_hf_multimodal
+from .peft_format import export_peft, without_adapters
 
 __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "load_backbone", "MoEConfig",
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
            "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "upcycle", "AdapterConfig", "AdapterRule",
            "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
            "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
-           "canonical_log", "convert_native_moe", "to_hf_causal_lm"]
+           "canonical_log", "convert_native_moe", "to_hf_causal_lm", "export_multimodal", "load_hf_multimodal",
+           "export_peft", "without_adapters"]
