@@ -12,10 +12,12 @@ from lightning_moe.cli import effective_config
 from lightning_moe.experiments.distill import config, main
 
 
-def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
-    out = tmp_path / "distill"
-    summary = main(["--out", str(out), "--quick", "--threads", "1"])
-    runs = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
+    out = quick_outputs.get("distill")
+    root = out.parent  # the shared smoke runs' directory
+    summary = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert summary["protocol"]["seeds"] == [0] and summary["protocol"]["reported_split"] == "test"
     assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference", "control",
                                                "baseline_instruct", "baseline_moe"]
     assert [r["method"] for r in runs.values()] == ["MoETuning"] + 4 * ["MoDDistillation"] + 2 * ["MoETuning"]
@@ -49,12 +51,12 @@ def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
 
     # kd_lm reusing that teacher, named relative to the caller's directory (the experiment works inside
     # --out, where a relative --teacher-from was once looked up), with two student seeds
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(root)
     again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
                   "--seeds", "0", "1"])
     teacher = next(r for r in again["runs"] if r["name"] == "teacher")
     assert teacher == runs["teacher"]  # its row is kept, not retrained
-    again_out = tmp_path / "distill_kd_lm"
+    again_out = root / "distill_kd_lm"
     assert (again_out / "runs" / "mod" / "teacher" / "model").is_dir()
     assert not (again_out / "runs" / "mod" / "teacher" / "version_0").exists()
     students = [n for n in runs if n != "teacher"]

@@ -63,7 +63,8 @@ class MoRALinear(nn.Module):
         self.lora_dropout = _dropout(dropout)
         self.last_active_ranks: Tensor | None = None  # (...,) long, active ranks per token
         # an oracle's selection: (B,) task index per sample; sample b's tokens self-activate only among
-        # task forced_task[b]'s ranks (none if that task has no ranks yet). None = among all ranks
+        # task forced_task[b]'s ranks, exactly as a layer holding only those ranks would (none if that task
+        # has no ranks yet). None = among all ranks
         self.forced_task: Tensor | None = None
         self.add_task(r)
 
@@ -90,7 +91,9 @@ class MoRALinear(nn.Module):
         """w (..., R) from the rank activations z (..., R): normalise, softmax, budget, prune. `task` (a
         long tensor of z's leading shape): each token selects among its task's ranks only (the oracle)."""
         allowed = None if task is None else self.task_of_rank() == task.unsqueeze(-1)  # (..., R)
-        s = z / z.square().sum(dim=-1, keepdim=True).add(1e-12).sqrt()
+        # the oracle normalises over the task's own ranks: as if they were the layer's only ones
+        norm_of = z if allowed is None else z * allowed
+        s = z / norm_of.square().sum(dim=-1, keepdim=True).add(1e-12).sqrt()
         logits = s / self.temperature
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
