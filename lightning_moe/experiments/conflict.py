@@ -494,8 +494,8 @@ def combine(summaries: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     diagnoses = [summaries[s].get("diagnosis", "-").split(":")[0] for s in seeds]
     combined = {"accuracy": acc, "alone": alone, "pair": pair, "pair_mean": pair_mean,
                 "difference_vs_lora_mixture": differences, "verdict_per_seed": verdicts,
-                "verdict_agreement": agreement(verdicts), "diagnosis_per_seed": diagnoses,
-                "diagnosis_agreement": agreement(diagnoses)}
+                "verdict_agreement": list(agreement(verdicts)), "diagnosis_per_seed": diagnoses,
+                "diagnosis_agreement": list(agreement(diagnoses))}
     return combined, combined_markdown(combined, labels, domains, seeds)
 
 
