@@ -300,9 +300,6 @@ def verdict_lines(summary: dict) -> list[str]:
         word = "beats" if d["mean"] > u["mean"] else "does not beat"
         lines.append(f"- Mean test exact match: distilled sparse student {d['mean']:.3f}{_per_seed(d)}, undistilled "
                      f"{u['mean']:.3f}{_per_seed(u)} (equal student steps): the distilled student {word} the undistilled one.")
-        if len(d["values"]) == len(u["values"]):
-            lines.append("- " + difference_words(paired_difference(d["values"], u["values"]),
-                                                 "Mean test exact match, distilled - undistilled") + ".")
     pope = {name: {k: stat(name, f"test/pope/pope_{k}") for k in POPE_KEYS}
             for name in ("mimic_sparse", "preference", "control")}
     before, after, control = pope["mimic_sparse"], pope["preference"], pope["control"]
@@ -320,11 +317,22 @@ def verdict_lines(summary: dict) -> list[str]:
                      + f"; POPE accuracy per seed {' / '.join(f'{v:.3f}' for v in after['accuracy']['values'])} vs "
                      f"{' / '.join(f'{v:.3f}' for v in control['accuracy']['values'])}: preference {word} "
                      "equal extra steps of the mimic objective on POPE accuracy.")
-        lines.append("- " + difference_words(paired_difference(after["accuracy"]["values"], control["accuracy"]["values"]),
-                                             "POPE accuracy, preference - control") + ".")
         m_after, m_control = stat("preference", "test/exact_match"), stat("control", "test/exact_match")
         if m_after and m_control:
             lines.append(f"- Mean test exact match, preference {m_after['mean']:.3f} vs control {m_control['mean']:.3f}.")
+    return lines
+
+
+def difference_lines(summary: dict) -> list[str]:
+    """The verdicts' differences seed by seed with their standard errors (`protocol.difference_words`): distilled
+    - undistilled mean exact match, preference - control POPE accuracy and mean exact match."""
+    lines = []
+    for a, b, key, what in (("preference", "baseline_moe", "test/exact_match", "Mean test exact match, distilled - undistilled"),
+                            ("preference", "control", "test/pope/pope_accuracy", "POPE accuracy, preference - control"),
+                            ("preference", "control", "test/exact_match", "Mean test exact match, preference - control")):
+        x, y = _stat(summary, a, key), _stat(summary, b, key)
+        if x and y and len(x["values"]) == len(y["values"]):
+            lines.append("- " + difference_words(paired_difference(x["values"], y["values"]), what) + ".")
     return lines
 
 
@@ -359,6 +367,7 @@ def results_markdown(summary: dict) -> str:
         *lines,
         "",
         *verdict_lines(summary),
+        *difference_lines(summary),
         "",
         "Per run: training steps, median step time, peak memory (CPU: peak resident set of the whole process).",
         "",

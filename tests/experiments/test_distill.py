@@ -70,3 +70,25 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     assert stat["values"] == [by_seed[0]["test/exact_match"], by_seed[1]["test/exact_match"]]
     assert stat["mean"] == sum(stat["values"]) / 2 and stat["min"] == min(stat["values"])
     assert "mean over seeds 0, 1" in (again_out / "results.md").read_text()
+
+
+def _aggregate(values: dict[str, list[float]]) -> dict:
+    from lightning_moe.experiments.protocol import seed_stat
+
+    return {name: {key: seed_stat(v) for key, v in metrics.items()} for name, metrics in values.items()}
+
+
+def test_distill_difference_lines_give_standard_errors_and_say_when_a_difference_is_within_it():
+    from lightning_moe.experiments.distill import difference_lines
+
+    summary = {"runs": [{"name": "teacher", "metrics": {}}], "aggregate": _aggregate({
+        # distilled - undistilled: +0.2, +0.2, +0.1 (clear); preference - control POPE: +0.1, -0.1, +0.05 (within)
+        "preference": {"test/exact_match": [0.7, 0.7, 0.6], "test/pope/pope_accuracy": [0.6, 0.5, 0.55]},
+        "baseline_moe": {"test/exact_match": [0.5, 0.5, 0.5]},
+        "control": {"test/pope/pope_accuracy": [0.5, 0.6, 0.5]}})}
+    lines = difference_lines(summary)
+    assert len(lines) == 2  # the control has no exact match here: no third line
+    assert lines[0].startswith("- Mean test exact match, distilled - undistilled +0.167 ± 0.033 (standard error), "
+                               "higher in 3 of 3 seeds") and "smaller than" not in lines[0]
+    assert lines[1].startswith("- POPE accuracy, preference - control +0.017 ± 0.060") and \
+        lines[1].endswith("smaller than its standard error, so no difference is shown.")
