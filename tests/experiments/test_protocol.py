@@ -34,6 +34,8 @@ def test_paired_difference_and_its_words():
     # +0.3, +0.3, +0.2: clearly above
     clear = paired_difference([0.8, 0.8, 0.7], [0.5, 0.5, 0.5])
     assert not clear["within_se"] and "smaller than" not in difference_words(clear, "x")
+    below = paired_difference([0.5, 0.5, 0.5], [0.8, 0.8, 0.7])  # as clearly below: its size, not its sign
+    assert not below["within_se"] and (below["above"], below["below"]) == (0, 3)
     one = paired_difference([0.8], [0.5])
     assert one["sem"] is None and not one["within_se"] and "one seed, no standard error" in difference_words(one, "x")
     with pytest.raises(ValueError, match="2 against 1"):
