@@ -5,19 +5,26 @@
 
 From one dense base model (configs/mole/base.yaml: trained on the white-image domains, saved
 once under OUT/base and reused by every run and seed; `--reuse` takes it from an earlier output
-directory trained with the same base plan), trains
-at equal steps and seeds, through the CLI's classes (`lightning_moe.cli.main` with the shipped
-configs plus a per-run config written to OUT/configs/):
+directory trained with the same base plan), first chooses the rank and steps on val (`select_setting`:
+the first of `Plan.candidates` at which plain LoRA alone learns each domain of the conflicting pair in
+every seed; runs in OUT/selection/; skipped when `--rank`/`--steps` are given), then trains at equal
+steps and seeds, through the CLI's classes (`lightning_moe.cli.main` with the shipped configs plus a
+per-run config written to OUT/configs/):
 
-- plain LoRA on each domain alone (configs/mole/lora.yaml, one run per domain),
+- plain LoRA on each domain alone (configs/mole/lora.yaml, one run per domain; together, the
+  per-domain-LoRA upper bound),
 - plain LoRA on the mixture of all the experiment's domains,
 - plain LoRA with 4x the rank on the mixture,
 - MoLE on the mixture (configs/mole/mole.yaml, same LoRA rank as plain LoRA),
+- the oracle-routed MoLE (one expert per domain, each sample's tokens sent to its domain's expert),
 
 then tests every run on every domain's test split (exact match) and writes OUT/results.json,
 OUT/results.md (rows = runs; per-domain accuracy, mean, trainable parameters, median train step
 time), each run's console output under OUT/logs/ and TensorBoard logs under OUT/tensorboard/<run>
-(MoLE's domain x expert heat maps included). Several seeds: each seed's runs in OUT/seed<N>/.
+(MoLE's domain x expert heat maps included). Several seeds: each seed's runs in OUT/seed<N>/, and
+the tables, verdict and diagnosis over the seeds in OUT/results.* (`combine`). Each MoLE run records
+which expert each test domain's answer tokens get and the router entropy over training; the diagnosis
+(`diagnosis`) says whether the learnt router or the experts' capacity fails, from the oracle.
 
 The conflict: `position_lr` and `position_tb` ask the same question ("Where is the red shape?")
 answered left/right on grey images and top/bottom on dark ones. A domain *loses to the mixture*
