@@ -1,19 +1,21 @@
 """Speed of `SparseMoE` (forward + backward) against Hugging Face's Mixtral block and a dense FFN.
 
-    python benchmarks/moe_layer.py [--quick]
+    python benchmarks/moe_layer.py [--quick] [--out DIR]
 
 For each shape (tokens, hidden, intermediate, experts, top-k) it times, in this process and on
 identical weights: ours, the Hugging Face `MixtralSparseMoeBlock` with the `eager` and the
 `grouped_mm` experts implementations, and a dense SwiGLU FFN with the same active compute
 (intermediate size k x I). Implementations are interleaved inside each repetition so that
 background load hits all of them alike; the median over repetitions after warm-up is reported.
-Prints a markdown table with the date and the machine.
+Prints a markdown table with the date and the machine; `--out DIR` also writes DIR/results.json (the
+rows the report plots: `python -m lightning_moe.experiments.report`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -110,7 +112,8 @@ def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repetitions, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="few repetitions and no 4096-token shape, for a smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="also write results.json here")
     args = parser.parse_args()
     print(f"## SparseMoE forward+backward, {datetime.date.today().isoformat()}")
     print()
@@ -162,6 +165,14 @@ def main() -> None:
     )
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     print("parity: ok (ours and HF grouped_mm matched HF eager on the same weights, every shape)")
+    if args.out:
+        rows = [{**dict(zip(("tokens", "hidden", "inter", "experts", "k"), shape)), **r,
+                 "ours_over_dense": r["ours"] / r["dense"],
+                 "ours_over_best_hf": r["ours"] / min(r["hf_eager"], r["hf_grouped_mm"])} for shape, r in results.items()]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({
+            "date": datetime.date.today().isoformat(), "torch_threads": torch.get_num_threads(),
+            "command": "python benchmarks/moe_layer.py" + (" --quick" if args.quick else ""), "rows": rows}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
-"""Figures a person can read: the domain x expert routing heat map, the continual accuracy matrix and
-the expert-load bar chart, drawn with matplotlib.
+"""Figures a person can read: the domain x expert routing heat map, the continual accuracy matrix, the
+expert-load bar chart, per-domain accuracy bars with seed ranges, curves over training steps, MoE
+speed ratios against experts and tokens and the speed / memory frontier, drawn with matplotlib.
 
 One module for every picture of the project: the TensorBoard callbacks (`callbacks/routing.py`,
 `callbacks/continual.py`) log these figures as images, and the experiments' reports and the PNGs
@@ -105,6 +106,101 @@ def expert_load(counts: Any, layer: str, stage: str = "") -> Figure:
     ax.set_title(f"{layer}: expert load{where}, max/mean {share.max() * values.size:.2f}", fontsize=10)
     ax.set_ylim(0, max(share.max(), 1 / values.size) * 1.3)  # room above the bars for the legend
     ax.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+PALETTE = ("#3b528b", "#21918c", "#5ec962", "#fde725", "#440154", "#e36414", "#9a031e", "#6c757d")
+
+
+def accuracy_bars(stats: dict[str, dict[str, dict[str, Any]]], domains: Sequence[str], *, title: str,
+                  ylabel: str = "test exact match") -> Figure:
+    """Grouped bars: one group per domain, one bar per run (`stats[run][domain]` = {mean, min, max}); each bar
+    is the mean over seeds and its whisker the range (min-max), so a reader sees how much seeds disagree."""
+    if not stats or not domains:
+        raise ValueError(f"accuracy bars '{title}': no runs or no domains")
+    runs = list(stats)
+    width = 0.8 / len(runs)
+    figure = Figure(figsize=(max(5.5, 1.1 * len(domains) * max(1, len(runs) / 3) + 2.5), 3.6), dpi=DPI)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for i, run in enumerate(runs):
+        cells = [stats[run].get(d) for d in domains]
+        means = np.array([c["mean"] if c else np.nan for c in cells])
+        low = np.array([c["mean"] - c["min"] if c else 0.0 for c in cells])
+        high = np.array([c["max"] - c["mean"] if c else 0.0 for c in cells])
+        xs = np.arange(len(domains)) - 0.4 + width * (i + 0.5)
+        ax.bar(xs, means, width, yerr=[low, high], capsize=2, label=run, color=PALETTE[i % len(PALETTE)],
+               error_kw={"linewidth": 0.8})
+    ax.set_xticks(range(len(domains)), [str(d) for d in domains])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    return figure
+
+
+def curves(series: dict[str, Sequence[Sequence[float]]], *, title: str, xlabel: str, ylabel: str) -> Figure:
+    """One line per name through its (x, y) points, e.g. router entropy per layer over training steps."""
+    if not series:
+        raise ValueError(f"curves '{title}': nothing to draw")
+    figure = Figure(figsize=(6.0, 3.2), dpi=DPI)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for i, (name, points) in enumerate(series.items()):
+        xy = _array(points).reshape(-1, 2)
+        ax.plot(xy[:, 0], xy[:, 1], marker="o", markersize=2, label=name, color=PALETTE[i % len(PALETTE)])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def speed_ratios(rows: Sequence[dict[str, Any]], *, title: str) -> Figure:
+    """MoE layer speed against its references: per benchmark shape (`tokens`, `experts`, ...), the time ratio
+    ours / dense FFN of the same active compute and ours / the best Hugging Face block (1 = as fast)."""
+    if not rows:
+        raise ValueError(f"speed ratios '{title}': no rows")
+    labels = [f"{r['tokens']} tok\n{r['experts']} exp" for r in rows]
+    figure = Figure(figsize=(max(5.0, 1.0 * len(rows) + 2.5), 3.4), dpi=DPI)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    xs = np.arange(len(rows))
+    for i, (key, name) in enumerate((("ours_over_dense", "ours / dense FFN"), ("ours_over_best_hf", "ours / best HF"))):
+        ax.bar(xs - 0.2 + 0.4 * i, [r[key] for r in rows], 0.4, label=name, color=PALETTE[i])
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel("time ratio (lower is faster)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def frontier(points: dict[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str) -> Figure:
+    """A labelled scatter of named configurations (x, y), e.g. memory against decode speed, with the
+    Pareto front (least x for the most y) drawn through the configurations no other one beats on both."""
+    if not points:
+        raise ValueError(f"frontier '{title}': no points")
+    names = list(points)
+    xy = _array([points[n] for n in names]).reshape(-1, 2)
+    figure = Figure(figsize=(6.4, 3.8), dpi=DPI)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.scatter(xy[:, 0], xy[:, 1], color=PALETTE[0], zorder=3)
+    for (x, y), name in zip(xy, names):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = [i for i in range(len(names)) if not any(
+        xy[j, 0] <= xy[i, 0] and xy[j, 1] >= xy[i, 1] and (xy[j] != xy[i]).any() for j in range(len(names)))]
+    front.sort(key=lambda i: xy[i, 0])
+    ax.plot(xy[front, 0], xy[front, 1], color=PALETTE[5], linestyle="--", linewidth=1, label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
 

@@ -80,3 +80,35 @@ def test_plots_import_neither_lightning_nor_torch():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     assert loaded == "[]"
+
+
+def test_accuracy_bars_draw_the_mean_with_the_seed_range_as_whiskers():
+    stats = {"LoRA": {"a": {"mean": 0.6, "min": 0.5, "max": 0.8}, "b": {"mean": 0.2, "min": 0.2, "max": 0.2}},
+             "MoLE": {"a": {"mean": 0.9, "min": 0.85, "max": 0.95}}}  # no value for b: no bar, not a zero
+    figure = plots.accuracy_bars(stats, ["a", "b"], title="t")
+    ax = figure.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights[:2] == pytest.approx([0.6, 0.2]) and heights[2] == pytest.approx(0.9) and np.isnan(heights[3])
+    whiskers = ax.containers[0].lines[2][0].get_segments()  # the first ErrorbarContainer, LoRA's (min, max) per domain
+    assert [tuple(np.round(s[:, 1], 6)) for s in whiskers] == [(0.5, 0.8), (0.2, 0.2)]
+    assert _ticks(ax.get_xticklabels()) == ["a", "b"] and [t.get_text() for t in ax.get_legend().texts] == ["LoRA", "MoLE"]
+    with pytest.raises(ValueError, match="no runs"):
+        plots.accuracy_bars({}, ["a"], title="t")
+
+
+def test_speed_ratios_frontier_and_curves_carry_their_numbers(tmp_path):
+    rows = [{"tokens": 16, "experts": 8, "ours_over_dense": 1.5, "ours_over_best_hf": 0.7},
+            {"tokens": 512, "experts": 16, "ours_over_dense": 2.0, "ours_over_best_hf": 0.5}]
+    ax = plots.speed_ratios(rows, title="s").axes[0]
+    assert [p.get_height() for p in ax.patches] == [1.5, 2.0, 0.7, 0.5]
+    assert _ticks(ax.get_xticklabels()) == ["16 tok\n8 exp", "512 tok\n16 exp"]
+    # the front: least memory for the most speed; "slow and big" is dominated by "fast"
+    points = {"in memory": (100.0, 50.0), "fast": (40.0, 45.0), "small": (10.0, 5.0), "slow and big": (60.0, 20.0)}
+    ax = plots.frontier(points, title="f", xlabel="MiB", ylabel="tok/s").axes[0]
+    front = ax.lines[0].get_xydata()
+    assert front.tolist() == [[10.0, 5.0], [40.0, 45.0], [100.0, 50.0]]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(points)
+    ax = plots.curves({"layer0": [(1, 1.0), (5, 0.5)]}, title="c", xlabel="step", ylabel="nats").axes[0]
+    assert ax.lines[0].get_xydata().tolist() == [[1.0, 1.0], [5.0, 0.5]]
+    path = plots.save_png(plots.frontier(points, title="f", xlabel="x", ylabel="y"), tmp_path / "f.png")
+    assert path.stat().st_size > 5_000

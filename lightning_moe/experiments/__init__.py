@@ -40,6 +40,7 @@ from ..callbacks import StageProfile
 from ..cli import main as cli_main
 from ..models import parameter_counts
 from ..paths import REPO_ROOT
+from .protocol import DEFAULT_SEEDS, Protocol
 
 # Lightning's loggers carry their own console handlers (set up at import, bound to the console
 # stream of that moment), so redirecting sys.stdout/sys.stderr alone does not quieten them
@@ -54,8 +55,9 @@ def experiment_parser(description: str, reuse: str | None = None) -> argparse.Ar
     parser.add_argument("--out", required=True, type=Path, help="output directory (results.json, results.md, logs/, "
                         "the runs' TensorBoard logs and models)")
     parser.add_argument("--quick", action="store_true", help="the smoke version: a few steps on a few samples")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="seeds of the runs; several: the runs repeat per seed, each seed in OUT/seed<N>/")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"seeds of the runs (default {' '.join(map(str, DEFAULT_SEEDS))}; with --quick 0); "
+                        "several: the runs repeat per seed, each seed in OUT/seed<N>/")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (results can depend on it; on a machine shared with other jobs, "
                         "1 avoids oversubscription); recorded in results.json")
@@ -65,8 +67,11 @@ def experiment_parser(description: str, reuse: str | None = None) -> argparse.Ar
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse, check the seeds and apply --threads (before any run)."""
+    """Parse, fill in the default seeds (the protocol's; one with --quick), check them and apply --threads
+    (before any run)."""
     args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has repeated seeds: {args.seeds}")
     if args.threads is not None:
@@ -243,10 +248,13 @@ def write_results(out: Path, summary: dict[str, Any], markdown: str, command: st
 
 
 def run_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
-              command: str) -> dict[str, Any]:
+              command: str, protocol: Protocol | None = None,
+              combine: Callable[[dict[int, dict[str, Any]]], tuple[dict[str, Any], str]] | None = None) -> dict[str, Any]:
     """`one_seed(workdir, seed) -> (summary, markdown table)` for every seed, in `seed_directory`; writes the
     results (one seed: OUT/results.*; several: each seed's in OUT/seed<N>/ and all of them in OUT/results.*),
-    prints the table and returns what results.json holds."""
+    prints the table and returns what results.json holds (`per_seed_summaries` reads the seeds back). `protocol` heads results.json and results.md;
+    `combine(per-seed summaries) -> (summary over seeds, its markdown)` adds the tables and verdicts over the
+    seeds (also for one seed, so that every results file has the same layout)."""
     summaries, tables = {}, []
     for seed in seeds:
         workdir = seed_directory(out, seed, seeds)
@@ -254,10 +262,22 @@ def run_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple
         if len(seeds) > 1:
             write_results(workdir, summary, table, command)
         summaries[seed], tables = summary, [*tables, f"## Seed {seed}\n\n{table}"]
+    head = [protocol.markdown()] if protocol else []
+    combined, combined_md = combine(summaries) if combine else ({}, "")
+    extra = {**({"protocol": protocol.as_dict()} if protocol else {}), **combined}
     if len(seeds) == 1:
-        written = write_results(out, summaries[seeds[0]], table, command)
+        markdown = "\n\n".join([*head, *([combined_md] if combined_md else []), table])
+        written = write_results(out, {**extra, **summaries[seeds[0]], "seeds": seeds}, markdown, command)
     else:
-        written = write_results(out, {"seeds": seeds, "per_seed": {str(s): v for s, v in summaries.items()}},
-                                "\n\n".join(tables), command)
+        written = write_results(out, {**extra, "seeds": seeds, "per_seed": {str(s): v for s, v in summaries.items()}},
+                                "\n\n".join([*head, *([combined_md] if combined_md else []), *tables]), command)
     print((out / "results.md").read_text())
     return written
+
+
+def per_seed_summaries(results: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """seed -> that seed's summary, from a results.json that `run_seeds` wrote (one seed or several)."""
+    if results.get("per_seed"):
+        return {int(seed): summary for seed, summary in results["per_seed"].items()}
+    seeds = results.get("seeds") or [results.get("seed", 0)]
+    return {int(seeds[0]): results}

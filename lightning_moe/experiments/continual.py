@@ -11,7 +11,13 @@
    - `mora`: MoRA rank-1 experts, new ranks per task, earlier ranks frozen (the config as shipped);
    - `lora_sequential`: one plain LoRA trained task after task (forgetting expected);
    - `lora_joint`: one LoRA on the mixture of all tasks (the multi-task upper bound);
-   - `lora_task_specific`: a LoRA per task, selected by the given task id (an oracle).
+   - `lora_task_specific`: a LoRA per task, selected by the given task id (an oracle);
+   - `mora_task_oracle`: MoRA whose inputs activate only their own task's ranks (task id given): perfect
+     rank selection, so that MoRA's forgetting splits into selection failure and interference.
+
+Rank-selection precision: the share of a task's active ranks (after the last task, on its test inputs)
+that belong to its own task's block (1 = perfect selection). Protocol: `protocol()`, verdict and
+diagnosis: `verdict()` and `diagnosis()`, over seeds `combine()`.
 
 Every run goes through `lightning_moe.cli.main` with the shipped configs and command-line
 overrides (no second training loop). The runs work inside DIR (relative `runs/...` paths of the
@@ -36,6 +42,7 @@ from ..metrics import accuracy_table, continual_scores
 from ..paths import shipped_path
 from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds,
                working_directory)
+from .protocol import Protocol, agreement, agreement_words, difference_words, paired_difference, seed_stat, spread
 
 PRETRAIN = "configs/mora/pretrain.yaml"  # shipped_path names them in a checkout or an installed package
 CONTINUAL = "configs/mora/continual.yaml"
@@ -46,7 +53,16 @@ METHODS: dict[str, list[str]] = {
     "lora_sequential": [*LORA, "--model.init_args.strategy=sequential"],
     "lora_joint": [*LORA, "--model.init_args.strategy=joint", "--data.init_args.schedule=joint"],
     "lora_task_specific": [*LORA, "--model.init_args.strategy=task_specific"],
+    # MoRA with perfect rank selection: each task's inputs activate only that task's ranks (task id given)
+    "mora_task_oracle": ["--model.init_args.mora.task_oracle=true"],
 }
+# a BWT difference under this (about two standard errors of an accuracy near 80% on 200 samples) is no difference
+BWT_MARGIN = 0.05
+# BWTs are differences of counts / samples: a difference of exactly the margin must count despite float rounding
+TOLERANCE = 1e-9
+# share of MoRA's forgetting that perfect selection removes: at least SELECTION -> selection failure, under
+# INTERFERENCE -> interference (the task's own ranks are disturbed, or something shared moves)
+SELECTION, INTERFERENCE = 0.5, 0.2
 COMMON = ["--trainer.enable_progress_bar=false"]
 # smoke version: a few steps and samples; the shipped test files double as small train files
 QUICK_PRETRAIN = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.batch_size=4",
@@ -80,6 +96,100 @@ def continual_details(cli: Any) -> dict[str, Any]:
             "active_ranks_per_token": ranks,  # average over real tokens and adapted layers, last evaluation
             # MoRA: evaluated task -> active ranks per token from each training task's rank block
             "rank_usage": usage}
+
+
+def rank_selection_precision(usage: dict[str, list[float]] | None, tasks: list[str]) -> dict[str, float] | None:
+    """Task -> share of its inputs' active ranks that are its own task's (1 = perfect selection), and `mean`
+    over the tasks; from `rank_usage` (evaluated task -> active ranks per token from each task's block)."""
+    if not usage:
+        return None
+    shares = {}
+    for j, task in enumerate(tasks):
+        if task in usage and sum(usage[task]) > 0:
+            shares[task] = usage[task][j] / sum(usage[task])
+    if not shares:
+        return None
+    return {**shares, "mean": sum(shares.values()) / len(shares)}
+
+
+def verdict(bwt: dict[str, float], margin: float = BWT_MARGIN) -> str:
+    """The paper's claim (MoRA forgets less than plain LoRA trained task after task), from each method's BWT."""
+    if "mora" not in bwt or "lora_sequential" not in bwt:
+        return "not tested: MoRA or sequential LoRA missing"
+    gain = bwt["mora"] - bwt["lora_sequential"]
+    if bwt["lora_sequential"] > -margin + TOLERANCE:
+        return "not tested: sequential LoRA does not forget (nothing to reduce)"
+    if gain >= margin - TOLERANCE:
+        return "confirmed" if bwt["mora"] > -margin + TOLERANCE else "partly confirmed (forgets less, still forgets)"
+    return "not confirmed" if gain > -margin + TOLERANCE else "not confirmed (MoRA forgets more)"
+
+
+def diagnosis(bwt: dict[str, float], margin: float = BWT_MARGIN) -> str:
+    """Why MoRA forgets, from its task oracle: the share of MoRA's forgetting (−BWT) that perfect rank selection
+    removes: >= SELECTION selection failure, < INTERFERENCE interference, between: both."""
+    if "mora" not in bwt or "mora_task_oracle" not in bwt:
+        return "no diagnosis: MoRA or its task oracle missing"
+    if bwt["mora"] > -margin + TOLERANCE:
+        return "nothing to diagnose: MoRA does not forget"
+    removed = (bwt["mora_task_oracle"] - bwt["mora"]) / -bwt["mora"] + TOLERANCE  # exactly half counts as half
+    numbers = f"perfect selection moves BWT from {bwt['mora']:.3f} to {bwt['mora_task_oracle']:.3f}"
+    if removed >= SELECTION:
+        return f"selection failure: {numbers} ({100 * removed:.0f}% of the forgetting removed)"
+    if removed < INTERFERENCE:
+        return f"interference: {numbers} (only {100 * removed:.0f}% removed; even perfect selection forgets)"
+    return f"both selection and interference: {numbers} ({100 * removed:.0f}% removed)"
+
+
+def summarise(results: list[RunResult]) -> dict[str, Any]:
+    """One seed's BWT per method, rank-selection precision, verdict and diagnosis."""
+    bwt = {r.name: r.details["bwt"] for r in results}
+    precision = {r.name: rank_selection_precision(r.details.get("rank_usage"), r.details["tasks"]) for r in results}
+    return {"bwt": bwt, "rank_selection_precision": {k: v for k, v in precision.items() if v is not None},
+            "verdict": verdict(bwt), "diagnosis": diagnosis(bwt)}
+
+
+def protocol(seeds: list[int]) -> Protocol:
+    return Protocol(
+        question="Does MoRA forget less than plain LoRA trained task after task, and is its forgetting a failure "
+                 "to select each task's ranks or interference that even perfect selection keeps?",
+        seeds=list(seeds), selection_split="none (the task loop has no validation split)",
+        reported_split="test (every task's test split after every task: the accuracy matrix)",
+        selection="none in this experiment: every setting is configs/mora/continual.yaml's (docs/mora.md says how "
+                  "they were chosen), the same steps per task for every method.",
+        verdict_rule=f"per seed, MoRA's BWT against sequential LoRA's: 'confirmed' when MoRA is >= {BWT_MARGIN} higher "
+                     f"and itself above -{BWT_MARGIN}, 'partly' when higher but still forgetting, else 'not confirmed'; "
+                     "the diagnosis: the share of MoRA's forgetting its task oracle removes (>= 50% selection "
+                     "failure, < 20% interference). Over seeds: the majority's verdict with the count that agree.")
+
+
+def combine(summaries: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """Over seeds: each method's Last / Avg / BWT / forgetting and rank-selection precision (mean, range, standard
+    error), the paired BWT differences behind the verdict and the diagnosis, and the seeds' agreement."""
+    seeds = sorted(summaries)
+    runs = {s: {r["name"]: r["details"] for r in summaries[s]["runs"] if r["name"] != "pretrain"} for s in seeds}
+    methods = list(runs[seeds[0]])
+    scores = {m: {k: seed_stat([runs[s][m][k] for s in seeds]) for k in ("last", "avg", "bwt", "forgetting")}
+              for m in methods}
+    for m in methods:
+        precision = [summaries[s]["rank_selection_precision"].get(m, {}).get("mean") for s in seeds]
+        if all(p is not None for p in precision):
+            scores[m]["rank_selection_precision"] = seed_stat(precision)
+    bwt = {m: [runs[s][m]["bwt"] for s in seeds] for m in methods}
+    differences = {f"{a} - {b}": paired_difference(bwt[a], bwt[b])
+                   for a, b in (("mora", "lora_sequential"), ("mora_task_oracle", "mora")) if a in bwt and b in bwt}
+    verdicts = [summaries[s]["verdict"] for s in seeds]
+    diagnoses = [summaries[s]["diagnosis"].split(":")[0] for s in seeds]
+    combined = {"scores": scores, "bwt_differences": differences, "verdict_per_seed": verdicts,
+                "verdict_agreement": list(agreement(verdicts)), "diagnosis_per_seed": diagnoses,
+                "diagnosis_agreement": list(agreement(diagnoses))}
+    keys = ("last", "avg", "bwt", "forgetting", "rank_selection_precision")
+    lines = [f"## Over {len(seeds)} seed(s): mean (min-max)", "",
+             "| method | Last | Avg | BWT | forgetting | rank-selection precision |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {m} | " + " | ".join(spread(scores[m].get(k)) for k in keys) + " |" for m in methods]
+    lines += ["", *[f"- {difference_words(d, 'BWT ' + name)}." for name, d in differences.items()], "",
+              f"Verdict on the paper's claim (MoRA forgets less than sequential LoRA): {agreement_words(verdicts)}.",
+              f"Diagnosis (selection failure / interference, from the task oracle): {agreement_words(diagnoses)}.", ""]
+    return combined, "\n".join(lines)
 
 
 def method_run(method: str, quick: bool, seed: int = 0) -> Run:
@@ -140,8 +250,11 @@ def run(out: str | Path, quick: bool = False, methods: list[str] | None = None,
         plots.save_png(plots.accuracy_matrix(r.details["accuracy"], r.details["tasks"]),
                        out / "figures" / f"{r.name}_accuracy.png")
     summary = {"quick": quick, "seed": seed, "pretrain_seconds": round(pretrain_result.wall_s, 1),
-               "runs": [asdict(r) for r in [pretrain_result, *results]]}
-    return summary, results_markdown(results, pretrain_result.wall_s, quick, seed)
+               "runs": [asdict(r) for r in [pretrain_result, *results]], **summarise(results)}
+    precision = ", ".join(f"{m} {v['mean']:.2f}" for m, v in summary["rank_selection_precision"].items()) or "-"
+    return summary, "\n".join([results_markdown(results, pretrain_result.wall_s, quick, seed),
+                               f"Rank-selection precision (share of active ranks from the input's own task): {precision}.",
+                               f"Verdict: **{summary['verdict']}**. Diagnosis: {summary['diagnosis']}.", ""])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(build_parser(), argv)
     out = args.out.resolve()
     return run_seeds(out, args.seeds, lambda workdir, seed: run(workdir, args.quick, args.methods, seed),
-                     command_line("lightning_moe.experiments.continual", argv))
+                     command_line("lightning_moe.experiments.continual", argv), protocol(args.seeds), combine)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -42,6 +41,7 @@ from ..cli import effective_config
 from ..paths import shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, parse_args, progress,
                working_directory, write_results)
+from .protocol import Protocol, difference_words, paired_difference, seed_stat, spread
 
 CONFIGS = "configs/mod"  # shipped_path names it in a checkout or an installed package
 DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")
@@ -219,6 +219,7 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
                           + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else "")
                           + ("" if control else " --no-control"))
     summary = {
+        "protocol": protocol(seeds, control).as_dict(),
         "environment": environment(command),  # command, date, torch threads, versions, git commit
         "quick": quick,
         "seeds": seeds,
@@ -230,17 +231,28 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
     return write_results(out, summary, results_markdown(summary), command)
 
 
+def protocol(seeds: list[int], control: bool) -> Protocol:
+    return Protocol(
+        question="Does distillation from a dense teacher (mimic, then preference) give a better sparse student than "
+                 "MoE-tuning at equal steps, and does the preference stage help beyond as many more mimic steps?",
+        seeds=list(seeds), selection_split="none", reported_split="test",
+        selection="none in this experiment: every setting is configs/mod/*.yaml's; the baseline and the control "
+                  "take their step counts from the distilled runs (equal steps)"
+                  + ("" if control else "; the control is off (--no-control)") + ".",
+        verdict_rule="mean over seeds with every seed's value; 'beats' only in every seed, 'in k of n seeds' "
+                     "otherwise; each difference with its paired standard error, and called no difference when "
+                     "smaller than it.")
+
+
 def aggregate(per_seed: dict[int, dict[str, RunResult]]) -> dict[str, dict[str, dict[str, float]]]:
-    """run name -> test metric -> mean, min, max and per-seed values over the seeds."""
+    """run name -> test metric -> mean, min, max, standard error and per-seed values over the seeds."""
     names = next(iter(per_seed.values())).keys()
     table: dict[str, dict[str, dict[str, float]]] = {}
     for name in names:
         keys = set.intersection(*(set(results[name].metrics) for results in per_seed.values()))
         table[name] = {}
         for key in sorted(keys):
-            values = [results[name].metrics[key] for results in per_seed.values()]
-            table[name][key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-                                "values": values}
+            table[name][key] = seed_stat([results[name].metrics[key] for results in per_seed.values()])
     return table
 
 
@@ -271,11 +283,7 @@ def _stat(summary: dict, name: str, key: str) -> dict[str, float] | None:
 
 def _spread_cell(stat: dict[str, float] | None) -> str:
     """One value, or over several seeds `mean (min-max)`."""
-    if stat is None:
-        return ""
-    if len(stat["values"]) == 1:
-        return f"{stat['mean']:.3f}"
-    return f"{stat['mean']:.3f} ({stat['min']:.3f}-{stat['max']:.3f})"
+    return spread(stat)
 
 
 def _per_seed(stat: dict[str, float]) -> str:
@@ -315,6 +323,19 @@ def verdict_lines(summary: dict) -> list[str]:
     return lines
 
 
+def difference_lines(summary: dict) -> list[str]:
+    """The verdicts' differences seed by seed with their standard errors (`protocol.difference_words`): distilled
+    - undistilled mean exact match, preference - control POPE accuracy and mean exact match."""
+    lines = []
+    for a, b, key, what in (("preference", "baseline_moe", "test/exact_match", "Mean test exact match, distilled - undistilled"),
+                            ("preference", "control", "test/pope/pope_accuracy", "POPE accuracy, preference - control"),
+                            ("preference", "control", "test/exact_match", "Mean test exact match, preference - control")):
+        x, y = _stat(summary, a, key), _stat(summary, b, key)
+        if x and y and len(x["values"]) == len(y["values"]):
+            lines.append("- " + difference_words(paired_difference(x["values"], y["values"]), what) + ".")
+    return lines
+
+
 def results_markdown(summary: dict) -> str:
     seeds = summary.get("seeds", [0])
     names = ["teacher", *summary["aggregate"]]
@@ -340,11 +361,13 @@ def results_markdown(summary: dict) -> str:
         f"# LLaVA-MoD distillation ({env['date']}, `{env['command']}`, torch threads "
         f"{env['torch_threads']}, {summary['wall_s'] / 60:.1f} min)",
         "",
+        Protocol(**summary["protocol"]).markdown() if summary.get("protocol") else "",
         "Test split, exact match per domain (greedy generation), mean over domains, POPE metrics on `pope`." + spread,
         "",
         *lines,
         "",
         *verdict_lines(summary),
+        *difference_lines(summary),
         "",
         "Per run: training steps, median step time, peak memory (CPU: peak resident set of the whole process).",
         "",

@@ -7,6 +7,10 @@ in `models/adapters.py`) and that only the `adapters` group trains; everything e
 the routers' balance loss, per-domain evaluation, routing statistics for TensorBoard) is the
 base class's. `MoLE` is `LoRATuning` plus one rule that claims the MLPs of the chosen layers
 before the LoRA rule sees them, so in layers without experts the MLP keeps plain LoRA.
+
+`experts.oracle_domains` turns MoLE into its routing oracle (experiments/conflict.py): each sample's
+tokens go to its domain's expert, through the layers' `forced_expert`, set before every training and
+evaluation forward by `route_batch`; the experts and everything else stay MoLE's.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from ..layers import MoLEMLP
 from ..models import AdapterConfig
-from .base import AuxLossConfig, checkpoint_safe
+from .base import AuxLossConfig, StepOutput, checkpoint_safe
 from .lora import LoRATuning
 
 
@@ -31,6 +38,9 @@ class ExpertOptions:
     scale_by_prob: bool = True  # scale the expert update by its router probability (Switch); False = reference
     layers: str | list[int] = "all"  # which decoder layers get experts; the others keep plain LoRA on their MLP
     router_bias: bool = True  # reference router: Linear(d, E) with bias
+    # an oracle, for experiments: domain names in expert order; every token of a sample of domain
+    # oracle_domains[i] goes to expert i % num_experts (weight 1), whatever the router says. None = the router
+    oracle_domains: list[str] | None = None
 
 
 class MoLE(LoRATuning):
@@ -56,3 +66,26 @@ class MoLE(LoRATuning):
             scale_by_prob=e.scale_by_prob, router_bias=e.router_bias,
         )
         return [experts, *super().adapter_rules()]  # experts first: they claim the MLPs of their layers
+
+    def route_batch(self, batch: dict[str, Any]) -> None:
+        """With `experts.oracle_domains`: force every MoLE layer's experts from the batch's domains."""
+        domains = self.experts.oracle_domains
+        if not domains:
+            return
+        unknown = sorted(set(batch["domain"]) - set(domains))
+        if unknown:
+            raise ValueError(f"MoLE oracle routing: domains {unknown} of the batch are not in "
+                             f"experts.oracle_domains {domains}")
+        forced = torch.tensor([domains.index(d) % self.experts.num_experts for d in batch["domain"]],
+                              device=self.device)
+        for layer in self.model.modules():
+            if isinstance(layer, MoLEMLP):
+                layer.forced_expert = forced
+
+    def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
+        self.route_batch(batch)  # evaluation's generation, which follows, keeps the batch's routing
+        return super().compute_loss(batch)
+
+    def predict_answers(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> list[str]:
+        self.route_batch(batch)  # predict generates without a `compute_loss` first
+        return super().predict_answers(batch, batch_idx, dataloader_idx)

@@ -16,7 +16,9 @@ Besides the LM loss, the method logs the average number of active ranks per real
 (`train/active_ranks`, `val/active_ranks`), which the activation budget and pruning bound, and
 keeps `rank_usage`: for each evaluated task, how many of a token's active ranks belong to each
 training task's block (the last evaluation). It shows whether old tasks' tokens still select their
-own ranks or the newest ones (the mechanism behind forgetting, or its absence).
+own ranks or the newest ones (the mechanism behind forgetting, or its absence). `mora.task_oracle`
+selects perfectly instead (each task's inputs activate only its own ranks): what forgetting remains
+then is interference, not selection failure.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class MoRAOptions:
     # scaling alpha / lora.r of the rank-1 experts; None = lora.alpha. Apart from lora.alpha so that the
     # LoRA baselines, which share the `lora` options, keep theirs (README, MoRA: why MoRA needs more)
     alpha: float | None = None
+    # the task oracle, for experiments (experiments/continual.py): each sample's tokens self-activate only
+    # among its own task's ranks (task id = the batch's domain), i.e. perfect rank selection
+    task_oracle: bool = False
 
 
 class MoRAContinual(ContinualMethod):
@@ -94,7 +99,20 @@ class MoRAContinual(ContinualMethod):
         per_layer = [layer.last_active_ranks[mask].float().mean() for layer in self.mora_layers]
         return torch.stack(per_layer).mean()
 
+    def select_task_ranks(self, batch: dict[str, Any]) -> None:
+        """With `mora.task_oracle`: tell every MoRA layer each sample's task (from the batch's domains)."""
+        if not self.mora.task_oracle:
+            return
+        unknown = sorted(set(batch["domain"]) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"MoRA task oracle: domains {unknown} of the batch are not tasks of the sequence "
+                             f"{self.task_names}")
+        forced = torch.tensor([self.task_names.index(d) for d in batch["domain"]], device=self.device)
+        for layer in self.mora_layers:
+            layer.forced_task = forced
+
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
+        self.select_task_ranks(batch)  # evaluation's generation, which follows, keeps the batch's tasks
         step = super().compute_loss(batch)
         step.logs["active_ranks"] = self.mean_active_ranks(step.token_mask)
         if self._record_inputs:  # evaluation: attribute the active ranks to the tasks that trained them
@@ -111,7 +129,9 @@ class MoRAContinual(ContinualMethod):
         for layer in self.mora_layers:
             a = torch.cat(list(layer.lora_A))  # (R, in)
             kept_count = layer.last_active_ranks
-            keep = layer.rank_weights(F.linear(layer.recorded_input[mask].to(a.dtype), a)) > 0  # (tokens, R)
+            tasks = layer.token_tasks(mask.shape)
+            keep = layer.rank_weights(F.linear(layer.recorded_input[mask].to(a.dtype), a),
+                                      None if tasks is None else tasks[mask]) > 0  # (tokens, R)
             layer.last_active_ranks = kept_count  # rank_weights overwrote it with this subset's
             layer.recorded_input = None  # (B, T', d) per layer: not kept alive into the next task
             sizes = [t.shape[0] for t in layer.lora_A]

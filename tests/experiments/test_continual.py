@@ -1,29 +1,112 @@
-"""`python -m lightning_moe.experiments.continual --quick` runs end to end and writes its results."""
+"""`python -m lightning_moe.experiments.continual --quick` runs end to end and writes its results; the
+continual verdict, diagnosis and rank-selection precision on hand-made numbers."""
 
 from __future__ import annotations
 
 import json
 
-from lightning_moe.experiments.continual import METHODS, main
+import pytest
+
+from lightning_moe.experiments import continual
+from lightning_moe.experiments.continual import METHODS
 
 
-def test_quick_continual_experiment_writes_results(tmp_path):
-    main(["--out", str(tmp_path), "--quick", "--threads", "1"])
-    results = json.loads((tmp_path / "results.json").read_text())
+def test_quick_continual_experiment_writes_results(quick_outputs):
+    out = quick_outputs.get("continual")
+    results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["runs"]] == ["pretrain", *METHODS]
     methods = [r for r in results["runs"] if r["name"] != "pretrain"]
     for m in methods:
         d = m["details"]
         assert len(d["accuracy"]) == len(d["tasks"]) == 3 and all(len(row) == 3 for row in d["accuracy"])
         assert {"last", "avg", "transfer", "bwt", "forgetting"} <= set(d)
-        assert (tmp_path / "figures" / f"{m['name']}_accuracy.png").is_file()
-        assert (tmp_path / "logs" / f"{m['name']}_seed0.log").is_file()
+        assert (out / "figures" / f"{m['name']}_accuracy.png").is_file()
+        assert (out / "logs" / f"{m['name']}_seed0.log").is_file()
     by_name = {m["name"]: m["details"] for m in methods}
     # MoRA holds three tasks' ranks and trains one task's; the task-specific oracle keeps three LoRAs
     assert by_name["mora"]["adapter_params_total"] == 3 * by_name["mora"]["adapter_params_per_task"]
     assert by_name["lora_sequential"]["adapter_params_total"] == by_name["lora_sequential"]["adapter_params_per_task"]
     assert by_name["mora"]["active_ranks_per_token"] <= 8  # the shipped budget top_k = 8
+    # the task oracle's inputs activate only their own task's ranks: precision exactly 1 on every task
+    oracle = results["rank_selection_precision"]["mora_task_oracle"]
+    assert oracle == {"count": 1.0, "position_lr": 1.0, "position_tb": 1.0, "mean": 1.0}
+    assert 0 <= results["rank_selection_precision"]["mora"]["mean"] <= 1
+    assert results["protocol"]["seeds"] == [0] and results["verdict"] and results["diagnosis"]
     assert results["environment"]["torch_threads"] == 1
-    table = (tmp_path / "results.md").read_text()
+    table = (out / "results.md").read_text()
     assert "| mora |" in table and "acc[i, j]" in table and "1 threads" in table
-    assert list((tmp_path / "runs/mora").glob("mora/version_*/events.*"))  # TensorBoard logs
+    assert "## Protocol" in table and "rank-selection precision" in table and "Verdict" in table
+    assert list((out / "runs/mora").glob("mora/version_*/events.*"))  # TensorBoard logs
+
+
+def test_rank_selection_precision_is_the_share_of_own_task_ranks():
+    tasks = ["a", "b", "c"]
+    # task a's inputs: 2 of 4 active ranks from a's block; b: 3 of 3; c: 1 of 4; a task with no active ranks
+    # is left out rather than counted as 0 or 1
+    usage = {"a": [2.0, 1.0, 1.0], "b": [0.0, 3.0, 0.0], "c": [1.0, 2.0, 1.0]}
+    assert continual.rank_selection_precision(usage, tasks) == pytest.approx(
+        {"a": 0.5, "b": 1.0, "c": 0.25, "mean": 1.75 / 3})
+    assert continual.rank_selection_precision({"a": [0.0, 0.0, 0.0], "b": [1.0, 1.0, 0.0]}, tasks) == \
+        pytest.approx({"b": 0.5, "mean": 0.5})
+    assert continual.rank_selection_precision(None, tasks) is None
+
+
+@pytest.mark.parametrize("mora, sequential, expected", [
+    (-0.01, -0.50, "confirmed"),
+    (-0.20, -0.50, "partly confirmed (forgets less, still forgets)"),
+    (-0.48, -0.50, "not confirmed"),
+    (-0.70, -0.50, "not confirmed (MoRA forgets more)"),
+    (-0.02, -0.01, "not tested: sequential LoRA does not forget (nothing to reduce)"),
+])
+def test_continual_verdict(mora, sequential, expected):
+    assert continual.verdict({"mora": mora, "lora_sequential": sequential}) == expected
+
+
+def test_continual_verdict_thresholds_are_inclusive():
+    margin = continual.BWT_MARGIN
+    # exactly the margin better: forgets less; MoRA at exactly -margin still counts as forgetting
+    assert continual.verdict({"mora": -0.5 + margin, "lora_sequential": -0.5}).startswith("partly")
+    assert continual.verdict({"mora": -margin, "lora_sequential": -0.5}).startswith("partly")
+    assert continual.verdict({"mora": -margin + 0.001, "lora_sequential": -0.5}) == "confirmed"
+    assert continual.verdict({"lora_sequential": -0.5}).startswith("not tested")
+
+
+@pytest.mark.parametrize("oracle, expected", [
+    (-0.10, "selection failure"),  # 80% of MoRA's -0.5 removed
+    (-0.25, "selection failure"),  # exactly half: inclusive
+    (-0.30, "both selection and interference"),  # 40%
+    (-0.45, "interference"),  # 10%
+])
+def test_continual_diagnosis(oracle, expected):
+    words = continual.diagnosis({"mora": -0.5, "mora_task_oracle": oracle})
+    assert words.split(":")[0] == expected and "-0.500" in words
+
+
+def test_continual_diagnosis_without_forgetting_or_oracle():
+    assert continual.diagnosis({"mora": -0.01, "mora_task_oracle": -0.01}).startswith("nothing to diagnose")
+    assert continual.diagnosis({"mora": -0.5}).startswith("no diagnosis")
+
+
+def test_continual_combine_over_seeds_counts_agreement_and_standard_errors():
+    def summary(bwt_mora: float, bwt_seq: float, bwt_oracle: float) -> dict:
+        tasks = ["a", "b"]
+        runs = [{"name": "pretrain", "details": {}}]
+        for name, bwt in (("mora", bwt_mora), ("lora_sequential", bwt_seq), ("mora_task_oracle", bwt_oracle)):
+            runs.append({"name": name, "details": {"tasks": tasks, "last": 0.5, "avg": 0.6, "bwt": bwt,
+                                                   "forgetting": -bwt, "accuracy": [[1.0, 0.0], [0.5, 1.0]]}})
+        bwt = {"mora": bwt_mora, "lora_sequential": bwt_seq, "mora_task_oracle": bwt_oracle}
+        return {"runs": runs, "rank_selection_precision": {"mora": {"mean": 0.4}},
+                "verdict": continual.verdict(bwt), "diagnosis": continual.diagnosis(bwt)}
+
+    # MoRA - sequential BWT per seed: 0, +0.02, -0.1 (forgets more); the oracle removes 100%, 100%, 8%
+    combined, text = continual.combine({0: summary(-0.5, -0.5, 0.0), 1: summary(-0.48, -0.5, 0.0),
+                                        2: summary(-0.6, -0.5, -0.55)})
+    assert combined["verdict_agreement"] == ["not confirmed", 2, 3]
+    assert combined["diagnosis_agreement"] == ["selection failure", 2, 3]
+    assert combined["verdict_per_seed"][2] == "not confirmed (MoRA forgets more)"
+    assert combined["scores"]["mora"]["bwt"]["values"] == [-0.5, -0.48, -0.6]
+    diff = combined["bwt_differences"]["mora - lora_sequential"]
+    assert diff["mean"] == pytest.approx(-0.08 / 3) and diff["above"] == 1 and diff["below"] == 1
+    assert diff["within_se"]  # -0.027 against a standard error of about 0.037
+    assert "smaller than its standard error" in text and "in 2 of 3 seeds" in text
+    assert "| mora | 0.500 (0.500-0.500) | 0.600 (0.600-0.600) | -0.527 (-0.600--0.480) |" in text

@@ -12,10 +12,12 @@ from lightning_moe.cli import effective_config
 from lightning_moe.experiments.distill import config, main
 
 
-def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
-    out = tmp_path / "distill"
-    summary = main(["--out", str(out), "--quick", "--threads", "1"])
-    runs = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
+    out = quick_outputs.get("distill")
+    root = out.parent  # the shared smoke runs' directory
+    summary = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert summary["protocol"]["seeds"] == [0] and summary["protocol"]["reported_split"] == "test"
     assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference", "control",
                                                "baseline_instruct", "baseline_moe"]
     assert [r["method"] for r in runs.values()] == ["MoETuning"] + 4 * ["MoDDistillation"] + 2 * ["MoETuning"]
@@ -49,12 +51,12 @@ def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
 
     # kd_lm reusing that teacher, named relative to the caller's directory (the experiment works inside
     # --out, where a relative --teacher-from was once looked up), with two student seeds
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(root)
     again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
                   "--seeds", "0", "1"])
     teacher = next(r for r in again["runs"] if r["name"] == "teacher")
     assert teacher == runs["teacher"]  # its row is kept, not retrained
-    again_out = tmp_path / "distill_kd_lm"
+    again_out = root / "distill_kd_lm"
     assert (again_out / "runs" / "mod" / "teacher" / "model").is_dir()
     assert not (again_out / "runs" / "mod" / "teacher" / "version_0").exists()
     students = [n for n in runs if n != "teacher"]
@@ -68,3 +70,25 @@ def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
     assert stat["values"] == [by_seed[0]["test/exact_match"], by_seed[1]["test/exact_match"]]
     assert stat["mean"] == sum(stat["values"]) / 2 and stat["min"] == min(stat["values"])
     assert "mean over seeds 0, 1" in (again_out / "results.md").read_text()
+
+
+def _aggregate(values: dict[str, list[float]]) -> dict:
+    from lightning_moe.experiments.protocol import seed_stat
+
+    return {name: {key: seed_stat(v) for key, v in metrics.items()} for name, metrics in values.items()}
+
+
+def test_distill_difference_lines_give_standard_errors_and_say_when_a_difference_is_within_it():
+    from lightning_moe.experiments.distill import difference_lines
+
+    summary = {"runs": [{"name": "teacher", "metrics": {}}], "aggregate": _aggregate({
+        # distilled - undistilled: +0.2, +0.2, +0.1 (clear); preference - control POPE: +0.1, -0.1, +0.05 (within)
+        "preference": {"test/exact_match": [0.7, 0.7, 0.6], "test/pope/pope_accuracy": [0.6, 0.5, 0.55]},
+        "baseline_moe": {"test/exact_match": [0.5, 0.5, 0.5]},
+        "control": {"test/pope/pope_accuracy": [0.5, 0.6, 0.5]}})}
+    lines = difference_lines(summary)
+    assert len(lines) == 2  # the control has no exact match here: no third line
+    assert lines[0].startswith("- Mean test exact match, distilled - undistilled +0.167 ± 0.033 (standard error), "
+                               "higher in 3 of 3 seeds") and "smaller than" not in lines[0]
+    assert lines[1].startswith("- POPE accuracy, preference - control +0.017 ± 0.060") and \
+        lines[1].endswith("smaller than its standard error, so no difference is shown.")

@@ -5,14 +5,14 @@ its adapter kind "mole" (targets a decoder layer's whole MLP; routed, so it cann
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from ..grouped import grouped_linear, make_offsets
 from ..mlp import mlp_layout
-from ..routing import RoutedLayer, TopKRouter
+from ..routing import RoutedLayer, RouterOutput, TopKRouter
 from .lora import _dropout
 from .registry import AdapterKind, register_adapter_kind
 
@@ -76,6 +76,9 @@ class MoLEMLP(nn.Module, RoutedLayer):
                 nn.init.kaiming_uniform_(a.data[e], a=math.sqrt(5))
         self.lora_dropout = _dropout(dropout)
         self.last_routing = None
+        # an oracle's routing: (B,) expert index per sample, every token of sample b goes to expert
+        # forced_expert[b] with weight 1 (the router still runs, for its statistics); None = the router
+        self.forced_expert: Tensor | None = None
 
     def _proj(self, role: str) -> nn.Linear:
         return getattr(self.mlp, self._names[role])
@@ -90,6 +93,8 @@ class MoLEMLP(nn.Module, RoutedLayer):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (T, H)
         routing = self.router(flat)
+        if self.forced_expert is not None:
+            routing = self.force_routing(routing, shape)
         self.last_routing = routing
         expert = routing.indices[:, 0]  # (T,)
         order = torch.argsort(expert, stable=True)  # (T,) tokens grouped by expert
@@ -111,6 +116,17 @@ class MoLEMLP(nn.Module, RoutedLayer):
         ys = proj("down", h)  # (T, H) sorted
         out = torch.empty_like(ys).index_copy_(0, order, ys)  # (T, H) back in token order
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def force_routing(self, routing: RouterOutput, shape: torch.Size) -> RouterOutput:
+        """The router's output with every token's expert replaced by its sample's `forced_expert`, weight 1."""
+        forced = self.forced_expert.to(routing.indices.device)
+        if forced.dim() != 1 or len(shape) < 2 or forced.shape[0] != shape[0]:
+            raise ValueError(f"forced_expert of shape {tuple(forced.shape)} for an input of shape {tuple(shape)}: "
+                             "one expert index per sample is needed")
+        if forced.min() < 0 or forced.max() >= self.num_experts:
+            raise ValueError(f"forced_expert {forced.tolist()} outside the {self.num_experts} experts")
+        per_token = forced.view(-1, *([1] * (len(shape) - 2))).expand(shape[:-1]).reshape(-1, 1)  # (T, 1)
+        return replace(routing, indices=per_token, weights=torch.ones_like(per_token, dtype=routing.weights.dtype))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, r={self.r}, alpha={self.alpha}, scale_by_prob={self.scale_by_prob}"

@@ -62,6 +62,10 @@ class MoRALinear(nn.Module):
         self.lora_B = nn.ParameterList()
         self.lora_dropout = _dropout(dropout)
         self.last_active_ranks: Tensor | None = None  # (...,) long, active ranks per token
+        # an oracle's selection: (B,) task index per sample; sample b's tokens self-activate only among
+        # task forced_task[b]'s ranks, exactly as a layer holding only those ranks would (none if that task
+        # has no ranks yet). None = among all ranks
+        self.forced_task: Tensor | None = None
         self.add_task(r)
 
     @property
@@ -78,14 +82,29 @@ class MoRALinear(nn.Module):
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(torch.zeros(self.base_layer.out_features, r, device=w.device)))
 
-    def rank_weights(self, z: Tensor) -> Tensor:
-        """w (..., R) from the rank activations z (..., R): normalise, softmax, budget, prune."""
-        s = z / z.square().sum(dim=-1, keepdim=True).add(1e-12).sqrt()
-        w = torch.softmax(s / self.temperature, dim=-1)
-        keep = torch.ones_like(w, dtype=torch.bool)
+    def task_of_rank(self) -> Tensor:
+        """(R,) the task whose block holds each rank."""
+        sizes = [a.shape[0] for a in self.lora_A]
+        return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(self.lora_A[0].device)
+
+    def rank_weights(self, z: Tensor, task: Tensor | None = None) -> Tensor:
+        """w (..., R) from the rank activations z (..., R): normalise, softmax, budget, prune. `task` (a
+        long tensor of z's leading shape): each token selects among its task's ranks only (the oracle)."""
+        allowed = None if task is None else self.task_of_rank() == task.unsqueeze(-1)  # (..., R)
+        # the oracle normalises over the task's own ranks: as if they were the layer's only ones
+        norm_of = z if allowed is None else z * allowed
+        s = z / norm_of.square().sum(dim=-1, keepdim=True).add(1e-12).sqrt()
+        logits = s / self.temperature
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        # a token whose task has no ranks yet: all -inf, softmax NaN; it activates nothing
+        w = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        keep = torch.ones_like(w, dtype=torch.bool) if allowed is None else allowed
         if self.top_k is not None and self.top_k < w.shape[-1]:
             top = w.topk(self.top_k, dim=-1).indices
             keep = torch.zeros_like(keep).scatter_(-1, top, True)
+            if allowed is not None:  # top-k of a few allowed ranks may reach zero weights outside them
+                keep = keep & allowed
         if self.threshold is not None:
             keep = keep & (s >= self.threshold)
         self.last_active_ranks = keep.sum(dim=-1).detach()
@@ -96,8 +115,18 @@ class MoRALinear(nn.Module):
         a = torch.cat(list(self.lora_A)) if len(self.lora_A) > 1 else self.lora_A[0]  # (R, in)
         b = torch.cat(list(self.lora_B), dim=1) if len(self.lora_B) > 1 else self.lora_B[0]  # (out, R)
         z = F.linear(self.lora_dropout(x.to(a.dtype)), a)  # (..., R)
-        w = self.rank_weights(z)
+        w = self.rank_weights(z, self.token_tasks(z.shape[:-1]))
         return out + (F.linear(w * z, b) * self.scaling).to(out.dtype)
+
+    def token_tasks(self, shape: torch.Size) -> Tensor | None:
+        """`forced_task` (B,) spread over a (B, ...) token shape; None without an oracle."""
+        if self.forced_task is None:
+            return None
+        forced = self.forced_task.to(self.lora_A[0].device)
+        if forced.dim() != 1 or len(shape) < 1 or forced.shape[0] != shape[0]:
+            raise ValueError(f"forced_task of shape {tuple(forced.shape)} for tokens of shape {tuple(shape)}: "
+                             "one task index per sample is needed")
+        return forced.view(-1, *([1] * (len(shape) - 1))).expand(shape)
 
     def extra_repr(self) -> str:
         ranks = [a.shape[0] for a in self.lora_A]

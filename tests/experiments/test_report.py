@@ -1,0 +1,80 @@
+"""`python -m lightning_moe.experiments.report --quick`: from the experiments' smoke runs (shared with their own
+tests through `--reuse`) and the MoE-layer benchmark's quick run, it writes report.md with real PNG figures,
+and writes the docs' results sections between their markers, idempotently. The EdgeMoE benchmark's quick run
+(about 4 minutes on the shared 2-core machine; tests/test_benchmarks.py runs it) is left out of the suite's
+report: its figure is drawn here from a results.json of the benchmark's layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from matplotlib.image import imread
+
+from lightning_moe.experiments import report
+
+EXPECTED = ["conflict_accuracy.png", "conflict_routing_mole3_mixture.png", "conflict_routing_oracle_mixture.png",
+            "continual_mora.png", "continual_mora_task_oracle.png", "continual_final.png", "distill_accuracy.png",
+            "moe_speed.png"]
+PARTS = ["conflict", "continual", "distill", "moe_layer"]
+
+
+def assert_real_png(path) -> None:
+    """A picture, not an empty or one-colour canvas: a few kB, several hundred pixels wide, many colours."""
+    assert path.stat().st_size > 5_000, path
+    image = imread(path)
+    assert image.shape[0] >= 200 and image.shape[1] >= 300, (path, image.shape)
+    assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 20, path
+
+
+def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
+    for name in ("conflict", "continual", "distill"):
+        quick_outputs.get(name)
+    root = quick_outputs.root
+    written = report.main(["--out", str(root), "--quick", "--reuse", str(root), "--threads", "1", "--only", *PARTS])
+    assert written == root / "report.md"
+    text = written.read_text()
+    for name in EXPECTED:
+        assert_real_png(root / "figures" / name)
+        assert f"](figures/{name})" in text
+    # every part's section: its protocol and verdict from the experiment, the stamp beside each figure
+    for heading in ("## MoLE: data conflict", "## MoRA: continual", "## LLaVA-MoD: distillation",
+                    "## SparseMoE speed"):
+        assert heading in text
+    assert text.count("### Protocol (declared before the runs)") == 3
+    assert "torch threads._" in text and "Verdict over the seeds" in text and "Not run" not in text
+    assert json.loads((root / "timings.json").read_text())["conflict"] < 5  # reused, not run again
+
+    # the docs: each page gets its section between markers, figures under docs/figures/report/; twice = once
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    parts = [p for p in report.PARTS if p.name in PARTS]
+    for part in parts:
+        (docs / part.page).write_text(f"# {part.page}\n\nHand-written text.\n")
+    for _ in range(2):
+        report.update_docs(root, docs, parts)
+    mole = (docs / "mole.md").read_text()
+    assert mole.startswith("# mole.md\n\nHand-written text.\n")
+    assert mole.count("<!-- report:conflict begin -->") == 1 and mole.count("<!-- report:conflict end -->") == 1
+    assert "](figures/report/conflict_accuracy.png)" in mole
+    assert (docs / "figures" / "report" / "conflict_accuracy.png").is_file()
+
+
+def test_edge_frontier_is_drawn_from_the_benchmarks_results(tmp_path):
+    mib = 2 ** 20
+    # the layout benchmarks/edge_offload.py writes: speed.results.<configuration> with memory and speed
+    speed = {name: {"model_rss": rss * mib, "decode_tokens_per_second": tps, "peak_rss": 2 * rss * mib}
+             for name, rss, tps in (("in memory", 20, 120.0), ("on demand (no cache)", 18, 25.0),
+                                    ("LRU cache", 18.3, 50.0), ("EdgeMoE", 19, 26.0))}
+    out = tmp_path / "report"
+    (out / "edge_offload").mkdir(parents=True)
+    (out / "edge_offload" / "results.json").write_text(json.dumps(
+        {"speed": {"results": speed}, "stamp": "2026-12-01 on x86_64 (1 torch threads)"}))
+    (out / "edge_offload" / "results.md").write_text("# table\n")
+    edge = [p for p in report.PARTS if p.name == "edge_offload"]
+    text = report.write_report(out, edge, "python -m lightning_moe.experiments.report --only edge_offload").read_text()
+    assert_real_png(out / "figures" / "edge_frontier.png")
+    assert "](figures/edge_frontier.png)" in text and "2026-12-01 on x86_64 (1 torch threads)" in text
+    # a part without results says so instead of failing
+    moe = [p for p in report.PARTS if p.name == "moe_layer"]
+    assert "Not run" in report.write_report(out, moe, "python -m lightning_moe.experiments.report").read_text()
