@@ -16,9 +16,12 @@ PLAN = conflict.Plan(domains=DOMAINS, experts=[2, 3])
 
 
 def _row(name: str, accuracy: dict[str, float], step_ms: float = 100.0) -> conflict.RunResult:
-    return conflict.RunResult(name=name, label=name, train_domains=list(accuracy), accuracy=accuracy,
-                              mean=sum(accuracy.values()) / len(accuracy), trainable_params=1, step_time_ms=step_ms,
-                              seconds=1.0)
+    """A run as the experiment records it (the shared `RunResult`): test exact match per domain, step time."""
+    metrics = {f"test/{d}/exact_match": v for d, v in accuracy.items()}
+    return conflict.RunResult(name=name, method="LoRATuning", stage="adapters", steps=1, wall_s=1.0,
+                              step_time_s=step_ms / 1000, peak_memory_mb=None, memory_kind="cpu_peak_rss",
+                              params_total=1, params_activated=1, metrics=metrics, params_trainable=1, label=name,
+                              details={"train_domains": list(accuracy)})
 
 
 def _summary(alone_lr: float, mixture_lr: float, mole_lr: dict[int, float], mole_ms: dict[int, float] | None = None,

@@ -331,8 +331,9 @@ def _sharpen(method, scale: float = 10.0):
 def _forwards(method, batch):
     with torch.no_grad():
         inputs = method.model_inputs(batch)
+        teacher = method.teacher  # loaded on first use; it sets the shared vocabulary
         v = method.shared_vocab
-        return method.model(**inputs).logits[..., :v], method.teacher(**inputs).logits[..., :v]
+        return method.model(**inputs).logits[..., :v], teacher(**inputs).logits[..., :v]
 
 
 @pytest.mark.parametrize("tokens", ["response", "all"])

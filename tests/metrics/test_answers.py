@@ -175,8 +175,8 @@ def test_shared_evaluation_keeps_each_domain_and_weighs_domains_equally(monkeypa
     for batch, answers, loss in batches:
         scripted.append(answers)
         losses.append(torch.tensor(loss))
-        method._eval_step(batch, "val")
-    method._log_eval_epoch("val")
+        method.eval_step(batch, "val")
+    method.log_eval_epoch("val")
 
     values = {k: round(v.item(), 6) for k, v in logged.items()}
     assert values["val/count/exact_match"] == 0.75 and values["val/pope/exact_match"] == 0.5
@@ -190,6 +190,6 @@ def test_shared_evaluation_keeps_each_domain_and_weighs_domains_equally(monkeypa
     logged.clear()
     scripted.append(["yes"])
     losses.append(torch.tensor([1.0]))
-    method._eval_step({"domain": ["pope"], "answers": ["yes"]}, "val")
-    method._log_eval_epoch("val")
+    method.eval_step({"domain": ["pope"], "answers": ["yes"]}, "val")
+    method.log_eval_epoch("val")
     assert "val/count/exact_match" not in logged and logged["val/exact_match"].item() == 1.0
