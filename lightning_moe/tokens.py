@@ -34,6 +34,11 @@ PLACEHOLDERS: dict[str, str] = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN, "vid
 
 # modality name -> the batch key that carries its raw inputs (collate writes it, the model reads it)
 MODALITY_INPUTS: dict[str, str] = {"image": "pixel_values", "audio": "audio_values", "video": "video_values"}
+# modality -> the batch key of its (items, slots) bool mask, for modalities whose items have padded slots
+# (audio: 30 s chunks, video: frames); True on real slots. The batch contract: lightning_moe/data/modalities.py
+MODALITY_MASKS: dict[str, str] = {"audio": "audio_chunk_mask", "video": "video_frame_mask"}
+# modality -> the batch key of its per-sample item counts, (B,) long
+MODALITY_COUNTS: dict[str, str] = {"image": "image_counts", "audio": "audio_counts", "video": "video_counts"}
 
 # Relative to the repository root, where configs are run from (see `paths.resolve_data_path`).
 DEFAULT_TOKENIZER = "data/tokenizer"

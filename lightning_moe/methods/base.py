@@ -57,6 +57,13 @@ class BackboneConfig:
     vision_overrides: dict[str, Any] = field(default_factory=dict)
     vision_feature_layer: int = -2  # LLaVA takes the penultimate layer's patch features
     connector: str = "mlp2x_gelu"
+    # Uni-MoE's other modalities (docs/unimoe.md): a Whisper encoder (preset "tiny-whisper", an openai/whisper-*
+    # name or a local path) with its connector, and video frames through the vision tower
+    audio_tower: str | None = None  # None = no audio
+    audio_overrides: dict[str, Any] = field(default_factory=dict)  # WhisperConfig fields for presets, kwargs otherwise
+    audio_connector: str = "query"  # learned queries cross-attending to the Whisper features, then an MLP
+    audio_connector_options: dict[str, Any] = field(default_factory=dict)  # num_queries, num_layers, num_heads, ...
+    video_pooling: Literal["mean", "concat"] | None = None  # None = no video; mean = the reference; concat keeps order
     pretrained: str | None = None  # a previous stage's save_pretrained directory or .ckpt; replaces the above
     torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
     # Loading never runs code from a file (lightning_moe/safe_load.py, docs/security.md). These opt-ins are for
@@ -280,7 +287,8 @@ class MultimodalMethod(L.LightningModule):
             return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
                                 b.vision_feature_layer, b.connector, b.torch_dtype, b.trust_remote_code,
-                                b.allow_unsafe_checkpoint)
+                                b.allow_unsafe_checkpoint, b.audio_tower, b.audio_overrides, b.audio_connector,
+                                b.audio_connector_options, b.video_pooling)
 
     @property
     def stage_plan(self) -> Stage:

@@ -5,7 +5,8 @@
 - `adapters.py`: adapter rules, planned, added, saved, loaded and merged through the kind registry
 - `freeze.py`: parameter groups and `set_trainable`
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
-Importing this package registers the shipped surgeries (upcycle, adapters, mora_add_task).
+- `modality_experts.py`: Uni-MoE's upcycling, each expert from its own modality's trained FFN
+Importing this package registers the shipped surgeries (upcycle, adapters, mora_add_task, modality_experts).
 """
 
 from .architecture import adapter_modules, decoder_layers, expert_layers, mlp_attribute, resolve_layers, routed_layers
@@ -24,10 +25,11 @@ from .adapters import (
     save_adapters,
 )
 from .freeze import PARAMETER_GROUPS, set_trainable
+from .modality_experts import ModalityExpertsConfig, modality_experts
 
 __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "load_backbone", "MoEConfig",
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
            "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "upcycle", "AdapterConfig", "AdapterRule",
            "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
            "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
-           "canonical_log"]
+           "canonical_log", "ModalityExpertsConfig", "modality_experts"]
