@@ -67,7 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from lightning_moe.inference import (  # noqa: E402
     ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits, exact_match_quality, export_store, generate,
-    load_offloaded, load_resident_model, plan_bitwidths, profile_routing, resident_bytes, token_agreement_quality,
+    load_offloaded, load_resident_model, memory_status, plan_bitwidths, profile_routing, resident_bytes,
+    token_agreement_quality,
 )
 from lightning_moe.inference.plan import reference_tokens  # noqa: E402
 from lightning_moe.inference.store import expert_layers  # noqa: E402
@@ -102,16 +103,6 @@ def decode_run(model, prompts: list[torch.Tensor], new_tokens: int) -> list[floa
     """Decode tokens/second of each prompt (greedy, fixed length: no eos)."""
     config = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=None)
     return [generate(model, p, torch.ones_like(p), config).decode_tokens_per_second for p in prompts]
-
-
-def memory_status() -> dict[str, int]:
-    """This process's resident set now and its peak (bytes), from /proc/self/status (Linux)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) * 1024  # reported in kB
-    return {"rss": fields["VmRSS"], "peak_rss": fields["VmHWM"]}
 
 
 def measure_configuration(spec: dict) -> dict:

@@ -1,9 +1,10 @@
-"""EdgeMoE commands, `python -m lightning_moe.edge`: export, profile, plan, generate.
+"""EdgeMoE commands, `python -m lightning_moe.edge`: export, profile, plan, generate, verify.
 
     export    a trained model (save_pretrained directory or Lightning .ckpt) -> an expert store
     profile   routing statistics on a calibration split -> STORE/routing_profile.json
     plan      expert-wise bitwidths within a quality tolerance -> experts rewritten, plan in the manifest
     generate  answer a prompt (and image) with experts offloaded, print the answer and the counters
+    verify    check every file of a store against its manifest (sizes, sha256); list every damaged one
 
 This is the command layer over `lightning_moe.inference`: it reads datasets and images (through
 `lightning_moe.data`, hence Lightning), which `inference/` itself never imports (DESIGN.md: inference
@@ -24,7 +25,7 @@ from PIL import Image
 from .data import DomainMixtureDataModule, Message
 from .data.conversation import ConversationTokenizer
 from .data.dataset import NormalizeImage
-from .inference import (PROFILE_NAME, ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits,
+from .inference import (PROFILE_NAME, ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, StoreError, apply_bits,
                         cache_budget, exact_match_quality, export_store, generate, load_offloaded, load_resident_model,
                         plan_bitwidths, profile_routing, resident_bytes)
 from .models.multimodal import load_backbone
@@ -106,6 +107,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    try:
+        checked = ExpertStore(args.store).verify_files()
+    except StoreError as err:  # the report names every damaged file: a traceback would add nothing
+        print(err, file=sys.stderr)
+        raise SystemExit(1) from err
+    print(f"{args.store}: all {checked} files match the manifest (sizes and sha256)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lightning_moe.edge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("verify", help="check every file of a store against its manifest (exit code 1 if any is damaged)")
+    p.add_argument("--store", required=True)
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -54,6 +54,21 @@ def fit(config: str | list[str], *extra: str):
     return main(args)
 
 
+def assert_outputs_load_safely(workdir: Path) -> None:
+    """Every checkpoint and model directory a run wrote loads on the safe path (issue 19: no opt-in needed)."""
+    from lightning_moe.models import load_backbone
+    from lightning_moe.safe_load import load_torch_file
+
+    checkpoints = sorted(workdir.rglob("*.ckpt"))
+    directories = sorted(p.parent for p in workdir.rglob("multimodal_config.json"))
+    assert checkpoints, f"no checkpoint written under {workdir}"
+    for path in checkpoints:
+        assert "multimodal_config" in load_torch_file(path)
+        load_backbone(path)
+    for path in directories:
+        load_backbone(path)
+
+
 def test_configs_are_shipped():
     assert "configs/quickstart.yaml" in CONFIGS and set(CHAINED) <= set(CONFIGS)
     assert len(CONFIGS) == 13 and not any("_base" in c for c in CONFIGS)
@@ -63,6 +78,7 @@ def test_configs_are_shipped():
 def test_shipped_config_runs_a_few_steps(workdir, config):
     cli = fit(config)
     assert cli.trainer.global_step == 2
+    assert_outputs_load_safely(workdir)
 
 
 def test_moe_llava_stages_chain_through_their_outputs(workdir):
@@ -72,6 +88,7 @@ def test_moe_llava_stages_chain_through_their_outputs(workdir):
     assert (workdir / "runs/moe_llava/stage1/model/model.safetensors").is_file()
     assert (workdir / "runs/moe_llava/stage2/model/model.safetensors").is_file()
     assert cli.model.stage == "moe" and cli.model.model.surgery[0]["op"] == "upcycle"
+    assert_outputs_load_safely(workdir)
 
 
 def test_mod_stages_chain_through_their_outputs(workdir):
@@ -81,8 +98,11 @@ def test_mod_stages_chain_through_their_outputs(workdir):
     for output in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
         assert (workdir / f"runs/mod/{output}/model/model.safetensors").is_file()
     assert cli.model.stage == "preference" and cli.model.model.surgery[0]["op"] == "upcycle"
-    assert not any(k.startswith("teacher.") for k in torch.load(next((workdir / "runs/mod/preference").rglob("*.ckpt")),
-                                                                 weights_only=False)["state_dict"])
+    from lightning_moe.safe_load import load_torch_file
+
+    preference_ckpt = next((workdir / "runs/mod/preference").rglob("*.ckpt"))
+    assert not any(k.startswith("teacher.") for k in load_torch_file(preference_ckpt)["state_dict"])
+    assert_outputs_load_safely(workdir)
 
 
 def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdir):
@@ -102,6 +122,7 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
     assert "continual/accuracy_matrix" in events.Tags()["images"]
     assert {f"continual/acc/{t}" for t in tasks} | {"continual/last", "continual/bwt"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Images("continual/accuracy_matrix")] == [0, 1, 2]
+    assert events.Images("continual/accuracy_matrix")[-1].width >= 300  # task names and values drawn
     # the config keeps one checkpoint per task; Lightning's resume from the one after task 0 rebuilds
     # the later tasks' ranks and ends exactly as the uninterrupted run
     checkpoints = Path(cli.trainer.logger.log_dir) / "checkpoints"
@@ -112,6 +133,7 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
     torch.testing.assert_close(resumed.model.accuracy.matrix(), cli.model.accuracy.matrix(), rtol=0, atol=0)
     final, again = cli.model.model.state_dict(), resumed.model.model.state_dict()
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    assert_outputs_load_safely(workdir)
 
 
 def test_mole_configs_chain_from_the_base_and_log_routing(workdir):
@@ -129,6 +151,14 @@ def test_mole_configs_chain_from_the_base_and_log_routing(workdir):
     assert "routing/layer0/expert_load" in events.Tags()["histograms"]
     assert "routing/layer1/val_domain_expert_heatmap" in events.Tags()["images"]
     assert "train/step_time_ms" in events.Tags()["scalars"]
+    assert_outputs_load_safely(workdir)
+
+
+def test_model_help_after_model_lists_that_methods_stages(capsys):
+    """`fit --model pkg.Method --model.help` (the issue's form) shows the named method's options."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "lightning_moe.methods.MoETuning", "--model.help"])
+    assert "--model.stage {align,instruct,moe}" in capsys.readouterr().out
 
 
 def test_user_subclass_runs_through_the_model_flag(workdir):
@@ -151,7 +181,9 @@ def test_quickstart_writes_tensorboard_tags_and_a_checkpoint(workdir):
     assert any(t.endswith("/exact_match") and t.count("/") == 2 for t in tags["scalars"])  # per domain
     assert any(t.endswith("/pope_f1") for t in tags["scalars"])
     assert "routing/layer0/expert_load" in tags["histograms"]
-    assert "routing/layer0/val_domain_expert_heatmap" in tags["images"]
+    assert {"routing/layer0/val_domain_expert_heatmap", "routing/layer0/val_expert_load"} <= set(tags["images"])
+    heatmap = events.Images("routing/layer0/val_domain_expert_heatmap")[-1]
+    assert heatmap.width >= 300 and heatmap.height >= 150  # a labelled matplotlib figure, not 16 px per cell
     assert any(t.startswith("routing/layer0/") and "entropy" in t for t in tags["scalars"])
     assert list(log_dir.rglob("*.ckpt")), "no checkpoint written"
 

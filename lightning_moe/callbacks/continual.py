@@ -1,18 +1,19 @@
-"""TensorBoard view of continual learning: the accuracy matrix acc[i, j] as an image and a table.
+"""TensorBoard view of continual learning: the accuracy matrix acc[i, j] as an image (task names and
+values, drawn by `lightning_moe.plots`) and as a table.
 
 Reads `pl_module.accuracy` (an `AccuracyMatrix` that `ContinualMethod` fills after each task's
 evaluation) once the validation pass is over, so the row just written is included. Rows of tasks
-not trained yet are drawn dark (0). The scalars (`continual/acc/<task>`, `continual/last`, ...) are
+not trained yet are left blank. The scalars (`continual/acc/<task>`, `continual/last`, ...) are
 logged by the method itself.
 """
 
 from __future__ import annotations
 
 import lightning as L
-import torch
 
+from .. import plots
 from ..metrics import accuracy_table
-from .routing import _tensorboard, heatmap_image
+from .routing import _tensorboard, log_figure
 
 
 class AccuracyMatrixImage(L.Callback):
@@ -24,8 +25,7 @@ class AccuracyMatrixImage(L.Callback):
         rows = accuracy.filled_rows
         if rows == 0:
             return
-        full = torch.zeros(accuracy.num_tasks, accuracy.num_tasks)  # (T, T), untrained rows dark
-        full[:rows] = accuracy.matrix().cpu()
+        matrix = accuracy.matrix().cpu()  # (rows, T): the rows of the tasks trained so far
         step = rows - 1  # the task just trained
-        writer.add_image("continual/accuracy_matrix", heatmap_image(full, cell=24), step)
-        writer.add_text("continual/accuracy_matrix_table", accuracy_table(full[:rows], pl_module.task_names), step)
+        log_figure(writer, "continual/accuracy_matrix", plots.accuracy_matrix(matrix, pl_module.task_names), step)
+        writer.add_text("continual/accuracy_matrix_table", accuracy_table(matrix, pl_module.task_names), step)

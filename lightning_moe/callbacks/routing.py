@@ -1,5 +1,7 @@
 """TensorBoard views of routing: expert load per sparse layer (histograms), router entropy, and
-a domain × expert heat map per layer that shows whether routing specialises by domain.
+a domain × expert heat map per layer that shows whether routing specialises by domain, and an
+expert-load bar chart per layer, both drawn by `lightning_moe.plots` (names, values, colour bar) with
+the same numbers as text tables beside them.
 
 Reads the `routing` and `token_mask` that the method's steps return, so it sees the routing of
 the teacher-forced forward pass (not of generation).
@@ -9,12 +11,15 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 
+from .. import plots
 from ..layers import RouterOutput
 
 
@@ -29,11 +34,9 @@ def layer_names(pl_module: L.LightningModule) -> list[str]:
     return names
 
 
-def heatmap_image(matrix: torch.Tensor, cell: int = 16) -> torch.Tensor:
-    """(rows, cols) values in [0, 1] -> (3, rows*cell, cols*cell) image, dark blue (0) to yellow (1)."""
-    low, high = torch.tensor([0.07, 0.04, 0.33]), torch.tensor([0.99, 0.91, 0.14])
-    rgb = low[:, None, None] + (high - low)[:, None, None] * matrix.clamp(0, 1)[None]
-    return rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+def log_figure(writer: Any, tag: str, figure: Figure, step: int) -> None:
+    """A matplotlib figure (`lightning_moe.plots`) as a TensorBoard image."""
+    writer.add_image(tag, plots.to_image(figure), step, dataformats="HWC")
 
 
 def _tensorboard(trainer: L.Trainer):
@@ -44,9 +47,13 @@ def _tensorboard(trainer: L.Trainer):
 
 
 class RoutingStatistics(L.Callback):
-    def __init__(self, log_every_n_steps: int | None = None):
-        """log_every_n_steps: how often training routing is logged; None = the trainer's setting."""
+    def __init__(self, log_every_n_steps: int | None = None, save_figures: str | None = None):
+        """log_every_n_steps: how often training routing is logged; None = the trainer's setting.
+        save_figures: a directory where the validation / test figures are also written as PNG
+        (`<layer>_<stage>_domain_expert_heatmap.png`, `<layer>_<stage>_expert_load.png`; the latest
+        evaluation overwrites the previous one), e.g. for docs; None = TensorBoard only."""
         self.log_every_n_steps = log_every_n_steps
+        self.save_figures = save_figures
         self._counts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> domain -> (E,) routed slots
         self._entropy: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -95,13 +102,19 @@ class RoutingStatistics(L.Callback):
         for name, per_domain in counts.items():
             domains = sorted(per_domain)
             matrix = torch.stack([per_domain[d] / per_domain[d].sum().clamp(min=1) for d in domains])  # (D, E)
-            writer.add_image(f"routing/{name}/{stage}_domain_expert_heatmap", heatmap_image(matrix), trainer.global_step)
+            heatmap = plots.routing_heatmap(matrix, domains, name, stage)
+            log_figure(writer, f"routing/{name}/{stage}_domain_expert_heatmap", heatmap, trainer.global_step)
             header = "| domain | " + " | ".join(f"expert {e}" for e in range(matrix.shape[1])) + " |"
             rows = [f"| {d} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for d, row in zip(domains, matrix.tolist())]
             separator = "|---" * (matrix.shape[1] + 1) + "|"
             writer.add_text(f"routing/{name}/{stage}_domain_expert_table", "\n".join([header, separator, *rows]),
                             trainer.global_step)
             total = torch.stack(list(per_domain.values())).sum(0)
+            load = plots.expert_load(total, name, stage)
+            log_figure(writer, f"routing/{name}/{stage}_expert_load", load, trainer.global_step)
+            if self.save_figures and trainer.is_global_zero:
+                plots.save_png(heatmap, Path(self.save_figures) / f"{name}_{stage}_domain_expert_heatmap.png")
+                plots.save_png(load, Path(self.save_figures) / f"{name}_{stage}_expert_load.png")
             writer.add_scalar(f"routing/{name}/{stage}_load_max_over_mean", total.max() / total.mean().clamp(min=1e-9),
                               trainer.global_step)
         for name, values in entropies.items():

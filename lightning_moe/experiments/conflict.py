@@ -1,9 +1,11 @@
 """Does a mixture of LoRA experts mitigate data conflicts? (LLaVA-MoLE's question)
 
-    python -m lightning_moe.experiments.conflict --out runs/conflict [--quick]
+    python -m lightning_moe.experiments.conflict --out runs/conflict [--quick] [--seeds 0 1 ...] [--threads N]
+        [--reuse EARLIER_OUT] [--steps N] [--rank R]
 
 From one dense base model (configs/mole/base.yaml: trained on the white-image domains, saved
-once under OUT/base and reused by every run, and by later invocations with the same plan), trains
+once under OUT/base and reused by every run and seed; `--reuse` takes it from an earlier output
+directory trained with the same base plan), trains
 at equal steps and seeds, through the CLI's classes (`lightning_moe.cli.main` with the shipped
 configs plus a per-run config written to OUT/configs/):
 
@@ -14,7 +16,8 @@ configs plus a per-run config written to OUT/configs/):
 
 then tests every run on every domain's test split (exact match) and writes OUT/results.json,
 OUT/results.md (rows = runs; per-domain accuracy, mean, trainable parameters, median train step
-time) and TensorBoard logs under OUT/tensorboard/<run> (MoLE's domain x expert heat maps included).
+time), each run's console output under OUT/logs/ and TensorBoard logs under OUT/tensorboard/<run>
+(MoLE's domain x expert heat maps included). Several seeds: each seed's runs in OUT/seed<N>/.
 
 The conflict: `position_lr` and `position_tb` ask the same question ("Where is the red shape?")
 answered left/right on grey images and top/bottom on dark ones. A domain *loses to the mixture*
@@ -33,16 +36,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from tqdm import tqdm
 
 from ..data.records import parse_record, read_llava_records
 from ..metrics import majority_answer_score
-from ..paths import resolve_data_path
-from . import fit_and_test
+from ..paths import resolve_data_path, shipped_path
+from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mole"
 # A drop of 5 points on 200 test samples is about two standard errors of an accuracy near 80%.
 CONFLICT_MARGIN = 0.05
 # accuracies are counts / samples: a difference of exactly the margin must count despite float rounding
@@ -77,16 +77,9 @@ class Plan:
 QUICK = Plan(domains=["position_lr", "position_tb"], base_steps=3, steps=3, experts=[3], batch_size=8, eval_samples=8)
 
 
-@dataclass
-class RunResult:
-    name: str
-    label: str
-    train_domains: list[str]
-    accuracy: dict[str, float]  # domain -> test exact match
-    mean: float
-    trainable_params: int
-    step_time_ms: float | None  # median over the run's steps after warm-up
-    seconds: float
+def accuracy(result: RunResult, domains: list[str]) -> dict[str, float]:
+    """Domain -> test exact match of one run."""
+    return {d: result.metrics[f"test/{d}/exact_match"] for d in domains}
 
 
 def _data_config(plan: Plan, train_domains: list[str], seed: int) -> dict[str, Any]:
@@ -121,30 +114,40 @@ def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], step
 
 
 def _fit_and_test(shipped: str, run_config: Path, name: str, label: str, train_domains: list[str],
-                  plan: Plan) -> RunResult:
-    """The shipped config plus the run's own, trained and tested (`experiments.fit_and_test`), as a table row."""
-    result = fit_and_test(name, ["--config", str(CONFIGS / shipped), "--config", str(run_config)])
-    accuracy = {d: result.metrics[f"test/{d}/exact_match"] for d in plan.domains}
-    return RunResult(
-        name=name, label=label, train_domains=train_domains, accuracy=accuracy,
-        mean=sum(accuracy.values()) / len(accuracy), trainable_params=result.params_trainable,
-        step_time_ms=None if result.step_time_s is None else 1000 * result.step_time_s, seconds=result.wall_s,
-    )
+                  out: Path, seed: int | None) -> RunResult:
+    """The shipped config plus the run's own, trained and tested (`experiments.execute`), as a table row."""
+    run = Run(name, ["--config", str(shipped_path(f"configs/mole/{shipped}")), "--config", str(run_config)],
+              label=label, seed=seed)
+    result = execute(run, out)
+    result.details["train_domains"] = train_domains
+    return result
 
 
-def train_base(plan: Plan, base: Path, out: Path) -> tuple[Path, RunResult | None]:
-    """The dense base model: trained once per base plan, reused when `base` already holds it."""
+def _saved_base(base: Path, plan: Plan) -> tuple[Path, RunResult | None] | None:
+    """The base model saved under `base` if it was trained with this plan's base signature, with its test row
+    when that row covers the plan's domains; else None."""
     model_dir, signature_file = base / "model", base / "plan.json"
-    if (model_dir / "multimodal_config.json").is_file() and signature_file.is_file():
-        if json.loads(signature_file.read_text()) == plan.base_signature():
-            saved = base / "result.json"
-            result = RunResult(**json.loads(saved.read_text())) if saved.is_file() else None
-            # the saved test row is only shown when it covers the same domains as this plan
-            return model_dir, result if result and sorted(result.accuracy) == sorted(plan.domains) else None
+    if not ((model_dir / "multimodal_config.json").is_file() and signature_file.is_file()):
+        return None
+    if json.loads(signature_file.read_text()) != plan.base_signature():
+        return None
+    saved = base / "result.json"
+    result = RunResult.from_dict(json.loads(saved.read_text())) if saved.is_file() else None
+    covered = result is not None and all(f"test/{d}/exact_match" in result.metrics for d in plan.domains)
+    return model_dir, result if covered else None
+
+
+def train_base(plan: Plan, base: Path, out: Path, reuse: Path | None = None) -> tuple[Path, RunResult | None]:
+    """The dense base model: trained once per base plan, reused when `base` (or `reuse`, the base directory of
+    an earlier output) already holds it."""
+    for candidate in (base, reuse):
+        if candidate is not None and (saved := _saved_base(candidate, plan)) is not None:
+            return saved
+    model_dir, signature_file = base / "model", base / "plan.json"
     callbacks = [{"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(model_dir)}}]
     # the base trains on the white-image domains only (configs/mole/base.yaml); it is tested on the plan's
     run_config = _run_config(plan, out, "base", list(BASE_DOMAINS), plan.base_steps, callbacks, {}, plan.base_seed)
-    result = _fit_and_test("base.yaml", run_config, "base", "base model (no adapters)", list(BASE_DOMAINS), plan)
+    result = _fit_and_test("base.yaml", run_config, "base", "base model (no adapters)", list(BASE_DOMAINS), out, None)
     signature_file.write_text(json.dumps(plan.base_signature()))
     (base / "result.json").write_text(json.dumps(asdict(result)))
     return model_dir, result
@@ -162,13 +165,15 @@ def adapter_runs(plan: Plan) -> list[tuple[str, str, str, list[str], dict[str, A
     return runs
 
 
-def run(out: Path, plan: Plan, base: Path | None = None) -> dict[str, Any]:
+def run(out: Path, plan: Plan, base: Path | None = None, reuse: Path | None = None) -> tuple[dict[str, Any], str]:
+    """One seed (`plan.seed`) of the experiment in `out`: the base (trained in `base`, default OUT/base, unless
+    it or `reuse` holds one of this base plan), then every adapter run. Returns the summary and its table."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    base_model, base_result = train_base(plan, base or out / "base", out)
+    base_model, base_result = train_base(plan, base or out / "base", out, reuse)
     results: list[RunResult] = [base_result] if base_result else []
     runs = adapter_runs(plan)
-    for name, label, shipped, train_domains, model in tqdm(runs, desc="conflict runs", unit="run"):
+    for name, label, shipped, train_domains, model in progress(runs, f"conflict runs, seed {plan.seed}"):
         callbacks = [{"class_path": "lightning_moe.callbacks.SaveAdapters",
                       "init_args": {"dirpath": str(out / "adapters" / name)}}]
         if shipped == "mole.yaml":
@@ -176,12 +181,10 @@ def run(out: Path, plan: Plan, base: Path | None = None) -> dict[str, Any]:
         overrides = {**model, "backbone": {"pretrained": str(base_model)},
                      "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": plan.lr, "weight_decay": 0.0}}}
         config = _run_config(plan, out, name, train_domains, plan.steps, callbacks, overrides, plan.seed)
-        results.append(_fit_and_test(shipped, config, name, label, train_domains, plan))
+        results.append(_fit_and_test(shipped, config, name, label, train_domains, out, plan.seed))
     summary = summarise(plan, results, majority_baselines(plan))
     summary["seconds"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown(summary))
-    return summary
+    return summary, markdown(summary)
 
 
 def majority_baselines(plan: Plan, root: Path | None = None) -> dict[str, float]:
@@ -213,18 +216,20 @@ def conflicted_domains(alone: dict[str, float], mixture: dict[str, float], major
 
 def summarise(plan: Plan, results: list[RunResult], majority: dict[str, float]) -> dict[str, Any]:
     by_name = {r.name: r for r in results}
-    alone = {d: by_name[f"lora_{d}"].accuracy[d] for d in plan.domains}
-    mixture = by_name["lora_mixture"]
-    drop = {d: alone[d] - mixture.accuracy[d] for d in plan.domains}
-    conflicted = conflicted_domains(alone, mixture.accuracy, majority)
+    acc = {r.name: accuracy(r, plan.domains) for r in results}
+    alone = {d: acc[f"lora_{d}"][d] for d in plan.domains}
+    mixture = acc["lora_mixture"]
+    drop = {d: alone[d] - mixture[d] for d in plan.domains}
+    conflicted = conflicted_domains(alone, mixture, majority)
     learnt_alone = learnt_domains(alone, majority)
     # share of plain LoRA's loss (alone -> mixture) on the conflicted domains that a run wins back
     lost = sum(drop[d] for d in conflicted)
-    contenders = {"lora4x": by_name["lora4x_mixture"], **{f"mole{e}": by_name[f"mole{e}_mixture"] for e in plan.experts}}
-    recovered = {name: (sum(r.accuracy[d] - mixture.accuracy[d] for d in conflicted) / lost if lost else None)
-                 for name, r in contenders.items()}
-    ratios = {f"mole{e}": (by_name[f"mole{e}_mixture"].step_time_ms / mixture.step_time_ms
-                           if by_name[f"mole{e}_mixture"].step_time_ms and mixture.step_time_ms else None)
+    contenders = {"lora4x": "lora4x_mixture", **{f"mole{e}": f"mole{e}_mixture" for e in plan.experts}}
+    recovered = {name: (sum(acc[run][d] - mixture[d] for d in conflicted) / lost if lost else None)
+                 for name, run in contenders.items()}
+    lora_step = by_name["lora_mixture"].step_time_s
+    ratios = {f"mole{e}": (by_name[f"mole{e}_mixture"].step_time_s / lora_step
+                           if by_name[f"mole{e}_mixture"].step_time_s and lora_step else None)
               for e in plan.experts}
     verdicts = {}
     for name, ratio in ratios.items():
@@ -262,9 +267,11 @@ def markdown(summary: dict[str, Any]) -> str:
         return f"| {label} | {trained} | {cells} | {100 * mean:.1f} | {params} | {step} |"
 
     for r in summary["runs"]:
-        trained = "mixture" if len(r["train_domains"]) == len(domains) and r["name"] != "base" else ", ".join(r["train_domains"])
-        step = f"{r['step_time_ms']:.0f}" if r["step_time_ms"] else "-"
-        lines.append(row(r["label"], trained, r["accuracy"], f"{r['trainable_params']:,}", step))
+        train_domains = r["details"]["train_domains"]
+        trained = "mixture" if len(train_domains) == len(domains) and r["name"] != "base" else ", ".join(train_domains)
+        step = f"{1000 * r['step_time_s']:.0f}" if r["step_time_s"] else "-"
+        acc = {d: r["metrics"][f"test/{d}/exact_match"] for d in domains}
+        lines.append(row(r["label"], trained, acc, f"{r['params_trainable']:,}", step))
     lines.append(row(f"LoRA r={plan['rank']}, each domain alone (diagonal)", "its own domain", summary["alone"], "-", "-"))
     lines.append(row("majority answer (one constant answer)", "-", summary["majority_answer"], "-", "-"))
     drops = ", ".join(f"{d} {100 * v:+.1f}" for d, v in summary["drop_mixture_vs_alone"].items())
@@ -297,25 +304,25 @@ def markdown(summary: dict[str, Any]) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (results.json, results.md, tensorboard/)")
-    parser.add_argument("--quick", action="store_true", help="a few steps on a few samples: the smoke test")
-    parser.add_argument("--base", default=None, help="where the base model is kept and reused (default OUT/base)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = experiment_parser(__doc__.split("\n\n")[0],
+                               reuse="an earlier output directory whose base model (DIR/base) is reused when it was "
+                               "trained with the same base plan")
     parser.add_argument("--steps", type=int, default=None, help="training steps of each adapter run")
     parser.add_argument("--rank", type=int, default=None, help="LoRA / MoLE expert rank")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the adapter runs (the base keeps its own)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (on a machine shared with other jobs, 1 avoids oversubscription)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(build_parser(), argv)
     plan = QUICK if args.quick else Plan()
-    plan = replace(plan, **{k: v for k, v in (("steps", args.steps), ("rank", args.rank), ("seed", args.seed)) if v is not None})
-    resolve_data_path("data/shapes")  # fail early, with the data layer's message, if the data is missing
-    summary = run(Path(args.out), plan, Path(args.base) if args.base else None)
-    print((Path(args.out) / "results.md").read_text())
-    return summary
+    plan = replace(plan, **{k: v for k, v in (("steps", args.steps), ("rank", args.rank)) if v is not None})
+    resolve_data_path(DATA_ROOT)  # fail early, with the data layer's message, if the data is missing
+    out = args.out.resolve()
+    reuse = args.reuse.resolve() / "base" if args.reuse else None
+    # one base for every seed (it has its own seed), in OUT/base
+    return run_seeds(out, args.seeds, lambda workdir, seed: run(workdir, replace(plan, seed=seed), out / "base", reuse),
+                     command_line("lightning_moe.experiments.conflict", argv))
 
 
 if __name__ == "__main__":

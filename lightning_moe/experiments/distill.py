@@ -1,6 +1,7 @@
 """Does LLaVA-MoD's distillation help? Teacher, distilled sparse student, undistilled student.
 
     python -m lightning_moe.experiments.distill --out DIR [--quick] [--threads N] [--seeds 0 1 ...] [--no-control]
+        [--reuse EARLIER_OUT] [--mimic-lm-weight W]
 
 Runs, through the CLI (`lightning_moe.cli.main` with the shipped configs, in DIR so that every
 `runs/...` path lands there):
@@ -15,8 +16,9 @@ Runs, through the CLI (`lightning_moe.cli.main` with the shipped configs, in DIR
    with the preference stage's optimizer, so "preference" can be told apart from "more steps".
 
 Each run is tested on the test split (per-domain exact match from greedy generation, POPE
-accuracy / F1 / yes-ratio). Writes DIR/results.json, DIR/results.md (tables) and the TensorBoard
-logs of every run under DIR/runs/mod/. `--seeds 0 1 2` repeats the student runs (2-4) per seed,
+accuracy / F1 / yes-ratio). Writes DIR/results.json, DIR/results.md (tables), the TensorBoard
+logs of every run under DIR/runs/mod/ and each run's console output under DIR/logs/. `--reuse`
+takes the teacher of an earlier output directory instead of training one. `--seeds 0 1 2` repeats the student runs (2-4) per seed,
 each in DIR/seed<N>/ (one teacher for all, trained at its config's seed under DIR/runs/mod/), and
 reports the mean and the range over the seeds. `--quick` is the smoke version (a few steps, few samples).
 """
@@ -30,18 +32,18 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
-from datetime import datetime, timezone
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-import torch
 import yaml
 
 from ..cli import effective_config
-from ..paths import REPO_ROOT
-from . import RunResult, fit_and_test, working_directory
+from ..paths import shipped_path
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, parse_args, progress,
+               working_directory, write_results)
 
-CONFIGS = REPO_ROOT / "configs" / "mod"
+CONFIGS = "configs/mod"  # shipped_path names it in a checkout or an installed package
 DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")
 # keys of MoDDistillation that MoETuning does not take (the undistilled baseline drops them)
 MOD_ONLY_KEYS = ("teacher", "teacher_dtype", "teacher_tokenizer", "mimic", "preference")
@@ -61,7 +63,11 @@ def quick_data(preference: bool) -> list[str]:
 
 # validation during fit is skipped: every run is tested once at its end
 NO_VALIDATION = ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
-RUN_FIELDS = {f.name for f in fields(RunResult)}
+
+
+def config(name: str) -> Path:
+    """A shipped config of this experiment, e.g. `config("teacher")`."""
+    return shipped_path(f"{CONFIGS}/{name}.yaml")
 
 
 def seed_overrides(seed: int) -> list[str]:
@@ -86,7 +92,7 @@ def derive_config(source: Path, target: Path, name: str, steps: int, pretrained:
             callback["init_args"]["dirpath"] = f"runs/mod/{name}/model"
     change(config)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(f"# derived from {source.relative_to(REPO_ROOT)} by lightning_moe/experiments/distill.py\n"
+    target.write_text(f"# derived from {CONFIGS}/{source.name} by lightning_moe/experiments/distill.py\n"
                       + yaml.safe_dump(config, sort_keys=False))
     return target
 
@@ -108,12 +114,12 @@ def control_config(target: Path, steps: int) -> Path:
     teacher) from the same checkpoint (runs/mod/mimic_sparse/model), with the preference stage's optimizer
     and learning rate, on the mimic data at mimic_sparse's batch (64 sequences, as a preference step's
     32 chosen + 32 rejected). It differs from the preference run only in the objective and its data."""
-    preference = effective_config(CONFIGS / "preference.yaml")["model"]["init_args"]
+    preference = effective_config(config("preference"))["model"]["init_args"]
 
     def preference_optimizer(config: dict) -> None:
         config["model"]["init_args"]["optimizer"] = preference["optimizer"]
 
-    return derive_config(CONFIGS / "mimic_sparse.yaml", target, "control", steps, "runs/mod/mimic_sparse/model",
+    return derive_config(config("mimic_sparse"), target, "control", steps, "runs/mod/mimic_sparse/model",
                          preference_optimizer)
 
 
@@ -125,7 +131,7 @@ def reuse_teacher(previous: Path, out: Path) -> RunResult:
         raise FileNotFoundError(f"{previous} holds no finished run of this experiment ({source}, {summary_file})")
     copy_teacher(previous, out)
     row = next(r for r in json.loads(summary_file.read_text())["runs"] if r["name"] == "teacher")
-    return RunResult(**{k: v for k, v in row.items() if k in RUN_FIELDS})
+    return RunResult.from_dict(row)
 
 
 def copy_teacher(source_dir: Path, target_dir: Path) -> None:
@@ -135,32 +141,40 @@ def copy_teacher(source_dir: Path, target_dir: Path) -> None:
 
 
 def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float | None,
-                 control: bool) -> dict[str, RunResult]:
-    """Every student run of one seed, inside `workdir` (which holds the teacher under runs/mod/teacher/model)."""
+                 control: bool, bar: Any = None) -> dict[str, RunResult]:
+    """Every student run of one seed, inside `workdir` (which holds the teacher under runs/mod/teacher/model);
+    `bar` (the progress bar over the runs) advances after each."""
     overrides = NO_VALIDATION + (QUICK if quick else []) + seed_overrides(seed)
     mimic_extra = [f"--model.init_args.mimic.lm_weight={mimic_lm_weight}"] if mimic_lm_weight is not None else []
     results: dict[str, RunResult] = {}
+
+    def fit_and_test(name: str, args: list[str]) -> RunResult:
+        result = execute(Run(name, args, seed=seed), workdir)
+        if bar is not None:
+            bar.update()
+        return result
+
     with working_directory(workdir):  # every runs/... path of the configs (and the stage hand-offs) lands here
         for stage in ("mimic_dense", "mimic_sparse", "preference"):
             extra = quick_data(stage == "preference") if quick else []
             if stage.startswith("mimic"):
                 extra += mimic_extra
-            results[stage] = fit_and_test(stage, ["--config", str(CONFIGS / f"{stage}.yaml"), *overrides, *extra])
+            results[stage] = fit_and_test(stage, ["--config", str(config(stage)), *overrides, *extra])
         if quick:
             overrides = overrides + quick_data(False)
         if control:  # as many extra steps as preference took, of the mimic objective instead
             steps = results["preference"].steps
-            config = control_config(workdir / "configs" / "control.yaml", steps)
-            results["control"] = fit_and_test("control", ["--config", str(config), *overrides, *mimic_extra,
+            control_file = control_config(workdir / "configs" / "control.yaml", steps)
+            results["control"] = fit_and_test("control", ["--config", str(control_file), *overrides, *mimic_extra,
                                                           f"--trainer.max_steps={steps}"])
         # equal student steps: as many as the distilled student took (also under --quick's overrides)
         steps = results["mimic_dense"].steps
-        instruct = baseline_config(CONFIGS / "mimic_dense.yaml", workdir / "configs" / "baseline_instruct.yaml",
+        instruct = baseline_config(config("mimic_dense"), workdir / "configs" / "baseline_instruct.yaml",
                                    "baseline_instruct", "instruct", steps, None)
         results["baseline_instruct"] = fit_and_test("baseline_instruct", ["--config", str(instruct), *overrides,
                                                                           f"--trainer.max_steps={steps}"])
         steps = results["mimic_sparse"].steps + results["preference"].steps
-        moe = baseline_config(CONFIGS / "mimic_sparse.yaml", workdir / "configs" / "baseline_moe.yaml", "baseline_moe",
+        moe = baseline_config(config("mimic_sparse"), workdir / "configs" / "baseline_moe.yaml", "baseline_moe",
                               "moe", steps, "runs/mod/baseline_instruct/model")
         results["baseline_moe"] = fit_and_test("baseline_moe", ["--config", str(moe), *overrides,
                                                                 f"--trainer.max_steps={steps}"])
@@ -168,7 +182,7 @@ def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float |
 
 
 def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, teacher_from: Path | None = None,
-        seeds: list[int] | None = None, control: bool = True) -> dict:
+        seeds: list[int] | None = None, control: bool = True, command: str | None = None) -> dict:
     """All runs (module docstring); `mimic_lm_weight` overrides the mimic stages' `mimic.lm_weight`,
     `teacher_from` reuses the teacher of an earlier output directory instead of training one, `seeds`
     repeats every student run per seed (one teacher for all), `control` adds the extra-steps control."""
@@ -181,12 +195,14 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
     # would be looked up under `out`
     teacher_from = Path(teacher_from).resolve() if teacher_from is not None else None
     start = time.perf_counter()
+    bar = progress(1 + len(seeds) * (6 if control else 5), "distill runs")
     if teacher_from is not None:
         teacher = reuse_teacher(teacher_from, out)
     else:  # the teacher at its config's seed, once for every student seed
         with working_directory(out):
-            teacher = fit_and_test("teacher", ["--config", str(CONFIGS / "teacher.yaml"), *NO_VALIDATION,
-                                               *(QUICK + quick_data(False) if quick else [])])
+            teacher = execute(Run("teacher", ["--config", str(config("teacher")), *NO_VALIDATION,
+                                              *(QUICK + quick_data(False) if quick else [])]), out)
+    bar.update()
     rows = [{**asdict(teacher), "seed": None}]
     per_seed: dict[int, dict[str, RunResult]] = {}
     for seed in seeds:
@@ -194,26 +210,24 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
         workdir = out if len(seeds) == 1 else out / f"seed{seed}"
         if workdir != out:
             copy_teacher(out, workdir)
-        per_seed[seed] = student_runs(workdir, seed, quick, mimic_lm_weight, control)
-        rows += [{**asdict(r), "seed": seed} for r in per_seed[seed].values()]
+        per_seed[seed] = student_runs(workdir, seed, quick, mimic_lm_weight, control, bar)
+        rows += [asdict(r) for r in per_seed[seed].values()]
+    bar.close()
+    command = command or ("python -m lightning_moe.experiments.distill --out DIR" + (" --quick" if quick else "")
+                          + (f" --mimic-lm-weight {mimic_lm_weight}" if mimic_lm_weight is not None else "")
+                          + (f" --reuse {teacher_from}" if teacher_from is not None else "")
+                          + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else "")
+                          + ("" if control else " --no-control"))
     summary = {
-        "command": "python -m lightning_moe.experiments.distill --out DIR" + (" --quick" if quick else "")
-        + (f" --mimic-lm-weight {mimic_lm_weight}" if mimic_lm_weight is not None else "")
-        + (f" --teacher-from {teacher_from}" if teacher_from is not None else "")
-        + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else "")
-        + ("" if control else " --no-control"),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "environment": environment(command),  # command, date, torch threads, versions, git commit
         "quick": quick,
         "seeds": seeds,
         "control": control,
-        "torch_threads": torch.get_num_threads(),
         "wall_s": time.perf_counter() - start,
         "runs": rows,  # the teacher (seed None: its config's seed), then every student run of every seed
         "aggregate": aggregate(per_seed),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(results_markdown(summary))
-    return summary
+    return write_results(out, summary, results_markdown(summary), command)
 
 
 def aggregate(per_seed: dict[int, dict[str, RunResult]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -321,9 +335,10 @@ def results_markdown(summary: dict) -> str:
                            f"{run['memory_kind']} | {run['wall_s']:.0f} |")
     spread = ("" if len(seeds) == 1 else
               f" Student rows: mean over seeds {', '.join(map(str, seeds))} (min-max in brackets); the teacher is one run.")
+    env = summary["environment"]
     return "\n".join([
-        f"# LLaVA-MoD distillation ({summary['date']}, `{summary['command']}`, torch threads "
-        f"{summary['torch_threads']}, {summary['wall_s'] / 60:.1f} min)",
+        f"# LLaVA-MoD distillation ({env['date']}, `{env['command']}`, torch threads "
+        f"{env['torch_threads']}, {summary['wall_s'] / 60:.1f} min)",
         "",
         "Test split, exact match per domain (greedy generation), mean over domains, POPE metrics on `pope`." + spread,
         "",
@@ -338,24 +353,22 @@ def results_markdown(summary: dict) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output directory (results, runs, TensorBoard logs)")
-    parser.add_argument("--quick", action="store_true", help="smoke version: a few steps and samples")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (on a shared, oversubscribed CPU 1 can be several times faster)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = experiment_parser(__doc__.split("\n\n")[0],
+                               reuse="an earlier output directory of this experiment whose teacher is reused "
+                               "(copied, its results row kept) instead of training one")
+    parser.add_argument("--teacher-from", dest="reuse", type=Path, help="the former name of --reuse")
     parser.add_argument("--mimic-lm-weight", type=float, default=None,
                         help="add the student's own LM loss with this weight in the mimic stages (kd_lm)")
-    parser.add_argument("--teacher-from", type=Path, default=None,
-                        help="reuse the teacher of an earlier output directory of this experiment")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="student seeds (weights, dropout, data order); several: mean and range over them")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                         help="the control for preference: as many extra mimic_sparse steps from the same checkpoint")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    summary = run(args.out, args.quick, args.mimic_lm_weight, args.teacher_from, args.seeds, args.control)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(build_parser(), argv)
+    summary = run(args.out, args.quick, args.mimic_lm_weight, args.reuse, args.seeds, args.control,
+                  command_line("lightning_moe.experiments.distill", argv))
     print((args.out / "results.md").read_text())
     return summary
 

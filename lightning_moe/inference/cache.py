@@ -18,11 +18,12 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any, Hashable
+from typing import Any, Hashable, Literal, get_args
 
-__all__ = ["ExpertCache", "CACHE_POLICIES", "cache_budget"]
+__all__ = ["ExpertCache", "CACHE_POLICIES", "CachePolicy", "cache_budget"]
 
-CACHE_POLICIES = ("lru", "freq_distance")
+CachePolicy = Literal["lru", "freq_distance"]
+CACHE_POLICIES: tuple[str, ...] = get_args(CachePolicy)
 Key = tuple[int, int]  # (MoE layer, expert)
 
 
@@ -43,7 +44,7 @@ class ExpertCache:
     def __init__(
         self,
         budget_bytes: int,
-        policy: str = "lru",
+        policy: CachePolicy = "lru",
         num_layers: int = 1,
         frequencies: dict[Key, float] | None = None,
         on_evict: Callable[[Key, Any], None] | None = None,

@@ -1,9 +1,10 @@
-"""The expert store: a trained sparse model split into resident weights and one file per expert.
+"""The expert store format: a trained sparse model split into resident weights and one file per expert.
 
 Layout of a store directory (written by `export_store`):
 
-    manifest.json                 what is where: model config, fingerprint, MoE layers, one entry
-                                  per expert (layer, expert, file, bits, dtype, bytes, sha256), plan
+    manifest.json                 what is where: model config, fingerprint, MoE layers, the resident
+                                  file (bytes, sha256), one entry per expert (layer, expert, file,
+                                  bits, dtype, bytes, sha256), plan
     base.safetensors              every non-expert weight (embeddings, attention, norms, routers,
                                   vision tower, connector): what stays resident in memory
     experts/layer{L}_expert{E}.safetensors
@@ -11,13 +12,19 @@ Layout of a store directory (written by `export_store`):
                                   channel-wise quantised ("<name>.codes/.scale/.lo"), biases if any
 
 L numbers the MoE layers in module order (0 = the first SparseMoE), not decoder layers.
-Reading an expert checks that its file exists, has the manifest's byte size and (the first time
-it is read, or always with verify="always") the manifest's sha256; any failure names the file.
+Checks, each failure a `StoreError` that names the file and lists every damaged file of the store:
+- opening a store: every file the manifest names exists and has the manifest's byte size;
+- reading an expert: its size again and (the first time it is read, or always with
+  verify="always") the manifest's sha256;
+- `load_base` (what building a model from the store reads): base.safetensors' size and sha256
+  before any of its weights is used (a store written before the manifest recorded them: the
+  manifest's fingerprint, which covers the same tensors);
+- `damaged_files()` / `verify_files()` (the `verify` command): everything, checksums included.
 With `drop_page_cache=True` every read also tells the kernel to drop the file's pages from the OS
 page cache, so the next read of that expert comes from storage again: what a device whose memory
 cannot hold the store sees (and memory the cache budget does not count is not used behind its back).
 The fingerprint (sha256 of the model config and of every non-expert weight) lets `check_model`
-refuse a store that was exported from another model.
+refuse a store that was exported from another model. Building a model from a store: loading.py.
 """
 
 from __future__ import annotations
@@ -26,28 +33,29 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from torch import Tensor, nn
 
 from ..layers import SparseMoE
 from ..models import MultimodalLM
+from .memory import drop_from_page_cache, evict_from_page_cache, require_page_cache_advice, tensor_bytes
 from .quantize import FLOAT_BITS, QuantizedTensor, bits_label, dequantize, quantize
 
-__all__ = ["ExpertStore", "safetensors_views", "ExpertTensors", "ExpertEntry", "StoreError", "export_store", "expert_layers", "apply_bits",
-           "load_resident_model", "model_from_store",
-           "model_fingerprint", "sparse_expert_tensors"]
+__all__ = ["ExpertStore", "safetensors_views", "ExpertTensors", "ExpertEntry", "StoreError", "export_store",
+           "expert_layers", "expert_keys", "resident_state", "apply_bits", "model_fingerprint", "sparse_expert_tensors",
+           "Verify"]
 
 MANIFEST = "manifest.json"
 BASE_WEIGHTS = "base.safetensors"
 STORE_FORMAT = "lightning-moe-expert-store"
 STORE_VERSION = 1
+Verify = Literal["once", "always", "never"]
+VERIFY_MODES = ("once", "always", "never")
 # SparseMoE parameters that belong to experts (everything else, the router included, is resident)
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_bias", "up_bias", "down_bias")
 
@@ -61,7 +69,8 @@ def expert_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
 
 
-def _expert_keys(model: nn.Module) -> set[str]:
+def expert_keys(model: nn.Module) -> set[str]:
+    """State-dict names of every expert weight of the model's SparseMoE layers (what the store keeps apart)."""
     keys = set()
     for name, _ in expert_layers(model):
         keys.update(f"{name}.{p}" for p in EXPERT_PARAMS)
@@ -70,7 +79,7 @@ def _expert_keys(model: nn.Module) -> set[str]:
 
 def resident_state(model: nn.Module) -> dict[str, Tensor]:
     """Every state-dict entry that is not an expert weight."""
-    experts = _expert_keys(model)
+    experts = expert_keys(model)
     return {k: v for k, v in model.state_dict().items() if k not in experts}
 
 
@@ -98,13 +107,7 @@ class ExpertTensors:
     @property
     def nbytes(self) -> int:
         """Bytes this expert occupies in memory as stored (what the cache budget counts)."""
-        total = 0
-        for t in (self.w_in, self.w_down, self.b_in, self.b_down):
-            if isinstance(t, QuantizedTensor):
-                total += t.nbytes
-            elif t is not None:
-                total += t.numel() * t.element_size()
-        return total
+        return sum(tensor_bytes(t) for t in (self.w_in, self.w_down, self.b_in, self.b_down))
 
     def dense(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """(w_in, w_down) as dense `dtype` matrices (dequantised if needed)."""
@@ -194,7 +197,27 @@ def safetensors_views(raw: Tensor, path: Path | str) -> dict[str, Tensor]:
             out[name] = chunk.view(dtype).view(info["shape"])
         return out
     except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-        raise StoreError(f"expert file {path} cannot be decoded as safetensors: {err}") from err
+        raise StoreError(f"{path} cannot be decoded as safetensors: {err}") from err
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (a store's files may be larger than the memory to spare)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_file(path: Path) -> Tensor:
+    """A whole file as a uint8 tensor (read straight into the tensor's memory); StoreError if it changes meanwhile."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = torch.empty(size, dtype=torch.uint8)
+        read = f.readinto(raw.numpy())
+    if read != size:
+        raise StoreError(f"{path} changed while reading: {read} of {size} bytes read")
+    return raw
 
 
 def _expert_file(layer: int, expert: int) -> str:
@@ -231,6 +254,8 @@ def export_store(
     state = resident_state(model)
     # safetensors refuses tensors sharing memory (tied embeddings): write each as its own copy
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in state.items()}, str(directory / BASE_WEIGHTS))
+    base_path = directory / BASE_WEIGHTS
+    base = {"file": BASE_WEIGHTS, "bytes": base_path.stat().st_size, "sha256": _file_sha256(base_path)}
     config = model.config_dict()
     entries, layer_info = [], []
     for index, (name, moe) in enumerate(layers):
@@ -245,7 +270,7 @@ def export_store(
     manifest = {
         "format": STORE_FORMAT, "version": STORE_VERSION,
         "fingerprint": model_fingerprint(config, state),
-        "model_config": config, "layers": layer_info,
+        "model_config": config, "layers": layer_info, "base": base,
         "experts": [vars(e) for e in entries], "plan": plan,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -256,13 +281,15 @@ def export_store(
 class ExpertStore:
     """A store directory opened for reading.
 
-    verify: 'once' (sha256 on a file's first read), 'always', 'never'.
+    Opening checks that every file the manifest names exists with its recorded size (a StoreError
+    lists every one that does not). verify: when an expert's sha256 is checked: 'once' (on its
+    first read), 'always', 'never' (base.safetensors: at every `load_base`, unless 'never').
     drop_page_cache: after each expert read, advise the kernel to evict the file from the page
         cache (POSIX `posix_fadvise(DONTNEED)`), so every read is a read from storage.
     """
 
     directory: Path
-    verify: str = "once"
+    verify: Verify = "once"
     drop_page_cache: bool = False
     manifest: dict[str, Any] = field(init=False)
     entries: dict[tuple[int, int], ExpertEntry] = field(init=False)
@@ -270,10 +297,10 @@ class ExpertStore:
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
-        if self.verify not in ("once", "always", "never"):
-            raise ValueError(f"verify must be 'once', 'always' or 'never', got {self.verify!r}")
-        if self.drop_page_cache and not hasattr(os, "posix_fadvise"):
-            raise ValueError("drop_page_cache needs os.posix_fadvise (Linux and other POSIX systems), not available here")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
+        if self.drop_page_cache:
+            require_page_cache_advice("drop_page_cache")
         path = self.directory / MANIFEST
         if not path.is_file():
             raise StoreError(f"{path} not found: not an expert store (write one with export_store / `export`)")
@@ -289,6 +316,8 @@ class ExpertStore:
             missing = [e for e in range(layer["num_experts"]) if (layer["index"], e) not in self.entries]
             if missing:
                 raise StoreError(f"{path}: MoE layer {layer['index']} has no manifest entry for experts {missing}")
+        if self.damaged_files(checksums=False):  # a stat per file: a missing or cut file fails now...
+            raise StoreError(self._damage_report(self.damaged_files()))  # ...listed with every other damaged one
 
     # ------------------------------------------------------------------ what the manifest says
     @property
@@ -325,6 +354,64 @@ class ExpertStore:
     def bits(self) -> dict[tuple[int, int], int]:
         return {k: e.bits for k, e in self.entries.items()}
 
+    # ------------------------------------------------------------------ checking files
+    def damaged_files(self, checksums: bool = True) -> dict[str, str]:
+        """Every damaged file of the store: {path relative to the store: what is wrong}, empty if none.
+
+        Checks that each file the manifest names exists and has its recorded size and, with
+        `checksums`, its recorded sha256 (base.safetensors of a store written before the manifest
+        recorded it: the manifest's fingerprint of the resident tensors).
+        """
+        base = self.manifest.get("base")
+        files = [(BASE_WEIGHTS, base["bytes"] if base else None, base["sha256"] if base else None)]
+        files += [(e.file, e.bytes, e.sha256) for _, e in sorted(self.entries.items())]
+        damaged = {}
+        for relative, size, digest in files:
+            path = self.directory / relative
+            if not path.is_file():
+                damaged[relative] = "missing"
+            elif size is not None and path.stat().st_size != size:
+                damaged[relative] = f"truncated or altered: {path.stat().st_size} bytes, the manifest says {size}"
+            elif checksums and digest is not None and (found := _file_sha256(path)) != digest:
+                damaged[relative] = f"corrupted: sha256 {found[:12]}... does not match the manifest's {digest[:12]}..."
+        if checksums and base is None and BASE_WEIGHTS not in damaged:
+            path = self.directory / BASE_WEIGHTS
+            try:
+                problem = self._fingerprint_problem(safetensors_views(_read_file(path), path))
+            except StoreError as err:
+                problem = f"corrupted: {err}"
+            if problem:
+                damaged[BASE_WEIGHTS] = problem
+        return damaged
+
+    def verify_files(self) -> int:
+        """Check every file, checksums included; raise StoreError listing every damaged one, else return
+        how many files were checked."""
+        damaged = self.damaged_files()
+        if damaged:
+            raise StoreError(self._damage_report(damaged))
+        return 1 + len(self.entries)
+
+    def _damage_report(self, damaged: dict[str, str]) -> str:
+        lines = "\n".join(f"  {self.directory / relative} is {why}" for relative, why in damaged.items())
+        return (f"store {self.directory} has {len(damaged)} damaged file{'s' if len(damaged) > 1 else ''} "
+                f"(export the store again):\n{lines}")
+
+    def _damaged(self, message: str) -> StoreError:
+        """The error for damage just found (`message` names the file), listing every damaged file of the store:
+        one bad file is rarely alone, and a user fixing them one run at a time would not know."""
+        damaged = self.damaged_files()
+        return StoreError(f"{message}\n{self._damage_report(damaged)}" if damaged else message)
+
+    def _fingerprint_problem(self, tensors: dict[str, Tensor]) -> str | None:
+        """For a store whose manifest has no checksum of base.safetensors: what is wrong with its tensors, if
+        anything, judged by the manifest's fingerprint (sha256 over the config and every resident tensor)."""
+        found = model_fingerprint(self.manifest["model_config"], tensors)
+        if found != self.fingerprint:
+            return (f"corrupted: the fingerprint of its tensors {found[:12]}... does not match the manifest's "
+                    f"{self.fingerprint[:12]}...")
+        return None
+
     # ------------------------------------------------------------------ reading
     def read_raw(self, layer: int, expert: int, out: Tensor | None = None) -> Tensor:
         """The expert's file as a uint8 tensor, checked against the manifest (existence, size, checksum).
@@ -337,37 +424,31 @@ class ExpertStore:
             raise StoreError(f"{self.directory / MANIFEST} has no expert {expert} in MoE layer {layer}")
         path = self.directory / entry.file
         if not path.is_file():
-            raise StoreError(f"expert file {path} is missing (MoE layer {layer}, expert {expert})")
+            raise self._damaged(f"expert file {path} is missing (MoE layer {layer}, expert {expert})")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size != entry.bytes:
-                raise StoreError(f"expert file {path} is truncated or altered: {size} bytes, the manifest says "
-                                 f"{entry.bytes}")
+                raise self._damaged(f"expert file {path} is truncated or altered: {size} bytes, the manifest says "
+                                    f"{entry.bytes}")
             if out is not None and (out.dtype != torch.uint8 or out.numel() < size):
                 raise ValueError(f"read buffer of {out.numel()} {out.dtype} elements for a {size}-byte expert file")
             raw = torch.empty(size, dtype=torch.uint8) if out is None else out[:size]
             read = f.readinto(raw.numpy())  # straight into the tensor's memory: no intermediate bytes object
             if self.drop_page_cache:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                drop_from_page_cache(f.fileno())
         if read != size:
-            raise StoreError(f"expert file {path} changed while reading: {read} of {size} bytes read")
+            raise self._damaged(f"expert file {path} changed while reading: {read} of {size} bytes read")
         if self.verify == "always" or (self.verify == "once" and (layer, expert) not in self._verified):
             digest = hashlib.sha256(raw.numpy()).hexdigest()
             if digest != entry.sha256:
-                raise StoreError(f"expert file {path} is corrupted: sha256 {digest[:12]}... does not match the "
-                                 f"manifest's {entry.sha256[:12]}...")
+                raise self._damaged(f"expert file {path} is corrupted: sha256 {digest[:12]}... does not match the "
+                                    f"manifest's {entry.sha256[:12]}...")
             self._verified.add((layer, expert))
         return raw
 
     def evict_page_cache(self) -> None:
         """Advise the kernel to drop every expert file from the OS page cache (the next reads come from storage)."""
-        if not hasattr(os, "posix_fadvise"):
-            raise ValueError("evicting files from the page cache needs os.posix_fadvise (POSIX), not available here")
-        for entry in self.entries.values():
-            path = self.directory / entry.file
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        evict_from_page_cache(self.directory / entry.file for entry in self.entries.values())
 
     def read(self, layer: int, expert: int, out: Tensor | None = None) -> ExpertTensors:
         """One expert, its tensors views of the file's bytes (read into `out` when given, see `read_raw`)."""
@@ -377,10 +458,36 @@ class ExpertStore:
         return _decode(tensors, entry.bits, self.expert_shapes(layer), raw if out is None else out)
 
     def load_base(self) -> dict[str, Tensor]:
+        """The resident weights (base.safetensors), verified against the manifest before any is used.
+
+        Its byte size and (unless verify='never') its sha256; a store written before the manifest
+        recorded them: the manifest's fingerprint of the resident tensors. The tensors are views of
+        one buffer read from the file (loading them into a model copies them once, as safetensors'
+        own loader would).
+        """
         path = self.directory / BASE_WEIGHTS
+        entry = self.manifest.get("base")
         if not path.is_file():
-            raise StoreError(f"resident weights {path} are missing")
-        return load_file(str(path))
+            raise self._damaged(f"resident weights {path} are missing")
+        size = path.stat().st_size
+        if entry is not None and size != entry["bytes"]:
+            raise self._damaged(f"resident weights {path} are truncated or altered: {size} bytes, the manifest says "
+                                f"{entry['bytes']}")
+        raw = _read_file(path)
+        if entry is not None and self.verify != "never":
+            digest = hashlib.sha256(raw.numpy()).hexdigest()
+            if digest != entry["sha256"]:
+                raise self._damaged(f"resident weights {path} are corrupted: sha256 {digest[:12]}... does not match "
+                                    f"the manifest's {entry['sha256'][:12]}...")
+        try:
+            tensors = safetensors_views(raw, path)
+        except StoreError as err:
+            raise self._damaged(str(err)) from err
+        if entry is None and self.verify != "never":
+            problem = self._fingerprint_problem(tensors)
+            if problem:
+                raise self._damaged(f"resident weights {path} are {problem}")
+        return tensors
 
     # ------------------------------------------------------------------ matching a model
     def check_model(self, model: MultimodalLM) -> None:
@@ -414,79 +521,6 @@ class ExpertStore:
         if t.b_in is not None:
             out["b_in"], out["b_down"] = t.b_in, t.b_down
         return out
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (shapes, no memory); buffers
-    (e.g. rotary frequencies, computed at construction and not saved) stay real. Parameters are
-    allocated with `torch.empty` before the move, which touches no page, so nothing is resident."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def _materialize_parameters(model: nn.Module) -> None:
-    """Give every meta parameter (uninitialised) CPU memory; a parameter shared by modules stays shared."""
-    memo: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.is_meta:
-                if id(param) not in memo:
-                    memo[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"),
-                                                   requires_grad=param.requires_grad)
-                module._parameters[name] = memo[id(param)]
-
-
-def model_from_store(store: ExpertStore, replace_experts: Callable[[MultimodalLM], None] | None = None) -> MultimodalLM:
-    """The recorded model with the store's resident weights (base.safetensors) loaded.
-
-    The model is built with its parameters on the meta device and only then given memory, so no
-    weight is initialised randomly just to be overwritten. replace_experts: None = every SparseMoE
-    keeps its experts, read from the store (dequantised to float32): the whole model in memory, for
-    profiling and planning. Otherwise `replace_experts(model)` swaps the SparseMoE layers for
-    layers that hold no expert (offloading) before memory is given: the expert weights are never
-    allocated, so loading peaks at the resident weights, not the whole model.
-    """
-    with _parameters_on_meta():  # no random initialisation of weights that are loaded next
-        model = MultimodalLM.from_config_dict(store.manifest["model_config"])
-    layers = expert_layers(model)
-    if len(layers) != len(store.layers):
-        raise StoreError(f"{store.directory}: the recorded model has {len(layers)} MoE layers, the manifest "
-                         f"{len(store.layers)}")
-    if replace_experts is not None:
-        replace_experts(model)
-    _materialize_parameters(model)
-    missing, unexpected = model.load_state_dict(store.load_base(), strict=False)
-    missing = set(missing) - (_expert_keys(model) if replace_experts is None else set())
-    if missing or unexpected:
-        raise StoreError(f"{store.directory / BASE_WEIGHTS} does not match the recorded model: "
-                         f"missing {sorted(missing)[:5]}, unexpected {unexpected[:5]}")
-    if replace_experts is None:
-        with torch.no_grad():
-            for index, (_, moe) in enumerate(layers):
-                for e in range(moe.num_experts):
-                    tensors = store.read_float(index, e)
-                    moe.w_in[e].copy_(tensors["w_in"])
-                    moe.down_proj[e].copy_(tensors["w_down"])
-                    if moe.b_in is not None:
-                        moe.b_in[e].copy_(tensors["b_in"])
-                        moe.down_bias[e].copy_(tensors["b_down"])
-    return model.eval()
-
-
-def load_resident_model(store: ExpertStore) -> MultimodalLM:
-    """The whole model in memory from a store (experts dequantised to float32): for profiling and planning."""
-    return model_from_store(store)
 
 
 def apply_bits(store: ExpertStore, bits: dict[tuple[int, int], int], plan: dict[str, Any] | None = None) -> None:

@@ -4,31 +4,53 @@ writes its results, its per-run configs, adapters and TensorBoard logs; the base
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
-from lightning_moe.experiments import conflict
+from lightning_moe.experiments import RunResult, conflict
+from tests.conftest import ROOT
 
 
-def test_quick_conflict_experiment_writes_results_and_reuses_the_base(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    summary = conflict.main(["--out", str(tmp_path / "out"), "--quick"])
+def test_quick_conflict_experiment_writes_results_and_reuses_the_base(tmp_path):
+    # as a user runs it, in its own process: the console shows the progress bar over the runs and the table,
+    # not each run's Lightning warnings and set-up lines (those go to OUT/logs/)
+    command = [sys.executable, "-m", "lightning_moe.experiments.conflict", "--out", "out", "--quick", "--threads", "1",
+               "--seeds", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    console = finished.stdout + finished.stderr
+    assert finished.returncode == 0, console[-3000:]
+    assert "args parameter is intended" not in console and "Seed set to" not in console
+    assert "GPU available" not in console and "data report" not in console
+    assert "conflict runs, seed 0" in console and "Verdict on the paper's claim" in finished.stdout
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["torch_threads"] == 1
     names = [r["name"] for r in results["runs"]]
     domains = results["plan"]["domains"]
     assert names == ["base"] + [f"lora_{d}" for d in domains] + ["lora_mixture", "lora4x_mixture", "mole3_mixture"]
     runs = {r["name"]: r for r in results["runs"]}
     # trainable parameters: 4x rank = 4x LoRA parameters; MoLE between LoRA and E x LoRA on the MLPs
-    assert runs["lora4x_mixture"]["trainable_params"] == 4 * runs["lora_mixture"]["trainable_params"]
-    assert runs["lora_mixture"]["trainable_params"] < runs["mole3_mixture"]["trainable_params"] \
-        < 3 * runs["lora_mixture"]["trainable_params"] + 10_000
-    assert all(set(r["accuracy"]) == set(domains) for r in results["runs"])
-    assert all(r["step_time_ms"] > 0 for r in results["runs"])
-    assert results["verdict"] and summary["verdict"] == results["verdict"]
+    assert runs["lora4x_mixture"]["params_trainable"] == 4 * runs["lora_mixture"]["params_trainable"]
+    assert runs["lora_mixture"]["params_trainable"] < runs["mole3_mixture"]["params_trainable"] \
+        < 3 * runs["lora_mixture"]["params_trainable"] + 10_000
+    assert all({f"test/{d}/exact_match" for d in domains} <= set(r["metrics"]) for r in results["runs"])
+    assert all(r["step_time_s"] > 0 for r in results["runs"])
+    assert runs["lora_mixture"]["details"]["train_domains"] == domains and runs["lora_mixture"]["seed"] == 0
+    # what the numbers depend on beside the plan
+    env = results["environment"]
+    assert env["torch_threads"] >= 1 and env["versions"]["torch"] and env["versions"]["lightning"]
+    assert env["command"].startswith("python -m lightning_moe.experiments.conflict --out")
+    assert "git_commit" in env
+    assert results["verdict"] and results["verdict"] in (out / "results.md").read_text()
     assert set(results["majority_answer"]) == set(domains) and all(0.5 <= v <= 1 for v in results["majority_answer"].values())
     table = (out / "results.md").read_text()
     assert "| MoLE 3 experts r=1, mixture | mixture |" in table and "Verdict" in table
     assert "| majority answer (one constant answer) | - |" in table
     assert (out / "configs" / "mole3_mixture.yaml").is_file()
+    # each run's own output went to its log, not to the console
+    assert "Seed set to" in (out / "logs" / "lora_mixture_seed0.log").read_text()
     assert (out / "adapters" / "mole3_mixture" / "adapter_config.json").is_file()
     assert list((out / "tensorboard" / "mole3_mixture").glob("events.out.tfevents.*"))
 
@@ -72,10 +94,11 @@ def test_the_margin_is_inclusive_on_both_conditions():
     assert conflict.conflicted_domains(alone, {"position_lr": 0.535}, MAJORITY, margin) == []
 
 
-def _row(name: str, accuracy: dict[str, float], step_ms: float = 100.0) -> conflict.RunResult:
-    return conflict.RunResult(name=name, label=name, train_domains=list(accuracy), accuracy=accuracy,
-                              mean=sum(accuracy.values()) / len(accuracy), trainable_params=1, step_time_ms=step_ms,
-                              seconds=1.0)
+def _row(name: str, accuracy: dict[str, float], step_s: float = 0.1) -> RunResult:
+    return RunResult(name=name, method="LoRATuning", stage="", steps=1, wall_s=1.0, step_time_s=step_s,
+                     peak_memory_mb=None, memory_kind="cpu_peak_rss", params_total=1, params_activated=1,
+                     metrics={f"test/{d}/exact_match": v for d, v in accuracy.items()}, params_trainable=1, label=name,
+                     details={"train_domains": list(accuracy)})
 
 
 def test_summary_verdict_of_the_constant_answer_run_is_no_conflict():

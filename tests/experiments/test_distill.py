@@ -9,12 +9,12 @@ import json
 import yaml
 
 from lightning_moe.cli import effective_config
-from lightning_moe.experiments.distill import CONFIGS, main
+from lightning_moe.experiments.distill import config, main
 
 
 def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
     out = tmp_path / "distill"
-    summary = main(["--out", str(out), "--quick"])
+    summary = main(["--out", str(out), "--quick", "--threads", "1"])
     runs = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference", "control",
                                                "baseline_instruct", "baseline_moe"]
@@ -23,7 +23,7 @@ def test_distill_experiment_quick_writes_results(tmp_path, monkeypatch):
     # with the preference stage's optimizer
     assert runs["control"]["stage"] == "mimic_sparse" and runs["control"]["steps"] == runs["preference"]["steps"] == 2
     control = yaml.safe_load((out / "configs" / "control.yaml").read_text())
-    preference = effective_config(CONFIGS / "preference.yaml")  # the shipped configs include configs/_base/
+    preference = effective_config(config("preference"))  # the shipped configs include configs/_base/
     assert control["model"]["init_args"]["backbone"] == {"pretrained": "runs/mod/mimic_sparse/model"}
     assert control["model"]["init_args"]["optimizer"] == preference["model"]["init_args"]["optimizer"]
     assert control["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 1.0e-4  # preference's, not mimic's 5e-4

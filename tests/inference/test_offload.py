@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_moe.inference import (ExpertOffloader, ExpertStore, RoutingProfile, StoreError, export_store,
-                                     load_offloaded, offload)
+from lightning_moe.inference import (ExpertOffloader, ExpertStore, LookaheadPredictor, RoutingProfile, StoreError,
+                                     export_store, load_offloaded, offload)
 from lightning_moe.inference.store import expert_layers
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle
 from tests.conftest import TINY_LLM
@@ -89,9 +89,12 @@ def test_missing_corrupted_and_truncated_expert_files_are_named(store):
         ExpertStore(store.directory).read(1, 3)
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(StoreError, match=r"layer1_expert3\.safetensors is truncated"):
-        ExpertStore(store.directory).read(1, 3)
-    path.unlink()
+        ExpertStore(store.directory)  # opening compares every file's size with the manifest
+    path.write_bytes(data)
     model, offloader = load_offloaded(ExpertStore(store.directory))
+    path.unlink()  # gone after opening: named when first read
+    with pytest.raises(StoreError, match=r"layer1_expert3\.safetensors is missing"):
+        ExpertStore(store.directory)
     ids = torch.randint(10, 60, (1, 6))
     with pytest.raises(StoreError, match=r"layer1_expert3\.safetensors is missing"):
         for _ in range(20):  # until routing reaches expert 3 of layer 1
@@ -158,11 +161,11 @@ def test_offloaded_layers_refuse_to_build_a_graph(sparse_model, store):
 LOAD_MEMORY_CHILD = """
 import json, sys
 from pathlib import Path
-from lightning_moe.inference import ExpertStore, load_offloaded, load_resident_model
+from lightning_moe.inference import ExpertStore, load_offloaded, load_resident_model, memory_status
 
 def peak():  # (resident set now, peak resident set) in bytes; writing 5 to clear_refs resets the peak
-    fields = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    status = memory_status()
+    return status["rss"], status["peak_rss"]
 
 store = ExpertStore(sys.argv[1])
 model, offloader = load_offloaded(store)  # warm-up: the first load imports modules (tens of MiB resident)
@@ -254,15 +257,17 @@ def test_lookahead_predicts_what_the_next_layers_router_picks(store, sparse_mode
     with pytest.raises(ValueError, match="needs a routing profile"):
         ExpertOffloader(ExpertStore(store.directory), 8 * store.largest_expert_bytes, prefetch=True)
     router = expert_layers(sparse_model)[1][1].router
-    offloader.routers[1] = router
+    offloader.routers[1] = router  # what OffloadedSparseMoE does; the predictor shares the offloader's dict
+    predictor = offloader.predictor
+    assert isinstance(predictor, LookaheadPredictor)
     hidden = torch.randn(1, 64)
-    assert sorted(offloader.lookahead(1, hidden)) == sorted(router(hidden).indices[0].tolist())  # width = top_k = 2
-    assert offloader.predict(0, [1], hidden) == []  # the next token's first layer: its input is not known yet
+    assert sorted(predictor.predict(1, None, hidden)) == sorted(router(hidden).indices[0].tolist())  # width = top_k = 2
+    assert predictor.predict(0, [1], hidden) == []  # the next token's first layer: its input is not known yet
     tokens = torch.randn(5, 64)
     routing = router(tokens)
     picked = sorted(set(routing.indices.reshape(-1).tolist()))
     mass = {e: float(routing.probs[:, e].sum()) for e in picked}
-    assert offloader.lookahead(1, tokens) == sorted(picked, key=mass.get, reverse=True)[:2]  # most probable first
+    assert predictor.predict(1, [0], tokens) == sorted(picked, key=mass.get, reverse=True)[:2]  # most probable first
 
 
 def test_buffers_retired_while_a_background_job_runs_stay_reserved_until_it_ends():

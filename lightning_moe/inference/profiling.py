@@ -1,12 +1,10 @@
-"""Routing profiles and next-layer expert prediction (EdgeMoE's predicted prefetch).
+"""Routing profiles: what EdgeMoE's predicted prefetch and frequency eviction learn from a calibration set.
 
 `profile_routing` runs a model over calibration batches (teacher-forced, as training does) and
 counts, per MoE layer, how often each expert is chosen, and for each pair of consecutive MoE
 layers how often expert i in layer l-1 and expert j in layer l are chosen by the same token
-(the transition table). `ExpertPredictor` turns that table into a guess: given the experts the
-batch chose in layer l-1, the `width` experts of layer l with the highest summed transition
-counts (ties and unseen rows broken by the layer's overall frequency); the first MoE layer,
-which has no earlier layer within the token, is predicted by its overall frequency.
+(the transition table). `predictors.TransitionPredictor` turns the table into guesses; the
+cache's `freq_distance` policy uses the counts (`RoutingProfile.frequencies`).
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from torch import Tensor, nn
 from ..layers import SparseMoE
 from ..models.multimodal import batch_inputs
 
-__all__ = ["RoutingProfile", "ExpertPredictor", "profile_routing", "PROFILE_NAME"]
+__all__ = ["RoutingProfile", "profile_routing", "PROFILE_NAME"]
 
 PROFILE_NAME = "routing_profile.json"  # a store's routing profile: STORE/routing_profile.json by default
 
@@ -89,32 +87,3 @@ def profile_routing(model: nn.Module, batches: Iterable[dict[str, Any]]) -> Rout
         real = out.attention_mask.reshape(-1).bool()  # (B*T',) padding excluded
         profile.update([m.last_routing.indices[real] for m in layers])
     return profile
-
-
-class ExpertPredictor:
-    """Predicts the next MoE layer's experts from the experts chosen in the current one."""
-
-    def __init__(self, profile: RoutingProfile, width: int, min_probability: float = 0.0) -> None:
-        """width: most experts predicted per layer; min_probability: drop guesses whose estimated
-        probability (their share of the summed transition counts) is lower (a wrong prefetch costs a
-        load and may evict an expert that was needed)."""
-        if width < 1:
-            raise ValueError(f"prefetch width must be at least 1, got {width}")
-        self.profile, self.width, self.min_probability = profile, width, min_probability
-        self._counts = [torch.tensor(c) for c in profile.counts]
-        self._transitions = [torch.tensor(t) if t else None for t in profile.transitions]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._counts)
-
-    def predict(self, layer: int, chosen: list[int] | None) -> list[int]:
-        """The `width` likeliest experts of MoE layer `layer` given the experts `chosen` in layer - 1."""
-        prior = self._counts[layer] / self._counts[layer].sum().clamp(min=1)  # (E,) in [0, 1]
-        score = prior.clone()
-        if layer > 0 and chosen:
-            # summed transition counts dominate; the prior (< 1) only breaks ties
-            score = self._transitions[layer][chosen].sum(0) + prior
-        top = torch.topk(score, min(self.width, score.numel()))
-        probability = top.values / score.sum().clamp(min=1e-12)  # (width,) estimated chance of each guess
-        return [e for e, p in zip(top.indices.tolist(), probability.tolist()) if p >= self.min_probability]

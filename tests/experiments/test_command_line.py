@@ -1,0 +1,123 @@
+"""Every experiment takes the same core flags through one shared parser, records what its numbers depend
+on, and finds its configs through the package (a checkout or an installed wheel)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_moe import paths
+from lightning_moe.experiments import RunResult, environment, git_commit, parse_args, quiet, seed_directory
+from tests.conftest import ROOT
+
+EXPERIMENTS = ["conflict", "continual", "distill"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_accepts_the_core_flags(name, tmp_path):
+    module = importlib.import_module(f"lightning_moe.experiments.{name}")
+    threads = torch.get_num_threads()
+    try:
+        args = parse_args(module.build_parser(), ["--threads", "1", "--quick", "--seeds", "0", "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 1  # applied before any run
+    finally:
+        torch.set_num_threads(threads)
+    assert (args.threads, args.quick, args.seeds, args.out) == (1, True, [0], tmp_path)
+    several = module.build_parser().parse_args(["--out", "x", "--seeds", "0", "1", "2"])
+    assert several.seeds == [0, 1, 2] and several.threads is None and not several.quick
+
+
+@pytest.mark.parametrize("name", ["conflict", "distill"])
+def test_reuse_where_it_applies(name):
+    module = importlib.import_module(f"lightning_moe.experiments.{name}")
+    assert module.build_parser().parse_args(["--out", "x", "--reuse", "earlier"]).reuse == Path("earlier")
+
+
+def test_repeated_seeds_and_zero_threads_are_refused(capsys):
+    from lightning_moe.experiments import conflict
+
+    for argv, message in ((["--out", "x", "--seeds", "1", "1"], "repeated seeds"), (["--out", "x", "--threads", "0"],
+                                                                                      "at least 1")):
+        with pytest.raises(SystemExit):
+            parse_args(conflict.build_parser(), argv)
+        assert message in capsys.readouterr().err
+
+
+def test_seed_directories():
+    assert seed_directory(Path("out"), 3, [3]) == Path("out")
+    assert seed_directory(Path("out"), 3, [0, 3]) == Path("out/seed3")
+
+
+def test_environment_records_threads_versions_and_the_commit():
+    env = environment("python -m lightning_moe.experiments.conflict --out x")
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"] == torch.__version__
+    assert env["versions"]["lightning"] and env["command"].endswith("--out x")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert git_commit().split("+")[0] == head
+
+
+def test_quiet_sends_warnings_logs_and_prints_to_the_run_log(tmp_path, capfd):
+    import logging
+    import warnings
+
+    log = tmp_path / "logs" / "run.log"
+    argv = sys.argv
+    with quiet(log):
+        print("a table")
+        warnings.warn("a repeated warning")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False")
+        assert sys.argv == argv[:1]  # LightningCLI sees no foreign command line
+    assert sys.argv == argv
+    console = capfd.readouterr()
+    assert "a table" not in console.out + console.err and "GPU available" not in console.out + console.err
+    text = log.read_text()
+    assert "a table" in text and "a repeated warning" in text and "GPU available: False" in text
+
+
+def test_run_result_reads_rows_of_an_older_layout():
+    row = {"name": "teacher", "method": "MoETuning", "stage": "instruct", "steps": 2, "wall_s": 1.0,
+           "step_time_s": None, "peak_memory_mb": None, "memory_kind": "cpu_peak_rss", "params_total": 10,
+           "params_activated": 10, "metrics": {}, "seed": None, "trainable_params": 3}  # a key no longer written
+    assert RunResult.from_dict(row).params_total == 10
+
+
+# ---------------------------------------------------------------- configs and data through the package
+def test_shipped_paths_come_from_the_checkout_else_the_installed_copy(tmp_path, monkeypatch):
+    assert paths.shipped_path("configs/mole/lora.yaml") == ROOT / "configs/mole/lora.yaml"
+    # an installed wheel: no checkout around the package, the shipped copy beside it (setup.py puts it there)
+    installed = tmp_path / "site-packages" / "lightning_moe" / "_shipped"
+    (installed / "configs" / "mole").mkdir(parents=True)
+    (installed / "configs" / "mole" / "lora.yaml").write_text("model: {}\n")
+    (installed / "data" / "tokenizer").mkdir(parents=True)
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(paths, "SHIPPED_ROOT", installed)
+    monkeypatch.chdir(tmp_path)
+    assert paths.shipped_path("configs/mole/lora.yaml") == installed / "configs/mole/lora.yaml"
+    assert paths.resolve_data_path("data/tokenizer") == installed / "data/tokenizer"
+    with pytest.raises(FileNotFoundError, match="configs/mole/mole.yaml"):
+        paths.shipped_path("configs/mole/mole.yaml")
+
+
+def test_the_wheel_ships_what_the_experiments_name():
+    # setup.py copies these into the wheel's lightning_moe/_shipped/ (MANIFEST.in into the sdist); every config
+    # and data root the experiments and configs name lies under one of them
+    tree = ast.parse((ROOT / "setup.py").read_text())  # read, don't build
+    shipped = next(ast.literal_eval(node.value) for node in tree.body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SHIPPED")
+    manifest = (ROOT / "MANIFEST.in").read_text().split("\n")
+    assert all(f"graft {s}" in manifest for s in shipped)
+    from lightning_moe.experiments import conflict, continual, distill
+
+    named = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.yaml", continual.PRETRAIN,
+             continual.CONTINUAL, *(f"{distill.CONFIGS}/{n}.yaml" for n in ("teacher", "mimic_dense", "mimic_sparse",
+                                                                         "preference")),
+             conflict.DATA_ROOT, "data/tokenizer"]
+    for path in named:
+        assert (ROOT / path).exists() and any(Path(path).is_relative_to(s) for s in shipped), path

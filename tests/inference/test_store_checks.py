@@ -1,0 +1,125 @@
+"""The store's file checks: the resident weights are verified against the manifest before use, and an
+error about a damaged file names every damaged file of the store, each by name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_moe.edge import main
+from lightning_moe.inference import ExpertStore, StoreError, load_offloaded, load_resident_model
+from lightning_moe.inference.store import resident_state
+from tests.conftest import TOKENIZER
+
+BASE = "base.safetensors"
+
+
+def _flip_last_byte(path) -> None:
+    # the last byte of a safetensors file is tensor data, so the file keeps its size and still decodes
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _expert_file(store: ExpertStore, layer: int, expert: int):
+    return store.directory / store.entries[(layer, expert)].file
+
+
+def test_export_records_the_resident_files_size_and_checksum(store):
+    manifest = json.loads((store.directory / "manifest.json").read_text())
+    data = (store.directory / BASE).read_bytes()
+    assert manifest["base"] == {"file": BASE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert store.damaged_files() == {} and store.verify_files() == 1 + 8  # base + 2 layers x 4 experts
+
+
+def test_flipped_bytes_in_the_resident_weights_are_refused_with_the_files_name(store, sparse_model):
+    path = store.directory / BASE
+    _flip_last_byte(path)
+    load_file(str(path))  # safetensors reads it without complaint: only the checksum stands in the way
+    unchecked = load_resident_model(ExpertStore(store.directory, verify="never"))
+    original = resident_state(sparse_model)
+    assert any(not torch.equal(t, original[k]) for k, t in resident_state(unchecked).items())  # a wrong model
+    with pytest.raises(StoreError, match=r"resident weights \S*/base\.safetensors are corrupted: sha256"):
+        load_offloaded(ExpertStore(store.directory))
+    with pytest.raises(StoreError, match=r"base\.safetensors are corrupted"):
+        load_resident_model(ExpertStore(store.directory))
+    with pytest.raises(StoreError, match=r"base\.safetensors are corrupted"):  # the command a user runs
+        main(["generate", "--store", str(store.directory), "--prompt", "How many shapes?", "--tokenizer", TOKENIZER,
+              "--max-new-tokens", "1"])
+
+
+def test_truncated_resident_weights_are_named(store):
+    path = store.directory / BASE
+    data = path.read_bytes()
+    opened = ExpertStore(store.directory)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match=r"resident weights \S*/base\.safetensors are truncated or altered"):
+        load_offloaded(opened)  # cut after the store was opened: caught before use
+    with pytest.raises(StoreError, match=r"\S*/base\.safetensors is truncated or altered: \d+ bytes, the manifest"):
+        ExpertStore(store.directory)  # opening compares every file's size with the manifest
+
+
+def test_three_damaged_experts_are_all_named(store):
+    damaged = [(0, 1), (1, 0), (1, 3)]
+    for key in damaged:
+        _flip_last_byte(_expert_file(store, *key))
+    names = [store.entries[key].file for key in damaged]
+    fresh = ExpertStore(store.directory)  # same sizes: opening passes, the checksums find them
+    assert sorted(fresh.damaged_files()) == sorted(names)
+    with pytest.raises(StoreError) as err:
+        fresh.read(1, 0)
+    message = str(err.value)
+    assert "layer1_expert0.safetensors is corrupted" in message.splitlines()[0]  # the file this read hit
+    assert "has 3 damaged files" in message
+    assert all(f"{fresh.directory / name} is corrupted" in message for name in names), message
+    assert "layer0_expert0" not in message  # intact files are not listed
+
+
+def test_damaged_resident_weights_and_experts_are_listed_together(store):
+    _flip_last_byte(store.directory / BASE)
+    _flip_last_byte(_expert_file(store, 1, 2))
+    with pytest.raises(StoreError) as err:
+        load_offloaded(ExpertStore(store.directory))
+    message = str(err.value)
+    assert "has 2 damaged files" in message
+    assert f"{store.directory / BASE} is corrupted" in message
+    assert "layer1_expert2.safetensors is corrupted" in message
+
+
+def test_verify_command_lists_every_damaged_file(store, capsys):
+    main(["verify", "--store", str(store.directory)])
+    assert "all 9 files match the manifest" in capsys.readouterr().out
+    _flip_last_byte(store.directory / BASE)
+    _flip_last_byte(_expert_file(store, 0, 3))
+    (store.directory / store.entries[(1, 1)].file).unlink()
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "--store", str(store.directory)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "has 3 damaged files" in err and "Traceback" not in err
+    assert "layer1_expert1.safetensors is missing" in err  # found by opening the store...
+    assert f"{store.directory / BASE} is corrupted" in err and "layer0_expert3.safetensors is corrupted" in err  # ...listed with these
+    (store.directory / store.entries[(1, 1)].file).write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["verify", "--store", str(store.directory)])
+    assert "layer1_expert1.safetensors is truncated or altered: 0 bytes, the manifest says" in capsys.readouterr().err
+
+
+def test_a_store_without_the_resident_checksum_is_checked_through_its_fingerprint(store):
+    # stores written before the manifest recorded base.safetensors' checksum
+    path = store.directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["base"]
+    path.write_text(json.dumps(manifest))
+    load_offloaded(ExpertStore(store.directory))  # intact: the fingerprint covers the same tensors
+    _flip_last_byte(store.directory / BASE)
+    with pytest.raises(StoreError, match=r"base\.safetensors are corrupted: the fingerprint of its tensors"):
+        load_offloaded(ExpertStore(store.directory))
+    assert list(ExpertStore(store.directory).damaged_files()) == [BASE]
+    (store.directory / BASE).write_bytes((store.directory / BASE).read_bytes()[:100])
+    with pytest.raises(StoreError, match=r"base\.safetensors cannot be decoded as safetensors"):
+        load_offloaded(ExpertStore(store.directory))
