@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
+from torchmetrics import SumMetric
 
 from ..models import AdapterRule, ModalityExpertsConfig, MultimodalLM, add_adapters, load_backbone, modality_experts
 from ..models.modality_experts import DENSE, non_mlp_differences
@@ -99,6 +101,10 @@ class UniMoE(MultimodalMethod):
         if unknown:
             raise ValueError(f"UniMoE: expert slots {unknown} are neither a modality {list(MODALITIES)} nor {DENSE!r}")
         super().__init__(stage=stage, **kwargs)
+        # per modality with an expert slot: routed slots of its tokens that went to its own slot(s), and all of them
+        self.own_expert = nn.ModuleDict({f"{m}_{part}": SumMetric() for m in self.moe_options.experts if m != DENSE
+                                         for part in ("own", "all")})
+        self._eval_token_modality: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ surgery
     def enter_stage(self, model: MultimodalLM) -> None:
@@ -180,4 +186,30 @@ class UniMoE(MultimodalMethod):
         return out
 
     def on_eval_batch(self, step: StepOutput, batch: dict[str, Any], stage: str) -> None:
-        self._eval_token_modality = step.extras.get("token_modality")
+        modality = self._eval_token_modality = step.extras.get("token_modality")
+        if not step.routing or modality is None:
+            return
+        real = step.token_mask.reshape(-1).bool()
+        flat = modality.reshape(-1)
+        for name in {m for m in self.moe_options.experts if m != DENSE}:
+            rows = real & (flat == MODALITIES.index(name))
+            if not rows.any():
+                continue
+            slots = torch.tensor([j for j, e in enumerate(self.moe_options.experts) if e == name], device=flat.device)
+            chosen = torch.cat([r.indices[rows] for r in step.routing])  # (tokens × layers, k)
+            self.own_expert[f"{name}_own"].update(torch.isin(chosen, slots).sum().float())
+            self.own_expert[f"{name}_all"].update(torch.tensor(float(chosen.numel()), device=flat.device))
+
+    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """`<stage>/routing/<modality>_own_expert_share`: the share of a modality's routed token slots (over all
+        MoE layers) that went to its own expert slot(s); routing blind to modality gives (its slots) / E."""
+        values = {}
+        for name in sorted({m for m in self.moe_options.experts if m != DENSE}):
+            own, total = self.own_expert[f"{name}_own"], self.own_expert[f"{name}_all"]
+            if total.update_called:
+                count = total.compute()
+                if count > 0:
+                    values[f"{stage}/routing/{name}_own_expert_share"] = own.compute() / count
+            own.reset()
+            total.reset()
+        return values
