@@ -18,9 +18,15 @@ CONFIGS = ROOT / "configs"
 BEFORE = ROOT / "tests" / "fixtures" / "pre_restructure" / "print_config"
 
 
+# config folders shipped after the restructure: no printed config from before exists for them
+NEWER = ("unimoe",)
+
+
 def shipped_configs() -> list[Path]:
-    """Runnable configs: `configs/_base/` holds parts that the others include, not runs."""
-    return sorted(p for p in CONFIGS.rglob("*.yaml") if "_base" not in p.relative_to(CONFIGS).parts)
+    """Runnable configs that existed before the restructure: `configs/_base/` holds parts that the others
+    include, not runs; `NEWER` folders came later (their CLI tests check them)."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml")
+                  if not {"_base", *NEWER} & set(p.relative_to(CONFIGS).parts))
 
 
 

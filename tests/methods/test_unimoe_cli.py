@@ -12,10 +12,7 @@ from lightning_moe.methods import BackboneConfig, UniMoE
 from lightning_moe.models import MultimodalLM, expert_layers
 from tests.conftest import ROOT
 from tests.methods.test_unimoe import forced
-from tests.test_cli import FAST, workdir  # noqa: F401  (fixture)
-
-UNIMOE = ["configs/unimoe/align.yaml", "configs/unimoe/experts.yaml", "configs/unimoe/experts_video.yaml",
-          "configs/unimoe/experts_image.yaml", "configs/unimoe/moe.yaml"]
+from tests.test_cli import FAST, UNIMOE, assert_outputs_load_safely, workdir  # noqa: F401  (fixture)
 
 
 def fit(config: str, *extra: str):
@@ -43,6 +40,7 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir):
     assert "routing/layer0/val_modality_expert_heatmap" in events.Tags()["images"]
     assert any(t.startswith("val/routing/") and t.endswith("_own_expert_share") for t in events.Tags()["scalars"])
     assert (workdir / "runs/unimoe/moe/merged/multimodal_config.json").is_file()
+    assert_outputs_load_safely(workdir)
 
     # must-show 1, through the shipped configs' outputs: a fresh stage-3 model, forced to each slot
     method = UniMoE(stage="moe", backbone=BackboneConfig(pretrained="runs/unimoe/align/model"),
