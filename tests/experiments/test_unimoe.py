@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lightning_moe.experiments import unimoe
 
 
@@ -17,6 +19,7 @@ def test_verdict_rules():
     assert unimoe.verdict({"unimoe": [0.72], "copies": [0.7], "dense": [0.7]}) == "confirmed"  # exactly the margin
 
 
+@pytest.mark.slow  # eight CLI runs, each decoding the audio clips at set-up: about 3.5 min on 2 busy cores
 def test_quick_run_writes_results(tmp_path):
     written = unimoe.main(["--out", str(tmp_path), "--quick"])
     summary = json.loads((tmp_path / "results.json").read_text())
