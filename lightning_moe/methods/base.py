@@ -15,7 +15,7 @@ Validation/test batches come from one dataloader per domain; each sample also ca
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import lightning as L
@@ -70,6 +70,12 @@ class BackboneConfig:
     # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
     allow_unsafe_checkpoint: bool = False
     trust_remote_code: bool = False  # ... and a Hugging Face model's own Python code
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a checkpoint written before a field existed (e.g. the audio ones, issue 14) holds no value for it: its default
+        defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                    for f in fields(self) if f.default is not MISSING or f.default_factory is not MISSING}
+        self.__dict__.update({**defaults, **state})
 
 
 @checkpoint_safe

@@ -103,8 +103,12 @@ class MultimodalLM(nn.Module):
         connector = self.connectors[modality]
         return connector(features.to(next(connector.parameters()).dtype))
 
-    def encode(self, modality: str, values: torch.Tensor,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(items, ...) raw inputs -> (items, N, llm_hidden) projected features (`encode_items` also gives their mask)."""
+        return self.encode_items(modality, values, mask)[0]
+
+    def encode_items(self, modality: str, values: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw inputs of `items` items -> ((items, N, llm_hidden) projected features, (items, N) bool mask or None).
 
         image (items, 3, H, W); audio (items, C, n_mels, frames) with a (items, C) window mask: each real
@@ -152,7 +156,7 @@ class MultimodalLM(nn.Module):
             values = modality_inputs.get(MODALITY_INPUTS[modality])
             if values is not None and values.shape[0] > 0:
                 mask = modality_inputs.get(MODALITY_MASKS.get(modality, ""))
-                feats, feat_mask = self.encode(modality, values, mask)
+                feats, feat_mask = self.encode_items(modality, values, mask)
                 features[self.placeholder_ids[modality]] = (feats, feat_mask, MODALITIES.index(modality))
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
         for modality, token_id in self.placeholder_ids.items():

@@ -110,18 +110,18 @@ def test_padded_windows_and_frames_do_not_change_the_output(tokenizer):
 def test_video_mean_pools_encoder_features_over_real_frames(tokenizer):
     model = build(tokenizer, video_pooling="mean")
     values, mask = torch.randn(2, 4, 3, 32, 32), torch.tensor([[True, True, True, False], [True, False, False, False]])
-    features, feature_mask = model.encode("video", values, mask)
+    features, feature_mask = model.encode_items("video", values, mask)
     tower, connector = model.encoders["image"], model.connectors["image"]
     expected = torch.stack([tower(values[0, :3]).mean(0), tower(values[1, :1]).mean(0)])
     torch.testing.assert_close(features, connector(expected))
     assert feature_mask.all()
     # mean pooling forgets frame order; concat keeps it
     reversed_frames = torch.cat([values[:, :3].flip(1), values[:, 3:]], dim=1)
-    torch.testing.assert_close(model.encode("video", reversed_frames[:1], mask[:1])[0], features[:1])
+    torch.testing.assert_close(model.encode("video", reversed_frames[:1], mask[:1]), features[:1])
     model.video_pooling = "concat"
-    concat, _ = model.encode("video", values[:1], mask[:1])
+    concat = model.encode("video", values[:1], mask[:1])
     assert concat.shape[1] == 4 * 16
-    assert not torch.allclose(model.encode("video", reversed_frames[:1], mask[:1])[0], concat)
+    assert not torch.allclose(model.encode("video", reversed_frames[:1], mask[:1]), concat)
 
 
 def test_round_trip_keeps_audio_and_video(tokenizer, tmp_path):
