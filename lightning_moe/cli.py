@@ -7,12 +7,20 @@ when `--config` is given several times. The data module's tokenizer is the model
 a config names it once. The default progress bar counts optimizer steps to `max_steps`
 (`callbacks.StepProgressBar`). `effective_config` reads what a config means once its includes
 (configs/_base/) and defaults are applied, for code that derives one config from another.
+
+Every run also gets (`add_run_safety`): a `NonFiniteGuard` (a NaN/inf loss or gradient stops the
+run before it reaches the weights or a checkpoint) and `AtomicCheckpointIO` (a checkpoint is
+written beside its target and renamed over it). The config is saved into the logger's directory,
+never into the working directory when there is no logger (`LogDirSaveConfig`). `main` turns the
+errors a user can fix (a missing path, a damaged checkpoint, a config typo) into one message
+naming the path or key; `--debug` (or `LIGHTNING_MOE_DEBUG=1`) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,9 +28,50 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import StepProgressBar
+from lightning_moe.callbacks import StepProgressBar
+from lightning_moe.callbacks.checkpoint_io import AtomicCheckpointIO
+from lightning_moe.callbacks.guards import NonFiniteError, NonFiniteGuard
+from lightning_moe.errors import explain
+
+
+class LogDirSaveConfig(SaveConfigCallback):
+    """Lightning's config saving, skipped when the run has no logger.
+
+    Without a logger `trainer.log_dir` is the working directory, where Lightning would silently
+    overwrite any `config.yaml` the user keeps there."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            if not self.already_saved:
+                rank_zero_info("no logger: the resolved config is not saved (print it with --print_config)")
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+def add_run_safety(config: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments with the run-safety defaults: a `NonFiniteGuard` unless one is configured,
+    `AtomicCheckpointIO` unless a CheckpointIO plugin is given."""
+    callbacks = config.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+    if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+        callbacks.append(NonFiniteGuard())
+    config["callbacks"] = callbacks
+    plugins = config.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+    strategy = config.get("strategy")
+    # sharded strategies (FSDP, DeepSpeed, ModelParallel) write their checkpoints with their own IO
+    name = (strategy if isinstance(strategy, str) else type(strategy).__name__).lower().replace("_", "")
+    sharded = any(s in name for s in ("fsdp", "deepspeed", "modelparallel"))
+    if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    config["plugins"] = plugins or None
+    return config
+
 
 
 def help_for_named_model(argv: list[str]) -> list[str]:
@@ -43,10 +92,15 @@ def help_for_named_model(argv: list[str]) -> list[str]:
 
 class LightningMoECLI(LightningCLI):
     def __init__(self, *args, **kwargs):
-        if isinstance(kwargs.get("args"), list) or kwargs.get("args") is None:
-            kwargs["args"] = help_for_named_model(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        if isinstance(kwargs.get("args"), list):
+            kwargs["args"] = help_for_named_model(kwargs["args"])
+        elif kwargs.get("args") is None:
+            # rewritten in place: passing `args` as well would make Lightning warn that both were given
+            sys.argv[1:] = help_for_named_model(sys.argv[1:])
+        # exit_on_error=False: a parse error is raised to `main`, which prints its one line without the usage dump
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf", "exit_on_error": False})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", LogDirSaveConfig)
         super().__init__(L.LightningModule, L.LightningDataModule, *args,
                          subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
@@ -55,21 +109,45 @@ class LightningMoECLI(LightningCLI):
         # checkpoint still loads without the data module
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
 
-    def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Lightning's trainer, with `StepProgressBar` in place of the bar Lightning adds by default
-        (kept: a bar the config names; none: `enable_progress_bar: false`)."""
-        # looked at before the trainer exists: Lightning appends its default bar to this same list
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's trainer with the run-safety defaults (`add_run_safety`), and `StepProgressBar` in place
+        of the bar Lightning adds by default (kept: a bar the config names; none: `enable_progress_bar: false`)."""
+        trainer_init = self._get(self.config_init, "trainer", default={})
+        # looked at before the trainer exists: Lightning appends its default bar to the callbacks
+        configured = trainer_init.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
         own_bar = any(isinstance(c, ProgressBar) for c in configured)
-        trainer = super().instantiate_trainer(**kwargs)
+        extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        trainer = self._instantiate_trainer(add_run_safety({**trainer_init, **kwargs}), extra_callbacks)
         default = trainer.progress_bar_callback
         if default is not None and not own_bar:
             trainer.callbacks[trainer.callbacks.index(default)] = StepProgressBar()
         return trainer
 
 
+# ----------------------------------------------------------------------------- clear errors
+DEBUG_FLAG = "--debug"
+
+
 def main(args: list[str] | None = None) -> LightningMoECLI:
-    return LightningMoECLI(args=args)
+    """Run the CLI; a user-fixable error prints one message and exits with status 1 (`--debug`: traceback)."""
+    debug = os.environ.get("LIGHTNING_MOE_DEBUG", "") not in ("", "0")
+    if args is None:  # the command line: LightningCLI reads sys.argv itself (and warns if given both)
+        debug |= DEBUG_FLAG in sys.argv
+        sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
+    else:
+        debug |= DEBUG_FLAG in args
+        args = [a for a in args if a != DEBUG_FLAG]
+    if debug:
+        return LightningMoECLI(args=args)
+    try:
+        return LightningMoECLI(args=args)
+    except (Exception, SystemExit) as error:
+        message = explain(error)
+        if message is None:
+            raise
+        print(f"error: {message}\n(run again with {DEBUG_FLAG} for the full traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -83,3 +161,7 @@ def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> d
             if exit_.code not in (0, None):
                 raise
     return yaml.safe_load(out.getvalue())
+
+
+__all__ = ["LightningMoECLI", "LogDirSaveConfig", "NonFiniteError", "add_run_safety", "effective_config",
+           "help_for_named_model", "main"]

@@ -12,9 +12,10 @@ from lightning_moe.cli import main
 from lightning_moe.methods import MoETuning
 from tests.conftest import ROOT
 
-# configs/_base/ holds the parts every config includes (trainer, data), not runnable configs
+# configs/_base/ holds the parts every config includes (trainer, data), not runnable configs; configs/strategies/
+# holds trainer-only files composed after a method's config (tests/distributed/test_strategies.py)
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
-                 if "_base" not in p.relative_to(ROOT / "configs").parts)
+                 if not {"_base", "strategies"} & set(p.relative_to(ROOT / "configs").parts))
 STAGES = ["configs/moe_llava/stage1_align.yaml", "configs/moe_llava/stage2_instruct.yaml",
           "configs/moe_llava/stage3_moe.yaml"]
 # LLaVA-MoD: the teacher, then the student's stages, each reading the previous outputs

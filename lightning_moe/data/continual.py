@@ -42,6 +42,9 @@ class TaskSpec:
 class ContinualDataModule(DomainMixtureDataModule):
     """A task sequence (see the module docstring).
 
+    Each epoch's loader is new and draws with the same `seed` (as before resumable loaders), so a task's
+    batches do not depend on its position in the sequence.
+
     Args:
         tasks: the tasks in training order. None: the domains found under `root` (each
             `<domain>/{train,test}.jsonl`), in `order` if given, else in name order.
@@ -52,6 +55,8 @@ class ContinualDataModule(DomainMixtureDataModule):
         **kwargs: `DomainMixtureDataModule`'s arguments (root, tokenizer, batch_size, ...);
             `max_eval_samples_per_domain` caps each task's test split.
     """
+
+    reseed_sampler_every_epoch = False
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from jsonargparse.typing import restricted_number_type
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from lightning_moe.data.dataset import (
     SKIPPED_RECORDS,
@@ -41,6 +41,7 @@ from lightning_moe.data.dataset import (
 )
 from lightning_moe.data.records import where
 from lightning_moe.data.skips import SkipLog
+from lightning_moe.data.sampler import ResumableDataLoader, ResumableSampler
 from lightning_moe.paths import resolve_data_path
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer
 
@@ -322,21 +323,33 @@ class DomainMixtureDataModule(L.LightningDataModule):
         weights = {name: self.domains[name].weight for name in sizes}
         return mixture_probabilities(sizes, weights, self.hparams.sampling, self.hparams.temperature)
 
-    def train_sampler(self, dataset: ConcatDataset) -> Sampler:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+    # False: every epoch draws with the same seed (a DataModule that builds a new loader per epoch, per task)
+    reseed_sampler_every_epoch = True
+
+    def train_sampler(self, dataset: ConcatDataset) -> ResumableSampler:
+        """The training order: resumable mid-epoch and sharded over processes (data/sampler.py)."""
         num_samples = self.hparams.samples_per_epoch
         if self.hparams.sampling == "proportional" and num_samples is None:
-            return RandomSampler(dataset, generator=generator)
-        # per-sample weight p(domain) / size(domain): a domain is drawn with p(domain), then uniformly within.
-        probabilities = self.domain_probabilities()
-        weights = torch.cat(
-            [torch.full((len(d),), probabilities[d.domain] / len(d), dtype=torch.double) for d in dataset.datasets]
-        )
-        return WeightedRandomSampler(weights, num_samples or len(dataset), replacement=True, generator=generator)
+            size = len(dataset)
+            draw = partial(_permutation, size)  # a plain shuffle, as torch's RandomSampler draws it
+        else:
+            # per-sample weight p(domain) / size(domain): a domain is drawn with p(domain), then uniformly within.
+            probabilities = self.domain_probabilities()
+            weights = torch.cat(
+                [torch.full((len(d),), probabilities[d.domain] / len(d), dtype=torch.double) for d in dataset.datasets]
+            )
+            size = num_samples or len(dataset)
+            draw = partial(_weighted_draws, weights, size)  # as torch's WeightedRandomSampler draws them
+        trainer = getattr(self, "trainer", None)  # the process group, once a Trainer is attached
+        world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
+        return ResumableSampler(draw, size, self.hparams.batch_size, seed=self.hparams.seed,
+                                reseed_every_epoch=self.reseed_sampler_every_epoch, num_replicas=world, rank=rank)
 
     def _loader(self, dataset, batch_size: int, sampler: Sampler | None = None, collate=collate_batch) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        # a training loader carries its position in the epoch into checkpoints (exact resume)
+        loader_class = ResumableDataLoader if isinstance(sampler, ResumableSampler) else DataLoader
+        return loader_class(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -362,3 +375,11 @@ class DomainMixtureDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         """The test split, one loader per domain (generation on held-out data)."""
         return self._eval_loaders("test")
+
+
+def _permutation(size: int, generator: torch.Generator) -> list[int]:
+    return torch.randperm(size, generator=generator).tolist()
+
+
+def _weighted_draws(weights: torch.Tensor, size: int, generator: torch.Generator) -> list[int]:
+    return torch.multinomial(weights, size, replacement=True, generator=generator).tolist()

@@ -42,7 +42,7 @@ from safetensors.torch import save, save_file
 from torch import Tensor, nn
 
 from ..layers import SparseMoE
-from ..models import MultimodalLM
+from ..models import MultimodalLM, expert_layers
 from .memory import drop_from_page_cache, evict_from_page_cache, require_page_cache_advice, tensor_bytes
 from .quantize import FLOAT_BITS, QuantizedTensor, bits_label, dequantize, quantize
 
@@ -62,11 +62,6 @@ EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_bias", "up_bia
 
 class StoreError(ValueError):
     """A store that cannot be used: missing/corrupted/truncated file, wrong model, bad manifest."""
-
-
-def expert_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
-    """The SparseMoE layers of a model in module order: index i is MoE layer i of the store."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
 
 
 def expert_keys(model: nn.Module) -> set[str]:

@@ -40,6 +40,8 @@ class VisionTower(nn.Module):
         cfg = model.config
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.hidden_size = cfg.hidden_size
+        for module in self.unused_modules():
+            _parameters_to_buffers(module)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -47,11 +49,51 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
-        out = self.model(pixel_values.to(dtype), output_hidden_states=True)
-        features = out.hidden_states[self.feature_layer]
+        features = self.hidden_state(pixel_values.to(dtype))
         if features.shape[1] == self.num_patches + 1:  # CLIP prepends a CLS token; LLaVA drops it
             features = features[:, 1:]
         return features
+
+
+    def unused_modules(self) -> list[nn.Module]:
+        """Parts of the tower the features never depend on: its pooling (CLIP's and SigLIP's `post_layernorm`,
+        SigLIP's `head`) and the layers after `feature_layer`. Their weights are kept as buffers, so checkpoints
+        and Hugging Face exports keep every tensor, but they are not parameters: no freeze plan can make them
+        trainable, and DDP does not wait for gradients they never get."""
+        layers = getattr(getattr(self.model, "encoder", None), "layers", None)
+        if not hasattr(self.model, "embeddings") or layers is None:
+            return []
+        count = len(layers) + 1
+        after = list(layers[self.feature_layer % count:]) if -count <= self.feature_layer < count else []
+        pooling = [getattr(self.model, name) for name in ("post_layernorm", "head") if hasattr(self.model, name)]
+        return [m for m in pooling if isinstance(m, nn.Module)] + after
+
+    def hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`model(pixel_values, output_hidden_states=True).hidden_states[feature_layer]`, running only the layers
+        it needs: the tower's pooling (CLIP's `post_layernorm`, SigLIP's `post_layernorm` and `head`) and the layers
+        after `feature_layer` never touch the features, and parameters that get no gradient make DDP fail."""
+        model = self.model
+        layers = getattr(getattr(model, "encoder", None), "layers", None)
+        if not hasattr(model, "embeddings") or layers is None:  # another tower layout: the generic path
+            return model(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+        count = len(layers) + 1  # hidden_states: the embeddings' output, then one per layer
+        if not -count <= self.feature_layer < count:
+            raise IndexError(f"vision_feature_layer {self.feature_layer} is out of range for a {len(layers)}-layer tower")
+        hidden = model.embeddings(pixel_values)
+        if hasattr(model, "pre_layrnorm"):  # CLIP normalises before the encoder (hidden_states[0] includes it)
+            hidden = model.pre_layrnorm(hidden)
+        for layer in layers[: self.feature_layer % count]:
+            hidden = layer(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers return tuples
+        return hidden
+
+
+def _parameters_to_buffers(module: nn.Module) -> None:
+    """Turn every parameter of `module` into a persistent buffer of the same name (same state_dict keys)."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            delattr(sub, name)
+            sub.register_buffer(name, param.detach())
 
 
 def vision_model_class(config: PretrainedConfig) -> type:

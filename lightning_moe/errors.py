@@ -1,0 +1,114 @@
+"""One clear message for the errors a user fixes (a missing path, a damaged checkpoint, a config typo).
+
+`explain(error)` returns that message, or None when the error looks like a bug (which then keeps
+its traceback). The CLI prints it instead of a traceback (lightning_moe/cli.py, `--debug` shows the
+traceback). Errors raised while jsonargparse instantiates a class reach here as text wrapped in
+"Does not validate against any of the Union subtypes" and followed by a dump of the parsed
+Namespace; the original message is dug out of that text and the dump dropped.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from types import TracebackType
+
+# errors whose message already names what is wrong (our own code raises them with the path or key)
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_CHECKPOINT_ERRORS = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, OSError)
+# lines of jsonargparse's wrapping that say nothing about the cause
+_NOISE = re.compile(r"Does not validate against any of the|Given value|Not a valid subclass|Namespace\(|^Subtypes:|^Errors:|"
+                    r"Expected a <class|Problem with given class_path|^\s*- |Subclass types expect|"
+                    r"Does not validate against|Type <class|Parser key|Unable to load config")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and its causes, outermost first (jsonargparse raises its Union error from the real one)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return chain
+
+
+def _frame_local(error: BaseException, function: str, name: str, file_suffix: str = "") -> object | None:
+    """Local `name` of the innermost call of `function` (in a file ending with `file_suffix`) in `error`'s traceback."""
+    found = None
+    tb: TracebackType | None = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == function and code.co_filename.endswith(file_suffix) and name in tb.tb_frame.f_locals:
+            found = tb.tb_frame.f_locals[name]
+        tb = tb.tb_next
+    return found
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be a torch checkpoint (missing, empty, truncated), or None if it looks whole."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return None
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return f"is truncated or not a torch checkpoint ({size} bytes, no complete zip archive)"
+    return None
+
+
+def _from_argument_error(text: str) -> str:
+    """The cause inside jsonargparse's text, without the Union wrapping or the Namespace dump."""
+    text = text.split("Namespace(", 1)[0]
+    key = re.search(r'Parser key "([^"]+)"', text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    useful = [line for line in lines if not _NOISE.search(line)]
+    # the innermost cause is the last useful line (jsonargparse nests "Problem with ...: <cause>")
+    for line in reversed(useful or lines):
+        cause = re.sub(r"^.*?(?:Problem with given class_path [^:]+:|instantiating [^:]+:)\s*", "", line)
+        if cause:
+            cause = cause.rstrip(" :")
+            return f"{key.group(1)}: {cause}" if key and key.group(1) not in cause else cause
+    return text.strip()[:500]
+
+
+def _explain_one(error: BaseException) -> str | None:
+    from lightning_moe.callbacks.guards import NonFiniteError
+
+    if isinstance(error, NonFiniteError):
+        return str(error)
+    checkpoint = _frame_local(error, "load", "f", "torch/serialization.py")
+    if isinstance(checkpoint, (str, Path)) and isinstance(error, _CHECKPOINT_ERRORS):
+        problem = checkpoint_problem(checkpoint) or f"cannot be read ({type(error).__name__}: {str(error)[:200]})"
+        return (f"checkpoint {checkpoint} {problem}: point --ckpt_path (or the stage's `pretrained`) to a complete "
+                "checkpoint, e.g. the run's last.ckpt or an earlier epoch's file")
+    tokenizer = _frame_local(error, "load_tokenizer", "name_or_path")
+    if tokenizer is not None and isinstance(error, (OSError, ValueError)) and not Path(str(tokenizer)).exists():
+        return (f"tokenizer {tokenizer} not found: give a tokenizer directory or a Hugging Face tokenizer name "
+                "(the shipped one is data/tokenizer)")
+    if isinstance(error, _USER_ERRORS):
+        return str(error)
+    return None
+
+
+def explain(error: BaseException) -> str | None:
+    """The one message to print for a user-fixable `error`, or None (see the module docstring)."""
+    from jsonargparse import ArgumentError
+
+    if isinstance(error, SystemExit):
+        return None  # --help, --print_config, or an exit that already printed its reason
+    chain = _chain(error)
+    for cause in reversed(chain):  # the innermost cause says what is wrong
+        message = _explain_one(cause)
+        if message is not None:
+            return message
+    wrapped = "Does not validate against any of the Union subtypes" in str(error)
+    if wrapped and isinstance(chain[-1], (ValueError, TypeError, KeyError)):
+        # a class refused its arguments (our classes raise ValueError naming the key): its own message only
+        return str(chain[-1]) if len(chain) > 1 else _from_argument_error(str(error))
+    if isinstance(error, ArgumentError):
+        return _from_argument_error(str(error))
+    return None

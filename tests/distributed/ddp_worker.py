@@ -1,0 +1,24 @@
+"""One rank of a 2-process DDP run (gloo, CPU), started by tests/distributed/test_ddp.py as torchrun would.
+
+Every rank gets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the test, so
+Lightning's environment knows the processes were created outside it and each `Trainer` joins the
+same process group. argv: OUT_DIR, then one JSON list of CLI argument lists, one run per entry;
+rank 0 writes run i's trainable weights to OUT_DIR/i.pt.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from lightning_moe.cli import main
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    for i, args in enumerate(json.loads(sys.argv[2])):
+        cli = main(args)
+        if int(os.environ["RANK"]) == 0:
+            state = {n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad}
+            torch.save({"state": state, "global_step": cli.trainer.global_step}, out / f"{i}.pt")
