@@ -5,6 +5,7 @@ with experts offloaded (must-show 6); TensorBoard gets the modality x expert hea
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightning_moe.cli import main
@@ -13,6 +14,10 @@ from lightning_moe.models import MultimodalLM, expert_layers
 from tests.conftest import ROOT
 from tests.methods.test_unimoe import forced
 from tests.test_cli import FAST, UNIMOE, assert_outputs_load_safely, workdir  # noqa: F401  (fixture)
+
+# the shipped audio/video data (data/media) and its DataModule options come with the data side of issue 14
+media = pytest.mark.skipif(not (ROOT / "data/media/beeps/train.jsonl").is_file(),
+                           reason="data/media (issue 14's data side) is not in this checkout yet")
 
 
 def fit(config: str, *extra: str):
@@ -25,6 +30,7 @@ def eval_batch(cli) -> dict:
     return next(iter(cli.datamodule.val_dataloader()[0]))
 
 
+@media
 def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir):
     for config in UNIMOE[:-1]:
         cli = fit(config)
@@ -61,6 +67,7 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir):
             torch.testing.assert_close(got, stage2(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+@media
 def test_experts_run_refuses_mixed_data(workdir):
     fit(UNIMOE[0])
     try:
