@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch (a local file on the project's machines); set TORCH_SPEC="torch" for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 RUN_CONFIG ?= configs/quickstart.yaml
-PYTEST_ARGS ?=
+# one pytest-xdist worker per core (tests/conftest.py gives each worker one torch thread)
+PYTEST_ARGS ?= -n auto
 
-.PHONY: install run test test-fast clean-runs
+.PHONY: install run test test-fast mutate check-mutants clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,29 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Mutation testing (docs/testing.md), not part of `test` or CI: the functions every reported number rests on,
+# each mutant run against the tests that reach it ([tool.mutmut] in pyproject.toml), at low priority.
+MUTATE_JOBS ?= 2
+MUTANTS ?= "lightning_moe.metrics.*" \
+	"lightning_moe.layers.routing.x__balance_terms__mutmut_*" "lightning_moe.layers.routing.x_load_balancing_loss__mutmut_*" \
+	"lightning_moe.layers.routing.x_router_z_loss__mutmut_*" \
+	"lightning_moe.methods.distill.x_distillation_kl__mutmut_*" "lightning_moe.methods.distill.x_sequence_logprobs__mutmut_*" \
+	"lightning_moe.methods.distill.x_dpo_loss__mutmut_*" "lightning_moe.methods.distill.x_kto_pair_loss__mutmut_*" \
+	"lightning_moe.experiments.conflict.x_learnt_domains__mutmut_*" \
+	"lightning_moe.experiments.conflict.x_conflicted_domains__mutmut_*" \
+	"lightning_moe.experiments.conflict.x_summarise__mutmut_*" "lightning_moe.experiments.distill.x_verdict_lines__mutmut_*"
+
+mutate: install
+	$(PY) -m pip install --quiet -e ".[test,mutate]"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
+# The named mutants of issue 17 (tests/mutants/check_named_mutants.py): each applied to a copy of the
+# repository must fail the tests that guard it.
+check-mutants: install
+	OMP_NUM_THREADS=1 $(PY) tests/mutants/check_named_mutants.py
 
 clean-runs:
 	rm -rf runs

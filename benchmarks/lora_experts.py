@@ -135,6 +135,19 @@ def measure(fns: dict, reps: int, warmup: int) -> dict[str, tuple[float, float]]
     return {n: (statistics.median(times[n]) * 1e3, min(times[n]) * 1e3, peaks[n]) for n in fns}
 
 
+def check_lora_parity(ours: MLP, peft: MLP, x: torch.Tensor) -> None:
+    """Ours and peft's LoRA, given the same (non-zero) A and B on the same base, compute the same MLP:
+    the timings compare equal work."""
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mine, theirs = getattr(ours, name), getattr(peft, name)
+            nn.init.normal_(mine.lora_B.weight, std=0.01)
+            theirs.lora_A["default"].weight.copy_(mine.lora_A.weight)
+            theirs.lora_B["default"].weight.copy_(mine.lora_B.weight)
+        torch.testing.assert_close(ours(x), peft(x), rtol=1e-4, atol=1e-5)
+    print("parity: ok (our LoRA = peft's LoRA on the same weights)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions, for a smoke run")
@@ -146,6 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     T, H, I, E, r = args.tokens, args.hidden, args.inter, args.experts, args.r
     reps, warmup = (3, 1) if args.quick else (15, 3)
+    if args.quick:  # a smoke run: small enough for the test suite
+        T, H, I = min(T, 256), min(H, 64), min(I, 160)
     torch.manual_seed(0)
     base = MLP(H, I)
     fresh = lambda: MLP(H, I).requires_grad_(False)  # noqa: E731
@@ -170,6 +185,7 @@ def main() -> None:
     }
     x = torch.randn(T, H, requires_grad=False)
     grad = torch.randn(T, H)
+    check_lora_parity(modules[f"LoRA r={r} (ours)"], modules[f"LoRA r={r} (peft)"], x)
     results = measure({n: step_fn(m, x, grad) for n, m in modules.items()}, reps, warmup)
     tokens_per_expert = torch.bincount(mole.last_routing.indices[:, 0], minlength=E).tolist()
 

@@ -1,12 +1,14 @@
 """Training step time of MoLE against plain LoRA of the same rank, on the whole multimodal model.
 
-    python benchmarks/mole_step.py [--rank 1] [--steps 30] [--threads 1]
+    python benchmarks/mole_step.py [--rank 1] [--steps 30] [--threads 1] [--quick]
 
 The conflict experiment times its runs one after another, so on a shared machine a run that
 happens to meet other jobs looks slower. Here the methods (`LoRATuning`, `MoLE` with 2 and 3
 experts) step in turns, interleaved, in one process, on the same batches of the shipped data
 (batch 64, all domains), each step = forward + backward + AdamW; the medians and their ratios
-to plain LoRA are printed as a markdown table with the date and the machine.
+to plain LoRA are printed as a markdown table with the date and the machine. Before timing, a parity
+check: built from one seed, every method starts from the same base weights with its adapters' B at
+zero, so all compute the same first loss (they time the same model, not three different ones).
 """
 
 from __future__ import annotations
@@ -32,19 +34,30 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method (after 3 warm-up steps)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps of batch 8")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.batch_size = 2, 8
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = str(ROOT / "data/tokenizer")
-    data = DomainMixtureDataModule(root=str(ROOT / "data/shapes"), tokenizer=tokenizer, batch_size=64)
+    data = DomainMixtureDataModule(root=str(ROOT / "data/shapes"), tokenizer=tokenizer, batch_size=args.batch_size)
     data.setup("fit")
     batches = [b for _, b in zip(range(8), data.train_dataloader())]
     backbone = BackboneConfig(vision_feature_layer=-1)  # the tiny preset the experiment's base uses
     lora = LoRAOptions(r=args.rank, alpha=2.0 * args.rank)
+    torch.manual_seed(0)  # every method's base from the same seed: the parity check below
     methods = {"LoRA": LoRATuning(lora=lora, tokenizer=tokenizer, backbone=backbone)}
     for experts in (2, 3):
+        torch.manual_seed(0)
         methods[f"MoLE {experts} experts"] = MoLE(lora=lora, experts=ExpertOptions(num_experts=experts),
                                                  tokenizer=tokenizer, backbone=backbone)
+    with torch.no_grad():
+        first = {n: m.compute_loss(batches[0]).logs["lm_loss"] for n, m in methods.items()}
+    for name, loss in first.items():
+        torch.testing.assert_close(loss, first["LoRA"], rtol=1e-5, atol=1e-6, msg=f"{name}'s first loss")
+    print("parity: ok (every method's first LM loss equals plain LoRA's: same base, adapters at zero)")
     optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
                   for n, m in methods.items()}
     times: dict[str, list[float]] = {n: [] for n in methods}
@@ -59,7 +72,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     reference = statistics.median(times["LoRA"])
     print(f"{datetime.date.today()}, {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"rank {args.rank}, batch 64, {args.steps} interleaved steps each\n")
+          f"rank {args.rank}, batch {args.batch_size}, {args.steps} interleaved steps each\n")
     print("| method | trainable params | median step ms | / LoRA |\n|---|---|---|---|")
     for name, method in methods.items():
         median = statistics.median(times[name])

@@ -104,6 +104,18 @@ class LightningMoECLI(LightningCLI):
         super().__init__(L.LightningModule, L.LightningDataModule, *args,
                          subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
+    def instantiate_classes(self) -> None:
+        # validate/test/predict --ckpt_path: the method rebuilds its model from the checkpoint's own record, so
+        # neither the stage directories nor the teacher it was trained from are needed (methods/from_checkpoint.py)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand in ("validate", "test", "predict") else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super().instantiate_classes()
+        from .methods.from_checkpoint import rebuilding_from
+
+        with rebuilding_from(ckpt_path):
+            super().instantiate_classes()
+
     def add_arguments_to_parser(self, parser) -> None:
         # token ids must mean the same on both sides; the model keeps it in its hyperparameters, so a
         # checkpoint still loads without the data module

@@ -8,8 +8,12 @@ package, and then to the copy a non-editable install carries: the wheel ships `c
 `data/tokenizer` and `data/shapes` under `lightning_moe/_shipped/` (setup.py), because an
 installed package has no checkout around it. Paths that exist as given, and absolute paths,
 are used unchanged.
+
+`model_source_error` is the one wording for a model, tokenizer or checkpoint name that is neither
+a local path nor reachable on the Hugging Face Hub (the loaders raise it; cli.py prints it).
 """
 
+import re
 from pathlib import Path
 
 # lightning_moe/paths.py -> repository root (only meaningful for a source checkout).
@@ -39,3 +43,33 @@ def resolve_data_path(path: str | Path) -> Path:
         if (root / path).exists():
             return root / path
     return path
+
+
+# A Hugging Face Hub repository id: "name" or "owner/name" of word characters, dots and dashes.
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def could_be_hub_id(name: str | Path) -> bool:
+    """Whether `name` may name a Hub repository (else it can only be a local path): `owner/name` form, and not
+    under a local directory (`data/tokenzier` is a typo in a path, not a repository of a user "data")."""
+    text = str(name)
+    if not _HUB_ID.fullmatch(text) or text.startswith((".", "~")) or text.endswith((".ckpt", ".pt")):
+        return False
+    parent = Path(text).parent
+    return parent == Path(".") or not (parent.is_dir() or (REPO_ROOT / parent).is_dir())
+
+
+def model_source_error(what: str, name: str | Path, error: BaseException | None = None) -> FileNotFoundError:
+    """The error for a model, tokenizer or checkpoint name that is neither a local path nor reachable: it names
+    the path, where a relative one was looked for, and why the Hub was not asked or what it answered."""
+    path = Path(name)
+    looked = [str(path.resolve())]
+    if not path.is_absolute():
+        looked.append(str(REPO_ROOT / path))
+    where = " nor ".join(dict.fromkeys(looked))
+    if not could_be_hub_id(name):
+        hub = "and it cannot be a Hugging Face Hub id"
+    else:
+        reason = f": {type(error).__name__}: {str(error).splitlines()[0]}" if error is not None else ""
+        hub = f"and not reachable as a Hugging Face Hub id{reason}"
+    return FileNotFoundError(f"{what} {str(name)!r} is neither a local directory or file (no {where}) {hub}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .paths import resolve_data_path
+from .paths import could_be_hub_id, model_source_error, resolve_data_path
 from .safe_load import raise_if_remote_code
 
 IGNORE_INDEX = -100
@@ -52,12 +52,18 @@ def load_tokenizer(
     `chat_template` replaces the tokenizer's own (for base-model tokenizers that have none).
     """
     path = resolve_data_path(name_or_path)
+    if not path.exists() and not could_be_hub_id(name_or_path):  # a typo in a path: no Hub request
+        raise model_source_error("tokenizer", name_or_path)
     try:
         # a tokenizer never runs its repository's Python code here (safe_load.py)
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except ValueError as error:
         raise_if_remote_code(str(name_or_path), error)
         raise
+    except OSError as error:
+        if path.exists():
+            raise
+        raise model_source_error("tokenizer", name_or_path, error) from error
     if chat_template is not None:
         tokenizer.chat_template = chat_template
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ TOKENIZER = str(ROOT / "data" / "tokenizer")
 # Smaller than the quickstart preset: tests need shapes, not learning.
 TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+
+
+# `make test` runs one pytest-xdist worker per core: torch's default of one thread per core in every worker
+# would oversubscribe the CPU (tests that depend on the thread count set it themselves)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,26 +1,87 @@
-"""The EdgeMoE benchmark's smoke run: every speed configuration runs in its own process and reports."""
+"""The benchmarks' smoke runs check what their rows mean, not only that they run: EdgeMoE's speed table
+(each configuration in its own process: what it read, what it guessed), its quality table, and the
+parity checks of the speed scripts (same weights, same answer) that the timings rest on."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_edge_offload_quick_speed_table(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/edge_offload.py"), "--quick", "--only", "speed",
-                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_edge_offload_quick_speed_table(tmp_path):
+    run_script(str(ROOT / "benchmarks/edge_offload.py"), "--quick", "--only", "speed", "--out", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())["speed"]["results"]
     assert list(results) == ["in memory", "on demand (no cache)", "LRU cache", "EdgeMoE",
                              "EdgeMoE, frequency/distance eviction", "EdgeMoE, packed cache",
                              "EdgeMoE, lookahead prediction"]
     for name, r in results.items():
         assert r["decode_tokens_per_second"] > 0 and r["peak_rss"] > r["runtime_rss"] > 0, name
-    assert results["in memory"]["bytes_read"] == 0
-    demand = results["on demand (no cache)"]
-    assert demand["hit_rate"] == 0 and demand["bytes_read"] > 0  # every routed expert read from the store
+    memory = results["in memory"]
+    assert memory["bytes_read"] == 0 and memory["stats"] is None and memory["hit_rate"] is None
+
+    # expert files: float32 ones all one size; the planned store's at their bitwidths
+    f32_file = {p.stat().st_size for p in (tmp_path / "speed_f32/experts").iterdir()}
+    planned_files = [p.stat().st_size for p in (tmp_path / "speed_planned/experts").iterdir()]
+    assert len(f32_file) == 1
+    f32_file = f32_file.pop()
+    offloaded = {name: r["stats"] for name, r in results.items() if name != "in memory"}
+    for name, s in offloaded.items():
+        needed = s["hits"] + s["misses"]
+        assert needed > 0 and 0 <= s["hit_rate"] <= 1 and s["hit_rate"] == pytest.approx(s["hits"] / needed), name
+        assert results[name]["hit_rate"] == s["hit_rate"] and results[name]["bytes_read"] == s["bytes_read"], name
+        assert 0 <= s["prefetch_hits"] <= s["prefetch_issued"] and 0 <= s["guesses_right"] <= s["guesses"], name
+        if name in ("on demand (no cache)", "LRU cache"):  # float32 store, no prefetch: one file read per miss
+            assert s["bytes_read"] == s["misses"] * f32_file and s["guesses"] == s["prefetch_issued"] == 0, name
+        else:  # the planned store: misses and prefetched loads, each one file of the planned bitwidths
+            assert s["misses"] * min(planned_files) <= s["bytes_read"], name
+            assert s["bytes_read"] <= (s["misses"] + s["prefetch_issued"]) * max(planned_files), name
+            assert s["guesses"] > 0, name  # every EdgeMoE row predicts
+    demand, lru = offloaded["on demand (no cache)"], offloaded["LRU cache"]
+    # on demand reads every routed expert: the same routing as the cached float32 row, every use a read;
+    # at least top-2 of each decoder layer for each decoded token
+    assert demand["hits"] == 0 and demand["misses"] == lru["hits"] + lru["misses"]
+    assert demand["misses"] >= 2 * 2 * 2 * 3  # 2 layers x top-2 x 2 prompts (warm-up + 1) x 3 decode steps
+    assert lru["hits"] > 0 and lru["bytes_read"] < demand["bytes_read"]  # the cache saves reads
     assert "| EdgeMoE |" in (tmp_path / "results.md").read_text()
+
+
+def test_edge_offload_quick_quality_table(tmp_path, tokenizer):
+    """The quality table on a small saved sparse model (--checkpoint: no training in the test)."""
+    from tests.inference.conftest import make_sparse_model
+
+    make_sparse_model(tokenizer).save_pretrained(tmp_path / "model")
+    run_script(str(ROOT / "benchmarks/edge_offload.py"), "--quick", "--only", "quality", "--checkpoint",
+               str(tmp_path / "model"), "--max-eval-samples", "2", "--out", str(tmp_path / "out"))
+    quality = json.loads((tmp_path / "out/results.json").read_text())["quality"]
+    results = quality["results"]
+    assert list(results) == ["float32", "int8", "int4", "int2", "planned"]
+    sizes = [results[n]["expert_bytes"] for n in ("float32", "int8", "int4", "int2")]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4  # fewer bits, fewer bytes
+    assert sizes[-1] <= results["planned"]["expert_bytes"] <= sizes[1]  # planned: int2 to int8
+    assert all(0 <= r["exact_match"] <= 100 for r in results.values())
+    assert quality["goals"]["int8 within 1 point of float32"] == (
+        abs(results["int8"]["exact_match"] - results["float32"]["exact_match"]) <= 1.0)
+    assert "| int8 |" in (tmp_path / "out/results.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["moe_layer.py", "lora_experts.py", "mole_step.py"])
+def test_speed_script_parity_checks_run(script):
+    """Each script's --quick run asserts, before timing, that the implementations it compares compute the
+    same thing on the same weights, and prints its table."""
+    done = run_script(str(ROOT / "benchmarks" / script), "--quick")
+    assert "parity: ok" in done.stdout, done.stdout[-2000:]
+    assert "|---" in done.stdout

@@ -95,10 +95,34 @@ def test_moe_llava_stages_chain_through_their_outputs(workdir):
     assert_outputs_load_safely(workdir)
 
 
+def _scalars(cli, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cli.trainer.logger.log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
 def test_mod_stages_chain_through_their_outputs(workdir):
+    """Each stage runs from the previous one's output and changes what it should: the student's KL to the
+    teacher falls over the mimic steps; the preference steps widen the student's margin over the teacher."""
+    from lightning_moe.models.multimodal import load_backbone
+
+    steps = ["--trainer.max_steps=4", "--trainer.log_every_n_steps=1"]
     for stage in MOD_STAGES:
-        cli = fit(stage)
-        assert cli.trainer.global_step == 2
+        cli = fit(stage, *(steps if "mimic" in stage else []))
+        assert cli.trainer.global_step == (4 if "mimic" in stage else 2)
+        if "mimic" in stage:
+            kd = _scalars(cli, "train/kd_loss")
+            assert len(kd) == 4 and kd[-1] < kd[0], (stage, kd)
+    # the preference stage's margin on its first batch, with the student it started from and the one it made
+    method = cli.model.train()
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    with torch.no_grad():
+        after = method.compute_loss(batch).logs["rewards/margin"].item()
+        method.model.load_state_dict(load_backbone(workdir / "runs/mod/mimic_sparse/model").state_dict())
+        before = method.compute_loss(batch).logs["rewards/margin"].item()
+    assert after > before, (before, after)
     for output in ("teacher", "mimic_dense", "mimic_sparse", "preference"):
         assert (workdir / f"runs/mod/{output}/model/model.safetensors").is_file()
     assert cli.model.stage == "preference" and cli.model.model.surgery[0]["op"] == "upcycle"

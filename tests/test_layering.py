@@ -34,7 +34,8 @@ import lightning_moe
 
 PACKAGE = Path(lightning_moe.__file__).parent
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics")
-COMMANDS = ("lightning_moe.cli", "lightning_moe.edge", "lightning_moe.callbacks", "lightning_moe.experiments")
+COMMANDS = ("lightning_moe.cli", "lightning_moe.edge", "lightning_moe.export", "lightning_moe.callbacks",
+            "lightning_moe.experiments")
 
 
 def _pkg(name: str) -> str:
@@ -47,6 +48,9 @@ FORBIDDEN = {
     "data": (_pkg("models"), _pkg("methods"), *COMMANDS),
     "inference": (*LIGHTNING, _pkg("data"), _pkg("metrics"), _pkg("methods"), *COMMANDS),
     "tokens": (*LIGHTNING, _pkg("data"), _pkg("models"), _pkg("methods"), *COMMANDS),
+    # the export command works on models/ (a .ckpt through models' loader), never on a LightningModule
+    "export": (*LIGHTNING, _pkg("methods"), _pkg("data"), _pkg("metrics"), _pkg("cli"), _pkg("edge"),
+               _pkg("callbacks"), _pkg("experiments")),
 }
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 

@@ -8,11 +8,13 @@ from lightning_moe.data.conversation import ChatTemplateError, ConversationToken
 from lightning_moe.data.continual import ContinualDataModule, TaskSpec
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
 from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
+from lightning_moe.data.modalities import AudioFeatures, VideoFrames
 from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
 from lightning_moe.data.records import BadRecordError, Message, SkippedRecord, parse_record, read_llava_records
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
 __all__ = [
+    "AudioFeatures",
     "BadRecordError",
     "ChatTemplateError",
     "ContinualDataModule",
@@ -29,6 +31,7 @@ __all__ = [
     "SkippedRecord",
     "TaskSpec",
     "TokenizedConversation",
+    "VideoFrames",
     "collate_batch",
     "load_tokenizer",
     "mixture_probabilities",

@@ -39,6 +39,7 @@ from lightning_moe.data.dataset import (
     NormalizeImage,
     collate_batch,
 )
+from lightning_moe.data.modalities import AudioFeatures, VideoFrames
 from lightning_moe.data.records import where
 from lightning_moe.data.skips import SkipLog
 from lightning_moe.data.sampler import ResumableDataLoader, ResumableSampler
@@ -146,6 +147,13 @@ class DomainMixtureDataModule(L.LightningDataModule):
         max_length: conversations are truncated to this many tokens (and counted).
         image_size / image_mean / image_std: the default image transform.
         image_processor: a Hugging Face image processor name/path; replaces the default transform.
+        audio_n_mels / audio_chunk_seconds / audio_max_chunks: Whisper log-mel features of audio
+            clips, cut into windows of `audio_chunk_seconds` (Whisper: 30; short for tiny CPU
+            models), at most `audio_max_chunks` per clip (`data/modalities.py`).
+        audio_processor: a Hugging Face feature extractor name/path (a Whisper checkpoint's);
+            replaces `audio_n_mels` and `audio_chunk_seconds` with its own.
+        video_num_frames: frames per video (fewer are padded and masked, more sampled uniformly);
+            frames go through the image transform.
         max_eval_samples_per_domain: cap each validation / test domain (first N samples).
         skip_bad_records: skip and count bad records instead of raising, and skip (and count) a
             training sample that fails to decode when drawn; all listed in `skipped_records.jsonl`
@@ -172,6 +180,11 @@ class DomainMixtureDataModule(L.LightningDataModule):
         image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         image_processor: str | None = None,
+        audio_n_mels: int = 80,
+        audio_chunk_seconds: float = 30.0,
+        audio_max_chunks: int = 4,
+        audio_processor: str | None = None,
+        video_num_frames: int = 8,
         max_eval_samples_per_domain: int | None = None,
         skip_bad_records: bool = False,
         defer_train_decoding: bool = False,
@@ -197,6 +210,8 @@ class DomainMixtureDataModule(L.LightningDataModule):
         self.image_transform: ImageTransform = (
             HFImageProcessor(image_processor) if image_processor else NormalizeImage(image_size, image_mean, image_std)
         )
+        self.audio_transform = AudioFeatures(audio_n_mels, audio_chunk_seconds, audio_max_chunks, audio_processor)
+        self.video_transform = VideoFrames(self.image_transform, video_num_frames)
         self.datasets: dict[str, dict[str, LlavaDataset]] = {}  # split -> domain -> dataset
         self.data_report: dict[str, dict[str, dict]] = {}  # split -> domain -> DataReport.as_dict()
         self.skip_log = SkipLog()  # every skipped record (setup and loading), and the file listing them
@@ -239,6 +254,8 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 domain=name,
                 max_length=self.hparams.max_length,
                 image_transform=self.image_transform,
+                audio_transform=self.audio_transform,
+                video_transform=self.video_transform,
                 skip_bad_records=self.hparams.skip_bad_records,
                 max_samples=None if split == "train" else self.hparams.max_eval_samples_per_domain,
                 decode_media=not (split == "train" and self.hparams.defer_train_decoding),
@@ -261,7 +278,8 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 lines.append(
                     f"  {split}/{name}: {r.kept} of {r.records}, skipped {skipped}, "
                     f"truncated {r.truncated}, no answer tokens left {r.no_answer_tokens}, "
-                    f"image placeholder cut {r.cut_placeholders}"
+                    f"placeholder cut {r.cut_placeholders}" + (f", audio clips cut to their first windows "
+                                                               f"{r.long_audio}" if r.long_audio else "")
                 )
                 if r.skipped or r.truncated or r.no_answer_tokens or r.cut_placeholders:
                     problems.append(f"{split}/{name}")

@@ -4,7 +4,8 @@ All validation and tokenization happen in `LlavaDataset.__init__` (the DataModul
 datasets at setup), so bad records fail early, before any worker starts, and the counts of
 skipped, truncated and answerless samples are known before training. Every modality file is
 decoded in full there too (`media.py`), unless `decode_media=False` defers that for a corpus too
-large to read at setup. `__getitem__` only loads and transforms the images.
+large to read at setup. `__getitem__` only loads and transforms the media (images, audio clips,
+video frames).
 
 A file that still fails to decode when drawn (decoding deferred, or the file changed since setup)
 raises naming its record; under `skip_bad_records` the sample is skipped instead: the next sample
@@ -17,15 +18,19 @@ A sample is a dict; `collate_batch` turns a list of them into the batch dict the
     input_ids (B, T) long, right-padded     attention_mask (B, T)     labels (B, T), -100 but on assistant tokens
     prompt_input_ids (B, P) LEFT-padded     prompt_attention_mask (B, P)   (for generation)
     pixel_values (num_images, 3, H, W)      image_counts (B,)   (pixel_values absent without images)
+    audio_values (num_audio, C, n_mels, frames)   audio_chunk_mask (num_audio, C)   audio_counts (B,)
+    video_values (num_videos, F, 3, H, W)         video_frame_mask (num_videos, F)  video_counts (B,)
     answers: list[str]   domain: list[str]   id: list[str]
     skipped_records: list[dict]   (only when a sample was skipped while loading; see above)
 
 Each placeholder stays one token in `input_ids`; the model expands it into the encoder's
-features. Images are ordered sample by sample, in placeholder order.
+features. Items of each modality are ordered sample by sample, in placeholder order; a modality
+with no item in the batch has no values / mask key. The audio and video contract (chunks, frames,
+masks) is in `modalities.py`.
 """
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,23 +41,21 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejectedError
-from lightning_moe.data.media import DECODE_ERRORS, decode_media, unreadable_reason
+from lightning_moe.data.media import DECODE_ERRORS, MediaItem, audio_seconds, decode_media, read_audio, unreadable_reason
+from lightning_moe.data.modalities import AudioFeatures, ImageTransform, VideoFrames
 from lightning_moe.data.records import (
     CHAT_TEMPLATE_REJECTED,
     PLACEHOLDER_MISMATCH,
-    UNREADABLE_IMAGE,
     BadRecordError,
     SkippedRecord,
     iter_llava_file,
     parse_record,
     where,
 )
-from lightning_moe.tokens import IGNORE_INDEX, IMAGE_TOKEN, MODALITY_INPUTS
+from lightning_moe.tokens import IGNORE_INDEX, MODALITY_COUNTS, MODALITY_INPUTS, MODALITY_MASKS, PLACEHOLDERS
 
 PIXEL_VALUES = MODALITY_INPUTS["image"]  # the batch key of images, shared with the model
 SKIPPED_RECORDS = "skipped_records"  # item / batch key: samples skipped while loading (SkippedRecord dicts + domain)
-
-ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float
 
 
 class NormalizeImage:
@@ -93,7 +96,8 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)  # bad-record reason -> count (skip_bad_records=True)
     truncated: int = 0  # kept samples cut to max_length (still with some answer tokens)
     no_answer_tokens: int = 0  # skipped (always): no assistant token left after truncation
-    cut_placeholders: int = 0  # skipped (always): truncation would cut an image placeholder off
+    cut_placeholders: int = 0  # skipped (always): truncation would cut a modality placeholder off
+    long_audio: int = 0  # kept audio clips longer than max_chunks windows: their first windows are used
     skipped_records: list[SkippedRecord] = field(default_factory=list)  # every skipped record, in file order
 
     def as_dict(self) -> dict:
@@ -104,6 +108,7 @@ class DataReport:
             "truncated": self.truncated,
             "no_answer_tokens": self.no_answer_tokens,
             "cut_placeholders": self.cut_placeholders,
+            "long_audio": self.long_audio,
         }
 
 
@@ -114,9 +119,13 @@ class _Sample:
     labels: torch.Tensor  # (T,) long
     prompt_ids: torch.Tensor  # (P,) long
     answer: str
-    images: list[Path]
-    file: str  # the data file and line, to name the record if an image fails to decode later
+    media: dict[str, list[MediaItem]]  # modality -> items in placeholder order (`ParsedRecord.files`)
+    file: str  # the data file and line, to name the record if a file fails to decode later
     line: int | None
+
+    @property
+    def images(self) -> list[Path]:
+        return self.media.get("image", [])
 
 
 class LlavaDataset(Dataset):
@@ -124,11 +133,14 @@ class LlavaDataset(Dataset):
 
     Args:
         paths: one or more `.json` / `.jsonl` files.
-        root: directory that image paths resolve under (never outside it).
+        root: directory that image, audio and video paths resolve under (never outside it).
         tokenizer: a tokenizer from `load_tokenizer` (chat template, single-token placeholders).
         domain: name carried by every sample (per-domain metrics).
         max_length: longer conversations are truncated (and counted).
         image_transform: PIL image -> (3, H, W) tensor; default `NormalizeImage()`.
+        audio_transform: waveform -> chunks and mask (`modalities.AudioFeatures`); default `AudioFeatures()`.
+        video_transform: frame files -> frames and mask (`modalities.VideoFrames`); default
+            `VideoFrames(image_transform)`.
         skip_bad_records: skip and count bad records instead of raising; a sample that fails to
             decode when drawn is replaced by the next one that decodes (module docstring).
         max_samples: keep only the first `max_samples` good samples (evaluation subsets).
@@ -151,12 +163,16 @@ class LlavaDataset(Dataset):
         skip_bad_records: bool = False,
         max_samples: int | None = None,
         decode_media: bool = True,
+        audio_transform: AudioFeatures | None = None,
+        video_transform: VideoFrames | None = None,
     ):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self.root = Path(root)
         self.domain = domain
         self.max_length = max_length
         self.image_transform = image_transform or NormalizeImage()
+        self.audio_transform = audio_transform or AudioFeatures()
+        self.video_transform = video_transform or VideoFrames(self.image_transform)
         self.skip_bad_records = skip_bad_records
         self.decode_media = decode_media
         self.report = DataReport()
@@ -165,7 +181,7 @@ class LlavaDataset(Dataset):
         self.report.kept = len(self.samples)
 
     def _load(self, chat: ConversationTokenizer, max_samples: int | None) -> None:
-        decoded: set[Path] = set()  # files shared by several records are decoded once
+        decoded: set[MediaItem] = set()  # items shared by several records are decoded once
         for path in self.paths:
             for line, record in iter_llava_file(path):
                 if max_samples is not None and len(self.samples) >= max_samples:
@@ -183,23 +199,31 @@ class LlavaDataset(Dataset):
                     self.samples.append(sample)
 
     def _make_sample(
-        self, record: dict | BadRecordError, path: Path, line: int | None, chat: ConversationTokenizer, decoded: set[Path]
+        self, record: dict | BadRecordError, path: Path, line: int | None, chat: ConversationTokenizer,
+        decoded: set[MediaItem],
     ) -> _Sample | None:
         if isinstance(record, BadRecordError):  # a malformed JSON line
             raise record
         parsed = parse_record(record, self.root, path, line)
-        images = parsed.files.get("image", [])
-        for modality, files in parsed.files.items() if self.decode_media else ():
-            for file in files:
+        for modality, items in parsed.files.items() if self.decode_media else ():
+            for file in items:
                 if file in decoded:
                     continue
                 try:
                     decode_media(modality, file)
                 except DECODE_ERRORS as e:
                     raise BadRecordError(
-                        unreadable_reason(modality), path, line, parsed.id, f"unreadable {modality} {file}: {e}"
+                        unreadable_reason(modality), path, line, parsed.id, f"unreadable {modality} {_name(file)}: {e}"
                     ) from e
                 decoded.add(file)
+        long_audio = 0
+        for file in parsed.files.get("audio", []):
+            try:
+                seconds = audio_seconds(file)
+            except DECODE_ERRORS as e:  # deferred decoding: the header is all that is read here
+                raise BadRecordError(unreadable_reason("audio"), path, line, parsed.id,
+                                     f"unreadable audio {file}: {e}") from e
+            long_audio += self.audio_transform.chunks(seconds) > self.audio_transform.max_chunks
         try:
             tokens = chat(parsed.messages, self.max_length)
         except TemplateRejectedError as e:
@@ -208,27 +232,31 @@ class LlavaDataset(Dataset):
             # counted apart from bad records: the record is fine, max_length is too small for it.
             self.report.no_answer_tokens += 1
             return None
-        # Training (input_ids) and generation (prompt_ids) both pair every image with one placeholder.
-        image_id = chat.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        in_input, in_prompt = tokens.input_ids.count(image_id), tokens.prompt_ids.count(image_id)
-        if tokens.truncated and in_input < len(images):
-            # cutting an image would leave its features unmatched; max_length is too small for it.
-            self.report.cut_placeholders += 1
-            return None
-        if in_input != len(images) or in_prompt != len(images):
-            raise BadRecordError(
-                PLACEHOLDER_MISMATCH, path, line, parsed.id,
-                f"{len(images)} image(s) but {in_input} {IMAGE_TOKEN} token(s), {in_prompt} before the last answer "
-                "(an image after the last assistant turn, or a tokenizer not loaded with load_tokenizer)",
-            )  # fmt: skip
+        # Training (input_ids) and generation (prompt_ids) both pair every item with one placeholder.
+        for modality, placeholder in PLACEHOLDERS.items():
+            n_items = len(parsed.files.get(modality, []))
+            token_id = chat.tokenizer.convert_tokens_to_ids(placeholder)
+            in_input, in_prompt = tokens.input_ids.count(token_id), tokens.prompt_ids.count(token_id)
+            if tokens.truncated and in_input < n_items:
+                # cutting an item off would leave its features unmatched; max_length is too small for it.
+                self.report.cut_placeholders += 1
+                return None
+            if in_input != n_items or in_prompt != n_items:
+                raise BadRecordError(
+                    PLACEHOLDER_MISMATCH, path, line, parsed.id,
+                    f"{n_items} {modality}(s) but {in_input} {placeholder} token(s), {in_prompt} before the last answer "
+                    f"(a{'n' if modality[0] in 'aeiou' else ''} {modality} after the last assistant turn, or a "
+                    "tokenizer not loaded with load_tokenizer)",
+                )  # fmt: skip
         self.report.truncated += int(tokens.truncated)
+        self.report.long_audio += long_audio
         return _Sample(
             id=parsed.id,
             input_ids=torch.tensor(tokens.input_ids, dtype=torch.long),
             labels=torch.tensor(tokens.labels, dtype=torch.long),
             prompt_ids=torch.tensor(tokens.prompt_ids, dtype=torch.long),
             answer=tokens.answer,
-            images=images,
+            media=parsed.files,
             file=str(path),
             line=line,
         )
@@ -258,23 +286,38 @@ class LlavaDataset(Dataset):
         )
 
     def load_item(self, index: int) -> dict | tuple[dict, dict]:
-        """The item of sample `index` with its images loaded; raises `BadRecordError` if one fails to decode."""
+        """The item of sample `index` with its media loaded; raises `BadRecordError` if a file fails to decode."""
         sample = self.samples[index]
-        return self.item(sample, self.load_images(sample))
+        return self.item(sample, self.load_media(sample))
 
-    def load_images(self, sample: _Sample) -> torch.Tensor | None:
-        """The sample's images, transformed: (n_images, 3, H, W), or None for a text-only sample."""
-        pixels = []
-        for file in sample.images:
-            try:
-                with Image.open(file) as image:
-                    pixels.append(self.image_transform(image))
-            except DECODE_ERRORS as e:
-                raise BadRecordError(UNREADABLE_IMAGE, sample.file, sample.line, sample.id, f"cannot decode {file}: {e}") from e
-        return torch.stack(pixels) if pixels else None
+    def load_media(self, sample: _Sample) -> dict[str, torch.Tensor | None]:
+        """The sample's media, transformed, under their batch keys (values None for a modality it lacks):
 
-    def item(self, sample: _Sample, pixels: torch.Tensor | None) -> dict:
-        """The dict `collate_batch` reads, for a sample and its loaded images."""
+        `pixel_values` (n_images, 3, H, W); `audio_values` (n_audio, C, n_mels, frames) with
+        `audio_chunk_mask` (n_audio, C); `video_values` (n_videos, F, 3, H, W) with `video_frame_mask` (n_videos, F).
+        """
+        media: dict[str, torch.Tensor | None] = {}
+        for modality, key in MODALITY_INPUTS.items():
+            values, masks = [], []
+            for item in sample.media.get(modality, []):
+                try:
+                    if modality == "image":
+                        with Image.open(item) as image:
+                            values.append(self.image_transform(image))
+                        continue
+                    loaded = self.audio_transform(read_audio(item)) if modality == "audio" else self.video_transform(item)
+                except DECODE_ERRORS as e:
+                    raise BadRecordError(unreadable_reason(modality), sample.file, sample.line, sample.id,
+                                         f"cannot decode {_name(item)}: {e}") from e
+                values.append(loaded[0])
+                masks.append(loaded[1])
+            media[key] = torch.stack(values) if values else None
+            if modality in MODALITY_MASKS:
+                media[MODALITY_MASKS[modality]] = torch.stack(masks) if masks else None
+        return media
+
+    def item(self, sample: _Sample, media: dict[str, torch.Tensor | None]) -> dict:
+        """The dict `collate_batch` reads, for a sample and its loaded media (`load_media`)."""
         return {
             "id": sample.id,
             "domain": self.domain,
@@ -282,8 +325,15 @@ class LlavaDataset(Dataset):
             "labels": sample.labels,
             "prompt_ids": sample.prompt_ids,
             "answer": sample.answer,
-            PIXEL_VALUES: pixels,  # (n_images, 3, H, W) or None
+            **media,  # pixel_values (n_images, 3, H, W) or None, audio_values + audio_chunk_mask, ...
         }
+
+
+def _name(item: MediaItem) -> str:
+    """A file, or a video's first frame and its frame count, for messages."""
+    if isinstance(item, tuple):
+        return f"video of {len(item)} frame(s) from {item[0]}" if item else "video of no frames"
+    return str(item)
 
 
 def _pad(sequences: list[torch.Tensor], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,28 +348,44 @@ def _pad(sequences: list[torch.Tensor], value: int, left: bool = False) -> tuple
     return out, mask
 
 
+def _pad_slots(values: torch.Tensor, width: int) -> torch.Tensor:
+    """(items, slots, ...) zero-padded (False for a mask) to (items, width, ...)."""
+    if values.shape[1] == width:
+        return values
+    pad = values.new_zeros(values.shape[0], width - values.shape[1], *values.shape[2:])
+    return torch.cat([values, pad], dim=1)
+
+
 def collate_batch(samples: list[dict], pad_token_id: int) -> dict:
     """Samples of `LlavaDataset` -> batch dict (see the module docstring for keys and shapes)."""
     input_ids, attention_mask = _pad([s["input_ids"] for s in samples], pad_token_id)
     labels, _ = _pad([s["labels"] for s in samples], IGNORE_INDEX)
     # left padding: generation appends to the right end of every prompt at once.
     prompt_input_ids, prompt_attention_mask = _pad([s["prompt_ids"] for s in samples], pad_token_id, left=True)
-    images = [s[PIXEL_VALUES] for s in samples if s[PIXEL_VALUES] is not None]
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "prompt_input_ids": prompt_input_ids,
         "prompt_attention_mask": prompt_attention_mask,
-        "image_counts": torch.tensor(
-            [0 if s[PIXEL_VALUES] is None else len(s[PIXEL_VALUES]) for s in samples], dtype=torch.long
-        ),
         "answers": [s["answer"] for s in samples],
         "domain": [s["domain"] for s in samples],
         "id": [s["id"] for s in samples],
     }
-    if images:
-        batch[PIXEL_VALUES] = torch.cat(images)  # (num_images_in_batch, 3, H, W)
+    for modality, key in MODALITY_INPUTS.items():
+        present = [s for s in samples if s.get(key) is not None]
+        batch[MODALITY_COUNTS[modality]] = torch.tensor([0 if s.get(key) is None else len(s[key]) for s in samples],
+                                                        dtype=torch.long)
+        if not present:
+            continue
+        if modality not in MODALITY_MASKS:
+            batch[key] = torch.cat([s[key] for s in present])  # (items_in_batch, 3, H, W)
+            continue
+        # items of one DataModule share C / F already; a mixed list is padded to the widest (mask False there)
+        mask_key = MODALITY_MASKS[modality]
+        width = max(s[key].shape[1] for s in present)
+        batch[key] = torch.cat([_pad_slots(s[key], width) for s in present])  # (items, C or F, ...)
+        batch[mask_key] = torch.cat([_pad_slots(s[mask_key], width) for s in present])  # (items, C or F) bool
     skipped = [record for s in samples for record in s.get(SKIPPED_RECORDS, ())]
     if skipped:
         batch[SKIPPED_RECORDS] = skipped  # counted by the DataModule in the main process

@@ -89,8 +89,8 @@ class PreferenceDataset(LlavaDataset):
 
     def load_item(self, index: int) -> tuple[dict, dict]:
         chosen, rejected = self.samples[index]
-        pixels = self.load_images(chosen)  # both answers are about the same images
-        return self.item(chosen, pixels), self.item(rejected, pixels)
+        media = self.load_media(chosen)  # both answers are about the same images (audio, video)
+        return self.item(chosen, media), self.item(rejected, media)
 
 
 def collate_preference(pairs: list[tuple[dict, dict]], pad_token_id: int) -> dict:

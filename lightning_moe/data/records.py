@@ -1,12 +1,17 @@
 """LLaVA-format records: reading JSON / JSONL files and validating each record.
 
 A record is `{"id", "image": "rel/path.png" | [..], "conversations": [{"from": "human" | "gpt"
-| "system", "value": "<image>\\n..."}]}`; records without `image` are text-only. Validation is
-eager (the DataModule runs it at setup) so a broken dataset fails before training starts, with
-an error that names the file, the line and the record id. Every problem has a `reason` so
-that the DataModule can skip bad records and still count each kind (nothing dropped silently);
-a skipped record is kept as a `SkippedRecord` (file, line, id, reason, problem) so that every one
-of them can be listed, not only counted.
+| "system", "value": "<image>\\n..."}]}`; records without `image` are text-only. `audio` (a clip
+or a list of clips, one per `<audio>`) and `video` (one per `<video>`) sit beside `image`, and any
+of them may be absent. A video is a directory of frame images (natural name order) or a list of
+frame files in temporal order; several videos are a list of those. A flat list of strings is read
+from what the paths are: all directories, one video each; all files, the frames of ONE video.
+
+Validation is eager (the DataModule runs it at setup) so a broken dataset fails before training
+starts, with an error that names the file, the line and the record id. Every problem has a
+`reason` so that the DataModule can skip bad records and still count each kind (nothing dropped
+silently); a skipped record is kept as a `SkippedRecord` (file, line, id, reason, problem) so that
+every one of them can be listed, not only counted.
 
 Modality paths are untrusted input: each is resolved, symbolic links included, and must end
 under the dataset root, so a record (or a link placed in the root) cannot make training read
@@ -20,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_moe.data.media import unreadable_reason
+from lightning_moe.data.media import MediaItem, frame_files, unreadable_reason
 from lightning_moe.tokens import PLACEHOLDERS
 
 # LLaVA speaker names (and the ShareGPT / chat names some datasets use) -> chat-template roles.
@@ -84,7 +89,9 @@ class ParsedRecord:
 
     id: str
     messages: list[Message]
-    files: dict[str, list[Path]]  # modality -> real (symlink-free) paths under the root, e.g. {"image": [...]}
+    # modality -> its items in placeholder order, real (symlink-free) paths under the root: a Path per
+    # image / audio item, a tuple of frame Paths per video item (media.py), e.g. {"image": [...]}
+    files: dict[str, list[MediaItem]]
 
 
 def iter_llava_file(path: str | Path) -> Iterator[tuple[int | None, dict | BadRecordError]]:
@@ -133,8 +140,49 @@ def _real_path(absolute: str) -> Path:
     return Path(os.path.realpath(absolute))
 
 
+def _video_entries(entry: object) -> list[str | list[str]] | None:
+    """The videos of a `video` entry before resolving paths (None: malformed).
+
+    A string is one video (a directory); a list holding a list is several videos, each a directory
+    or a frame list; a flat list of strings is returned as it is, to be read as several directories
+    or as one video's frames once the paths are resolved (`parse_record`).
+    """
+    if entry is None:
+        return []
+    if isinstance(entry, str):
+        return [entry]
+    if not isinstance(entry, list) or not entry:
+        return None
+    if all(isinstance(e, str) for e in entry):
+        return list(entry)
+    if all(isinstance(e, str) or (isinstance(e, list) and e and all(isinstance(f, str) for f in e)) for e in entry):
+        return list(entry)
+    return None
+
+
+def _video_frames(video: str | list[str], modality: str, resolve, bad) -> tuple[Path, ...]:
+    """One video's frame files (real paths under the root), from a directory or a frame list."""
+    if isinstance(video, list):
+        frames = tuple(resolve(modality, name, "frame") for name in video)
+        for name, frame in zip(video, frames):
+            if not frame.is_file():
+                raise bad(MALFORMED_RECORD, f"{modality} frame {name!r} is not a file (a frame list names image "
+                                            "files; a directory is a video of its own)")
+        return frames
+    directory = resolve(modality, video, "directory")
+    if not directory.is_dir():  # a lone file: a video of one frame
+        return (directory,)
+    frames = frame_files(directory)
+    if not frames:
+        raise bad(MISSING_FILE, f"{modality} directory {video!r} holds no frame images")
+    for frame in frames:
+        # a frame that is a link out of the root is refused like any other path
+        resolve(modality, f"{video}/{frame.name}", "frame")
+    return tuple(Path(os.path.realpath(f)) for f in frames)
+
+
 def parse_record(
-    record: object, root: Path, path: str | Path, line: int | None, supported: tuple[str, ...] = ("image",)
+    record: object, root: Path, path: str | Path, line: int | None, supported: tuple[str, ...] = tuple(PLACEHOLDERS)
 ) -> ParsedRecord:
     """Validate one record against `root` and return messages + resolved files, or raise `BadRecordError`.
 
@@ -159,41 +207,69 @@ def parse_record(
     if not any(m.role == "assistant" for m in messages):
         raise bad(NO_ASSISTANT_TURN, "no assistant ('gpt') turn, so nothing to train on or to evaluate")
 
-    files: dict[str, list[Path]] = {}
+    files: dict[str, list[MediaItem]] = {}
     root_abs = Path(os.path.abspath(root))  # not cached: a relative root depends on the working directory
     root_real = _real_path(str(root_abs))
+
+    def resolve(modality: str, name: str, what: str) -> Path:
+        """The real path of `name`, refused if it leaves the root (by '..', absolute, or a symbolic link)."""
+        file = Path(os.path.normpath(root_abs / name))
+        if not file.is_relative_to(root_abs):
+            raise bad(PATH_OUTSIDE_ROOT, f"{modality} path {name!r} leaves the dataset root {root}")
+        # A link inside the root (to a file or to a folder on the way) may lead anywhere; the
+        # real path decides. The root itself may be a link: it is resolved too.
+        real = Path(os.path.realpath(file))
+        if not real.is_relative_to(root_real):
+            raise bad(
+                LINK_OUTSIDE_ROOT,
+                f"{modality} path {name!r} is a symbolic link (or lies under one) that resolves to {real}, "
+                f"outside the dataset root {root_real}; copy the file into the root, or choose a root "
+                "that holds it",
+            )
+        if not real.exists():
+            raise bad(MISSING_FILE, f"{modality} {what} {name!r} not found under {root}")
+        return real  # later reads open the checked path, not the link
+
     for modality, placeholder in PLACEHOLDERS.items():
         entry = record.get(modality)
-        names = [] if entry is None else [entry] if isinstance(entry, str) else entry
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise bad(MALFORMED_RECORD, f"'{modality}' must be a path or a list of paths, got {entry!r}")
+        if modality == "video":
+            videos = _video_entries(entry)
+            if videos is None:
+                raise bad(MALFORMED_RECORD, f"'video' must be a directory, a list of frame files, or a list of "
+                                            f"those (one per {placeholder}), got {entry!r}")
+        else:
+            videos = None
+            names = [] if entry is None else [entry] if isinstance(entry, str) else entry
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise bad(MALFORMED_RECORD, f"'{modality}' must be a path or a list of paths, got {entry!r}")
+        if videos and all(isinstance(v, str) for v in videos):
+            # a flat list of strings: directories (a video each) or the frames of one video, as the files say
+            kinds = {resolve(modality, name, "path").is_dir() for name in videos}
+            if kinds == {False}:
+                videos = [videos]
+            elif len(kinds) > 1:
+                raise bad(MALFORMED_RECORD, f"'video' mixes directories and files: {videos!r}; one video is a "
+                                            "directory or a list of frame files, several are a list of those")
         n_placeholders = sum(m.content.count(placeholder) for m in messages)
-        if n_placeholders != len(names):
+        count = len(videos) if videos is not None else len(names)
+        if n_placeholders != count:
             raise bad(
                 PLACEHOLDER_MISMATCH,
-                f"{n_placeholders} {placeholder} placeholder(s) in the text but {len(names)} {modality} file(s)",
+                f"{n_placeholders} {placeholder} placeholder(s) in the text but {count} "
+                f"{'video(s)' if modality == 'video' else f'{modality} file(s)'}",
             )
-        if not names:
+        if not count:
             continue
         if modality not in supported:
             raise bad(UNSUPPORTED_MODALITY, f"has {modality} inputs, which this dataset does not load")
-        resolved = []
-        for name in names:
-            file = Path(os.path.normpath(root_abs / name))
-            if not file.is_relative_to(root_abs):
-                raise bad(PATH_OUTSIDE_ROOT, f"{modality} path {name!r} leaves the dataset root {root}")
-            # A link inside the root (to a file or to a folder on the way) may lead anywhere; the
-            # real path decides. The root itself may be a link: it is resolved too.
-            real = Path(os.path.realpath(file))
-            if not real.is_relative_to(root_real):
-                raise bad(
-                    LINK_OUTSIDE_ROOT,
-                    f"{modality} path {name!r} is a symbolic link (or lies under one) that resolves to {real}, "
-                    f"outside the dataset root {root_real}; copy the file into the root, or choose a root "
-                    "that holds it",
-                )
-            if not real.is_file():
-                raise bad(MISSING_FILE, f"{modality} file {name!r} not found under {root}")
-            resolved.append(real)  # later reads open the checked path, not the link
-        files[modality] = resolved
+        if videos is None:
+            items: list[MediaItem] = []
+            for name in names:
+                real = resolve(modality, name, "file")
+                if not real.is_file():
+                    raise bad(MISSING_FILE, f"{modality} file {name!r} not found under {root}")
+                items.append(real)
+        else:
+            items = [_video_frames(video, modality, resolve, bad) for video in videos]
+        files[modality] = items
     return ParsedRecord(record_id, messages, files)

@@ -383,17 +383,22 @@ def vocabulary_texts() -> list[str]:
     return texts + [answer for info in DOMAINS.values() for answer in info.answers]
 
 
-def build_tokenizer(out: str | Path) -> PreTrainedTokenizerFast:
+def build_tokenizer(out: str | Path, extra_texts: list[str] | tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the synthetic vocabulary, saved as a HF tokenizer directory.
 
     Lower-cased words and punctuation are tokens; decoding joins them with spaces, so every
-    (lower-case, single-spaced) answer decodes back to itself exactly.
+    (lower-case, single-spaced) answer decodes back to itself exactly. `extra_texts` (the media
+    domains' questions and answers, `synthetic_media.py`) add their new words after the shapes' words,
+    so a shapes token keeps its id in both tokenizers.
     """
     normalizer = normalizers.Lowercase()
     pre_tokenizer = pre_tokenizers.Whitespace()
-    words = sorted(
-        {w for text in vocabulary_texts() for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
-    )
+
+    def words_of(texts) -> set[str]:
+        return {w for text in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
+
+    words = sorted(words_of(vocabulary_texts()))
+    words += sorted(words_of(extra_texts) - set(words))
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizer

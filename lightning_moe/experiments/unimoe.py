@@ -124,8 +124,8 @@ def run(out: Path, plan: Plan) -> tuple[dict[str, Any], str]:
                   []),
     }
     # lora.yaml reads data/shapes: the dense arm gets the mixture's data options explicitly
-    media = {"root": DATA_ROOT, "domains": None, "audio_chunk_seconds": 1.0, "audio_max_chunks": 1,
-             "video_num_frames": 4}
+    media = {"root": DATA_ROOT, "tokenizer": "data/media_tokenizer", "domains": None, "audio_chunk_seconds": 1.0,
+             "audio_max_chunks": 1, "video_num_frames": 4}
     for arm, (shipped, label, model, callbacks) in arms.items():
         config = _config(plan, out, arm, plan.steps, model, callbacks, media if arm == "dense" else None)
         results[arm] = _run(shipped, config, arm, label, out, plan.seed)

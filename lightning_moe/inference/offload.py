@@ -36,6 +36,8 @@ class OffloadedSparseMoE(SparseMoE):
                      "eval_capacity_factor", "min_capacity"):
             setattr(self, name, getattr(moe, name))
         self.router, self.act_fn = moe.router, moe.act_fn
+        # a shared expert (Qwen2-MoE) sees every token: resident, like the router (not in the store)
+        self.shared_expert, self.shared_expert_gate = moe.shared_expert, moe.shared_expert_gate
         self.layer_index, self.offloader = layer_index, offloader
         offloader.routers[layer_index] = self.router
         self._call: tuple[Tensor, list[int]] | None = None  # this call's input and experts, for prediction

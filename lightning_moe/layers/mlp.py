@@ -5,15 +5,18 @@ through it, so a new layout is taught once. Recognised by attribute names (duck 
 need not import transformers):
   gated: gate_proj, up_proj, down_proj, act_fn (Llama, Mistral, Qwen, ...)
   plain: fc1, fc2 and activation_fn or act (Phi, CLIP, ...)
+
+`GatedMLP` is the gated layout as a module of its own, with those attribute names, so a shared
+expert (Qwen2-MoE) keeps Hugging Face's key names and is read back through `mlp_layout`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["MLPLayout", "mlp_layout"]
+__all__ = ["MLPLayout", "mlp_layout", "GatedMLP"]
 
 
 @dataclass
@@ -39,3 +42,17 @@ def mlp_layout(mlp: nn.Module) -> MLPLayout:
             f"fc1/fc2/(activation_fn|act); found attributes {sorted(found)}"
         )
     return MLPLayout(gated, {role: getattr(mlp, n) for role, n in names.items()}, names, activation)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) without biases: Llama's MLP, Qwen2-MoE's shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

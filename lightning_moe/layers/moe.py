@@ -5,6 +5,11 @@ Experts are stacked parameters, one tensor per projection, in Hugging Face Mixtr
   plain (fc1/fc2): up_proj (E, I, H), down_proj (E, H, I)
   optional biases: gate_up_bias (E, 2I) or up_bias (E, I), and down_bias (E, H).
 
+An optional shared expert (Qwen2-MoE) sees every token: its output, scaled by a sigmoid gate
+`sigmoid(shared_expert_gate(x))` when there is one, is added to the routed experts' sum.
+`from_experts` copies a Hugging Face MoE block's tensors (models/architecture.py knows where each
+family keeps them); `from_dense` upcycles a dense MLP.
+
 Dispatch is dropless by default: the (token, slot) pairs are sorted by expert, each expert runs
 one matmul on its contiguous slice (`grouped_linear`), the outputs are scaled by the gate weights
 and scatter-added back to their tokens. A capacity factor turns on DeepSpeed-style token
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .grouped import linear_groups, make_offsets, mm_groups, weight_grad_groups
-from .mlp import mlp_layout
+from .mlp import GatedMLP, mlp_layout
 from .routing import RoutedLayer, TopKRouter, capacity_drop, expert_capacity
 
 __all__ = ["SparseMoE", "get_activation"]
@@ -175,7 +180,11 @@ class SparseMoE(nn.Module, RoutedLayer):
         min_capacity: int = 4,
         router_jitter: float = 0.0,
         noisy_second_choice: bool = False,
+        shared_expert_size: int | None = None,
+        shared_expert_gate: bool = False,
     ) -> None:
+        """shared_expert_size: intermediate size of a gated shared expert that every token goes through
+        (Qwen2-MoE); shared_expert_gate: scale its output by sigmoid(Linear(hidden, 1)(x))."""
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k, self.gated = num_experts, top_k, gated
@@ -200,6 +209,10 @@ class SparseMoE(nn.Module, RoutedLayer):
         else:
             self.register_parameter("gate_up_bias" if gated else "up_bias", None)
             self.down_bias = None
+        if shared_expert_gate and not shared_expert_size:
+            raise ValueError("shared_expert_gate needs a shared expert (shared_expert_size)")
+        self.shared_expert = GatedMLP(H, shared_expert_size, get_activation(activation)) if shared_expert_size else None
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False) if shared_expert_gate else None
         self.reset_parameters()
         self.last_routing = None
 
@@ -223,7 +236,7 @@ class SparseMoE(nn.Module, RoutedLayer):
         return (
             f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
             f"top_k={self.top_k}, gated={self.gated}, "
-            f"capacity_factor={self.capacity_factor}"
+            f"capacity_factor={self.capacity_factor}, shared_expert={self.shared_expert is not None}"
         )
 
     # ------------------------------------------------------------------ forward
@@ -253,7 +266,16 @@ class SparseMoE(nn.Module, RoutedLayer):
             return x.new_zeros(shape)
         dtype = _compute_dtype(x)
         out = self._experts(flat.to(dtype), indices, weights, routing.dropped)
+        if self.shared_expert is not None:
+            out = out + self._shared(flat.to(dtype))
         return out.to(in_dtype).reshape(shape)
+
+    def _shared(self, flat: Tensor) -> Tensor:
+        """The shared expert's output (T, H), gated by sigmoid(gate(x)) (T, 1) when there is a gate."""
+        out = self.shared_expert(flat)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(flat)) * out
+        return out
 
     def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
         k = indices.shape[1]
@@ -339,6 +361,55 @@ class SparseMoE(nn.Module, RoutedLayer):
         return moe
 
     @classmethod
+    def from_experts(
+        cls,
+        router_weight: Tensor,
+        gate_up_proj: Tensor,
+        down_proj: Tensor,
+        top_k: int,
+        *,
+        activation: str | nn.Module = "silu",
+        normalize_weights: bool = True,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: Tensor | None = None,
+        **kwargs,
+    ) -> SparseMoE:
+        """A copy of a Hugging Face (transformers 5) MoE block given its tensors: the router weight
+        (E, H), the stacked experts gate_up_proj (E, 2I, H) [gate rows first] and down_proj (E, H, I),
+        optionally a gated shared expert (an MLP `mlp_layout` reads) and its sigmoid gate's weight (1, H).
+
+        Every family here (Mixtral, Qwen2/3-MoE, OLMoE) routes as `TopKRouter` does: softmax over all
+        E logits in float32, top-k, then renormalise the k weights iff `normalize_weights`
+        (Mixtral always; the others when their config's `norm_topk_prob` is set).
+        """
+        E, two_i, H = gate_up_proj.shape
+        if router_weight.shape != (E, H) or down_proj.shape != (E, H, two_i // 2):
+            raise ValueError(f"expert tensors do not fit together: router {tuple(router_weight.shape)}, "
+                             f"gate_up_proj {tuple(gate_up_proj.shape)}, down_proj {tuple(down_proj.shape)}")
+        shared = None
+        if shared_expert is not None and mlp_layout(shared_expert).projections["up"].out_features == 0:
+            # a zero-width shared expert (how a Qwen2-MoE config says "none") adds gate * 0 = 0: drop it
+            shared_expert = shared_expert_gate = None
+        if shared_expert is not None:
+            layout = mlp_layout(shared_expert)
+            if not layout.gated or any(lin.bias is not None for lin in layout.projections.values()):
+                raise ValueError(f"the shared expert {type(shared_expert).__name__} is not a bias-free gated MLP")
+            shared = layout.projections
+        moe = cls(H, two_i // 2, E, top_k, gated=True, activation=activation, normalize_weights=normalize_weights,
+                  shared_expert_size=None if shared is None else shared["up"].out_features,
+                  shared_expert_gate=shared_expert_gate is not None, **kwargs).to(gate_up_proj.device)
+        with torch.no_grad():
+            moe.router.proj.weight.copy_(router_weight.float())
+            moe.gate_up_proj.data = gate_up_proj.detach().clone()
+            moe.down_proj.data = down_proj.detach().clone()
+            if shared is not None:
+                for role, lin in shared.items():
+                    getattr(moe.shared_expert, f"{role}_proj").weight.data = lin.weight.detach().clone()
+            if shared_expert_gate is not None:
+                moe.shared_expert_gate.weight.data = shared_expert_gate.detach().clone()
+        return moe
+
+    @classmethod
     def from_mixtral(cls, block: nn.Module, **kwargs) -> SparseMoE:
         """Copy a Hugging Face (transformers 5) `MixtralSparseMoeBlock`: block.gate.weight (E, H),
         block.experts.gate_up_proj (E, 2I, H), block.experts.down_proj (E, H, I)."""
@@ -350,12 +421,5 @@ class SparseMoE(nn.Module, RoutedLayer):
                 f"{type(block).__name__} is not a transformers-5 MixtralSparseMoeBlock "
                 "(needs gate.weight, experts.gate_up_proj, experts.down_proj)"
             ) from err
-        E, two_i, H = gate_up.shape
-        act = getattr(experts, "act_fn", "silu")
         top_k = getattr(block, "top_k", None) or getattr(block.gate, "top_k")
-        moe = cls(H, two_i // 2, E, top_k, gated=True, activation=act, **kwargs).to(gate_up.device)
-        with torch.no_grad():
-            moe.router.proj.weight.copy_(router_w.float())
-            moe.gate_up_proj.data = gate_up.detach().clone()
-            moe.down_proj.data = down.detach().clone()
-        return moe
+        return cls.from_experts(router_w, gate_up, down, top_k, activation=getattr(experts, "act_fn", "silu"), **kwargs)

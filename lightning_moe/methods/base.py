@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import lightning as L
@@ -30,7 +31,8 @@ from ..metrics import ExactMatch, POPEMetrics
 from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
 # load_backbone lives in models/ so that inference can load checkpoints without importing methods
 from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
-from ..tokens import DEFAULT_TOKENIZER, load_tokenizer
+from ..tokens import DEFAULT_TOKENIZER
+from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files
 from ..tokens import IGNORE_INDEX
 
 
@@ -64,7 +66,9 @@ class BackboneConfig:
     audio_connector: str = "query"  # learned queries cross-attending to the Whisper features, then an MLP
     audio_connector_options: dict[str, Any] = field(default_factory=dict)  # num_queries, num_layers, num_heads, ...
     video_pooling: Literal["mean", "concat"] | None = None  # None = no video; mean = the reference; concat keeps order
-    pretrained: str | None = None  # a previous stage's save_pretrained directory or .ckpt; replaces the above
+    # a previous stage's save_pretrained directory or .ckpt, or a llava-hf / original-LLaVA directory or Hub id
+    # (docs/hf_interop.md); replaces the above
+    pretrained: str | None = None
     torch_dtype: str | None = None  # e.g. "bfloat16" for real checkpoints
     # Loading never runs code from a file (lightning_moe/safe_load.py, docs/security.md). These opt-ins are for
     # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
@@ -277,10 +281,14 @@ class MultimodalMethod(L.LightningModule):
         self.generation = generation or GenerationSettings()
         self.generation.generate_kwargs()  # a bad setting fails here, not after a model has loaded
         self.pope_domains = set(pope_domains or [])
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.model = self.build_backbone()
-        self.enter_stage(self.model)
-        self.configure_backbone(self.model)
+        self.tokenizer = method_tokenizer(tokenizer)
+        recorded = recorded_model_config()
+        if recorded is not None:  # load_from_checkpoint / --ckpt_path: the record holds the model and its surgery
+            self.model = MultimodalLM.from_config_dict(recorded)
+        else:
+            self.model = self.build_backbone()
+            self.enter_stage(self.model)
+            self.configure_backbone(self.model)
         groups = self.trainable_groups() + (["vision"] if train_vision_tower else [])
         self.trainable_names = set_trainable(self.model, groups)
         self.refresh_routed_layers()
@@ -289,8 +297,9 @@ class MultimodalMethod(L.LightningModule):
     # ------------------------------------------------------------------ what subclasses say
     def build_backbone(self) -> MultimodalLM:
         b = self.backbone
-        if b.pretrained:
-            return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint)
+        if b.pretrained:  # a stage's output, or a llava-hf / original-LLaVA directory (models/hf_llava.py)
+            return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint, tokenizer=self.tokenizer,
+                                 torch_dtype=b.torch_dtype, trust_remote_code=b.trust_remote_code)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
                                 b.vision_feature_layer, b.connector, b.torch_dtype, b.trust_remote_code,
                                 b.allow_unsafe_checkpoint, b.audio_tower, b.audio_overrides, b.audio_connector,
@@ -482,5 +491,16 @@ class MultimodalMethod(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # lets the next stage (or inference) rebuild the model from the checkpoint alone
+        # lets the next stage (or inference, or load_from_checkpoint anywhere) rebuild the model and its
+        # tokenizer from the checkpoint alone (from_checkpoint.py)
         checkpoint[CHECKPOINT_CONFIG_KEY] = self.model.config_dict()
+        checkpoint[TOKENIZER_FILES_KEY] = tokenizer_files(self.tokenizer)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MultimodalMethod":
+        """Lightning's `load_from_checkpoint`, with the model rebuilt from the checkpoint's own record, so it works
+        from any working directory and without the stage directories, base model or teacher it was trained from."""
+        if not isinstance(checkpoint_path, (str, Path)):  # a file object: read once, by Lightning, as before
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        with rebuilding_from(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -14,7 +14,8 @@ Stages, each starting from the previous one's output (`backbone.pretrained`):
   log-probabilities summed over the answer tokens, plus the aux loss; logs rewards, margins and
   preference accuracy.
 
-The teacher is loaded from a `save_pretrained` directory or a checkpoint (`load_backbone`), frozen,
+The teacher is loaded when training first needs it (never for test or predict, so a student checkpoint
+evaluates without the teacher's files) from a `save_pretrained` directory or a checkpoint (`load_backbone`), frozen,
 kept in eval mode, run under no-grad (optionally in bfloat16) and left out of the student's
 checkpoints: `model` is always the student, so `SavePretrained`, `load_backbone` and evaluation see
 only the student. Evaluation (val/test) is the shared per-domain evaluation of the student.
@@ -36,6 +37,7 @@ from ..models import MoEConfig, MultimodalLM
 from ..safe_load import load_torch_file
 from ..tokens import IGNORE_INDEX, load_tokenizer
 from .base import MultimodalMethod, Stage, StepOutput, causal_lm_loss, checkpoint_safe, load_backbone
+from .from_checkpoint import recorded_model_config
 
 KL_DIRECTIONS = ("forward", "reverse")
 KL_TOKENS = ("response", "all")
@@ -220,18 +222,32 @@ class MoDDistillation(MultimodalMethod):
         if self.preference.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"preference.loss must be one of {PREFERENCE_LOSSES}, got {self.preference.loss!r}")
         super().__init__(stage=stage, **kwargs)
-        self.teacher = self.load_teacher(teacher, teacher_dtype, teacher_tokenizer)
+        self._teacher_source = (teacher, teacher_dtype, teacher_tokenizer)
+        self._teacher_tokenizer_checked = False
+        if recorded_model_config() is None and Path(teacher).exists():
+            # a training configuration: a mismatched teacher fails now, not when training reaches it
+            self.check_teacher_tokenizer(teacher, teacher_tokenizer)
 
     # ------------------------------------------------------------------ student and teacher
+    @property
+    def teacher(self) -> MultimodalLM:
+        """The frozen teacher, loaded on first use: training needs it, test and predict never load it, so a
+        checkpoint evaluates without the teacher's files. Kept as the submodule `teacher` once loaded."""
+        if "teacher" not in self._modules:
+            # set in _modules directly: `add_module` would look the name up and land in this property again
+            self._modules["teacher"] = self.load_teacher(*self._teacher_source).to(self.device)
+        return self._modules["teacher"]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before Lightning moves the module to its device and restores a checkpoint into it
+            self.teacher  # noqa: B018  (loads it)
+
     def load_teacher(self, path: str, dtype: str | None, tokenizer: str | None) -> MultimodalLM:
         # the backbone's opt-in covers the teacher too: one switch for the files a run trusts
         unsafe = self.backbone.allow_unsafe_checkpoint
         teacher = load_backbone(path, allow_unsafe=unsafe)
-        tokenizer = tokenizer or teacher_tokenizer_path(path, allow_unsafe=unsafe)
-        if tokenizer is None:
-            rank_zero_info(f"no tokenizer recorded with the teacher {path}: assuming the student's")
-        else:
-            check_same_vocabulary(self.tokenizer, load_tokenizer(tokenizer))
+        if not self._teacher_tokenizer_checked:
+            self.check_teacher_tokenizer(path, tokenizer)
         # compared on the shared slice of the vocabulary: padded embedding rows beyond it are never a token
         self.shared_vocab = min(teacher.llm.get_output_embeddings().out_features,
                                 self.model.llm.get_output_embeddings().out_features)
@@ -243,11 +259,21 @@ class MoDDistillation(MultimodalMethod):
         teacher.requires_grad_(False)
         return teacher.eval()
 
+    def check_teacher_tokenizer(self, path: str, tokenizer: str | None) -> None:
+        """The teacher's tokenizer (given, saved beside it or named in its checkpoint) maps tokens as the student's."""
+        tokenizer = tokenizer or teacher_tokenizer_path(path, allow_unsafe=self.backbone.allow_unsafe_checkpoint)
+        if tokenizer is None:
+            rank_zero_info(f"no tokenizer recorded with the teacher {path}: assuming the student's")
+        else:
+            check_same_vocabulary(self.tokenizer, load_tokenizer(tokenizer))
+        self._teacher_tokenizer_checked = True
+
     def train(self, mode: bool = True) -> "MoDDistillation":
         # Lightning puts the whole module in train mode each epoch; the teacher stays in eval mode
         # (no dropout, eval capacity of a sparse teacher).
         super().train(mode)
-        self.teacher.eval()
+        if "teacher" in self._modules:  # a teacher not loaded yet is not loaded for this
+            self._modules["teacher"].eval()
         return self
 
     @torch.no_grad()
@@ -261,8 +287,11 @@ class MoDDistillation(MultimodalMethod):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # resuming/testing from a student checkpoint: the teacher comes from `teacher`, as at construction
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        # resuming from a student checkpoint: the teacher (loaded for training, from `teacher`) is not in it;
+        # testing or predicting never loads one
+        if "teacher" in self._modules:
+            teacher = self._modules["teacher"].state_dict()
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in teacher.items()})
 
     # ------------------------------------------------------------------ losses
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:

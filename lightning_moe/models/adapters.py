@@ -30,6 +30,7 @@ from ..layers.adapters import adapter_kind, adapter_tensors, kind_of, trainable_
 from .architecture import adapter_modules, decoder_layers, mlp_attribute, resolve_layers
 from .checkpoint import adapter_ops, canonical_log, register_surgery, replay_surgery
 from .multimodal import MultimodalLM
+from .peft_format import is_peft_config, load_peft_lora
 
 __all__ = ["AdapterRule", "AdapterConfig", "plan_adapters", "add_adapters", "add_mora_task", "adapter_parameters",
            "save_adapters", "load_adapters", "merge_lora", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
@@ -173,6 +174,9 @@ register_surgery("mora_add_task", lambda model, r: add_mora_task(model, r), adap
 # ---------------------------------------------------------------------------- adapters on their own
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+NOT_PEFT = ("NOT A PEFT ADAPTER: lightning-moe adapters (any kind, MoLE and MoRA included); peft cannot represent "
+            "routed adapters. Load them with lightning_moe.models.load_adapters; plain LoRA exports to peft with "
+            "python -m lightning_moe.export --format peft")
 
 
 def save_adapters(model: MultimodalLM, directory: str | Path) -> Path:
@@ -190,7 +194,8 @@ def save_adapters(model: MultimodalLM, directory: str | Path) -> Path:
                          "use save_pretrained")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"base_surgery": log[:first], "adapter_surgery": log[first:]}
+    # peft reads `peft_type` first and fails with a KeyError naming it: the value is the explanation it shows
+    config = {"peft_type": NOT_PEFT, "base_surgery": log[:first], "adapter_surgery": log[first:]}
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
     tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_parameters(model)}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME))
@@ -199,13 +204,20 @@ def save_adapters(model: MultimodalLM, directory: str | Path) -> Path:
 
 def load_adapters(model: MultimodalLM, directory: str | Path) -> MultimodalLM:
     """Replay the saved adapter surgery on `model` (the same base the adapters were trained on)
-    and load the adapter weights. In place; returns the model."""
+    and load the adapter weights; or add a peft LoRA adapter's modules and weights (`peft_format`).
+    In place; returns the model."""
     directory = Path(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: not an adapter directory (write one with save_adapters)")
     config = json.loads(config_file.read_text())
+    if is_peft_config(config):  # a peft adapter directory (models/peft_format.py)
+        return load_peft_lora(model, directory, config)
+    missing = [k for k in ("base_surgery", "adapter_surgery") if k not in config]
+    if missing:
+        raise ValueError(f"{config_file} is neither a project adapter config (no {missing}) nor a peft one "
+                         "(no peft_type)")
     if canonical_log(config["base_surgery"]) != canonical_log(model.surgery):
         raise ValueError(f"{config_file}: the adapters were trained on a base with surgery {config['base_surgery']}, "
                          f"this model has {model.surgery}")

@@ -29,12 +29,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..paths import could_be_hub_id, model_source_error
 from ..safe_load import check_safe_weights, raise_if_remote_code, hf_load_kwargs, load_torch_file
 from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, MODALITY_MASKS, PLACEHOLDERS
 from .checkpoint import replay_surgery
 from .connectors import build_connector
 from .encoders import (AudioTower, VisionTower, audio_tower_from_config, build_audio_tower, build_vision_tower,
                        vision_tower_from_config)
+from .architecture import moe_family
+from .native_moe import convert_native_moe
 from .presets import LLM_PRESETS, preset_config
 
 CONFIG_NAME = "multimodal_config.json"
@@ -237,7 +240,10 @@ class MultimodalLM(nn.Module):
             "llm": self.llm.config.to_dict(),
             "encoders": {
                 m: {"kind": "audio" if isinstance(enc, AudioTower) else "vision", "config": enc.config.to_dict(),
-                    "feature_layer": enc.feature_layer}
+                    "feature_layer": enc.feature_layer,
+                    # written only when not the default, so older records and directories read the same
+                    **({"select_strategy": enc.select_strategy}
+                       if getattr(enc, "select_strategy", "patch") != "patch" else {})}
                 for m, enc in self.encoders.items()
             },
             "connectors": {
@@ -257,7 +263,8 @@ class MultimodalLM(nn.Module):
         llm = AutoModelForCausalLM.from_config(llm_config)
         # records written before audio (issue 14) have no encoder kind, connector options or video pooling
         encoders = {m: audio_tower_from_config(e["config"]) if e.get("kind") == "audio"
-                    else vision_tower_from_config(e["config"], e["feature_layer"]) for m, e in config["encoders"].items()}
+                    else vision_tower_from_config(e["config"], e["feature_layer"], e.get("select_strategy", "patch"))
+                    for m, e in config["encoders"].items()}
         options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
         connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
                       for m, c in config["connectors"].items()}
@@ -296,18 +303,29 @@ def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, torch
     return inputs
 
 
-def load_backbone(path: str | Path, allow_unsafe: bool = False) -> MultimodalLM:
-    """A `save_pretrained` directory, or a Lightning checkpoint written by any method here.
+def load_backbone(path: str | Path, allow_unsafe: bool = False, tokenizer: PreTrainedTokenizerBase | None = None,
+                  torch_dtype: str | None = None, trust_remote_code: bool = False) -> MultimodalLM:
+    """A `save_pretrained` directory, a Lightning checkpoint written by any method here, or a llava-hf /
+    original-LLaVA directory or Hub id (`hf_llava.load_hf_multimodal`; `tokenizer` maps its image token).
 
     Checkpoints are read without executing code from them (`safe_load.load_torch_file`);
     `allow_unsafe` is the explicit opt-in (`backbone.allow_unsafe_checkpoint`) for trusted files.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
         return MultimodalLM.from_pretrained(path)
+    if path.is_dir() or (not path.exists() and could_be_hub_id(path) and path.suffix not in (".ckpt", ".pt")):
+        from .hf_llava import load_hf_multimodal  # a Hugging Face layout (or a Hub id): its own module
+
+        return load_hf_multimodal(path, tokenizer, torch_dtype, trust_remote_code, allow_unsafe)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained backbone {path} does not exist (run the previous stage first)")
-    checkpoint = load_torch_file(path, allow_unsafe=allow_unsafe, what="pretrained backbone checkpoint")
+        raise model_source_error("pretrained backbone", path)
+    return model_from_checkpoint(load_torch_file(path, allow_unsafe=allow_unsafe,
+                                                 what="pretrained backbone checkpoint"), path)
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> MultimodalLM:
+    """The `MultimodalLM` a Lightning checkpoint of any method here holds (its recorded config and weights)."""
     if CHECKPOINT_CONFIG_KEY not in checkpoint:
         raise ValueError(f"{path} is not a lightning-moe checkpoint (no {CHECKPOINT_CONFIG_KEY!r} entry)")
     model = MultimodalLM.from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY])
@@ -327,14 +345,24 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
     if name_or_path in LLM_PRESETS:
         llm = AutoModelForCausalLM.from_config(preset_config(LLM_PRESETS, name_or_path, {**special, **(overrides or {})}))
     else:
+        if (Path(name_or_path) / CONFIG_NAME).is_file():
+            raise ValueError(f"{name_or_path} is a lightning-moe save_pretrained directory ({CONFIG_NAME}), not a "
+                             "transformers model: name it as backbone.pretrained, or export it to transformers with "
+                             "python -m lightning_moe.export")
         dtype = getattr(torch, torch_dtype) if torch_dtype else None
         check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
+        if not Path(name_or_path).exists() and not could_be_hub_id(name_or_path):
+            raise model_source_error("LLM", name_or_path)
         try:
             llm = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=dtype, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
         except ValueError as error:
             raise_if_remote_code(name_or_path, error)
             raise
+        except OSError as error:
+            if Path(name_or_path).exists():
+                raise
+            raise model_source_error("LLM", name_or_path, error) from error
         if llm.get_input_embeddings().num_embeddings < len(tokenizer):  # placeholders were added
             llm.resize_token_embeddings(len(tokenizer))
     llm.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -379,6 +407,8 @@ def build_multimodal(
         if placeholder_ids[modality] in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {PLACEHOLDERS[modality]!r} token (load it with load_tokenizer)")
     model = MultimodalLM(language_model, encoders, connectors, kinds, placeholder_ids, options, video_pooling)
+    if moe_family(language_model) is not None:  # a native MoE LLM is a sparse model here
+        convert_native_moe(model)
     if torch_dtype:
         model.to(getattr(torch, torch_dtype))
     return model

@@ -50,13 +50,14 @@ def upcycle(model: MultimodalLM, config: MoEConfig) -> list[int]:
 
 
 def is_sparse(model: MultimodalLM) -> bool:
-    return any(entry["op"] == "upcycle" for entry in model.surgery)
+    """Upcycled here, or a native Hugging Face MoE converted to SparseMoE (`stage: moe` fine-tunes it as is)."""
+    return any(entry["op"] in ("upcycle", "native_moe") for entry in model.surgery)
 
 
 @dataclass
 class ParameterCounts:
     total: int  # every parameter of the model (vision tower included)
-    activated: int  # parameters one token uses: a top-k of E experts counts k/E of each MoE layer's experts
+    activated: int  # parameters one token uses: a top-k of E routed experts counts k/E of each MoE layer's experts
 
 
 def parameter_counts(model: nn.Module) -> ParameterCounts:
@@ -64,7 +65,9 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for _, module in expert_layers(model):
-        experts = sum(p.numel() for name, p in module.named_parameters() if not name.startswith("router."))
+        # routed experts only: the router and a shared expert (with its gate) see every token
+        experts = sum(p.numel() for name, p in module.named_parameters()
+                      if not name.startswith(("router.", "shared_expert")))
         inactive += experts * (module.num_experts - module.top_k) // module.num_experts
     return ParameterCounts(total, total - inactive)
 

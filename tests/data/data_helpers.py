@@ -1,4 +1,4 @@
-"""Helpers of the data tests: write LLaVA records (good or deliberately bad) and images into a temporary root."""
+"""Helpers of the data tests: write LLaVA records (good or deliberately bad), images, audio and video frames into a temporary root."""
 
 import io
 import json
@@ -6,6 +6,8 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
+import soundfile
 from PIL import Image
 
 from lightning_moe.paths import REPO_ROOT
@@ -66,3 +68,33 @@ def write_broken_zlib_png(path: Path) -> Path:
     crc = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(data)) & 0xFFFFFFFF)
     path.write_bytes(png[: start + 4] + bytes(data) + crc + png[start + 8 + length :])
     return path
+
+
+def media_record(rid: str, question: str = "How many beeps are there?", answer: str = "two", **media) -> dict:
+    """A single-turn record with one placeholder per item of each modality given (image=, audio=, video= lists)."""
+    prefix = "".join(f"<{modality}>\n" * len(items) for modality, items in media.items())
+    rec = {"id": rid, "conversations": [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]}
+    for modality, items in media.items():
+        if items:
+            rec[modality] = list(items) if len(items) > 1 else items[0]
+    return rec
+
+
+def tone(seconds: float, freq: float = 440.0, rate: int = 16_000, amplitude: float = 0.5) -> np.ndarray:
+    """A sine wave, float32 (samples,)."""
+    t = np.arange(round(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_audio(path: Path, samples: np.ndarray, rate: int = 16_000, fmt: str | None = None) -> Path:
+    """Write (samples,) or (samples, channels) with soundfile (format from the suffix unless given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), samples, rate, format=fmt)
+    return path
+
+
+def write_frames(directory: Path, colours, names=None) -> Path:
+    """One 32x32 frame per colour, named `names` (default 0.png, 1.png, ...)."""
+    for k, colour in enumerate(colours):
+        write_image(directory / (names[k] if names else f"{k}.png"), colour)
+    return directory

@@ -39,8 +39,13 @@ def test_pairs_share_prompt_and_image_and_label_only_the_answer(root, tokenizer)
     assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape == (4, 3, 32, 32)
 
 
+MISSING = object()  # the key is left out of the record
+
+
 @pytest.mark.parametrize("bad, problem", [
     ({"rejected": None}, "'rejected' must be a string or one assistant turn"),
+    ({"chosen": {"from": "human", "value": "yes"}}, "'chosen' must be a string or one assistant turn"),
+    ({"rejected": MISSING}, "needs 'chosen' and 'rejected'; missing \\['rejected'\\]"),
     ({"rejected": "yes"}, "'chosen' and 'rejected' are the same answer"),
     ({"chosen": ""}, "'chosen' is empty"),
     ({"conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "x"}]},
@@ -48,10 +53,7 @@ def test_pairs_share_prompt_and_image_and_label_only_the_answer(root, tokenizer)
     ({"image": "../outside.png"}, "leaves the dataset root"),
 ])
 def test_bad_pairs_are_errors_naming_file_line_and_record(root, tokenizer, bad, problem):
-    record = {**pair("p7"), **bad}
-    if bad.get("rejected", 0) is None:
-        del record["rejected"]
-        problem = "needs 'chosen' and 'rejected'"
+    record = {k: v for k, v in {**pair("p7"), **bad}.items() if v is not MISSING}
     path = write_jsonl(root / "pairs.jsonl", [pair("ok"), record])
     with pytest.raises(ValueError, match=rf"pairs.jsonl:2: record 'p7':.*{problem}"):
         PreferenceDataset(path, root, tokenizer)

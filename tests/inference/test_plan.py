@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from lightning_moe.inference import (ExpertStore, PlanConfig, apply_bits, export_store, plan_bitwidths,
+from lightning_moe.inference import (ExpertStore, GenerationConfig, PlanConfig, apply_bits, exact_match_quality,
+                                     export_store, generate, load_resident_model, plan_bitwidths,
                                      token_agreement_quality)
 from lightning_moe.inference.plan import BitwidthPlan, reference_tokens
 from lightning_moe.inference.store import expert_layers
@@ -47,7 +49,7 @@ def test_plan_on_a_scripted_quality_matches_the_hand_computed_plan(sparse_model)
     assert all(torch.equal(a, m.w_in) for a, (_, m) in zip(before, expert_layers(sparse_model)))  # restored
 
 
-def test_real_plan_keeps_the_tolerance_and_is_monotone_in_sensitivity(sparse_model):
+def test_real_plan_keeps_the_tolerance_and_is_monotone_in_sensitivity(sparse_model, tmp_path):
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(10, 60, (4, 12), generator=g), "attention_mask": torch.ones(4, 12)}]
     reference = reference_tokens(sparse_model, batches)
@@ -57,6 +59,30 @@ def test_real_plan_keeps_the_tolerance_and_is_monotone_in_sensitivity(sparse_mod
     order = sorted(plan.bits, key=lambda k: (plan.sensitivity[k], k))
     assert [plan.bits[k] for k in order] == sorted(plan.bits[k] for k in order)  # less sensitive: fewer or equal bits
     assert min(plan.bits.values()) < 8  # something was lowered
+    # re-measured, not the planner's own figure: the planned store, loaded back, against the float32 argmax
+    planned = load_resident_model(export_store(sparse_model, tmp_path / "planned", bits=plan.bits))
+    with torch.no_grad():
+        out = planned(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+    agreement = 100.0 * (out.logits.argmax(-1) == reference[0]).double().mean().item()  # no padding here
+    assert agreement >= 95.0 and agreement == pytest.approx(plan.quality)
+    assert agreement < 100.0 or min(plan.bits.values()) == 8  # lowered experts cost something, or nothing was lowered
+
+
+def test_exact_match_quality_of_hand_set_answers(sparse_model, tokenizer):
+    """Two prompts: one reference is the model's own greedy answer written differently (case, trailing
+    period), the other a word it cannot produce: 50%."""
+    from tests.inference.conftest import prompt_batch
+
+    ids, mask, pixels = prompt_batch(sparse_model)
+    config = GenerationConfig(max_new_tokens=4, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    own = tokenizer.batch_decode(generate(sparse_model, ids, mask, config, pixel_values=pixels).tokens,
+                                 skip_special_tokens=True)
+    assert own[0].strip()  # something to match
+    batch = {"prompt_input_ids": ids, "prompt_attention_mask": mask, "pixel_values": pixels,
+             "answers": [own[0].upper() + ".", "no-such-answer"]}
+    assert exact_match_quality(sparse_model, [batch], tokenizer) == 50.0
+    batch["answers"] = [own[0], own[1]]
+    assert exact_match_quality(sparse_model, [batch], tokenizer) == 100.0
 
 
 def test_applied_plan_is_in_the_manifest_and_shrinks_the_store(sparse_model, tmp_path):

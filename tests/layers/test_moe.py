@@ -272,3 +272,32 @@ def test_collect_routing_returns_every_moe_layer_of_a_model():
     model(torch.randn(3, 8))
     routing = collect_routing(model)
     assert [r.top_k for r in routing] == [2, 1]
+
+
+def test_from_experts_matches_qwen2_moe_block_with_shared_expert_outputs_and_gradients():
+    """Qwen2-MoE: no renormalisation of the top-k weights, a shared expert gated by sigmoid(Linear(H, 1))."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    cfg = Qwen2MoeConfig(hidden_size=32, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6,
+                         num_experts_per_tok=2, norm_topk_prob=False, experts_implementation="eager")
+    block = Qwen2MoeSparseMoeBlock(cfg)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.1)
+    moe = SparseMoE.from_experts(block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj, 2,
+                                 normalize_weights=False, shared_expert=block.shared_expert,
+                                 shared_expert_gate=block.shared_expert_gate.weight)
+    x_hf = torch.randn(2, 7, 32, requires_grad=True)
+    x_ours = x_hf.detach().clone().requires_grad_()
+    y_hf, y_ours = block(x_hf), moe(x_ours)
+    assert_rel_close(y_ours, y_hf)
+    grad = torch.randn_like(y_hf)
+    y_hf.backward(grad)
+    y_ours.backward(grad)
+    assert_rel_close(x_ours.grad, x_hf.grad)
+    assert_rel_close(moe.shared_expert.up_proj.weight.grad, block.shared_expert.up_proj.weight.grad)
+    assert_rel_close(moe.shared_expert_gate.weight.grad, block.shared_expert_gate.weight.grad)
+    assert_rel_close(moe.router.proj.weight.grad, block.gate.weight.grad)
+    # without the shared expert the output differs: the test sees it
+    moe.shared_expert = None
+    assert not torch.allclose(moe(x_ours), y_hf, atol=1e-4)

@@ -168,3 +168,24 @@ def test_capacity_drop_matches_deepspeed_cumsum_locations():
     kept1 = (mask1 * (loc1 < cap)).sum(1).bool()
     kept2 = (mask2 * (loc2 < cap)).sum(1).bool()
     assert torch.equal(capacity_drop(indices, 5, cap), torch.stack([~kept1, ~kept2], 1))
+
+
+def test_routing_losses_of_one_real_token_and_without_a_mask():
+    """One real token (the counts' denominator is 1), and z-loss with no mask (a plain mean)."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    only_first = torch.tensor([1, 0])
+    p = logits[0].double().softmax(-1)
+    # switch, top-1 of one token: E * f_0 * P_0 with f = one-hot of its choice
+    assert load_balancing_loss(routing_from_logits(logits, 1), only_first, form="switch").item() == pytest.approx(
+        3 * p[0].item(), rel=1e-6)
+    lse = torch.logsumexp(logits.double(), -1) ** 2
+    assert router_z_loss(routing_from_logits(logits, 1), only_first).item() == pytest.approx(lse[0].item(), rel=1e-6)
+    assert router_z_loss(routing_from_logits(logits, 1)).item() == pytest.approx(lse.mean().item(), rel=1e-6)
+
+
+def test_routing_loss_options_are_checked_by_name():
+    routing = routing_from_logits(torch.randn(4, 3), 1)
+    with pytest.raises(ValueError, match="^form must be 'switch', 'gshard' or 'mole', got 'dense'$"):
+        load_balancing_loss(routing, form="dense")
+    with pytest.raises(ValueError, match="^layers must be 'sum', 'mean' or 'concat', got 'max'$"):
+        load_balancing_loss(routing, layers="max")

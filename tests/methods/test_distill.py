@@ -182,7 +182,13 @@ def test_teacher_with_another_vision_tower_aligns_on_the_text(tmp_path, tokenize
     batch = _batch(tokenizer)
     for tokens in ("response", "all"):
         method = make(tmp_path / "t", mimic=MimicConfig(tokens=tokens))
-        assert method.compute_loss(batch).logs["kd_loss"].item() > 0
+        student, teacher = _forwards(method, batch)
+        assert (student.shape[1], teacher.shape[1]) == (9 + 16, 9 + 4)  # the image: 16 features vs 4
+        if tokens == "response":
+            expected = _kl64(_response_logits(student), _response_logits(teacher))
+        else:  # each side's text positions, found in its own layout
+            expected = _kl64(_text_logits(student, 16), _text_logits(teacher, 4))
+        assert method.compute_loss(batch).logs["kd_loss"].item() == pytest.approx(expected, rel=1e-4), tokens
 
 
 def test_a_teacher_with_another_tokenizer_is_a_clear_error(tmp_path, teacher_dir):
@@ -265,3 +271,131 @@ def test_bfloat16_teacher_halves_its_memory_and_still_distils(teacher_dir, token
     assert torch.isfinite(step.loss) and step.logs["kd_loss"].item() > 0
     step.loss.backward()
     assert all(p.grad is None for p in method.teacher.parameters())
+
+
+# ---------------------------------------------------------------------------- a distinct teacher
+# Teacher != student: every wiring mistake (chosen/rejected, policy/reference, student/teacher) changes
+# the numbers. The references read the logits of separate forwards at positions fixed by `_batch`'s
+# layout (the response is the last 3 tokens, the image placeholder at position 2) and do the rest in
+# float64 with plain softmax sums.
+def _swap_pairs(pairs: list[list[float]]) -> list[list[float]]:
+    return [pairs[1], pairs[0], pairs[3], pairs[2]]
+
+
+@pytest.mark.parametrize("loss_fn", [dpo_loss, kto_pair_loss])
+def test_swapping_chosen_and_rejected_or_policy_and_reference_moves_the_loss_the_expected_way(loss_fn):
+    # the policy prefers every chosen answer more than the reference does: a low loss, a positive margin
+    inputs = [POLICY_C, POLICY_R, REF_C, REF_R]
+    prefer = [[-1.0, -0.5, -2.0], [-3.0, -2.5, -4.0], [-2.0, -1.5, -2.5], [-2.5, -2.0, -3.0]]
+    base = loss_fn(*_as_tensors(*prefer))
+    assert base.margins.min().item() > 0 and base.accuracy.item() == 1.0
+    swapped = loss_fn(*_as_tensors(*_swap_pairs(prefer)))  # the rejected answers now called chosen
+    assert swapped.loss.item() > base.loss.item() and swapped.margins.max().item() < 0
+    torch.testing.assert_close(swapped.margins, -base.margins)
+    as_reference = loss_fn(*_as_tensors(prefer[2], prefer[3], prefer[0], prefer[1]))  # policy and reference swapped
+    assert as_reference.loss.item() > base.loss.item()
+    torch.testing.assert_close(as_reference.rewards_chosen, -base.rewards_chosen)
+    # the policy as its own reference: no preference at all, whatever the data
+    itself = loss_fn(*_as_tensors(prefer[0], prefer[1], prefer[0], prefer[1]))
+    assert itself.loss.item() == pytest.approx(math.log(2) if loss_fn is dpo_loss else 0.5, rel=1e-6)
+    assert loss_fn(*_as_tensors(*inputs)).loss.item() != pytest.approx(itself.loss.item())
+
+
+def _response_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) -> (B, 3, V) float64: the positions predicting the last 3 (response) tokens."""
+    return logits[:, -4:-1].double()
+
+
+def _text_logits(logits: torch.Tensor, image_features: int) -> torch.Tensor:
+    """(B, T, V) -> (B, 8, V): positions predicting a text token (token 1, and tokens 3..9 after the image)."""
+    keep = [0] + list(range(image_features + 1, image_features + 8))
+    return logits[:, keep].double()
+
+
+def _kl64(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Forward KL(teacher || student), mean over positions, float64."""
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
+
+
+def _sharpen(method, scale: float = 10.0):
+    """Random tiny models predict nearly uniform tokens, where KL is almost symmetric and log-ratios almost 0:
+    a scaled final norm scales both models' logits (the output layer is tied to the input embeddings, so
+    it stays), so that a swap shows."""
+    with torch.no_grad():
+        for model in (method.model, method.teacher):
+            model.llm.model.norm.weight.mul_(scale)
+    return method
+
+
+def _forwards(method, batch):
+    with torch.no_grad():
+        inputs = method.model_inputs(batch)
+        v = method.shared_vocab
+        return method.model(**inputs).logits[..., :v], method.teacher(**inputs).logits[..., :v]
+
+
+@pytest.mark.parametrize("tokens", ["response", "all"])
+def test_mimic_kd_with_a_distinct_teacher_matches_a_float64_reference(teacher_dir, tokenizer, tokens):
+    method = _sharpen(make(teacher_dir, mimic=MimicConfig(tokens=tokens)))
+    batch = _batch(tokenizer)
+    student, teacher = _forwards(method, batch)
+    features = student.shape[1] - 9  # one placeholder became this many image features
+    pick = _response_logits if tokens == "response" else lambda x: _text_logits(x, features)
+    expected = _kl64(pick(student), pick(teacher))
+    kd = method.compute_loss(batch).logs["kd_loss"].item()
+    assert kd == pytest.approx(expected, rel=1e-4)
+    # the KL is not symmetric here: student and teacher swapped would give another value
+    assert abs(_kl64(pick(teacher), pick(student)) - expected) > 0.05 * expected
+
+
+def test_preference_with_a_distinct_teacher_matches_a_float64_reference(tmp_path, teacher_dir, tokenizer):
+    sparse = MoETuning(stage="moe", tokenizer=TOKENIZER, backbone=BackboneConfig(**STUDENT))
+    sparse.model.save_pretrained(tmp_path / "sparse")
+    beta, n = 0.5, 3
+    batch = _batch(tokenizer, pairs=n)
+    answers = batch["input_ids"][:, -3:]
+    for loss in ("sigmoid", "kto_pair"):
+        method = make(teacher_dir, "preference", backbone=BackboneConfig(pretrained=str(tmp_path / "sparse")),
+                      preference=PreferenceConfig(loss=loss, beta=beta))
+        _sharpen(method)
+        student, teacher = _forwards(method, batch)
+
+        def logps(logits):
+            return torch.gather(_response_logits(logits).log_softmax(-1), 2, answers[..., None])[..., 0].sum(-1)
+
+        pc, pr, rc, rr = (x.tolist() for x in (*logps(student).split(n), *logps(teacher).split(n)))
+        if loss == "sigmoid":
+            expected = sum(-math.log(_sigmoid(beta * ((a - b) - (c - d)))) for a, b, c, d in zip(pc, pr, rc, rr)) / n
+        else:
+            kl_c = max(sum(a - c for a, c in zip(pc, rc)) / n, 0.0)
+            kl_r = max(sum(b - d for b, d in zip(pr, rr)) / n, 0.0)
+            expected = (sum(1 - _sigmoid(beta * ((a - c) - kl_r)) for a, c in zip(pc, rc))
+                        + sum(1 - _sigmoid(beta * (kl_c - (b - d))) for b, d in zip(pr, rr))) / (2 * n)
+        logs = method.compute_loss(batch).logs
+        assert logs["preference_loss"].item() == pytest.approx(expected, rel=1e-4), loss
+        margin = sum(beta * ((a - c) - (b - d)) for a, b, c, d in zip(pc, pr, rc, rr)) / n
+        assert logs["rewards/margin"].item() == pytest.approx(margin, rel=1e-4, abs=1e-6), loss
+        assert logs["logps/chosen"].item() == pytest.approx(sum(pc) / n, rel=1e-4), loss
+        rewards = sum(beta * (a - c) for a, c in zip(pc, rc)) / n
+        assert logs["rewards/chosen"].item() == pytest.approx(rewards, rel=1e-4), loss
+        # a distinct teacher: the loss is well beyond the tolerance above from its value at policy = reference
+        assert abs(expected - (math.log(2) if loss == "sigmoid" else 0.5)) > 10 * 1e-4 * expected, loss
+        assert abs(rewards) > 0.1, loss
+
+
+def test_loss_defaults_and_argument_checks():
+    student, teacher = 3 * torch.randn(4, 9), 3 * torch.randn(4, 9)
+    # the defaults are the reference's: temperature 1, beta 0.1
+    torch.testing.assert_close(distillation_kl(student, teacher), distillation_kl(student, teacher, None, 1.0))
+    pairs = _as_tensors(POLICY_C, POLICY_R, REF_C, REF_R)
+    for loss_fn in (dpo_loss, kto_pair_loss):
+        torch.testing.assert_close(loss_fn(*pairs).loss, loss_fn(*pairs, beta=0.1).loss)
+    # one position counts: the mean is over one, not clamped above it
+    mask = torch.tensor([False, True, False, False])
+    assert distillation_kl(student, teacher, mask).item() == pytest.approx(
+        _kl_reference(student[None], teacher[None], mask[None], 1.0, "forward"), rel=1e-5)
+    with pytest.raises(ValueError, match="^direction must be one of \\('forward', 'reverse'\\), got 'both'$"):
+        distillation_kl(student, teacher, direction="both")
+    with pytest.raises(ValueError, match="^student logits \\(4, 9\\) and teacher logits \\(4, 8\\) are not aligned$"):
+        distillation_kl(student, teacher[:, :8])

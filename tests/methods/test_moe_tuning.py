@@ -93,8 +93,13 @@ def test_moe_loss_adds_the_weighted_balance_loss(tokenizer):
     assert set(step.logs) == {"lm_loss", "aux_loss", "loss"}
     torch.testing.assert_close(step.loss, step.logs["lm_loss"] + 0.01 * step.logs["aux_loss"])
     assert len(step.routing) == 1
-    # gshard form: 1 per layer when perfectly balanced, E when collapsed
-    assert 0.9 < step.logs["aux_loss"].item() < 4.0
+    # gshard form, from the router's logits in float64: E^2 * mean_i(mean prob_i * share of top-1 choices of i)
+    # over the real tokens (1 when perfectly balanced, E when collapsed)
+    routing, real = step.routing[0], step.token_mask.reshape(-1).bool()
+    probs = routing.logits.double()[real].softmax(-1)  # (real tokens, E)
+    top1 = torch.nn.functional.one_hot(probs.argmax(-1), 4).double()
+    expected = 4**2 * (probs.mean(0) * top1.mean(0)).mean()
+    assert step.logs["aux_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_a_training_step_changes_only_trainable_parameters(tokenizer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -29,6 +30,12 @@ def test_scores_of_a_hand_written_matrix():
     assert s2.bwt == pytest.approx(0.4) and s2.forgetting == pytest.approx(-0.4)
 
 
+def test_forgetting_takes_each_task_best_over_earlier_rows():
+    # columns' best earlier values (0.9, 0.8) differ from the rows' (0.9, 0.2): forgetting is per task (column)
+    s = continual_scores(torch.tensor([[0.9, 0.8, 0.0], [0.1, 0.2, 0.0], [0.5, 0.5, 0.5]]))
+    assert s.forgetting == pytest.approx(((0.9 - 0.5) + (0.8 - 0.5)) / 2)
+
+
 def test_partial_matrix_scores_use_only_the_rows_filled_so_far():
     metric = AccuracyMatrix(num_tasks=3)
     metric.update(0, ACC[0])
@@ -49,8 +56,14 @@ def test_bad_input_is_named():
         AccuracyMatrix(3).update(0, torch.ones(2))
     with pytest.raises(ValueError, match="out of range"):
         AccuracyMatrix(3).update(3, torch.ones(3))
-    with pytest.raises(ValueError, match="no row"):
+    with pytest.raises(ValueError, match="^no row of the accuracy matrix is filled yet$"):
         AccuracyMatrix(3).compute()
+    with pytest.raises(ValueError, match="^num_tasks must be positive, got 0$"):
+        AccuracyMatrix(0)
+    assert AccuracyMatrix(1).matrix().shape == (0, 1)  # one task is fine
+    for shape in [(3,), (0, 3), (3, 2)]:  # not a matrix, no rows, more rows than tasks
+        with pytest.raises(ValueError, match=rf"^expected a \(rows, tasks\) accuracy matrix .* got shape {re.escape(str(shape))}$"):
+            continual_scores(torch.zeros(shape))
     with pytest.raises(ValueError, match="missing entries"):
         continual_scores(torch.tensor([[0.5, float("nan")]]))
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from lightning_moe.layers import LoRALinear, MoLEMLP, MoRALinear, SparseMoE
 from lightning_moe.models import MultimodalLM, load_backbone
+from tests.conftest import TOKENIZER
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pre_restructure"
 INPUTS = load_file(str(FIXTURES / "inputs.safetensors"))
@@ -51,7 +52,8 @@ def test_old_checkpoint_gives_identical_logits_as_backbone_and_as_method():
     ckpt = FIXTURES / "moe_tuning.ckpt"
     assert torch.equal(logits(load_backbone(ckpt)), EXPECTED["moe_tuning.logits"])
     # the checkpoint's hyperparameters pickle lightning_moe.models.surgery.MoEConfig (its old home)
-    method = MoETuning.load_from_checkpoint(ckpt, map_location="cpu")
+    # the tokenizer path in its hyperparameters is the absolute one of the checkout that wrote it
+    method = MoETuning.load_from_checkpoint(ckpt, map_location="cpu", tokenizer=TOKENIZER)
     assert method.stage == "moe" and type(method.hparams["moe"]).__module__ == "lightning_moe.models.upcycle"
     assert torch.equal(logits(method.model), EXPECTED["moe_tuning.logits"])
 

@@ -1,0 +1,168 @@
+"""peft both ways (models/peft_format.py), with peft itself as the oracle: the project's LoRA exported as a peft
+adapter gives the project's logits on the exported base under `PeftModel.from_pretrained`; a peft-saved LoRA
+loaded by the project gives peft's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, load_adapters, save_adapters
+from lightning_moe.models.hf_llava import export_multimodal
+from lightning_moe.models.peft_format import PeftFormatError, export_peft, without_adapters
+from lightning_moe.tokens import IMAGE_TOKEN
+from tests.conftest import TINY_LLM, TINY_VISION
+
+PATCHES = 16
+
+
+def randomize_b(model) -> None:
+    """LoRA B starts at zero (the update is 0): give it values so that a wrong key or scale shows in the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+
+def inputs(tokenizer, n_image_tokens: int):
+    image = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids = torch.tensor([[11, 12, *[image] * n_image_tokens, 13, 14, 15]])
+    return ids, torch.ones_like(ids), torch.randn(1, 3, 32, 32)
+
+
+def test_project_lora_exports_as_a_peft_adapter_on_the_exported_base(tmp_path, tokenizer):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "v_proj"], r=4, alpha=8),
+                         AdapterRule(kind="lora", targets=["down_proj"], layers=[1], r=2, alpha=6)])
+    randomize_b(model)
+    export_multimodal(without_adapters(model), tmp_path / "base", tokenizer)
+    assert [e["op"] for e in model.surgery] == ["adapters"]  # the model keeps its adapters
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert config["rank_pattern"] == {"model.language_model.layers.1.mlp.down_proj": 2}
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
+    ids, mask, pixels = inputs(tokenizer, 1)
+    hf_ids, _, _ = inputs(tokenizer, PATCHES)
+    with torch.no_grad():  # before peft wraps the base's layers in place
+        plain_logits = base(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels).logits
+    theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        ours_logits = model(ids, mask, pixel_values=pixels).logits
+        peft_logits = theirs(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels).logits
+    assert (ours_logits - peft_logits).abs().max() <= 1e-5
+    assert (ours_logits - plain_logits).abs().max() > 1e-2  # the adapters matter: the check above is not vacuous
+
+
+def test_peft_saved_lora_loads_into_the_project_with_peft_logits(tmp_path, tokenizer):
+    from lightning_moe.methods import LoRATuning
+    from lightning_moe.methods.base import BackboneConfig
+
+    base_model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    export_multimodal(base_model, tmp_path / "base", tokenizer)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
+    # rsLoRA and a per-module alpha: the scale must come through exactly
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|o_proj|up_proj)", use_rslora=True,
+                        alpha_pattern={"o_proj": 3.0}, lora_dropout=0.0)
+    theirs = get_peft_model(hf, config)
+    randomize_b(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    theirs.eval()
+    method = LoRATuning(backbone=BackboneConfig(pretrained=str(tmp_path / "base")),
+                        adapters_path=str(tmp_path / "peft")).eval()
+    ids, mask, pixels = inputs(tokenizer, 1)
+    hf_ids, _, _ = inputs(tokenizer, PATCHES)
+    with torch.no_grad():
+        ours = method.model(ids, mask, pixel_values=pixels).logits
+        want = theirs(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels).logits
+    assert (ours - want).abs().max() <= 1e-5
+    # only the adapters train, and they save/load in the project's own format afterwards
+    assert method.trainable_names and all("lora_" in n for n in method.trainable_names)
+    save_adapters(method.model, tmp_path / "again")
+    reloaded = load_adapters(without_adapters(method.model), tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, mask, pixel_values=pixels).logits, ours)
+
+
+def test_text_only_peft_lora_round_trip(tmp_path, tokenizer):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None).eval()
+    add_adapters(model, [AdapterRule(kind="lora", targets=["k_proj", "gate_proj"], r=3, alpha=5)])
+    randomize_b(model)
+    without_adapters(model).llm.save_pretrained(tmp_path / "base")
+    export_peft(model, tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft")
+    ids = torch.tensor([[11, 12, 13, 14]])
+    with torch.no_grad():
+        want = theirs.eval()(input_ids=ids).logits
+        assert (model(ids, torch.ones_like(ids)).logits - want).abs().max() <= 1e-5
+        fresh = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None)
+        fresh.llm.load_state_dict(without_adapters(model).llm.state_dict())
+        assert (load_adapters(fresh, tmp_path / "peft")(ids, torch.ones_like(ids)).logits - want).abs().max() <= 1e-5
+
+
+def test_routed_adapters_say_peft_cannot_hold_them(tmp_path, tokenizer):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    add_adapters(model, [AdapterRule(kind="mole", targets=["mlp"], r=2, alpha=4, num_experts=2),
+                         AdapterRule(kind="lora", targets=["q_proj"], r=2, alpha=4)])
+    with pytest.raises(PeftFormatError, match="peft cannot represent mole"):
+        export_peft(model, tmp_path / "x")
+    # and peft, asked to read the project's own directory, shows why in its error
+    save_adapters(model, tmp_path / "project")
+    base = LlavaForConditionalGeneration.from_pretrained(
+        export_multimodal(without_adapters(model), tmp_path / "base", tokenizer))
+    with pytest.raises(KeyError, match="peft cannot represent routed adapters"):
+        PeftModel.from_pretrained(base, tmp_path / "project")
+
+
+def test_peft_directories_the_project_cannot_compute_are_named(tmp_path, tokenizer):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None)
+    hf = model.llm
+    for name, config in {
+        "dora": LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+        "ia3": None,
+    }.items():
+        out = tmp_path / name
+        if config is None:
+            from peft import IA3Config
+
+            get_peft_model(AutoModelForCausalLM.from_config(hf.config), IA3Config(
+                target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])).save_pretrained(out)
+            match = "adapter type 'IA3'"
+        else:
+            get_peft_model(AutoModelForCausalLM.from_config(hf.config), config).save_pretrained(out)
+            match = "use_dora=True"
+        fresh = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None)
+        with pytest.raises(PeftFormatError, match=match):
+            load_adapters(fresh, out)
+
+
+def test_export_command_writes_llava_hf_and_peft_directories(tmp_path, tokenizer):
+    """`python -m lightning_moe.export` on a saved model: --format hf gives a LlavaForConditionalGeneration with
+    the base's logits; --format peft gives the adapter and, under base/, what it goes on, with the model's logits."""
+    from lightning_moe.export import main as export_main
+
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "v_proj"], r=4, alpha=8)])
+    randomize_b(model)
+    model.save_pretrained(tmp_path / "model")
+    ids, mask, pixels = inputs(tokenizer, 1)
+    hf_ids, _, _ = inputs(tokenizer, PATCHES)
+    hf_inputs = dict(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels)
+    export_main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "peft"), "--format", "peft"])
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "peft" / "base").eval()
+    with torch.no_grad():
+        base_logits = base(**hf_inputs).logits
+        ours = model(ids, mask, pixel_values=pixels).logits
+        ours_base = without_adapters(model)(ids, mask, pixel_values=pixels).logits
+        theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(**hf_inputs).logits
+    assert (ours - theirs).abs().max() <= 1e-5 and (ours_base - base_logits).abs().max() <= 1e-5
+    assert (ours - ours_base).abs().max() > 1e-2  # the adapters matter
+    merged = tmp_path / "merged"
+    export_main(["--model", str(tmp_path / "model"), "--out", str(merged), "--format", "hf", "--merge-lora"])
+    with torch.no_grad():
+        exported = LlavaForConditionalGeneration.from_pretrained(merged).eval()(**hf_inputs).logits
+    assert (ours - exported).abs().max() <= 1e-4  # merged in float32: one rounding of W + BA
