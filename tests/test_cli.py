@@ -24,7 +24,10 @@ MOD_STAGES = ["configs/mod/teacher.yaml", "configs/mod/mimic_dense.yaml", "confi
 # the continual run starts from the pre-training's output: chained below
 MORA = ["configs/mora/pretrain.yaml", "configs/mora/continual.yaml"]
 MOLE = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.yaml"]  # base first, then adapters
-CHAINED = STAGES + MOD_STAGES + MORA + MOLE  # each chain has its own test; the rest run one by one
+# Uni-MoE: align, one experts run per modality, moe (tests/methods/test_unimoe_cli.py)
+UNIMOE = ["configs/unimoe/align.yaml", "configs/unimoe/experts.yaml", "configs/unimoe/experts_video.yaml",
+          "configs/unimoe/experts_image.yaml", "configs/unimoe/moe.yaml"]
+CHAINED = STAGES + MOD_STAGES + MORA + MOLE + UNIMOE  # each chain has its own test; the rest run one by one
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
@@ -72,7 +75,7 @@ def assert_outputs_load_safely(workdir: Path) -> None:
 
 def test_configs_are_shipped():
     assert "configs/quickstart.yaml" in CONFIGS and set(CHAINED) <= set(CONFIGS)
-    assert len(CONFIGS) == 13 and not any("_base" in c for c in CONFIGS)
+    assert len(CONFIGS) == 18 and not any("_base" in c for c in CONFIGS)
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c not in CHAINED])

@@ -1,7 +1,9 @@
 """TensorBoard views of routing: expert load per sparse layer (histograms), router entropy, and
 a domain × expert heat map per layer that shows whether routing specialises by domain, and an
 expert-load bar chart per layer, both drawn by `lightning_moe.plots` (names, values, colour bar) with
-the same numbers as text tables beside them.
+the same numbers as text tables beside them. When the method's evaluation outputs carry each token's
+modality (`token_modality`, Uni-MoE), also a modality × expert heat map and table per layer (does the
+audio expert get the audio tokens?), over the tokens of modality features and the text tokens.
 
 Reads the `routing` and `token_mask` that the method's steps return, so it sees the routing of
 the teacher-forced forward pass (not of generation).
@@ -55,6 +57,7 @@ class RoutingStatistics(L.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.save_figures = save_figures
         self._counts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> domain -> (E,) routed slots
+        self._modality_counts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> modality (or text) -> (E,)
         self._entropy: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx: int) -> None:
@@ -86,6 +89,19 @@ class RoutingStatistics(L.Callback):
                 counts = torch.bincount(indices[b][mask[b]].flatten(), minlength=num_experts).float()
                 per_domain[domain] = per_domain.get(domain, torch.zeros(num_experts)) + counts
             self._entropy[name].append(entropy(routing, token_mask.reshape(-1).bool()).cpu())
+            if outputs.get("token_modality") is not None:
+                self._accumulate_modalities(name, indices, mask, outputs["token_modality"].cpu(), num_experts)
+
+    def _accumulate_modalities(self, name: str, indices: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor,
+                               num_experts: int) -> None:
+        from ..models.multimodal import MODALITIES
+
+        per_modality = self._modality_counts.setdefault(name, {})
+        for index, label in [(-1, "text"), *enumerate(MODALITIES)]:
+            chosen = indices[mask & (modality == index)]  # (tokens, k)
+            if chosen.numel():
+                counts = torch.bincount(chosen.flatten(), minlength=num_experts).float()
+                per_modality[label] = per_modality.get(label, torch.zeros(num_experts)) + counts
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._accumulate(pl_module, outputs)
@@ -95,10 +111,12 @@ class RoutingStatistics(L.Callback):
 
     def _write(self, trainer, pl_module, stage: str) -> None:
         writer = _tensorboard(trainer)
-        counts, entropies = self._counts, self._entropy
-        self._counts, self._entropy = {}, defaultdict(list)
+        counts, entropies, modality_counts = self._counts, self._entropy, self._modality_counts
+        self._counts, self._entropy, self._modality_counts = {}, defaultdict(list), {}
         if writer is None or trainer.sanity_checking:
             return
+        for name, per_modality in modality_counts.items():
+            self._write_modalities(writer, trainer, name, stage, per_modality)
         for name, per_domain in counts.items():
             domains = sorted(per_domain)
             matrix = torch.stack([per_domain[d] / per_domain[d].sum().clamp(min=1) for d in domains])  # (D, E)
@@ -119,6 +137,20 @@ class RoutingStatistics(L.Callback):
                               trainer.global_step)
         for name, values in entropies.items():
             writer.add_scalar(f"routing/{name}/{stage}_entropy", torch.stack(values).mean(), trainer.global_step)
+
+    def _write_modalities(self, writer, trainer, name: str, stage: str, per_modality: dict[str, torch.Tensor]) -> None:
+        labels = list(per_modality)
+        matrix = torch.stack([per_modality[m] / per_modality[m].sum().clamp(min=1) for m in labels])  # (M, E)
+        figure = plots.heatmap(matrix, labels, [str(e) for e in range(matrix.shape[1])],
+                               title=f"{name}: share of each modality's tokens per expert ({stage})", xlabel="expert",
+                               ylabel="modality", colorbar_label="share of routed token slots")
+        log_figure(writer, f"routing/{name}/{stage}_modality_expert_heatmap", figure, trainer.global_step)
+        header = "| modality | " + " | ".join(f"expert {e}" for e in range(matrix.shape[1])) + " |"
+        rows = [f"| {m} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for m, row in zip(labels, matrix.tolist())]
+        writer.add_text(f"routing/{name}/{stage}_modality_expert_table",
+                        "\n".join([header, "|---" * (matrix.shape[1] + 1) + "|", *rows]), trainer.global_step)
+        if self.save_figures and trainer.is_global_zero:
+            plots.save_png(figure, Path(self.save_figures) / f"{name}_{stage}_modality_expert_heatmap.png")
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "val")

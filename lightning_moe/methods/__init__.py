@@ -7,7 +7,8 @@ from .moe_tuning import MoETuning
 from .lora import LoRAOptions, LoRATuning
 from .mole import ExpertOptions, MoLE
 from .mora import MoRAContinual, MoRAOptions
+from .unimoe import AffinityLoss, UniMoE, UniMoELoRA
 
 __all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "Stage", "StepOutput", "load_backbone", "MoETuning",
            "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "ContinualMethod", "ContinualLoRA", "MoRAContinual",
-           "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig"]
+           "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig", "UniMoE", "UniMoELoRA", "AffinityLoss"]

@@ -15,7 +15,7 @@ Validation/test batches come from one dataloader per domain; each sample also ca
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -59,6 +59,13 @@ class BackboneConfig:
     vision_overrides: dict[str, Any] = field(default_factory=dict)
     vision_feature_layer: int = -2  # LLaVA takes the penultimate layer's patch features
     connector: str = "mlp2x_gelu"
+    # Uni-MoE's other modalities (docs/unimoe.md): a Whisper encoder (preset "tiny-whisper", an openai/whisper-*
+    # name or a local path) with its connector, and video frames through the vision tower
+    audio_tower: str | None = None  # None = no audio
+    audio_overrides: dict[str, Any] = field(default_factory=dict)  # WhisperConfig fields for presets, kwargs otherwise
+    audio_connector: str = "query"  # learned queries cross-attending to the Whisper features, then an MLP
+    audio_connector_options: dict[str, Any] = field(default_factory=dict)  # num_queries, num_layers, num_heads, ...
+    video_pooling: Literal["mean", "concat"] | None = None  # None = no video; mean = the reference; concat keeps order
     # a previous stage's save_pretrained directory or .ckpt, or a llava-hf / original-LLaVA directory or Hub id
     # (docs/hf_interop.md); replaces the above
     pretrained: str | None = None
@@ -67,6 +74,12 @@ class BackboneConfig:
     # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
     allow_unsafe_checkpoint: bool = False
     trust_remote_code: bool = False  # ... and a Hugging Face model's own Python code
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a checkpoint written before a field existed (e.g. the audio ones, issue 14) holds no value for it: its default
+        defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                    for f in fields(self) if f.default is not MISSING or f.default_factory is not MISSING}
+        self.__dict__.update({**defaults, **state})
 
 
 @checkpoint_safe
@@ -289,7 +302,8 @@ class MultimodalMethod(L.LightningModule):
                                  torch_dtype=b.torch_dtype, trust_remote_code=b.trust_remote_code)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
                                 b.vision_feature_layer, b.connector, b.torch_dtype, b.trust_remote_code,
-                                b.allow_unsafe_checkpoint)
+                                b.allow_unsafe_checkpoint, b.audio_tower, b.audio_overrides, b.audio_connector,
+                                b.audio_connector_options, b.video_pooling)
 
     @property
     def stage_plan(self) -> Stage:

@@ -8,7 +8,9 @@
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
 - `hf_llava.py`: llava-hf and original-LLaVA directories in, llava-hf directories out
 - `peft_format.py`: plain LoRA as a peft adapter, and peft LoRA directories in
-Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, mora_add_task).
+- `modality_experts.py`: Uni-MoE's upcycling, each expert from its own modality's trained FFN
+Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, mora_add_task,
+modality_experts).
 """
 
 from .architecture import adapter_modules, decoder_layers, expert_layers, mlp_attribute, resolve_layers, routed_layers
@@ -30,6 +32,7 @@ from .adapters import (
 from .freeze import PARAMETER_GROUPS, set_trainable
 from .hf_llava import export_multimodal, load_hf_multimodal
 from .peft_format import export_peft, without_adapters
+from .modality_experts import ModalityExpertsConfig, modality_experts
 
 __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "load_backbone", "MoEConfig",
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
@@ -37,4 +40,5 @@ __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", 
            "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
            "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
            "canonical_log", "convert_native_moe", "to_hf_causal_lm", "export_multimodal", "load_hf_multimodal",
-           "export_peft", "without_adapters"]
+           "export_peft", "without_adapters", "ModalityExpertsConfig",
+           "modality_experts"]

@@ -1,7 +1,12 @@
-"""Modality encoders: Hugging Face vision towers (CLIP, SigLIP) wrapped to return patch features.
+"""Modality encoders: Hugging Face vision towers (CLIP, SigLIP) and the Whisper speech encoder,
+wrapped to return a sequence of features per item.
 
 `VisionTower` picks the hidden layer LLaVA uses (the penultimate by default) and drops the CLS
-token where the tower has one, so every image becomes (num_patches, hidden) features.
+token where the tower has one, so every image becomes (num_patches, hidden) features. Video has no
+tower of its own: its frames go through the image tower (`MultimodalLM`, Uni-MoE's reference).
+`AudioTower` runs a Whisper encoder on one log-mel window per row, (n, n_mels, frames) ->
+(n, frames // 2, hidden) (Whisper's two convolutions halve the frames), from its last layer as
+Uni-MoE's reference reads it.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, CLIPVisionModel, PretrainedConfig, SiglipVisionModel
+from transformers import AutoConfig, CLIPVisionModel, PretrainedConfig, SiglipVisionModel, WhisperConfig, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..paths import could_be_hub_id, model_source_error
 from ..safe_load import check_safe_weights, raise_if_remote_code, hf_load_kwargs
-from .presets import VISION_PRESETS, preset_config
+from .presets import AUDIO_PRESETS, VISION_PRESETS, preset_config
 
 # model_type of a (full or vision-only) checkpoint -> vision model class
 VISION_MODELS = {
@@ -140,3 +146,49 @@ def vision_tower_from_config(config_dict: dict[str, Any], feature_layer: int,
     config = AutoConfig.for_model(**config_dict)
     config = vision_config_to_vision_only(config)
     return VisionTower(vision_model_class(config)(config), feature_layer, select_strategy)
+
+
+# ---------------------------------------------------------------------------- audio
+class AudioTower(nn.Module):
+    """(windows, n_mels, frames) Whisper log-mel -> (windows, frames // 2, hidden) from the encoder's last layer."""
+
+    def __init__(self, encoder: WhisperEncoder):
+        super().__init__()
+        self.model = encoder
+        cfg = encoder.config
+        self.num_positions = cfg.max_source_positions  # features per window
+        self.hidden_size = cfg.d_model
+        self.feature_layer = -1  # recorded for the model config; Whisper's reference reads the last layer
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return self.model(input_features.to(dtype)).last_hidden_state
+
+
+def build_audio_tower(name_or_path: str, overrides: dict[str, Any] | None = None, trust_remote_code: bool = False,
+                      allow_unsafe: bool = False) -> AudioTower:
+    """A preset name builds a fresh tiny Whisper encoder; anything else (an `openai/whisper-*` name or a local
+    directory) loads a Whisper checkpoint and keeps its encoder (safetensors only, no repository code, unless
+    `allow_unsafe` / `trust_remote_code` say otherwise)."""
+    if name_or_path in AUDIO_PRESETS:
+        return AudioTower(WhisperEncoder(preset_config(AUDIO_PRESETS, name_or_path, overrides)))
+    check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise_if_remote_code(name_or_path, error)
+        raise
+    if not isinstance(config, WhisperConfig):
+        raise ValueError(f"audio tower {name_or_path!r} is a {config.model_type!r} checkpoint; a Whisper one is needed")
+    # the full encoder-decoder loads, the decoder is dropped: Whisper checkpoints keep the encoder under `model.encoder`
+    whisper = WhisperModel.from_pretrained(name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe),
+                                           **(overrides or {}))
+    return AudioTower(whisper.get_encoder())
+
+
+def audio_tower_from_config(config_dict: dict[str, Any]) -> AudioTower:
+    return AudioTower(WhisperEncoder(AutoConfig.for_model(**config_dict)))

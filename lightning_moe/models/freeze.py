@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from .adapters import adapter_parameters
-from .architecture import expert_layers
+from .architecture import decoder_layers, expert_layers, mlp_attribute
 from .multimodal import MultimodalLM
 
 __all__ = ["PARAMETER_GROUPS", "set_trainable"]
@@ -22,12 +22,24 @@ def _sparse_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
         yield from layer.parameters()
 
 
-# group name -> the parameters it names. A stage's freeze plan is a list of group names.
+def _router_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
+    for _, layer in expert_layers(model.llm):
+        yield from layer.router.parameters()
+
+
+def _mlp_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
+    for layer in decoder_layers(model.llm):
+        yield from getattr(layer, mlp_attribute(layer)).parameters()
+
+
+# group name -> the parameters it names. "vision" is every modality encoder (image and audio towers). A stage's freeze plan is a list of group names.
 PARAMETER_GROUPS: dict[str, Callable[[MultimodalLM], Iterator[nn.Parameter]]] = {
     "vision": lambda m: m.encoders.parameters(),
     "connector": lambda m: m.connectors.parameters(),
     "llm": lambda m: m.llm.parameters(),
     "moe": _sparse_parameters,
+    "router": _router_parameters,  # only the sparse layers' routers (Uni-MoE stage 3: experts take LoRA)
+    "mlp": _mlp_parameters,  # every decoder layer's feed-forward block (Uni-MoE stage 2)
     "adapters": lambda m: (p for _, p in adapter_parameters(m, trainable_only=True)),
 }
 

@@ -1,9 +1,16 @@
 """`MultimodalLM`: modality encoders + connectors + any Hugging Face causal LM.
 
-Data flow (DESIGN.md): each placeholder token in `input_ids` (one per image) is replaced by the
-N projected features of its item, so a (B, T) batch becomes (B, T') input embeddings with labels
--100 on the features. The LLM then runs unchanged; sparse layers inside it (after surgery) record
-their routing for the method's losses.
+Data flow (DESIGN.md): each placeholder token in `input_ids` (one per image, audio clip or video)
+is replaced by the N projected features of its item, so a (B, T) batch becomes (B, T') input
+embeddings with labels -100 on the features. The LLM then runs unchanged; sparse layers inside it
+(after surgery) record their routing for the method's losses.
+
+Modalities (Uni-MoE): each has an encoder and a connector, except video, whose frames go through the
+image encoder and connector (`video_pooling`: "mean" averages the frames' encoder features, the
+reference; "concat" keeps every frame's tokens in order). Items with padded slots (audio windows,
+video frames; `tokens.MODALITY_MASKS`) encode only their real slots, and the features of padded ones
+are masked out of the LLM's attention. `last_token_modality` keeps, after each `embed`, which
+modality every position of the spliced sequence came from (routing statistics per modality).
 
 `save_pretrained` writes `multimodal_config.json` (every sub-config, the connector kinds, the
 placeholder ids and the surgery log) and `model.safetensors`; `from_pretrained` rebuilds the
@@ -15,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -24,10 +31,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from ..paths import could_be_hub_id, model_source_error
 from ..safe_load import check_safe_weights, raise_if_remote_code, hf_load_kwargs, load_torch_file
-from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, PLACEHOLDERS
+from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, MODALITY_MASKS, PLACEHOLDERS
 from .checkpoint import replay_surgery
 from .connectors import build_connector
-from .encoders import VisionTower, build_vision_tower, vision_tower_from_config
+from .encoders import (AudioTower, VisionTower, audio_tower_from_config, build_audio_tower, build_vision_tower,
+                       vision_tower_from_config)
 from .architecture import moe_family
 from .native_moe import convert_native_moe
 from .presets import LLM_PRESETS, preset_config
@@ -36,6 +44,9 @@ CONFIG_NAME = "multimodal_config.json"
 WEIGHTS_NAME = "model.safetensors"
 # key of the model config inside a Lightning checkpoint written by any method (methods/base.py)
 CHECKPOINT_CONFIG_KEY = "multimodal_config"
+# modality order of `last_token_modality` (index into it; -1 = a text token)
+MODALITIES = tuple(PLACEHOLDERS)
+VideoPooling = Literal["mean", "concat"]
 
 
 @dataclass
@@ -49,11 +60,14 @@ class MultimodalLM(nn.Module):
     def __init__(
         self,
         llm: PreTrainedModel,
-        encoders: dict[str, VisionTower] | None = None,
+        encoders: dict[str, VisionTower | AudioTower] | None = None,
         connectors: dict[str, nn.Module] | None = None,
         connector_kinds: dict[str, str] | None = None,
         placeholder_ids: dict[str, int] | None = None,
+        connector_options: dict[str, dict[str, Any]] | None = None,
+        video_pooling: VideoPooling | None = None,
     ):
+        """video_pooling: None = no video; else video frames go through the image encoder and connector."""
         super().__init__()
         self.llm = llm
         self.encoders = nn.ModuleDict(encoders or {})
@@ -61,22 +75,73 @@ class MultimodalLM(nn.Module):
         if set(self.encoders) != set(self.connectors):
             raise ValueError(f"encoders {sorted(self.encoders)} and connectors {sorted(self.connectors)} differ")
         self.connector_kinds = dict(connector_kinds or {})
+        self.connector_options = {m: dict(o) for m, o in (connector_options or {}).items()}
         self.placeholder_ids = dict(placeholder_ids or {})
-        missing = set(self.encoders) - set(self.placeholder_ids)
+        if video_pooling is not None:
+            if video_pooling not in ("mean", "concat"):
+                raise ValueError(f"video_pooling must be 'mean' or 'concat', got {video_pooling!r}")
+            if "image" not in self.encoders:
+                raise ValueError("video frames go through the image encoder: a model with video needs an image tower")
+        self.video_pooling = video_pooling
+        missing = (set(self.encoders) | ({"video"} if video_pooling else set())) - set(self.placeholder_ids)
         if missing:
             raise ValueError(f"no placeholder token id for modalities {sorted(missing)}")
+        self.last_token_modality: torch.Tensor | None = None  # (B, T') index into MODALITIES, -1 on text
         # Ordered record of in-place rewrites (models/checkpoint.py), replayed by from_pretrained.
         self.surgery: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ forward
-    def encode(self, modality: str, values: torch.Tensor) -> torch.Tensor:
-        """(items, ...) raw inputs -> (items, N, llm_hidden) projected features."""
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities this model reads (video when `video_pooling` is set)."""
+        return [m for m in MODALITIES if m in self.encoders or (m == "video" and self.video_pooling)]
+
+    def _encoder_features(self, modality: str, values: torch.Tensor) -> torch.Tensor:
         encoder = self.encoders[modality]
         frozen = not any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = encoder(values)
+            return encoder(values)
+
+    def _connect(self, modality: str, features: torch.Tensor) -> torch.Tensor:
         connector = self.connectors[modality]
         return connector(features.to(next(connector.parameters()).dtype))
+
+    def encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(items, ...) raw inputs -> (items, N, llm_hidden) projected features (`encode_items` also gives their mask)."""
+        return self.encode_items(modality, values, mask)[0]
+
+    def encode_items(self, modality: str, values: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw inputs of `items` items -> ((items, N, llm_hidden) projected features, (items, N) bool mask or None).
+
+        image (items, 3, H, W); audio (items, C, n_mels, frames) with a (items, C) window mask: each real
+        window gives the connector's tokens, in order (N = C × tokens per window); video (items, F, 3, H, W)
+        with a (items, F) frame mask: frames through the image tower, averaged over real frames ("mean",
+        N = patches) or kept in order ("concat", N = F × patches). Padded slots are never encoded; their
+        features are zeros and masked.
+        """
+        if modality not in ("audio", "video"):  # one encoder pass per item, no slots
+            return self._connect(modality, self._encoder_features(modality, values)), None
+        source = "image" if modality == "video" else modality
+        if modality == "video" and not self.video_pooling:
+            raise ValueError("this model reads no video (built without video_pooling)")
+        items, slots = values.shape[:2]
+        if mask is None:
+            mask = torch.ones(items, slots, dtype=torch.bool, device=values.device)
+        mask = mask.to(device=values.device, dtype=torch.bool)
+        keep = mask.reshape(-1)  # (items * slots,)
+        encoded = self._encoder_features(source, values.flatten(0, 1)[keep])  # (kept, S, De)
+        if modality == "video" and self.video_pooling == "mean":
+            # the reference averages the frames' encoder features, then projects once
+            full = encoded.new_zeros(items * slots, *encoded.shape[1:]).index_put((keep.nonzero()[:, 0],), encoded)
+            weight = mask.to(encoded.dtype)[:, :, None, None]  # (items, F, 1, 1)
+            pooled = (full.view(items, slots, *encoded.shape[1:]) * weight).sum(1) / weight.sum(1).clamp(min=1)
+            return self._connect(source, pooled), mask.any(1, keepdim=True).expand(-1, pooled.shape[1])
+        projected = self._connect(source, encoded)  # (kept, N_slot, D)
+        n_slot = projected.shape[1]
+        full = projected.new_zeros(items * slots, n_slot, projected.shape[-1])
+        full = full.index_put((keep.nonzero()[:, 0],), projected)
+        return full.view(items, slots * n_slot, -1), mask.repeat_interleave(n_slot, dim=1)
 
     def embed(
         self,
@@ -88,23 +153,27 @@ class MultimodalLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Splice modality features into the token embeddings at their placeholders."""
         embed_tokens = self.llm.get_input_embeddings()
-        features: dict[int, torch.Tensor] = {}  # placeholder id -> (items, N, D)
-        for modality in self.encoders:
+        # placeholder id -> ((items, N, D) features, (items, N) mask or None, modality index)
+        features: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+        for modality in self.modalities:
             values = modality_inputs.get(MODALITY_INPUTS[modality])
             if values is not None and values.shape[0] > 0:
-                features[self.placeholder_ids[modality]] = self.encode(modality, values)
+                mask = modality_inputs.get(MODALITY_MASKS.get(modality, ""))
+                feats, feat_mask = self.encode_items(modality, values, mask)
+                features[self.placeholder_ids[modality]] = (feats, feat_mask, MODALITIES.index(modality))
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
         for modality, token_id in self.placeholder_ids.items():
             is_placeholder |= input_ids == token_id
         if not features:
             if is_placeholder.any():
                 raise ValueError("the batch has placeholder tokens but no modality inputs")
+            self.last_token_modality = torch.full_like(input_ids, -1)
             return embed_tokens(input_ids), attention_mask, labels
 
         batch, length = input_ids.shape
         # Each token occupies one slot, each placeholder N slots; `starts` is each token's first slot.
         slots = torch.ones_like(input_ids)
-        for token_id, feats in features.items():
+        for token_id, (feats, _, _) in features.items():
             slots[input_ids == token_id] = feats.shape[1]
         totals = slots.sum(1)  # (B,)
         new_length = int(totals.max())
@@ -116,12 +185,13 @@ class MultimodalLM(nn.Module):
         out = text_embeds.new_zeros(batch, new_length, text_embeds.shape[-1])
         out_mask = attention_mask.new_zeros(batch, new_length)
         out_labels = None if labels is None else labels.new_full((batch, new_length), IGNORE_INDEX)
+        out_modality = input_ids.new_full((batch, new_length), -1)
         rows, cols = (~is_placeholder).nonzero(as_tuple=True)
         out = out.index_put((rows, starts[rows, cols]), text_embeds[rows, cols])
         out_mask[rows, starts[rows, cols]] = attention_mask[rows, cols]
         if out_labels is not None:
             out_labels[rows, starts[rows, cols]] = labels[rows, cols]
-        for token_id, feats in features.items():
+        for token_id, (feats, feat_mask, modality_index) in features.items():
             rows, cols = (input_ids == token_id).nonzero(as_tuple=True)  # row-major = order of items
             if rows.numel() != feats.shape[0]:
                 raise ValueError(
@@ -130,7 +200,12 @@ class MultimodalLM(nn.Module):
             n = feats.shape[1]
             item_slots = starts[rows, cols][:, None] + torch.arange(n, device=input_ids.device)  # (items, N)
             out = out.index_put((rows[:, None].expand(-1, n), item_slots), feats.to(out.dtype))
-            out_mask[rows[:, None].expand(-1, n), item_slots] = attention_mask[rows, cols][:, None]
+            item_mask = attention_mask[rows, cols][:, None].expand(-1, n)
+            if feat_mask is not None:  # padded audio windows / video frames stay out of attention
+                item_mask = item_mask * feat_mask.to(item_mask.dtype)
+            out_mask[rows[:, None].expand(-1, n), item_slots] = item_mask
+            out_modality[rows[:, None].expand(-1, n), item_slots] = modality_index
+        self.last_token_modality = out_modality
         return out, out_mask, out_labels
 
     def forward(
@@ -153,7 +228,8 @@ class MultimodalLM(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy (default) or sampled continuation of LEFT-padded prompts -> (B, new tokens)."""
-        modality_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in MODALITY_INPUTS.values()}
+        keys = set(MODALITY_INPUTS.values()) | set(MODALITY_MASKS.values())
+        modality_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
         embeds, mask, _ = self.embed(prompt_input_ids, prompt_attention_mask, padding_side="left", **modality_inputs)
         kwargs.setdefault("do_sample", False)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
@@ -163,16 +239,19 @@ class MultimodalLM(nn.Module):
         return {
             "llm": self.llm.config.to_dict(),
             "encoders": {
-                m: {"config": enc.config.to_dict(), "feature_layer": enc.feature_layer,
+                m: {"kind": "audio" if isinstance(enc, AudioTower) else "vision", "config": enc.config.to_dict(),
+                    "feature_layer": enc.feature_layer,
                     # written only when not the default, so older records and directories read the same
-                    **({"select_strategy": enc.select_strategy} if enc.select_strategy != "patch" else {})}
+                    **({"select_strategy": enc.select_strategy}
+                       if getattr(enc, "select_strategy", "patch") != "patch" else {})}
                 for m, enc in self.encoders.items()
             },
             "connectors": {
                 m: {"kind": self.connector_kinds[m], "in_dim": self.encoders[m].hidden_size,
-                    "out_dim": self.llm.config.hidden_size}
+                    "out_dim": self.llm.config.hidden_size, "options": self.connector_options.get(m, {})}
                 for m in self.connectors
             },
+            "video_pooling": self.video_pooling,
             "placeholder_ids": self.placeholder_ids,
             "surgery": self.surgery,
         }
@@ -182,11 +261,15 @@ class MultimodalLM(nn.Module):
         """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
         llm_config = AutoConfig.for_model(**config["llm"])
         llm = AutoModelForCausalLM.from_config(llm_config)
-        encoders = {m: vision_tower_from_config(e["config"], e["feature_layer"], e.get("select_strategy", "patch"))
+        # records written before audio (issue 14) have no encoder kind, connector options or video pooling
+        encoders = {m: audio_tower_from_config(e["config"]) if e.get("kind") == "audio"
+                    else vision_tower_from_config(e["config"], e["feature_layer"], e.get("select_strategy", "patch"))
                     for m, e in config["encoders"].items()}
-        connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"]) for m, c in config["connectors"].items()}
+        options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
+        connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
+                      for m, c in config["connectors"].items()}
         model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
-                    config["placeholder_ids"])
+                    config["placeholder_ids"], options, config.get("video_pooling"))
         replay_surgery(model, config["surgery"])
         return model
 
@@ -216,7 +299,7 @@ def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, torch
     """The model's tensors from a collated batch (training sequence, or the left-padded generation prompt)."""
     ids, mask = ("prompt_input_ids", "prompt_attention_mask") if prompt else ("input_ids", "attention_mask")
     inputs = {"input_ids": batch[ids], "attention_mask": batch[mask]}
-    inputs.update({k: batch[k] for k in MODALITY_INPUTS.values() if k in batch})
+    inputs.update({k: batch[k] for k in (*MODALITY_INPUTS.values(), *MODALITY_MASKS.values()) if k in batch})
     return inputs
 
 
@@ -298,18 +381,32 @@ def build_multimodal(
     torch_dtype: str | None = None,
     trust_remote_code: bool = False,
     allow_unsafe: bool = False,
+    audio_tower: str | None = None,
+    audio_overrides: dict[str, Any] | None = None,
+    audio_connector: str = "query",
+    audio_connector_options: dict[str, Any] | None = None,
+    video_pooling: VideoPooling | None = None,
 ) -> MultimodalLM:
+    """The LLM, the image tower and connector, and (Uni-MoE) a Whisper audio tower with its connector
+    (`audio_tower`: a preset such as "tiny-whisper", an `openai/whisper-*` name or a local path) and video
+    through the image tower (`video_pooling`)."""
     language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype, trust_remote_code, allow_unsafe)
-    encoders, connectors, kinds, placeholder_ids = {}, {}, {}, {}
+    hidden = language_model.config.hidden_size
+    encoders, connectors, kinds, options, placeholder_ids = {}, {}, {}, {}, {}
     if vision_tower:
-        tower = build_vision_tower(vision_tower, vision_overrides, vision_feature_layer, trust_remote_code, allow_unsafe)
-        encoders["image"] = tower
-        connectors["image"] = build_connector(connector, tower.hidden_size, language_model.config.hidden_size)
-        kinds["image"] = connector
-        placeholder_ids["image"] = tokenizer.convert_tokens_to_ids(PLACEHOLDERS["image"])
-        if placeholder_ids["image"] in (None, tokenizer.unk_token_id):
-            raise ValueError(f"the tokenizer has no {PLACEHOLDERS['image']!r} token (load it with load_tokenizer)")
-    model = MultimodalLM(language_model, encoders, connectors, kinds, placeholder_ids)
+        encoders["image"] = build_vision_tower(vision_tower, vision_overrides, vision_feature_layer, trust_remote_code,
+                                               allow_unsafe)
+        kinds["image"], options["image"] = connector, {}
+    if audio_tower:
+        encoders["audio"] = build_audio_tower(audio_tower, audio_overrides, trust_remote_code, allow_unsafe)
+        kinds["audio"], options["audio"] = audio_connector, dict(audio_connector_options or {})
+    for modality, tower in encoders.items():
+        connectors[modality] = build_connector(kinds[modality], tower.hidden_size, hidden, **options[modality])
+    for modality in [*encoders, *(["video"] if video_pooling else [])]:
+        placeholder_ids[modality] = tokenizer.convert_tokens_to_ids(PLACEHOLDERS[modality])
+        if placeholder_ids[modality] in (None, tokenizer.unk_token_id):
+            raise ValueError(f"the tokenizer has no {PLACEHOLDERS[modality]!r} token (load it with load_tokenizer)")
+    model = MultimodalLM(language_model, encoders, connectors, kinds, placeholder_ids, options, video_pooling)
     if moe_family(language_model) is not None:  # a native MoE LLM is a sparse model here
         convert_native_moe(model)
     if torch_dtype:

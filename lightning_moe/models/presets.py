@@ -14,6 +14,7 @@ from transformers import (
     PhiConfig,
     PretrainedConfig,
     SiglipVisionConfig,
+    WhisperConfig,
 )
 
 # name -> (config class, default fields). Calibrated on a 2-core CPU (DESIGN.md, Data).
@@ -48,6 +49,19 @@ VISION_PRESETS: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]
         SiglipVisionConfig,
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              image_size=32, patch_size=8),
+    ),
+}
+
+
+# Whisper encoders. The window is short so that a CPU trains in minutes: max_source_positions=50 reads
+# 100 log-mel frames, 1 s at Whisper's 10 ms hop (the data side's `audio_chunk_seconds: 1.0`); real
+# Whisper reads 30 s (1500 positions). Only the encoder is built (`encoders.AudioTower`).
+AUDIO_PRESETS: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]] = {
+    "tiny-whisper": (
+        WhisperConfig,
+        dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+             decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128, max_source_positions=50,
+             max_target_positions=32),
     ),
 }
 

@@ -1,0 +1,215 @@
+"""Uni-MoE: several modality encoders and connectors, modality-specific experts, progressive training
+(METHODS.md, Uni-MoE; docs/unimoe.md).
+
+Stages, each from the previous one's output (`backbone.pretrained`):
+1. `align`: the connectors train (audio's query connector, the image/video MLP); LLM and encoders frozen.
+2. `experts`: one CLI run per modality (`modality: image | audio | video`), each from stage 1's output
+   on that modality's data only: the decoder layers' MLPs train, nothing else, so the runs differ from
+   stage 1 (and from each other) only in their FFNs. A batch with another modality's inputs is an error.
+3. `moe`: every chosen layer's MLP becomes a `SparseMoE` whose expert j is the FFN of `moe.experts[j]`'s
+   stage-2 run (`experts: {modality: path}`), or the stage-1 FFN for a "dense" slot (the
+   `modality_experts` surgery, replayed by `from_pretrained`); the router is new and trains fully,
+   LoRA (r=8, alpha=16) adapts q/k/v/o and every expert's projections (adapter kinds "lora" and
+   "moe_lora"), everything else is frozen; aux loss 0.01 (the base's). Optional modality-affinity
+   loss (off by default): an L1 pull of each modality token's router probabilities toward its
+   configured expert set.
+
+Evaluation outputs also carry each token's modality, so `RoutingStatistics` draws a modality × expert
+heat map beside the domain × expert one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torchmetrics import SumMetric
+
+from ..models import AdapterRule, ModalityExpertsConfig, MultimodalLM, add_adapters, load_backbone, modality_experts
+from ..models.modality_experts import DENSE, non_mlp_differences
+from ..models.multimodal import MODALITIES
+from ..tokens import MODALITY_INPUTS
+from .base import MultimodalMethod, Stage, StepOutput, checkpoint_safe
+
+__all__ = ["UniMoE", "UniMoELoRA", "AffinityLoss"]
+
+checkpoint_safe(ModalityExpertsConfig)
+
+
+@checkpoint_safe
+@dataclass
+class UniMoELoRA:
+    """Stage 3's LoRA (Uni-MoE: r=8, alpha=16 on attention and the experts)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the attention LoRA's input (the experts' update lives in their weights)
+    attention: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    experts: bool = True  # LoRA on every expert's gate/up/down projections ("moe_lora")
+
+
+@checkpoint_safe
+@dataclass
+class AffinityLoss:
+    """Modality affinity (the reference's optional L1 toward expert sets): for each token that comes from a
+    modality's features, `mean_layers |p - u|_1`, with p its router probabilities and u uniform over the
+    modality's expert set; added as `coef` × the mean over such tokens. Off (coef 0) by default."""
+
+    coef: float = 0.0
+    # modality -> expert slots its tokens should use; a modality not named here uses the slot(s) `moe.experts`
+    # gives it; one with no slot is not pulled
+    experts: dict[str, list[int]] = field(default_factory=dict)
+
+
+class UniMoE(MultimodalMethod):
+    STAGES = {
+        "align": Stage(train=["connector"]),
+        "experts": Stage(train=["mlp"]),
+        "moe": Stage(train=["router", "adapters"]),
+    }
+
+    def __init__(
+        self,
+        stage: Literal["align", "experts", "moe"] = "align",
+        modality: Literal["image", "audio", "video"] | None = None,
+        experts: dict[str, str] | None = None,
+        moe: ModalityExpertsConfig | None = None,
+        lora: UniMoELoRA | None = None,
+        affinity: AffinityLoss | None = None,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            stage: align (connectors), experts (one modality's FFNs), moe (modality experts + router + LoRA).
+            modality: the experts stage's modality: its batches must carry no other modality's inputs.
+            experts: moe stage: modality -> its stage-2 output (save_pretrained directory or .ckpt).
+            moe: expert slots (a modality or "dense" each), top-k, layers of the moe stage.
+            lora: the moe stage's LoRA on attention and experts.
+            affinity: optional modality-affinity loss (off by default).
+            **kwargs: MultimodalMethod's arguments (backbone, trainable, optimizer, aux_loss, ...).
+        """
+        if stage == "experts" and modality is None:
+            raise ValueError("UniMoE stage 'experts' trains one modality's FFNs per run: set `modality`")
+        self.modality = modality
+        self.expert_paths = dict(experts or {})
+        self.moe_options = moe or ModalityExpertsConfig()
+        self.lora = lora or UniMoELoRA()
+        self.affinity = affinity or AffinityLoss()
+        unknown = sorted(set(self.moe_options.experts) - {DENSE, *MODALITIES})
+        if unknown:
+            raise ValueError(f"UniMoE: expert slots {unknown} are neither a modality {list(MODALITIES)} nor {DENSE!r}")
+        super().__init__(stage=stage, **kwargs)
+        # per modality with an expert slot: routed slots of its tokens that went to its own slot(s), and all of them
+        self.own_expert = nn.ModuleDict({f"{m}_{part}": SumMetric() for m in self.moe_options.experts if m != DENSE
+                                         for part in ("own", "all")})
+        self._eval_token_modality: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ surgery
+    def enter_stage(self, model: MultimodalLM) -> None:
+        """moe: the modality-experts surgery, from the stage-2 runs (a loaded stage-3 model keeps its experts)."""
+        if self.stage != "moe" or any(e["op"] == "modality_experts" for e in model.surgery):
+            return
+        wanted = sorted({e for e in self.moe_options.experts if e != DENSE})
+        missing = [m for m in wanted if m not in self.expert_paths]
+        if missing:
+            raise ValueError(f"UniMoE stage 'moe': expert slots {self.moe_options.experts} need the stage-2 output of "
+                             f"{missing}; name them in `experts: {{modality: path}}`")
+        sources = {}
+        for m in wanted:
+            source = load_backbone(self.expert_paths[m], allow_unsafe=self.backbone.allow_unsafe_checkpoint)
+            differ = non_mlp_differences(model, source)
+            if differ:
+                raise ValueError(
+                    f"UniMoE stage 'moe': the {m} stage-2 model {self.expert_paths[m]} differs from the backbone "
+                    f"outside the MLPs ({len(differ)} tensors, e.g. {differ[:3]}): stage 2 must start from the same "
+                    "stage-1 output as stage 3 and train only the MLPs")
+            sources[m] = source
+        modality_experts(model, self.moe_options, sources)
+
+    def configure_backbone(self, model: MultimodalLM) -> None:
+        if self.stage != "moe" or any(e["op"] == "adapters" for e in model.surgery):
+            return
+        o = self.lora
+        rules = [AdapterRule(kind="lora", targets=list(o.attention), r=o.r, alpha=o.alpha, dropout=o.dropout)]
+        if o.experts:
+            rules.append(AdapterRule(kind="moe_lora", targets=["mlp", "feed_forward", "block_sparse_moe"],
+                                     layers=self.moe_options.layers, r=o.r, alpha=o.alpha))
+        add_adapters(model, rules)
+
+    # ------------------------------------------------------------------ loss
+    def affinity_targets(self) -> dict[int, list[int]]:
+        """Modality index (into MODALITIES) -> expert slots its tokens are pulled toward."""
+        targets = {}
+        for index, m in enumerate(MODALITIES):
+            slots = self.affinity.experts.get(m, [j for j, e in enumerate(self.moe_options.experts) if e == m])
+            if slots:
+                targets[index] = list(slots)
+        return targets
+
+    def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
+        if self.stage == "experts":
+            others = [m for m, key in MODALITY_INPUTS.items() if m != self.modality and key in batch]
+            if others:
+                raise ValueError(f"UniMoE stage 'experts' trains the {self.modality} FFNs on {self.modality} data only, "
+                                 f"but a batch carries {others} inputs (domains {sorted(set(batch['domain']))})")
+        step = super().compute_loss(batch)
+        step.extras["token_modality"] = self.model.last_token_modality
+        if self.affinity.coef and step.routing:
+            step.logs["affinity_loss"] = affinity = self.affinity_loss(step.routing, self.model.last_token_modality,
+                                                                       step.token_mask)
+            step.loss = step.loss + self.affinity.coef * affinity
+            step.logs["loss"] = step.loss
+        return step
+
+    def affinity_loss(self, routing: list, token_modality: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Mean over modality tokens and layers of the L1 distance of router probabilities to the target set."""
+        modality = token_modality.reshape(-1)
+        real = token_mask.reshape(-1).bool()
+        num_experts = routing[0].probs.shape[-1]
+        target = torch.zeros(modality.shape[0], num_experts, device=modality.device)
+        pulled = torch.zeros_like(real)
+        for index, slots in self.affinity_targets().items():
+            rows = (modality == index) & real
+            target[rows.nonzero()[:, 0][:, None], torch.tensor(slots, device=modality.device)] = 1.0 / len(slots)
+            pulled |= rows
+        if not pulled.any():
+            return routing[0].probs.new_zeros(())
+        losses = [(r.probs[pulled] - target[pulled]).abs().sum(-1).mean() for r in routing]
+        return torch.stack(losses).mean()
+
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        out = super().eval_step(batch, stage)
+        # the teacher-forced pass's token modalities (generation ran after it and replaced the model's attribute)
+        out["token_modality"] = self._eval_token_modality
+        return out
+
+    def on_eval_batch(self, step: StepOutput, batch: dict[str, Any], stage: str) -> None:
+        modality = self._eval_token_modality = step.extras.get("token_modality")
+        if not step.routing or modality is None:
+            return
+        real = step.token_mask.reshape(-1).bool()
+        flat = modality.reshape(-1)
+        for name in {m for m in self.moe_options.experts if m != DENSE}:
+            rows = real & (flat == MODALITIES.index(name))
+            if not rows.any():
+                continue
+            slots = torch.tensor([j for j, e in enumerate(self.moe_options.experts) if e == name], device=flat.device)
+            chosen = torch.cat([r.indices[rows] for r in step.routing])  # (tokens × layers, k)
+            self.own_expert[f"{name}_own"].update(torch.isin(chosen, slots).sum().float())
+            self.own_expert[f"{name}_all"].update(torch.tensor(float(chosen.numel()), device=flat.device))
+
+    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """`<stage>/routing/<modality>_own_expert_share`: the share of a modality's routed token slots (over all
+        MoE layers) that went to its own expert slot(s); routing blind to modality gives (its slots) / E."""
+        values = {}
+        for name in sorted({m for m in self.moe_options.experts if m != DENSE}):
+            own, total = self.own_expert[f"{name}_own"], self.own_expert[f"{name}_all"]
+            if total.update_called:
+                count = total.compute()
+                if count > 0:
+                    values[f"{stage}/routing/{name}_own_expert_share"] = own.compute() / count
+            own.reset()
+            total.reset()
+        return values
