@@ -13,7 +13,7 @@ Hugging Face may load a model.
 - Hugging Face never runs a repository's Python code (`trust_remote_code`) unless the config asks
   for it (`backbone.trust_remote_code`); a model that needs it fails with an error saying so.
 
-Imports only torch and the standard library, so every layer may use it.
+Imports only torch, the standard library and `paths.py`, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ import importlib
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["UnsafeFileError", "load_torch_file", "check_safe_weights", "hf_load_kwargs", "raise_if_remote_code"]
+from .paths import could_be_hub_id, model_source_error
+
+__all__ = ["UnsafeFileError", "load_torch_file", "check_safe_weights", "hf_load_kwargs", "raise_if_remote_code", "hf_source"]
 
 OPT_IN = "backbone.allow_unsafe_checkpoint: true"
 REMOTE_CODE_OPT_IN = "backbone.trust_remote_code: true"
@@ -115,3 +119,22 @@ def raise_if_remote_code(name: str, error: Exception) -> None:
     if "trust_remote_code" in text or "custom code" in text:
         raise UnsafeFileError(f"{name} needs its own Python code to load (trust_remote_code); it was not run. "
                               f"If you trust that code, set {REMOTE_CODE_OPT_IN}") from error
+
+
+@contextmanager
+def hf_source(what: str, name_or_path: str | Path, allow_unsafe: bool = False) -> Iterator[None]:
+    """Around a Hugging Face `from_pretrained` of `name_or_path` (`what`: "LLM", "vision tower", ...): refuse
+    pickle-only weights first, name a path that is neither local nor a possible Hub id without asking the Hub,
+    and turn the loader's remote-code and not-found errors into ones that say what to do."""
+    check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
+    if not Path(name_or_path).exists() and not could_be_hub_id(name_or_path):
+        raise model_source_error(what, name_or_path)
+    try:
+        yield
+    except ValueError as error:
+        raise_if_remote_code(str(name_or_path), error)
+        raise
+    except OSError as error:
+        if Path(name_or_path).exists():
+            raise
+        raise model_source_error(what, name_or_path, error) from error

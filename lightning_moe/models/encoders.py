@@ -11,7 +11,6 @@ Uni-MoE's reference reads it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,8 +18,7 @@ from torch import nn
 from transformers import AutoConfig, CLIPVisionModel, PretrainedConfig, SiglipVisionModel, WhisperConfig, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ..paths import could_be_hub_id, model_source_error
-from ..safe_load import check_safe_weights, raise_if_remote_code, hf_load_kwargs
+from ..safe_load import hf_load_kwargs, hf_source
 from .presets import AUDIO_PRESETS, VISION_PRESETS, preset_config
 
 # model_type of a (full or vision-only) checkpoint -> vision model class
@@ -124,18 +122,8 @@ def build_vision_tower(name_or_path: str, overrides: dict[str, Any] | None = Non
     if name_or_path in VISION_PRESETS:
         config = preset_config(VISION_PRESETS, name_or_path, overrides)
         return VisionTower(vision_model_class(config)(config), feature_layer)
-    check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
-    if not Path(name_or_path).exists() and not could_be_hub_id(name_or_path):
-        raise model_source_error("vision tower", name_or_path)
-    try:
+    with hf_source("vision tower", name_or_path, allow_unsafe):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        raise_if_remote_code(name_or_path, error)
-        raise
-    except OSError as error:
-        if Path(name_or_path).exists():
-            raise
-        raise model_source_error("vision tower", name_or_path, error) from error
     model = vision_model_class(config).from_pretrained(
         name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
     return VisionTower(model, feature_layer)
@@ -176,12 +164,8 @@ def build_audio_tower(name_or_path: str, overrides: dict[str, Any] | None = None
     `allow_unsafe` / `trust_remote_code` say otherwise)."""
     if name_or_path in AUDIO_PRESETS:
         return AudioTower(WhisperEncoder(preset_config(AUDIO_PRESETS, name_or_path, overrides)))
-    check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
-    try:
+    with hf_source("audio tower", name_or_path, allow_unsafe):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        raise_if_remote_code(name_or_path, error)
-        raise
     if not isinstance(config, WhisperConfig):
         raise ValueError(f"audio tower {name_or_path!r} is a {config.model_type!r} checkpoint; a Whisper one is needed")
     # the full encoder-decoder loads, the decoder is dropped: Whisper checkpoints keep the encoder under `model.encoder`

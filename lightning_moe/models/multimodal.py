@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..paths import could_be_hub_id, model_source_error
-from ..safe_load import check_safe_weights, raise_if_remote_code, hf_load_kwargs, load_torch_file
+from ..safe_load import hf_load_kwargs, hf_source, load_torch_file
 from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, MODALITY_MASKS, PLACEHOLDERS
 from .checkpoint import replay_surgery
 from .connectors import build_connector
@@ -350,19 +350,9 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
                              "transformers model: name it as backbone.pretrained, or export it to transformers with "
                              "python -m lightning_moe.export")
         dtype = getattr(torch, torch_dtype) if torch_dtype else None
-        check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
-        if not Path(name_or_path).exists() and not could_be_hub_id(name_or_path):
-            raise model_source_error("LLM", name_or_path)
-        try:
+        with hf_source("LLM", name_or_path, allow_unsafe):
             llm = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=dtype, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
-        except ValueError as error:
-            raise_if_remote_code(name_or_path, error)
-            raise
-        except OSError as error:
-            if Path(name_or_path).exists():
-                raise
-            raise model_source_error("LLM", name_or_path, error) from error
         if llm.get_input_embeddings().num_embeddings < len(tokenizer):  # placeholders were added
             llm.resize_token_embeddings(len(tokenizer))
     llm.generation_config.pad_token_id = tokenizer.pad_token_id
