@@ -3,10 +3,14 @@
     python benchmarks/moe_layer.py [--quick] [--out DIR]
 
 For each shape (tokens, hidden, intermediate, experts, top-k) it times, in this process and on
-identical weights: ours, the Hugging Face `MixtralSparseMoeBlock` with the `eager` and the
+identical weights: ours (eager, and compiled by `torch.compile` with the default inductor backend), the Hugging Face `MixtralSparseMoeBlock` with the `eager` and the
 `grouped_mm` experts implementations, and a dense SwiGLU FFN with the same active compute
 (intermediate size k x I). Implementations are interleaved inside each repetition so that
 background load hits all of them alike; the median over repetitions after warm-up is reported.
+The compiled layer takes the trace-friendly dispatch (every expert on every token,
+`SparseMoE._experts_traceable`); its compilation and first steps are warm-up, outside the timing, and it
+is timed against our eager layer in the same process. Where inductor cannot compile here, the compiled
+column says why and the rest of the table runs as before.
 Prints a markdown table with the date and the machine; `--out DIR` also writes DIR/results.json (the
 rows the report plots: `python -m lightning_moe.experiments.report`).
 """
@@ -86,7 +90,21 @@ def time_interleaved(fns: dict[str, callable], reps: int, warmup: int) -> dict[s
     return medians | {f"{name}_min": min(ts) * 1e3 for name, ts in times.items()}
 
 
-def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps: int, warmup: int) -> dict[str, float]:
+def compiled_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, ref: torch.Tensor, dynamic: bool | None):
+    """The training step of `torch.compile(module)` (inductor), compiled here and checked against `ref`;
+    or the reason it cannot run on this machine (no C++ compiler, an inductor error) as a string."""
+    compiled = torch.compile(module, dynamic=dynamic)
+    try:
+        out = compiled(x)  # compiles the training graph the timed steps reuse
+    except Exception as err:  # noqa: BLE001  (any compiler failure: reported, not fatal)
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-5)
+    return step_fn(compiled, x, grad)
+
+
+def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps: int, warmup: int,
+                compile_dynamic: bool | None = None) -> tuple[dict[str, float], str | None]:
+    """Median (and best) times of each implementation, and why the compiled one did not run (or None)."""
     torch.manual_seed(0)
     eager = hf_block(hidden, inter, experts, k, "eager")
     for p in eager.parameters():
@@ -107,7 +125,18 @@ def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps
         "hf_grouped_mm": step_fn(grouped, x, grad),
         "dense": step_fn(dense, x, grad),
     }
-    return time_interleaved(fns, reps, warmup)
+    compiled = compiled_step(ours, x, grad, ref, compile_dynamic)
+    if callable(compiled):
+        fns["ours_compiled"] = compiled
+    return time_interleaved(fns, reps, warmup), None if callable(compiled) else compiled
+
+
+def compiled_cells(r: dict[str, float]) -> str:
+    """The compiled time and its ratio to our eager layer (median, and from the fastest repetition)."""
+    if "ours_compiled" not in r:
+        return "n/a | n/a"
+    return (f"{r['ours_compiled']:.2f} | {r['ours_compiled'] / r['ours']:.2f} "
+            f"({r['ours_compiled_min'] / r['ours_min']:.2f})")
 
 
 def main() -> None:
@@ -126,14 +155,17 @@ def main() -> None:
     print("Times are medians over repetitions (ms); ratios from medians, and in brackets from the fastest repetition.")
     print()
     print("| tokens | hidden | inter | experts | k | ours | HF eager | HF grouped_mm | dense "
-          "| ours / best HF | ours / dense | goal | met |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
-    results = {}
+          "| ours / best HF | ours / dense | goal | met | ours compiled | compiled / ours |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
+    results, compile_failures = {}, []
     shapes = QUICK_SHAPES if args.quick else SHAPES
     for shape in shapes:
         tokens = shape[0]
         reps, warmup = (2, 1) if args.quick else ((7, 2) if tokens >= 4096 else (31, 5))
-        r = bench_shape(*shape, reps=reps, warmup=warmup)
+        # --quick: one dynamic-shape compilation serves several shapes (inductor compiles in tens of seconds)
+        r, not_compiled = bench_shape(*shape, reps=reps, warmup=warmup, compile_dynamic=True if args.quick else None)
+        if not_compiled:
+            compile_failures.append(f"{shape}: {not_compiled}")
         results[shape] = r
         ratios = {}
         for sfx in ("", "_min"):
@@ -151,7 +183,7 @@ def main() -> None:
             f"| {' | '.join(map(str, shape))} | {r['ours']:.2f} | {r['hf_eager']:.2f} | {r['hf_grouped_mm']:.2f} "
             f"| {r['dense']:.2f} | {ratios[''][0]:.2f} ({ratios['_min'][0]:.2f}) "
             f"| {ratios[''][1]:.2f} ({ratios['_min'][1]:.2f}) | {goal} "
-            f"| {'yes' if met else 'no'} ({'yes' if met_min else 'no'}) |",
+            f"| {'yes' if met else 'no'} ({'yes' if met_min else 'no'}) | {compiled_cells(r)} |",
             flush=True,
         )
     four, sixteen = results[shapes[1]], results[shapes[2]]
@@ -163,12 +195,17 @@ def main() -> None:
         f"HF grouped_mm x{sixteen['hf_grouped_mm'] / four['hf_grouped_mm']:.2f}, "
         f"dense x{sixteen['dense'] / four['dense']:.2f}"
     )
+    for failure in compile_failures:
+        print(f"torch.compile (inductor) did not run, so no compiled time: {failure}")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-    print("parity: ok (ours and HF grouped_mm matched HF eager on the same weights, every shape)")
+    print("parity: ok (ours, ours compiled where it ran, and HF grouped_mm matched HF eager on the same weights, "
+          "every shape)")
     if args.out:
         rows = [{**dict(zip(("tokens", "hidden", "inter", "experts", "k"), shape)), **r,
                  "ours_over_dense": r["ours"] / r["dense"],
-                 "ours_over_best_hf": r["ours"] / min(r["hf_eager"], r["hf_grouped_mm"])} for shape, r in results.items()]
+                 "ours_over_best_hf": r["ours"] / min(r["hf_eager"], r["hf_grouped_mm"]),
+                 **({"compiled_over_ours": r["ours_compiled"] / r["ours"]} if "ours_compiled" in r else {})}
+                for shape, r in results.items()]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "torch_threads": torch.get_num_threads(),

@@ -278,6 +278,8 @@ class SparseMoE(nn.Module, RoutedLayer):
         return out
 
     def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
+        if torch.compiler.is_compiling() and type(self).expert_weights is SparseMoE.expert_weights:
+            return self._experts_traceable(flat, indices, weights)
         k = indices.shape[1]
         dtype = flat.dtype
         pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
@@ -302,6 +304,30 @@ class SparseMoE(nn.Module, RoutedLayer):
             flat, cast(w_in), cast(w_down), cast(b_in), cast(b_down),
             pair_w, token, sorted_expert, inverse, counts, offs, self.act_fn, self.gated,
         )
+
+    def _experts_traceable(self, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The dispatch `torch.compile` traces: static shapes and no host synchronisation, so no graph break.
+
+        Every expert runs on every token and the outputs are summed with a (T, E) gate matrix that is
+        zero where a token did not choose the expert or its pair was dropped (`weights` is already 0
+        there). The same numbers as the sorted dropless dispatch up to summation order, at E / k times its
+        expert FLOPs: the sorted dispatch needs each expert's token count as a Python int
+        (docs/running_at_scale.md, torch.compile), which a trace cannot have without a graph break.
+        """
+        dtype = flat.dtype
+        gates = weights.new_zeros(flat.shape[0], self.num_experts).scatter_add(1, indices, weights).to(dtype)  # (T, E)
+        h = torch.matmul(flat, self.w_in.to(dtype).transpose(1, 2))  # (T, H) @ (E, H, N) -> (E, T, N)
+        if self.b_in is not None:
+            h = h + self.b_in.to(dtype)[:, None]
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # (E, T, I) each
+            a = self.act_fn(gate) * up
+        else:
+            a = self.act_fn(h)
+        y = torch.matmul(a, self.down_proj.to(dtype).transpose(1, 2))  # (E, T, I) @ (E, I, H) -> (E, T, H)
+        if self.down_bias is not None:
+            y = y + self.down_bias.to(dtype)[:, None]
+        return torch.einsum("te,eth->th", gates, y)
 
     def expert_weights(
         self, counts: list[int], sorted_expert: Tensor
