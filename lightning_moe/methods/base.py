@@ -31,6 +31,7 @@ from ..metrics import ExactMatch, POPEMetrics
 from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
 # load_backbone lives in models/ so that inference can load checkpoints without importing methods
 from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
+from ..strategies import shard_blocks
 from ..tokens import DEFAULT_TOKENIZER
 from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files
 from ..tokens import IGNORE_INDEX
@@ -480,6 +481,13 @@ class MultimodalMethod(L.LightningModule):
         predictions = self.predict_answers(batch, batch_idx, dataloader_idx)
         return [{"id": i, "domain": d, "prediction": p, "answer": a}
                 for i, d, p, a in zip(batch["id"], batch["domain"], predictions, batch["answers"])]
+
+    def configure_model(self) -> None:
+        """Shard the model when the strategy gives a device mesh (Lightning's `ModelParallelStrategy`, FSDP2:
+        configs/strategies/fsdp2.yaml): one unit per transformer block, so each `SparseMoE` stays whole with
+        its layer (strategies.shard_blocks). Every other strategy has no mesh and keeps the model as built."""
+        if self.device_mesh is not None:
+            shard_blocks(self.model, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

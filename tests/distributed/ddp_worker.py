@@ -1,9 +1,10 @@
-"""One rank of a 2-process DDP run (gloo, CPU), started by tests/distributed/test_ddp.py as torchrun would.
+"""One rank of a 2-process run (gloo, CPU; DDP or FSDP2), started by tests/distributed/two_processes.py as torchrun would.
 
 Every rank gets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the test, so
 Lightning's environment knows the processes were created outside it and each `Trainer` joins the
 same process group. argv: OUT_DIR, then one JSON list of CLI argument lists, one run per entry;
-rank 0 writes run i's trainable weights to OUT_DIR/i.pt.
+rank 0 writes run i's trainable weights to OUT_DIR/i.pt (FSDP2's sharded parameters gathered whole first, on
+every rank: the gather is a collective).
 """
 
 import json
@@ -19,6 +20,8 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     for i, args in enumerate(json.loads(sys.argv[2])):
         cli = main(args)
+        # a DTensor (FSDP2 shard) is gathered whole on every rank
+        state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                 for n, p in cli.model.named_parameters() if p.requires_grad}
         if int(os.environ["RANK"]) == 0:
-            state = {n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad}
             torch.save({"state": state, "global_step": cli.trainer.global_step}, out / f"{i}.pt")
