@@ -174,39 +174,54 @@ class MultimodalLM(nn.Module):
         # Each token occupies one slot, each placeholder N slots; `starts` is each token's first slot.
         slots = torch.ones_like(input_ids)
         for token_id, (feats, _, _) in features.items():
-            slots[input_ids == token_id] = feats.shape[1]
+            slots = torch.where(input_ids == token_id, feats.shape[1], slots)
         totals = slots.sum(1)  # (B,)
+        # the spliced length depends on the data (items per sample): under torch.compile the one graph break
         new_length = int(totals.max())
         # right padding: samples end early; left padding (generation): samples end together
         offsets = (new_length - totals) if padding_side == "left" else torch.zeros_like(totals)
         starts = slots.cumsum(1) - slots + offsets[:, None]  # (B, T)
 
+        # Which token fills each output slot, found without data-dependent shapes (no nonzero: torch.compile
+        # traces it): mark t + 1 at token t's first slot, carry it forward (cummax), then keep the slots that lie
+        # inside that token's span (not the padding before the first or after the last token).
+        positions = torch.arange(new_length, device=input_ids.device)
+        marks = torch.zeros(batch, new_length, dtype=torch.long, device=input_ids.device)
+        marks = marks.scatter(1, starts, torch.arange(1, length + 1, device=input_ids.device).expand(batch, -1))
+        token = marks.cummax(1).values - 1  # (B, T') source token of each slot, -1 before the first
+        source = token.clamp(min=0)
+        inside = (token >= 0) & (positions < starts.gather(1, source) + slots.gather(1, source))  # (B, T')
+        source_ids = input_ids.gather(1, source)  # (B, T')
+        text = inside & ~is_placeholder.gather(1, source)  # (B, T') slots of text tokens
+
         text_embeds = embed_tokens(input_ids.masked_fill(is_placeholder, 0))
-        out = text_embeds.new_zeros(batch, new_length, text_embeds.shape[-1])
-        out_mask = attention_mask.new_zeros(batch, new_length)
-        out_labels = None if labels is None else labels.new_full((batch, new_length), IGNORE_INDEX)
+        spread = text_embeds.gather(1, source[..., None].expand(-1, -1, text_embeds.shape[-1]))  # (B, T', D)
+        out = torch.where(text[..., None], spread, 0)
+        source_mask = attention_mask.gather(1, source)
+        out_mask = torch.where(text, source_mask, 0)
+        out_labels = None if labels is None else torch.where(text, labels.gather(1, source), IGNORE_INDEX)
         out_modality = input_ids.new_full((batch, new_length), -1)
-        rows, cols = (~is_placeholder).nonzero(as_tuple=True)
-        out = out.index_put((rows, starts[rows, cols]), text_embeds[rows, cols])
-        out_mask[rows, starts[rows, cols]] = attention_mask[rows, cols]
-        if out_labels is not None:
-            out_labels[rows, starts[rows, cols]] = labels[rows, cols]
         for token_id, (feats, feat_mask, modality_index) in features.items():
-            rows, cols = (input_ids == token_id).nonzero(as_tuple=True)  # row-major = order of items
-            if rows.numel() != feats.shape[0]:
-                raise ValueError(
-                    f"{rows.numel()} placeholder tokens (id {token_id}) in the batch but {feats.shape[0]} items to fill them"
-                )
-            n = feats.shape[1]
-            item_slots = starts[rows, cols][:, None] + torch.arange(n, device=input_ids.device)  # (items, N)
-            out = out.index_put((rows[:, None].expand(-1, n), item_slots), feats.to(out.dtype))
-            item_mask = attention_mask[rows, cols][:, None].expand(-1, n)
+            self._check_items(input_ids == token_id, feats.shape[0], token_id)
+            filled = inside & (source_ids == token_id)  # (B, T'): row-major = item after item, N slots each
+            out = out.masked_scatter(filled[..., None], feats.to(out.dtype))
+            item_mask = source_mask
             if feat_mask is not None:  # padded audio windows / video frames stay out of attention
-                item_mask = item_mask * feat_mask.to(item_mask.dtype)
-            out_mask[rows[:, None].expand(-1, n), item_slots] = item_mask
-            out_modality[rows[:, None].expand(-1, n), item_slots] = modality_index
+                item_mask = item_mask * torch.zeros_like(item_mask).masked_scatter(filled, feat_mask.to(item_mask.dtype))
+            out_mask = torch.where(filled, item_mask, out_mask)
+            out_modality = out_modality.masked_fill(filled, modality_index)
         self.last_token_modality = out_modality
         return out, out_mask, out_labels
+
+    @staticmethod
+    def _check_items(is_token: torch.Tensor, items: int, token_id: int) -> None:
+        """One placeholder token per item: a ValueError when they differ (under torch.compile, an assertion in
+        the graph, since a Python `if` on a tensor would break it)."""
+        count = is_token.sum()
+        if torch.compiler.is_compiling():
+            torch._assert_async(count == items, "placeholder tokens and items to fill them differ")
+        elif int(count) != items:
+            raise ValueError(f"{int(count)} placeholder tokens (id {token_id}) in the batch but {items} items to fill them")
 
     def forward(
         self,
