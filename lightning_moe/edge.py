@@ -3,10 +3,10 @@
     export    a trained model (save_pretrained directory or Lightning .ckpt) -> an expert store
     profile   routing statistics on a calibration split -> STORE/routing_profile.json
     plan      expert-wise bitwidths within a quality tolerance -> experts rewritten, plan in the manifest
-    generate  answer a prompt (and image) with experts offloaded, print the answer and the counters
+    generate  answer a prompt (and image, audio, video) with experts offloaded, print the answer and the counters
     verify    check every file of a store against its manifest (sizes, sha256); list every damaged one
 
-This is the command layer over `lightning_moe.inference`: it reads datasets and images (through
+This is the command layer over `lightning_moe.inference`: it reads datasets and media files (through
 `lightning_moe.data`, hence Lightning), which `inference/` itself never imports (DESIGN.md: inference
 imports models/ and layers/ only); the library takes plain batches.
 """
@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from .data import DomainMixtureDataModule, Message
-from .data.conversation import ConversationTokenizer
-from .data.dataset import NormalizeImage
+from .data import (AudioFeatures, BadRecordError, ConversationTokenizer, DomainMixtureDataModule, MediaDecodeError,
+                   NormalizeImage, VideoFrames, load_media, parse_record, prompt_record, whisper_window_seconds)
+from .data.records import ParsedRecord
 from .inference import (PROFILE_NAME, ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, StoreError, apply_bits,
                         cache_budget, exact_match_quality, export_store, generate, load_offloaded, load_resident_model,
                         plan_bitwidths, profile_routing, resident_bytes)
-from .models.multimodal import load_backbone
+from .models.multimodal import MultimodalLM, load_backbone
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
 
 
@@ -75,7 +74,47 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"(tolerance {plan.tolerance}); expert bytes now {store.expert_memory_bytes / 2**20:.2f} MiB")
 
 
+def prompt_media(args: argparse.Namespace) -> dict[str, list[str | list[str]]]:
+    """--image / --audio / --video as a record's modality entries (absolute paths: a record's paths resolve
+    under a root, here the file system's)."""
+    def absolute(paths: list[str]) -> list[str]:
+        return [str(Path(p).absolute()) for p in paths]
+
+    video = absolute(args.video or [])
+    # one video: a directory (or a lone frame) stays a flat entry, several frame files are one nested frame list
+    return {"image": absolute([args.image] if args.image else []), "audio": absolute(args.audio or []),
+            "video": [video] if len(video) > 1 else video}
+
+
+def prompt_inputs(args: argparse.Namespace, model: MultimodalLM, store: ExpertStore, parsed: ParsedRecord,
+                  chat: ConversationTokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The prompt's (1, P) ids and its modality tensors, as `collate_batch` makes them for the same record: the
+    transforms are the data module's, sized from the stored towers unless a flag says otherwise."""
+    missing = [m for m in parsed.files if m not in model.modalities]
+    if missing:
+        raise SystemExit(f"{store.directory}: the stored model has no {' or '.join(missing)} encoder (it reads "
+                         f"{', '.join(model.modalities) or 'text only'}); drop --{' --'.join(missing)}")
+    image_transform = NormalizeImage(args.image_size or model.encoders["image"].config.image_size) \
+        if "image" in model.encoders else None
+    audio_transform = None
+    if "audio" in parsed.files:
+        tower = model.encoders["audio"].config  # the stored Whisper encoder's window
+        audio_transform = AudioFeatures(tower.num_mel_bins, args.audio_chunk_seconds
+                                        or whisper_window_seconds(tower.max_source_positions), args.audio_max_chunks)
+    video_transform = VideoFrames(image_transform, args.video_num_frames) if image_transform else None
+    try:
+        media = load_media(parsed.files, image_transform, audio_transform, video_transform)
+    except MediaDecodeError as err:
+        raise SystemExit(f"generate: {err}") from err
+    ids = chat.ids(parsed.messages[:1], add_generation_prompt=True)  # the data set's prompt_ids of this record
+    return torch.tensor([ids]), {k: v for k, v in media.items() if v is not None}
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    try:  # the files are checked as a data set's are (present, frames of a video) before the model loads
+        parsed = parse_record(prompt_record(args.prompt, prompt_media(args)), Path(Path.cwd().anchor), "generate", None)
+    except BadRecordError as err:
+        raise SystemExit(str(err)) from err
     store = ExpertStore(args.store, drop_page_cache=args.drop_page_cache)
     profile_path = store.directory / PROFILE_NAME
     needs_profile = (args.prefetch and args.prediction == "table") or args.policy == "freq_distance"
@@ -86,19 +125,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         dequantize_on_load=args.dequantize_on_load,
     )
     tokenizer = load_tokenizer(args.tokenizer)
-    text = f"<image>\n{args.prompt}" if args.image else args.prompt
-    ids = ConversationTokenizer(tokenizer).ids([Message("user", text)], add_generation_prompt=True)
-    inputs: dict[str, torch.Tensor] = {}
-    if args.image:
-        with Image.open(args.image) as image:
-            size = args.image_size or model.encoders["image"].config.image_size  # the stored tower's input size
-            inputs["pixel_values"] = NormalizeImage(size)(image)[None]  # (1, 3, H, W)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.tensor([ids])
     try:
+        input_ids, inputs = prompt_inputs(args, model, store, parsed, ConversationTokenizer(tokenizer))
         out = generate(model, input_ids, torch.ones_like(input_ids), config, generator, **inputs)
     finally:
         offloader.close()  # stops the prefetch thread, also when generation fails
@@ -150,8 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer a prompt with experts offloaded")
     p.add_argument("--store", required=True)
     p.add_argument("--prompt", required=True)
+    # placeholders go before the prompt, one line each, image, audio, video: as the shipped records write them
     p.add_argument("--image", default=None, help="an image file; the prompt gets an <image> placeholder")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this (default: the stored tower's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize images and video frames to this (default: the stored tower's)")
+    p.add_argument("--audio", nargs="+", default=None, metavar="FILE",
+                   help="audio clips (WAV, FLAC, ...; mono 16 kHz after reading), an <audio> placeholder each")
+    p.add_argument("--audio-chunk-seconds", type=float, default=None,
+                   help="log-mel window in seconds (default: the stored audio tower's, "
+                        "max_source_positions x 2 frames at 100 frames/s)")
+    p.add_argument("--audio-max-chunks", type=int, default=1,
+                   help="windows per clip, later ones dropped (default 1, as configs/unimoe)")
+    p.add_argument("--video", nargs="+", default=None, metavar="PATH",
+                   help="one video: a directory of frames or its frame files in order; the prompt gets a <video>")
+    p.add_argument("--video-num-frames", type=int, default=4,
+                   help="frames per video, fewer padded, more sampled uniformly (default 4, as configs/unimoe)")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--budget-fraction", type=float, default=None, help="cache budget as a fraction of all expert bytes")
     p.add_argument("--budget-mb", type=float, default=None, help="cache budget in MiB (neither: no cache)")

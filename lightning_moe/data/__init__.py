@@ -7,10 +7,12 @@ models is the tokenizer and the placeholder tokens of `lightning_moe.tokens`.
 from lightning_moe.data.conversation import ChatTemplateError, ConversationTokenizer, TokenizedConversation
 from lightning_moe.data.continual import ContinualDataModule, TaskSpec
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
-from lightning_moe.data.dataset import DataReport, HFImageProcessor, LlavaDataset, NormalizeImage, collate_batch
-from lightning_moe.data.modalities import AudioFeatures, VideoFrames
+from lightning_moe.data.dataset import (DataReport, HFImageProcessor, LlavaDataset, MediaDecodeError, NormalizeImage,
+                                        collate_batch, load_media)
+from lightning_moe.data.modalities import AudioFeatures, VideoFrames, whisper_window_seconds
 from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
-from lightning_moe.data.records import BadRecordError, Message, SkippedRecord, parse_record, read_llava_records
+from lightning_moe.data.records import (BadRecordError, Message, SkippedRecord, parse_record, prompt_record,
+                                        read_llava_records)
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "DomainSpec",
     "HFImageProcessor",
     "LlavaDataset",
+    "MediaDecodeError",
     "Message",
     "NormalizeImage",
     "SAMPLING_MODES",
@@ -33,12 +36,15 @@ __all__ = [
     "TokenizedConversation",
     "VideoFrames",
     "collate_batch",
+    "load_media",
     "load_tokenizer",
     "mixture_probabilities",
     "parse_record",
+    "prompt_record",
     "PreferenceDataModule",
     "PreferenceDataset",
     "collate_preference",
     "placeholder_token_ids",
     "read_llava_records",
+    "whisper_window_seconds",
 ]

@@ -291,30 +291,11 @@ class LlavaDataset(Dataset):
         return self.item(sample, self.load_media(sample))
 
     def load_media(self, sample: _Sample) -> dict[str, torch.Tensor | None]:
-        """The sample's media, transformed, under their batch keys (values None for a modality it lacks):
-
-        `pixel_values` (n_images, 3, H, W); `audio_values` (n_audio, C, n_mels, frames) with
-        `audio_chunk_mask` (n_audio, C); `video_values` (n_videos, F, 3, H, W) with `video_frame_mask` (n_videos, F).
-        """
-        media: dict[str, torch.Tensor | None] = {}
-        for modality, key in MODALITY_INPUTS.items():
-            values, masks = [], []
-            for item in sample.media.get(modality, []):
-                try:
-                    if modality == "image":
-                        with Image.open(item) as image:
-                            values.append(self.image_transform(image))
-                        continue
-                    loaded = self.audio_transform(read_audio(item)) if modality == "audio" else self.video_transform(item)
-                except DECODE_ERRORS as e:
-                    raise BadRecordError(unreadable_reason(modality), sample.file, sample.line, sample.id,
-                                         f"cannot decode {_name(item)}: {e}") from e
-                values.append(loaded[0])
-                masks.append(loaded[1])
-            media[key] = torch.stack(values) if values else None
-            if modality in MODALITY_MASKS:
-                media[MODALITY_MASKS[modality]] = torch.stack(masks) if masks else None
-        return media
+        """`load_media` of the sample's items with this dataset's transforms; a failure names the record."""
+        try:
+            return load_media(sample.media, self.image_transform, self.audio_transform, self.video_transform)
+        except MediaDecodeError as e:
+            raise BadRecordError(unreadable_reason(e.modality), sample.file, sample.line, sample.id, str(e)) from e
 
     def item(self, sample: _Sample, media: dict[str, torch.Tensor | None]) -> dict:
         """The dict `collate_batch` reads, for a sample and its loaded media (`load_media`)."""
@@ -327,6 +308,43 @@ class LlavaDataset(Dataset):
             "answer": sample.answer,
             **media,  # pixel_values (n_images, 3, H, W) or None, audio_values + audio_chunk_mask, ...
         }
+
+
+class MediaDecodeError(ValueError):
+    """A modality item that fails to decode while loading; the message names the file."""
+
+    def __init__(self, modality: str, item: MediaItem, error: Exception):
+        self.modality = modality
+        super().__init__(f"cannot decode {_name(item)}: {error}")
+
+
+def load_media(media: dict[str, list[MediaItem]], image_transform: ImageTransform, audio_transform: AudioFeatures,
+               video_transform: VideoFrames) -> dict[str, torch.Tensor | None]:
+    """One sample's items (modality -> items in placeholder order), transformed, under their batch keys (values
+    None for a modality it lacks); raises `MediaDecodeError` naming the first item that fails to decode.
+
+    `pixel_values` (n_images, 3, H, W); `audio_values` (n_audio, C, n_mels, frames) with
+    `audio_chunk_mask` (n_audio, C); `video_values` (n_videos, F, 3, H, W) with `video_frame_mask` (n_videos, F).
+    For one sample these are the tensors `collate_batch` puts in its batch.
+    """
+    loaded: dict[str, torch.Tensor | None] = {}
+    for modality, key in MODALITY_INPUTS.items():
+        values, masks = [], []
+        for item in media.get(modality, []):
+            try:
+                if modality == "image":
+                    with Image.open(item) as image:
+                        values.append(image_transform(image))
+                    continue
+                loaded_item = audio_transform(read_audio(item)) if modality == "audio" else video_transform(item)
+            except DECODE_ERRORS as e:
+                raise MediaDecodeError(modality, item, e) from e
+            values.append(loaded_item[0])  # (C, n_mels, frames) or (F, 3, H, W)
+            masks.append(loaded_item[1])  # (C,) or (F,) bool
+        loaded[key] = torch.stack(values) if values else None
+        if modality in MODALITY_MASKS:
+            loaded[MODALITY_MASKS[modality]] = torch.stack(masks) if masks else None
+    return loaded
 
 
 def _name(item: MediaItem) -> str:

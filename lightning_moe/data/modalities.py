@@ -49,6 +49,15 @@ from lightning_moe.data.media import AUDIO_SAMPLING_RATE
 ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W) float
 
 
+MEL_FRAMES_PER_SECOND = 100  # Whisper's log-mel hop: 10 ms (160 samples at 16 kHz)
+
+
+def whisper_window_seconds(max_source_positions: int) -> float:
+    """The window one pass of a Whisper encoder reads: its convolutions halve the frames, so two log-mel frames
+    a position (`max_source_positions` 1500: 30 s; the tiny preset's 50: 1 s)."""
+    return 2 * max_source_positions / MEL_FRAMES_PER_SECOND
+
+
 class AudioFeatures:
     """A 16 kHz mono waveform -> (`max_chunks`, n_mels, frames) Whisper log-mel and a (`max_chunks`,) chunk mask.
 

@@ -94,6 +94,20 @@ class ParsedRecord:
     files: dict[str, list[MediaItem]]
 
 
+def human_turn(text: str, counts: dict[str, int]) -> str:
+    """A first human turn as the shipped data write it: one placeholder line per item (`counts`: modality ->
+    items), modalities in `PLACEHOLDERS` order (image, audio, video), then `text`: `"<image>\\n<audio>\\nQ"`."""
+    return "".join(f"{placeholder}\n" * counts.get(modality, 0) for modality, placeholder in PLACEHOLDERS.items()) + text
+
+
+def prompt_record(prompt: str, media: dict[str, list[str | list[str]]], record_id: str = "prompt") -> dict:
+    """A record that asks `prompt` about `media` (modality -> items in a record's own format), with an empty
+    answer turn: what generation from a prompt validates with `parse_record`, as a data set's records are."""
+    counts = {modality: len(items) for modality, items in media.items()}
+    return {"id": record_id, **{m: items for m, items in media.items() if items},
+            "conversations": [{"from": "human", "value": human_turn(prompt, counts)}, {"from": "gpt", "value": ""}]}
+
+
 def iter_llava_file(path: str | Path) -> Iterator[tuple[int | None, dict | BadRecordError]]:
     """(line, record) per record of a `.jsonl` (one per line) or `.json` (a list) file.
 

@@ -52,7 +52,8 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lightning_moe.tokens import IMAGE_TOKEN, PLACEHOLDERS
+from lightning_moe.data.records import human_turn
+from lightning_moe.tokens import PLACEHOLDERS
 
 IMAGE_SIZE, CELL = 32, 16
 CELLS = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}  # (row, col)
@@ -200,7 +201,7 @@ def _record(domain: str, split: str, index: int, image: str, question: str, answ
         "id": f"{domain}-{split}-{index:05d}",
         "image": image,
         "conversations": [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+            {"from": "human", "value": human_turn(question, {"image": 1})},
             {"from": "gpt", "value": answer},
         ],
     }

@@ -61,7 +61,7 @@ from lightning_moe.data.synthetic import (
     build_tokenizer,
     draw,
 )
-from lightning_moe.tokens import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+from lightning_moe.data.records import human_turn
 
 RATE = 16_000
 CLIP_SECONDS = 1.0
@@ -97,7 +97,6 @@ DOMAINS = {
     "beeps_shapes": MediaDomain(("image", "audio"), "Does the number of beeps match the number of shapes?",
                                 ("yes", "no"), "beeps in the clip == shapes in the image"),
 }
-PLACEHOLDER = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN, "video": VIDEO_TOKEN}
 
 
 def vocabulary_texts() -> list[str]:
@@ -214,11 +213,11 @@ def _cyclers(rng: random.Random, pools: dict) -> dict:
 
 def _record(domain: str, split: str, index: int, media: dict[str, str | list[str]], answer: str) -> dict:
     info = DOMAINS[domain]
-    prefix = "".join(f"{PLACEHOLDER[m]}\n" for m in info.modalities)
+    question = human_turn(info.question, {m: 1 for m in info.modalities})  # one placeholder line per item
     return {
         "id": f"{domain}-{split}-{index:05d}",
         **media,
-        "conversations": [{"from": "human", "value": prefix + info.question}, {"from": "gpt", "value": answer}],
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
     }
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from lightning_moe.edge import main
 from lightning_moe.inference import ExpertStore, RoutingProfile
@@ -30,3 +33,13 @@ def test_export_profile_plan_generate_commands(sparse_model, tmp_path, capsys):
     assert stats["hits"] + stats["misses"] > 0 and stats["peak_expert_bytes"] > 0
     assert ExpertStore(store).expert_memory_bytes < float_bytes / 10  # int2: 1/16 of float32 plus row scales
 
+
+
+def test_generate_names_the_store_and_the_modality_a_model_cannot_read(sparse_model, tmp_path):
+    sparse_model.save_pretrained(tmp_path / "model")  # an image-only model
+    store = tmp_path / "store"
+    main(["export", "--model", str(tmp_path / "model"), "--out", str(store)])
+    media = ROOT / "data/media"
+    with pytest.raises(SystemExit, match=rf"^{re.escape(str(store))}: the stored model has no audio or video encoder"):
+        main(["generate", "--store", str(store), "--prompt", "Which way?", "--tokenizer", TOKENIZER,
+              "--audio", str(media / "audio/beeps/test/020.flac"), "--video", str(media / "videos/frames/test/004")])

@@ -1,17 +1,24 @@
 """Uni-MoE: the stage table's trainable sets, the modality-experts surgery (each expert is its modality's
 stage-2 FFN: with the router forced to it, the model computes what that stage-2 model computed), the
-stage-3 round trip, the affinity loss, and export / offloaded generation of the merged model."""
+stage-3 round trip, the affinity loss, and export / offloaded generation of the merged model (also through
+`edge generate` with audio and video files)."""
 
 from __future__ import annotations
+
+import copy
+import json
 
 import pytest
 import torch
 
+from lightning_moe import edge
+from lightning_moe.data import DomainMixtureDataModule
+from lightning_moe.inference import ExpertStore, GenerationConfig, generate, load_offloaded
 from lightning_moe.layers import RouterOutput
 from lightning_moe.methods import AffinityLoss, BackboneConfig, UniMoE
 from lightning_moe.models import ModalityExpertsConfig, MultimodalLM, expert_layers, merge_lora
 from lightning_moe.models.multimodal import MODALITIES
-from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER
 from tests.models.test_audio_video import QUERIES, TINY_WHISPER, batch
 
 BACKBONE = dict(llm="tiny-llama", llm_overrides=TINY_LLM, vision_tower="tiny-clip", vision_overrides=TINY_VISION,
@@ -144,23 +151,86 @@ def test_affinity_loss_by_hand(stages):
     torch.testing.assert_close(masked, torch.tensor(0.5))
 
 
-def test_merged_unimoe_exports_and_generates_with_offloaded_experts(stages, tokenizer, tmp_path):
-    from lightning_moe.edge import main
-    from lightning_moe.inference import ExpertStore, GenerationConfig, generate, load_offloaded
-
+@pytest.fixture(scope="module")
+def exported(stages, tokenizer, tmp_path_factory):
+    """A stage-3 model whose adapters moved (as if trained), and the store `edge export` writes from its merged copy."""
+    torch.manual_seed(0)
     method = moe_method(stages)
     with torch.no_grad():
         for n, p in method.model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
+        # a random model with tied embeddings repeats the prompt's last token (<|assistant|>), a special token
+        # that decodes to nothing: with the special tokens' embeddings zero it answers in words
+        method.model.llm.get_input_embeddings().weight[tokenizer.all_special_ids] = 0
     model = method.model.eval()
+    merged = copy.deepcopy(model)
+    assert merge_lora(merged) == 2 * 4 + 2  # q/k/v/o LoRA and the experts' LoRA of both layers
+    root = tmp_path_factory.mktemp("unimoe_edge")
+    merged.save_pretrained(root / "model")
+    edge.main(["export", "--model", str(root / "model"), "--out", str(root / "store")])
+    return model, root / "store"
+
+
+def test_merged_unimoe_exports_and_generates_with_offloaded_experts(exported, tokenizer):
+    model, store = exported
     inputs = batch(tokenizer)
     ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
     reference = generate(model, ids, mask, GenerationConfig(max_new_tokens=4), **inputs)
-    assert merge_lora(model) == 2 * 4 + 2  # q/k/v/o LoRA and the experts' LoRA of both layers
-    model.save_pretrained(tmp_path / "model")
-    main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "store")])
-    assert len(ExpertStore(tmp_path / "store").entries) == 2 * 4
-    offloaded, offloader = load_offloaded(tmp_path / "store")
+    assert len(ExpertStore(store).entries) == 2 * 4
+    offloaded, offloader = load_offloaded(store)
     out = generate(offloaded.eval(), ids, mask, GenerationConfig(max_new_tokens=4), **inputs)
     assert torch.equal(out.tokens, reference.tokens)
+
+
+MEDIA = ROOT / "data" / "media"
+CLIP = "audio/beeps/test/020.flac"  # 1 s (data/media/beeps/test.jsonl)
+FRAMES = [f"videos/pool/circle_yellow_18_{i}.png" for i in range(4)]  # data/media/motion/test.jsonl's first video
+MOVE = "Which way does the shape move?"
+
+
+def test_generate_command_reads_audio_and_video_as_the_data_module_does(exported, tokenizer, tmp_path, capsys,
+                                                                        monkeypatch):
+    model, store = exported
+    # the oracle's inputs: the data module's collate for the same record (audio, then video, as records write them)
+    record = {"id": "av", "audio": CLIP, "video": FRAMES, "conversations": [
+        {"from": "human", "value": f"<audio>\n<video>\n{MOVE}"}, {"from": "gpt", "value": "right"}]}
+    (tmp_path / "av.jsonl").write_text(json.dumps(record) + "\n")
+    window = 2 * TINY_WHISPER["max_source_positions"] / 100  # the stored tower's window: 0.4 s
+    data = DomainMixtureDataModule(domains={"av": {"test": str(tmp_path / "av.jsonl")}}, root=str(MEDIA),
+                                   tokenizer=TOKENIZER, audio_chunk_seconds=window, audio_max_chunks=3, video_num_frames=4)
+    data.setup("test")
+    expected = next(iter(data.test_dataloader()[0]))
+    assert expected["audio_chunk_mask"].tolist() == [[True, True, True]]  # 1 s in 0.4 s windows
+    keys = ("audio_values", "audio_chunk_mask", "video_values", "video_frame_mask")
+
+    seen = {}
+
+    def spy(model, input_ids, attention_mask, config, generator, **inputs):
+        seen.update(input_ids=input_ids, **inputs)
+        return generate(model, input_ids, attention_mask, config, generator, **inputs)
+
+    monkeypatch.setattr(edge, "generate", spy)
+    args = ["generate", "--store", str(store), "--tokenizer", TOKENIZER, "--prompt", MOVE, "--max-new-tokens", "4"]
+    edge.main([*args, "--audio", str(MEDIA / CLIP), "--audio-max-chunks", "3",
+               "--video", *(str(MEDIA / f) for f in FRAMES)])
+    out, err = capsys.readouterr()
+    assert torch.equal(seen.pop("input_ids"), expected["prompt_input_ids"])
+    assert sorted(seen) == sorted(keys) and all(torch.equal(seen[k], expected[k]) for k in keys)
+    # the in-memory (unmerged) model's own greedy generate, experts resident, on the collated tensors
+    tokens = model.generate(expected["prompt_input_ids"], expected["prompt_attention_mask"], max_new_tokens=4,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            **{k: expected[k] for k in keys})
+    answer = tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+    assert answer and out.strip() == answer
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert stats["misses"] > 0 and stats["peak_expert_bytes"] > 0
+
+    # a missing or an undecodable file: one line that names it
+    with pytest.raises(SystemExit, match=r"^[^\n]*audio file '[^']*missing\.flac' not found"):
+        edge.main([*args, "--audio", str(tmp_path / "missing.flac")])
+    (tmp_path / "bad.flac").write_bytes(b"not audio")
+    with pytest.raises(SystemExit, match=r"^[^\n]*cannot decode [^ ]*bad\.flac: "):
+        edge.main([*args, "--audio", str(tmp_path / "bad.flac")])
+    with pytest.raises(SystemExit, match=r"video frame '[^']*videos' is not a file"):
+        edge.main([*args, "--video", str(MEDIA / "videos"), str(MEDIA / FRAMES[0])])
