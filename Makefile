@@ -8,7 +8,7 @@ RUN_CONFIG ?= configs/quickstart.yaml
 # one pytest-xdist worker per core (tests/conftest.py gives each worker one torch thread)
 PYTEST_ARGS ?= -n auto
 
-.PHONY: install run test test-fast mutate check-mutants clean-runs
+.PHONY: install run test test-fast test-learning mutate check-mutants clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ run: install
 	$(PY) main.py fit --config $(RUN_CONFIG)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not learning" $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not learning" $(PYTEST_ARGS)
+
+# the minutes-long learning tests (tests marked `learning`, e.g. Uni-MoE's three stages): not in `test` or CI
+test-learning: install
+	$(PY) -m pytest -q -m learning $(PYTEST_ARGS)
 
 # Mutation testing (docs/testing.md), not part of `test` or CI: the functions every reported number rests on,
 # each mutant run against the tests that reach it ([tool.mutmut] in pyproject.toml), at low priority.

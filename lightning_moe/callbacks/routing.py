@@ -59,6 +59,9 @@ class RoutingStatistics(L.Callback):
         self._counts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> domain -> (E,) routed slots
         self._modality_counts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> modality (or text) -> (E,)
         self._entropy: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # stage -> layer -> modality -> share of its routed slots per expert, of the latest evaluation: what the
+        # heat maps show, kept for code that reads the numbers (experiments/unimoe.py)
+        self.modality_shares: dict[str, dict[str, dict[str, list[float]]]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx: int) -> None:
         writer = _tensorboard(trainer)
@@ -141,6 +144,7 @@ class RoutingStatistics(L.Callback):
     def _write_modalities(self, writer, trainer, name: str, stage: str, per_modality: dict[str, torch.Tensor]) -> None:
         labels = list(per_modality)
         matrix = torch.stack([per_modality[m] / per_modality[m].sum().clamp(min=1) for m in labels])  # (M, E)
+        self.modality_shares.setdefault(stage, {})[name] = dict(zip(labels, matrix.tolist()))
         figure = plots.heatmap(matrix, labels, [str(e) for e in range(matrix.shape[1])],
                                title=f"{name}: share of each modality's tokens per expert ({stage})", xlabel="expert",
                                ylabel="modality", colorbar_label="share of routed token slots")

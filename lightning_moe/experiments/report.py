@@ -4,7 +4,7 @@
         [--only NAME ...] [--docs DOCS_DIR]
 
 Runs (or, with `--reuse`, takes the results of an earlier report's DIR/<name>/ where they exist) the
-experiments `conflict`, `continual`, `distill` (each in DIR/<name>/, with its own results.json and
+experiments `conflict`, `continual`, `distill`, `unimoe` (each in DIR/<name>/, with its own results.json and
 results.md) and the benchmarks `moe_layer` and `edge_offload` (from a checkout: benchmarks/ is not in
 the wheel), then draws from the results.json files alone (`lightning_moe.plots`) DIR/figures/*.png and
 writes DIR/report.md: per experiment its protocol, the table over seeds, the verdict and diagnosis
@@ -12,7 +12,7 @@ writes DIR/report.md: per experiment its protocol, the table over seeds, the ver
 torch threads of the results it was drawn from.
 
 `--docs DOCS_DIR` also writes the sections into the results pages (docs/mole.md, mora.md, mod.md,
-performance.md, edgemoe.md) between `<!-- report:NAME begin -->` / `<!-- report:NAME end -->` markers
+unimoe.md, performance.md, edgemoe.md) between `<!-- report:NAME begin -->` / `<!-- report:NAME end -->` markers
 (appended at the end of the page the first time) and copies the figures to DOCS_DIR/figures/report/, so
 the docs' results are generated, not typed.
 """
@@ -80,6 +80,7 @@ PARTS = [
     Part("continual", "mora.md", "MoRA: continual instruction tuning (task oracle, rank selection)",
          _experiment("continual")),
     Part("distill", "mod.md", "LLaVA-MoD: distillation with the extra-steps control", _experiment("distill")),
+    Part("unimoe", "unimoe.md", "Uni-MoE: modality-specific experts, video pooling", _experiment("unimoe")),
     Part("moe_layer", "performance.md", "SparseMoE speed against experts and tokens", _benchmark("moe_layer.py")),
     Part("edge_offload", "edgemoe.md", "EdgeMoE: speed / memory frontier", _benchmark("edge_offload.py", ("--only", "speed"))),
 ]
@@ -160,6 +161,33 @@ def distill_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, P
                             figures / "distill_accuracy.png"))]
 
 
+def unimoe_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Path]]:
+    from .unimoe import ARMS, BASE_RUNS, DOMAINS, LABELS
+
+    seeds = per_seed_summaries(results)
+    summaries = [seeds[s] for s in sorted(seeds)]
+    stats = {LABELS[row]: {d: seed_stat([s["accuracy"][row][d] for s in summaries]) for d in DOMAINS}
+             for row in (*ARMS, *BASE_RUNS)}
+    drawn = [("Test exact match per domain and run: mean over seeds, whiskers the range",
+              plots.save_png(plots.accuracy_bars(stats, list(DOMAINS), title=f"Uni-MoE: test exact match (mean, range "
+                                                 f"over {len(summaries)} seed(s))"), figures / "unimoe_accuracy.png"))]
+    slots = {"unimoe": ["dense", "image", "audio", "video"], "copies": [f"copy {e}" for e in range(4)]}
+    for arm, names in slots.items():
+        routing = [s["modality_routing"][arm] for s in summaries if s.get("modality_routing", {}).get(arm)]
+        if not routing:
+            continue
+        for layer in routing[0]:
+            kinds = list(routing[0][layer])
+            mean = [[sum(r[layer][k][e] for r in routing) / len(routing) for e in range(len(names))] for k in kinds]
+            drawn.append((f"{LABELS[arm]}: share of each kind of token's routed slots per expert, {layer} (test, mean "
+                          f"over {len(routing)} seed(s))",
+                          plots.save_png(plots.heatmap(mean, kinds, names, title=f"{LABELS[arm]}, {layer}",
+                                                       xlabel="expert (initialised from)", ylabel="tokens",
+                                                       colorbar_label="share of routed token slots"),
+                                         figures / f"unimoe_routing_{arm}_{layer.replace('.', '_')}.png")))
+    return drawn
+
+
 def moe_layer_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Path]]:
     return [("SparseMoE forward+backward time over the dense FFN of the same active compute and over the best "
              "Hugging Face block, per shape (tokens, experts)",
@@ -179,7 +207,7 @@ def edge_offload_figures(results: dict[str, Any], figures: Path) -> list[tuple[s
 
 
 FIGURES = {"conflict": conflict_figures, "continual": continual_figures, "distill": distill_figures,
-           "moe_layer": moe_layer_figures, "edge_offload": edge_offload_figures}
+           "unimoe": unimoe_figures, "moe_layer": moe_layer_figures, "edge_offload": edge_offload_figures}
 
 
 # ---------------------------------------------------------------------------- the report

@@ -2,27 +2,32 @@
 
     python -m lightning_moe.experiments.unimoe --out runs/unimoe_exp [--quick] [--seeds 0 1 2] [--threads N]
 
-Per seed, through the CLI's classes (`lightning_moe.cli.main` with the shipped configs/unimoe/ files plus
-a per-run config written to OUT/configs/):
+Through the CLI's classes (`lightning_moe.cli.main` with the shipped configs/unimoe/ files plus a per-run
+config written to OUT/configs/):
 
 1. stage 1 (configs/unimoe/align.yaml) on the shipped audio, video and cross-modal mixture (data/media),
    twice: with video frames kept in order (`concat`, the shipped default) and averaged (`mean`, the
-   reference): the video pooling comparison (`motion` needs frame order);
-2. stage 2, one run per modality from the `concat` stage-1 output (experts.yaml, experts_video.yaml,
-   experts_image.yaml);
-3. at equal steps on the mixture, from the same stage-1 output:
+   reference): the video pooling comparison (`motion` needs frame order). Stage 1 is the common starting
+   point of every arm, so it is trained once (seed `Plan.base_seed`, in OUT/base) and shared by every seed,
+   as the conflict experiment shares its base model;
+2. per seed, stage 2: one run per modality from the `concat` stage-1 output (experts.yaml,
+   experts_video.yaml, experts_image.yaml);
+3. per seed, at equal steps on the mixture, from the same stage-1 output:
    - Uni-MoE: stage 3 (moe.yaml), each expert from its modality's stage-2 FFN (+ the dense FFN);
    - copies: the same MoE recipe with every expert a copy of the stage-1 FFN (MoE-LLaVA's upcycling);
    - dense: the same LoRA (r=8, alpha=16 on attention and the MLP projections) without experts.
 
 Every arm is tested on every domain's test split (exact match). Writes OUT/results.json, OUT/results.md
-(per-domain accuracy per arm, mean and range over seeds, the share of each modality's routed slots that
-went to its own expert, the pooling comparison) and the verdict by `verdict` (rules in code).
+(the protocol; per-domain accuracy per arm, mean and range over seeds; the paired differences behind the
+verdict; the modality x expert routing of the MoE arms, in numbers; the pooling comparison) and the verdict
+by `verdict` (rules in code). Training samples are checked for existence, not decoded, at set-up
+(`defer_train_decoding`: the shipped data is checked by its tests); evaluation splits are decoded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,13 +36,17 @@ from typing import Any
 import yaml
 
 from ..paths import resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds,
-               write_results)
+from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds)
+from .protocol import Protocol, difference_words, paired_difference, seed_stat, spread
 
 DATA_ROOT = "data/media"
 AUDIO, VIDEO, CROSS = ("beeps", "pitch", "longer"), ("frames", "motion"), ("beeps_shapes",)
 DOMAINS = (*AUDIO, *VIDEO, *CROSS)
 ARMS = ("unimoe", "copies", "dense")
+BASE_RUNS = ("align_concat", "align_mean")
+LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies of one FFN",
+          "dense": "dense + LoRA (no experts)", "align_concat": "stage 1, video concat (shared)",
+          "align_mean": "stage 1, video mean (shared)"}
 # 2 points: below it two arms' mean accuracies over 6 domains x 200 test samples count as equal
 MARGIN = 0.02
 TOLERANCE = 1e-9
@@ -45,22 +54,42 @@ TOLERANCE = 1e-9
 
 @dataclass
 class Plan:
+    # stage 1, each pooling (trained once, shared by the seeds): 600 steps of 64 learn every audio and video
+    # domain of the shipped mixture; 300 learn none of the video ones (measured, 2 December 2026)
     align_steps: int = 600
-    expert_steps: int = 300
-    steps: int = 600  # every stage-3 arm
+    expert_steps: int = 80  # stage 2, per modality
+    steps: int = 160  # every stage-3 arm
     batch_size: int = 64
     eval_samples: int = 200  # test samples per domain
     seed: int = 0
+    base_seed: int = 0  # of stage 1
+
+    def base_signature(self) -> dict[str, Any]:
+        return {"align_steps": self.align_steps, "batch_size": self.batch_size, "eval_samples": self.eval_samples,
+                "seed": self.base_seed}
 
 
 QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4)
 
 
+def protocol(seeds: list[int], plan: Plan) -> Protocol:
+    return Protocol(
+        question="Do modality-specific experts (each initialised from a dense FFN trained on one modality) beat "
+                 "experts that are copies of one FFN, and a dense model with the same LoRA, at equal steps?",
+        seeds=list(seeds), selection_split="none", reported_split="test",
+        selection="none in this experiment: every setting is configs/unimoe/*.yaml's (stage 1 shared, seed "
+                  f"{plan.base_seed}); the arms train for the same steps from the same stage-1 model.",
+        verdict_rule=f"per seed, Uni-MoE's mean test accuracy over the domains minus each baseline's; confirmed: the "
+                     f"mean difference is at least {100 * MARGIN:.0f} points and larger than its standard error "
+                     "against both baselines, with Uni-MoE ahead in every seed; partly: so against one of them; "
+                     "else not shown.")
+
+
 def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any], callbacks: list[dict[str, Any]],
-            data: dict[str, Any] | None = None) -> Path:
+            seed: int, data: dict[str, Any] | None = None) -> Path:
     """The per-run overrides on top of a shipped config (merged key by key into it)."""
     config = {
-        "seed_everything": plan.seed,
+        "seed_everything": seed,
         "trainer": {
             "max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
             "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
@@ -70,8 +99,9 @@ def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any],
                           *callbacks],
         },
         "model": {"init_args": model},
-        "data": {"init_args": {"batch_size": plan.batch_size, "eval_batch_size": 200, "seed": plan.seed,
-                               "max_eval_samples_per_domain": plan.eval_samples, **(data or {})}},
+        "data": {"init_args": {"batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
+                               "max_eval_samples_per_domain": plan.eval_samples, "defer_train_decoding": True,
+                               **(data or {})}},
     }
     path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,41 +113,60 @@ def _save(directory: Path) -> dict[str, Any]:
     return {"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(directory)}}
 
 
-def _run(shipped: str, config: Path, name: str, label: str, out: Path, seed: int, test: bool = True) -> RunResult:
-    run = Run(name, ["--config", str(shipped_path(f"configs/{shipped}")), "--config", str(config)], label=label,
-              seed=seed, test=test)
-    return execute(run, out)
+def modality_routing(cli: Any) -> dict[str, Any]:
+    """The test split's modality x expert routing shares per MoE layer (RoutingStatistics' heat maps, as numbers)."""
+    from ..callbacks import RoutingStatistics
+
+    found = [c for c in cli.trainer.callbacks if isinstance(c, RoutingStatistics)]
+    return {"modality_routing": found[0].modality_shares.get("test", {})} if found else {}
 
 
-def run(out: Path, plan: Plan) -> tuple[dict[str, Any], str]:
-    """One seed: both stage-1 runs, the stage-2 runs, the three stage-3 arms. Returns the summary and its table."""
+def _run(shipped: str, config: Path, name: str, out: Path, seed: int, test: bool = True) -> RunResult:
+    run = Run(name, ["--config", str(shipped_path(f"configs/{shipped}")), "--config", str(config)],
+              label=LABELS.get(name, name), seed=seed, test=test)
+    return execute(run, out, inspect=modality_routing)
+
+
+def train_stage1(plan: Plan, base: Path) -> dict[str, RunResult]:
+    """Both stage-1 runs (video `concat` and `mean`), trained once in `base` with `plan.base_seed` and reused
+    when `base` already holds them for this plan's stage-1 settings."""
+    saved, signature = base / "results.json", plan.base_signature()
+    if saved.is_file():
+        stored = json.loads(saved.read_text())
+        if stored.get("plan") == signature:
+            return {name: RunResult.from_dict(row) for name, row in stored["runs"].items()}
+    results: dict[str, RunResult] = {}
+    for pooling in ("concat", "mean"):
+        name = f"align_{pooling}"
+        config = _config(plan, base, name, plan.align_steps, {"backbone": {"video_pooling": pooling}},
+                         [_save(base / "models" / name)], plan.base_seed)
+        results[name] = _run("unimoe/align.yaml", config, name, base, plan.base_seed)
+    saved.write_text(json.dumps({"plan": signature, "runs": {n: asdict(r) for n, r in results.items()}}, indent=2))
+    return results
+
+
+def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tuple[dict[str, Any], str]:
+    """One seed: the stage-2 runs and the three stage-3 arms from the shared stage-1 model in `base`."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
-    results: dict[str, RunResult] = {}
-    bar = progress(8, f"unimoe runs, seed {plan.seed}")
-    for pooling in ("concat", "mean"):
-        name = f"align_{pooling}"
-        config = _config(plan, out, name, plan.align_steps, {"backbone": {"video_pooling": pooling}},
-                         [_save(models / name)])
-        results[name] = _run("unimoe/align.yaml", config, name, f"stage 1, video {pooling}", out, plan.seed)
-        bar.update()
-    base = str(models / "align_concat")
+    results: dict[str, RunResult] = dict(stage1)
+    bar = progress(6, f"unimoe runs, seed {plan.seed}")
+    start_model = str(base / "models" / "align_concat")
     for modality, shipped in (("audio", "experts.yaml"), ("video", "experts_video.yaml"), ("image", "experts_image.yaml")):
         name = f"experts_{modality}"
-        config = _config(plan, out, name, plan.expert_steps, {"backbone": {"pretrained": base}}, [_save(models / name)])
-        results[name] = _run(f"unimoe/{shipped}", config, name, f"stage 2, {modality}", out, plan.seed, test=False)
+        config = _config(plan, out, name, plan.expert_steps, {"backbone": {"pretrained": start_model}},
+                         [_save(models / name)], plan.seed)
+        results[name] = _run(f"unimoe/{shipped}", config, name, out, plan.seed, test=False)
         bar.update()
     routing = [{"class_path": "lightning_moe.callbacks.RoutingStatistics"}]
     experts = {m: str(models / f"experts_{m}") for m in ("image", "audio", "video")}
     arms = {
-        "unimoe": ("unimoe/moe.yaml", "Uni-MoE (modality experts)",
-                   {"backbone": {"pretrained": base}, "experts": experts}, routing),
-        "copies": ("unimoe/moe.yaml", "MoE, experts copies of one FFN",
-                   {"backbone": {"pretrained": base}, "experts": {},
-                    "moe": {"experts": ["dense", "dense", "dense", "dense"]}}, routing),
-        "dense": ("mole/lora.yaml", "dense + LoRA (no experts)",
-                  {"backbone": {"pretrained": base}, "pope_domains": [],
+        "unimoe": ("unimoe/moe.yaml", {"backbone": {"pretrained": start_model}, "experts": experts}, routing),
+        "copies": ("unimoe/moe.yaml", {"backbone": {"pretrained": start_model}, "experts": {},
+                                       "moe": {"experts": ["dense", "dense", "dense", "dense"]}}, routing),
+        "dense": ("mole/lora.yaml",
+                  {"backbone": {"pretrained": start_model}, "pope_domains": [],
                    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "layers": "all",
                             "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
                    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5.0e-4, "weight_decay": 0.0}}},
@@ -126,14 +175,14 @@ def run(out: Path, plan: Plan) -> tuple[dict[str, Any], str]:
     # lora.yaml reads data/shapes: the dense arm gets the mixture's data options explicitly
     media = {"root": DATA_ROOT, "tokenizer": "data/media_tokenizer", "domains": None, "audio_chunk_seconds": 1.0,
              "audio_max_chunks": 1, "video_num_frames": 4}
-    for arm, (shipped, label, model, callbacks) in arms.items():
-        config = _config(plan, out, arm, plan.steps, model, callbacks, media if arm == "dense" else None)
-        results[arm] = _run(shipped, config, arm, label, out, plan.seed)
+    for arm, (shipped, model, callbacks) in arms.items():
+        config = _config(plan, out, arm, plan.steps, model, callbacks, plan.seed, media if arm == "dense" else None)
+        results[arm] = _run(shipped, config, arm, out, plan.seed)
         bar.update()
     bar.close()
     summary = summarise(plan, results)
     summary["seconds"] = time.perf_counter() - start
-    return summary, combine([summary])[1]
+    return summary, seed_table(summary)
 
 
 def accuracy(result: RunResult) -> dict[str, float]:
@@ -145,63 +194,94 @@ def summarise(plan: Plan, results: dict[str, RunResult]) -> dict[str, Any]:
     share = {m: results["unimoe"].metrics.get(f"test/routing/{m}_own_expert_share")
              for m in ("image", "audio", "video")}
     return {"plan": asdict(plan), "runs": {n: asdict(r) for n, r in results.items()}, "accuracy": acc,
-            "mean": {arm: sum(acc[arm].values()) / len(acc[arm]) for arm in ARMS},
-            "own_expert_share": share}
+            "mean": {row: sum(acc[row].values()) / len(acc[row]) for row in (*ARMS, *BASE_RUNS)},
+            "own_expert_share": share,
+            "modality_routing": {arm: results[arm].details.get("modality_routing", {}) for arm in ("unimoe", "copies")}}
+
+
+def seed_table(summary: dict[str, Any]) -> str:
+    """One seed's per-domain accuracies (%)."""
+    lines = ["| run | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 2) + "|"]
+    for row in (*ARMS, *BASE_RUNS):
+        cells = [f"{100 * summary['accuracy'][row][d]:.1f}" if d in summary["accuracy"][row] else "-" for d in DOMAINS]
+        lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + f" | {100 * summary['mean'][row]:.1f} |")
+    return "\n".join(lines)
 
 
 def verdict(means: dict[str, list[float]]) -> str:
-    """Rules: per seed, Uni-MoE's mean test accuracy against each baseline arm's. `confirmed`: Uni-MoE is at least
-    MARGIN above both baselines on the mean over seeds and above each of them in every seed; `partly`: at least
-    MARGIN above one of them on the mean over seeds; else `not shown`."""
-    n = len(means["unimoe"])
-    gains = {arm: [means["unimoe"][i] - means[arm][i] for i in range(n)] for arm in ("copies", "dense")}
-    mean_gain = {arm: sum(g) / n for arm, g in gains.items()}
-    beats = {arm: mean_gain[arm] >= MARGIN - TOLERANCE for arm in gains}
-    if all(beats.values()) and all(g > 0 for gs in gains.values() for g in gs):
+    """Rules (the protocol's): per seed, Uni-MoE's mean test accuracy minus each baseline arm's (`paired_difference`).
+    A baseline is beaten when the mean difference is at least MARGIN and larger than its standard error (one seed:
+    no standard error, the margin alone). `confirmed`: both baselines beaten and Uni-MoE ahead of each in every
+    seed; `partly`: one beaten; else `not shown`."""
+    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in ("copies", "dense")}
+    beaten = {arm: d["mean"] >= MARGIN - TOLERANCE and not d["within_se"] for arm, d in diffs.items()}
+    if all(beaten.values()) and all(d["above"] == d["n"] for d in diffs.values()):
         return "confirmed"
-    if any(beats.values()):
+    if any(beaten.values()):
         return "partly"
     return "not shown"
 
 
-def _range(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    return f"{100 * mean:.1f}" if len(values) == 1 else f"{100 * mean:.1f} [{100 * min(values):.1f}, {100 * max(values):.1f}]"
+def routing_table(shares: list[dict[str, dict[str, list[float]]]], slots: list[str]) -> list[str]:
+    """Per layer, each modality's share of routed token slots per expert (mean over seeds), as markdown rows."""
+    lines = []
+    for layer in shares[0]:
+        modalities = list(shares[0][layer])
+        lines += [f"{layer}:", "", "| tokens | " + " | ".join(f"expert {e} ({s})" for e, s in enumerate(slots)) + " |",
+                  "|---" * (len(slots) + 1) + "|"]
+        for m in modalities:
+            mean = [sum(s[layer][m][e] for s in shares) / len(shares) for e in range(len(slots))]
+            lines.append(f"| {m} | " + " | ".join(f"{100 * v:.0f}%" for v in mean) + " |")
+        lines.append("")
+    return lines
 
 
-def combine(summaries: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    """Mean and range over seeds of every arm's per-domain accuracy, the verdict, the pooling comparison."""
-    rows = [*ARMS, "align_concat", "align_mean"]
-    per = {row: {d: [s["accuracy"][row][d] for s in summaries] for d in summaries[0]["accuracy"][row]} for row in rows}
-    means = {arm: [s["mean"][arm] for s in summaries] for arm in ARMS}
+def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """Mean and range over seeds of every arm's per-domain accuracy, the paired differences and the verdict, the
+    routing in numbers, the pooling comparison."""
+    summaries = [per_seed[s] for s in sorted(per_seed)]
+    rows = [*ARMS, *BASE_RUNS]
+    per = {row: {d: seed_stat([s["accuracy"][row][d] for s in summaries]) for d in summaries[0]["accuracy"][row]}
+           for row in rows}
+    means = {row: [s["mean"][row] for s in summaries] for row in rows}
+    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in ("copies", "dense")}
     shares = {m: [s["own_expert_share"][m] for s in summaries if s["own_expert_share"][m] is not None]
               for m in ("image", "audio", "video")}
-    result = {"per_domain": per, "mean": means, "own_expert_share": shares, "verdict": verdict(means),
-              "margin": MARGIN}
-    labels = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies of one FFN",
-              "dense": "dense + LoRA (no experts)", "align_concat": "stage 1, video concat",
-              "align_mean": "stage 1, video mean"}
-    header = "| run | " + " | ".join(DOMAINS) + " | mean |"
-    lines = [header, "|---" * (len(DOMAINS) + 2) + "|"]
+    # keys apart from a seed summary's ("mean", "own_expert_share"): one seed's results.json holds both
+    result = {"per_domain": per, "mean_over_seeds": {row: seed_stat(v) for row, v in means.items()},
+              "differences": diffs, "own_expert_share_over_seeds": shares, "verdict": verdict(means), "margin": MARGIN}
+    lines = ["| run | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 2) + "|"]
     for row in rows:
-        cells = [(_range(per[row][d]) if d in per[row] else "-") for d in DOMAINS]
-        mean = [sum(s["accuracy"][row].values()) / len(s["accuracy"][row]) for s in summaries]
-        lines.append(f"| {labels[row]} | " + " | ".join(cells) + f" | {_range(mean)} |")
-    share_text = ", ".join(f"{m} {_range(v)}%" for m, v in shares.items() if v)
+        cells = [spread(per[row].get(d), 100, 1) or "-" for d in DOMAINS]
+        lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + f" | {spread(result['mean_over_seeds'][row], 100, 1)} |")
     plan = summaries[0]["plan"]
+    slots = ["dense", "image", "audio", "video"]
+    routing = {arm: [s["modality_routing"][arm] for s in summaries if s["modality_routing"].get(arm)]
+               for arm in ("unimoe", "copies")}
+    share_text = ", ".join(f"{m} {spread(seed_stat(v), 100, 1)}%" for m, v in shares.items() if v)
     text = "\n".join([
-        "# Uni-MoE: do modality-specific experts help?", "",
-        f"Test exact match (%) per domain ({plan['eval_samples']} samples each), mean [min, max] over "
-        f"{len(summaries)} seed(s); stage 1: {plan['align_steps']} steps, stage 2: {plan['expert_steps']} per modality, "
-        f"each stage-3 arm: {plan['steps']} steps of batch {plan['batch_size']}.", "",
+        "## Uni-MoE: do modality-specific experts help?", "",
+        f"Test exact match (%) per domain ({plan['eval_samples']} samples each), mean (min-max) over "
+        f"{len(summaries)} seed(s); stage 1: {plan['align_steps']} steps of batch {plan['batch_size']} (seed "
+        f"{plan['base_seed']}, shared); stage 2: {plan['expert_steps']} steps per modality; each stage-3 arm: "
+        f"{plan['steps']} steps of batch {plan['batch_size']}.", "",
         *lines, "",
+        f"- {difference_words(diffs['copies'], 'Uni-MoE minus copies (mean accuracy)', 100, ' points')}.",
+        f"- {difference_words(diffs['dense'], 'Uni-MoE minus dense + LoRA (mean accuracy)', 100, ' points')}.", "",
+        f"Verdict on \"modality-specific experts help\": **{result['verdict']}** (the protocol's rule).", "",
+        "### Routing by modality (test split)", "",
         f"Share of each modality's routed token slots (all MoE layers) that Uni-MoE sends to that modality's expert "
-        f"(1 of 4 experts, top-2: routing blind to modality gives 25%): {share_text or 'none recorded'}.",
-        f"Video pooling: `motion` (needs frame order) with concat {_range(per['align_concat'].get('motion', [0.0]))}, "
-        f"with mean {_range(per['align_mean'].get('motion', [0.0]))} (chance 50).", "",
-        f"Verdict on \"modality-specific experts help\": **{result['verdict']}** (confirmed: Uni-MoE's mean accuracy is "
-        f"at least {100 * MARGIN:.0f} points above both the copies and the dense arm over seeds and above each in every "
-        f"seed; partly: at least {100 * MARGIN:.0f} points above one of them).", "",
+        f"(1 of 4 experts, top-2: routing blind to modality gives 25%): {share_text or 'none recorded'}.", "",
+        *(["Uni-MoE, share of each kind of token's routed slots per expert, mean over seeds "
+           "(rows sum to 100%; `text`: the prompt and answer tokens):", "", *routing_table(routing["unimoe"], slots)]
+          if routing["unimoe"] else []),
+        *(["The same for the copies arm (its experts start identical, so any split is learnt by the router):", "",
+           *routing_table(routing["copies"], [f"copy {e}" for e in range(4)])] if routing["copies"] else []),
+        "### Video pooling", "",
+        f"`motion` (needs frame order) after stage 1 with concat {spread(per['align_concat'].get('motion'), 100, 1)}, "
+        f"with mean {spread(per['align_mean'].get('motion'), 100, 1)} (chance 50; one shared stage-1 run each); "
+        f"`frames` with concat {spread(per['align_concat'].get('frames'), 100, 1)}, with mean "
+        f"{spread(per['align_mean'].get('frames'), 100, 1)} (chance 25).", "",
     ])
     return result, text
 
@@ -215,21 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = QUICK if args.quick else Plan()
     resolve_data_path(DATA_ROOT)  # fail early, with the data layer's message, if the data is missing
     out = args.out.resolve()
-    summaries: list[dict[str, Any]] = []
-
-    def one_seed(workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
-        summary, table = run(workdir, replace(plan, seed=seed))
-        summaries.append(summary)
-        return summary, table
-
+    stage1 = train_stage1(plan, out / "base")
     command = command_line("lightning_moe.experiments.unimoe", argv)
-    written = run_seeds(out, args.seeds, one_seed, command)
-    # the table over seeds (mean and range) and the verdict replace the per-seed tables in OUT/results.*
-    combined, text = combine(summaries)
-    written = write_results(out, {**written, "combined": combined}, text, command)
-    if len(args.seeds) > 1:
-        print(text)
-    return written
+    return run_seeds(out, args.seeds, lambda workdir, seed: run(workdir, replace(plan, seed=seed), out / "base", stage1),
+                     command, protocol(args.seeds, plan), combine)
 
 
 if __name__ == "__main__":

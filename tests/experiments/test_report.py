@@ -15,8 +15,8 @@ from lightning_moe.experiments import report
 
 EXPECTED = ["conflict_accuracy.png", "conflict_routing_mole3_mixture.png", "conflict_routing_oracle_mixture.png",
             "continual_mora.png", "continual_mora_task_oracle.png", "continual_final.png", "distill_accuracy.png",
-            "moe_speed.png"]
-PARTS = ["conflict", "continual", "distill", "moe_layer"]
+            "unimoe_accuracy.png", "moe_speed.png"]
+PARTS = ["conflict", "continual", "distill", "unimoe", "moe_layer"]
 
 
 def assert_real_png(path) -> None:
@@ -28,7 +28,7 @@ def assert_real_png(path) -> None:
 
 
 def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
-    for name in ("conflict", "continual", "distill"):
+    for name in ("conflict", "continual", "distill", "unimoe"):
         quick_outputs.get(name)
     root = quick_outputs.root
     written = report.main(["--out", str(root), "--quick", "--reuse", str(root), "--threads", "1", "--only", *PARTS])
@@ -37,11 +37,14 @@ def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
     for name in EXPECTED:
         assert_real_png(root / "figures" / name)
         assert f"](figures/{name})" in text
+    routing = sorted((root / "figures").glob("unimoe_routing_unimoe_*.png"))  # one modality x expert map per layer
+    assert routing and all(f"](figures/{p.name})" in text for p in routing)
+    assert_real_png(routing[0])
     # every part's section: its protocol and verdict from the experiment, the stamp beside each figure
-    for heading in ("## MoLE: data conflict", "## MoRA: continual", "## LLaVA-MoD: distillation",
+    for heading in ("## MoLE: data conflict", "## MoRA: continual", "## LLaVA-MoD: distillation", "## Uni-MoE:",
                     "## SparseMoE speed"):
         assert heading in text
-    assert text.count("### Protocol (declared before the runs)") == 3
+    assert text.count("### Protocol (declared before the runs)") == 4
     assert "torch threads._" in text and "Verdict over the seeds" in text and "Not run" not in text
     assert json.loads((root / "timings.json").read_text())["conflict"] < 5  # reused, not run again
 
