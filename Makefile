@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 RUN_CONFIG ?= configs/quickstart.yaml
 # one pytest-xdist worker per core (tests/conftest.py gives each worker one torch thread); loadgroup hands out one
-# test (or one xdist_group) at a time, slow tests first (tests/conftest.py), so no long test starts last
+# test at a time (no test here has an xdist_group), slow tests first (tests/conftest.py), so no long test starts last
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: install run test test-fast mutate check-mutants clean-runs

@@ -41,16 +41,9 @@ def in_repo_root(monkeypatch):
     return ROOT
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks added here
-def pytest_collection_modifyitems(config, items):
-    """Scheduling for `make test` (pytest-xdist, `--dist loadgroup`: one test, or one group, handed out at a time).
 
-    - Tests marked `slow` run first (in collection order; the rest keep theirs): a long test handed out last
-      would run alone while the other worker idles; handed out first, the short tests fill in around it.
-    - The tests that read the experiments' shared smoke runs (the session fixture `quick_outputs`) form one
-      group, so one worker runs them all and each quick experiment runs once, not once per worker.
-    """
-    for item in items:
-        if "quick_outputs" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("quick_outputs"))
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run first (in collection order; the rest keep theirs). Under `make test` (pytest-xdist,
+    `--dist loadgroup`, which hands out one test at a time) a long test handed out last would run alone while the
+    other worker idles; handed out first, the short tests fill in around it."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow (False) first

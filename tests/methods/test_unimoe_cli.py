@@ -28,11 +28,8 @@ def fit(config: str, *extra: str):
     return main(["fit", "--config", str(ROOT / config), *FAST, "--data.init_args.defer_train_decoding=true", *extra])
 
 
-# both tests start from one stage-1 run: on one xdist worker (`make test`), and a session fixture, which the
-# slow-first order of tests/conftest.py does not tear down between them
-pytestmark = pytest.mark.xdist_group("unimoe_align")
-
-
+# both tests start from one stage-1 run; a session fixture, which the slow-first order of tests/conftest.py does
+# not tear down between them (under xdist each worker that runs one of them runs its own)
 @pytest.fixture(scope="session")
 def align_output(tmp_path_factory) -> Path:
     """Stage 1 (align) run once for this module's tests; its runs/ folder, to copy into a test's workdir."""
