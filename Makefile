@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch (a local file on the project's machines); set TORCH_SPEC="torch" for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 RUN_CONFIG ?= configs/quickstart.yaml
-# one pytest-xdist worker per core (tests/conftest.py gives each worker one torch thread)
-PYTEST_ARGS ?= -n auto
+# one pytest-xdist worker per core (tests/conftest.py gives each worker one torch thread); loadgroup hands out one
+# test at a time (no test here has an xdist_group), slow tests first (tests/conftest.py), so no long test starts last
+PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: install run test test-fast test-learning mutate check-mutants clean-runs
 

@@ -39,3 +39,11 @@ def in_repo_root(monkeypatch):
     """Configs name paths relative to the repository root, as users run them."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run first (in collection order; the rest keep theirs). Under `make test` (pytest-xdist,
+    `--dist loadgroup`, which hands out one test at a time) a long test handed out last would run alone while the
+    other worker idles; handed out first, the short tests fill in around it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow (False) first

@@ -22,6 +22,7 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow  # seven fresh interpreters (one per configuration), each importing torch and transformers
 def test_edge_offload_quick_speed_table(tmp_path):
     run_script(str(ROOT / "benchmarks/edge_offload.py"), "--quick", "--only", "speed", "--out", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())["speed"]["results"]
@@ -78,7 +79,8 @@ def test_edge_offload_quick_quality_table(tmp_path, tokenizer):
     assert "| int8 |" in (tmp_path / "out/results.md").read_text()
 
 
-@pytest.mark.parametrize("script", ["moe_layer.py", "lora_experts.py", "mole_step.py"])
+# moe_layer.py is slow: its --quick run compiles the layer with inductor
+@pytest.mark.parametrize("script", [pytest.param("moe_layer.py", marks=pytest.mark.slow), "lora_experts.py", "mole_step.py"])
 def test_speed_script_parity_checks_run(script):
     """Each script's --quick run asserts, before timing, that the implementations it compares compute the
     same thing on the same weights, and prints its table."""

@@ -103,6 +103,7 @@ def _scalars(cli, tag: str) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow  # four shipped configs (a larger teacher), 4 steps per mimic stage
 def test_mod_stages_chain_through_their_outputs(workdir):
     """Each stage runs from the previous one's output and changes what it should: the student's KL to the
     teacher falls over the mimic steps; the preference steps widen the student's margin over the teacher."""

@@ -71,6 +71,7 @@ def checkpoint_step(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- exact resume
+@pytest.mark.slow  # a killed `python main.py` process plus three in-process runs
 def test_mixture_resume_after_kill_mid_epoch_and_from_epoch_end_is_bit_identical(one_thread):
     tmp = one_thread
     args = MIXTURE + ["--trainer.max_steps=10"]
@@ -86,6 +87,7 @@ def test_mixture_resume_after_kill_mid_epoch_and_from_epoch_end_is_bit_identical
     assert_identical(trainable_weights(from_epoch_end.model), trainable_weights(full.model))
 
 
+@pytest.mark.slow  # a killed `python main.py` process plus two in-process runs
 def test_continual_resume_after_kill_mid_task_is_bit_identical(one_thread, tokenizer):
     from lightning_moe.models import build_multimodal
 

@@ -10,11 +10,12 @@ import pytest
 from lightning_moe.experiments import RunResult, conflict
 
 
+@pytest.mark.slow  # the quick conflict experiment, a Python process running every arm through the CLI
 def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outputs):
     # as a user runs it, in its own process: the console shows the progress bar over the runs and the table,
     # not each run's Lightning warnings and set-up lines (those go to OUT/logs/)
     out = quick_outputs.get("conflict")
-    finished = quick_outputs.console["conflict"]
+    finished = quick_outputs.console("conflict")
     console = finished.stdout + finished.stderr
     assert "args parameter is intended" not in console and "Seed set to" not in console
     assert "GPU available" not in console and "data report" not in console

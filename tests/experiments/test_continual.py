@@ -11,6 +11,7 @@ from lightning_moe.experiments import continual
 from lightning_moe.experiments.continual import METHODS
 
 
+@pytest.mark.slow  # the quick continual experiment, a Python process running every arm through the CLI
 def test_quick_continual_experiment_writes_results(quick_outputs):
     out = quick_outputs.get("continual")
     results = json.loads((out / "results.json").read_text())

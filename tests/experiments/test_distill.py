@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from lightning_moe.cli import effective_config
 from lightning_moe.experiments.distill import config, main
 
 
+@pytest.mark.slow  # the quick experiment (7 CLI runs, in its own process), then 12 student runs over two seeds
 def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     out = quick_outputs.get("distill")
     root = out.parent  # the shared smoke runs' directory

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from matplotlib.image import imread
 
 from lightning_moe.experiments import report
@@ -27,6 +28,7 @@ def assert_real_png(path) -> None:
     assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 20, path
 
 
+@pytest.mark.slow  # draws from the three quick experiments (run here if their tests have not run them)
 def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
     for name in ("conflict", "continual", "distill", "unimoe"):
         quick_outputs.get(name)

@@ -5,6 +5,9 @@ with experts offloaded (must-show 6); TensorBoard gets the modality x expert hea
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,7 +24,20 @@ media = pytest.mark.skipif(not (ROOT / "data/media/beeps/train.jsonl").is_file()
 
 
 def fit(config: str, *extra: str):
-    return main(["fit", "--config", str(ROOT / config), *FAST, *extra])
+    # train files are only checked at set-up, decoded when drawn: the runs draw a few batches of 12000 records
+    return main(["fit", "--config", str(ROOT / config), *FAST, "--data.init_args.defer_train_decoding=true", *extra])
+
+
+# both tests start from one stage-1 run; a session fixture, which the slow-first order of tests/conftest.py does
+# not tear down between them (under xdist each worker that runs one of them runs its own)
+@pytest.fixture(scope="session")
+def align_output(tmp_path_factory) -> Path:
+    """Stage 1 (align) run once for this module's tests; its runs/ folder, to copy into a test's workdir."""
+    directory = tmp_path_factory.mktemp("unimoe_align")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        assert fit(UNIMOE[0]).trainer.global_step == 2
+    return directory / "runs"
 
 
 def eval_batch(cli) -> dict:
@@ -31,8 +47,10 @@ def eval_batch(cli) -> dict:
 
 
 @media
-def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir):
-    for config in UNIMOE[:-1]:
+@pytest.mark.slow  # five CLI runs of the shipped configs on data/media, then four models compared
+def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir, align_output):
+    shutil.copytree(align_output, workdir / "runs")
+    for config in UNIMOE[1:-1]:
         cli = fit(config)
         assert cli.trainer.global_step == 2
     assert (workdir / "runs/unimoe/experts/video/model/multimodal_config.json").is_file()
@@ -68,8 +86,8 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir):
 
 
 @media
-def test_experts_run_refuses_mixed_data(workdir):
-    fit(UNIMOE[0])
+def test_experts_run_refuses_mixed_data(workdir, align_output):
+    shutil.copytree(align_output, workdir / "runs")
     try:
         fit(UNIMOE[1], "--data.init_args.domains=null")  # every domain of data/media, video included
     except ValueError as error:
