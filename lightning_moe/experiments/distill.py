@@ -290,6 +290,13 @@ def _per_seed(stat: dict[str, float]) -> str:
     return "" if len(stat["values"]) == 1 else " (per seed " + " / ".join(f"{v:.3f}" for v in stat["values"]) + ")"
 
 
+def beats_word(a: list[float], b: list[float]) -> str:
+    """The protocol's rule for "a beats b" over seeds: "beats" only when a is higher in every seed, "does not
+    beat" when in none, else "beats, in k of n seeds," (a tie is not a win)."""
+    wins, n = sum(x > y for x, y in zip(a, b)), len(a)
+    return "beats" if wins == n else "does not beat" if wins == 0 else f"beats, in {wins} of {n} seeds,"
+
+
 def verdict_lines(summary: dict) -> list[str]:
     """What the table says, in words: distilled vs undistilled, preference before/after, and preference
     against the control of equal extra steps (means over the seeds, with every seed's value)."""
@@ -297,7 +304,7 @@ def verdict_lines(summary: dict) -> list[str]:
     stat = lambda name, key: _stat(summary, name, key)  # noqa: E731
     d, u = stat("preference", "test/exact_match"), stat("baseline_moe", "test/exact_match")
     if d and u:
-        word = "beats" if d["mean"] > u["mean"] else "does not beat"
+        word = beats_word(d["values"], u["values"])
         lines.append(f"- Mean test exact match: distilled sparse student {d['mean']:.3f}{_per_seed(d)}, undistilled "
                      f"{u['mean']:.3f}{_per_seed(u)} (equal student steps): the distilled student {word} the undistilled one.")
     pope = {name: {k: stat(name, f"test/pope/pope_{k}") for k in POPE_KEYS}
@@ -308,9 +315,7 @@ def verdict_lines(summary: dict) -> list[str]:
             f"POPE {POPE_LABELS[k]} {before[k]['mean']:.3f} -> {after[k]['mean']:.3f}" for k in POPE_KEYS) + ".")
     if all(after.values()) and all(control.values()):
         steps = [r["steps"] for r in summary["runs"] if r["name"] == "control"]
-        wins = sum(a > c for a, c in zip(after["accuracy"]["values"], control["accuracy"]["values"]))
-        n = len(control["accuracy"]["values"])
-        word = ("beats" if wins == n else "does not beat" if wins == 0 else f"beats, in {wins} of {n} seeds,")
+        word = beats_word(after["accuracy"]["values"], control["accuracy"]["values"])
         lines.append(f"- Preference against the control ({steps[0]} more mimic_sparse steps from the same checkpoint "
                      "instead of the preference steps): " + ", ".join(
                          f"POPE {POPE_LABELS[k]} {after[k]['mean']:.3f} vs {control[k]['mean']:.3f}" for k in POPE_KEYS)

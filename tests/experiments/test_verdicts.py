@@ -143,10 +143,16 @@ def test_distill_verdict_when_distillation_and_preference_win():
 
 
 def test_distill_verdict_when_distillation_and_preference_lose():
-    lines = verdict_lines(_distill_summary([0.6, 0.6], [0.5, 0.7], [0.6, 0.7], [0.7, 0.7]))
+    lines = verdict_lines(_distill_summary([0.6, 0.6], [0.6, 0.7], [0.6, 0.7], [0.7, 0.7]))
     # equal means are not a win; one seed tied and one lost is no seed won
     assert lines[0].endswith("the distilled student does not beat the undistilled one.")
     assert lines[2].endswith("preference does not beat equal extra steps of the mimic objective on POPE accuracy.")
+
+
+def test_distill_verdict_counts_the_seeds_distillation_wins():
+    # a higher mean is not "beats": the protocol asks for every seed (the full run of 2026-12-02 had this case)
+    lines = verdict_lines(_distill_summary([0.882, 0.927, 0.830], [0.867, 0.898, 0.832], [0.6] * 3, [0.6] * 3))
+    assert lines[0].endswith("the distilled student beats, in 2 of 3 seeds, the undistilled one.")
 
 
 def test_distill_verdict_counts_the_seeds_preference_wins():
