@@ -7,6 +7,13 @@ decoded in full there too (`media.py`), unless `decode_media=False` defers that 
 large to read at setup. `__getitem__` only loads and transforms the media (images, audio clips,
 video frames).
 
+Loading is the costly part (a few thousand records a second), and an experiment or a test session builds the
+same datasets run after run: `LlavaDataset` keeps what it loaded per process (`sample_cache_key`: the data
+files' contents, the root, the tokenizer and the settings the samples depend on)
+and a dataset built again with the same key takes its samples and a copy of its report from there. Media files
+are not re-checked on a reuse; one that changed since is caught when drawn, as below. A subclass whose samples
+depend on more extends the key, or returns None to load every time; `clear_sample_cache()` empties it.
+
 A file that still fails to decode when drawn (decoding deferred, or the file changed since setup)
 raises naming its record; under `skip_bad_records` the sample is skipped instead: the next sample
 of the dataset that decodes takes its place (so batches keep their size and a resumed run draws
@@ -29,7 +36,10 @@ with no item in the batch has no values / mask key. The audio and video contract
 masks) is in `modalities.py`.
 """
 
-from collections import Counter
+import copy
+import hashlib
+import os
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +187,30 @@ class LlavaDataset(Dataset):
         self.decode_media = decode_media
         self.report = DataReport()
         self.samples: list[_Sample] = []
+        key = self.sample_cache_key(tokenizer, max_samples)
+        if key is not None and key in _LOADED:
+            _LOADED.move_to_end(key)
+            samples, report = _LOADED[key]
+            self.samples, self.report = list(samples), copy.deepcopy(report)
+            return
         self._load(ConversationTokenizer(tokenizer), max_samples)
         self.report.kept = len(self.samples)
+        if key is not None:
+            _remember(key, self.samples, self.report)
+
+    def sample_cache_key(self, tokenizer: PreTrainedTokenizerBase, max_samples: int | None) -> tuple | None:
+        """What the loaded samples and report depend on (module docstring); None: do not reuse them."""
+        try:
+            if sum(os.path.getsize(p) for p in self.paths) > MAX_CACHED_FILE_BYTES:
+                return None
+            # the contents, not the modification times: a file rewritten within the clock's tick keeps its mtime
+            files = tuple((os.path.realpath(p), hashlib.sha256(Path(p).read_bytes()).hexdigest()) for p in self.paths)
+        except OSError:
+            return None  # a missing file: loading says so, naming it
+        settings = (self.max_length, self.skip_bad_records, self.decode_media, max_samples,
+                    self.audio_transform.chunk_seconds, self.audio_transform.max_chunks)
+        return (type(self), files, os.path.abspath(self.root), os.path.realpath(self.root),
+                tokenizer_fingerprint(tokenizer), settings)
 
     def _load(self, chat: ConversationTokenizer, max_samples: int | None) -> None:
         decoded: set[MediaItem] = set()  # items shared by several records are decoded once
@@ -308,6 +340,37 @@ class LlavaDataset(Dataset):
             "answer": sample.answer,
             **media,  # pixel_values (n_images, 3, H, W) or None, audio_values + audio_chunk_mask, ...
         }
+
+
+# sample_cache_key -> (samples, report) of the datasets this process loaded, least recently used first
+_LOADED: OrderedDict[tuple, tuple[list[_Sample], DataReport]] = OrderedDict()
+# enough for every shipped corpus; a larger one is not kept (holding it after its run would cost memory, and
+# hashing its files time)
+MAX_CACHED_SAMPLES = 100_000
+MAX_CACHED_FILE_BYTES = 64 * 2**20
+
+
+def _remember(key: tuple, samples: list[_Sample], report: DataReport) -> None:
+    if len(samples) > MAX_CACHED_SAMPLES:
+        return
+    _LOADED[key] = (list(samples), copy.deepcopy(report))
+    while sum(len(s) for s, _ in _LOADED.values()) > MAX_CACHED_SAMPLES:
+        _LOADED.popitem(last=False)
+
+
+def clear_sample_cache() -> None:
+    """Forget the samples this process loaded (the next dataset built loads its files again)."""
+    _LOADED.clear()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of what tokenization depends on: the vocabulary and rules (a fast tokenizer's whole JSON), the
+    added tokens, the special tokens and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    text = "\n".join([type(tokenizer).__name__, rules, repr(sorted(tokenizer.get_added_vocab().items())),
+                      repr(tokenizer.special_tokens_map), str(tokenizer.chat_template)])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class MediaDecodeError(ValueError):

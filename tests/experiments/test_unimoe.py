@@ -28,6 +28,7 @@ def test_verdict_rules(means, expected):
     assert unimoe.verdict(means) == expected
 
 
+@pytest.mark.slow  # the quick experiment, a Python process running stage 1 twice and every arm through the CLI
 def test_quick_run_writes_results(quick_outputs):
     out = quick_outputs.get("unimoe")
     summary = json.loads((out / "results.json").read_text())
