@@ -9,8 +9,9 @@ Prints two markdown tables (with the date and the machine):
    Its routing profile comes from its own forward over calibration text (random prompts continued
    by the model itself, greedily: the kind of text it decodes at run time, other prompts than the
    measured ones); its bitwidth plan from token agreement with its float32 self on that text.
-   Configurations, all decoding the same random prompts greedily at batch size 1, each in its own
-   fresh interpreter (`--child`), the models loaded from the exported stores:
+   Configurations, all decoding the same random prompts greedily at batch size 1, each in a process
+   of its own (forked from a server that imported the modules once), the models loaded from the
+   exported stores:
      - in memory: the model as trained, nothing offloaded;
      - on demand: experts read from the store whenever routed, no cache;
      - LRU cache: a cache of 25% of the float32 expert bytes, LRU eviction;
@@ -51,14 +52,17 @@ Prints two markdown tables (with the date and the machine):
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
+import multiprocessing
+import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -78,6 +82,8 @@ from lightning_moe.tokens import load_tokenizer  # noqa: E402
 
 TOKENIZER = str(ROOT / "data" / "tokenizer")
 MiB = 2**20
+# what this file imports: the forkserver imports it once (with torch and transformers) for every configuration
+PRELOAD = ["lightning_moe.inference", "lightning_moe.models", "lightning_moe.tokens"]
 
 
 # ---------------------------------------------------------------------------- speed and memory
@@ -105,13 +111,39 @@ def decode_run(model, prompts: list[torch.Tensor], new_tokens: int) -> list[floa
     return [generate(model, p, torch.ones_like(p), config).decode_tokens_per_second for p in prompts]
 
 
-def measure_configuration(spec: dict) -> dict:
-    """One configuration in this (fresh) process: load, decode the warm-up and measured prompts.
+def map_server_pages() -> None:
+    """Map into this process the file pages that its parent, the forkserver, holds resident.
 
-    Runs in its own interpreter (`--child`), so the process's peak resident set is this
-    configuration's alone; `runtime_rss` is the resident set before loading anything (Python,
-    torch, transformers and this package imported), the same for every configuration.
+    A fork copies the page table entries of anonymous memory but not those of file mappings (the shared
+    libraries' code and data that the imports read: ~100 MiB here), which the child would map again as it
+    runs, counted above the runtime. Touching the pages the server holds (present bits of its
+    /proc/PID/pagemap, without privileges; from the page cache, no disk read) makes the child's resident
+    set that of the server, a fresh interpreter after the imports, as if the child had imported itself.
     """
+    page, server = os.sysconf("SC_PAGE_SIZE"), os.getppid()
+    with open(f"/proc/{server}/maps") as maps, open(f"/proc/{server}/pagemap", "rb", buffering=0) as pagemap:
+        for line in maps:  # address perms offset dev inode path
+            fields = line.split()
+            if len(fields) < 6 or fields[1][0] != "r" or not fields[5].startswith("/") or fields[5].startswith("/dev/"):
+                continue
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            for chunk in range(start, end, 4096 * page):  # 32 KiB of pagemap at a time: no peak of its own
+                pagemap.seek(chunk // page * 8)
+                entries = memoryview(pagemap.read(min(4096, (end - chunk) // page) * 8)).cast("Q")
+                for i, entry in enumerate(entries):
+                    if entry >> 63:  # present
+                        ctypes.string_at(chunk + i * page, 1)
+
+
+def measure_configuration(spec: dict) -> dict:
+    """One configuration in this (new) process: load, decode the warm-up and measured prompts.
+
+    Runs in a process of its own forked from the forkserver (`run_child`), so the process's peak
+    resident set is this configuration's alone; `runtime_rss` is the resident set before loading
+    anything (Python, torch, transformers and this package imported: the server's, `server_rss`),
+    the same for every configuration.
+    """
+    map_server_pages()
     runtime = memory_status()["rss"]
     prompts = torch.load(spec["prompts"])
     if spec["offload"] is None:
@@ -134,19 +166,35 @@ def measure_configuration(spec: dict) -> dict:
         "weight_bytes": resident_bytes(model) + (stats.peak_expert_bytes if stats else 0),
         "hit_rate": stats.hit_rate if stats else None, "bytes_read": stats.bytes_read if stats else 0,
         "wait_seconds": stats.wait_seconds if stats else 0.0, "stats": stats.as_dict() if stats else None,
+        "pid": os.getpid(), "torch_threads": torch.get_num_threads(), "server_rss": memory_status(os.getppid())["rss"],
     }
 
 
-def run_child(spec: dict, workdir: Path) -> dict:
-    """`measure_configuration` in a fresh interpreter; the store starts out of the OS page cache."""
+def forkserver() -> multiprocessing.context.BaseContext:
+    """Processes forked from a server that has imported this file's modules (PRELOAD) and run nothing else.
+
+    Each configuration gets a process of its own that starts at the runtime, without paying the ~5 s
+    of imports a fresh interpreter would. The server is a fresh interpreter too: it has run no torch op,
+    so no OpenMP thread pool is forked, and the children get the threads a fresh interpreter would
+    (OMP_NUM_THREADS is inherited). Older Pythons (3.11 here) start the server without the parent's
+    sys.path (cpython gh-117378) and cannot preload `__main__` (gh-126631): PYTHONPATH puts this checkout
+    first there as sys.path does here, and each child re-runs this file's top level, its imports done.
+    """
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def run_child(spec: dict, context: multiprocessing.context.BaseContext) -> dict:
+    """`measure_configuration` in a process of its own; the store starts out of the OS page cache."""
     if spec["drop_page_cache"]:
         ExpertStore(spec["store"]).evict_page_cache()
-    path = workdir / "child_spec.json"
-    path.write_text(json.dumps(spec))
-    done = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"configuration {spec['name']!r} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as process:  # one process, one configuration
+        try:
+            return process.submit(measure_configuration, spec).result()
+        except Exception as error:
+            raise RuntimeError(f"configuration {spec['name']!r} failed") from error
 
 
 def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
@@ -198,12 +246,13 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
                                                     "profile": False, "prediction": "lookahead"}),
     }
     runs: dict[str, list[dict]] = {name: [] for name in configurations}
+    context = forkserver()
     for round_index in range(args.rounds):  # rounds interleave the configurations: load drifts hit all alike
         for name, (store, offload_kwargs) in configurations.items():
             spec = {"name": name, "store": store, "offload": offload_kwargs, "profile": str(workdir / "speed_profile.json"),
                     "prompts": str(workdir / "speed_prompts.pt"), "new_tokens": args.new_tokens,
                     "drop_page_cache": args.page_cache == "drop"}
-            runs[name].append(run_child(spec, workdir))
+            runs[name].append(run_child(spec, context))
             print(f"  round {round_index + 1}/{args.rounds} {name}: {runs[name][-1]['decode_tokens_per_second']:.1f} "
                   f"tok/s, peak RSS {runs[name][-1]['peak_rss'] / MiB:.0f} MiB", flush=True)
     results = {}
@@ -332,12 +381,8 @@ def main() -> None:
                              "cache (memory the budget does not count)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all speed configurations (median)")
     parser.add_argument("--only", choices=("speed", "quality"), default=None, help="run one table only")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one configuration
     parser.add_argument("--out", default=None, help="also write results.json and results.md here")
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure_configuration(json.loads(Path(args.child).read_text()))))
-        return
     if args.quick:
         args.hidden, args.inter, args.layers, args.steps = 64, 128, 2, 2
         args.max_eval_samples = args.max_eval_samples or 4

@@ -22,7 +22,7 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.slow  # seven fresh interpreters (one per configuration), each importing torch and transformers
+@pytest.mark.slow  # seven processes (one per configuration), forked from a server that imports torch once
 def test_edge_offload_quick_speed_table(tmp_path):
     run_script(str(ROOT / "benchmarks/edge_offload.py"), "--quick", "--only", "speed", "--out", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())["speed"]["results"]
@@ -31,6 +31,11 @@ def test_edge_offload_quick_speed_table(tmp_path):
                              "EdgeMoE, lookahead prediction"]
     for name, r in results.items():
         assert r["decode_tokens_per_second"] > 0 and r["peak_rss"] > r["runtime_rss"] > 0, name
+    # each configuration in a process of its own that starts at the runtime, as a fresh interpreter would: the
+    # forkserver's resident set (a fork alone leaves out its ~100 MiB of library pages), OMP_NUM_THREADS threads
+    assert len({r["pid"] for r in results.values()}) == len(results)
+    for name, r in results.items():
+        assert abs(r["runtime_rss"] - r["server_rss"]) < 8 * 2**20 and r["torch_threads"] == 1, name
     memory = results["in memory"]
     assert memory["bytes_read"] == 0 and memory["stats"] is None and memory["hit_rate"] is None
 

@@ -3,8 +3,8 @@
 - `BufferPool`: the byte buffers expert loads read into and dequantise into, handed out again
   after use instead of allocated anew (the `ExpertOffloader` owns one).
 - `resident_bytes` / `tensor_bytes`: bytes of a model's parameters and buffers, of one tensor.
-- `memory_status`: this process's resident set and its peak (Linux `/proc`), what the benchmark
-  and the loading test measure.
+- `memory_status`: a process's resident set and its peak (Linux `/proc`; this one by default), what
+  the benchmark and the loading test measure.
 - `drop_from_page_cache` / `evict_from_page_cache`: advise the kernel to drop files from the OS
   page cache, so the next read of an expert comes from storage (what a device whose memory cannot
   hold the store sees); the `ExpertStore` uses them for `drop_page_cache` and `evict_page_cache`.
@@ -43,10 +43,10 @@ def tensor_bytes(t: Tensor | QuantizedTensor | None) -> int:
     return t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
 
 
-def memory_status() -> dict[str, int]:
-    """This process's resident set now and its peak (bytes), from /proc/self/status (Linux)."""
+def memory_status(pid: int | None = None) -> dict[str, int]:
+    """This process's (or process `pid`'s) resident set now and its peak (bytes), from /proc/PID/status (Linux)."""
     fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) * 1024  # reported in kB
