@@ -9,11 +9,14 @@ import json
 import pytest
 import yaml
 
+from pathlib import Path
+
 from lightning_moe.cli import effective_config
+from lightning_moe.experiments import RunResult, distill
 from lightning_moe.experiments.distill import config, main
 
 
-@pytest.mark.slow  # the quick experiment (7 CLI runs, in its own process), then 12 student runs over two seeds
+@pytest.mark.slow  # the quick experiment: 7 CLI runs, in its own process
 def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     out = quick_outputs.get("distill")
     root = out.parent  # the shared smoke runs' directory
@@ -52,7 +55,19 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     assert (out / "configs" / "baseline_moe.yaml").is_file()
 
     # kd_lm reusing that teacher, named relative to the caller's directory (the experiment works inside
-    # --out, where a relative --teacher-from was once looked up), with two student seeds
+    # --out, where a relative --teacher-from was once looked up), with two student seeds. The quick run above
+    # trained every student through the CLI; here the runs are scripted (what each would have scored), so that
+    # the seeds' layout and the aggregate are checked against known values without twelve more trainings.
+    calls = []
+
+    def scripted(run, workdir):
+        calls.append((run.name, run.seed, Path(workdir), list(run.args)))
+        score = {"mimic_dense": 0.1, "mimic_sparse": 0.2, "preference": 0.3, "control": 0.4}.get(run.name, 0.5)
+        return RunResult(name=run.name, method="scripted", stage="", steps=2, wall_s=0.0, step_time_s=None,
+                         peak_memory_mb=None, memory_kind="", params_total=1, params_activated=1, seed=run.seed,
+                         metrics={"test/exact_match": score + run.seed / 10, "test/pope/pope_accuracy": 0.5})
+
+    monkeypatch.setattr(distill, "execute", scripted)
     monkeypatch.chdir(root)
     again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
                   "--seeds", "0", "1"])
@@ -62,15 +77,17 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     assert (again_out / "runs" / "mod" / "teacher" / "model").is_dir()
     assert not (again_out / "runs" / "mod" / "teacher" / "version_0").exists()
     students = [n for n in runs if n != "teacher"]
-    assert [(r["name"], r["seed"]) for r in again["runs"][1:]] == [(n, s) for s in (0, 1) for n in students]
-    for seed in (0, 1):  # each seed in its own directory, with the teacher beside it
+    assert [(name, seed) for name, seed, _, _ in calls] == [(n, s) for s in (0, 1) for n in students]
+    for name, seed, workdir, args in calls:  # each seed in its own directory, with the teacher beside it
+        assert workdir == again_out / f"seed{seed}", name
+        assert f"--seed_everything={seed}" in args and f"--data.init_args.seed={seed}" in args, name
+        assert ("--model.init_args.mimic.lm_weight=1.0" in args) == (name in ("mimic_dense", "mimic_sparse", "control"))
+    for seed in (0, 1):
         assert (again_out / f"seed{seed}" / "runs" / "mod" / "teacher" / "model").is_dir()
-        assert list((again_out / f"seed{seed}" / "runs" / "mod" / "control").rglob("events.out.tfevents.*"))
     # the aggregate is the mean, min and max of the per-seed values
-    by_seed = {r["seed"]: r["metrics"] for r in again["runs"] if r["name"] == "control"}
     stat = again["aggregate"]["control"]["test/exact_match"]
-    assert stat["values"] == [by_seed[0]["test/exact_match"], by_seed[1]["test/exact_match"]]
-    assert stat["mean"] == sum(stat["values"]) / 2 and stat["min"] == min(stat["values"])
+    assert stat["values"] == pytest.approx([0.4, 0.5]) and stat["mean"] == pytest.approx(0.45)
+    assert stat["min"] == pytest.approx(0.4) and stat["max"] == pytest.approx(0.5)
     assert "mean over seeds 0, 1" in (again_out / "results.md").read_text()
 
 
