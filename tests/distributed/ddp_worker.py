@@ -1,8 +1,9 @@
 """One rank of a 2-process run (gloo, CPU; DDP or FSDP2), started by tests/distributed/two_processes.py as torchrun would.
 
-Every rank gets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the test, so
-Lightning's environment knows the processes were created outside it and each `Trainer` joins the
-same process group. argv: OUT_DIR, then one JSON list of CLI argument lists, one run per entry;
+Every rank gets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the test, so Lightning's
+environment knows the processes were created outside it and each `Trainer` joins the same process group (the
+first creates it; Lightning neither destroys it at the end of a run nor creates another, so DDP and FSDP2 runs
+follow one another in one launch). argv: OUT_DIR, then one JSON list of CLI argument lists, one run per entry;
 rank 0 writes run i's trainable weights to OUT_DIR/i.pt (FSDP2's sharded parameters gathered whole first, on
 every rank: the gather is a collective).
 """

@@ -1,32 +1,10 @@
-"""FSDP2 (Lightning's `ModelParallelStrategy`, configs/strategies/fsdp2.yaml) on 2 CPU processes (gloo) trains the
-same weights as one process on the same global batch (why they should: tests/distributed/two_processes.py), and
-its checkpoint is one ordinary file holding those weights. Quickstart (MoE) with tiny widths."""
+"""FSDP2's sharding plan (lightning_moe/strategies.py: shard_blocks), checked on a 1-process gloo group. That FSDP2
+(configs/strategies/fsdp2.yaml) on 2 CPU processes trains the same weights as one process, and that its checkpoint
+is one ordinary file, is checked in test_data_parallel.py, in the same two-process launch as DDP."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from lightning_moe.layers import SparseMoE
-from tests.conftest import ROOT
-from tests.distributed.two_processes import COMMON, TINY, assert_one_process_trains_the_same, train_on_two_processes
-
-FSDP2 = ["--config", str(ROOT / "configs/strategies/fsdp2.yaml")]
-
-
-@pytest.mark.slow  # two extra Python processes (imports, gloo) plus one reference run: ~40 s on a busy 2-core machine
-def test_fsdp2_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(tmp_path, monkeypatch):
-    configs = {"quickstart": ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY]}
-    two = [args + FSDP2 + COMMON + ["--trainer.devices=2"] for args in configs.values()]
-    train_on_two_processes(two, tmp_path / "fsdp2", tmp_path)
-    multi = torch.load(tmp_path / "fsdp2" / "0.pt")["state"]
-    # `save_distributed_checkpoint: false`: the last checkpoint is one file with the whole (gathered) model
-    (checkpoint_file,) = (tmp_path / "runs").rglob("last.ckpt")
-    saved = torch.load(checkpoint_file, weights_only=False)["state_dict"]
-    for name, value in multi.items():
-        torch.testing.assert_close(saved[name], value, msg=name)
-    monkeypatch.chdir(tmp_path)
-    assert_one_process_trains_the_same(configs, tmp_path / "fsdp2")
 
 
 def test_shard_blocks_makes_one_unit_per_block_and_keeps_each_sparse_moe_whole(tokenizer, monkeypatch):

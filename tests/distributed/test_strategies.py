@@ -1,6 +1,6 @@
 """The ready strategy files parse with every method config, and the FSDP wrap policy makes one unit per
 transformer block with each SparseMoE inside exactly one unit (FSDP1 itself needs a GPU in Lightning:
-docs/running_at_scale.md; FSDP2 trains on CPU in test_fsdp2.py)."""
+docs/running_at_scale.md; FSDP2 trains on CPU in test_data_parallel.py)."""
 
 from __future__ import annotations
 

@@ -48,13 +48,20 @@ def train_on_two_processes(runs: list[list[str]], out: Path, cwd: Path) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
 
 
-def assert_one_process_trains_the_same(configs: dict[str, list[str]], out: Path) -> None:
-    """Run i of `configs` on one process, `accumulate_grad_batches=2`, has run i's 2-process weights (out/i.pt)."""
-    for i, (name, args) in enumerate(configs.items()):
-        single = main(args + COMMON + ["--trainer.devices=1", "--trainer.accumulate_grad_batches=2"])
-        multi = torch.load(out / f"{i}.pt")
-        assert multi["global_step"] == single.trainer.global_step == STEPS, name
-        reference = {n: p.detach() for n, p in single.model.named_parameters() if p.requires_grad}
-        assert reference.keys() == multi["state"].keys(), name
-        for key, value in reference.items():
-            torch.testing.assert_close(multi["state"][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+def train_on_one_process(args: list[str]) -> dict:
+    """A config's CLI arguments on one process, `accumulate_grad_batches=2`: its trainable weights and global step,
+    as a rank writes them."""
+    single = main(args + COMMON + ["--trainer.devices=1", "--trainer.accumulate_grad_batches=2"])
+    state = {n: p.detach() for n, p in single.model.named_parameters() if p.requires_grad}
+    return {"state": state, "global_step": single.trainer.global_step}
+
+
+def assert_trains_the_same(multi: dict, single: dict, label: str) -> None:
+    """A 2-process run's weights (out/i.pt) are the 1-process run's; `label` names the config and strategy."""
+    steps = multi["global_step"], single["global_step"]
+    assert steps == (STEPS, STEPS), f"{label}: global steps (2 processes, 1 process) {steps}, not {STEPS}"
+    differ = sorted(multi["state"].keys() ^ single["state"].keys())
+    assert not differ, f"{label}: trainable on one side only: {differ}"
+    for key, value in single["state"].items():
+        torch.testing.assert_close(multi["state"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{label}: {key}: {m}")

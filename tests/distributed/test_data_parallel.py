@@ -1,0 +1,77 @@
+"""DDP and FSDP2 (Lightning's `ModelParallelStrategy`, configs/strategies/fsdp2.yaml) on 2 CPU processes (gloo)
+train the same weights as one process on the same global batch (why they should: tests/distributed/two_processes.py).
+DDP: the quickstart (MoE), MoLE and MoD's sparse mimic stage, with tiny widths, their upstream stages replaced by
+tiny saved models; this is also the check that every trainable parameter is used (DDP raises otherwise: CLIP's
+`post_layernorm` once was). FSDP2: the quickstart, and its checkpoint is one ordinary file holding those weights.
+
+One launch of two processes serves both strategies (each rank runs the DDP runs, then the FSDP2 one: Lightning
+keeps the process group between Trainers) and one single-process run per config serves as the reference of both:
+the launch and the references are what cost time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.distributed.two_processes import (COMMON, TINY, assert_trains_the_same, train_on_one_process,
+                                             train_on_two_processes)
+
+STRATEGIES = {
+    "DDP": ["--trainer.strategy=ddp"],
+    # its own logger name: runs/fsdp2/ holds its checkpoint alone
+    "FSDP2": ["--config", str(ROOT / "configs/strategies/fsdp2.yaml"), "--trainer.logger.init_args.name=fsdp2"],
+}
+# (strategy, config) of each 2-process run, in the order the ranks run them
+TWO_PROCESS_RUNS = [("DDP", "quickstart"), ("DDP", "mole"), ("DDP", "mod"), ("FSDP2", "quickstart")]
+
+
+def runs(base: str, teacher: str) -> dict[str, list[str]]:
+    """CLI arguments of each compared config (stage inputs point at tiny saved models: `base`, MoD's `teacher`)."""
+    return {
+        "quickstart": ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY],
+        "mole": ["fit", "--config", str(ROOT / "configs/mole/mole.yaml"),
+                 f"--model.init_args.backbone.pretrained={base}",
+                 "--model.init_args.lora.dropout=0.0"],  # dropout draws differ between 1 and 2 processes
+        "mod": ["fit", "--config", str(ROOT / "configs/mod/mimic_sparse.yaml"), f"--model.init_args.teacher={teacher}",
+                f"--model.init_args.backbone.pretrained={base}"],
+    }
+
+
+def _save_tiny_model(tokenizer, path: Path, seed: int) -> str:
+    from lightning_moe.models import build_multimodal
+
+    torch.manual_seed(seed)
+    build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow  # two extra Python processes (imports, gloo), 4 runs on them, 3 references: 40-90 s on 2 cores
+def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_on_the_same_global_batch(
+        tokenizer, tmp_path, monkeypatch, subtests):
+    # MoD's teacher differs from the student it distils into: a teacher equal to the (upcycled) student gives a KL
+    # gradient of rounding noise, whose signs AdamW's first step turns into +-lr, a comparison of summation orders
+    configs = runs(_save_tiny_model(tokenizer, tmp_path / "base", 0),
+                   _save_tiny_model(tokenizer, tmp_path / "teacher", 1))
+    two = [configs[config] + STRATEGIES[strategy] + COMMON + ["--trainer.devices=2"]
+           for strategy, config in TWO_PROCESS_RUNS]
+    train_on_two_processes(two, tmp_path / "two", tmp_path)
+    multi = {run: torch.load(tmp_path / "two" / f"{i}.pt") for i, run in enumerate(TWO_PROCESS_RUNS)}
+
+    # `save_distributed_checkpoint: false`: FSDP2's last checkpoint is one file with the whole (gathered) model
+    with subtests.test(msg="quickstart with FSDP2: last.ckpt"):
+        checkpoints = list((tmp_path / "runs" / "fsdp2").rglob("last.ckpt"))
+        assert len(checkpoints) == 1 and checkpoints[0].is_file(), f"FSDP2: not one last.ckpt file: {checkpoints}"
+        saved = torch.load(checkpoints[0], weights_only=False)["state_dict"]
+        for name, value in multi["FSDP2", "quickstart"]["state"].items():
+            torch.testing.assert_close(saved[name], value, msg=lambda m: f"FSDP2 last.ckpt, quickstart: {name}: {m}")
+
+    monkeypatch.chdir(tmp_path)
+    for config, args in configs.items():
+        single = train_on_one_process(args)  # one reference per config, for every strategy that ran it
+        for strategy in [strategy for strategy, run_config in TWO_PROCESS_RUNS if run_config == config]:
+            with subtests.test(msg=f"{config} with {strategy}"):
+                assert_trains_the_same(multi[strategy, config], single, f"{config} with {strategy}")
