@@ -308,7 +308,8 @@ def trained_model(args, workdir: Path):
         f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", f"--data.init_args.root={ROOT / 'data/shapes'}",
         f"--model.init_args.tokenizer={TOKENIZER}", f"--data.init_args.tokenizer={TOKENIZER}",
         *(["--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=16",
-           "--data.init_args.max_eval_samples_per_domain=16"] if args.quick else []),
+           "--data.init_args.max_eval_samples_per_domain=16", "--data.init_args.max_train_samples_per_domain=64"]
+          if args.quick else []),
     ])
     return cli.model.model.eval(), f"configs/quickstart.yaml trained {steps} steps"
 

@@ -42,7 +42,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = str(ROOT / "data/tokenizer")
-    data = DomainMixtureDataModule(root=str(ROOT / "data/shapes"), tokenizer=tokenizer, batch_size=args.batch_size)
+    # --quick: the first samples of each domain, enough for the 8 batches (setting up all of them takes seconds)
+    smoke = dict(max_train_samples_per_domain=8 * args.batch_size, max_eval_samples_per_domain=1) if args.quick else {}
+    data = DomainMixtureDataModule(root=str(ROOT / "data/shapes"), tokenizer=tokenizer, batch_size=args.batch_size,
+                                   **smoke)
     data.setup("fit")
     batches = [b for _, b in zip(range(8), data.train_dataloader())]
     backbone = BackboneConfig(vision_feature_layer=-1)  # the tiny preset the experiment's base uses

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,29 @@ def in_repo_root(monkeypatch):
     """Configs name paths relative to the repository root, as users run them."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+def session_directory(tmp_path_factory) -> Path:
+    """The test session's temporary directory, shared by every xdist worker (each worker's own base temporary
+    directory is <session dir>/popen-gw<N>)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(directory)` run once per test session whichever worker asks first, the others waiting for it and
+    reusing its files: for session fixtures whose tests land on both xdist workers (each would build its own)."""
+    root = session_directory(tmp_path_factory) / "built_once"
+    root.mkdir(exist_ok=True)
+    directory, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if not done.is_file():
+            shutil.rmtree(directory, ignore_errors=True)  # a failed build's leftovers
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
 
 
 class QuickOutputs:
@@ -87,10 +111,7 @@ class QuickOutputs:
 
 @pytest.fixture(scope="session")
 def quick_outputs(tmp_path_factory) -> QuickOutputs:
-    base = tmp_path_factory.getbasetemp()
-    # under xdist each worker's base is <session dir>/popen-gw<N>: the session directory is the shared one
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    return QuickOutputs(shared / "quick_experiments")
+    return QuickOutputs(session_directory(tmp_path_factory) / "quick_experiments")
 
 
 def pytest_collection_modifyitems(config, items):

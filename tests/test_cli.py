@@ -32,7 +32,7 @@ CHAINED = STAGES + MOD_STAGES + MORA + MOLE + UNIMOE  # each chain has its own t
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
-        "--data.init_args.max_eval_samples_per_domain=8"]
+        "--data.init_args.max_eval_samples_per_domain=8", "--data.init_args.max_train_samples_per_domain=64"]
 
 
 class CountingMoETuning(MoETuning):

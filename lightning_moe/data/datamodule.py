@@ -155,6 +155,8 @@ class DomainMixtureDataModule(L.LightningDataModule):
         video_num_frames: frames per video (fewer are padded and masked, more sampled uniformly);
             frames go through the image transform.
         max_eval_samples_per_domain: cap each validation / test domain (first N samples).
+        max_train_samples_per_domain: cap each training domain (its first N samples): smoke runs
+            (the experiments' and benchmarks' `--quick`) and data-size studies; None: all of them.
         skip_bad_records: skip and count bad records instead of raising, and skip (and count) a
             training sample that fails to decode when drawn; all listed in `skipped_records.jsonl`
             in the run's log directory.
@@ -186,6 +188,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         audio_processor: str | None = None,
         video_num_frames: int = 8,
         max_eval_samples_per_domain: int | None = None,
+        max_train_samples_per_domain: int | None = None,
         skip_bad_records: bool = False,
         defer_train_decoding: bool = False,
         num_workers: int = 0,
@@ -257,7 +260,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 audio_transform=self.audio_transform,
                 video_transform=self.video_transform,
                 skip_bad_records=self.hparams.skip_bad_records,
-                max_samples=None if split == "train" else self.hparams.max_eval_samples_per_domain,
+                max_samples=self.hparams[f"max_{'train' if split == 'train' else 'eval'}_samples_per_domain"],
                 decode_media=not (split == "train" and self.hparams.defer_train_decoding),
             )
             self.data_report.setdefault(split, {})[name] = dataset.report.as_dict()

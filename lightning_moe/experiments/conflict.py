@@ -90,14 +90,16 @@ class Plan:
     candidates: list[list[int]] = field(default_factory=lambda: [[1, 300], [2, 300], [1, 600], [2, 600], [4, 600]])
     val_samples: int = 200  # val samples per domain the selection scores (the whole shipped val split)
     oracle: bool = True  # the oracle-routed MoLE (one expert per domain, routed by the domain id)
+    train_samples: int | None = None  # the first N train samples of each domain (None: all)
 
     def base_signature(self) -> dict[str, Any]:
-        return {"base_steps": self.base_steps, "batch_size": self.batch_size, "seed": self.base_seed}
+        signature = {"base_steps": self.base_steps, "batch_size": self.batch_size, "seed": self.base_seed}
+        return signature | ({"train_samples": self.train_samples} if self.train_samples else {})
 
 
 # the smoke test: only the conflicting pair, a few steps on a few samples
 QUICK = Plan(domains=["position_lr", "position_tb"], base_steps=3, steps=3, experts=[3], batch_size=8, eval_samples=8,
-             candidates=[[1, 3]], val_samples=8)
+             candidates=[[1, 3]], val_samples=8, train_samples=64)
 
 
 def accuracy(result: RunResult, domains: list[str]) -> dict[str, float]:
@@ -116,7 +118,8 @@ def _data_config(plan: Plan, train_domains: list[str], seed: int, split: str = "
     samples = plan.val_samples if split == "val" else plan.eval_samples
     return {"class_path": "lightning_moe.data.DomainMixtureDataModule",
             "init_args": {"domains": domains, "batch_size": plan.batch_size, "eval_batch_size": 200,
-                          "max_eval_samples_per_domain": samples, "seed": seed}}
+                          "max_eval_samples_per_domain": samples, "max_train_samples_per_domain": plan.train_samples,
+                          "seed": seed}}
 
 
 def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], steps: int,

@@ -63,13 +63,15 @@ class Plan:
     eval_samples: int = 200  # test samples per domain
     seed: int = 0
     base_seed: int = 0  # of stage 1
+    train_samples: int | None = None  # the first N train samples of each domain (None: all)
 
     def base_signature(self) -> dict[str, Any]:
-        return {"align_steps": self.align_steps, "batch_size": self.batch_size, "eval_samples": self.eval_samples,
-                "seed": self.base_seed}
+        signature = {"align_steps": self.align_steps, "batch_size": self.batch_size, "eval_samples": self.eval_samples,
+                     "seed": self.base_seed}
+        return signature | ({"train_samples": self.train_samples} if self.train_samples else {})
 
 
-QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4)
+QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4, train_samples=32)
 
 
 def protocol(seeds: list[int], plan: Plan) -> Protocol:
@@ -101,6 +103,7 @@ def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any],
         "model": {"init_args": model},
         "data": {"init_args": {"batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
                                "max_eval_samples_per_domain": plan.eval_samples, "defer_train_decoding": True,
+                               "max_train_samples_per_domain": plan.train_samples,
                                **(data or {})}},
     }
     path = out / "configs" / f"{name}.yaml"

@@ -93,6 +93,17 @@ def test_one_eval_loader_per_domain_in_config_order(uneven):
             assert [i for b in batches for i in b["id"]] == [f"{domain}-{'val' if stage == 'validate' else 'test'}-{k:05d}" for k in range(5)]
 
 
+def test_train_cap_keeps_each_domains_first_samples_and_leaves_evaluation_alone(uneven):
+    dm = uneven(max_train_samples_per_domain=5, max_eval_samples_per_domain=2)
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    # 24 and 12 records cut to their first 5; pope's 3 stay 3
+    assert {d: [s.id for s in ds.samples] for d, ds in train.items()} == {
+        d: [f"{d}-train-{k:05d}" for k in range(n)] for d, n in (("count", 5), ("colour", 5), ("pope", 3))}
+    assert dm.data_report["train"]["count"]["kept"] == 5
+    assert {d: len(ds) for d, ds in dm.datasets["val"].items()} == {"count": 2, "pope": 2}
+
+
 def test_tokenizer_is_ready_before_setup_and_report_after(uneven, tokenizer):
     dm = uneven()
     assert dm.tokenizer.pad_token_id == tokenizer.pad_token_id and len(dm.tokenizer) == len(tokenizer)

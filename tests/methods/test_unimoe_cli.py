@@ -14,7 +14,7 @@ import torch
 from lightning_moe.cli import main
 from lightning_moe.methods import BackboneConfig, UniMoE
 from lightning_moe.models import MultimodalLM, expert_layers
-from tests.conftest import ROOT
+from tests.conftest import ROOT, built_once
 from tests.methods.test_unimoe import forced
 from tests.test_cli import FAST, UNIMOE, assert_outputs_load_safely, workdir  # noqa: F401  (fixture)
 
@@ -28,16 +28,16 @@ def fit(config: str, *extra: str):
     return main(["fit", "--config", str(ROOT / config), *FAST, "--data.init_args.defer_train_decoding=true", *extra])
 
 
-# both tests start from one stage-1 run; a session fixture, which the slow-first order of tests/conftest.py does
-# not tear down between them (under xdist each worker that runs one of them runs its own)
+# both tests start from one stage-1 run, built once per session even when xdist hands them to two workers
 @pytest.fixture(scope="session")
 def align_output(tmp_path_factory) -> Path:
     """Stage 1 (align) run once for this module's tests; its runs/ folder, to copy into a test's workdir."""
-    directory = tmp_path_factory.mktemp("unimoe_align")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        assert fit(UNIMOE[0]).trainer.global_step == 2
-    return directory / "runs"
+    def align(directory: Path) -> None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(directory)
+            assert fit(UNIMOE[0]).trainer.global_step == 2
+
+    return built_once(tmp_path_factory, "unimoe_align", align) / "runs"
 
 
 def eval_batch(cli) -> dict:
