@@ -3,7 +3,9 @@
     python benchmarks/moe_layer.py [--quick] [--out DIR]
 
 For each shape (tokens, hidden, intermediate, experts, top-k) it times, in this process and on
-identical weights: ours (eager, and compiled by `torch.compile` with the default inductor backend), the Hugging Face `MixtralSparseMoeBlock` with the `eager` and the
+identical weights: ours (eager, and compiled by `torch.compile` with the default inductor backend;
+`--quick` uses `aot_eager`, the same traced graph without inductor's code generation, unless
+`--compile-backend inductor`), the Hugging Face `MixtralSparseMoeBlock` with the `eager` and the
 `grouped_mm` experts implementations, and a dense SwiGLU FFN with the same active compute
 (intermediate size k x I). Implementations are interleaved inside each repetition so that
 background load hits all of them alike; the median over repetitions after warm-up is reported.
@@ -90,10 +92,11 @@ def time_interleaved(fns: dict[str, callable], reps: int, warmup: int) -> dict[s
     return medians | {f"{name}_min": min(ts) * 1e3 for name, ts in times.items()}
 
 
-def compiled_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, ref: torch.Tensor, dynamic: bool | None):
-    """The training step of `torch.compile(module)` (inductor), compiled here and checked against `ref`;
+def compiled_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, ref: torch.Tensor, dynamic: bool | None,
+                  backend: str = "inductor"):
+    """The training step of `torch.compile(module, backend=backend)`, compiled here and checked against `ref`;
     or the reason it cannot run on this machine (no C++ compiler, an inductor error) as a string."""
-    compiled = torch.compile(module, dynamic=dynamic)
+    compiled = torch.compile(module, dynamic=dynamic, backend=backend)
     try:
         out = compiled(x)  # compiles the training graph the timed steps reuse
     except Exception as err:  # noqa: BLE001  (any compiler failure: reported, not fatal)
@@ -103,7 +106,7 @@ def compiled_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, ref: t
 
 
 def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps: int, warmup: int,
-                compile_dynamic: bool | None = None) -> tuple[dict[str, float], str | None]:
+                compile_dynamic: bool | None = None, backend: str = "inductor") -> tuple[dict[str, float], str | None]:
     """Median (and best) times of each implementation, and why the compiled one did not run (or None)."""
     torch.manual_seed(0)
     eager = hf_block(hidden, inter, experts, k, "eager")
@@ -125,7 +128,7 @@ def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps
         "hf_grouped_mm": step_fn(grouped, x, grad),
         "dense": step_fn(dense, x, grad),
     }
-    compiled = compiled_step(ours, x, grad, ref, compile_dynamic)
+    compiled = compiled_step(ours, x, grad, ref, compile_dynamic, backend)
     if callable(compiled):
         fns["ours_compiled"] = compiled
     return time_interleaved(fns, reps, warmup), None if callable(compiled) else compiled
@@ -143,7 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions and no 4096-token shape, for a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="also write results.json here")
+    parser.add_argument("--compile-backend", default=None, choices=("inductor", "aot_eager"),
+                        help="torch.compile backend of the compiled column (default: inductor; with --quick aot_eager, "
+                             "which traces and checks the same graph without inductor's code generation, about 35 s "
+                             "of a cold cache)")
     args = parser.parse_args()
+    backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
     print(f"## SparseMoE forward+backward, {datetime.date.today().isoformat()}")
     print()
     print(
@@ -155,7 +163,7 @@ def main() -> None:
     print("Times are medians over repetitions (ms); ratios from medians, and in brackets from the fastest repetition.")
     print()
     print("| tokens | hidden | inter | experts | k | ours | HF eager | HF grouped_mm | dense "
-          "| ours / best HF | ours / dense | goal | met | ours compiled | compiled / ours |")
+          f"| ours / best HF | ours / dense | goal | met | ours compiled ({backend}) | compiled / ours |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
     results, compile_failures = {}, []
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -163,7 +171,8 @@ def main() -> None:
         tokens = shape[0]
         reps, warmup = (2, 1) if args.quick else ((7, 2) if tokens >= 4096 else (31, 5))
         # --quick: one dynamic-shape compilation serves several shapes (inductor compiles in tens of seconds)
-        r, not_compiled = bench_shape(*shape, reps=reps, warmup=warmup, compile_dynamic=True if args.quick else None)
+        r, not_compiled = bench_shape(*shape, reps=reps, warmup=warmup, compile_dynamic=True if args.quick else None,
+                                      backend=backend)
         if not_compiled:
             compile_failures.append(f"{shape}: {not_compiled}")
         results[shape] = r
@@ -196,10 +205,10 @@ def main() -> None:
         f"dense x{sixteen['dense'] / four['dense']:.2f}"
     )
     for failure in compile_failures:
-        print(f"torch.compile (inductor) did not run, so no compiled time: {failure}")
+        print(f"torch.compile ({backend}) did not run, so no compiled time: {failure}")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-    print("parity: ok (ours, ours compiled where it ran, and HF grouped_mm matched HF eager on the same weights, "
-          "every shape)")
+    print(f"parity: ok (ours, ours compiled ({backend}) where it ran, and HF grouped_mm matched HF eager on the same "
+          "weights, every shape)")
     if args.out:
         rows = [{**dict(zip(("tokens", "hidden", "inter", "experts", "k"), shape)), **r,
                  "ours_over_dense": r["ours"] / r["dense"],
@@ -209,7 +218,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "torch_threads": torch.get_num_threads(),
-            "command": "python benchmarks/moe_layer.py" + (" --quick" if args.quick else ""), "rows": rows}, indent=1))
+            "command": "python benchmarks/moe_layer.py" + (" --quick" if args.quick else "")
+            + (f" --compile-backend {args.compile_backend}" if args.compile_backend else ""),
+            "compile_backend": backend, "rows": rows}, indent=1))
 
 if __name__ == "__main__":
     main()

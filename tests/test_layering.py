@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 import lightning_moe
+from tests.conftest import built_once
 
 PACKAGE = Path(lightning_moe.__file__).parent
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics")
@@ -184,19 +185,24 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 
 
 @pytest.fixture(scope="module")
-def loaded_by() -> dict[str, list[str]]:
-    """Modules each package adds to a fresh interpreter after torch (the two run at once)."""
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
-    parts = ["layers", "inference"]
-    children = {part: subprocess.Popen([sys.executable, "-c", IMPORT_CHILD.format(module=_pkg(part))], cwd=PACKAGE.parent,
-                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for part in parts}
-    out = {}
-    for part, child in children.items():
-        stdout, stderr = child.communicate(timeout=300)
-        assert child.returncode == 0, stderr[-2000:]
-        out[part] = json.loads(stdout.strip().splitlines()[-1])
-    return out
+def loaded_by(tmp_path_factory) -> dict[str, list[str]]:
+    """Modules each package adds to a fresh interpreter after torch (the two run at once; once per session even
+    when xdist hands this module's tests to two workers)."""
+    def imports(directory: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+        parts = ["layers", "inference"]
+        children = {part: subprocess.Popen([sys.executable, "-c", IMPORT_CHILD.format(module=_pkg(part))],
+                                           cwd=PACKAGE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+                    for part in parts}
+        out = {}
+        for part, child in children.items():
+            stdout, stderr = child.communicate(timeout=300)
+            assert child.returncode == 0, stderr[-2000:]
+            out[part] = json.loads(stdout.strip().splitlines()[-1])
+        (directory / "loaded.json").write_text(json.dumps(out))
+
+    return json.loads((built_once(tmp_path_factory, "layering_imports", imports) / "loaded.json").read_text())
 
 
 def test_importing_layers_loads_only_torch_and_the_standard_library(loaded_by):
