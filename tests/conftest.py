@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -70,10 +73,12 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 
 
 class QuickOutputs:
-    """`get(name)`: the directory of a smoke run, run on first use: `python -m lightning_moe.experiments.<name>
-    --quick` or, for a name in BENCHMARKS, `python benchmarks/<name>.py --quick` (`root/<name>`, the layout
-    `report --reuse root` reads); `console(name)`: what the run printed. The experiment's (or benchmark's) own
-    test reads its outputs, and the report's test draws its figures from the same directories.
+    """`get(name)`: the directory of a smoke run, run on first use: `lightning_moe.experiments.<name>.main([...,
+    "--quick"])` in this process (what `python -m lightning_moe.experiments.<name> --quick` runs, without a fresh
+    interpreter's seconds of imports) or, for a name in BENCHMARKS, `python benchmarks/<name>.py --quick` in a
+    process of its own (`root/<name>`, the layout `report --reuse root` reads); `console(name)`: what the run
+    printed. The experiment's (or benchmark's) own test reads its outputs, and the report's test draws its
+    figures from the same directories.
 
     Under pytest-xdist every worker has this fixture, so the runs are shared through the file system: a lock per
     run lets one worker run it while the others wait for its outputs, never a second run."""
@@ -89,18 +94,29 @@ class QuickOutputs:
         with open(self.root / f"{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run fails
             if not (out / "results.json").is_file():
-                # as a user runs it, in its own process (the console is part of what the tests check)
-                if name in self.BENCHMARKS:
-                    command = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out)]
-                else:
-                    command = [sys.executable, "-m", f"lightning_moe.experiments.{name}", "--out", str(out),
-                               "--quick", "--threads", "1", "--seeds", "0"]
-                env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-                finished = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True, timeout=900)
+                finished = self._benchmark(name, out) if name in self.BENCHMARKS else self._experiment(name, out)
                 (self.root / f"{name}.console.json").write_text(json.dumps(
                     {"returncode": finished.returncode, "stdout": finished.stdout, "stderr": finished.stderr}))
                 assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
         return out
+
+    def _benchmark(self, name: str, out: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        return subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True, timeout=900)
+
+    def _experiment(self, name: str, out: Path) -> subprocess.CompletedProcess:
+        argv = ["--out", str(out), "--quick", "--threads", "1", "--seeds", "0"]
+        stdout, stderr = io.StringIO(), io.StringIO()
+        cwd, threads = Path.cwd(), torch.get_num_threads()
+        os.chdir(self.root)
+        try:
+            with redirect_stdout(stdout), redirect_stderr(stderr):
+                import_module(f"lightning_moe.experiments.{name}").main(argv)
+        finally:  # what --threads and the runs change in this process
+            os.chdir(cwd)
+            torch.set_num_threads(threads)
+        return subprocess.CompletedProcess([name, *argv], 0, stdout.getvalue(), stderr.getvalue())
 
     def console(self, name: str) -> subprocess.CompletedProcess:
         """The finished run of `name` (returncode, stdout, stderr), whichever worker ran it."""
