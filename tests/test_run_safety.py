@@ -107,16 +107,19 @@ def test_continual_resume_after_kill_mid_task_is_bit_identical(one_thread, token
 
 
 # ----------------------------------------------------------------------------- non-finite guard
-def test_nan_stops_the_run_with_step_terms_ids_and_domains_and_keeps_the_last_good_checkpoint(tmp_path):
-    result = run_main_py(MIXTURE + ["--trainer.max_steps=6"] + every_step_checkpoints(tmp_path, "ckpt")
-                         + [callback("tests.run_safety_helpers.PoisonBatch", step=3)], tmp_path)
-    assert result.returncode == 1, result.stderr[-3000:]
-    poisoned = next(line for line in result.stdout.splitlines() if line.startswith("POISONED")).split()[1:]
-    error = result.stderr[result.stderr.index("error: non-finite"):]
+def test_nan_stops_the_run_with_step_terms_ids_and_domains_and_keeps_the_last_good_checkpoint(one_thread, capsys):
+    tmp_path = one_thread  # in this process: `python main.py` is `lightning_moe.cli.main()`, exit code and all
+    with pytest.raises(SystemExit) as exit_info:
+        main(MIXTURE + ["--trainer.max_steps=6"] + every_step_checkpoints(tmp_path, "ckpt")
+             + [callback("tests.run_safety_helpers.PoisonBatch", step=3)])
+    result = capsys.readouterr()
+    assert exit_info.value.code == 1, result.err[-3000:]
+    poisoned = next(line for line in result.out.splitlines() if line.startswith("POISONED")).split()[1:]
+    error = result.err[result.err.index("error: non-finite"):]
     assert "global step 3" in error and "train/lm_loss=nan" in error
     assert all(sample_id in error for sample_id in poisoned)
     assert all(sample_id.split("-")[0] in error for sample_id in poisoned)  # shipped ids start with their domain
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.err
     checkpoint = torch.load(tmp_path / "ckpt/last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3  # written after step 3 trained, before the poisoned batch
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
