@@ -1,4 +1,4 @@
-"""peft both ways (models/peft_format.py), with peft itself as the oracle: the project's LoRA exported as a peft
+"""peft both ways (formats/peft.py), with peft itself as the oracle: the project's LoRA exported as a peft
 adapter gives the project's logits on the exported base under `PeftModel.from_pretrained`; a peft-saved LoRA
 loaded by the project gives peft's logits."""
 
@@ -11,9 +11,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
-from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, load_adapters, save_adapters
-from lightning_moe.models.hf_llava import export_multimodal
-from lightning_moe.models.peft_format import PeftFormatError, export_peft, without_adapters
+from lightning_moe.formats import PeftFormatError, export_multimodal, export_peft, load_adapters, without_adapters
+from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, save_adapters
 from lightning_moe.tokens import IMAGE_TOKEN
 from tests.conftest import TINY_LLM, TINY_VISION
 
