@@ -15,7 +15,7 @@ family to `SparseMoE` (`models/native_moe.py`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ def is_hf_causal_lm(path: Path) -> bool:
             and not any(k in config for k in ORIGINAL_LLAVA_KEYS))
 
 
-def refuse_as_backbone(path: Path, **_: Any) -> MultimodalLM:
+def refuse_as_backbone(path: Path, **_: Any) -> NoReturn:
+    """The format's loader: a causal LM is no backbone; the error says where it goes."""
     model_type = hf_config(path).get("model_type")
     raise ValueError(f"{path} is a transformers causal LM (model_type {model_type!r}), not a multimodal model: name "
                      "it as backbone.llm (with backbone.vision_tower for the encoder). backbone.pretrained takes a "

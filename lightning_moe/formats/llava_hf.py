@@ -44,6 +44,7 @@ from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, NotExportable, hf_config
 
 __all__ = ["LLAVA_HF", "is_llava_hf", "load_llava_hf", "to_llava_hf", "image_processor_for", "export_multimodal"]
 
+
 def is_llava_hf(path: Path) -> bool:
     config = hf_config(path)
     return (config is not None and config.get("model_type") == "llava" and "text_config" in config

@@ -13,9 +13,8 @@ differ) and `adapter_model.safetensors` with peft's key names
 what the project's model does. Only plain LoRA: MoLE and MoRA route each token to its own experts or
 ranks, which peft has no way to express (an error saying so).
 
-In (`load_peft_lora`, which `formats.load_adapters` calls for a peft directory):
-a peft LoRA trained on the LLM alone or on a llava-hf model becomes `lora` adapter rules naming the
-exact modules (logged as surgery, so `save_pretrained` and checkpoints replay it) and loads its
+In (`load_peft_lora`, which `formats.load_adapters` calls for a peft directory): a peft LoRA trained
+on the LLM alone or on a llava-hf model becomes `lora` adapter rules naming the exact modules (logged as surgery, so `save_pretrained` and checkpoints replay it) and loads its
 tensors. rsLoRA's scale (alpha/sqrt(r)) is kept exactly as an equivalent alpha. What LoRA variants
 the project's layer does not compute (DoRA, biases, modules_to_save, LoRA on embeddings or on the
 vision tower) is refused by name, never a KeyError.
@@ -41,8 +40,8 @@ from ..models.architecture import adapter_modules
 from ..models.checkpoint import adapter_ops
 from ..models.multimodal import MultimodalLM
 
-__all__ = ["PeftBase", "PeftFormatError", "export_peft", "load_peft_lora", "without_adapters", "is_peft_config",
-           "is_peft_directory", "PEFT_WEIGHTS_NAME", "PEFT_PREFIX"]
+__all__ = ["PeftBase", "PeftFormatError", "export_peft", "load_peft_lora", "without_adapters", "is_peft_directory",
+           "PEFT_WEIGHTS_NAME", "PEFT_PREFIX"]
 
 PeftBase = Literal["llava", "causal_lm"]
 PEFT_PREFIX = "base_model.model."  # peft's key prefix: PeftModel.base_model (LoraModel).model
@@ -55,19 +54,17 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "fan
                 "layer_replication": None, "lora_bias": False}
 
 
-def is_peft_config(config: dict[str, Any]) -> bool:
-    """A peft adapter_config.json (the project's own carries `base_surgery`)."""
-    return "base_surgery" not in config and "peft_type" in config
-
-
 def is_peft_directory(path: Path) -> bool:
+    """An adapter_config.json naming a `peft_type` (the project's own carries `base_surgery`, and a `peft_type`
+    only to explain itself to peft)."""
     config_file = path / ADAPTER_CONFIG_NAME
     if not (path.is_dir() and config_file.is_file()):
         return False
     try:
-        return is_peft_config(json.loads(config_file.read_text()))
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_file} is not valid JSON ({error}); the directory cannot be read as adapters") from None
+    return "base_surgery" not in config and "peft_type" in config
 
 
 class PeftFormatError(ValueError):
