@@ -165,3 +165,18 @@ def test_export_command_writes_llava_hf_and_peft_directories(tmp_path, tokenizer
     with torch.no_grad():
         exported = LlavaForConditionalGeneration.from_pretrained(merged).eval()(**hf_inputs).logits
     assert (ours - exported).abs().max() <= 1e-4  # merged in float32: one rounding of W + BA
+
+
+def test_the_base_under_the_adapters_keeps_every_record_but_the_adapters(tokenizer):
+    """`without_adapters` of an image + audio + video model: the same config (connector options, video pooling)
+    with the adapter op gone from the log, and the same logits as before the adapters were added."""
+    from tests.models.test_audio_video import build
+
+    model = build(tokenizer, video_pooling="mean")
+    ids = torch.tensor([[11, 12, 13]])
+    before = model(ids, torch.ones_like(ids)).logits
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj"], r=2)])
+    randomize_b(model)
+    base = without_adapters(model)
+    assert base.config_dict() == {**model.config_dict(), "surgery": []}
+    torch.testing.assert_close(base(ids, torch.ones_like(ids)).logits, before, rtol=0, atol=0)
