@@ -77,7 +77,7 @@ from lightning_moe.inference import (  # noqa: E402
 from lightning_moe.inference.plan import reference_tokens  # noqa: E402
 from lightning_moe.inference.store import expert_layers  # noqa: E402
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle  # noqa: E402
-from lightning_moe.models.multimodal import load_backbone  # noqa: E402
+from lightning_moe.formats import load_backbone  # noqa: E402
 from lightning_moe.tokens import load_tokenizer  # noqa: E402
 
 TOKENIZER = str(ROOT / "data" / "tokenizer")

@@ -27,7 +27,8 @@ from .data.records import ParsedRecord
 from .inference import (PROFILE_NAME, ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, StoreError, apply_bits,
                         cache_budget, exact_match_quality, export_store, generate, load_offloaded, load_resident_model,
                         plan_bitwidths, profile_routing, resident_bytes)
-from .models.multimodal import MultimodalLM, load_backbone
+from .formats import load_backbone
+from .models.multimodal import MultimodalLM
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
 
 

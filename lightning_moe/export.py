@@ -7,12 +7,12 @@
   --model       a `save_pretrained` directory or a Lightning .ckpt written by any method here
   --format hf   (default) a transformers directory: config.json, weights, generation config and the
                 tokenizer's files. A multimodal model becomes a `LlavaForConditionalGeneration` directory
-                with its processor (`models/hf_llava.py`). A text-only model (no encoders), or any model with --text-only, becomes
-                the `AutoModelForCausalLM` of its LLM (`export_llm`): dense stays its own family, a
+                with its processor (`formats/llava_hf.py`). A text-only model (no encoders), or any model with --text-only, becomes
+                the `AutoModelForCausalLM` of its LLM (`formats/hf_causal_lm.py`): dense stays its own family, a
                 converted native MoE goes back to its family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), an
                 upcycled Llama becomes Mixtral or Qwen2-MoE; a model no family represents is refused with
                 the reason and the setting that would make it exportable.
-  --format peft a peft LoRA adapter (`adapter_config.json`, peft's key names; `models/peft_format.py`) in DIR
+  --format peft a peft LoRA adapter (`adapter_config.json`, peft's key names; `formats/peft.py`) in DIR
                 and the base it goes on in DIR/base; MoLE / MoRA adapters, which peft cannot represent, are refused.
   --format project  the project's own `save_pretrained` directory; with --merge-lora this is `merge_lora`
                 as a command (plain LoRA folded into the base weights, the adapters gone from the log).
@@ -21,7 +21,7 @@
 
 The export writes what transformers reads; it never writes a `multimodal_config.json`, and
 `build_llm` refuses the project's own directories, so neither is taken for the other.
-Layering: this command imports models/ (and `load_backbone` reads a .ckpt), never methods/ or Lightning.
+Layering: this command imports formats/ and models/ (`load_backbone` reads a .ckpt), never methods/ or Lightning.
 """
 
 from __future__ import annotations
@@ -33,31 +33,27 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from .models import MultimodalLM, merge_lora, to_hf_causal_lm
-from .models.hf_llava import export_multimodal
-from .models.peft_format import export_peft, without_adapters
-from .models.multimodal import CONFIG_NAME, load_backbone
+from .formats import (NotExportable, detect_format, export_llm, export_multimodal, export_peft, load_backbone,
+                      to_hf_causal_lm, without_adapters)
+from .formats.project import LIGHTNING_CHECKPOINT, PROJECT_DIRECTORY
+from .models import MultimodalLM, merge_lora
 from .safe_load import OPT_IN, load_torch_file
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
 
-__all__ = ["ExportFormat", "export_llm", "export", "load_for_export", "main"]
+__all__ = ["ExportFormat", "export", "load_for_export", "main"]
 
 ExportFormat = Literal["hf", "peft", "project"]
 FORMATS: tuple[str, ...] = ("hf", "peft", "project")
-
-
-class NotExportable(ValueError):
-    """The model (or the requested format) has no export: the message says why and what would make it one."""
 
 
 def load_for_export(path: str | Path, allow_unsafe: bool = False) -> tuple[MultimodalLM, str | None]:
     """The model at `path` and its tokenizer: the one a checkpoint's hyperparameters name, or the directory
     itself where `SavePretrained` wrote the tokenizer beside the model (else None)."""
     path = Path(path)
-    if path.is_dir() and not (path / CONFIG_NAME).is_file():
-        what = "a transformers directory (config.json)" if (path / "config.json").is_file() else "not a model"
-        raise NotExportable(f"{path} is {what}, not a lightning-moe save_pretrained directory ({CONFIG_NAME}) "
-                            "or .ckpt: nothing to export")
+    found = detect_format(path)
+    if found not in (PROJECT_DIRECTORY, LIGHTNING_CHECKPOINT):
+        raise NotExportable(f"{path} is {found.description}, not {PROJECT_DIRECTORY.description} or "
+                            f"{LIGHTNING_CHECKPOINT.description}: nothing to export")
     model = load_backbone(path, allow_unsafe=allow_unsafe).eval()
     tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else None
     if path.is_file():
@@ -71,16 +67,6 @@ def _check_tokenizer(model: MultimodalLM, tokenizer: PreTrainedTokenizerBase, na
     if len(tokenizer) > rows:
         raise NotExportable(f"the tokenizer {name} has {len(tokenizer)} tokens but the model's embedding only {rows}: "
                             "not the tokenizer this model was trained with; pass --tokenizer")
-
-
-def export_llm(model: MultimodalLM, out: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-    """The LLM alone as a transformers `AutoModelForCausalLM` directory (weights, config, tokenizer files)."""
-    out = Path(out)
-    hf = to_hf_causal_lm(model)
-    hf.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
 
 
 def export(model: MultimodalLM, out: str | Path, format: ExportFormat = "hf",

@@ -60,7 +60,7 @@ def fit(config: str | list[str], *extra: str):
 
 def assert_outputs_load_safely(workdir: Path) -> None:
     """Every checkpoint and model directory a run wrote loads on the safe path (issue 19: no opt-in needed)."""
-    from lightning_moe.models import load_backbone
+    from lightning_moe.formats import load_backbone
     from lightning_moe.safe_load import load_torch_file
 
     checkpoints = sorted(workdir.rglob("*.ckpt"))
@@ -107,7 +107,7 @@ def _scalars(cli, tag: str) -> list[float]:
 def test_mod_stages_chain_through_their_outputs(workdir):
     """Each stage runs from the previous one's output and changes what it should: the student's KL to the
     teacher falls over the mimic steps; the preference steps widen the student's margin over the teacher."""
-    from lightning_moe.models.multimodal import load_backbone
+    from lightning_moe.formats import load_backbone
 
     steps = ["--trainer.max_steps=4", "--trainer.log_every_n_steps=1"]
     for stage in MOD_STAGES:

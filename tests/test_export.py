@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_moe import edge
 from lightning_moe.cli import main as cli_main
-from lightning_moe.export import NotExportable
 from lightning_moe.export import main as export_main
+from lightning_moe.formats import NotExportable
 from lightning_moe.inference import ExpertStore, load_resident_model
 from lightning_moe.models import (AdapterConfig, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
                                   expert_layers, upcycle)

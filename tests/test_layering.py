@@ -1,8 +1,10 @@
-"""Every rule of DESIGN.md's "Layers: who may import whom", checked two ways.
+"""Every rule of the layers in docs/architecture.md ("Layers"), checked two ways, and no import cycle anywhere.
 
 - `layers/` imports only torch (and the standard library);
-- `models/` never imports Lightning or `methods/`;
-- `data/` never imports `models/` or `methods/`;
+- `models/` never imports Lightning, `methods/` or `formats/`;
+- `formats/` (model formats on disk, above the model) imports of the package only `models/`, `layers/`,
+  `tokens`, `paths`, `safe_load` and `errors`, and never Lightning;
+- `data/` never imports `models/`, `formats/` or `methods/`;
 - `inference/` never imports Lightning, `data/`, `metrics/` or `methods/`;
 and, from the same diagram, none of these (nor `tokens.py`, which data/ and models/ share) imports the
 command layers above them (`cli`, `edge`, `callbacks`, `experiments`).
@@ -17,6 +19,17 @@ command layers above them (`cli`, `edge`, `callbacks`, `experiments`).
    of forbidden neighbours) in a fresh interpreter and reading `sys.modules`: this also sees what
    third-party imports pull in. (models/ and data/ import only allowed third-party packages, which
    the AST check covers; a fresh transformers or Lightning import costs seconds of suite time each.)
+
+No import cycle: the import graph of every module of the package, from the AST (module-level,
+function-local and `TYPE_CHECKING` imports alike: a cycle hidden in a function is still one), has no
+strongly connected component of more than one module. Its edges (`import_graph`):
+- `import a.b.c`, and `from a.b import c` where `a.b.c` is a module, are an edge to that module;
+  `from a.b import name` of anything else is an edge to `a.b` (a package: its `__init__`).
+- Importing a module first runs the `__init__` of every package above it: an edge to each of those
+  too, except the packages that hold the importer, which are running already when it runs. So a
+  package `__init__` that imports its own submodules is no cycle with them; a submodule that takes a
+  name from its own package's `__init__` (`from . import name`, `from lightning_moe.models import X`
+  inside models/) is an edge to that `__init__`, and a cycle when the `__init__` imports it.
 """
 
 from __future__ import annotations
@@ -45,13 +58,19 @@ def _pkg(name: str) -> str:
 
 # what each part may not import (a module matches an entry if it is it or lies inside it)
 FORBIDDEN = {
-    "models": (*LIGHTNING, _pkg("methods"), *COMMANDS),
-    "data": (_pkg("models"), _pkg("methods"), *COMMANDS),
+    "models": (*LIGHTNING, _pkg("methods"), _pkg("formats"), *COMMANDS),
+    "formats": LIGHTNING,  # and of the package only OWN_ALLOWED["formats"]
+    "data": (_pkg("models"), _pkg("formats"), _pkg("methods"), *COMMANDS),
     "inference": (*LIGHTNING, _pkg("data"), _pkg("metrics"), _pkg("methods"), *COMMANDS),
-    "tokens": (*LIGHTNING, _pkg("data"), _pkg("models"), _pkg("methods"), *COMMANDS),
+    "tokens": (*LIGHTNING, _pkg("data"), _pkg("models"), _pkg("formats"), _pkg("methods"), *COMMANDS),
     # the export command works on models/ (a .ckpt through models' loader), never on a LightningModule
     "export": (*LIGHTNING, _pkg("methods"), _pkg("data"), _pkg("metrics"), _pkg("cli"), _pkg("edge"),
                _pkg("callbacks"), _pkg("experiments")),
+}
+# parts held to a list of the package's modules they may import (besides the package's own `__init__`)
+OWN_ALLOWED = {
+    "layers": (_pkg("layers"),),
+    "formats": tuple(_pkg(p) for p in ("formats", "models", "layers", "tokens", "paths", "safe_load", "errors")),
 }
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
@@ -65,24 +84,26 @@ def _module_of(file: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(file: Path) -> list[tuple[int, str]]:
-    """(line, absolute module name) for every import in `file`, relative ones resolved."""
+def _ours(name: str) -> bool:
+    return name == "lightning_moe" or name.startswith("lightning_moe.")
+
+
+def import_statements(file: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, absolute module name, the names a `from` import takes from it) for every import in `file`,
+    relative ones resolved (`import x` and `import_module("x")` take no names)."""
     module = _module_of(file)
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(file.read_text(), str(file))):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
+            found += [(node.lineno, alias.name, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{base}.{node.module}" if node.module else base
             else:
                 base = node.module
-            found.append((node.lineno, base))
-            if base == "lightning_moe" or base.startswith("lightning_moe."):
-                # `from .. import data` imports the submodule lightning_moe.data (a plain name: an attribute)
-                found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names if alias.name != "*"]
+            found.append((node.lineno, base, [alias.name for alias in node.names]))
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
@@ -90,7 +111,18 @@ def imported_modules(file: Path) -> list[tuple[int, str]]:
                 name = node.args[0].value
                 if name.startswith(".") and len(node.args) > 1:  # import_module(".x", package) is rare; resolve simply
                     name = package + name
-                found.append((node.lineno, name))
+                found.append((node.lineno, name, []))
+    return found
+
+
+def imported_modules(file: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) for every import in `file`, relative ones resolved."""
+    found = []
+    for line, base, names in import_statements(file):
+        found.append((line, base))
+        if _ours(base):
+            # `from .. import data` imports the submodule lightning_moe.data (a plain name: an attribute)
+            found += [(line, f"{base}.{name}") for name in names if name != "*"]
     return found
 
 
@@ -117,11 +149,11 @@ def _modules_run_by(name: str) -> list[str]:
 
 
 def _forbidden(part: str, name: str) -> bool:
-    if part != "layers":
-        return _within(name, FORBIDDEN[part])
-    if name == "lightning_moe" or name.startswith("lightning_moe."):
-        return not (name == "lightning_moe" or _within(name, ("lightning_moe.layers",)))
-    return name.split(".")[0] not in STDLIB | {"torch"}
+    if part in OWN_ALLOWED and _ours(name):
+        return not (name == "lightning_moe" or _within(name, OWN_ALLOWED[part]))
+    if part == "layers":
+        return name.split(".")[0] not in STDLIB | {"torch"}
+    return _within(name, FORBIDDEN[part])
 
 
 def _violations(part: str) -> list[str]:
@@ -134,7 +166,7 @@ def _violations(part: str) -> list[str]:
         module = queue.pop()
         file = _module_file(module)
         for line, name in imported_modules(file):
-            ours = name == "lightning_moe" or name.startswith("lightning_moe.")
+            ours = _ours(name)
             target = _modules_run_by(name)[-1] if ours else name  # `from x import Name`: the module x
             if _forbidden(part, target):
                 out.append(f"{chain[module]} ({file.relative_to(PACKAGE.parent)}:{line}) imports {target}")
@@ -146,7 +178,7 @@ def _violations(part: str) -> list[str]:
     return sorted(set(out))
 
 
-@pytest.mark.parametrize("part", ["layers", "models", "data", "inference", "tokens"])
+@pytest.mark.parametrize("part", ["layers", "models", "formats", "data", "inference", "tokens"])
 def test_nothing_a_layer_reaches_imports_what_it_may_not_even_lazily(part):
     assert _files(part) and all(f.is_file() for f in _files(part))  # the rule checks real files
     assert _violations(part) == []
@@ -172,6 +204,83 @@ def test_the_ast_check_resolves_every_import_form(tmp_path, monkeypatch):
     nested = fake / "inference" / "sub" / "x.py"
     nested.write_text("from ...data import y\n")
     assert "lightning_moe.data" in [name for _, name in imported_modules(nested)]
+
+
+# --------------------------------------------------------------------------- import cycles
+def import_graph() -> dict[str, dict[str, str]]:
+    """Every module of the package -> {module it imports: "file:line" of the first such import} (module docstring)."""
+    graph: dict[str, dict[str, str]] = {}
+    for file in sorted(PACKAGE.rglob("*.py")):
+        importer = _module_of(file)
+        edges = graph.setdefault(importer, {})
+        for line, base, names in import_statements(file):
+            if not _ours(base):
+                continue
+            targets = {f"{base}.{name}" if name != "*" and _module_file(f"{base}.{name}") else base
+                       for name in names} or {base}
+            for target in targets:
+                run = _modules_run_by(target)  # the packages above it, then the module itself
+                for module in run:
+                    # a package holding the importer is running already: importing its submodule runs nothing
+                    if module != importer and (module == run[-1] or not _within(importer, (module,))):
+                        edges.setdefault(module, f"{file.relative_to(PACKAGE.parent)}:{line}")
+    return graph
+
+
+def import_cycles(graph: dict[str, dict[str, str]]) -> list[tuple[str, ...]]:
+    """The strongly connected components of `graph` of more than one module (each sorted): every module of
+    one reaches every other through imports."""
+    def reachable(start: str) -> set[str]:
+        seen, stack = set(), [start]
+        while stack:
+            for module in graph.get(stack.pop(), {}):
+                if module not in seen:
+                    seen.add(module)
+                    stack.append(module)
+        return seen
+
+    reach = {module: reachable(module) for module in graph}
+    return sorted({tuple(sorted(other for other in reach[module] if module in reach.get(other, ())))
+                   for module in graph if module in reach[module]})
+
+
+def _describe(cycle: tuple[str, ...], graph: dict[str, dict[str, str]]) -> str:
+    edges = [f"  {a} -> {b} ({where})" for a in cycle for b, where in graph[a].items() if b in cycle]
+    return "cycle of " + ", ".join(cycle) + ":\n" + "\n".join(edges)
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    graph = import_graph()
+    assert {"lightning_moe.models.multimodal", "lightning_moe.formats", "lightning_moe.cli"} <= set(graph)
+    cycles = import_cycles(graph)
+    assert cycles == [], "\n".join(_describe(cycle, graph) for cycle in cycles)
+
+
+def test_the_cycle_check_finds_cycles_through_lazy_imports_and_package_inits(tmp_path, monkeypatch):
+    """The check itself, on a fake package: a 3-cycle closed by a function-local import (through a TYPE_CHECKING
+    one) is found; a package __init__ re-exporting its submodule is none; a submodule taking a name from its
+    package's __init__ is one."""
+    fake = tmp_path / "lightning_moe"
+    files = {
+        "__init__.py": "",
+        "pkg/__init__.py": "from .a import f\n",  # re-exports its submodule: no cycle by itself
+        "pkg/a.py": "from .b import g\n\ndef f():\n    return g()\n",
+        "pkg/b.py": ("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from lightning_moe.pkg.c import C\n\n"
+                     "def g():\n    return 1\n"),
+        "pkg/c.py": "class C:\n    def h(self):\n        from . import a  # the submodule: an edge to pkg.a only\n",
+        "other/__init__.py": "from .inner import y\nz = 1\n",
+        "other/inner.py": "def y():\n    from . import z  # a name of other/__init__.py\n",
+        "user.py": "import lightning_moe.pkg.a\nfrom lightning_moe.other import y\n",
+    }
+    for name, source in files.items():
+        (fake / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake / name).write_text(source)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    graph = import_graph()
+    assert graph["lightning_moe.user"].keys() == {"lightning_moe.pkg", "lightning_moe.pkg.a", "lightning_moe.other"}
+    assert import_cycles(graph) == [("lightning_moe.other", "lightning_moe.other.inner"),
+                                    ("lightning_moe.pkg.a", "lightning_moe.pkg.b", "lightning_moe.pkg.c")]
+    assert "pkg/c.py:3" in _describe(import_cycles(graph)[1], graph)
 
 
 # --------------------------------------------------------------------------- fresh interpreters

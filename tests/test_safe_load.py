@@ -134,7 +134,7 @@ def test_payload_named_as_backbone_or_teacher_is_refused(tmp_path):
 
 def test_written_checkpoint_loads_as_backbone_under_the_safe_path(tmp_path):
     """A checkpoint as `fit` writes it (hyperparameters with config dataclasses) needs no opt-in."""
-    from lightning_moe.models import load_backbone
+    from lightning_moe.formats import load_backbone
 
     expected = load_backbone(FIXTURE_CKPT)
     assert sum(p.numel() for p in expected.parameters()) > 0

@@ -28,9 +28,9 @@ from torchmetrics import MeanMetric
 
 from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
+from ..formats import CHECKPOINT_CONFIG_KEY, load_backbone  # noqa: F401  (load_backbone re-exported)
 from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
-# load_backbone lives in models/ so that inference can load checkpoints without importing methods
-from ..models.multimodal import CHECKPOINT_CONFIG_KEY, batch_inputs, load_backbone  # noqa: F401  (re-exported)
+from ..models.multimodal import batch_inputs
 from ..strategies import shard_blocks
 from ..tokens import DEFAULT_TOKENIZER
 from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files
@@ -298,7 +298,7 @@ class MultimodalMethod(L.LightningModule):
     # ------------------------------------------------------------------ what subclasses say
     def build_backbone(self) -> MultimodalLM:
         b = self.backbone
-        if b.pretrained:  # a stage's output, or a llava-hf / original-LLaVA directory (models/hf_llava.py)
+        if b.pretrained:  # a stage's output, or a llava-hf / original-LLaVA directory (lightning_moe.formats)
             return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint, tokenizer=self.tokenizer,
                                  torch_dtype=b.torch_dtype, trust_remote_code=b.trust_remote_code)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,

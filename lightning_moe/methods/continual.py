@@ -40,7 +40,7 @@ import torch
 
 from ..metrics import AccuracyMatrix
 from ..models import canonical_log
-from ..models.multimodal import CHECKPOINT_CONFIG_KEY
+from ..formats import CHECKPOINT_CONFIG_KEY
 from .lora import LoRAOptions, LoRATuning
 
 CONTINUAL_CHECKPOINT_KEY = "continual"  # the task loop's state in a Lightning checkpoint

@@ -1,7 +1,7 @@
 """Self-contained checkpoints: what a method needs to rebuild its model travels in its checkpoint.
 
 A Lightning checkpoint of any method here holds the model's recorded config (every sub-config and
-the surgery log, `multimodal.CHECKPOINT_CONFIG_KEY`), its weights, and the tokenizer's files
+the surgery log, `formats.CHECKPOINT_CONFIG_KEY`), its weights, and the tokenizer's files
 (`TOKENIZER_FILES_KEY`). While `rebuilding_from(checkpoint)` is active, a method's `__init__` builds
 its model from that record instead of from the configured sources (`backbone.pretrained`, a base LLM
 name, `adapters_path`) and does not apply its stage's surgery again (the log holds it); a tokenizer
@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ..models.multimodal import CHECKPOINT_CONFIG_KEY
+from ..formats import CHECKPOINT_CONFIG_KEY
 from ..paths import resolve_data_path
 from ..safe_load import load_torch_file
 from ..tokens import load_tokenizer

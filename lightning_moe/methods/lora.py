@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..models import AdapterConfig, AdapterRule, MultimodalLM, add_adapters, load_adapters
+from ..formats import load_adapters
+from ..models import AdapterConfig, AdapterRule, MultimodalLM, add_adapters
 from .base import MultimodalMethod, Stage, checkpoint_safe
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torchmetrics import SumMetric
 
-from ..models import AdapterRule, ModalityExpertsConfig, MultimodalLM, add_adapters, load_backbone, modality_experts
+from ..formats import load_backbone
+from ..models import AdapterRule, ModalityExpertsConfig, MultimodalLM, add_adapters, modality_experts
 from ..models.modality_experts import DENSE, non_mlp_differences
 from ..models.multimodal import MODALITIES
 from ..tokens import MODALITY_INPUTS

@@ -1,22 +1,23 @@
 """Plain nn.Modules composed over transformers: `MultimodalLM`, tiny presets, and surgery, by job:
 
+- `multimodal.py`: `MultimodalLM` (which saves and reads its own `save_pretrained` directory), `build_llm`,
+  `build_multimodal`
 - `architecture.py`: where an LLM family keeps its decoder layers and MLPs; the module finders
 - `upcycle.py`: dense MLPs -> `SparseMoE`, parameter counts
-- `native_moe.py`: Hugging Face MoE blocks (Mixtral, Qwen-MoE, OLMoE) -> `SparseMoE`, and back to transformers
+- `native_moe.py`: Hugging Face MoE blocks (Mixtral, Qwen-MoE, OLMoE) -> `SparseMoE`
 - `adapters.py`: adapter rules, planned, added, saved, loaded and merged through the kind registry
 - `freeze.py`: parameter groups and `set_trainable`
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
-- `hf_llava.py`: llava-hf and original-LLaVA directories in, llava-hf directories out
-- `peft_format.py`: plain LoRA as a peft adapter, and peft LoRA directories in
 - `modality_experts.py`: Uni-MoE's upcycling, each expert from its own modality's trained FFN
 Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, mora_add_task,
-modality_experts).
+modality_experts). Other model formats on disk (llava-hf, original LLaVA, peft, transformers causal LMs,
+Lightning checkpoints) are read and written by `lightning_moe.formats`, which this package never imports.
 """
 
 from .architecture import adapter_modules, decoder_layers, expert_layers, mlp_attribute, resolve_layers, routed_layers
 from .checkpoint import SURGERIES, canonical_log, register_surgery, replay_surgery
-from .multimodal import MultimodalLM, MultimodalOutput, build_llm, build_multimodal, load_backbone
-from .native_moe import convert_native_moe, to_hf_causal_lm
+from .multimodal import MultimodalLM, MultimodalOutput, build_llm, build_multimodal
+from .native_moe import convert_native_moe
 from .upcycle import MoEConfig, ParameterCounts, is_sparse, parameter_counts, upcycle
 from .adapters import (
     AdapterConfig,
@@ -30,15 +31,11 @@ from .adapters import (
     save_adapters,
 )
 from .freeze import PARAMETER_GROUPS, set_trainable
-from .hf_llava import export_multimodal, load_hf_multimodal
-from .peft_format import export_peft, without_adapters
 from .modality_experts import ModalityExpertsConfig, modality_experts
 
-__all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "load_backbone", "MoEConfig",
+__all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "MoEConfig",
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
            "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "upcycle", "AdapterConfig", "AdapterRule",
            "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
            "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
-           "canonical_log", "convert_native_moe", "to_hf_causal_lm", "export_multimodal", "load_hf_multimodal",
-           "export_peft", "without_adapters", "ModalityExpertsConfig",
-           "modality_experts"]
+           "canonical_log", "convert_native_moe", "ModalityExpertsConfig", "modality_experts"]

@@ -30,7 +30,6 @@ from ..layers.adapters import adapter_kind, adapter_tensors, kind_of, trainable_
 from .architecture import adapter_modules, decoder_layers, mlp_attribute, resolve_layers
 from .checkpoint import adapter_ops, canonical_log, register_surgery, replay_surgery
 from .multimodal import MultimodalLM
-from .peft_format import is_peft_config, load_peft_lora
 
 __all__ = ["AdapterRule", "AdapterConfig", "plan_adapters", "add_adapters", "add_mora_task", "adapter_parameters",
            "save_adapters", "load_adapters", "merge_lora", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
@@ -204,20 +203,18 @@ def save_adapters(model: MultimodalLM, directory: str | Path) -> Path:
 
 def load_adapters(model: MultimodalLM, directory: str | Path) -> MultimodalLM:
     """Replay the saved adapter surgery on `model` (the same base the adapters were trained on)
-    and load the adapter weights; or add a peft LoRA adapter's modules and weights (`peft_format`).
-    In place; returns the model."""
+    and load the adapter weights. In place; returns the model. (A peft LoRA directory loads through
+    `lightning_moe.formats.load_adapters`, which reads either.)"""
     directory = Path(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: not an adapter directory (write one with save_adapters)")
     config = json.loads(config_file.read_text())
-    if is_peft_config(config):  # a peft adapter directory (models/peft_format.py)
-        return load_peft_lora(model, directory, config)
     missing = [k for k in ("base_surgery", "adapter_surgery") if k not in config]
     if missing:
-        raise ValueError(f"{config_file} is neither a project adapter config (no {missing}) nor a peft one "
-                         "(no peft_type)")
+        raise ValueError(f"{config_file} is not a project adapter config (no {missing}); a peft adapter directory "
+                         "loads through lightning_moe.formats.load_adapters")
     if canonical_log(config["base_surgery"]) != canonical_log(model.surgery):
         raise ValueError(f"{config_file}: the adapters were trained on a base with surgery {config['base_surgery']}, "
                          f"this model has {model.surgery}")

@@ -1,8 +1,8 @@
 """The surgery log: which in-place rewrites exist (`SURGERIES`), and their replay.
 
 Every rewrite of a built `MultimodalLM` appends `{"op": name, **args}` to `model.surgery`;
-`save_pretrained` writes the log and Lightning checkpoints hold it (under
-`multimodal.CHECKPOINT_CONFIG_KEY`, with the state dict), and `replay_surgery` re-applies it on a
+`save_pretrained` writes the log and Lightning checkpoints hold it (in the model's config
+record, with the state dict), and `replay_surgery` re-applies it on a
 freshly built model, so a checkpoint holds only plain data: the log (JSON-able dicts), the tensors,
 and the methods' config dataclasses (which `methods.base.checkpoint_safe` allows to unpickle).
 

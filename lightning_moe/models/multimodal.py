@@ -29,8 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..paths import could_be_hub_id, model_source_error
-from ..safe_load import hf_load_kwargs, hf_source, load_torch_file
+from ..safe_load import hf_load_kwargs, hf_source
 from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, MODALITY_MASKS, PLACEHOLDERS
 from .checkpoint import replay_surgery
 from .connectors import build_connector
@@ -42,8 +41,6 @@ from .presets import LLM_PRESETS, preset_config
 
 CONFIG_NAME = "multimodal_config.json"
 WEIGHTS_NAME = "model.safetensors"
-# key of the model config inside a Lightning checkpoint written by any method (methods/base.py)
-CHECKPOINT_CONFIG_KEY = "multimodal_config"
 # modality order of `last_token_modality` (index into it; -1 = a text token)
 MODALITIES = tuple(PLACEHOLDERS)
 VideoPooling = Literal["mean", "concat"]
@@ -316,38 +313,6 @@ def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, torch
     inputs = {"input_ids": batch[ids], "attention_mask": batch[mask]}
     inputs.update({k: batch[k] for k in (*MODALITY_INPUTS.values(), *MODALITY_MASKS.values()) if k in batch})
     return inputs
-
-
-def load_backbone(path: str | Path, allow_unsafe: bool = False, tokenizer: PreTrainedTokenizerBase | None = None,
-                  torch_dtype: str | None = None, trust_remote_code: bool = False) -> MultimodalLM:
-    """A `save_pretrained` directory, a Lightning checkpoint written by any method here, or a llava-hf /
-    original-LLaVA directory or Hub id (`hf_llava.load_hf_multimodal`; `tokenizer` maps its image token).
-
-    Checkpoints are read without executing code from them (`safe_load.load_torch_file`);
-    `allow_unsafe` is the explicit opt-in (`backbone.allow_unsafe_checkpoint`) for trusted files.
-    """
-    path = Path(path)
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
-        return MultimodalLM.from_pretrained(path)
-    if path.is_dir() or (not path.exists() and could_be_hub_id(path) and path.suffix not in (".ckpt", ".pt")):
-        from .hf_llava import load_hf_multimodal  # a Hugging Face layout (or a Hub id): its own module
-
-        return load_hf_multimodal(path, tokenizer, torch_dtype, trust_remote_code, allow_unsafe)
-    if not path.is_file():
-        raise model_source_error("pretrained backbone", path)
-    return model_from_checkpoint(load_torch_file(path, allow_unsafe=allow_unsafe,
-                                                 what="pretrained backbone checkpoint"), path)
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> MultimodalLM:
-    """The `MultimodalLM` a Lightning checkpoint of any method here holds (its recorded config and weights)."""
-    if CHECKPOINT_CONFIG_KEY not in checkpoint:
-        raise ValueError(f"{path} is not a lightning-moe checkpoint (no {CHECKPOINT_CONFIG_KEY!r} entry)")
-    model = MultimodalLM.from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY])
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None,

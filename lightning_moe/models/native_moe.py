@@ -1,38 +1,28 @@
-"""Native Hugging Face MoE LLMs as sparse models here, and sparse/dense LLMs back to transformers.
+"""Native Hugging Face MoE LLMs as sparse models here: the `native_moe` surgery.
 
 `convert_native_moe` replaces every MoE block of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE LLM by a
 `SparseMoE` holding the same tensors (routers, stacked experts, Qwen2-MoE's gated shared expert), so
-routing losses, routing statistics, `stage: moe`, adapters and the EdgeMoE store see them. It is the
-`native_moe` surgery: `from_pretrained` rebuilds the Hugging Face model from its config and replays it.
-`build_multimodal` runs it whenever the LLM is a native MoE family.
+routing losses, routing statistics, `stage: moe`, adapters and the EdgeMoE store see them. It is
+logged, so `from_pretrained` rebuilds the Hugging Face model from its config and replays it; and
+`build_multimodal` runs it whenever the LLM is a native MoE family. (The way back to transformers is
+an export: `formats/hf_causal_lm.py`.)
 
-`to_hf_causal_lm` is the way back: a plain transformers `AutoModelForCausalLM` with the LLM's weights,
-in the family `architecture.sparse_export_config` picks (or a ValueError saying why none fits).
+`multimodal.py` calls this module, so this module does not import it: the model is typed as the
+`nn.Module` it is (a `MultimodalLM`: its `llm` and its `surgery` log), as in `checkpoint.py`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..layers import SparseMoE
-from .architecture import (MOE_FAMILIES, adapter_modules, decoder_layers, expert_layers, hf_moe_keys, moe_family,
-                           native_moe_block, sparse_export_config)
-from .checkpoint import adapter_ops, register_surgery
+from .architecture import MOE_FAMILIES, decoder_layers, moe_family, native_moe_block
+from .checkpoint import register_surgery
 
-if TYPE_CHECKING:
-    from .multimodal import MultimodalLM
-
-__all__ = ["convert_native_moe", "to_hf_causal_lm", "EXPORTABLE_OPS"]
-
-# surgery ops whose result a transformers model represents (after sparse_export_config's checks)
-EXPORTABLE_OPS = ("upcycle", "native_moe")
+__all__ = ["convert_native_moe"]
 
 
-def convert_native_moe(model: MultimodalLM, layers: list[int] | None = None) -> list[int]:
+def convert_native_moe(model: nn.Module, layers: list[int] | None = None) -> list[int]:
     """Every Hugging Face MoE block of `model.llm` -> `SparseMoE` with the same tensors; logs `native_moe`.
 
     layers: the decoder layers expected to hold MoE blocks (a replayed log), checked; None = all found.
@@ -72,7 +62,7 @@ def convert_native_moe(model: MultimodalLM, layers: list[int] | None = None) -> 
     return converted
 
 
-def _replay(model: MultimodalLM, family: str, layers: list[int]) -> None:
+def _replay(model: nn.Module, family: str, layers: list[int]) -> None:
     found = moe_family(model.llm)
     if found is None or found.model_type != family:
         raise ValueError(f"the log converts {family} MoE blocks but the LLM is {type(model.llm).__name__}")
@@ -80,59 +70,3 @@ def _replay(model: MultimodalLM, family: str, layers: list[int]) -> None:
 
 
 register_surgery("native_moe", _replay)
-
-
-def _sparse_layer_indices(llm: nn.Module) -> dict[str, int]:
-    """SparseMoE module name -> its decoder layer's index."""
-    by_layer = {id(m): i for i, layer in enumerate(decoder_layers(llm)) for m in layer.children()}
-    out = {}
-    for name, moe in expert_layers(llm):
-        if id(moe) not in by_layer:
-            raise ValueError(f"the SparseMoE {name} is not a direct child of a decoder layer; "
-                             "no family places it there")
-        out[name] = by_layer[id(moe)]
-    return out
-
-
-def to_hf_causal_lm(model: MultimodalLM) -> PreTrainedModel:
-    """The LLM as a plain transformers causal LM with the same weights (the LLM itself when it is dense).
-
-    Adapters must be merged (`merge_lora`) or exported apart (peft) first: a ValueError says so.
-    """
-    llm = model.llm
-    adapter_log = sorted({e["op"] for e in model.surgery if e["op"] in adapter_ops()})
-    adapters = adapter_modules(llm)
-    if adapters or adapter_log:
-        names = [n for n, _ in adapters[:3]]
-        raise ValueError(f"the LLM carries adapters ({adapter_log or names}): a transformers model has no place for "
-                         "them. Fold plain LoRA in first (--merge-lora / merge_lora), or export it as a peft adapter "
-                         "(--format peft); MoLE and MoRA route per token and have no transformers form")
-    other = sorted({e["op"] for e in model.surgery} - set(EXPORTABLE_OPS))
-    if other:
-        raise ValueError(f"surgery {other} has no transformers counterpart; exportable ops: {EXPORTABLE_OPS}")
-    moes = _sparse_layer_indices(llm)
-    if not moes:
-        return llm
-    native = next((e["layers"] for e in model.surgery if e["op"] == "native_moe"), None)
-    modules = dict(expert_layers(llm))
-    config, family = sparse_export_config(llm.config, sorted(moes.values()), list(modules.values()), native)
-    dtype = next(p.dtype for n, p in llm.named_parameters() if ".router." not in n)
-    hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {}
-    for key, value in llm.state_dict().items():
-        owner = next((name for name in moes if key.startswith(name + ".")), None)
-        if owner is None:
-            state[key] = value
-            continue
-        relative = key[len(owner) + 1:]
-        block = owner.rpartition(".")[0] + "." + family.block
-        state[f"{block}.{hf_moe_keys(family, [relative])[relative]}"] = value
-    expected = hf.state_dict()
-    for key in set(expected) - set(state):
-        # Qwen2-MoE's zero-width shared expert (no shared expert here): its output is gate * 0 = 0
-        if family.shared_expert and f".{family.block}.{family.shared_expert}" in key and not any(
-                m.shared_expert for m in modules.values()):
-            state[key] = torch.zeros_like(expected[key])
-    hf.load_state_dict(state, strict=True)
-    hf.generation_config = llm.generation_config
-    return hf

@@ -1,4 +1,4 @@
-"""LLaVA checkpoints in and out (models/hf_llava.py), against transformers' own `LlavaForConditionalGeneration`
+"""LLaVA checkpoints in and out (formats/llava_hf.py, formats/llava_original.py), against transformers' own `LlavaForConditionalGeneration`
 and a hand-written original-LLaVA forward as oracles: same logits (max |Δ| ≤ 1e-5), same greedy answers."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from lightning_moe.models import MultimodalLM, load_backbone
-from lightning_moe.models.hf_llava import NotExportable, export_multimodal, hf_layout, load_hf_multimodal
+from lightning_moe.formats import NotExportable, detect_format, export_multimodal, load_backbone
+from lightning_moe.formats.llava_original import load_original_llava
+from lightning_moe.models import MultimodalLM
 from lightning_moe.tokens import IMAGE_TOKEN, load_tokenizer
 from tests.conftest import TOKENIZER
 
@@ -86,7 +87,7 @@ def hf_oracle(hf: LlavaForConditionalGeneration):
 @pytest.mark.parametrize("strategy,tie", [("default", True), ("full", False)])
 def test_llava_hf_directory_is_a_backbone_with_its_logits_and_answers(tmp_path, tokenizer, strategy, tie):
     hf = tiny_llava_hf(tmp_path / "llava", tokenizer, strategy, tie)
-    assert hf_layout(tmp_path / "llava") == "llava-hf"
+    assert detect_format(tmp_path / "llava").name == "llava-hf"
     loaded_tokenizer = load_tokenizer(tmp_path / "llava")
     # the image token is mapped, not duplicated
     assert len(loaded_tokenizer) == len(tokenizer)
@@ -204,9 +205,9 @@ def tiny_original_llava(directory: Path, base_tokenizer_dir: Path, with_tower: b
                          ids=["tower_apart", "tower_inside", "moe_llava_stage3"])
 def test_original_llava_layout_is_a_backbone_with_its_logits_and_answers(tmp_path, with_tower, moe_layer):
     reference = tiny_original_llava(tmp_path / "llava_orig", Path(TOKENIZER), with_tower, moe_layer)
-    assert hf_layout(tmp_path / "llava_orig") == "llava-original"
+    assert detect_format(tmp_path / "llava_orig").name == "llava-original"
     tokenizer = load_tokenizer(tmp_path / "llava_orig")
-    ours = load_hf_multimodal(tmp_path / "llava_orig", tokenizer)
+    ours = load_original_llava(tmp_path / "llava_orig", tokenizer=tokenizer)
     image_id = ours.placeholder_ids["image"]
     assert image_id == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 

@@ -14,8 +14,9 @@ from transformers import (AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen
 from lightning_moe.layers import SparseMoE
 from lightning_moe.methods import MoETuning
 from lightning_moe.methods.base import AuxLossConfig, BackboneConfig
+from lightning_moe.formats import to_hf_causal_lm
 from lightning_moe.models import (AdapterConfig, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
-                                  expert_layers, parameter_counts, to_hf_causal_lm, upcycle)
+                                  expert_layers, parameter_counts, upcycle)
 from lightning_moe.models.multimodal import build_llm
 from tests.conftest import TOKENIZER
 

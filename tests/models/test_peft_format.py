@@ -1,4 +1,4 @@
-"""peft both ways (models/peft_format.py), with peft itself as the oracle: the project's LoRA exported as a peft
+"""peft both ways (formats/peft.py), with peft itself as the oracle: the project's LoRA exported as a peft
 adapter gives the project's logits on the exported base under `PeftModel.from_pretrained`; a peft-saved LoRA
 loaded by the project gives peft's logits."""
 
@@ -11,9 +11,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
-from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, load_adapters, save_adapters
-from lightning_moe.models.hf_llava import export_multimodal
-from lightning_moe.models.peft_format import PeftFormatError, export_peft, without_adapters
+from lightning_moe.formats import PeftFormatError, export_multimodal, export_peft, load_adapters, without_adapters
+from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, save_adapters
 from lightning_moe.tokens import IMAGE_TOKEN
 from tests.conftest import TINY_LLM, TINY_VISION
 
@@ -166,3 +165,18 @@ def test_export_command_writes_llava_hf_and_peft_directories(tmp_path, tokenizer
     with torch.no_grad():
         exported = LlavaForConditionalGeneration.from_pretrained(merged).eval()(**hf_inputs).logits
     assert (ours - exported).abs().max() <= 1e-4  # merged in float32: one rounding of W + BA
+
+
+def test_the_base_under_the_adapters_keeps_every_record_but_the_adapters(tokenizer):
+    """`without_adapters` of an image + audio + video model: the same config (connector options, video pooling)
+    with the adapter op gone from the log, and the same logits as before the adapters were added."""
+    from tests.models.test_audio_video import build
+
+    model = build(tokenizer, video_pooling="mean")
+    ids = torch.tensor([[11, 12, 13]])
+    before = model(ids, torch.ones_like(ids)).logits
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj"], r=2)])
+    randomize_b(model)
+    base = without_adapters(model)
+    assert base.config_dict() == {**model.config_dict(), "surgery": []}
+    torch.testing.assert_close(base(ids, torch.ones_like(ids)).logits, before, rtol=0, atol=0)

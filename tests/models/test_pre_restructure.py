@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_moe.layers import LoRALinear, MoLEMLP, MoRALinear, SparseMoE
-from lightning_moe.models import MultimodalLM, load_backbone
+from lightning_moe.formats import load_backbone
+from lightning_moe.models import MultimodalLM
 from tests.conftest import TOKENIZER
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pre_restructure"

@@ -1,5 +1,8 @@
-"""peft's LoRA format in and out: plain LoRA adapters as a peft adapter directory, and a peft LoRA
-directory as the project's adapter surgery.
+"""peft's LoRA adapter directories in and out: plain LoRA adapters as a peft adapter directory, and a
+peft LoRA directory as the project's adapter surgery.
+
+Detected (`is_peft_directory`) by its `adapter_config.json`, which names a `peft_type`; the project's
+own adapter directories (`models.save_adapters`) carry `base_surgery` instead.
 
 Out (`export_peft`): `adapter_config.json` (`peft_type: LORA`, the adapted modules by their full
 names in the exported base, r / lora_alpha with `rank_pattern` / `alpha_pattern` for modules that
@@ -10,9 +13,8 @@ differ) and `adapter_model.safetensors` with peft's key names
 what the project's model does. Only plain LoRA: MoLE and MoRA route each token to its own experts or
 ranks, which peft has no way to express (an error saying so).
 
-In (`load_peft_lora`, which `adapters.load_adapters` calls for a directory whose config has a `peft_type`):
-a peft LoRA trained on the LLM alone or on a llava-hf model becomes `lora` adapter rules naming the
-exact modules (logged as surgery, so `save_pretrained` and checkpoints replay it) and loads its
+In (`load_peft_lora`, which `formats.load_adapters` calls for a peft directory): a peft LoRA trained
+on the LLM alone or on a llava-hf model becomes `lora` adapter rules naming the exact modules (logged as surgery, so `save_pretrained` and checkpoints replay it) and loads its
 tensors. rsLoRA's scale (alpha/sqrt(r)) is kept exactly as an equivalent alpha. What LoRA variants
 the project's layer does not compute (DoRA, biases, modules_to_save, LoRA on embeddings or on the
 vision tower) is refused by name, never a KeyError.
@@ -33,10 +35,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..layers.adapters import kind_of
-from .architecture import adapter_modules
-from .multimodal import MultimodalLM
+from ..models.adapters import ADAPTER_CONFIG_NAME, AdapterRule, add_adapters
+from ..models.architecture import adapter_modules
+from ..models.checkpoint import adapter_ops
+from ..models.multimodal import MultimodalLM
 
-__all__ = ["PeftBase", "PeftFormatError", "export_peft", "load_peft_lora", "without_adapters", "is_peft_config",
+__all__ = ["PeftBase", "PeftFormatError", "export_peft", "load_peft_lora", "without_adapters", "is_peft_directory",
            "PEFT_WEIGHTS_NAME", "PEFT_PREFIX"]
 
 PeftBase = Literal["llava", "causal_lm"]
@@ -50,8 +54,16 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "fan
                 "layer_replication": None, "lora_bias": False}
 
 
-def is_peft_config(config: dict[str, Any]) -> bool:
-    """A peft adapter_config.json (the project's own carries `base_surgery`)."""
+def is_peft_directory(path: Path) -> bool:
+    """An adapter_config.json naming a `peft_type` (the project's own carries `base_surgery`, and a `peft_type`
+    only to explain itself to peft)."""
+    config_file = path / ADAPTER_CONFIG_NAME
+    if not (path.is_dir() and config_file.is_file()):
+        return False
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}); the directory cannot be read as adapters") from None
     return "base_surgery" not in config and "peft_type" in config
 
 
@@ -111,7 +123,7 @@ def export_peft(model: MultimodalLM, out: str | Path, base: PeftBase | None = No
         tensors[f"{key}.lora_B.weight"] = module.lora_B.weight.detach().contiguous().cpu()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
     save_file(tensors, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     return out
 
@@ -136,12 +148,11 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def load_peft_lora(model: MultimodalLM, directory: str | Path, config: dict[str, Any]) -> MultimodalLM:
+def load_peft_lora(model: MultimodalLM, directory: str | Path) -> MultimodalLM:
     """Add a peft LoRA adapter's modules to `model` as `lora` adapter surgery and load its weights (in place)."""
-    from .adapters import AdapterRule, add_adapters  # adapters.py calls this module: imported when used
-
     directory = Path(directory)
-    config_file = directory / "adapter_config.json"
+    config_file = directory / ADAPTER_CONFIG_NAME
+    config = json.loads(config_file.read_text())
     if config.get("peft_type") != "LORA":
         raise PeftFormatError(f"{config_file}: peft adapter type {config.get('peft_type')!r}; only LORA loads into "
                               "the project (its `lora` adapter kind)")
@@ -202,8 +213,6 @@ def without_adapters(model: MultimodalLM) -> MultimodalLM:
     """The base under the adapters (what a peft adapter goes on): a new `MultimodalLM` sharing every base
     module (no copy of a weight), each adapter replaced by the module it wraps, and the adapter ops dropped
     from its log. `model` is left as it was."""
-    from .checkpoint import adapter_ops  # the registry of adapter ops
-
     ops = adapter_ops()
     llm = _shallow(model.llm)
     for name, adapter in adapter_modules(model.llm):
@@ -214,6 +223,7 @@ def without_adapters(model: MultimodalLM) -> MultimodalLM:
             parent = child
         parent._modules[parts[-1]] = getattr(adapter, kind_of(adapter).wrapped)
     base = MultimodalLM(llm, dict(model.encoders), dict(model.connectors), model.connector_kinds,
-                        model.placeholder_ids)
+                        model.placeholder_ids, connector_options=model.connector_options,
+                        video_pooling=model.video_pooling)
     base.surgery = [e for e in model.surgery if e["op"] not in ops]
     return base
