@@ -3,11 +3,13 @@ Hugging Face may load a model.
 
 - Lightning checkpoints (`.ckpt`, and any `torch.load`-able file) are read with
   `torch.load(weights_only=True)`: tensors, containers and the config dataclasses this package
-  registers (`checkpoint_safe` in methods/base.py) and nothing else. A checkpoint naming a
-  `lightning_moe` class that is not imported yet gets that module imported first (our own code,
-  which registers its dataclasses); any other global is refused, with the file and the global
-  named, before anything of the file is executed. `allow_unsafe=True` (the config key
+  registers (`checkpoint_safe`, which the methods apply to their configs) and nothing else. A
+  checkpoint naming a `lightning_moe` class that is not imported yet gets that module imported first
+  (our own code, which registers its dataclasses); any other global is refused, with the file and the
+  global named, before anything of the file is executed. `allow_unsafe=True` (the config key
   `backbone.allow_unsafe_checkpoint`) is the explicit opt-in for files the user trusts.
+- A class that moved keeps loading under the name older checkpoints pickled: `RENAMED_CLASSES` maps
+  that old name to the class's name now, for both ways of loading; no module is kept at the old path.
 - Model directories are read from safetensors only: a directory with only pickle weights
   (`pytorch_model.bin`) is refused unless the same opt-in is given.
 - Hugging Face never runs a repository's Python code (`trust_remote_code`) unless the config asks
@@ -31,23 +33,58 @@ import torch
 
 from .paths import could_be_hub_id, model_source_error
 
-__all__ = ["UnsafeFileError", "load_torch_file", "check_safe_weights", "hf_load_kwargs", "raise_if_remote_code", "hf_source"]
+__all__ = ["UnsafeFileError", "RENAMED_CLASSES", "checkpoint_safe", "load_torch_file", "check_safe_weights",
+           "hf_load_kwargs", "raise_if_remote_code", "hf_source"]
 
 OPT_IN = "backbone.allow_unsafe_checkpoint: true"
 REMOTE_CODE_OPT_IN = "backbone.trust_remote_code: true"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+# A class that checkpoints name by a path it no longer has: the old fully-qualified name -> the one now. The class
+# must be `checkpoint_safe`, which registers it under both names; only loading reads this table.
+RENAMED_CLASSES = {
+    "lightning_moe.models.surgery.MoEConfig": "lightning_moe.models.upcycle.MoEConfig",  # surgery.py split by job
+}
+
+
 class UnsafeFileError(ValueError):
     """A file would need arbitrary code (a pickle global, remote code) to load, and no opt-in was given."""
 
 
+def checkpoint_safe(cls: type) -> type:
+    """Class decorator: a config dataclass that a method saves in its hyperparameters may be read back by
+    `torch.load(weights_only=True)` (which Lightning's resume, `fit --ckpt_path`, uses by default), also under
+    the old names `RENAMED_CLASSES` gives it."""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    torch.serialization.add_safe_globals([cls, *((cls, old) for old, new in RENAMED_CLASSES.items() if new == name)])
+    return cls
+
+
+class _RenamingUnpickler(pickle.Unpickler):
+    """Full pickle (the opt-in) that reads `RENAMED_CLASSES`' old names as the classes now."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, _, name = RENAMED_CLASSES.get(f"{module}.{name}", f"{module}.{name}").rpartition(".")
+        return super().find_class(module, name)
+
+
+class _RenamingPickle:
+    """The `pickle_module` that `torch.load` gets for the opt-in: `pickle` with `_RenamingUnpickler`."""
+
+    Unpickler = _RenamingUnpickler
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _RenamingUnpickler(file, **kwargs).load()
+
+
 def _import_own_classes(path: Path) -> None:
-    """Import the `lightning_moe` modules that a checkpoint's pickle names, so their `checkpoint_safe`
-    dataclasses are registered as safe globals. Only our own package is imported, never a module the
-    file names elsewhere."""
+    """Import the `lightning_moe` modules that a checkpoint's pickle names (for a renamed class, its module now),
+    so their `checkpoint_safe` dataclasses are registered as safe globals. Only our own package is imported,
+    never a module the file names elsewhere."""
     for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
-        module, _, _ = name.rpartition(".")
+        module, _, _ = RENAMED_CLASSES.get(name, name).rpartition(".")
         if module == "lightning_moe" or module.startswith("lightning_moe."):
             try:
                 importlib.import_module(module)
@@ -69,7 +106,7 @@ def load_torch_file(path: str | Path, *, allow_unsafe: bool = False, what: str =
     if allow_unsafe:
         warnings.warn(f"loading {path} with full pickle ({OPT_IN}): this runs any code the file holds; "
                       "do it only for files you trust", stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RenamingPickle)
     try:
         _import_own_classes(path)
         # mmap: tensors are paged in from the file instead of read into memory up front

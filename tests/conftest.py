@@ -30,6 +30,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# Logits compared with ones stored by another run (tests/fixtures/pre_restructure/, marked `stored_numbers`): on
+# another CPU (another SIMD width, ATEN_CPU_CAPABILITY) or thread count each float32 sum is added up in another
+# order, and a sum of n terms of size s is exact only to about n * eps * s (eps = 2**-23, about 1.2e-7). The
+# fixtures' longest sums have 64 terms (the MLP width) and their logits stay below 1, so a logit may move by up to
+# about 64 * 1.2e-7 = 7.7e-6: within 1e-5 (measured: at most 2.4e-7 across ATEN_CPU_CAPABILITY and thread counts,
+# and the stored logits are 2.4e-7 from a float64 run). A misread weight moves them by more: the head's first
+# weight off by 1e-3 by ~1e-3; an adapter tensor of the MoRA fixture off by 1e-3 by 4e-6 (a query's: the softmax
+# damps it) to 5e-3.
+STORED_LOGITS_ATOL = 1e-5
+
+
+def assert_close_to_stored(actual: torch.Tensor, stored: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, stored, rtol=0, atol=STORED_LOGITS_ATOL)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def fit(config: str | list[str], *extra: str):
 
 
 def assert_outputs_load_safely(workdir: Path) -> None:
-    """Every checkpoint and model directory a run wrote loads on the safe path (issue 19: no opt-in needed)."""
+    """Every checkpoint and model directory a run wrote loads on the safe path (no opt-in needed)."""
     from lightning_moe.formats import load_backbone
     from lightning_moe.safe_load import load_torch_file
 
@@ -184,7 +184,7 @@ def test_mole_configs_chain_from_the_base_and_log_routing(workdir):
 
 
 def test_model_help_after_model_lists_that_methods_stages(capsys):
-    """`fit --model pkg.Method --model.help` (the issue's form) shows the named method's options."""
+    """`fit --model pkg.Method --model.help` (the method named first, then its help) shows the named method's options."""
     with pytest.raises(SystemExit):
         main(["fit", "--model", "lightning_moe.methods.MoETuning", "--model.help"])
     assert "--model.stage {align,instruct,moe}" in capsys.readouterr().out

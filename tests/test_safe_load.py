@@ -1,15 +1,20 @@
-"""Loading a file never runs code (issue 19): a pickle payload is refused before it executes, the
-project's own checkpoints still load, and the opt-in is explicit."""
+"""Loading a file never runs code: a pickle payload is refused before it executes, the project's own
+checkpoints still load (also those naming a class by the path it had before it moved), and the opt-in is
+explicit."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import types
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_moe.safe_load import UnsafeFileError, check_safe_weights, load_torch_file
+from lightning_moe.safe_load import RENAMED_CLASSES, UnsafeFileError, check_safe_weights, load_torch_file
 from tests.conftest import ROOT
 
 FIXTURE_CKPT = ROOT / "tests/fixtures/pre_restructure/moe_tuning.ckpt"
@@ -53,6 +58,35 @@ def test_own_checkpoint_loads_safely_with_its_config_dataclasses():
     assert "multimodal_config" in checkpoint and checkpoint["state_dict"]
     backbone = checkpoint["hyper_parameters"]["backbone"]
     assert type(backbone).__name__ == "BackboneConfig" and backbone.vision_feature_layer == -1
+
+
+def resolve(qualified_name: str) -> type:
+    module, _, name = qualified_name.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED_CLASSES.items()))
+def test_a_checkpoint_naming_a_class_by_its_old_path_loads(tmp_path, monkeypatch, old, new):
+    """Written as the code that still had the old module wrote it; read back on the safe path, by Lightning's own
+    `torch.load(weights_only=True)` and with the full-pickle opt-in, without that module ever existing again."""
+    import lightning_moe.methods  # noqa: F401  (registers every config class as checkpoint_safe)
+
+    cls = resolve(new)
+    old_module, _, old_name = old.rpartition(".")
+    monkeypatch.setitem(sys.modules, old_module, types.SimpleNamespace(**{old_name: cls}))
+    monkeypatch.setattr(cls, "__module__", old_module)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"config": object.__new__(cls)}},
+               tmp_path / "old.ckpt")
+    monkeypatch.undo()
+    with zipfile.ZipFile(tmp_path / "old.ckpt") as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert old_module.encode() in pickled and new.rpartition(".")[0].encode() not in pickled
+    assert importlib.util.find_spec(old_module) is None  # no module answers to the old path
+    loads = [load_torch_file(tmp_path / "old.ckpt"), torch.load(tmp_path / "old.ckpt", weights_only=True)]
+    with pytest.warns(UserWarning, match="runs any code"):
+        loads.append(load_torch_file(tmp_path / "old.ckpt", allow_unsafe=True))
+    assert all(type(loaded["hyper_parameters"]["config"]) is cls for loaded in loads)
+    assert old_module not in sys.modules
 
 
 @pytest.mark.parametrize("content, expected", [(b"", "empty"), (None, "truncated")])

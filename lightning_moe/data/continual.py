@@ -1,6 +1,6 @@
 """`ContinualDataModule`: an ordered sequence of LLaVA-format tasks for continual instruction tuning.
 
-The protocol (METHODS.md, MoRA; MTIL-style): the model trains on task 0, then task 1, ..., and
+The protocol (MTIL-style, as MoRA is evaluated): the model trains on task 0, then task 1, ..., and
 after each task it is evaluated on EVERY task's test split, which fills row i of the accuracy
 matrix `acc[i, j]` (accuracy on task j after training task i).
 

@@ -18,7 +18,7 @@ predict`, the `lightning_moe.callbacks.ExpertOffloading` callback. docs/edgemoe_
 the modules fit.
 
 Imports models/, layers/ and the shared `tokens` module only (never Lightning, data/, metrics/ or
-methods/), as DESIGN.md lays out; tests/test_layering.py checks it.
+methods/), as docs/architecture.md lays out; tests/test_layering.py checks it.
 """
 
 from .cache import CACHE_POLICIES, ExpertCache, cache_budget

@@ -31,22 +31,14 @@ from ..metrics import ExactMatch, POPEMetrics
 from ..formats import CHECKPOINT_CONFIG_KEY, load_backbone  # noqa: F401  (load_backbone re-exported)
 from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
 from ..models.multimodal import batch_inputs
+from ..safe_load import checkpoint_safe  # noqa: F401  (re-exported: the methods' modules import it from here)
 from ..strategies import shard_blocks
 from ..tokens import DEFAULT_TOKENIZER
 from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files
 from ..tokens import IGNORE_INDEX
 
 
-def checkpoint_safe(cls: type) -> type:
-    """Class decorator: a config dataclass that a method saves in its hyperparameters may be read back
-    by `torch.load(weights_only=True)`, which Lightning's resume (`fit --ckpt_path`) uses by default."""
-    torch.serialization.add_safe_globals([cls])
-    return cls
-
-
 checkpoint_safe(MoEConfig)  # models/' config that MoETuning and MoDDistillation take (models/ keeps no torch.load policy)
-# checkpoints written before issue 12 name it by its old module (models/surgery.py, now only that alias)
-torch.serialization.add_safe_globals([(MoEConfig, "lightning_moe.models.surgery.MoEConfig")])
 
 
 @checkpoint_safe

@@ -1,11 +1,11 @@
-"""Continual-learning metrics from the accuracy matrix (METHODS.md, MoRA; MTIL-style protocol).
+"""Continual-learning metrics from the accuracy matrix (the MTIL-style protocol MoRA is evaluated with).
 
 `acc[i, j]` is the accuracy on task j after training task i (T tasks, rows = training progress).
 
 - Last: mean of the final row, `mean_j acc[T-1, j]` (what the final model knows).
 - Avg: mean of the whole matrix (accuracy averaged over the whole training trajectory).
 - Transfer: mean of the strict upper triangle, `acc[i, j]` with j > i: zero-shot accuracy on
-  tasks not trained yet (METHODS.md: the mean of the entries, not of per-task means).
+  tasks not trained yet (the mean of those entries, not a mean of per-task means).
 - BWT (backward transfer, Lopez-Paz & Ranzato 2017): `mean_{j<T-1} (acc[T-1, j] - acc[j, j])`;
   negative = forgetting.
 - Forgetting (Chaudhry et al. 2018): `mean_{j<T-1} (max_{i<T-1} acc[i, j] - acc[T-1, j])`;

@@ -17,7 +17,8 @@ from transformers import (
     WhisperConfig,
 )
 
-# name -> (config class, default fields). Calibrated on a 2-core CPU (DESIGN.md, Data).
+# name -> (config class, default fields). Sized to learn the shipped shapes data in minutes on a 2-core CPU
+# (docs/quickstart.md, "Why these training settings").
 LLM_PRESETS: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]] = {
     "tiny-llama": (
         LlamaConfig,

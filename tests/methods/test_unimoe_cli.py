@@ -1,7 +1,7 @@
-"""Uni-MoE through the CLI: the shipped configs chain (align, one experts run per modality, moe), and right
-after stage 3's surgery, with the router forced to a modality's expert, the model computes what that
-modality's stage-2 run computed (issue 14, must-show 1); the stage-3 outputs load, export and generate
-with experts offloaded (must-show 6); TensorBoard gets the modality x expert heat map."""
+"""Uni-MoE through the CLI on the shipped data/media: the shipped configs chain (align, one experts run per
+modality, moe), and right after stage 3's surgery, with the router forced to a modality's expert, the model
+computes what that modality's stage-2 run computed; every output of the chain loads on the safe path;
+TensorBoard gets the modality x expert heat map; an experts run refuses data of other modalities."""
 
 from __future__ import annotations
 
@@ -17,10 +17,6 @@ from lightning_moe.models import MultimodalLM, expert_layers
 from tests.conftest import ROOT, built_once
 from tests.methods.test_unimoe import forced
 from tests.test_cli import FAST, UNIMOE, assert_outputs_load_safely, workdir  # noqa: F401  (fixture)
-
-# the shipped audio/video data (data/media) and its DataModule options come with the data side of issue 14
-media = pytest.mark.skipif(not (ROOT / "data/media/beeps/train.jsonl").is_file(),
-                           reason="data/media (issue 14's data side) is not in this checkout yet")
 
 
 def fit(config: str, *extra: str):
@@ -46,7 +42,6 @@ def eval_batch(cli) -> dict:
     return next(iter(cli.datamodule.val_dataloader()[0]))
 
 
-@media
 @pytest.mark.slow  # five CLI runs of the shipped configs on data/media, then four models compared
 def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir, align_output):
     shutil.copytree(align_output, workdir / "runs")
@@ -66,7 +61,7 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir, 
     assert (workdir / "runs/unimoe/moe/merged/multimodal_config.json").is_file()
     assert_outputs_load_safely(workdir)
 
-    # must-show 1, through the shipped configs' outputs: a fresh stage-3 model, forced to each slot
+    # through the shipped configs' outputs: a fresh stage-3 model, forced to each slot, is that slot's stage-2 model
     method = UniMoE(stage="moe", backbone=BackboneConfig(pretrained="runs/unimoe/align/model"),
                     experts={m: f"runs/unimoe/experts/{m}/model" for m in ("image", "audio", "video")},
                     moe=cli.model.moe_options)
@@ -85,12 +80,7 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir, 
             torch.testing.assert_close(got, stage2(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-@media
 def test_experts_run_refuses_mixed_data(workdir, align_output):
     shutil.copytree(align_output, workdir / "runs")
-    try:
+    with pytest.raises(ValueError, match="audio data only"):  # not trained on the video batches
         fit(UNIMOE[1], "--data.init_args.domains=null")  # every domain of data/media, video included
-    except ValueError as error:
-        assert "audio data only" in str(error)
-    else:
-        raise AssertionError("the audio experts run trained on video batches")

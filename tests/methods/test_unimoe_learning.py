@@ -1,5 +1,5 @@
 """Uni-MoE learns audio and video: after the three shipped stages (align, one experts run per modality, moe),
-every audio and video domain is well above chance on held-out validation data (issue 14, must-show 2).
+every audio and video domain is well above chance on held-out validation data.
 
 About 6 minutes of one core (600 stage-1 steps of batch 64: fewer learn no video domain), so it is opt-in:
 `make test-learning` (or `pytest -m learning`), not part of `make test` (docs/testing.md)."""

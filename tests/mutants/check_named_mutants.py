@@ -1,4 +1,4 @@
-"""Issue 17's named mutants: each, applied to a temporary copy of the repository, must make the tests that
+"""The named mutants (docs/testing.md): each, applied to a temporary copy of the repository, must make the tests that
 guard it fail. A mutant the tests let through is a hole in the suite.
 
     python tests/mutants/check_named_mutants.py [--only NAME ...] [--keep]
