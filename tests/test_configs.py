@@ -1,7 +1,8 @@
 """The composed configs mean what the full copies meant: every shipped config's effective
 configuration (`main.py fit --config X --print_config`) equals the one the code before the
 restructuring printed (tests/fixtures/pre_restructure/print_config/, written by
-tests/fixtures/make_pre_restructure.py on commit 4a2d65c), and the tokenizer is named once."""
+tests/fixtures/make_pre_restructure.py on commit 4a2d65c), up to the two keys printed in another form
+since (the tokenizer, named once; the backbone's encoders, a mapping), and the tokenizer is named once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import yaml
 
 from lightning_moe.cli import LightningMoECLI, effective_config
+from lightning_moe.methods.base import FLAT_NOT_GIVEN
+from lightning_moe.models.encoders import FLAT_KEYS, encoder_configs, encoders_from_flat
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"
@@ -59,6 +62,14 @@ def test_effective_config_is_unchanged(config):
     tokenizer = before["model"]["init_args"].pop("tokenizer")
     assert tokenizer == before["data"]["init_args"]["tokenizer"] == now["data"]["init_args"]["tokenizer"]
     assert "tokenizer" not in now["model"]["init_args"]
+    # The backbone's encoders were flat keys (vision_tower, ..., video_pooling); a config that still writes them
+    # is read by `encoders_from_flat`, which must give the mapping the shipped config now writes.
+    backbone_before, backbone_now = before["model"]["init_args"]["backbone"], now["model"]["init_args"]["backbone"]
+    flat = {key: backbone_before.pop(key) for key in list(backbone_before) if key in FLAT_KEYS}
+    assert "vision_tower" in flat  # every config printed them
+    assert encoders_from_flat(flat) == encoder_configs(backbone_now.pop("encoders"))
+    # the flat keys, still read, are unset
+    assert {key: backbone_now[key] for key in FLAT_KEYS} == {**dict.fromkeys(FLAT_KEYS), "vision_tower": FLAT_NOT_GIVEN}
     assert differences(before, now) == []
 
 

@@ -4,6 +4,7 @@
 - `models/` never imports Lightning or `methods/`;
 - `data/` never imports `models/` or `methods/`;
 - `inference/` never imports Lightning, `data/`, `metrics/` or `methods/`;
+- `modalities/` (the modality registry, below both `data/` and `models/`) imports neither, nor Lightning;
 and, from the same diagram, none of these (nor `tokens.py`, which data/ and models/ share) imports the
 command layers above them (`cli`, `edge`, `callbacks`, `experiments`).
 
@@ -49,6 +50,7 @@ FORBIDDEN = {
     "data": (_pkg("models"), _pkg("methods"), *COMMANDS),
     "inference": (*LIGHTNING, _pkg("data"), _pkg("metrics"), _pkg("methods"), *COMMANDS),
     "tokens": (*LIGHTNING, _pkg("data"), _pkg("models"), _pkg("methods"), *COMMANDS),
+    "modalities": (*LIGHTNING, _pkg("data"), _pkg("models"), _pkg("methods"), *COMMANDS),
     # the export command works on models/ (a .ckpt through models' loader), never on a LightningModule
     "export": (*LIGHTNING, _pkg("methods"), _pkg("data"), _pkg("metrics"), _pkg("cli"), _pkg("edge"),
                _pkg("callbacks"), _pkg("experiments")),
@@ -146,7 +148,7 @@ def _violations(part: str) -> list[str]:
     return sorted(set(out))
 
 
-@pytest.mark.parametrize("part", ["layers", "models", "data", "inference", "tokens"])
+@pytest.mark.parametrize("part", ["layers", "models", "data", "inference", "tokens", "modalities"])
 def test_nothing_a_layer_reaches_imports_what_it_may_not_even_lazily(part):
     assert _files(part) and all(f.is_file() for f in _files(part))  # the rule checks real files
     assert _violations(part) == []

@@ -54,7 +54,7 @@ from ..tokens import IMAGE_TOKEN, load_tokenizer
 from ..layers import SparseMoE
 from .architecture import decoder_layers, mlp_attribute
 from .connectors import build_connector
-from .encoders import VISION_MODELS, VisionTower, build_vision_tower, vision_model_class
+from ..modalities.image import VISION_MODELS, VisionTower, build_vision_tower, vision_model_class
 from .multimodal import CONFIG_NAME, MultimodalLM
 from .upcycle import MoEConfig, upcycle
 
