@@ -69,12 +69,12 @@ from lightning_moe.data.records import (
     parse_record,
     where,
 )
-from lightning_moe.modalities import (HFImageProcessor, ImageTransform, MediaItem, NormalizeImage, build_transforms,
-                                     decode_errors, modalities, modality)
+from lightning_moe.modalities import MediaItem, build_transforms, decode_errors, modalities
+from lightning_moe.modalities import modality as modality_spec
 from lightning_moe.tokens import IGNORE_INDEX
 
 __all__ = ["LlavaDataset", "DataReport", "MediaDecodeError", "collate_batch", "load_media", "clear_sample_cache",
-           "tokenizer_fingerprint", "SKIPPED_RECORDS", "NormalizeImage", "HFImageProcessor", "ImageTransform"]
+           "tokenizer_fingerprint", "SKIPPED_RECORDS"]
 
 SKIPPED_RECORDS = "skipped_records"  # item / batch key: samples skipped while loading (SkippedRecord dicts + domain)
 
@@ -127,7 +127,7 @@ class LlavaDataset(Dataset):
         tokenizer: a tokenizer from `load_tokenizer` (chat template, single-token placeholders).
         domain: name carried by every sample (per-domain metrics).
         max_length: longer conversations are truncated (and counted).
-        transforms: modality -> its transform (`ModalitySpec.transform`), e.g. {"image": NormalizeImage(32)};
+        transforms: modality -> its transform (`ModalitySpec.transform`), e.g. {"image": NormalizeImage(32)}
             a modality not named gets its spec's default (video's reads the image transform).
         **modality_transforms: the same as `<modality>_transform=...` keywords (`image_transform`,
             `audio_transform`, `video_transform`, ...).
@@ -227,7 +227,7 @@ class LlavaDataset(Dataset):
                 decoded.add(file)
         long_items: Counter = Counter()
         for modality_name, items in parsed.files.items():
-            spec = modality(modality_name)
+            spec = modality_spec(modality_name)
             for file in items if spec.overflows is not None else ():
                 try:
                     long_items[modality_name] += spec.overflows(file, self.transforms[modality_name])

@@ -142,11 +142,11 @@ def register_modality(spec: ModalitySpec, *, replace: bool = False) -> ModalityS
         if other.name == spec.name:
             continue
         if other.placeholder == spec.placeholder:
-            raise ValueError(f"modality {spec.name!r}: placeholder {spec.placeholder!r} is already modality "
-                             f"{other.name!r}'s")
+            raise ValueError(f"modality {spec.name!r}: placeholder {spec.placeholder!r} is taken by modality "
+                             f"{other.name!r}")
         clash = set(other.batch_keys) & set(spec.batch_keys)
         if clash:
-            raise ValueError(f"modality {spec.name!r}: batch keys {sorted(clash)} are already modality {other.name!r}'s")
+            raise ValueError(f"modality {spec.name!r}: batch keys {sorted(clash)} are taken by modality {other.name!r}")
     if spec.encoder_of is not None:
         source = _SPECS.get(spec.encoder_of)
         if source is None or source.tower is None:

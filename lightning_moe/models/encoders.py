@@ -20,7 +20,7 @@ from ..modalities import modalities, modality
 from .connectors import build_connector
 
 __all__ = ["EncoderConfig", "default_encoders", "encoder_configs", "check_encoders", "build_encoders",
-           "FLAT_KEYS", "encoders_from_flat", "describe_encoders"]
+           "FLAT_KEYS", "encoders_from_flat", "pooling_record", "describe_encoders"]
 
 
 @dataclass
@@ -140,6 +140,15 @@ def encoders_from_flat(flat: Mapping[str, Any],
             setattr(entry, FLAT_KEYS[key][1], copy.deepcopy(flat[key]))
         result[name] = entry
     return result
+
+
+def pooling_record(pooling: Mapping[str, str]) -> dict[str, Any]:
+    """A model's poolings as `multimodal_config.json` holds them: video's under `video_pooling` (None without
+    video), as records always had it, and any other modality's that is not its default under `pooling` (absent
+    when there is none), so the records of the shipped modalities, and the fingerprints of the expert stores
+    exported from them, stay what they were. `MultimodalLM.from_config_dict` reads both back."""
+    others = {m: p for m, p in pooling.items() if m != "video" and p != modality(m).pooling[0]}
+    return {"video_pooling": pooling.get("video"), **({"pooling": others} if others else {})}
 
 
 def describe_encoders(encoders: Mapping[str, EncoderConfig]) -> str:

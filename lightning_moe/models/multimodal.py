@@ -41,7 +41,7 @@ from ..safe_load import hf_load_kwargs, hf_source, load_torch_file
 from ..tokens import IGNORE_INDEX
 from .checkpoint import replay_surgery
 from .connectors import build_connector
-from .encoders import EncoderConfig, build_encoders, encoder_configs, encoders_from_flat
+from .encoders import EncoderConfig, build_encoders, encoder_configs, encoders_from_flat, pooling_record
 from .architecture import moe_family
 from .native_moe import convert_native_moe
 from .presets import LLM_PRESETS, preset_config
@@ -283,7 +283,7 @@ class MultimodalLM(nn.Module):
                     "out_dim": self.llm.config.hidden_size, "options": self.connector_options.get(m, {})}
                 for m in self.connectors
             },
-            "pooling": self.pooling,
+            **pooling_record(self.pooling),
             "placeholder_ids": self.placeholder_ids,
             "surgery": self.surgery,
         }
@@ -293,8 +293,8 @@ class MultimodalLM(nn.Module):
         """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
         llm_config = AutoConfig.for_model(**config["llm"])
         llm = AutoModelForCausalLM.from_config(llm_config)
-        # each tower is rebuilt by its modality (the record's key); older records have no connector options, and
-        # `video_pooling` in place of `pooling`
+        # each tower is rebuilt by its modality (the record's key); older records have no connector options;
+        # poolings as `pooling_record` writes them (a modality not named there has its default)
         encoders = {m: modality_spec(m).tower.from_config(e) for m, e in config["encoders"].items()}
         options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
         connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
