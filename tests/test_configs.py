@@ -1,8 +1,9 @@
 """The composed configs mean what the full copies meant: every shipped config's effective
-configuration (`main.py fit --config X --print_config`) equals the one the code before the
-restructuring printed (tests/fixtures/pre_restructure/print_config/, written by
-tests/fixtures/make_pre_restructure.py on commit 4a2d65c), up to the two keys printed in another form
-since (the tokenizer, named once; the backbone's encoders, a mapping), and the tokenizer is named once."""
+configuration (`main.py fit --config X --print_config`) equals the recorded one
+(tests/fixtures/pre_restructure/print_config/, written by tests/fixtures/make_pre_restructure.py when
+each config was a full copy), up to the two keys now printed in another form (the model's tokenizer,
+linked from the data module's; the backbone's encoders, a mapping in place of flat keys), and the
+tokenizer is named once."""
 
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ CONFIGS = ROOT / "configs"
 BEFORE = ROOT / "tests" / "fixtures" / "pre_restructure" / "print_config"
 
 
-# not compared with a config printed before the restructure: `strategies/` holds trainer-only parts composed after a
-# method's config (tests/distributed/test_strategies.py), `unimoe/` came later (tests/methods/test_unimoe_cli.py)
+# without a recorded print: `strategies/` holds trainer-only parts composed after a method's config
+# (tests/distributed/test_strategies.py), `unimoe/` is checked by tests/methods/test_unimoe_cli.py
 NEWER = ("strategies", "unimoe")
 
 
 def shipped_configs() -> list[Path]:
-    """Runnable configs that existed before the restructure: `configs/_base/` holds parts that the others
-    include, not runs; `NEWER` folders are checked elsewhere."""
+    """Runnable configs with a recorded print: `configs/_base/` holds parts that the others include, not
+    runs; `NEWER` folders are checked elsewhere."""
     return sorted(p for p in CONFIGS.rglob("*.yaml")
                   if not {"_base", *NEWER} & set(p.relative_to(CONFIGS).parts))
 

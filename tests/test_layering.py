@@ -1,4 +1,4 @@
-"""Every rule of DESIGN.md's "Layers: who may import whom", checked two ways.
+"""Every rule of the layering (docs/architecture.md: who may import whom), checked two ways.
 
 - `layers/` imports only torch (and the standard library);
 - `models/` never imports Lightning or `methods/`;

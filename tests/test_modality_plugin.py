@@ -204,8 +204,8 @@ def test_flat_backbone_keys_warn_once_and_give_the_mapping():
 
 
 def test_the_saved_record_of_the_shipped_modalities_keeps_its_form(tokenizer, tmp_path):
-    """`multimodal_config.json` as before the registry (expert stores fingerprint it): `video_pooling` at the top,
-    the towers' kinds; records older still (no image kind) load too."""
+    """`multimodal_config.json` of the shipped modalities has one form whichever version wrote it (expert stores
+    fingerprint it): `video_pooling` at the top, the towers' kinds; a record without the image kind loads too."""
     model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1, audio_tower="tiny-whisper",
                              audio_connector_options={"num_queries": 4, "num_layers": 1, "num_heads": 2},
                              video_pooling="concat")

@@ -1,4 +1,4 @@
-"""Loading a file never runs code (issue 19): a pickle payload is refused before it executes, the
+"""Loading a file never runs code: a pickle payload is refused before it executes, the
 project's own checkpoints still load, and the opt-in is explicit."""
 
 from __future__ import annotations

@@ -455,8 +455,8 @@ def collate_batch(samples: list[dict], pad_token_id: int) -> dict:
             continue
         # items of one DataModule share their slot count already; a mixed list is padded to the widest (mask False)
         width = max(s[key].shape[1] for s in present)
-        batch[key] = torch.cat([_pad_slots(s[key], width) for s in present])  # (items, C or F, ...)
-        batch[mask_key] = torch.cat([_pad_slots(s[mask_key], width) for s in present])  # (items, C or F) bool
+        batch[key] = torch.cat([_pad_slots(s[key], width) for s in present])  # (items, slots, ...)
+        batch[mask_key] = torch.cat([_pad_slots(s[mask_key], width) for s in present])  # (items, slots) bool
     skipped = [record for s in samples for record in s.get(SKIPPED_RECORDS, ())]
     if skipped:
         batch[SKIPPED_RECORDS] = skipped  # counted by the DataModule in the main process

@@ -69,10 +69,10 @@ class BackboneConfig:
           audio: {tower: tiny-whisper, connector: query, connector_options: {num_queries: 8}}
           video: {pooling: concat}
 
-    The flat keys configs had before (`vision_tower`, `vision_overrides`, `vision_feature_layer`, `connector`,
+    The flat keys of older configs (`vision_tower`, `vision_overrides`, `vision_feature_layer`, `connector`,
     `audio_tower`, `audio_overrides`, `audio_connector`, `audio_connector_options`, `video_pooling`) are still
     read, with a deprecation warning: each sets its field of `encoders` (`models.encoders.encoders_from_flat`),
-    and `vision_tower: null` (`audio_tower`, `video_pooling`) removes its modality, as it did.
+    and `vision_tower: null` (`audio_tower`, `video_pooling`) removes its modality.
     """
 
     llm: str = "tiny-llama"  # preset name, or a Hugging Face causal-LM name/path

@@ -1,6 +1,6 @@
 """Which encoders a model has: `EncoderConfig`, one per modality (`BackboneConfig.encoders`, `build_multimodal`),
-built into towers and connectors by `build_encoders`; and the flat form of the configs written before that
-mapping (`vision_tower`, `audio_tower`, `video_pooling`, ...), read by `encoders_from_flat`.
+built into towers and connectors by `build_encoders`; and the flat keys older configs and checkpoints hold
+(`vision_tower`, `audio_tower`, `video_pooling`, ...), read by `encoders_from_flat`.
 
 The towers themselves are defined with their modality (`lightning_moe/modalities/`: `image.py`'s `VisionTower`,
 `audio.py`'s `AudioTower`), which also says how each is saved and rebuilt (`ModalitySpec.tower`). A modality
@@ -104,7 +104,7 @@ def build_encoders(encoders: Mapping[str, EncoderConfig], llm_hidden: int, trust
 
 
 # ---------------------------------------------------------------------------- the flat form
-# the backbone keys before `encoders`: key -> (modality, EncoderConfig field)
+# the flat backbone keys: key -> (modality, EncoderConfig field)
 FLAT_KEYS: dict[str, tuple[str, str]] = {
     "vision_tower": ("image", "tower"), "vision_overrides": ("image", "overrides"),
     "vision_feature_layer": ("image", "feature_layer"), "connector": ("image", "connector"),
@@ -144,9 +144,10 @@ def encoders_from_flat(flat: Mapping[str, Any],
 
 def pooling_record(pooling: Mapping[str, str]) -> dict[str, Any]:
     """A model's poolings as `multimodal_config.json` holds them: video's under `video_pooling` (None without
-    video), as records always had it, and any other modality's that is not its default under `pooling` (absent
-    when there is none), so the records of the shipped modalities, and the fingerprints of the expert stores
-    exported from them, stay what they were. `MultimodalLM.from_config_dict` reads both back."""
+    video), where every record holds it, and any other modality's that is not its default under `pooling`
+    (absent when there is none), so that a model of the shipped modalities has one record, and the expert
+    stores exported from it one fingerprint, whichever version wrote them. `MultimodalLM.from_config_dict` reads
+    both back."""
     others = {m: p for m, p in pooling.items() if m != "video" and p != modality(m).pooling[0]}
     return {"video_pooling": pooling.get("video"), **({"pooling": others} if others else {})}
 

@@ -412,10 +412,10 @@ def build_multimodal(
     """The LLM and, for each modality of `encoders` (modality -> `EncoderConfig`, in registration order), its
     tower and connector, or the encoder it reads through (video: the image tower).
 
-    Without `encoders`, the flat keywords of the shipped modalities say it, as they did before the mapping
-    (`encoders_from_flat`): the image tower and connector (`vision_tower` None: text only), a Whisper audio
-    tower with its connector (`audio_tower`: a preset such as "tiny-whisper", an `openai/whisper-*` name or a
-    local path) and video through the image tower (`video_pooling`)."""
+    Without `encoders`, the flat keywords of the shipped modalities say it (`encoders_from_flat`): the image
+    tower and connector (`vision_tower` None: text only), a Whisper audio tower with its connector
+    (`audio_tower`: a preset such as "tiny-whisper", an `openai/whisper-*` name or a local path) and video
+    through the image tower (`video_pooling`)."""
     flat = dict(vision_tower=vision_tower, vision_overrides=vision_overrides or {},
                 vision_feature_layer=vision_feature_layer, connector=connector, audio_tower=audio_tower,
                 audio_overrides=audio_overrides or {}, audio_connector=audio_connector,
