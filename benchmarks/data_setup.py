@@ -34,7 +34,7 @@ def time_setup(root: str, defer: bool) -> tuple[float, int, int]:
     dm.setup("fit")
     seconds = time.perf_counter() - start
     datasets = [d for split in dm.datasets.values() for d in split.values()]
-    decoded = sum(len(s.images) for d in datasets if d.decode_media for s in d.samples)
+    decoded = sum(len(s.media.get("image", [])) for d in datasets if d.decode_media for s in d.samples)
     return seconds, sum(len(d) for d in datasets), decoded
 
 

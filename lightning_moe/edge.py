@@ -3,12 +3,13 @@
     export    a trained model (save_pretrained directory or Lightning .ckpt) -> an expert store
     profile   routing statistics on a calibration split -> STORE/routing_profile.json
     plan      expert-wise bitwidths within a quality tolerance -> experts rewritten, plan in the manifest
-    generate  answer a prompt (and image, audio, video) with experts offloaded, print the answer and the counters
+    generate  answer a prompt (and images, audio, video, any registered modality's items) with experts offloaded,
+              print the answer and the counters
     verify    check every file of a store against its manifest (sizes, sha256); list every damaged one
 
 This is the command layer over `lightning_moe.inference`: it reads datasets and media files (through
-`lightning_moe.data`, hence Lightning), which `inference/` itself never imports (DESIGN.md: inference
-imports models/ and layers/ only); the library takes plain batches.
+`lightning_moe.data`, hence Lightning), which `inference/` itself never imports (docs/architecture.md:
+inference imports models/ and layers/ only); the library takes plain batches.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ from typing import Any
 
 import torch
 
-from .data import (AudioFeatures, BadRecordError, ConversationTokenizer, DomainMixtureDataModule, MediaDecodeError,
-                   NormalizeImage, VideoFrames, load_media, parse_record, prompt_record, whisper_window_seconds)
+from .data import (BadRecordError, ConversationTokenizer, DomainMixtureDataModule, MediaDecodeError, load_media,
+                   parse_record, prompt_record)
 from .data.records import ParsedRecord
 from .inference import (PROFILE_NAME, ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, StoreError, apply_bits,
                         cache_budget, exact_match_quality, export_store, generate, load_offloaded, load_resident_model,
                         plan_bitwidths, profile_routing, resident_bytes)
 from .formats import load_backbone
+from .modalities import build_transforms, modalities, modality_names
 from .models.multimodal import MultimodalLM
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
+
+# the shipped modalities' transform flags, `--<modality>-<option>`: options of that modality's transform
+TRANSFORM_FLAGS = ("image_size", "audio_chunk_seconds", "audio_max_chunks", "video_num_frames")
 
 
 def eval_batches(root: str, tokenizer: str, split: str, max_samples_per_domain: int | None,
@@ -76,35 +81,46 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def prompt_media(args: argparse.Namespace) -> dict[str, list[str | list[str]]]:
-    """--image / --audio / --video as a record's modality entries (absolute paths: a record's paths resolve
-    under a root, here the file system's)."""
+    """--input MODALITY=PATH (and the shipped modalities' --image / --audio / --video) as a record's modality
+    entries (absolute paths: a record's paths resolve under a root, here the file system's)."""
     def absolute(paths: list[str]) -> list[str]:
         return [str(Path(p).absolute()) for p in paths]
 
+    media: dict[str, list[str | list[str]]] = {}
+    for given in args.input or []:
+        name, _, path = given.partition("=")
+        if not path or name not in modality_names():
+            raise SystemExit(f"--input {given!r}: write MODALITY=PATH, MODALITY one of {list(modality_names())}")
+        media.setdefault(name, []).extend(absolute([path]))
+    if args.image:
+        media.setdefault("image", []).extend(absolute([args.image]))
+    if args.audio:
+        media.setdefault("audio", []).extend(absolute(args.audio))
     video = absolute(args.video or [])
-    # one video: a directory (or a lone frame) stays a flat entry, several frame files are one nested frame list
-    return {"image": absolute([args.image] if args.image else []), "audio": absolute(args.audio or []),
-            "video": [video] if len(video) > 1 else video}
+    if video:  # one video: a directory (or a lone frame) stays a flat entry, several frame files are one frame list
+        media.setdefault("video", []).extend([video] if len(video) > 1 else video)
+    return media
 
 
 def prompt_inputs(args: argparse.Namespace, model: MultimodalLM, store: ExpertStore, parsed: ParsedRecord,
                   chat: ConversationTokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The prompt's (1, P) ids and its modality tensors, as `collate_batch` makes them for the same record: the
-    transforms are the data module's, sized from the stored towers unless a flag says otherwise."""
+    transforms are the data module's, sized from the stored towers (`ModalitySpec.transform_options`) unless a
+    flag says otherwise."""
     missing = [m for m in parsed.files if m not in model.modalities]
     if missing:
         raise SystemExit(f"{store.directory}: the stored model has no {' or '.join(missing)} encoder (it reads "
-                         f"{', '.join(model.modalities) or 'text only'}); drop --{' --'.join(missing)}")
-    image_transform = NormalizeImage(args.image_size or model.encoders["image"].config.image_size) \
-        if "image" in model.encoders else None
-    audio_transform = None
-    if "audio" in parsed.files:
-        tower = model.encoders["audio"].config  # the stored Whisper encoder's window
-        audio_transform = AudioFeatures(tower.num_mel_bins, args.audio_chunk_seconds
-                                        or whisper_window_seconds(tower.max_source_positions), args.audio_max_chunks)
-    video_transform = VideoFrames(image_transform, args.video_num_frames) if image_transform else None
+                         f"{', '.join(model.modalities) or 'text only'}); drop the {' and '.join(missing)} inputs")
+    options: dict[str, dict[str, Any]] = {}
+    for spec in modalities():
+        if spec.name in model.encoders and spec.transform_options is not None:
+            options[spec.name] = spec.transform_options(model.encoders[spec.name])
+    for flag in TRANSFORM_FLAGS:
+        name, _, option = flag.partition("_")
+        if getattr(args, flag) is not None:
+            options.setdefault(name, {})[option] = getattr(args, flag)
     try:
-        media = load_media(parsed.files, image_transform, audio_transform, video_transform)
+        media = load_media(parsed.files, build_transforms(options))
     except MediaDecodeError as err:
         raise SystemExit(f"generate: {err}") from err
     ids = chat.ids(parsed.messages[:1], add_generation_prompt=True)  # the data set's prompt_ids of this record
@@ -183,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer a prompt with experts offloaded")
     p.add_argument("--store", required=True)
     p.add_argument("--prompt", required=True)
-    # placeholders go before the prompt, one line each, image, audio, video: as the shipped records write them
+    # placeholders go before the prompt, one line each, in the modalities' registration order (image, audio,
+    # video, ...): as the shipped records write them
+    p.add_argument("--input", action="append", default=None, metavar="MODALITY=PATH",
+                   help="an item of any registered modality (a file; a video: its frame directory), repeatable; "
+                        "the prompt gets its placeholder")
     p.add_argument("--image", default=None, help="an image file; the prompt gets an <image> placeholder")
     p.add_argument("--image-size", type=int, default=None,
                    help="resize images and video frames to this (default: the stored tower's)")

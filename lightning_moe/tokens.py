@@ -1,44 +1,47 @@
 """The tokenizer, the placeholder tokens and answer normalisation: what `data/`, `models/`, `metrics/`
-and `inference/` share (DESIGN.md), kept free of Lightning and torchmetrics.
+and `inference/` share (docs/architecture.md), kept free of Lightning and torchmetrics.
 
 The data side writes one placeholder token per modality item into `input_ids`; the model side
 replaces each with the projected encoder features. Both load the tokenizer through
 `load_tokenizer`, which guarantees two things the rest of the pipeline relies on:
 
 - a pad token (collate pads with it; labels there are -100 anyway, so its identity is free);
-- every placeholder of `PLACEHOLDERS` (`<image>`, ...) is ONE special token, so that each
-  placeholder in the text is exactly one id the model can find and expand. Missing ones are
-  added; the model resizes its embeddings to `len(tokenizer)`.
+- the placeholder of every registered modality (`lightning_moe.modalities`: `<image>`, `<audio>`,
+  `<video>`, then any registered later) is ONE special token, so that each placeholder in the text is
+  exactly one id the model can find and expand. Missing ones are added, in registration order; the
+  model resizes its embeddings to `len(tokenizer)`.
 
 `normalize_answer` is the one definition of when a generated answer matches a reference: the
 `ExactMatch` metric (training-time evaluation) and EdgeMoE's exact-match quality (`inference/plan.py`)
 both use it.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .modalities import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, modalities, spec_view
 from .paths import could_be_hub_id, model_source_error, resolve_data_path
 from .safe_load import raise_if_remote_code
 
 IGNORE_INDEX = -100
 
-IMAGE_TOKEN = "<image>"
-AUDIO_TOKEN = "<audio>"
-VIDEO_TOKEN = "<video>"
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "AUDIO_TOKEN", "VIDEO_TOKEN", "PLACEHOLDERS", "MODALITY_INPUTS",
+           "MODALITY_MASKS", "MODALITY_COUNTS", "DEFAULT_TOKENIZER", "load_tokenizer", "placeholder_token_ids",
+           "normalize_answer"]
 
-# modality name -> placeholder text; the order fixes the order of special tokens.
-PLACEHOLDERS: dict[str, str] = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN, "video": VIDEO_TOKEN}
-
-# modality name -> the batch key that carries its raw inputs (collate writes it, the model reads it)
-MODALITY_INPUTS: dict[str, str] = {"image": "pixel_values", "audio": "audio_values", "video": "video_values"}
+# Views of the modality registry (read on every use, so a modality registered later is in them), by role:
+# modality -> its placeholder text, in registration order (the order of the special tokens)
+PLACEHOLDERS: Mapping[str, str] = spec_view("placeholder")
+# modality -> the batch key that carries its raw inputs (collate writes it, the model reads it)
+MODALITY_INPUTS: Mapping[str, str] = spec_view("values_key")
 # modality -> the batch key of its (items, slots) bool mask, for modalities whose items have padded slots
-# (audio: 30 s chunks, video: frames); True on real slots. The batch contract: lightning_moe/data/modalities.py
-MODALITY_MASKS: dict[str, str] = {"audio": "audio_chunk_mask", "video": "video_frame_mask"}
+# (audio: windows, video: frames); True on real slots
+MODALITY_MASKS: Mapping[str, str] = spec_view("mask_key")
 # modality -> the batch key of its per-sample item counts, (B,) long
-MODALITY_COUNTS: dict[str, str] = {"image": "image_counts", "audio": "audio_counts", "video": "video_counts"}
+MODALITY_COUNTS: Mapping[str, str] = spec_view("counts_key")
 
 # Relative to the repository root, where configs are run from (see `paths.resolve_data_path`).
 DEFAULT_TOKENIZER = "data/tokenizer"
@@ -67,7 +70,8 @@ def load_tokenizer(
     if chat_template is not None:
         tokenizer.chat_template = chat_template
 
-    missing = [p for p in PLACEHOLDERS.values() if p not in tokenizer.get_added_vocab()]
+    added = tokenizer.get_added_vocab()
+    missing = [s.placeholder for s in modalities() if s.placeholder not in added]
     if missing:
         # normalized=False: a lower-casing normalizer must not turn "<image>" into something else.
         tokenizer.add_tokens([AddedToken(p, special=True, normalized=False) for p in missing], special_tokens=True)
@@ -86,8 +90,8 @@ def load_tokenizer(
 
 
 def placeholder_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    """Placeholder text -> its token id, for every placeholder in `PLACEHOLDERS`."""
-    return {p: tokenizer.convert_tokens_to_ids(p) for p in PLACEHOLDERS.values()}
+    """Placeholder text -> its token id, for every registered modality's placeholder."""
+    return {s.placeholder: tokenizer.convert_tokens_to_ids(s.placeholder) for s in modalities()}
 
 
 def normalize_answer(text: str) -> str:

@@ -1,7 +1,9 @@
 """The composed configs mean what the full copies meant: every shipped config's effective
-configuration (`main.py fit --config X --print_config`) equals the one printed when each config was a
-full copy (tests/fixtures/pre_restructure/print_config/, written by tests/fixtures/make_pre_restructure.py
-on commit 4a2d65c), and the tokenizer is named once."""
+configuration (`main.py fit --config X --print_config`) equals the recorded one
+(tests/fixtures/pre_restructure/print_config/, written by tests/fixtures/make_pre_restructure.py when
+each config was a full copy), up to the two keys now printed in another form (the model's tokenizer,
+linked from the data module's; the backbone's encoders, a mapping in place of flat keys), and the
+tokenizer is named once."""
 
 from __future__ import annotations
 
@@ -12,20 +14,22 @@ import pytest
 import yaml
 
 from lightning_moe.cli import LightningMoECLI, effective_config
+from lightning_moe.methods.base import FLAT_NOT_GIVEN
+from lightning_moe.models.encoders import FLAT_KEYS, encoder_configs, encoders_from_flat
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"
 BEFORE = ROOT / "tests" / "fixtures" / "pre_restructure" / "print_config"
 
 
-# not compared with a config printed from full copies: `strategies/` holds trainer-only parts composed after a
-# method's config (tests/distributed/test_strategies.py), `unimoe/` came later (tests/methods/test_unimoe_cli.py)
+# without a recorded print: `strategies/` holds trainer-only parts composed after a method's config
+# (tests/distributed/test_strategies.py), `unimoe/` is checked by tests/methods/test_unimoe_cli.py
 NEWER = ("strategies", "unimoe")
 
 
 def shipped_configs() -> list[Path]:
-    """Runnable configs that existed as full copies: `configs/_base/` holds parts that the others
-    include, not runs; `NEWER` folders are checked elsewhere."""
+    """Runnable configs with a recorded print: `configs/_base/` holds parts that the others include, not
+    runs; `NEWER` folders are checked elsewhere."""
     return sorted(p for p in CONFIGS.rglob("*.yaml")
                   if not {"_base", *NEWER} & set(p.relative_to(CONFIGS).parts))
 
@@ -59,6 +63,14 @@ def test_effective_config_is_unchanged(config):
     tokenizer = before["model"]["init_args"].pop("tokenizer")
     assert tokenizer == before["data"]["init_args"]["tokenizer"] == now["data"]["init_args"]["tokenizer"]
     assert "tokenizer" not in now["model"]["init_args"]
+    # The backbone's encoders were flat keys (vision_tower, ..., video_pooling); a config that still writes them
+    # is read by `encoders_from_flat`, which must give the mapping the shipped config now writes.
+    backbone_before, backbone_now = before["model"]["init_args"]["backbone"], now["model"]["init_args"]["backbone"]
+    flat = {key: backbone_before.pop(key) for key in list(backbone_before) if key in FLAT_KEYS}
+    assert "vision_tower" in flat  # every config printed them
+    assert encoders_from_flat(flat) == encoder_configs(backbone_now.pop("encoders"))
+    # the flat keys, still read, are unset
+    assert {key: backbone_now[key] for key in FLAT_KEYS} == {**dict.fromkeys(FLAT_KEYS), "vision_tower": FLAT_NOT_GIVEN}
     assert differences(before, now) == []
 
 

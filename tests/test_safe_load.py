@@ -57,7 +57,7 @@ def test_own_checkpoint_loads_safely_with_its_config_dataclasses():
     checkpoint = load_torch_file(FIXTURE_CKPT)
     assert "multimodal_config" in checkpoint and checkpoint["state_dict"]
     backbone = checkpoint["hyper_parameters"]["backbone"]
-    assert type(backbone).__name__ == "BackboneConfig" and backbone.vision_feature_layer == -1
+    assert type(backbone).__name__ == "BackboneConfig" and backbone.encoders["image"].feature_layer == -1
 
 
 def resolve(qualified_name: str) -> type:

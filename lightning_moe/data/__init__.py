@@ -1,18 +1,18 @@
 """Data layer: LLaVA-format records -> validated, tokenized samples -> batches, mixed over domains.
 
-Never imports the model or method packages; the only thing shared with the
-models is the tokenizer and the placeholder tokens of `lightning_moe.tokens`.
+Never imports the model or method packages; what it shares with the models is the tokenizer
+(`lightning_moe.tokens`) and the modality registry (`lightning_moe.modalities`: each modality's
+placeholder, batch keys, decoder and transform).
 """
 
 from lightning_moe.data.conversation import ChatTemplateError, ConversationTokenizer, TokenizedConversation
 from lightning_moe.data.continual import ContinualDataModule, TaskSpec
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
-from lightning_moe.data.dataset import (DataReport, HFImageProcessor, LlavaDataset, MediaDecodeError, NormalizeImage,
-                                        collate_batch, load_media)
-from lightning_moe.data.modalities import AudioFeatures, VideoFrames, whisper_window_seconds
+from lightning_moe.data.dataset import DataReport, LlavaDataset, MediaDecodeError, collate_batch, load_media
 from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
 from lightning_moe.data.records import (BadRecordError, Message, SkippedRecord, parse_record, prompt_record,
                                         read_llava_records)
+from lightning_moe.modalities import AudioFeatures, HFImageProcessor, NormalizeImage, VideoFrames, whisper_window_seconds
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
 __all__ = [

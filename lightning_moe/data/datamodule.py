@@ -31,22 +31,18 @@ from jsonargparse.typing import restricted_number_type
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-from lightning_moe.data.dataset import (
-    SKIPPED_RECORDS,
-    HFImageProcessor,
-    ImageTransform,
-    LlavaDataset,
-    NormalizeImage,
-    collate_batch,
-)
-from lightning_moe.data.modalities import AudioFeatures, VideoFrames
+from lightning_moe.data.dataset import SKIPPED_RECORDS, LlavaDataset, collate_batch
 from lightning_moe.data.records import where
 from lightning_moe.data.skips import SkipLog
 from lightning_moe.data.sampler import ResumableDataLoader, ResumableSampler
+from lightning_moe.modalities import build_transforms
 from lightning_moe.paths import resolve_data_path
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer
 
 SAMPLING_MODES = ("proportional", "weighted", "temperature")
+# the arguments that are options of the shipped modalities' transforms, `<modality>_<option>`
+TRANSFORM_ARGUMENTS = ("image_size", "image_mean", "image_std", "image_processor", "audio_n_mels", "audio_chunk_seconds",
+                       "audio_max_chunks", "audio_processor", "video_num_frames")
 SPLITS = ("train", "val", "test")
 # Lightning stage -> the splits it needs.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -149,11 +145,14 @@ class DomainMixtureDataModule(L.LightningDataModule):
         image_processor: a Hugging Face image processor name/path; replaces the default transform.
         audio_n_mels / audio_chunk_seconds / audio_max_chunks: Whisper log-mel features of audio
             clips, cut into windows of `audio_chunk_seconds` (Whisper: 30; short for tiny CPU
-            models), at most `audio_max_chunks` per clip (`data/modalities.py`).
+            models), at most `audio_max_chunks` per clip (`lightning_moe/modalities/audio.py`).
         audio_processor: a Hugging Face feature extractor name/path (a Whisper checkpoint's);
             replaces `audio_n_mels` and `audio_chunk_seconds` with its own.
         video_num_frames: frames per video (fewer are padded and masked, more sampled uniformly);
             frames go through the image transform.
+        modality_options: modality -> options of its transform (`ModalitySpec.transform`), for any registered
+            modality; an argument above `<modality>_<option>` is `modality_options[<modality>][<option>]`
+            (`image_size` is the image transform's `size`), and an entry here overrides it.
         max_eval_samples_per_domain: cap each validation / test domain (first N samples).
         max_train_samples_per_domain: cap each training domain (its first N samples): smoke runs
             (the experiments' and benchmarks' `--quick`) and data-size studies; None: all of them.
@@ -187,6 +186,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         audio_max_chunks: int = 4,
         audio_processor: str | None = None,
         video_num_frames: int = 8,
+        modality_options: dict[str, dict[str, Any]] | None = None,
         max_eval_samples_per_domain: int | None = None,
         max_train_samples_per_domain: int | None = None,
         skip_bad_records: bool = False,
@@ -210,14 +210,21 @@ class DomainMixtureDataModule(L.LightningDataModule):
             rank_zero_warn(f"domain weights are only used by sampling='weighted' (sampling={sampling!r})")
 
         self.tokenizer = load_tokenizer(tokenizer)
-        self.image_transform: ImageTransform = (
-            HFImageProcessor(image_processor) if image_processor else NormalizeImage(image_size, image_mean, image_std)
-        )
-        self.audio_transform = AudioFeatures(audio_n_mels, audio_chunk_seconds, audio_max_chunks, audio_processor)
-        self.video_transform = VideoFrames(self.image_transform, video_num_frames)
+        self.transforms = build_transforms(self.transform_options())  # modality -> its transform
         self.datasets: dict[str, dict[str, LlavaDataset]] = {}  # split -> domain -> dataset
         self.data_report: dict[str, dict[str, dict]] = {}  # split -> domain -> DataReport.as_dict()
         self.skip_log = SkipLog()  # every skipped record (setup and loading), and the file listing them
+
+    def transform_options(self) -> dict[str, dict[str, Any]]:
+        """modality -> its transform's options: the `<modality>_<option>` arguments (`TRANSFORM_ARGUMENTS`), then
+        `modality_options`."""
+        options: dict[str, dict[str, Any]] = {}
+        for key in TRANSFORM_ARGUMENTS:
+            name, _, option = key.partition("_")
+            options.setdefault(name, {})[option] = self.hparams[key]
+        for name, given in (self.hparams.modality_options or {}).items():
+            options[name] = {**options.get(name, {}), **given}
+        return options
 
     # ----- setup ---------------------------------------------------------------------------
 
@@ -256,9 +263,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 tokenizer=self.tokenizer,
                 domain=name,
                 max_length=self.hparams.max_length,
-                image_transform=self.image_transform,
-                audio_transform=self.audio_transform,
-                video_transform=self.video_transform,
+                transforms=self.transforms,
                 skip_bad_records=self.hparams.skip_bad_records,
                 max_samples=self.hparams[f"max_{'train' if split == 'train' else 'eval'}_samples_per_domain"],
                 decode_media=not (split == "train" and self.hparams.defer_train_decoding),
@@ -281,8 +286,8 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 lines.append(
                     f"  {split}/{name}: {r.kept} of {r.records}, skipped {skipped}, "
                     f"truncated {r.truncated}, no answer tokens left {r.no_answer_tokens}, "
-                    f"placeholder cut {r.cut_placeholders}" + (f", audio clips cut to their first windows "
-                                                               f"{r.long_audio}" if r.long_audio else "")
+                    f"placeholder cut {r.cut_placeholders}"
+                    + "".join(f", {m} items cut to what the transform keeps {n}" for m, n in r.long_items.items() if n)
                 )
                 if r.skipped or r.truncated or r.no_answer_tokens or r.cut_placeholders:
                     problems.append(f"{split}/{name}")

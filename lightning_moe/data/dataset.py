@@ -24,35 +24,42 @@ A sample is a dict; `collate_batch` turns a list of them into the batch dict the
 
     input_ids (B, T) long, right-padded     attention_mask (B, T)     labels (B, T), -100 but on assistant tokens
     prompt_input_ids (B, P) LEFT-padded     prompt_attention_mask (B, P)   (for generation)
-    pixel_values (num_images, 3, H, W)      image_counts (B,)   (pixel_values absent without images)
-    audio_values (num_audio, C, n_mels, frames)   audio_chunk_mask (num_audio, C)   audio_counts (B,)
-    video_values (num_videos, F, 3, H, W)         video_frame_mask (num_videos, F)  video_counts (B,)
     answers: list[str]   domain: list[str]   id: list[str]
     skipped_records: list[dict]   (only when a sample was skipped while loading; see above)
 
-Each placeholder stays one token in `input_ids`; the model expands it into the encoder's
-features. Items of each modality are ordered sample by sample, in placeholder order; a modality
-with no item in the batch has no values / mask key. The audio and video contract (chunks, frames,
-masks) is in `modalities.py`.
+and for each registered modality (`lightning_moe/modalities/`, keys from its `ModalitySpec`):
+
+    <values_key> (items_in_batch, ...)         its items through its transform, e.g. pixel_values (n, 3, H, W)
+    <name>_<slots>_mask (items_in_batch, S)    for items with padded slots: True on real slots, e.g.
+                                               audio_chunk_mask (n, C), video_frame_mask (n, F)
+    <name>_counts (B,) long                    items of each sample
+
+- Items are in placeholder order across the batch: sample 0's items in the order its placeholders of that
+  modality appear in `input_ids`, then sample 1's, ... So item k of a modality fills the k-th placeholder of
+  that modality in the row-major scan of `input_ids`.
+- A sample without a modality contributes no items; a batch without any item of a modality has no values /
+  mask key at all (its counts are all 0). Each placeholder is ONE token in `input_ids`; the model expands it
+  into that item's features.
+- S is fixed by the transform for every item, whatever the batch (audio: `AudioFeatures.max_chunks`, video:
+  `VideoFrames.num_frames`), so an item's features do not depend on the batch it lands in (positions
+  included), which generation relies on. The model keeps padded slots out of the LLM's attention.
 """
 
 import copy
 import hashlib
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejectedError
-from lightning_moe.data.media import DECODE_ERRORS, MediaItem, audio_seconds, decode_media, read_audio, unreadable_reason
-from lightning_moe.data.modalities import AudioFeatures, ImageTransform, VideoFrames
+from lightning_moe.data.media import decode_media, unreadable_reason
 from lightning_moe.data.records import (
     CHAT_TEMPLATE_REJECTED,
     PLACEHOLDER_MISMATCH,
@@ -62,39 +69,14 @@ from lightning_moe.data.records import (
     parse_record,
     where,
 )
-from lightning_moe.tokens import IGNORE_INDEX, MODALITY_COUNTS, MODALITY_INPUTS, MODALITY_MASKS, PLACEHOLDERS
+from lightning_moe.modalities import MediaItem, build_transforms, decode_errors, modalities
+from lightning_moe.modalities import modality as modality_spec
+from lightning_moe.tokens import IGNORE_INDEX
 
-PIXEL_VALUES = MODALITY_INPUTS["image"]  # the batch key of images, shared with the model
+__all__ = ["LlavaDataset", "DataReport", "MediaDecodeError", "collate_batch", "load_media", "clear_sample_cache",
+           "tokenizer_fingerprint", "SKIPPED_RECORDS"]
+
 SKIPPED_RECORDS = "skipped_records"  # item / batch key: samples skipped while loading (SkippedRecord dicts + domain)
-
-
-class NormalizeImage:
-    """RGB, resize to `size` x `size` (bicubic) if needed, scale to [0, 1], normalise per channel."""
-
-    def __init__(self, size: int = 32, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
-        self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-        return (pixels - self.mean) / self.std
-
-
-class HFImageProcessor:
-    """A Hugging Face image processor (e.g. a CLIP checkpoint's) as an `ImageTransform`."""
-
-    def __init__(self, name_or_path: str):
-        from transformers import AutoImageProcessor  # only needed for real checkpoints
-
-        # never the repository's own Python code (safe_load.py)
-        self.processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
 
 @dataclass
@@ -107,7 +89,9 @@ class DataReport:
     truncated: int = 0  # kept samples cut to max_length (still with some answer tokens)
     no_answer_tokens: int = 0  # skipped (always): no assistant token left after truncation
     cut_placeholders: int = 0  # skipped (always): truncation would cut a modality placeholder off
-    long_audio: int = 0  # kept audio clips longer than max_chunks windows: their first windows are used
+    # modality -> kept items longer than its transform keeps (audio clips past max_chunks windows: their first
+    # windows are used), for the modalities that measure it (`ModalitySpec.overflows`)
+    long_items: Counter = field(default_factory=Counter)
     skipped_records: list[SkippedRecord] = field(default_factory=list)  # every skipped record, in file order
 
     def as_dict(self) -> dict:
@@ -118,7 +102,7 @@ class DataReport:
             "truncated": self.truncated,
             "no_answer_tokens": self.no_answer_tokens,
             "cut_placeholders": self.cut_placeholders,
-            "long_audio": self.long_audio,
+            **{f"long_{s.name}": self.long_items[s.name] for s in modalities() if s.overflows is not None},
         }
 
 
@@ -133,24 +117,20 @@ class _Sample:
     file: str  # the data file and line, to name the record if a file fails to decode later
     line: int | None
 
-    @property
-    def images(self) -> list[Path]:
-        return self.media.get("image", [])
-
 
 class LlavaDataset(Dataset):
     """One domain's LLaVA-format records, validated and tokenized eagerly.
 
     Args:
         paths: one or more `.json` / `.jsonl` files.
-        root: directory that image, audio and video paths resolve under (never outside it).
+        root: directory that modality files (images, audio clips, video frames) resolve under (never outside it).
         tokenizer: a tokenizer from `load_tokenizer` (chat template, single-token placeholders).
         domain: name carried by every sample (per-domain metrics).
         max_length: longer conversations are truncated (and counted).
-        image_transform: PIL image -> (3, H, W) tensor; default `NormalizeImage()`.
-        audio_transform: waveform -> chunks and mask (`modalities.AudioFeatures`); default `AudioFeatures()`.
-        video_transform: frame files -> frames and mask (`modalities.VideoFrames`); default
-            `VideoFrames(image_transform)`.
+        transforms: modality -> its transform (`ModalitySpec.transform`), e.g. {"image": NormalizeImage(32)}
+            a modality not named gets its spec's default (video's reads the image transform).
+        **modality_transforms: the same as `<modality>_transform=...` keywords (`image_transform`,
+            `audio_transform`, `video_transform`, ...).
         skip_bad_records: skip and count bad records instead of raising; a sample that fails to
             decode when drawn is replaced by the next one that decodes (module docstring).
         max_samples: keep only the first `max_samples` good samples (evaluation subsets).
@@ -169,20 +149,17 @@ class LlavaDataset(Dataset):
         tokenizer: PreTrainedTokenizerBase,
         domain: str = "default",
         max_length: int = 2048,
-        image_transform: ImageTransform | None = None,
+        transforms: Mapping[str, Any] | None = None,
         skip_bad_records: bool = False,
         max_samples: int | None = None,
         decode_media: bool = True,
-        audio_transform: AudioFeatures | None = None,
-        video_transform: VideoFrames | None = None,
+        **modality_transforms: Any,
     ):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self.root = Path(root)
         self.domain = domain
         self.max_length = max_length
-        self.image_transform = image_transform or NormalizeImage()
-        self.audio_transform = audio_transform or AudioFeatures()
-        self.video_transform = video_transform or VideoFrames(self.image_transform)
+        self.transforms = build_transforms(given={**(transforms or {}), **_keyword_transforms(modality_transforms)})
         self.skip_bad_records = skip_bad_records
         self.decode_media = decode_media
         self.report = DataReport()
@@ -207,8 +184,9 @@ class LlavaDataset(Dataset):
             files = tuple((os.path.realpath(p), hashlib.sha256(Path(p).read_bytes()).hexdigest()) for p in self.paths)
         except OSError:
             return None  # a missing file: loading says so, naming it
-        settings = (self.max_length, self.skip_bad_records, self.decode_media, max_samples,
-                    self.audio_transform.chunk_seconds, self.audio_transform.max_chunks)
+        # what the report's long items depend on; and the registered modalities: which record fields are read
+        overflow = tuple(s.overflow_settings(self.transforms[s.name]) for s in modalities() if s.overflows is not None)
+        settings = (self.max_length, self.skip_bad_records, self.decode_media, max_samples, overflow, modalities())
         return (type(self), files, os.path.abspath(self.root), os.path.realpath(self.root),
                 tokenizer_fingerprint(tokenizer), settings)
 
@@ -243,19 +221,19 @@ class LlavaDataset(Dataset):
                     continue
                 try:
                     decode_media(modality, file)
-                except DECODE_ERRORS as e:
-                    raise BadRecordError(
-                        unreadable_reason(modality), path, line, parsed.id, f"unreadable {modality} {_name(file)}: {e}"
-                    ) from e
+                except decode_errors() as e:
+                    raise BadRecordError(unreadable_reason(modality), path, line, parsed.id,
+                                         f"unreadable {modality} {_name(modality, file)}: {e}") from e
                 decoded.add(file)
-        long_audio = 0
-        for file in parsed.files.get("audio", []):
-            try:
-                seconds = audio_seconds(file)
-            except DECODE_ERRORS as e:  # deferred decoding: the header is all that is read here
-                raise BadRecordError(unreadable_reason("audio"), path, line, parsed.id,
-                                     f"unreadable audio {file}: {e}") from e
-            long_audio += self.audio_transform.chunks(seconds) > self.audio_transform.max_chunks
+        long_items: Counter = Counter()
+        for modality_name, items in parsed.files.items():
+            spec = modality_spec(modality_name)
+            for file in items if spec.overflows is not None else ():
+                try:
+                    long_items[modality_name] += spec.overflows(file, self.transforms[modality_name])
+                except decode_errors() as e:  # deferred decoding: the header is all that is read here
+                    raise BadRecordError(unreadable_reason(modality_name), path, line, parsed.id,
+                                         f"unreadable {modality_name} {file}: {e}") from e
         try:
             tokens = chat(parsed.messages, self.max_length)
         except TemplateRejectedError as e:
@@ -265,7 +243,8 @@ class LlavaDataset(Dataset):
             self.report.no_answer_tokens += 1
             return None
         # Training (input_ids) and generation (prompt_ids) both pair every item with one placeholder.
-        for modality, placeholder in PLACEHOLDERS.items():
+        for spec in modalities():
+            modality, placeholder = spec.name, spec.placeholder
             n_items = len(parsed.files.get(modality, []))
             token_id = chat.tokenizer.convert_tokens_to_ids(placeholder)
             in_input, in_prompt = tokens.input_ids.count(token_id), tokens.prompt_ids.count(token_id)
@@ -281,7 +260,7 @@ class LlavaDataset(Dataset):
                     "tokenizer not loaded with load_tokenizer)",
                 )  # fmt: skip
         self.report.truncated += int(tokens.truncated)
-        self.report.long_audio += long_audio
+        self.report.long_items.update(long_items)
         return _Sample(
             id=parsed.id,
             input_ids=torch.tensor(tokens.input_ids, dtype=torch.long),
@@ -325,7 +304,7 @@ class LlavaDataset(Dataset):
     def load_media(self, sample: _Sample) -> dict[str, torch.Tensor | None]:
         """`load_media` of the sample's items with this dataset's transforms; a failure names the record."""
         try:
-            return load_media(sample.media, self.image_transform, self.audio_transform, self.video_transform)
+            return load_media(sample.media, self.transforms)
         except MediaDecodeError as e:
             raise BadRecordError(unreadable_reason(e.modality), sample.file, sample.line, sample.id, str(e)) from e
 
@@ -340,6 +319,19 @@ class LlavaDataset(Dataset):
             "answer": sample.answer,
             **media,  # pixel_values (n_images, 3, H, W) or None, audio_values + audio_chunk_mask, ...
         }
+
+
+def _keyword_transforms(keywords: dict[str, Any]) -> dict[str, Any]:
+    """`image_transform=...` keywords -> {"image": ...}; any other keyword is refused as Python would."""
+    transforms = {}
+    for key, transform in keywords.items():
+        name = key.removesuffix("_transform")
+        if not key.endswith("_transform") or name not in {s.name for s in modalities()}:
+            raise TypeError(f"LlavaDataset got an unexpected keyword argument {key!r} (a modality's transform is "
+                            f"`<modality>_transform`, modalities: {[s.name for s in modalities()]})")
+        if transform is not None:
+            transforms[name] = transform
+    return transforms
 
 
 # sample_cache_key -> (samples, report) of the datasets this process loaded, least recently used first
@@ -378,42 +370,40 @@ class MediaDecodeError(ValueError):
 
     def __init__(self, modality: str, item: MediaItem, error: Exception):
         self.modality = modality
-        super().__init__(f"cannot decode {_name(item)}: {error}")
+        super().__init__(f"cannot decode {_name(modality, item)}: {error}")
 
 
-def load_media(media: dict[str, list[MediaItem]], image_transform: ImageTransform, audio_transform: AudioFeatures,
-               video_transform: VideoFrames) -> dict[str, torch.Tensor | None]:
-    """One sample's items (modality -> items in placeholder order), transformed, under their batch keys (values
-    None for a modality it lacks); raises `MediaDecodeError` naming the first item that fails to decode.
-
-    `pixel_values` (n_images, 3, H, W); `audio_values` (n_audio, C, n_mels, frames) with
-    `audio_chunk_mask` (n_audio, C); `video_values` (n_videos, F, 3, H, W) with `video_frame_mask` (n_videos, F).
-    For one sample these are the tensors `collate_batch` puts in its batch.
+def load_media(media: Mapping[str, list[MediaItem]], transforms: Mapping[str, Any]) -> dict[str, torch.Tensor | None]:
+    """One sample's items (modality -> items in placeholder order) through their modality's transform
+    (`transforms`, modality -> transform; only the modalities the sample has are read), under their batch keys:
+    every registered modality's values (None when the sample lacks it) and, for items with slots, its mask; e.g.
+    `pixel_values` (n_images, 3, H, W), `audio_values` (n_audio, C, n_mels, frames) with `audio_chunk_mask`
+    (n_audio, C). For one sample these are the tensors `collate_batch` puts in its batch. Raises
+    `MediaDecodeError` naming the first item that fails to decode.
     """
     loaded: dict[str, torch.Tensor | None] = {}
-    for modality, key in MODALITY_INPUTS.items():
+    for spec in modalities():
         values, masks = [], []
-        for item in media.get(modality, []):
+        for item in media.get(spec.name, []):
             try:
-                if modality == "image":
-                    with Image.open(item) as image:
-                        values.append(image_transform(image))
-                    continue
-                loaded_item = audio_transform(read_audio(item)) if modality == "audio" else video_transform(item)
-            except DECODE_ERRORS as e:
-                raise MediaDecodeError(modality, item, e) from e
-            values.append(loaded_item[0])  # (C, n_mels, frames) or (F, 3, H, W)
-            masks.append(loaded_item[1])  # (C,) or (F,) bool
-        loaded[key] = torch.stack(values) if values else None
-        if modality in MODALITY_MASKS:
-            loaded[MODALITY_MASKS[modality]] = torch.stack(masks) if masks else None
+                out = spec.load(item, transforms[spec.name])
+            except decode_errors() as e:
+                raise MediaDecodeError(spec.name, item, e) from e
+            if spec.mask_key:
+                values.append(out[0])  # (S, ...)
+                masks.append(out[1])  # (S,) bool
+            else:
+                values.append(out)
+        loaded[spec.values_key] = torch.stack(values) if values else None
+        if spec.mask_key:
+            loaded[spec.mask_key] = torch.stack(masks) if masks else None
     return loaded
 
 
-def _name(item: MediaItem) -> str:
-    """A file, or a video's first frame and its frame count, for messages."""
+def _name(modality: str, item: MediaItem) -> str:
+    """A file, or a frame sequence's first frame and its frame count, for messages."""
     if isinstance(item, tuple):
-        return f"video of {len(item)} frame(s) from {item[0]}" if item else "video of no frames"
+        return f"{modality} of {len(item)} frame(s) from {item[0]}" if item else f"{modality} of no frames"
     return str(item)
 
 
@@ -453,20 +443,20 @@ def collate_batch(samples: list[dict], pad_token_id: int) -> dict:
         "domain": [s["domain"] for s in samples],
         "id": [s["id"] for s in samples],
     }
-    for modality, key in MODALITY_INPUTS.items():
+    for spec in modalities():
+        key, mask_key = spec.values_key, spec.mask_key
         present = [s for s in samples if s.get(key) is not None]
-        batch[MODALITY_COUNTS[modality]] = torch.tensor([0 if s.get(key) is None else len(s[key]) for s in samples],
-                                                        dtype=torch.long)
+        batch[spec.counts_key] = torch.tensor([0 if s.get(key) is None else len(s[key]) for s in samples],
+                                              dtype=torch.long)
         if not present:
             continue
-        if modality not in MODALITY_MASKS:
-            batch[key] = torch.cat([s[key] for s in present])  # (items_in_batch, 3, H, W)
+        if mask_key is None:
+            batch[key] = torch.cat([s[key] for s in present])  # (items_in_batch, ...), e.g. (n, 3, H, W)
             continue
-        # items of one DataModule share C / F already; a mixed list is padded to the widest (mask False there)
-        mask_key = MODALITY_MASKS[modality]
+        # items of one DataModule share their slot count already; a mixed list is padded to the widest (mask False)
         width = max(s[key].shape[1] for s in present)
-        batch[key] = torch.cat([_pad_slots(s[key], width) for s in present])  # (items, C or F, ...)
-        batch[mask_key] = torch.cat([_pad_slots(s[mask_key], width) for s in present])  # (items, C or F) bool
+        batch[key] = torch.cat([_pad_slots(s[key], width) for s in present])  # (items, slots, ...)
+        batch[mask_key] = torch.cat([_pad_slots(s[mask_key], width) for s in present])  # (items, slots) bool
     skipped = [record for s in samples for record in s.get(SKIPPED_RECORDS, ())]
     if skipped:
         batch[SKIPPED_RECORDS] = skipped  # counted by the DataModule in the main process

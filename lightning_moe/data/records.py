@@ -1,11 +1,13 @@
 """LLaVA-format records: reading JSON / JSONL files and validating each record.
 
 A record is `{"id", "image": "rel/path.png" | [..], "conversations": [{"from": "human" | "gpt"
-| "system", "value": "<image>\\n..."}]}`; records without `image` are text-only. `audio` (a clip
-or a list of clips, one per `<audio>`) and `video` (one per `<video>`) sit beside `image`, and any
-of them may be absent. A video is a directory of frame images (natural name order) or a list of
-frame files in temporal order; several videos are a list of those. A flat list of strings is read
-from what the paths are: all directories, one video each; all files, the frames of ONE video.
+| "system", "value": "<image>\\n..."}]}`; records without `image` are text-only. Every registered
+modality (`lightning_moe/modalities/`) has its field beside `image`, named after it (`audio`: a clip or
+a list of clips, one per `<audio>`; `video`: one per `<video>`), and any of them may be absent. A
+modality whose items are files takes a path or a list of paths. One whose items are frame sequences
+(video) takes a directory of frame images (natural name order) or a list of frame files in temporal
+order; several items are a list of those. A flat list of strings is read from what the paths are: all
+directories, one item each; all files, the frames of ONE item.
 
 Validation is eager (the DataModule runs it at setup) so a broken dataset fails before training
 starts, with an error that names the file, the line and the record id. Every problem has a
@@ -25,8 +27,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_moe.data.media import MediaItem, frame_files, unreadable_reason
-from lightning_moe.tokens import PLACEHOLDERS
+from lightning_moe.data.media import unreadable_reason
+from lightning_moe.modalities import MediaItem, modalities
+from lightning_moe.modalities.video import frame_files
 
 # LLaVA speaker names (and the ShareGPT / chat names some datasets use) -> chat-template roles.
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -90,14 +93,14 @@ class ParsedRecord:
     id: str
     messages: list[Message]
     # modality -> its items in placeholder order, real (symlink-free) paths under the root: a Path per
-    # image / audio item, a tuple of frame Paths per video item (media.py), e.g. {"image": [...]}
+    # file item (image, audio), a tuple of frame Paths per frame-sequence item (video), e.g. {"image": [...]}
     files: dict[str, list[MediaItem]]
 
 
 def human_turn(text: str, counts: dict[str, int]) -> str:
     """A first human turn as the shipped data write it: one placeholder line per item (`counts`: modality ->
-    items), modalities in `PLACEHOLDERS` order (image, audio, video), then `text`: `"<image>\\n<audio>\\nQ"`."""
-    return "".join(f"{placeholder}\n" * counts.get(modality, 0) for modality, placeholder in PLACEHOLDERS.items()) + text
+    items), modalities in registration order (image, audio, video, ...), then `text`: `"<image>\\n<audio>\\nQ"`."""
+    return "".join(f"{s.placeholder}\n" * counts.get(s.name, 0) for s in modalities()) + text
 
 
 def prompt_record(prompt: str, media: dict[str, list[str | list[str]]], record_id: str = "prompt") -> dict:
@@ -154,12 +157,12 @@ def _real_path(absolute: str) -> Path:
     return Path(os.path.realpath(absolute))
 
 
-def _video_entries(entry: object) -> list[str | list[str]] | None:
-    """The videos of a `video` entry before resolving paths (None: malformed).
+def _sequence_entries(entry: object) -> list[str | list[str]] | None:
+    """The frame sequences (videos) of a record's entry before resolving paths (None: malformed).
 
-    A string is one video (a directory); a list holding a list is several videos, each a directory
+    A string is one sequence (a directory); a list holding a list is several, each a directory
     or a frame list; a flat list of strings is returned as it is, to be read as several directories
-    or as one video's frames once the paths are resolved (`parse_record`).
+    or as one sequence's frames once the paths are resolved (`parse_record`).
     """
     if entry is None:
         return []
@@ -174,34 +177,34 @@ def _video_entries(entry: object) -> list[str | list[str]] | None:
     return None
 
 
-def _video_frames(video: str | list[str], modality: str, resolve, bad) -> tuple[Path, ...]:
-    """One video's frame files (real paths under the root), from a directory or a frame list."""
-    if isinstance(video, list):
-        frames = tuple(resolve(modality, name, "frame") for name in video)
-        for name, frame in zip(video, frames):
+def _frame_sequence(entry: str | list[str], modality: str, resolve, bad) -> tuple[Path, ...]:
+    """One frame sequence's (a video's) frame files (real paths under the root), from a directory or a frame list."""
+    if isinstance(entry, list):
+        frames = tuple(resolve(modality, name, "frame") for name in entry)
+        for name, frame in zip(entry, frames):
             if not frame.is_file():
                 raise bad(MALFORMED_RECORD, f"{modality} frame {name!r} is not a file (a frame list names image "
-                                            "files; a directory is a video of its own)")
+                                            f"files; a directory is a {modality} of its own)")
         return frames
-    directory = resolve(modality, video, "directory")
-    if not directory.is_dir():  # a lone file: a video of one frame
+    directory = resolve(modality, entry, "directory")
+    if not directory.is_dir():  # a lone file: a sequence of one frame
         return (directory,)
     frames = frame_files(directory)
     if not frames:
-        raise bad(MISSING_FILE, f"{modality} directory {video!r} holds no frame images")
+        raise bad(MISSING_FILE, f"{modality} directory {entry!r} holds no frame images")
     for frame in frames:
         # a frame that is a link out of the root is refused like any other path
-        resolve(modality, f"{video}/{frame.name}", "frame")
+        resolve(modality, f"{entry}/{frame.name}", "frame")
     return tuple(Path(os.path.realpath(f)) for f in frames)
 
 
 def parse_record(
-    record: object, root: Path, path: str | Path, line: int | None, supported: tuple[str, ...] = tuple(PLACEHOLDERS)
+    record: object, root: Path, path: str | Path, line: int | None, supported: tuple[str, ...] | None = None
 ) -> ParsedRecord:
     """Validate one record against `root` and return messages + resolved files, or raise `BadRecordError`.
 
-    `supported` lists the modalities whose files the caller can load; a record that uses another
-    one is rejected rather than silently trained without its inputs.
+    `supported` lists the modalities whose files the caller can load (None: every registered one); a record
+    that uses another one is rejected rather than silently trained without its inputs.
     """
     if not isinstance(record, dict):
         raise BadRecordError(MALFORMED_RECORD, path, line, None, f"a record must be a JSON object, got {type(record).__name__}")
@@ -244,39 +247,41 @@ def parse_record(
             raise bad(MISSING_FILE, f"{modality} {what} {name!r} not found under {root}")
         return real  # later reads open the checked path, not the link
 
-    for modality, placeholder in PLACEHOLDERS.items():
+    for spec in modalities():
+        modality, placeholder = spec.name, spec.placeholder
         entry = record.get(modality)
-        if modality == "video":
-            videos = _video_entries(entry)
-            if videos is None:
-                raise bad(MALFORMED_RECORD, f"'video' must be a directory, a list of frame files, or a list of "
+        if spec.item == "frames":
+            sequences = _sequence_entries(entry)
+            if sequences is None:
+                raise bad(MALFORMED_RECORD, f"'{modality}' must be a directory, a list of frame files, or a list of "
                                             f"those (one per {placeholder}), got {entry!r}")
         else:
-            videos = None
+            sequences = None
             names = [] if entry is None else [entry] if isinstance(entry, str) else entry
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise bad(MALFORMED_RECORD, f"'{modality}' must be a path or a list of paths, got {entry!r}")
-        if videos and all(isinstance(v, str) for v in videos):
-            # a flat list of strings: directories (a video each) or the frames of one video, as the files say
-            kinds = {resolve(modality, name, "path").is_dir() for name in videos}
+        if sequences and all(isinstance(v, str) for v in sequences):
+            # a flat list of strings: directories (an item each) or the frames of one item, as the files say
+            kinds = {resolve(modality, name, "path").is_dir() for name in sequences}
             if kinds == {False}:
-                videos = [videos]
+                sequences = [sequences]
             elif len(kinds) > 1:
-                raise bad(MALFORMED_RECORD, f"'video' mixes directories and files: {videos!r}; one video is a "
-                                            "directory or a list of frame files, several are a list of those")
+                raise bad(MALFORMED_RECORD, f"'{modality}' mixes directories and files: {sequences!r}; one "
+                                            f"{modality} is a directory or a list of frame files, several are a "
+                                            "list of those")
         n_placeholders = sum(m.content.count(placeholder) for m in messages)
-        count = len(videos) if videos is not None else len(names)
+        count = len(sequences) if sequences is not None else len(names)
         if n_placeholders != count:
             raise bad(
                 PLACEHOLDER_MISMATCH,
                 f"{n_placeholders} {placeholder} placeholder(s) in the text but {count} "
-                f"{'video(s)' if modality == 'video' else f'{modality} file(s)'}",
+                f"{f'{modality}(s)' if spec.item == 'frames' else f'{modality} file(s)'}",
             )
         if not count:
             continue
-        if modality not in supported:
+        if supported is not None and modality not in supported:
             raise bad(UNSUPPORTED_MODALITY, f"has {modality} inputs, which this dataset does not load")
-        if videos is None:
+        if sequences is None:
             items: list[MediaItem] = []
             for name in names:
                 real = resolve(modality, name, "file")
@@ -284,6 +289,6 @@ def parse_record(
                     raise bad(MISSING_FILE, f"{modality} file {name!r} not found under {root}")
                 items.append(real)
         else:
-            items = [_video_frames(video, modality, resolve, bad) for video in videos]
+            items = [_frame_sequence(sequence, modality, resolve, bad) for sequence in sequences]
         files[modality] = items
     return ParsedRecord(record_id, messages, files)

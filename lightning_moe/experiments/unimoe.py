@@ -139,9 +139,13 @@ def train_stage1(plan: Plan, base: Path) -> dict[str, RunResult]:
         if stored.get("plan") == signature:
             return {name: RunResult.from_dict(row) for name, row in stored["runs"].items()}
     results: dict[str, RunResult] = {}
+    # a config's `encoders` mapping replaces the shipped one whole: the shipped one, with the video pooling changed
+    shipped = yaml.safe_load(shipped_path("configs/unimoe/align.yaml").read_text())
+    encoders = shipped["model"]["init_args"]["backbone"]["encoders"]
     for pooling in ("concat", "mean"):
         name = f"align_{pooling}"
-        config = _config(plan, base, name, plan.align_steps, {"backbone": {"video_pooling": pooling}},
+        backbone = {"encoders": {**encoders, "video": {**encoders["video"], "pooling": pooling}}}
+        config = _config(plan, base, name, plan.align_steps, {"backbone": backbone},
                          [_save(base / "models" / name)], plan.base_seed)
         results[name] = _run("unimoe/align.yaml", config, name, base, plan.base_seed)
     saved.write_text(json.dumps({"plan": signature, "runs": {n: asdict(r) for n, r in results.items()}}, indent=2))

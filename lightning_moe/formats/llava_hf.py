@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from ..models.connectors import build_connector
-from ..models.encoders import VISION_MODELS, VisionTower
+from ..modalities.image import VISION_MODELS, VisionTower
 from ..models.multimodal import MultimodalLM
 from ..safe_load import check_safe_weights, hf_load_kwargs, raise_if_remote_code
 from ..tokens import IMAGE_TOKEN

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from ..layers import SparseMoE
 from ..models.architecture import decoder_layers, mlp_attribute
 from ..models.connectors import build_connector
-from ..models.encoders import VisionTower, build_vision_tower, vision_model_class
+from ..modalities.image import VisionTower, build_vision_tower, vision_model_class
 from ..models.multimodal import MultimodalLM
 from ..models.upcycle import MoEConfig, upcycle
 from ..safe_load import check_safe_weights

@@ -224,6 +224,6 @@ def without_adapters(model: MultimodalLM) -> MultimodalLM:
         parent._modules[parts[-1]] = getattr(adapter, kind_of(adapter).wrapped)
     base = MultimodalLM(llm, dict(model.encoders), dict(model.connectors), model.connector_kinds,
                         model.placeholder_ids, connector_options=model.connector_options,
-                        video_pooling=model.video_pooling)
+                        pooling=model.pooling)
     base.surgery = [e for e in model.surgery if e["op"] not in ops]
     return base

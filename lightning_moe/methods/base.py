@@ -15,7 +15,7 @@ Validation/test batches come from one dataloader per domain; each sample also ca
 from __future__ import annotations
 
 import inspect
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -23,6 +23,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -30,6 +31,8 @@ from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
 from ..formats import CHECKPOINT_CONFIG_KEY, load_backbone  # noqa: F401  (load_backbone re-exported)
 from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
+from ..models.encoders import (FLAT_KEYS, EncoderConfig, default_encoders, describe_encoders, encoder_configs,
+                               encoders_from_flat)
 from ..models.multimodal import batch_inputs
 from ..safe_load import checkpoint_safe  # noqa: F401  (re-exported: the methods' modules import it from here)
 from ..strategies import shard_blocks
@@ -41,24 +44,35 @@ from ..tokens import IGNORE_INDEX
 checkpoint_safe(MoEConfig)  # models/' config that MoETuning and MoDDistillation take (models/ keeps no torch.load policy)
 
 
+checkpoint_safe(EncoderConfig)  # a BackboneConfig's encoders, pickled with it
+FLAT_NOT_GIVEN = "(unset; deprecated, see encoders)"  # the default of BackboneConfig.vision_tower
+
+
 @checkpoint_safe
 @dataclass
 class BackboneConfig:
-    """Which model to build (tiny presets or Hugging Face names/paths), or which stage output to load."""
+    """Which model to build (tiny presets or Hugging Face names/paths), or which stage output to load.
+
+    `encoders` maps each modality the model reads (`lightning_moe/modalities/`) to its `EncoderConfig`; a
+    modality read through another's encoder (video: the image tower) names only its pooling:
+
+        encoders:
+          image: {tower: tiny-clip, feature_layer: -1, connector: mlp2x_gelu}
+          audio: {tower: tiny-whisper, connector: query, connector_options: {num_queries: 8}}
+          video: {pooling: concat}
+
+    The flat keys of older configs (`vision_tower`, `vision_overrides`, `vision_feature_layer`, `connector`,
+    `audio_tower`, `audio_overrides`, `audio_connector`, `audio_connector_options`, `video_pooling`) are still
+    read, with a deprecation warning: each sets its field of `encoders` (`models.encoders.encoders_from_flat`),
+    and `vision_tower: null` (`audio_tower`, `video_pooling`) removes its modality.
+    """
 
     llm: str = "tiny-llama"  # preset name, or a Hugging Face causal-LM name/path
     llm_overrides: dict[str, Any] = field(default_factory=dict)  # config fields for presets, kwargs for from_pretrained
-    vision_tower: str | None = "tiny-clip"  # preset name, or a CLIP/SigLIP name/path; None = text only
-    vision_overrides: dict[str, Any] = field(default_factory=dict)
-    vision_feature_layer: int = -2  # LLaVA takes the penultimate layer's patch features
-    connector: str = "mlp2x_gelu"
-    # Uni-MoE's other modalities (docs/unimoe.md): a Whisper encoder (preset "tiny-whisper", an openai/whisper-*
-    # name or a local path) with its connector, and video frames through the vision tower
-    audio_tower: str | None = None  # None = no audio
-    audio_overrides: dict[str, Any] = field(default_factory=dict)  # WhisperConfig fields for presets, kwargs otherwise
-    audio_connector: str = "query"  # learned queries cross-attending to the Whisper features, then an MLP
-    audio_connector_options: dict[str, Any] = field(default_factory=dict)  # num_queries, num_layers, num_heads, ...
-    video_pooling: Literal["mean", "concat"] | None = None  # None = no video; mean = the reference; concat keeps order
+    # modality -> its encoder and connector; {} = text only. Default: the tiny CLIP tower, LLaVA's feature layer
+    # and projector
+    encoders: dict[str, EncoderConfig] = field(
+        default_factory=lambda: {m: asdict(e) for m, e in default_encoders().items()})
     # a previous stage's save_pretrained directory or .ckpt, or a llava-hf / original-LLaVA directory or Hub id
     # (docs/hf_interop.md); replaces the above
     pretrained: str | None = None
@@ -67,12 +81,38 @@ class BackboneConfig:
     # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
     allow_unsafe_checkpoint: bool = False
     trust_remote_code: bool = False  # ... and a Hugging Face model's own Python code
+    # the flat form (deprecated; see the class docstring): read into `encoders`, not kept. None = not given, but
+    # for vision_tower, whose None was the text-only model
+    vision_tower: InitVar[str | None] = FLAT_NOT_GIVEN
+    vision_overrides: InitVar[dict[str, Any] | None] = None
+    vision_feature_layer: InitVar[int | None] = None
+    connector: InitVar[str | None] = None
+    audio_tower: InitVar[str | None] = None
+    audio_overrides: InitVar[dict[str, Any] | None] = None
+    audio_connector: InitVar[str | None] = None
+    audio_connector_options: InitVar[dict[str, Any] | None] = None
+    video_pooling: InitVar[Literal["mean", "concat"] | None] = None
+
+    def __post_init__(self, *flat_values: Any) -> None:
+        flat = dict(zip(FLAT_KEYS, flat_values, strict=True))  # the InitVars above, in FLAT_KEYS' order
+        flat = {k: v for k, v in flat.items() if (v != FLAT_NOT_GIVEN if k == "vision_tower" else v is not None)}
+        self.encoders = encoder_configs(self.encoders)
+        if flat:
+            self.encoders = encoder_configs(encoders_from_flat(flat, self.encoders))
+            rank_zero_warn(f"backbone: {', '.join(flat)} {'is' if len(flat) == 1 else 'are'} deprecated; write "
+                           f"`encoders: {describe_encoders(self.encoders)}` instead (docs/architecture.md)",
+                           category=FutureWarning)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a checkpoint written before a field existed (e.g. the audio ones, issue 14) holds no value for it: its default
+        # a checkpoint written before a field existed holds no value for it: its default; one written before
+        # `encoders` holds the flat keys, which gave exactly these encoders
+        flat = {k: state.pop(k) for k in list(state) if k in FLAT_KEYS}
         defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
                     for f in fields(self) if f.default is not MISSING or f.default_factory is not MISSING}
         self.__dict__.update({**defaults, **state})
+        if flat:
+            self.encoders = encoders_from_flat(flat)
+        self.encoders = encoder_configs(self.encoders)
 
 
 @checkpoint_safe
@@ -293,10 +333,9 @@ class MultimodalMethod(L.LightningModule):
         if b.pretrained:  # a stage's output, or a llava-hf / original-LLaVA directory (lightning_moe.formats)
             return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint, tokenizer=self.tokenizer,
                                  torch_dtype=b.torch_dtype, trust_remote_code=b.trust_remote_code)
-        return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, b.vision_tower, b.vision_overrides,
-                                b.vision_feature_layer, b.connector, b.torch_dtype, b.trust_remote_code,
-                                b.allow_unsafe_checkpoint, b.audio_tower, b.audio_overrides, b.audio_connector,
-                                b.audio_connector_options, b.video_pooling)
+        return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, torch_dtype=b.torch_dtype,
+                                trust_remote_code=b.trust_remote_code, allow_unsafe=b.allow_unsafe_checkpoint,
+                                encoders=b.encoders)
 
     @property
     def stage_plan(self) -> Stage:

@@ -1,178 +1,165 @@
-"""Modality encoders: Hugging Face vision towers (CLIP, SigLIP) and the Whisper speech encoder,
-wrapped to return a sequence of features per item.
+"""Which encoders a model has: `EncoderConfig`, one per modality (`BackboneConfig.encoders`, `build_multimodal`),
+built into towers and connectors by `build_encoders`; and the flat keys older configs and checkpoints hold
+(`vision_tower`, `audio_tower`, `video_pooling`, ...), read by `encoders_from_flat`.
 
-`VisionTower` picks the hidden layer LLaVA uses (the penultimate by default) and drops the CLS
-token where the tower has one, so every image becomes (num_patches, hidden) features. Video has no
-tower of its own: its frames go through the image tower (`MultimodalLM`, Uni-MoE's reference).
-`AudioTower` runs a Whisper encoder on one log-mel window per row, (n, n_mels, frames) ->
-(n, frames // 2, hidden) (Whisper's two convolutions halve the frames), from its last layer as
-Uni-MoE's reference reads it.
+The towers themselves are defined with their modality (`lightning_moe/modalities/`: `image.py`'s `VisionTower`,
+`audio.py`'s `AudioTower`), which also says how each is saved and rebuilt (`ModalitySpec.tower`). A modality
+whose items another's encoder reads (video: the image tower and connector) names only its pooling here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
-import torch
 from torch import nn
-from transformers import AutoConfig, CLIPVisionModel, PretrainedConfig, SiglipVisionModel, WhisperConfig, WhisperModel
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ..safe_load import hf_load_kwargs, hf_source
-from .presets import AUDIO_PRESETS, VISION_PRESETS, preset_config
+from ..modalities import modalities, modality
+from .connectors import build_connector
 
-# model_type of a (full or vision-only) checkpoint -> vision model class
-VISION_MODELS = {
-    "clip": CLIPVisionModel,
-    "clip_vision_model": CLIPVisionModel,
-    "siglip": SiglipVisionModel,
-    "siglip_vision_model": SiglipVisionModel,
+__all__ = ["EncoderConfig", "default_encoders", "encoder_configs", "check_encoders", "build_encoders",
+           "FLAT_KEYS", "encoders_from_flat", "pooling_record", "describe_encoders"]
+
+
+@dataclass
+class EncoderConfig:
+    """One modality's encoder and connector: the value of `BackboneConfig.encoders[<modality>]`. None fields
+    take the modality's default (`ModalitySpec`)."""
+
+    tower: str | None = None  # a preset name, or a Hugging Face name/path; None for a modality read by another's tower
+    overrides: dict[str, Any] = field(default_factory=dict)  # config fields for presets, kwargs for from_pretrained
+    feature_layer: int | None = None  # the tower's hidden layer read (image: -2, LLaVA's penultimate)
+    connector: str | None = None  # the connector kind (models/connectors.py; image: mlp2x_gelu, audio: query)
+    connector_options: dict[str, Any] = field(default_factory=dict)  # e.g. the query connector's num_queries
+    pooling: str | None = None  # items with slots (audio windows, video frames): "concat" or "mean" (video: mean)
+
+
+def default_encoders() -> dict[str, EncoderConfig]:
+    """What a backbone config that names no encoders builds: the tiny CLIP tower and LLaVA-1.5's projector."""
+    return {"image": EncoderConfig(tower="tiny-clip", feature_layer=-2, connector="mlp2x_gelu")}
+
+
+def encoder_configs(encoders: Mapping[str, EncoderConfig | Mapping[str, Any]]) -> dict[str, EncoderConfig]:
+    """`encoders` with plain dicts (a Python caller's, a YAML file's) turned into `EncoderConfig`s, checked."""
+    out = {}
+    for name, config in encoders.items():
+        if isinstance(config, Mapping):
+            unknown = sorted(set(config) - {f.name for f in fields(EncoderConfig)})
+            if unknown:
+                raise ValueError(f"encoders.{name}: unknown keys {unknown}; an encoder has "
+                                 f"{[f.name for f in fields(EncoderConfig)]}")
+            config = EncoderConfig(**config)
+        out[name] = config
+    check_encoders(out)
+    return out
+
+
+def check_encoders(encoders: Mapping[str, EncoderConfig]) -> None:
+    """Every modality registered, every tower named, every modality read by another's encoder with that encoder
+    there and nothing of its own, every pooling one its modality allows; else a ValueError naming the key."""
+    for name, config in encoders.items():
+        spec = modality(name)
+        if spec.encoder_of is not None:
+            own = [f.name for f in fields(EncoderConfig) if f.name != "pooling" and getattr(config, f.name)]
+            if own:
+                raise ValueError(f"encoders.{name}: {name} items go through the {spec.encoder_of} encoder and "
+                                 f"connector, so it takes no {own} (set them under encoders.{spec.encoder_of})")
+            if spec.encoder_of not in encoders:
+                raise ValueError(f"encoders.{name}: {name} items go through the {spec.encoder_of} encoder: "
+                                 f"a model with {name} needs encoders.{spec.encoder_of}")
+        elif not config.tower:
+            raise ValueError(f"encoders.{name}: no tower named (a preset such as tiny-clip, or a Hugging Face "
+                             "name or path)")
+        if config.pooling is not None and config.pooling not in spec.pooling:
+            allowed = f"one of {list(spec.pooling)}" if spec.pooling else "none (its items have no slots)"
+            raise ValueError(f"encoders.{name}.pooling must be {allowed}, got {config.pooling!r}")
+
+
+def build_encoders(encoders: Mapping[str, EncoderConfig], llm_hidden: int, trust_remote_code: bool = False,
+                   allow_unsafe: bool = False) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, str],
+                                                        dict[str, dict[str, Any]], dict[str, str]]:
+    """The towers, connectors, connector kinds, connector options and poolings of `encoders`, each keyed by
+    modality in registration order (every tower built before the first connector: a fixed seed gives the same
+    weights whatever the modalities)."""
+    check_encoders(encoders)
+    present = [s for s in modalities() if s.name in encoders]
+    towers: dict[str, nn.Module] = {}
+    kinds: dict[str, str] = {}
+    options: dict[str, dict[str, Any]] = {}
+    pooling: dict[str, str] = {}
+    for spec in present:
+        config = encoders[spec.name]
+        if spec.tower is not None:
+            feature_layer = spec.feature_layer if config.feature_layer is None else config.feature_layer
+            towers[spec.name] = spec.tower.build(config.tower, config.overrides, feature_layer=feature_layer,
+                                                 trust_remote_code=trust_remote_code, allow_unsafe=allow_unsafe)
+            kinds[spec.name] = config.connector or spec.connector
+            options[spec.name] = dict(config.connector_options)
+        if spec.pooling:
+            pooling[spec.name] = config.pooling or spec.pooling[0]
+    connectors = {m: build_connector(kinds[m], tower.hidden_size, llm_hidden, **options[m]) for m, tower in towers.items()}
+    return towers, connectors, kinds, options, pooling
+
+
+# ---------------------------------------------------------------------------- the flat form
+# the flat backbone keys: key -> (modality, EncoderConfig field)
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    "vision_tower": ("image", "tower"), "vision_overrides": ("image", "overrides"),
+    "vision_feature_layer": ("image", "feature_layer"), "connector": ("image", "connector"),
+    "audio_tower": ("audio", "tower"), "audio_overrides": ("audio", "overrides"),
+    "audio_connector": ("audio", "connector"), "audio_connector_options": ("audio", "connector_options"),
+    "video_pooling": ("video", "pooling"),
 }
+# the key whose None meant "no such modality", and what a modality it switched on had by default
+_SWITCHES = {"image": "vision_tower", "audio": "audio_tower", "video": "video_pooling"}
+_FLAT_DEFAULTS = {"image": default_encoders()["image"], "audio": EncoderConfig(connector="query"),
+                  "video": EncoderConfig()}
 
 
-SelectStrategy = Literal["patch", "full"]
+def encoders_from_flat(flat: Mapping[str, Any],
+                       encoders: Mapping[str, EncoderConfig] | None = None) -> dict[str, EncoderConfig]:
+    """`encoders` (default: `default_encoders()`) with the flat keys of `flat` (`FLAT_KEYS`) applied, as the flat
+    form meant them: a key sets its field of its modality's entry, creating it with the old defaults when its
+    switch (`vision_tower`, `audio_tower`, `video_pooling`) names one, and a switch set to None removes it. All
+    the flat keys of an old config or checkpoint give exactly the encoders it built."""
+    unknown = sorted(set(flat) - set(FLAT_KEYS))
+    if unknown:
+        raise ValueError(f"{unknown} are not keys of the flat backbone form ({list(FLAT_KEYS)})")
+    result = {m: copy.deepcopy(e) for m, e in (default_encoders() if encoders is None else encoders).items()}
+    for name, switch in _SWITCHES.items():
+        keys = [k for k, (m, _) in FLAT_KEYS.items() if m == name and k in flat]
+        if switch in flat and flat[switch] is None:
+            result.pop(name, None)
+            continue
+        if not keys or (name not in result and switch not in flat):
+            continue  # options of a modality the flat form did not switch on had no effect
+        entry = result.get(name) or copy.deepcopy(_FLAT_DEFAULTS[name])
+        for key in keys:
+            setattr(entry, FLAT_KEYS[key][1], copy.deepcopy(flat[key]))
+        result[name] = entry
+    return result
 
 
-class VisionTower(nn.Module):
-    """(images, 3, H, W) -> (images, num_patches, hidden) from hidden layer `feature_layer`.
-
-    `select_strategy`: "patch" drops the CLS token where the tower has one (LLaVA's default), "full" keeps
-    every token (llava-hf's "full", original LLaVA's "cls_patch").
-    """
-
-    def __init__(self, model: nn.Module, feature_layer: int = -2, select_strategy: SelectStrategy = "patch"):
-        super().__init__()
-        self.model = model
-        self.feature_layer = feature_layer
-        self.select_strategy = select_strategy
-        cfg = model.config
-        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.hidden_size = cfg.hidden_size
-        for module in self.unused_modules():
-            _parameters_to_buffers(module)
-
-    @property
-    def config(self) -> PretrainedConfig:
-        return self.model.config
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        features = self.hidden_state(pixel_values.to(dtype))
-        if self.select_strategy == "patch" and features.shape[1] == self.num_patches + 1:  # CLIP prepends a CLS token; LLaVA drops it
-            features = features[:, 1:]
-        return features
+def pooling_record(pooling: Mapping[str, str]) -> dict[str, Any]:
+    """A model's poolings as `multimodal_config.json` holds them: video's under `video_pooling` (None without
+    video), where every record holds it, and any other modality's that is not its default under `pooling`
+    (absent when there is none), so that a model of the shipped modalities has one record, and the expert
+    stores exported from it one fingerprint, whichever version wrote them. `MultimodalLM.from_config_dict` reads
+    both back."""
+    others = {m: p for m, p in pooling.items() if m != "video" and p != modality(m).pooling[0]}
+    return {"video_pooling": pooling.get("video"), **({"pooling": others} if others else {})}
 
 
-    def unused_modules(self) -> list[nn.Module]:
-        """Parts of the tower the features never depend on: its pooling (CLIP's and SigLIP's `post_layernorm`,
-        SigLIP's `head`) and the layers after `feature_layer`. Their weights are kept as buffers, so checkpoints
-        and Hugging Face exports keep every tensor, but they are not parameters: no freeze plan can make them
-        trainable, and DDP does not wait for gradients they never get."""
-        layers = getattr(getattr(self.model, "encoder", None), "layers", None)
-        if not hasattr(self.model, "embeddings") or layers is None:
-            return []
-        count = len(layers) + 1
-        after = list(layers[self.feature_layer % count:]) if -count <= self.feature_layer < count else []
-        pooling = [getattr(self.model, name) for name in ("post_layernorm", "head") if hasattr(self.model, name)]
-        return [m for m in pooling if isinstance(m, nn.Module)] + after
+def describe_encoders(encoders: Mapping[str, EncoderConfig]) -> str:
+    """`encoders` in YAML flow style with the fields that differ from an empty `EncoderConfig`, e.g.
+    `{image: {tower: tiny-clip, feature_layer: -1, connector: mlp2x_gelu}}`."""
+    empty = asdict(EncoderConfig())
 
-    def hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`model(pixel_values, output_hidden_states=True).hidden_states[feature_layer]`, running only the layers
-        it needs: the tower's pooling (CLIP's `post_layernorm`, SigLIP's `post_layernorm` and `head`) and the layers
-        after `feature_layer` never touch the features, and parameters that get no gradient make DDP fail."""
-        model = self.model
-        layers = getattr(getattr(model, "encoder", None), "layers", None)
-        if not hasattr(model, "embeddings") or layers is None:  # another tower layout: the generic path
-            return model(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
-        count = len(layers) + 1  # hidden_states: the embeddings' output, then one per layer
-        if not -count <= self.feature_layer < count:
-            raise IndexError(f"vision_feature_layer {self.feature_layer} is out of range for a {len(layers)}-layer tower")
-        hidden = model.embeddings(pixel_values)
-        if hasattr(model, "pre_layrnorm"):  # CLIP normalises before the encoder (hidden_states[0] includes it)
-            hidden = model.pre_layrnorm(hidden)
-        for layer in layers[: self.feature_layer % count]:
-            hidden = layer(hidden, None)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers return tuples
-        return hidden
+    def flow(value: Any) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {flow(v)}" for k, v in value.items()) + "}"
+        return "null" if value is None else str(value)
 
-
-def _parameters_to_buffers(module: nn.Module) -> None:
-    """Turn every parameter of `module` into a persistent buffer of the same name (same state_dict keys)."""
-    for sub in module.modules():
-        for name, param in list(sub.named_parameters(recurse=False)):
-            delattr(sub, name)
-            sub.register_buffer(name, param.detach())
-
-
-def vision_model_class(config: PretrainedConfig) -> type:
-    if config.model_type not in VISION_MODELS:
-        raise ValueError(f"unsupported vision tower type {config.model_type!r}; known: {sorted(VISION_MODELS)}")
-    return VISION_MODELS[config.model_type]
-
-
-def vision_config_to_vision_only(config: PretrainedConfig) -> PretrainedConfig:
-    """A full CLIP/SigLIP config holds the tower's config under `vision_config`."""
-    return getattr(config, "vision_config", None) or config
-
-
-def build_vision_tower(name_or_path: str, overrides: dict[str, Any] | None = None, feature_layer: int = -2,
-                       trust_remote_code: bool = False, allow_unsafe: bool = False) -> VisionTower:
-    """A preset name builds a fresh tiny tower; anything else is loaded with `from_pretrained` (safetensors
-    only and no repository code, unless `allow_unsafe` / `trust_remote_code` say otherwise)."""
-    if name_or_path in VISION_PRESETS:
-        config = preset_config(VISION_PRESETS, name_or_path, overrides)
-        return VisionTower(vision_model_class(config)(config), feature_layer)
-    with hf_source("vision tower", name_or_path, allow_unsafe):
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model = vision_model_class(config).from_pretrained(
-        name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
-    return VisionTower(model, feature_layer)
-
-
-def vision_tower_from_config(config_dict: dict[str, Any], feature_layer: int,
-                             select_strategy: SelectStrategy = "patch") -> VisionTower:
-    config = AutoConfig.for_model(**config_dict)
-    config = vision_config_to_vision_only(config)
-    return VisionTower(vision_model_class(config)(config), feature_layer, select_strategy)
-
-
-# ---------------------------------------------------------------------------- audio
-class AudioTower(nn.Module):
-    """(windows, n_mels, frames) Whisper log-mel -> (windows, frames // 2, hidden) from the encoder's last layer."""
-
-    def __init__(self, encoder: WhisperEncoder):
-        super().__init__()
-        self.model = encoder
-        cfg = encoder.config
-        self.num_positions = cfg.max_source_positions  # features per window
-        self.hidden_size = cfg.d_model
-        self.feature_layer = -1  # recorded for the model config; Whisper's reference reads the last layer
-
-    @property
-    def config(self) -> PretrainedConfig:
-        return self.model.config
-
-    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        return self.model(input_features.to(dtype)).last_hidden_state
-
-
-def build_audio_tower(name_or_path: str, overrides: dict[str, Any] | None = None, trust_remote_code: bool = False,
-                      allow_unsafe: bool = False) -> AudioTower:
-    """A preset name builds a fresh tiny Whisper encoder; anything else (an `openai/whisper-*` name or a local
-    directory) loads a Whisper checkpoint and keeps its encoder (safetensors only, no repository code, unless
-    `allow_unsafe` / `trust_remote_code` say otherwise)."""
-    if name_or_path in AUDIO_PRESETS:
-        return AudioTower(WhisperEncoder(preset_config(AUDIO_PRESETS, name_or_path, overrides)))
-    with hf_source("audio tower", name_or_path, allow_unsafe):
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if not isinstance(config, WhisperConfig):
-        raise ValueError(f"audio tower {name_or_path!r} is a {config.model_type!r} checkpoint; a Whisper one is needed")
-    # the full encoder-decoder loads, the decoder is dropped: Whisper checkpoints keep the encoder under `model.encoder`
-    whisper = WhisperModel.from_pretrained(name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe),
-                                           **(overrides or {}))
-    return AudioTower(whisper.get_encoder())
-
-
-def audio_tower_from_config(config_dict: dict[str, Any]) -> AudioTower:
-    return AudioTower(WhisperEncoder(AutoConfig.for_model(**config_dict)))
+    return flow({m: {k: v for k, v in asdict(e).items() if v != empty[k]} for m, e in encoders.items()})

@@ -1,25 +1,30 @@
 """`MultimodalLM`: modality encoders + connectors + any Hugging Face causal LM.
 
-Data flow (DESIGN.md): each placeholder token in `input_ids` (one per image, audio clip or video)
-is replaced by the N projected features of its item, so a (B, T) batch becomes (B, T') input
-embeddings with labels -100 on the features. The LLM then runs unchanged; sparse layers inside it
-(after surgery) record their routing for the method's losses.
+Data flow (docs/architecture.md): each placeholder token in `input_ids` (one per image, audio clip,
+video, or item of any registered modality) is replaced by the N projected features of its item, so a
+(B, T) batch becomes (B, T') input embeddings with labels -100 on the features. The LLM then runs
+unchanged; sparse layers inside it (after surgery) record their routing for the method's losses.
 
-Modalities (Uni-MoE): each has an encoder and a connector, except video, whose frames go through the
-image encoder and connector (`video_pooling`: "mean" averages the frames' encoder features, the
-reference; "concat" keeps every frame's tokens in order). Items with padded slots (audio windows,
-video frames; `tokens.MODALITY_MASKS`) encode only their real slots, and the features of padded ones
-are masked out of the LLM's attention. `last_token_modality` keeps, after each `embed`, which
-modality every position of the spliced sequence came from (routing statistics per modality).
+Modalities (`lightning_moe/modalities/`, Uni-MoE for audio and video): the model reads the modalities
+it has a placeholder id for. Each has an encoder and a connector, or reads through another's
+(`ModalitySpec.encoder_of`: video frames go through the image encoder and connector). Items with
+padded slots (audio windows, video frames) encode only their real slots, combined by the modality's
+`pooling` ("concat": every slot's tokens in order; "mean": the slots' encoder features averaged, then
+projected once, the reference for video), and the features of padded ones are masked out of the
+LLM's attention. `last_token_modality` keeps, after each `embed`, which modality every position of
+the spliced sequence came from (routing statistics per modality).
 
-`save_pretrained` writes `multimodal_config.json` (every sub-config, the connector kinds, the
-placeholder ids and the surgery log) and `model.safetensors`; `from_pretrained` rebuilds the
-modules, replays the surgery and loads the weights, so a stage's output is the next stage's input.
+`save_pretrained` writes `multimodal_config.json` (every sub-config, each tower's record as its
+modality writes it, the connector kinds, the poolings, the placeholder ids and the surgery log) and
+`model.safetensors`; `from_pretrained` rebuilds the modules, replays the surgery and loads the
+weights, so a stage's output is the next stage's input.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,20 +34,21 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..modalities import NAMES, modalities
+from ..modalities import modality as modality_spec
 from ..safe_load import hf_load_kwargs, hf_source
-from ..tokens import IGNORE_INDEX, MODALITY_INPUTS, MODALITY_MASKS, PLACEHOLDERS
+from ..tokens import IGNORE_INDEX
 from .checkpoint import replay_surgery
 from .connectors import build_connector
-from .encoders import (AudioTower, VisionTower, audio_tower_from_config, build_audio_tower, build_vision_tower,
-                       vision_tower_from_config)
+from .encoders import EncoderConfig, build_encoders, encoder_configs, encoders_from_flat, pooling_record
 from .architecture import moe_family
 from .native_moe import convert_native_moe
 from .presets import LLM_PRESETS, preset_config
 
 CONFIG_NAME = "multimodal_config.json"
 WEIGHTS_NAME = "model.safetensors"
-# modality order of `last_token_modality` (index into it; -1 = a text token)
-MODALITIES = tuple(PLACEHOLDERS)
+# modality order of `last_token_modality` (index into it; -1 = a text token): the registry's, read on every use
+MODALITIES = NAMES
 VideoPooling = Literal["mean", "concat"]
 
 
@@ -57,14 +63,18 @@ class MultimodalLM(nn.Module):
     def __init__(
         self,
         llm: PreTrainedModel,
-        encoders: dict[str, VisionTower | AudioTower] | None = None,
+        encoders: dict[str, nn.Module] | None = None,
         connectors: dict[str, nn.Module] | None = None,
         connector_kinds: dict[str, str] | None = None,
         placeholder_ids: dict[str, int] | None = None,
         connector_options: dict[str, dict[str, Any]] | None = None,
         video_pooling: VideoPooling | None = None,
+        pooling: dict[str, str] | None = None,
     ):
-        """video_pooling: None = no video; else video frames go through the image encoder and connector."""
+        """encoders / connectors: modality -> its tower / connector (the same keys). placeholder_ids: modality ->
+        its token id, for every modality the model reads (those with an encoder, and those read through another's,
+        e.g. video). pooling: modality -> "concat" | "mean", for modalities whose items have slots (default: the
+        modality's own). `video_pooling` is the older form of `pooling["video"]`."""
         super().__init__()
         self.llm = llm
         self.encoders = nn.ModuleDict(encoders or {})
@@ -74,15 +84,25 @@ class MultimodalLM(nn.Module):
         self.connector_kinds = dict(connector_kinds or {})
         self.connector_options = {m: dict(o) for m, o in (connector_options or {}).items()}
         self.placeholder_ids = dict(placeholder_ids or {})
-        if video_pooling is not None:
-            if video_pooling not in ("mean", "concat"):
-                raise ValueError(f"video_pooling must be 'mean' or 'concat', got {video_pooling!r}")
-            if "image" not in self.encoders:
-                raise ValueError("video frames go through the image encoder: a model with video needs an image tower")
-        self.video_pooling = video_pooling
-        missing = (set(self.encoders) | ({"video"} if video_pooling else set())) - set(self.placeholder_ids)
+        pooling = dict(pooling or {})
+        if video_pooling is not None:  # the older call form of pooling["video"]
+            pooling.setdefault("video", video_pooling)
+        missing = (set(self.encoders) | set(pooling)) - set(self.placeholder_ids)
         if missing:
             raise ValueError(f"no placeholder token id for modalities {sorted(missing)}")
+        self.pooling: dict[str, str] = {}
+        for name in self.placeholder_ids:
+            spec = modality_spec(name)
+            source = spec.encoder_modality()
+            if source not in self.encoders:
+                raise ValueError(f"{name} items go through the {source} encoder: a model that reads {name} needs a "
+                                 f"{source} tower")
+            if spec.pooling:
+                self.pooling[name] = pooling.pop(name, spec.pooling[0])
+                if self.pooling[name] not in spec.pooling:
+                    raise ValueError(f"{name} pooling must be one of {list(spec.pooling)}, got {self.pooling[name]!r}")
+        if pooling:
+            raise ValueError(f"pooling given for {sorted(pooling)}, whose items have no slots")
         self.last_token_modality: torch.Tensor | None = None  # (B, T') index into MODALITIES, -1 on text
         # Ordered record of in-place rewrites (models/checkpoint.py), replayed by from_pretrained.
         self.surgery: list[dict[str, Any]] = []
@@ -90,8 +110,8 @@ class MultimodalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     @property
     def modalities(self) -> list[str]:
-        """The modalities this model reads (video when `video_pooling` is set)."""
-        return [m for m in MODALITIES if m in self.encoders or (m == "video" and self.video_pooling)]
+        """The modalities this model reads, in registration order."""
+        return [m for m in MODALITIES if m in self.placeholder_ids]
 
     def _encoder_features(self, modality: str, values: torch.Tensor) -> torch.Tensor:
         encoder = self.encoders[modality]
@@ -111,27 +131,29 @@ class MultimodalLM(nn.Module):
                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw inputs of `items` items -> ((items, N, llm_hidden) projected features, (items, N) bool mask or None).
 
-        image (items, 3, H, W); audio (items, C, n_mels, frames) with a (items, C) window mask: each real
-        window gives the connector's tokens, in order (N = C × tokens per window); video (items, F, 3, H, W)
-        with a (items, F) frame mask: frames through the image tower, averaged over real frames ("mean",
-        N = patches) or kept in order ("concat", N = F × patches). Padded slots are never encoded; their
+        Items without slots (image (items, 3, H, W)): one encoder pass each, N = the connector's tokens. Items
+        with slots and a (items, S) slot mask (audio (items, C, n_mels, frames): windows; video (items, F, 3,
+        H, W): frames, through the image tower): each real slot encoded, then "concat" keeps each slot's
+        connector tokens in order (N = S x tokens per slot) and "mean" averages the slots' encoder features over
+        the real ones before one projection (N = tokens per slot). Padded slots are never encoded; their
         features are zeros and masked.
         """
-        if modality not in ("audio", "video"):  # one encoder pass per item, no slots
-            return self._connect(modality, self._encoder_features(modality, values)), None
-        source = "image" if modality == "video" else modality
-        if modality == "video" and not self.video_pooling:
-            raise ValueError("this model reads no video (built without video_pooling)")
+        if modality not in self.placeholder_ids:
+            raise ValueError(f"this model reads no {modality} (it reads {', '.join(self.modalities) or 'text only'})")
+        spec = modality_spec(modality)
+        source = spec.encoder_modality()
+        if not spec.slots:  # one encoder pass per item
+            return self._connect(source, self._encoder_features(source, values)), None
         items, slots = values.shape[:2]
         if mask is None:
             mask = torch.ones(items, slots, dtype=torch.bool, device=values.device)
         mask = mask.to(device=values.device, dtype=torch.bool)
         keep = mask.reshape(-1)  # (items * slots,)
         encoded = self._encoder_features(source, values.flatten(0, 1)[keep])  # (kept, S, De)
-        if modality == "video" and self.video_pooling == "mean":
-            # the reference averages the frames' encoder features, then projects once
+        if self.pooling[modality] == "mean":
+            # the features averaged over the real slots, then projected once (the video reference)
             full = encoded.new_zeros(items * slots, *encoded.shape[1:]).index_put((keep.nonzero()[:, 0],), encoded)
-            weight = mask.to(encoded.dtype)[:, :, None, None]  # (items, F, 1, 1)
+            weight = mask.to(encoded.dtype)[:, :, None, None]  # (items, S, 1, 1)
             pooled = (full.view(items, slots, *encoded.shape[1:]) * weight).sum(1) / weight.sum(1).clamp(min=1)
             return self._connect(source, pooled), mask.any(1, keepdim=True).expand(-1, pooled.shape[1])
         projected = self._connect(source, encoded)  # (kept, N_slot, D)
@@ -153,9 +175,10 @@ class MultimodalLM(nn.Module):
         # placeholder id -> ((items, N, D) features, (items, N) mask or None, modality index)
         features: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
         for modality in self.modalities:
-            values = modality_inputs.get(MODALITY_INPUTS[modality])
+            spec = modality_spec(modality)
+            values = modality_inputs.get(spec.values_key)
             if values is not None and values.shape[0] > 0:
-                mask = modality_inputs.get(MODALITY_MASKS.get(modality, ""))
+                mask = modality_inputs.get(spec.mask_key) if spec.mask_key else None
                 feats, feat_mask = self.encode_items(modality, values, mask)
                 features[self.placeholder_ids[modality]] = (feats, feat_mask, MODALITIES.index(modality))
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -203,7 +226,7 @@ class MultimodalLM(nn.Module):
             filled = inside & (source_ids == token_id)  # (B, T'): row-major = item after item, N slots each
             out = out.masked_scatter(filled[..., None], feats.to(out.dtype))
             item_mask = source_mask
-            if feat_mask is not None:  # padded audio windows / video frames stay out of attention
+            if feat_mask is not None:  # padded slots (audio windows, video frames) stay out of attention
                 item_mask = item_mask * torch.zeros_like(item_mask).masked_scatter(filled, feat_mask.to(item_mask.dtype))
             out_mask = torch.where(filled, item_mask, out_mask)
             out_modality = out_modality.masked_fill(filled, modality_index)
@@ -240,7 +263,7 @@ class MultimodalLM(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy (default) or sampled continuation of LEFT-padded prompts -> (B, new tokens)."""
-        keys = set(MODALITY_INPUTS.values()) | set(MODALITY_MASKS.values())
+        keys = {k for s in modalities() for k in (s.values_key, s.mask_key) if k}
         modality_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
         embeds, mask, _ = self.embed(prompt_input_ids, prompt_attention_mask, padding_side="left", **modality_inputs)
         kwargs.setdefault("do_sample", False)
@@ -250,20 +273,14 @@ class MultimodalLM(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {
             "llm": self.llm.config.to_dict(),
-            "encoders": {
-                m: {"kind": "audio" if isinstance(enc, AudioTower) else "vision", "config": enc.config.to_dict(),
-                    "feature_layer": enc.feature_layer,
-                    # written only when not the default, so older records and directories read the same
-                    **({"select_strategy": enc.select_strategy}
-                       if getattr(enc, "select_strategy", "patch") != "patch" else {})}
-                for m, enc in self.encoders.items()
-            },
+            # each tower's record as its modality writes it (`Tower.to_config`)
+            "encoders": {m: modality_spec(m).tower.to_config(enc) for m, enc in self.encoders.items()},
             "connectors": {
                 m: {"kind": self.connector_kinds[m], "in_dim": self.encoders[m].hidden_size,
                     "out_dim": self.llm.config.hidden_size, "options": self.connector_options.get(m, {})}
                 for m in self.connectors
             },
-            "video_pooling": self.video_pooling,
+            **pooling_record(self.pooling),
             "placeholder_ids": self.placeholder_ids,
             "surgery": self.surgery,
         }
@@ -273,15 +290,14 @@ class MultimodalLM(nn.Module):
         """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
         llm_config = AutoConfig.for_model(**config["llm"])
         llm = AutoModelForCausalLM.from_config(llm_config)
-        # records written before audio (issue 14) have no encoder kind, connector options or video pooling
-        encoders = {m: audio_tower_from_config(e["config"]) if e.get("kind") == "audio"
-                    else vision_tower_from_config(e["config"], e["feature_layer"], e.get("select_strategy", "patch"))
-                    for m, e in config["encoders"].items()}
+        # each tower is rebuilt by its modality (the record's key); older records have no connector options;
+        # poolings as `pooling_record` writes them (a modality not named there has its default)
+        encoders = {m: modality_spec(m).tower.from_config(e) for m, e in config["encoders"].items()}
         options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
         connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
                       for m, c in config["connectors"].items()}
         model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
-                    config["placeholder_ids"], options, config.get("video_pooling"))
+                    config["placeholder_ids"], options, config.get("video_pooling"), config.get("pooling"))
         replay_surgery(model, config["surgery"])
         return model
 
@@ -311,7 +327,7 @@ def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, torch
     """The model's tensors from a collated batch (training sequence, or the left-padded generation prompt)."""
     ids, mask = ("prompt_input_ids", "prompt_attention_mask") if prompt else ("input_ids", "attention_mask")
     inputs = {"input_ids": batch[ids], "attention_mask": batch[mask]}
-    inputs.update({k: batch[k] for k in (*MODALITY_INPUTS.values(), *MODALITY_MASKS.values()) if k in batch})
+    inputs.update({k: batch[k] for s in modalities() for k in (s.values_key, s.mask_key) if k and k in batch})
     return inputs
 
 
@@ -356,27 +372,39 @@ def build_multimodal(
     audio_connector: str = "query",
     audio_connector_options: dict[str, Any] | None = None,
     video_pooling: VideoPooling | None = None,
+    encoders: Mapping[str, EncoderConfig | Mapping[str, Any]] | None = None,
 ) -> MultimodalLM:
-    """The LLM, the image tower and connector, and (Uni-MoE) a Whisper audio tower with its connector
+    """The LLM and, for each modality of `encoders` (modality -> `EncoderConfig`, in registration order), its
+    tower and connector, or the encoder it reads through (video: the image tower).
+
+    Without `encoders`, the flat keywords of the shipped modalities say it (`encoders_from_flat`): the image
+    tower and connector (`vision_tower` None: text only), a Whisper audio tower with its connector
     (`audio_tower`: a preset such as "tiny-whisper", an `openai/whisper-*` name or a local path) and video
     through the image tower (`video_pooling`)."""
+    flat = dict(vision_tower=vision_tower, vision_overrides=vision_overrides or {},
+                vision_feature_layer=vision_feature_layer, connector=connector, audio_tower=audio_tower,
+                audio_overrides=audio_overrides or {}, audio_connector=audio_connector,
+                audio_connector_options=audio_connector_options or {}, video_pooling=video_pooling)
+    if encoders is None:
+        encoders = encoders_from_flat(flat, {})
+    else:
+        defaults = {k: p.default for k, p in inspect.signature(build_multimodal).parameters.items() if k in flat}
+        given = sorted(k for k, v in flat.items() if v != defaults[k] and not (v == {} and defaults[k] is None))
+        if given:
+            raise ValueError(f"build_multimodal: give the encoders either as `encoders` or as the flat keywords, "
+                             f"not both ({given})")
+        encoders = encoder_configs(encoders)
     language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype, trust_remote_code, allow_unsafe)
-    hidden = language_model.config.hidden_size
-    encoders, connectors, kinds, options, placeholder_ids = {}, {}, {}, {}, {}
-    if vision_tower:
-        encoders["image"] = build_vision_tower(vision_tower, vision_overrides, vision_feature_layer, trust_remote_code,
-                                               allow_unsafe)
-        kinds["image"], options["image"] = connector, {}
-    if audio_tower:
-        encoders["audio"] = build_audio_tower(audio_tower, audio_overrides, trust_remote_code, allow_unsafe)
-        kinds["audio"], options["audio"] = audio_connector, dict(audio_connector_options or {})
-    for modality, tower in encoders.items():
-        connectors[modality] = build_connector(kinds[modality], tower.hidden_size, hidden, **options[modality])
-    for modality in [*encoders, *(["video"] if video_pooling else [])]:
-        placeholder_ids[modality] = tokenizer.convert_tokens_to_ids(PLACEHOLDERS[modality])
-        if placeholder_ids[modality] in (None, tokenizer.unk_token_id):
-            raise ValueError(f"the tokenizer has no {PLACEHOLDERS[modality]!r} token (load it with load_tokenizer)")
-    model = MultimodalLM(language_model, encoders, connectors, kinds, placeholder_ids, options, video_pooling)
+    towers, connectors, kinds, options, pooling = build_encoders(encoders, language_model.config.hidden_size,
+                                                                 trust_remote_code, allow_unsafe)
+    placeholder_ids = {}
+    for spec in modalities():
+        if spec.name not in encoders:
+            continue
+        placeholder_ids[spec.name] = tokenizer.convert_tokens_to_ids(spec.placeholder)
+        if placeholder_ids[spec.name] in (None, tokenizer.unk_token_id):
+            raise ValueError(f"the tokenizer has no {spec.placeholder!r} token (load it with load_tokenizer)")
+    model = MultimodalLM(language_model, towers, connectors, kinds, placeholder_ids, options, pooling=pooling)
     if moe_family(language_model) is not None:  # a native MoE LLM is a sparse model here
         convert_native_moe(model)
     if torch_dtype:

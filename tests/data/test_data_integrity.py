@@ -127,7 +127,7 @@ def test_symlink_to_a_system_file_is_never_opened(root, tokenizer, monkeypatch):
 def test_links_inside_the_root_and_a_linked_root_are_followed(root, tokenizer, tmp_path):
     os.symlink(root / "img1.png", root / "alias.png")
     dataset = _load(root, [record("r-alias", images=("alias.png",))], tokenizer)
-    assert dataset.samples[0].images == [(root / "img1.png").resolve()]  # reads open the checked file
+    assert dataset.samples[0].media["image"] == [(root / "img1.png").resolve()]  # reads open the checked file
     os.symlink(root, tmp_path / "root_link", target_is_directory=True)
     linked = LlavaDataset(root / "d.jsonl", tmp_path / "root_link", tokenizer)
     assert len(linked) == 1
@@ -138,7 +138,7 @@ def test_data_files_named_in_the_config_may_live_outside_the_root(root, tokenize
     data_file = write_jsonl(tmp_path / "elsewhere" / "train.jsonl", [record("r0", images=("img0.png",))])
     dm = DomainMixtureDataModule({"a": {"train": str(data_file)}}, root=str(root), tokenizer=tokenizer.name_or_path)
     dm.setup("fit")
-    assert dm.datasets["train"]["a"].samples[0].images == [(root / "img0.png").resolve()]
+    assert dm.datasets["train"]["a"].samples[0].media["image"] == [(root / "img0.png").resolve()]
 
 
 # ----- the skip report: counts per reason, and every record in the run's folder ------------------------

@@ -13,9 +13,8 @@ from transformers import WhisperFeatureExtractor
 from lightning_moe.data import BadRecordError, DomainMixtureDataModule, LlavaDataset, collate_batch
 from lightning_moe.data import records as R
 from lightning_moe.data.dataset import SKIPPED_RECORDS
-from lightning_moe.data.media import read_audio
-from lightning_moe.data.modalities import AudioFeatures, VideoFrames
-from lightning_moe.data.dataset import NormalizeImage
+from lightning_moe.modalities import AudioFeatures, NormalizeImage, VideoFrames
+from lightning_moe.modalities.audio import read_audio
 from lightning_moe.tokens import MODALITY_COUNTS, MODALITY_INPUTS, MODALITY_MASKS
 from tests.data.data_helpers import media_record, tone, write_audio, write_frames, write_image, write_jsonl
 
@@ -83,7 +82,7 @@ def test_audio_longer_than_max_chunks_keeps_its_first_windows_and_is_counted(roo
     assert mask.tolist() == [True, True] and values.shape == (2, 80, 100)
     dataset = _load(root, [media_record("long", audio=["long.wav"]), media_record("short", audio=["a1.flac"])],
                     tokenizer, audio_transform=_audio(max_chunks=2))
-    assert dataset.report.long_audio == 1 and len(dataset) == 2
+    assert dataset.report.long_items["audio"] == 1 and len(dataset) == 2
 
 
 def test_audio_window_must_be_a_whole_number_of_frames():
@@ -98,7 +97,7 @@ def test_video_frames_keep_order_pad_short_videos_and_sample_long_ones_uniformly
     colours = [(k * 20, 0, 0) for k in range(12)]
     directory = write_frames(tmp_path / "v", colours)
     (directory / "README.txt").write_text("not a frame")
-    from lightning_moe.data.media import frame_files
+    from lightning_moe.modalities.video import frame_files
 
     frames = frame_files(directory)
     assert [f.name for f in frames] == [f"{k}.png" for k in range(12)]

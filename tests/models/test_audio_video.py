@@ -9,7 +9,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, WhisperConfig, Whisp
 
 from lightning_moe.models import MultimodalLM, build_multimodal
 from lightning_moe.models.connectors import QueryConnector
-from lightning_moe.models.encoders import build_audio_tower, build_vision_tower
+from lightning_moe.modalities.audio import build_audio_tower
+from lightning_moe.modalities.image import build_vision_tower
 from lightning_moe.models.multimodal import MODALITIES, batch_inputs
 from tests.conftest import TINY_LLM, TINY_VISION
 
@@ -118,7 +119,7 @@ def test_video_mean_pools_encoder_features_over_real_frames(tokenizer):
     # mean pooling forgets frame order; concat keeps it
     reversed_frames = torch.cat([values[:, :3].flip(1), values[:, 3:]], dim=1)
     torch.testing.assert_close(model.encode("video", reversed_frames[:1], mask[:1]), features[:1])
-    model.video_pooling = "concat"
+    model.pooling["video"] = "concat"
     concat = model.encode("video", values[:1], mask[:1])
     assert concat.shape[1] == 4 * 16
     assert not torch.allclose(model.encode("video", reversed_frames[:1], mask[:1]), concat)
@@ -129,7 +130,7 @@ def test_round_trip_keeps_audio_and_video(tokenizer, tmp_path):
     inputs = batch(tokenizer)
     model.save_pretrained(tmp_path)
     loaded = MultimodalLM.from_pretrained(tmp_path).eval()
-    assert loaded.video_pooling == "mean" and set(loaded.encoders) == {"image", "audio"}
+    assert loaded.pooling == {"audio": "concat", "video": "mean"} and set(loaded.encoders) == {"image", "audio"}
     assert loaded.connector_options["audio"]["num_queries"] == QUERIES
     torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
 

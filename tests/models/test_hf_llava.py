@@ -252,7 +252,7 @@ def test_export_gives_a_llava_hf_directory_with_the_same_logits_and_round_trips(
     # the processor expands the placeholder to the tower's patch count and normalises as the data pipeline does
     from PIL import Image
 
-    from lightning_moe.data.dataset import NormalizeImage
+    from lightning_moe.modalities import NormalizeImage
 
     processor = AutoProcessor.from_pretrained(tmp_path / "export")
     image = Image.fromarray((torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy())

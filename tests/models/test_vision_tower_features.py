@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from lightning_moe.models.encoders import VisionTower
+from lightning_moe.modalities.image import VisionTower
 
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
 
