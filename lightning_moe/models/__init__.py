@@ -8,37 +8,33 @@
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
 - `hf_llava.py`: llava-hf and original-LLaVA directories in, llava-hf directories out
 - `peft_format.py`: plain LoRA as a peft adapter, and peft LoRA directories in
-- `modality_experts.py`: Uni-MoE's upcycling, each expert from its own modality's trained FFN
-Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, mora_add_task,
-modality_experts).
+Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, add_adapter_task) and
+reads the records older code wrote (`checkpoint.register_old_op`).
 """
 
 from .architecture import adapter_modules, decoder_layers, expert_layers, mlp_attribute, resolve_layers, routed_layers
-from .checkpoint import SURGERIES, canonical_log, register_surgery, replay_surgery
+from .checkpoint import SURGERIES, canonical_log, register_old_op, register_surgery, replay_surgery
 from .multimodal import MultimodalLM, MultimodalOutput, build_llm, build_multimodal, load_backbone
 from .native_moe import convert_native_moe, to_hf_causal_lm
 from .upcycle import MoEConfig, ParameterCounts, is_sparse, parameter_counts, upcycle
 from .adapters import (
-    AdapterConfig,
     AdapterRule,
     adapter_parameters,
+    add_adapter_task,
     add_adapters,
-    add_mora_task,
     load_adapters,
     merge_lora,
     plan_adapters,
     save_adapters,
 )
-from .freeze import PARAMETER_GROUPS, set_trainable
+from .freeze import PARAMETER_GROUPS, ParameterGroup, set_trainable
 from .hf_llava import export_multimodal, load_hf_multimodal
 from .peft_format import export_peft, without_adapters
-from .modality_experts import ModalityExpertsConfig, modality_experts
 
 __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "load_backbone", "MoEConfig",
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
-           "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "upcycle", "AdapterConfig", "AdapterRule",
-           "add_adapters", "add_mora_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
-           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "replay_surgery",
+           "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "ParameterGroup", "upcycle", "AdapterRule",
+           "add_adapters", "add_adapter_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
+           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "register_old_op", "replay_surgery",
            "canonical_log", "convert_native_moe", "to_hf_causal_lm", "export_multimodal", "load_hf_multimodal",
-           "export_peft", "without_adapters", "ModalityExpertsConfig",
-           "modality_experts"]
+           "export_peft", "without_adapters"]

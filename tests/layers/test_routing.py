@@ -185,7 +185,8 @@ def test_routing_losses_of_one_real_token_and_without_a_mask():
 
 def test_routing_loss_options_are_checked_by_name():
     routing = routing_from_logits(torch.randn(4, 3), 1)
-    with pytest.raises(ValueError, match="^form must be 'switch', 'gshard' or 'mole', got 'dense'$"):
+    with pytest.raises(ValueError, match=r"^form must be one of \['gshard', 'mole', 'switch'\] \(register_balance_form "
+                                         r"adds one\), got 'dense'$"):
         load_balancing_loss(routing, form="dense")
     with pytest.raises(ValueError, match="^layers must be 'sum', 'mean' or 'concat', got 'max'$"):
         load_balancing_loss(routing, layers="max")
