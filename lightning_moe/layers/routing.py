@@ -12,8 +12,8 @@ Routers compute in float32 whatever the input dtype or autocast state, as Switch
 softmax and top-k over bf16 logits flip choices between nearly tied experts.
 
 The load-balancing loss comes in registered forms (`BalanceForm`, `register_balance_form`): "switch"
-and "gshard" here, and any form a layer's file registers beside it (the MoLE adapter kind registers
-"mole", `adapters/mole.py`).
+and "gshard" here, and any form a layer's file registers beside the layer that uses it (an adapter
+kind's, under `adapters/`).
 """
 
 from __future__ import annotations
@@ -209,13 +209,11 @@ def load_balancing_loss(
 ) -> Tensor:
     """Auxiliary load-balancing loss over real (mask == 1) tokens.
 
-    form: a registered `BalanceForm`:
+    form: the name of a registered `BalanceForm` (`balance_forms()`); those registered here:
       "switch": `E * sum_i f_i P_i`, f_i = (token, slot) pairs routed to expert i over all top-k
           slots / tokens, P_i = mean probability (Hugging Face Mixtral). Balanced value: k.
       "gshard": `mean_i(me_i * ce_i) * E^2` with ce from the top-1 choice (DeepSpeed, the
           MoE-LLaVA reference). Balanced value: 1.
-      "mole" (registered by `adapters/mole.py`): `sum_i mean(p_i) * mean(c_i)` with c = straight-through
-          one-hot of the top-1 choice, no xE (LLaVA-MoLE reference). Balanced value: 1/E.
     Counts use the choices the layer made (noisy second choice included) before any capacity
     drop, as DeepSpeed does.
 
