@@ -59,7 +59,7 @@ def fit(config: str | list[str], *extra: str):
 
 
 def assert_outputs_load_safely(workdir: Path) -> None:
-    """Every checkpoint and model directory a run wrote loads on the safe path (issue 19: no opt-in needed)."""
+    """Every checkpoint and model directory a run wrote loads on the safe path (no opt-in needed)."""
     from lightning_moe.models import load_backbone
     from lightning_moe.safe_load import load_torch_file
 

@@ -1,4 +1,4 @@
-"""`python -m lightning_moe.export` end to end (issue 13, must-show 3, the Mixtral part): fine-tune a tiny saved
+"""`python -m lightning_moe.export` end to end (the Mixtral part): fine-tune a tiny saved
 Mixtral-based multimodal model with `stage: moe` through the CLI (routing losses and heat maps in
 TensorBoard), export it, load it with plain transformers (same logits), and put it in an EdgeMoE
 store; `merge_lora` as a command; refusals that say why."""

@@ -211,6 +211,8 @@ class MultimodalMethod(L.LightningModule):
 
     Public hooks, for what a method adds to the shared steps (none needs overriding the steps themselves):
 
+    - `enter_stage(model)`: the surgery the stage itself asks for; the base upcycles when the stage says so
+      (a method may fill the new experts afterwards: Uni-MoE's from its stage-2 models).
     - `configure_backbone(model)`: rewrite the model in place (e.g. adapters), after the stage's upcycling
       and before the freeze plan.
     - `parameter_groups() -> dict`: the method's own parameter groups (name -> model -> parameters), which

@@ -22,6 +22,7 @@ heat map beside the domain × expert one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,12 +104,12 @@ def non_mlp_differences(model: MultimodalLM, other: MultimodalLM, atol: float = 
     return differ
 
 
-def _router_parameters(model: MultimodalLM):
+def _router_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
     for _, layer in expert_layers(model.llm):
         yield from layer.router.parameters()
 
 
-def _mlp_parameters(model: MultimodalLM):
+def _mlp_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
     for layer in decoder_layers(model.llm):
         yield from getattr(layer, mlp_attribute(layer)).parameters()
 

@@ -35,6 +35,6 @@ __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", 
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
            "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "ParameterGroup", "upcycle", "AdapterRule",
            "add_adapters", "add_adapter_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
-           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "register_old_op", "replay_surgery",
-           "canonical_log", "convert_native_moe", "to_hf_causal_lm", "export_multimodal", "load_hf_multimodal",
+           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "register_old_op",
+           "replay_surgery", "canonical_log", "convert_native_moe", "to_hf_causal_lm", "export_multimodal", "load_hf_multimodal",
            "export_peft", "without_adapters"]

@@ -36,7 +36,8 @@ PARAMETER_GROUPS: dict[str, ParameterGroup] = {
 }
 
 
-def set_trainable(model: MultimodalLM, groups: list[str], extra: Mapping[str, ParameterGroup] | None = None) -> set[str]:
+def set_trainable(model: MultimodalLM, groups: list[str],
+                  extra: Mapping[str, ParameterGroup] | None = None) -> set[str]:
     """Freeze everything, then unfreeze the named groups (`PARAMETER_GROUPS`, and a method's `extra` ones).
     Returns the trainable parameter names."""
     known = {**PARAMETER_GROUPS, **(extra or {})}

@@ -1,7 +1,7 @@
 """Uni-MoE through the CLI: the shipped configs chain (align, one experts run per modality, moe), and right
 after stage 3's surgery, with the router forced to a modality's expert, the model computes what that
-modality's stage-2 run computed (issue 14, must-show 1); the stage-3 outputs load, export and generate
-with experts offloaded (must-show 6); TensorBoard gets the modality x expert heat map."""
+modality's stage-2 run computed; the stage-3 outputs load, export and generate with experts offloaded;
+TensorBoard gets the modality x expert heat map."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from tests.conftest import ROOT, built_once
 from tests.methods.test_unimoe import forced
 from tests.test_cli import FAST, UNIMOE, assert_outputs_load_safely, workdir  # noqa: F401  (fixture)
 
-# the shipped audio/video data (data/media) and its DataModule options come with the data side of issue 14
+# the shipped audio/video data (data/media) and its DataModule options
 media = pytest.mark.skipif(not (ROOT / "data/media/beeps/train.jsonl").is_file(),
-                           reason="data/media (issue 14's data side) is not in this checkout yet")
+                           reason="data/media (the shipped audio/video domains) is not in this checkout")
 
 
 def fit(config: str, *extra: str):
@@ -66,7 +66,7 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir, 
     assert (workdir / "runs/unimoe/moe/merged/multimodal_config.json").is_file()
     assert_outputs_load_safely(workdir)
 
-    # must-show 1, through the shipped configs' outputs: a fresh stage-3 model, forced to each slot
+    # through the shipped configs' outputs: a fresh stage-3 model, forced to each slot, computes its stage-2 model
     method = UniMoE(stage="moe", backbone=BackboneConfig(pretrained="runs/unimoe/align/model"),
                     experts={m: f"runs/unimoe/experts/{m}/model" for m in ("image", "audio", "video")},
                     moe=cli.model.moe_options)

@@ -1,5 +1,5 @@
 """Native Hugging Face MoE LLMs (Mixtral, Qwen2-MoE with its gated shared expert, OLMoE, Qwen3-MoE) as
-project `SparseMoE` models, and every LLM back to plain transformers (issue 13, must-show 1).
+project `SparseMoE` models, and every LLM back to plain transformers.
 
 Oracles: the Hugging Face model itself, built from a tiny config and saved locally (no hub): its
 logits, and its own router aux loss (`output_router_logits=True`, `load_balancing_loss_func`).
