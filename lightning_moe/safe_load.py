@@ -45,6 +45,8 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # must be `checkpoint_safe`, which registers it under both names; only loading reads this table.
 RENAMED_CLASSES = {
     "lightning_moe.models.surgery.MoEConfig": "lightning_moe.models.upcycle.MoEConfig",  # surgery.py split by job
+    # Uni-MoE's expert slots: only its method uses them
+    "lightning_moe.models.modality_experts.ModalityExpertsConfig": "lightning_moe.methods.unimoe.ModalityExpertsConfig",
 }
 
 

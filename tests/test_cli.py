@@ -144,7 +144,7 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
               "--data.init_args.steps_per_task=1")
     tasks = cli.datamodule.task_names
     assert cli.trainer.global_step == len(tasks) == 3
-    assert cli.model.accuracy.matrix().shape == (3, 3)
+    assert cli.model.task_loop.accuracy.matrix().shape == (3, 3)
     assert [len(m.lora_A) for m in cli.model.mora_layers[:1]] == [3]  # ranks added for tasks 1 and 2
     events = EventAccumulator(str(cli.trainer.logger.log_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
@@ -159,7 +159,8 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
     resumed = fit(MORA[1], "--trainer.max_steps=-1", "--trainer.val_check_interval=1.0",
                   "--data.init_args.steps_per_task=1", f"--ckpt_path={checkpoints / 'task0.ckpt'}")
     assert resumed.trainer.global_step == 3
-    torch.testing.assert_close(resumed.model.accuracy.matrix(), cli.model.accuracy.matrix(), rtol=0, atol=0)
+    torch.testing.assert_close(resumed.model.task_loop.accuracy.matrix(), cli.model.task_loop.accuracy.matrix(),
+                               rtol=0, atol=0)
     final, again = cli.model.model.state_dict(), resumed.model.model.state_dict()
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
     assert_outputs_load_safely(workdir)

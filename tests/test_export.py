@@ -18,7 +18,7 @@ from lightning_moe.cli import main as cli_main
 from lightning_moe.export import main as export_main
 from lightning_moe.formats import NotExportable
 from lightning_moe.inference import ExpertStore, load_resident_model
-from lightning_moe.models import (AdapterConfig, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
+from lightning_moe.models import (AdapterRule, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
                                   expert_layers, upcycle)
 from tests.conftest import ROOT, TINY_LLM, TINY_VISION
 from tests.test_cli import FAST
@@ -101,7 +101,7 @@ def test_fine_tune_a_saved_mixtral_multimodal_model_export_and_load_with_transfo
 def lora_model(tokenizer) -> MultimodalLM:
     model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, vision_tower=None)
     upcycle(model, MoEConfig(layers="all"))
-    add_adapters(model, [AdapterConfig(kind="lora", targets=["q_proj", "v_proj"], layers="all", r=4)])
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "v_proj"], layers="all", r=4)])
     with torch.no_grad():  # LoRA starts as a no-op (B = 0): make it change the logits
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -80,9 +80,10 @@ def continual_details(cli: Any) -> dict[str, Any]:
     """What a continual run measured, from its finished CLI: the accuracy matrix and its scores, adapter
     parameters, active ranks per token (and MoRA's rank usage per task)."""
     model = cli.model
-    matrix = model.accuracy.matrix()
-    if matrix.shape[0] != len(model.task_names):
-        raise RuntimeError(f"{type(model).__name__}: only {matrix.shape[0]} of {len(model.task_names)} rows "
+    tasks = model.task_loop.task_names
+    matrix = model.task_loop.accuracy.matrix()
+    if matrix.shape[0] != len(tasks):
+        raise RuntimeError(f"{type(model).__name__}: only {matrix.shape[0]} of {len(tasks)} rows "
                            "were evaluated")
     counts = model.adapter_parameter_counts()
     if "val/active_ranks" in cli.trainer.callback_metrics:  # MoRA: measured
@@ -90,7 +91,7 @@ def continual_details(cli: Any) -> dict[str, Any]:
     else:  # plain LoRA: every rank of the one adapter in use is active for every token
         ranks = float(model.lora.r)
     usage = {task: u.tolist() for task, u in model.rank_usage.items()} if hasattr(model, "rank_usage") else None
-    return {"tasks": list(model.task_names), "accuracy": matrix.tolist(), **continual_scores(matrix).as_dict(),
+    return {"tasks": list(tasks), "accuracy": matrix.tolist(), **continual_scores(matrix).as_dict(),
             "adapter_params_total": counts["total"],  # adapter parameters held at the end (all tasks)
             "adapter_params_per_task": counts["per_task"],  # adapter parameters trained on one task
             "active_ranks_per_token": ranks,  # average over real tokens and adapted layers, last evaluation

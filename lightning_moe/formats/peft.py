@@ -164,7 +164,7 @@ def load_peft_lora(model: MultimodalLM, directory: str | Path) -> MultimodalLM:
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} not found (peft adapters saved as adapter_model.bin: load them with "
                                 "peft and save_pretrained again, which writes safetensors)")
-    if any(e["op"] in ("adapters", "mora_add_task") for e in model.surgery):
+    if any(e["op"] in adapter_ops() for e in model.surgery):
         raise PeftFormatError(f"{config_file}: the model already has adapters; load a peft LoRA onto a base model")
     tensors = load_file(str(weights_file))
     prefix = model.llm.base_model_prefix

@@ -21,6 +21,7 @@ from .adapters import (
 from .mlp import MLPLayout, mlp_layout
 from .moe import SparseMoE, get_activation
 from .routing import (
+    BalanceForm,
     RoutedLayer,
     RouterOutput,
     TopKRouter,
@@ -28,6 +29,7 @@ from .routing import (
     collect_routing,
     expert_capacity,
     load_balancing_loss,
+    register_balance_form,
     router_z_loss,
 )
 
@@ -37,6 +39,8 @@ __all__ = [
     "RoutedLayer",
     "collect_routing",
     "load_balancing_loss",
+    "BalanceForm",
+    "register_balance_form",
     "router_z_loss",
     "expert_capacity",
     "capacity_drop",

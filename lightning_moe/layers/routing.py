@@ -10,12 +10,16 @@ forward and computes the auxiliary losses here, in one place:
 
 Routers compute in float32 whatever the input dtype or autocast state, as Switch/Mixtral do:
 softmax and top-k over bf16 logits flip choices between nearly tied experts.
+
+The load-balancing loss comes in registered forms (`BalanceForm`, `register_balance_form`): "switch"
+and "gshard" here, and any form a layer's file registers beside the layer that uses it (an adapter
+kind's, under `adapters/`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,9 @@ __all__ = [
     "TopKRouter",
     "RoutedLayer",
     "collect_routing",
+    "BalanceForm",
+    "register_balance_form",
+    "balance_forms",
     "load_balancing_loss",
     "router_z_loss",
 ]
@@ -148,11 +155,44 @@ def _flat_mask(mask: Tensor | None, tokens: int, device: torch.device) -> Tensor
     return mask
 
 
-def _balance_terms(r: RouterOutput, mask: Tensor | None, form: str) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass(frozen=True)
+class BalanceForm:
+    """One form of the load-balancing loss over real tokens, `scale(E) * sum_i f_i P_i`: f_i is the
+    share of routed slots that went to expert i (over tokens), P_i its mean router probability."""
+
+    all_slots: bool  # f counts every top-k slot (True) or only each token's first choice (False)
+    scale: Callable[[int], float]  # the number of experts E -> the factor in front
+    # f keeps its one-hot value but carries P's gradient (`onehot - p.detach() + p`), so the router
+    # also learns through the assignment share
+    straight_through: bool = False
+
+
+_BALANCE_FORMS: dict[str, BalanceForm] = {}
+
+
+def register_balance_form(name: str, form: BalanceForm, *, replace: bool = False) -> BalanceForm:
+    """Make `form` available as `load_balancing_loss(..., form=name)` (and a method's `aux_loss.form`).
+    Registering a taken name is an error unless `replace`."""
+    if name in _BALANCE_FORMS and not replace and _BALANCE_FORMS[name] != form:
+        raise ValueError(f"balance form {name!r} is already registered; pass replace=True to override it")
+    _BALANCE_FORMS[name] = form
+    return form
+
+
+def balance_forms() -> dict[str, BalanceForm]:
+    return dict(_BALANCE_FORMS)
+
+
+# Hugging Face Mixtral: every top-k slot counts, balanced value k
+register_balance_form("switch", BalanceForm(all_slots=True, scale=float))
+# DeepSpeed, the MoE-LLaVA reference: `mean_i(me_i * ce_i) * E^2` with ce from the top-1 choice, balanced value 1
+register_balance_form("gshard", BalanceForm(all_slots=False, scale=float))
+
+
+def _balance_terms(r: RouterOutput, mask: Tensor | None, form: BalanceForm) -> tuple[Tensor, Tensor, Tensor]:
     """Per-expert (assignment sum, probability sum) over real tokens, and the real-token count."""
     probs, num_experts = r.probs, r.num_experts
-    # switch counts every top-k slot; gshard and mole count the top-1 choice only
-    chosen = r.indices if form == "switch" else r.indices[:, :1]  # (tokens, slots)
+    chosen = r.indices if form.all_slots else r.indices[:, :1]  # (tokens, slots)
     weight = torch.ones_like(chosen, dtype=probs.dtype) if mask is None else mask[:, None].expand_as(chosen)
     counts = probs.new_zeros(num_experts).scatter_add_(0, chosen.reshape(-1), weight.reshape(-1))  # (E,)
     if mask is None:
@@ -169,14 +209,11 @@ def load_balancing_loss(
 ) -> Tensor:
     """Auxiliary load-balancing loss over real (mask == 1) tokens.
 
-    form:
+    form: the name of a registered `BalanceForm` (`balance_forms()`); those registered here:
       "switch": `E * sum_i f_i P_i`, f_i = (token, slot) pairs routed to expert i over all top-k
           slots / tokens, P_i = mean probability (Hugging Face Mixtral). Balanced value: k.
       "gshard": `mean_i(me_i * ce_i) * E^2` with ce from the top-1 choice (DeepSpeed, the
           MoE-LLaVA reference). Balanced value: 1.
-      "mole": `sum_i mean(p_i) * mean(c_i)` with c = straight-through one-hot of the top-1
-          choice (`onehot - p.detach() + p`, so gradient also flows through c), no xE
-          (LLaVA-MoLE reference). Balanced value: 1/E.
     Counts use the choices the layer made (noisy second choice included) before any capacity
     drop, as DeepSpeed does.
 
@@ -187,16 +224,17 @@ def load_balancing_loss(
       "concat": one loss over all layers' tokens pooled, which is what Hugging Face's
           `load_balancing_loss_func` computes from its tuple of gate logits.
     """
-    if form not in ("switch", "gshard", "mole"):
-        raise ValueError(f"form must be 'switch', 'gshard' or 'mole', got {form!r}")
+    if form not in _BALANCE_FORMS:
+        raise ValueError(f"form must be one of {sorted(_BALANCE_FORMS)} (register_balance_form adds one), got {form!r}")
     if layers not in ("sum", "mean", "concat"):
         raise ValueError(f"layers must be 'sum', 'mean' or 'concat', got {layers!r}")
+    balance = _BALANCE_FORMS[form]
     outs = _as_list(routing)
     per_layer: list[tuple[Tensor, Tensor, Tensor]] = []
     for r in outs:
         m = _flat_mask(mask, r.probs.shape[0], r.probs.device)
-        counts, prob_sum, n = _balance_terms(r, m, form)
-        if form == "mole":
+        counts, prob_sum, n = _balance_terms(r, m, balance)
+        if balance.straight_through:
             # straight-through: value = one-hot counts, gradient = that of the soft probabilities
             counts = counts.detach() - prob_sum.detach() + prob_sum
         per_layer.append((counts, prob_sum, n))
@@ -206,8 +244,7 @@ def load_balancing_loss(
     for counts, prob_sum, n in per_layer:
         n = n.clamp_min(1.0)
         f, p = counts / n, prob_sum / n  # (E,), (E,)
-        scale = 1.0 if form == "mole" else float(outs[0].num_experts)
-        losses.append(scale * (f * p).sum())
+        losses.append(balance.scale(outs[0].num_experts) * (f * p).sum())
     total = torch.stack(losses).sum()
     return total / len(losses) if layers == "mean" else total
 

@@ -2,13 +2,14 @@
 
 from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, Stage, StepOutput, load_backbone
 from .distill import MimicConfig, MoDDistillation, PreferenceConfig
-from .continual import ContinualLoRA, ContinualMethod
+from .continual import ContinualLoRA, TaskLoop
 from .moe_tuning import MoETuning
 from .lora import LoRAOptions, LoRATuning
 from .mole import ExpertOptions, MoLE
 from .mora import MoRAContinual, MoRAOptions
-from .unimoe import AffinityLoss, UniMoE, UniMoELoRA
+from .unimoe import AffinityLoss, ModalityExpertsConfig, UniMoE, UniMoELoRA
 
 __all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "Stage", "StepOutput", "load_backbone", "MoETuning",
-           "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "ContinualMethod", "ContinualLoRA", "MoRAContinual",
-           "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig", "UniMoE", "UniMoELoRA", "AffinityLoss"]
+           "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "TaskLoop", "ContinualLoRA", "MoRAContinual",
+           "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig", "UniMoE", "UniMoELoRA", "AffinityLoss",
+           "ModalityExpertsConfig"]

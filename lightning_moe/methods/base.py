@@ -2,9 +2,10 @@
 
 A method subclass says only what is specific to it: its stages as data (`STAGES`: which parameter
 groups train in each, whether entering it upcycles the dense MLPs), any other rewriting of the
-backbone (`configure_backbone`, e.g. adapters) and, if it differs, its loss (`compute_loss`). This
-base owns `stage` and the `trainable` override, builds or loads the `MultimodalLM`, upcycles it when
-the stage says so, computes the LM loss plus the routing losses of every sparse layer, evaluates per
+backbone (`configure_backbone`, e.g. adapters), parameter groups of its own (`parameter_groups`),
+loss terms it adds (`extra_losses`) and, if it differs, its whole loss (`compute_loss`). This base
+owns `stage` and the `trainable` override, builds or loads the `MultimodalLM`, upcycles it when the
+stage says so, computes the LM loss plus the routing losses of every sparse layer, evaluates per
 domain (LM loss, exact match from greedy generation, POPE metrics) with public hooks around it for
 what a method adds (docs/adding_a_method.md), and sets up the optimizer.
 
@@ -30,7 +31,8 @@ from torchmetrics import MeanMetric
 from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
 from ..formats import CHECKPOINT_CONFIG_KEY, load_backbone  # noqa: F401  (load_backbone re-exported)
-from ..models import MoEConfig, MultimodalLM, build_multimodal, is_sparse, routed_layers, set_trainable, upcycle
+from ..models import (MoEConfig, MultimodalLM, ParameterGroup, build_multimodal, is_sparse, routed_layers,
+                      set_trainable, upcycle)
 from ..models.encoders import (FLAT_KEYS, EncoderConfig, default_encoders, describe_encoders, encoder_configs,
                                encoders_from_flat)
 from ..models.multimodal import batch_inputs
@@ -120,7 +122,9 @@ class BackboneConfig:
 class AuxLossConfig:
     """Routing losses, summed over every sparse layer (see README: what a healthy value is)."""
 
-    form: str = "gshard"  # gshard (MoE-LLaVA, balanced = 1 per layer) | switch (Mixtral, balanced = top_k) | mole
+    # a registered balance form (layers/routing.py): gshard (MoE-LLaVA, balanced = 1 per layer) | switch (Mixtral,
+    # balanced = top_k) | mole (LLaVA-MoLE, registered by its adapter kind)
+    form: str = "gshard"
     coef: float = 0.01
     z_coef: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     layers: str = "sum"  # sum of per-layer losses | mean | concat (pooled over layers: the LLaVA-MoLE reference)
@@ -176,8 +180,9 @@ class StepOutput:
 @dataclass(frozen=True)
 class Stage:
     """One stage of a method: the parameter groups that train (models' `set_trainable` groups: vision,
-    connector, llm, moe, adapters), and whether entering it upcycles a dense backbone's MLPs into sparse
-    MoE layers (with the method's `moe_config`; a backbone that is already sparse keeps its experts)."""
+    connector, llm, moe, adapters, and the method's own `parameter_groups`), and whether entering it
+    upcycles a dense backbone's MLPs into sparse MoE layers (with the method's `moe_config`; a backbone
+    that is already sparse keeps its experts)."""
 
     train: tuple[str, ...]
     upcycle: bool = False
@@ -238,8 +243,14 @@ class MultimodalMethod(L.LightningModule):
 
     Public hooks, for what a method adds to the shared steps (none needs overriding the steps themselves):
 
+    - `enter_stage(model)`: the surgery the stage itself asks for; the base upcycles when the stage says so
+      (a method may fill the new experts afterwards: Uni-MoE's from its stage-2 models).
     - `configure_backbone(model)`: rewrite the model in place (e.g. adapters), after the stage's upcycling
       and before the freeze plan.
+    - `parameter_groups() -> dict`: the method's own parameter groups (name -> model -> parameters), which
+      its stages and `trainable` may name beside models' `PARAMETER_GROUPS` (Uni-MoE's `router`, `mlp`).
+    - `extra_losses(step, batch) -> dict`: loss terms the method adds to the base's loss, name -> (value,
+      coefficient); the value is logged under its name, coefficient × value joins the loss.
     - `compute_loss(batch) -> StepOutput`: the loss of one batch (training and evaluation). Extra per-step
       statistics travel in `StepOutput.logs` (logged in training) or `StepOutput.extras` (for the hooks).
     - `on_eval_batch_start(batch, stage)`: before an evaluation batch's forward pass (`stage` is "val" or
@@ -323,7 +334,7 @@ class MultimodalMethod(L.LightningModule):
             self.enter_stage(self.model)
             self.configure_backbone(self.model)
         groups = self.trainable_groups() + (["vision"] if train_vision_tower else [])
-        self.trainable_names = set_trainable(self.model, groups)
+        self.trainable_names = set_trainable(self.model, groups, self.parameter_groups())
         self.refresh_routed_layers()
         self.eval_metrics = nn.ModuleDict()  # "<stage>/<domain>" -> per-domain metrics, made on first use
 
@@ -360,14 +371,30 @@ class MultimodalMethod(L.LightningModule):
         """Parameter groups (models' `set_trainable`) that train: `trainable` if given, else the stage's plan."""
         return list(self.trainable if self.trainable is not None else self.stage_plan.train)
 
+    def parameter_groups(self) -> dict[str, ParameterGroup]:
+        """The method's own parameter groups, beside models' `PARAMETER_GROUPS`: name -> function(model)
+        yielding the group's parameters. Its stages and `trainable` may name them."""
+        return {}
+
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
-        """LM cross-entropy on assistant tokens + coef × load balancing + z_coef × z-loss."""
+        """LM cross-entropy on assistant tokens + coef × load balancing + z_coef × z-loss + `extra_losses`."""
         out = self.model(**self.model_inputs(batch), labels=batch["labels"])
         lm_loss, per_sample, counts = causal_lm_loss(out.logits, out.labels)
         logs = {"lm_loss": lm_loss}
         routing, routing_loss = self.routing_losses(out.attention_mask, logs)
-        logs["loss"] = loss = lm_loss + routing_loss
-        return StepOutput(loss, logs, out.attention_mask, routing, per_sample / counts.clamp(min=1), counts)
+        step = StepOutput(lm_loss + routing_loss, logs, out.attention_mask, routing, per_sample / counts.clamp(min=1),
+                          counts)
+        for name, (value, coef) in self.extra_losses(step, batch).items():
+            logs[name] = value
+            step.loss = step.loss + coef * value
+        logs["loss"] = step.loss
+        return step
+
+    def extra_losses(self, step: StepOutput, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, float]]:
+        """Loss terms the method adds to `compute_loss`'s, computed from the batch's forward pass (`step`:
+        its LM and routing losses so far, routing, token mask; the model's attributes of that pass):
+        name -> (value, coefficient). The value is logged under its name; coefficient × value joins the loss."""
+        return {}
 
     def routing_losses(self, attention_mask: torch.Tensor, logs: dict[str, torch.Tensor]) -> tuple[list[RouterOutput], Any]:
         """The last forward's routing and coef × load balancing + z_coef × z-loss (0 if dense); terms go into `logs`."""

@@ -1,8 +1,9 @@
-"""`ContinualMethod`: the task loop of continual instruction tuning, inside one `trainer.fit`.
+"""Continual instruction tuning: `TaskLoop`, the task loop a continual method holds, and
+`ContinualLoRA`, the plain-LoRA baselines that run it (`MoRAContinual` in mora.py is the other).
 
-Protocol (METHODS.md, MoRA; MTIL-style), with `ContinualDataModule`:
+Protocol (MTIL-style, docs/mora.md), with `ContinualDataModule`, inside one `trainer.fit`:
 
-    epoch i = task i:   on_train_epoch_start -> start_task(i) (a method adds/resets adapters),
+    epoch i = task i:   on_train_epoch_start -> start_task(i) (the method adds/resets adapters),
                         fresh optimizer (new parameters, no momentum carried from the last task)
                         train `steps_per_task` batches of task i
                         validate on EVERY task's test split -> row i of acc[i, j]
@@ -12,27 +13,27 @@ metric; a task is a domain). Row i goes into an `AccuracyMatrix` torchmetric, an
 Transfer / BWT / forgetting of the rows so far are logged after every task (`continual/...`);
 `callbacks.AccuracyMatrixImage` draws the matrix in TensorBoard.
 
-Resuming (`main.py fit ... --ckpt_path X`, Lightning's own resume path): `on_save_checkpoint` adds
-the task loop's state under `checkpoint["continual"]` (task names, the task in training, the
-accuracy matrix so far, the seed every task's random states derive from, and what a subclass keeps
-outside the state dict, `task_state`); `on_load_checkpoint`, which Lightning calls before it loads
-the state dict, checks the task sequence against the data module's and rebuilds the module as it
-was in that task (`restore_task`: MoRA adds the later tasks' ranks and freezes the earlier ones), so
-the state dict and the task's optimizer state load onto the same parameters. A checkpoint written at the end of a
-task (the shipped config's `ModelCheckpoint`) continues exactly as the uninterrupted run would.
+Resuming (`main.py fit ... --ckpt_path X`, Lightning's own resume path): the method's
+`on_save_checkpoint` stores the loop's state under `checkpoint["continual"]` (task names, the task
+in training, the accuracy matrix so far, the seed every task's random states derive from, and what
+the method keeps outside the state dict, its `task_state`); its `on_load_checkpoint`, which
+Lightning calls before it loads the state dict, checks the task sequence against the data module's
+and rebuilds the module as it was in that task (`restore_task`: MoRA adds the later tasks' ranks
+and freezes the earlier ones), so the state dict and the task's optimizer state load onto the same
+parameters. A checkpoint written at the end of a task (the shipped config's `ModelCheckpoint`)
+continues exactly as the uninterrupted run would.
 
-Adapters and the freeze plan are `LoRATuning`'s (`lora`: rank, alpha, targets, layers; only
-the `adapters` group trains, the base model, connector and vision tower stay frozen). A subclass
-says what happens at a task boundary (`start_task`) and, if needed, around the evaluation of one
-task (`use_task_for_eval`, for methods that are given the task id). `ContinualLoRA` holds the
-plain-LoRA baselines of the MoRA experiment (sequential, joint, task-specific); `MoRAContinual`
-(`mora.py`) swaps the LoRA rule for MoRA's.
+A continual method is a `LoRATuning` (`lora`: where the adapters go and their size; only the
+`adapters` group trains) that holds a `TaskLoop`, tells it what happens at a task boundary
+(`start_task`) and, if needed, around the evaluation of one task (`use_task_for_eval`, for methods
+given the task id), and calls it from its Lightning hooks (`TaskLoop`'s docstring).
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,9 +42,16 @@ import torch
 from ..metrics import AccuracyMatrix
 from ..models import canonical_log
 from ..formats import CHECKPOINT_CONFIG_KEY
+from .base import MultimodalMethod
 from .lora import LoRAOptions, LoRATuning
 
 CONTINUAL_CHECKPOINT_KEY = "continual"  # the task loop's state in a Lightning checkpoint
+
+
+def continual_lora() -> LoRAOptions:
+    """The continual methods' default adapters: rank 8 on every attention and MLP projection, no dropout
+    (tiny models, short tasks; the MoLE reference's r=32 / dropout 0.05 is for 7B models)."""
+    return LoRAOptions(r=8, alpha=16.0, dropout=0.0)
 
 
 def seed_task(sequence_seed: int, task: int) -> None:
@@ -54,65 +62,58 @@ def seed_task(sequence_seed: int, task: int) -> None:
     random.seed(seed)
 
 
-class ContinualMethod(LoRATuning):
-    def __init__(self, lora: LoRAOptions | None = None, **kwargs: Any):
-        """
-        Args:
-            lora: rank, alpha, dropout, target projections and layers of the adapters (default
-                `small_lora()`: r=8 on every attention and MLP projection).
-            **kwargs: LoRATuning's and MultimodalMethod's (backbone, optimizer, ...); the task
-                sequence comes from the data module.
-        """
-        super().__init__(lora=lora or small_lora(), **kwargs)
+def _nothing(*args: Any) -> None:
+    return None
+
+
+class TaskLoop:
+    """The task loop of one continual method (module docstring): the task sequence, the task in training,
+    the accuracy matrix, and the loop's state in checkpoints.
+
+    The method calls it from its Lightning hooks: `fit_start` (on_fit_start), `train_epoch_start`
+    (on_train_epoch_start), `eval_batch_start` (on_eval_batch_start), `eval_epoch_metrics` (merged into
+    its own), `save` / `load` (on_save_checkpoint / on_load_checkpoint, after the base's). It calls back
+    what the method says happens around a task:
+
+    - `start_task(task)`: once before task `task` trains (task 0 included): add / reset / freeze adapters.
+    - `restore_task(task, state)`: resuming in task `task`: rebuild the module as it was while that task
+      trained, before the checkpoint's state dict loads (same parameters, same ones frozen); `state` is
+      what `task_state` returned.
+    - `task_state() -> dict`: what the method keeps outside its state dict and needs to resume.
+    - `start_sequence()`: a fit starts the sequence from its beginning (not on resume).
+    - `use_task_for_eval(task)`: before each evaluation batch of task `task` (a method given the task id
+      selects it); `end_eval()`: after an evaluation pass, to undo what it changed.
+    """
+
+    def __init__(self, method: MultimodalMethod, *, start_task: Callable[[int], None],
+                 restore_task: Callable[[int, dict[str, Any]], None] = _nothing,
+                 task_state: Callable[[], dict[str, Any]] = dict, start_sequence: Callable[[], None] = _nothing,
+                 use_task_for_eval: Callable[[int], None] = _nothing, end_eval: Callable[[], None] = _nothing):
+        self.method = method
+        self.start_task, self.restore_task, self.task_state = start_task, restore_task, task_state
+        self.start_sequence, self.use_task_for_eval, self.end_eval = start_sequence, use_task_for_eval, end_eval
         self.task_names: list[str] = []
         self.current_task = -1  # no task started yet
         self.accuracy: AccuracyMatrix | None = None
-        self._resume: dict[str, Any] | None = None  # the checkpoint's task-loop state, until fit starts
         self.sequence_seed: int | None = None  # task i starts from the random states seeded by sequence_seed + i
-
-    # ------------------------------------------------------------------ what subclasses say
-    def start_task(self, task: int) -> None:
-        """Called once before task `task` trains (task 0 included): add / reset / freeze adapters."""
-
-    def use_task_for_eval(self, task: int) -> None:
-        """Called before each evaluation batch of task `task` (a method given the task id selects it)."""
-
-    def end_eval(self) -> None:
-        """Called after an evaluation pass, to undo what `use_task_for_eval` changed."""
-
-    def task_state(self) -> dict[str, Any]:
-        """What the method keeps outside its state dict and needs to resume (saved in checkpoints)."""
-        return {}
-
-    def restore_task(self, task: int, state: dict[str, Any]) -> None:
-        """Rebuild the module as it was while task `task` trained, before a checkpoint's state dict
-        loads onto it (same parameters, same ones frozen); `state` is what `task_state` returned."""
-
-    def adapter_names(self) -> list[str]:
-        """Names of the adapter parameters (trainable or frozen by a finished task)."""
-        return [n for n, _ in self.model.named_parameters() if ".lora_" in n]
-
-    def adapter_parameter_counts(self) -> dict[str, int]:
-        """`total`: adapter parameters the method holds now; `per_task`: those trained on one task."""
-        total = sum(self.model.get_parameter(n).numel() for n in self.adapter_names())
-        return {"total": total, "per_task": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+        self._resume: dict[str, Any] | None = None  # the checkpoint's task-loop state, until fit starts
 
     # ------------------------------------------------------------------ the task loop
     def _continual_data(self):
-        data = self.trainer.datamodule
+        data = self.method.trainer.datamodule
         if data is None or not hasattr(data, "task_names"):
-            raise ValueError(f"{type(self).__name__} needs a ContinualDataModule (a task sequence), "
+            raise ValueError(f"{type(self.method).__name__} needs a ContinualDataModule (a task sequence), "
                              f"got {type(data).__name__}")
         return data
 
-    def on_fit_start(self) -> None:
+    def fit_start(self) -> None:
         data = self._continual_data()
-        data.check_trainer(self.trainer)
+        data.check_trainer(self.method.trainer)
         resume, self._resume = self._resume, None
         if resume is not None:
             self._check_task_sequence(resume["tasks"], list(data.task_names))
         self.task_names = list(data.task_names)
-        self.accuracy = AccuracyMatrix(len(self.task_names)).to(self.device)
+        self.accuracy = AccuracyMatrix(len(self.task_names)).to(self.method.device)
         if resume is None:
             # drawn from the run's seed (seed_everything), kept in checkpoints
             self.current_task, self.sequence_seed = -1, int(torch.randint(0, 2**31, ()).item())
@@ -124,49 +125,9 @@ class ContinualMethod(LoRATuning):
         if resume["accuracy"] is not None:
             self.accuracy.acc.copy_(resume["accuracy"])
 
-    def start_sequence(self) -> None:
-        """Called when a fit starts the task sequence from its beginning (not on resume)."""
-
-    # ------------------------------------------------------------------ checkpoints: resume a sequence
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[CONTINUAL_CHECKPOINT_KEY] = {
-            "tasks": list(self.task_names),
-            "current_task": self.current_task,
-            "accuracy": None if self.accuracy is None else self.accuracy.acc.detach().cpu().clone(),
-            "sequence_seed": self.sequence_seed,
-            "method": self.task_state(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get(CONTINUAL_CHECKPOINT_KEY)
-        if state is None:
-            raise ValueError(f"{type(self).__name__}: the checkpoint{self._ckpt_name()} has no '{CONTINUAL_CHECKPOINT_KEY}' "
-                             "state: it was not written by a continual method, so the task loop cannot resume from it")
-        data = self._trainer.datamodule if self._trainer is not None else None
-        if data is not None and hasattr(data, "task_names"):
-            self._check_task_sequence(state["tasks"], list(data.task_names))
-        self.restore_task(max(state["current_task"], 0), state["method"])
-        saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("surgery")
-        if saved is not None and canonical_log(saved) != canonical_log(self.model.surgery):
-            raise ValueError(f"{type(self).__name__}: the checkpoint{self._ckpt_name()}'s model went through the surgery "
-                             f"{saved}, but this configuration rebuilds {self.model.surgery} for task "
-                             f"{state['current_task']}; resume with the configuration it was trained with")
-        self.task_names, self.current_task = list(state["tasks"]), state["current_task"]
-        self._resume = state
-
-    def _ckpt_name(self) -> str:
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        return f" {path}" if path else ""
-
-    def _check_task_sequence(self, saved: list[str], current: list[str]) -> None:
-        if saved != current:
-            raise ValueError(f"the checkpoint{self._ckpt_name()} was written for the task sequence {saved}, but the "
-                             f"data module's is {current}; resume with the same tasks in the same order")
-
-    def on_train_epoch_start(self) -> None:
-        task = self.trainer.current_epoch
+    def train_epoch_start(self) -> None:
+        trainer = self.method.trainer
+        task = trainer.current_epoch
         if task == self.current_task:
             return
         self.current_task = task
@@ -177,11 +138,50 @@ class ContinualMethod(LoRATuning):
         self.start_task(task)
         if task > 0:
             # the parameter set (or its values) changed: a fresh optimizer, as at the start of a task.
-            self.trainer.strategy.setup_optimizers(self.trainer)
+            trainer.strategy.setup_optimizers(trainer)
+
+    # ------------------------------------------------------------------ checkpoints: resume a sequence
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONTINUAL_CHECKPOINT_KEY] = {
+            "tasks": list(self.task_names),
+            "current_task": self.current_task,
+            "accuracy": None if self.accuracy is None else self.accuracy.acc.detach().cpu().clone(),
+            "sequence_seed": self.sequence_seed,
+            "method": self.task_state(),
+        }
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        name = type(self.method).__name__
+        state = checkpoint.get(CONTINUAL_CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError(f"{name}: the checkpoint{self._ckpt_name()} has no '{CONTINUAL_CHECKPOINT_KEY}' "
+                             "state: it was not written by a continual method, so the task loop cannot resume from it")
+        trainer = self.method._trainer
+        data = trainer.datamodule if trainer is not None else None
+        if data is not None and hasattr(data, "task_names"):
+            self._check_task_sequence(state["tasks"], list(data.task_names))
+        self.restore_task(max(state["current_task"], 0), state["method"])
+        surgery = self.method.model.surgery
+        saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("surgery")
+        if saved is not None and canonical_log(saved) != canonical_log(surgery):
+            raise ValueError(f"{name}: the checkpoint{self._ckpt_name()}'s model went through the surgery "
+                             f"{saved}, but this configuration rebuilds {surgery} for task "
+                             f"{state['current_task']}; resume with the configuration it was trained with")
+        self.task_names, self.current_task = list(state["tasks"]), state["current_task"]
+        self._resume = state
+
+    def _ckpt_name(self) -> str:
+        trainer = self.method._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        return f" {path}" if path else ""
+
+    def _check_task_sequence(self, saved: list[str], current: list[str]) -> None:
+        if saved != current:
+            raise ValueError(f"the checkpoint{self._ckpt_name()} was written for the task sequence {saved}, but the "
+                             f"data module's is {current}; resume with the same tasks in the same order")
 
     # ------------------------------------------------------------------ evaluation of every task
-    def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
-        super().on_eval_batch_start(batch, stage)
+    def eval_batch_start(self, batch: dict[str, Any]) -> None:
         if self.task_names:
             tasks = set(batch["domain"])
             if len(tasks) != 1:
@@ -192,22 +192,24 @@ class ContinualMethod(LoRATuning):
         """Exact match per task from this pass's metrics (before the base logs and resets them)."""
         row = []
         for name in self.task_names:
-            metrics = self.eval_metrics[f"{stage}/{name}"] if f"{stage}/{name}" in self.eval_metrics else None
+            key = f"{stage}/{name}"
+            metrics = self.method.eval_metrics[key] if key in self.method.eval_metrics else None
             if metrics is None or metrics["exact_match"].total == 0:
                 return None  # not every task was evaluated (e.g. generation off); no row
             row.append(metrics["exact_match"].compute())
         return torch.stack(row)
 
     def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
-        values = super().eval_epoch_metrics(stage)
+        """After an evaluation pass: `end_eval`, then, after each task of a fit, the accuracy matrix's row
+        and the scores of the rows so far (not in the sanity check, validate or test)."""
         self.end_eval()
-        # a row of the accuracy matrix after each task of a fit (not the sanity check, not validate/test)
-        fitting = stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        trainer = self.method.trainer
+        fitting = stage == "val" and trainer.state.fn == "fit" and not trainer.sanity_checking
         row = self.task_row(stage) if fitting and self.accuracy is not None else None
         if row is None:
-            return values
+            return {}
         self.accuracy.update(self.current_task, row)
-        values.update({f"continual/acc/{name}": v for name, v in zip(self.task_names, row)})
+        values = {f"continual/acc/{name}": v for name, v in zip(self.task_names, row)}
         values.update({f"continual/{k}": v for k, v in self.accuracy.compute().items() if not math.isnan(v.item())})
         return values
 
@@ -216,7 +218,7 @@ class ContinualMethod(LoRATuning):
 LORA_STRATEGIES = ("sequential", "joint", "task_specific")
 
 
-class ContinualLoRA(ContinualMethod):
+class ContinualLoRA(LoRATuning):
     """Plain-LoRA baselines over the same task sequence and steps as MoRA.
 
     - `sequential`: one LoRA keeps training task after task (forgetting expected).
@@ -227,22 +229,52 @@ class ContinualLoRA(ContinualMethod):
       fresh LoRA (B = 0, i.e. the base model).
     """
 
-    def __init__(self, strategy: str = "sequential", **kwargs: Any):
-        """strategy: sequential | joint | task_specific (class docstring). **kwargs: ContinualMethod's."""
+    def __init__(self, strategy: str = "sequential", lora: LoRAOptions | None = None, **kwargs: Any):
+        """
+        Args:
+            strategy: sequential | joint | task_specific (class docstring).
+            lora: rank, alpha, dropout, target projections and layers of the LoRA (default
+                `continual_lora()`: r=8 on every attention and MLP projection).
+            **kwargs: LoRATuning's and MultimodalMethod's (backbone, optimizer, ...); the task
+                sequence comes from the data module.
+        """
         if strategy not in LORA_STRATEGIES:
             raise ValueError(f"strategy must be one of {LORA_STRATEGIES}, got {strategy!r}")
         self.strategy = strategy
-        super().__init__(**kwargs)
+        super().__init__(lora=lora or continual_lora(), **kwargs)
         self._bank: dict[int, dict[str, torch.Tensor]] = {}  # task -> its trained LoRA (task_specific)
         self._live: dict[str, torch.Tensor] | None = None  # the weights in training, kept during evaluation
+        self.task_loop = TaskLoop(self, start_task=self.start_task, restore_task=self.restore_task,
+                                  task_state=self.task_state, start_sequence=self.start_sequence,
+                                  use_task_for_eval=self.use_task_for_eval, end_eval=self.end_eval)
 
+    # ------------------------------------------------------------------ Lightning hooks: the task loop
     def on_fit_start(self) -> None:
-        super().on_fit_start()
+        self.task_loop.fit_start()
         schedule = getattr(self.trainer.datamodule, "schedule", None)
         if (self.strategy == "joint") != (schedule == "joint"):
             raise ValueError(f"strategy {self.strategy!r} needs the data module's schedule "
                              f"{'joint' if self.strategy == 'joint' else 'sequential'}, got {schedule!r}")
 
+    def on_train_epoch_start(self) -> None:
+        self.task_loop.train_epoch_start()
+
+    def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
+        super().on_eval_batch_start(batch, stage)
+        self.task_loop.eval_batch_start(batch)
+
+    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        return {**super().eval_epoch_metrics(stage), **self.task_loop.eval_epoch_metrics(stage)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.task_loop.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.task_loop.load(checkpoint)
+
+    # ------------------------------------------------------------------ the task hooks (TaskLoop)
     def start_sequence(self) -> None:
         self._bank = {}
         # every task's LoRA starts from the same initialisation (also what untrained tasks are evaluated with)
@@ -278,7 +310,7 @@ class ContinualLoRA(ContinualMethod):
             self._live = self._adapter_state()
         if task in self._bank:
             self._load_adapter_state(self._bank[task])
-        elif task > self.current_task:
+        elif task > self.task_loop.current_task:
             self._load_adapter_state(self._initial)
         else:  # the task in training
             self._load_adapter_state(self._live)
@@ -291,5 +323,5 @@ class ContinualLoRA(ContinualMethod):
     def adapter_parameter_counts(self) -> dict[str, int]:
         counts = super().adapter_parameter_counts()
         if self.strategy == "task_specific":  # one LoRA per task is kept
-            counts["total"] = counts["per_task"] * max(len(self.task_names), 1)
+            counts["total"] = counts["per_task"] * max(len(self.task_loop.task_names), 1)
         return counts

@@ -1,5 +1,5 @@
 """LLaVA-MoD: distil a (larger) dense teacher into a small student that becomes a sparse MoE
-(METHODS.md, MoD).
+(docs/mod.md).
 
 Stages, each starting from the previous one's output (`backbone.pretrained`):
 
@@ -183,7 +183,7 @@ class PreferenceConfig:
 
 
 class MoDDistillation(MultimodalMethod):
-    # METHODS.md: whole LLM + projector, then (upcycled by MoE-tuning's own `upcycle`) MoE + router
+    # LLaVA-MoD: whole LLM + projector, then (upcycled by MoE-tuning's own `upcycle`) MoE + router
     STAGES = {
         "mimic_dense": Stage(train=["connector", "llm"]),
         "mimic_sparse": Stage(train=["moe", "connector"], upcycle=True),

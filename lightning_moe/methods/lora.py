@@ -3,7 +3,8 @@
 
 A method here only says which adapters go where (`adapter_rules`, consumed by the adapter surgery
 in `models/adapters.py`) and that only the `adapters` group trains; everything else (the loss,
-per-domain evaluation, routing statistics) is the base class's.
+per-domain evaluation, routing statistics) is the base class's. `adapter_names` and
+`adapter_parameter_counts` report the adapters a run holds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..formats import load_adapters
-from ..models import AdapterConfig, AdapterRule, MultimodalLM, add_adapters
+from ..models import AdapterRule, MultimodalLM, add_adapters
 from .base import MultimodalMethod, Stage, checkpoint_safe
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -60,11 +61,11 @@ class LoRATuning(MultimodalMethod):
         self.adapters_path = adapters_path
         super().__init__(stage=stage, **kwargs)
 
-    def adapter_rules(self) -> list[AdapterConfig]:
+    def adapter_rules(self) -> list[AdapterRule]:
         """Which modules get which adapter; the surgery applies the first rule matching a module."""
         o = self.lora
-        return [AdapterConfig(kind="lora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
-                              dropout=o.dropout)]
+        return [AdapterRule(kind="lora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=o.alpha,
+                            dropout=o.dropout)]
 
     def configured_rules(self) -> list[AdapterRule]:
         """The rules the surgery applies: the `adapters` option if given, else `adapter_rules()`."""
@@ -88,3 +89,13 @@ class LoRATuning(MultimodalMethod):
                 f"{type(self).__name__}: the backbone already carries adapters {loaded}, not the ones this method "
                 f"configures {wanted}; start from the base model (and `adapters_path` to load trained adapters)"
             )
+
+    def adapter_names(self) -> list[str]:
+        """Names of the adapter parameters (trainable, or frozen by a finished task)."""
+        return [n for n, _ in self.model.named_parameters() if ".lora_" in n]
+
+    def adapter_parameter_counts(self) -> dict[str, int]:
+        """`total`: adapter parameters the method holds now; `per_task`: those that train (in a continual
+        run, one task's)."""
+        total = sum(self.model.get_parameter(n).numel() for n in self.adapter_names())
+        return {"total": total, "per_task": sum(p.numel() for p in self.parameters() if p.requires_grad)}

@@ -1,5 +1,5 @@
 """MoE-tuning (MoE-LLaVA): align the connector, tune the dense LLM, then upcycle MLPs into sparse
-MoE layers and tune only those (METHODS.md, MoE-tuning).
+MoE layers and tune only those (docs/moe_llava.md).
 
 Each stage starts from the previous stage's output (`backbone.pretrained`). Entering `moe` upcycles
 the MLPs of the chosen decoder layers into `SparseMoE`s whose experts are exact copies of the dense
@@ -16,7 +16,7 @@ from .base import MultimodalMethod, Stage
 
 
 class MoETuning(MultimodalMethod):
-    # the vision tower stays frozen throughout (METHODS.md); the reference leaves the projector trainable in stage 3
+    # the vision tower stays frozen throughout (MoE-LLaVA); the reference leaves the projector trainable in stage 3
     STAGES = {
         "align": Stage(train=["connector"]),
         "instruct": Stage(train=["connector", "llm"]),

@@ -1,12 +1,13 @@
 """LLaVA-MoLE against its baseline `LoRATuning` (plain LoRA, base frozen; lora.py): `MoLE`, a sparse
-top-1 mixture of LoRA experts on each decoder layer's MLP, plain LoRA on attention.
-METHODS.md, section MoLE.
+top-1 mixture of LoRA experts on each decoder layer's MLP, plain LoRA on attention (docs/mole.md).
 
 Both methods only say which adapters go where (`adapter_rules`, consumed by the adapter surgery
 in `models/adapters.py`) and that only the `adapters` group trains; everything else (the loss with
 the routers' balance loss, per-domain evaluation, routing statistics for TensorBoard) is the
 base class's. `MoLE` is `LoRATuning` plus one rule that claims the MLPs of the chosen layers
-before the LoRA rule sees them, so in layers without experts the MLP keeps plain LoRA.
+before the LoRA rule sees them, so in layers without experts the MLP keeps plain LoRA. Its
+`experts` options are the "mole" adapter kind's (`MoLEConfig`, layers/adapters/mole.py) plus where
+the experts go.
 
 `experts.oracle_domains` turns MoLE into its routing oracle (experiments/conflict.py): each sample's
 tokens go to its domain's expert, through the layers' `forced_expert`, set before every training and
@@ -15,32 +16,35 @@ evaluation forward by `route_batch`; the experts and everything else stay MoLE's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from ..layers import MoLEMLP
-from ..models import AdapterConfig
+from ..layers import MoLEConfig, MoLEMLP
+from ..models import AdapterRule
 from .base import AuxLossConfig, StepOutput, checkpoint_safe
-from .lora import LoRATuning
+from .lora import LoRAOptions, LoRATuning
 
 
 @checkpoint_safe
 @dataclass
-class ExpertOptions:
-    """The MoLE experts on the MLPs: E LoRA experts per projection, one top-1 router per layer."""
+class ExpertOptions(MoLEConfig):
+    """The MoLE experts on the MLPs: the "mole" adapter kind's options (E LoRA experts per projection, one
+    top-1 router per layer), with rank, alpha and dropout defaulting to the LoRA's, and which layers get them."""
 
-    num_experts: int = 3  # reference: 3
     r: int | None = None  # rank of each expert; None = the LoRA rank
     alpha: float | None = None  # None = the LoRA alpha
     dropout: float | None = None  # None = the LoRA dropout
-    scale_by_prob: bool = True  # scale the expert update by its router probability (Switch); False = reference
     layers: str | list[int] = "all"  # which decoder layers get experts; the others keep plain LoRA on their MLP
-    router_bias: bool = True  # reference router: Linear(d, E) with bias
     # an oracle, for experiments: domain names in expert order; every token of a sample of domain
     # oracle_domains[i] goes to expert i % num_experts (weight 1), whatever the router says. None = the router
     oracle_domains: list[str] | None = None
+
+    def kind_config(self, lora: LoRAOptions) -> MoLEConfig:
+        """The adapter kind's config: these options, the LoRA's where they are None."""
+        return MoLEConfig(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None
+                             else getattr(lora, f.name) for f in fields(MoLEConfig)})
 
 
 class MoLE(LoRATuning):
@@ -57,14 +61,9 @@ class MoLE(LoRATuning):
         self.experts = experts or ExpertOptions()
         super().__init__(aux_loss=aux_loss or AuxLossConfig(form="mole", coef=0.01, layers="concat"), **kwargs)
 
-    def adapter_rules(self) -> list[AdapterConfig]:
-        o, e = self.lora, self.experts
-        experts = AdapterConfig(
-            kind="mole", targets=["mlp"], layers=e.layers, r=o.r if e.r is None else e.r,
-            alpha=o.alpha if e.alpha is None else e.alpha,
-            dropout=o.dropout if e.dropout is None else e.dropout, num_experts=e.num_experts,
-            scale_by_prob=e.scale_by_prob, router_bias=e.router_bias,
-        )
+    def adapter_rules(self) -> list[AdapterRule]:
+        experts = AdapterRule(kind="mole", targets=["mlp"], layers=self.experts.layers,
+                              **vars(self.experts.kind_config(self.lora)))
         return [experts, *super().adapter_rules()]  # experts first: they claim the MLPs of their layers
 
     def route_batch(self, batch: dict[str, Any]) -> None:

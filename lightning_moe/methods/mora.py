@@ -1,4 +1,4 @@
-"""MoRA: continual instruction tuning with self-activated sparse rank-1 experts (METHODS.md, MoRA).
+"""MoRA: continual instruction tuning with self-activated sparse rank-1 experts (docs/mora.md).
 
 Every chosen projection (attention and MLP by default) gets a `MoRALinear`: a LoRA update read as
 rank-1 experts, each token weighting them by its own normalised activations (no router):
@@ -6,11 +6,12 @@ rank-1 experts, each token weighting them by its own normalised activations (no 
     z_i = A_i x,  s = z / ||z||,  w = softmax(s / temperature),  keep the top_k largest w and those
     with s_i >= threshold,   out = base(x) + alpha / r * sum_i w_i B_i z_i
 
-Task 0 trains the first `lora.r` ranks; before each later task `add_mora_task` appends
-`ranks_per_task` new ranks to every MoRA layer and freezes all earlier ones (they get no gradient
-and stay bit-identical), and the fresh optimizer of the new task sees only the new ranks. The
-task loop, the accuracy matrix and its scores are `ContinualMethod`'s; where the adapters go
-(`lora.targets`, `lora.layers`) and the freeze plan are `LoRATuning`'s.
+Task 0 trains the first `lora.r` ranks; before each later task `add_adapter_task` appends
+`ranks_per_task` new ranks to every MoRA layer (the adapter kind's task) and freezes all earlier ones
+(they get no gradient and stay bit-identical), and the fresh optimizer of the new task sees only the
+new ranks. The task loop, the accuracy matrix and its scores are the `TaskLoop`'s (continual.py),
+which the method holds; where the adapters go (`lora.targets`, `lora.layers`) and the freeze plan
+are `LoRATuning`'s.
 
 Besides the LM loss, the method logs the average number of active ranks per real token
 (`train/active_ranks`, `val/active_ranks`), which the activation budget and pruning bound, and
@@ -31,39 +32,43 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from ..layers import MoRALinear
-from ..models import AdapterConfig, add_mora_task
+from ..models import AdapterRule, add_adapter_task
 from .base import StepOutput, checkpoint_safe
-from .continual import ContinualMethod
+from .continual import TaskLoop, continual_lora
+from .lora import LoRAOptions, LoRATuning
 
 
 @checkpoint_safe
 @dataclass
 class MoRAOptions:
-    """Self-activation and growth of the rank-1 experts (the paper publishes no values: README, MoRA)."""
+    """Self-activation and growth of the rank-1 experts (the paper publishes no values: docs/mora.md)."""
 
     temperature: float = 0.1  # softmax temperature over the normalised activations s (each in [-1, 1])
     top_k: int | None = 8  # activation budget: ranks kept per token; None = all
     threshold: float | None = 0.3  # pruning: drop ranks with s_i below it; None = no pruning
     ranks_per_task: int | None = None  # ranks added before each later task; None = lora.r
     # scaling alpha / lora.r of the rank-1 experts; None = lora.alpha. Apart from lora.alpha so that the
-    # LoRA baselines, which share the `lora` options, keep theirs (README, MoRA: why MoRA needs more)
+    # LoRA baselines, which share the `lora` options, keep theirs (docs/mora.md: why MoRA needs more)
     alpha: float | None = None
     # the task oracle, for experiments (experiments/continual.py): each sample's tokens self-activate only
     # among its own task's ranks (task id = the batch's domain), i.e. perfect rank selection
     task_oracle: bool = False
 
 
-class MoRAContinual(ContinualMethod):
-    def __init__(self, mora: MoRAOptions | None = None, **kwargs: Any):
+class MoRAContinual(LoRATuning):
+    def __init__(self, mora: MoRAOptions | None = None, lora: LoRAOptions | None = None, **kwargs: Any):
         """
         Args:
             mora: temperature, activation budget (top_k), pruning threshold, ranks added per task,
                 the experts' scale alpha (default lora.alpha).
-            **kwargs: ContinualMethod's (`lora`: r = ranks of task 0, alpha, dropout, targets,
-                layers) and MultimodalMethod's (backbone, optimizer, ...).
+            lora: r = ranks of task 0, alpha, dropout, target projections and layers (default
+                `continual_lora()`: r=8 on every attention and MLP projection).
+            **kwargs: LoRATuning's and MultimodalMethod's (backbone, optimizer, ...); the task
+                sequence comes from the data module.
         """
         self.mora = mora or MoRAOptions()
-        super().__init__(**kwargs)
+        super().__init__(lora=lora or continual_lora(), **kwargs)
+        self.task_loop = TaskLoop(self, start_task=self.start_task, restore_task=self.restore_task)
         self.ranks_per_task = self.mora.ranks_per_task or self.lora.r
         self.mora_layers = [m for m in self.model.modules() if isinstance(m, MoRALinear)]
         self.active_ranks = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})  # training logs per step
@@ -77,16 +82,32 @@ class MoRAContinual(ContinualMethod):
         if self._record_inputs:
             layer.recorded_input = args[0].detach()
 
-    def adapter_rules(self) -> list[AdapterConfig]:
+    def adapter_rules(self) -> list[AdapterRule]:
         o, m = self.lora, self.mora
         alpha = o.alpha if m.alpha is None else m.alpha
-        return [AdapterConfig(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=alpha,
-                              dropout=o.dropout, temperature=m.temperature, top_k=m.top_k, threshold=m.threshold)]
+        return [AdapterRule(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=alpha,
+                            dropout=o.dropout, temperature=m.temperature, top_k=m.top_k, threshold=m.threshold)]
 
+    # ------------------------------------------------------------------ Lightning hooks: the task loop
+    def on_fit_start(self) -> None:
+        self.task_loop.fit_start()
+
+    def on_train_epoch_start(self) -> None:
+        self.task_loop.train_epoch_start()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.task_loop.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.task_loop.load(checkpoint)
+
+    # ------------------------------------------------------------------ the task hooks (TaskLoop)
     def start_task(self, task: int) -> None:
         # task 0 trains the ranks the surgery made; each later task adds its own (earlier ones freeze)
         while len(self.mora_layers[0].lora_A) < task + 1:
-            add_mora_task(self.model, self.ranks_per_task)
+            add_adapter_task(self.model, self.ranks_per_task)
 
     def restore_task(self, task: int, state: dict[str, Any]) -> None:
         # resuming in task `task`: its ranks and every earlier task's must exist (frozen) before the
@@ -103,11 +124,12 @@ class MoRAContinual(ContinualMethod):
         """With `mora.task_oracle`: tell every MoRA layer each sample's task (from the batch's domains)."""
         if not self.mora.task_oracle:
             return
-        unknown = sorted(set(batch["domain"]) - set(self.task_names))
+        tasks = self.task_loop.task_names
+        unknown = sorted(set(batch["domain"]) - set(tasks))
         if unknown:
             raise ValueError(f"MoRA task oracle: domains {unknown} of the batch are not tasks of the sequence "
-                             f"{self.task_names}")
-        forced = torch.tensor([self.task_names.index(d) for d in batch["domain"]], device=self.device)
+                             f"{tasks}")
+        forced = torch.tensor([tasks.index(d) for d in batch["domain"]], device=self.device)
         for layer in self.mora_layers:
             layer.forced_task = forced
 
@@ -140,6 +162,7 @@ class MoRAContinual(ContinualMethod):
 
     def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
         super().on_eval_batch_start(batch, stage)
+        self.task_loop.eval_batch_start(batch)
         self._record_inputs = True  # the teacher-forced pass's layer inputs, for `rank_usage_sum`
 
     def on_eval_batch(self, step: StepOutput, batch: dict[str, Any], stage: str) -> None:
@@ -152,7 +175,7 @@ class MoRAContinual(ContinualMethod):
             self._usage.setdefault(batch["domain"][0], []).append((step.extras["rank_usage"], tokens))
 
     def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
-        values = super().eval_epoch_metrics(stage)
+        values = {**super().eval_epoch_metrics(stage), **self.task_loop.eval_epoch_metrics(stage)}
         if stage == "val" and self._usage:
             self.rank_usage = {task: sum(u for u, _ in parts) / sum(n for _, n in parts).clamp(min=1)
                                for task, parts in self._usage.items()}

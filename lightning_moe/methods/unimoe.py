@@ -1,18 +1,20 @@
 """Uni-MoE: several modality encoders and connectors, modality-specific experts, progressive training
-(METHODS.md, Uni-MoE; docs/unimoe.md).
+(docs/unimoe.md).
 
 Stages, each from the previous one's output (`backbone.pretrained`):
 1. `align`: the connectors train (audio's query connector, the image/video MLP); LLM and encoders frozen.
 2. `experts`: one CLI run per modality (`modality: image | audio | video`), each from stage 1's output
-   on that modality's data only: the decoder layers' MLPs train, nothing else, so the runs differ from
-   stage 1 (and from each other) only in their FFNs. A batch with another modality's inputs is an error.
-3. `moe`: every chosen layer's MLP becomes a `SparseMoE` whose expert j is the FFN of `moe.experts[j]`'s
-   stage-2 run (`experts: {modality: path}`), or the stage-1 FFN for a "dense" slot (the
-   `modality_experts` surgery, replayed by `from_pretrained`); the router is new and trains fully,
+   on that modality's data only: the decoder layers' MLPs train (the method's `mlp` group), nothing
+   else, so the runs differ from stage 1 (and from each other) only in their FFNs. A batch with another
+   modality's inputs is an error.
+3. `moe`: every chosen layer's MLP becomes a `SparseMoE` with one expert per slot of `moe.experts` (the
+   base's upcycling, logged as `upcycle`, so loading the result needs only models/); expert j is then
+   filled with the FFN of `moe.experts[j]`'s stage-2 run (`experts: {modality: path}`), or keeps the
+   stage-1 FFN for a "dense" slot. The router is new and trains fully (the method's `router` group),
    LoRA (r=8, alpha=16) adapts q/k/v/o and every expert's projections (adapter kinds "lora" and
    "moe_lora"), everything else is frozen; aux loss 0.01 (the base's). Optional modality-affinity
-   loss (off by default): an L1 pull of each modality token's router probabilities toward its
-   configured expert set.
+   loss (off by default, an `extra_losses` term): an L1 pull of each modality token's router
+   probabilities toward its configured expert set.
 
 Evaluation outputs also carry each token's modality, so `RoutingStatistics` draws a modality × expert
 heat map beside the domain × expert one.
@@ -20,6 +22,7 @@ heat map beside the domain × expert one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,15 +31,83 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from ..formats import load_backbone
-from ..models import AdapterRule, ModalityExpertsConfig, MultimodalLM, add_adapters, modality_experts
-from ..models.modality_experts import DENSE, non_mlp_differences
+from ..layers import SparseMoE
+from ..models import (AdapterRule, MoEConfig, MultimodalLM, ParameterGroup, add_adapters, decoder_layers,
+                      expert_layers, is_sparse, mlp_attribute)
 from ..models.multimodal import MODALITIES
 from ..tokens import MODALITY_INPUTS
 from .base import MultimodalMethod, Stage, StepOutput, checkpoint_safe
 
-__all__ = ["UniMoE", "UniMoELoRA", "AffinityLoss"]
+__all__ = ["UniMoE", "UniMoELoRA", "AffinityLoss", "ModalityExpertsConfig", "fill_modality_experts",
+           "non_mlp_differences"]
 
-checkpoint_safe(ModalityExpertsConfig)
+DENSE = "dense"  # an expert slot that keeps the model's own FFN (stage 1's)
+
+
+@checkpoint_safe
+@dataclass
+class ModalityExpertsConfig:
+    """Which FFN fills each expert slot, and the MoE layers (defaults: Uni-MoE's reference)."""
+
+    experts: list[str] = field(default_factory=lambda: ["image", "audio", "video"])  # slot -> modality or "dense"
+    top_k: int = 2
+    layers: str | list[int] = "all"  # Uni-MoE: every decoder layer
+    normalize_weights: bool = True  # renormalise the top-k gate weights to sum to 1
+    capacity_factor: float | None = None  # None = dropless (the reference drops no token)
+
+
+def _mlp(model: MultimodalLM, index: int) -> nn.Module:
+    layer = decoder_layers(model.llm)[index]
+    return getattr(layer, mlp_attribute(layer))
+
+
+def fill_modality_experts(model: MultimodalLM, slots: list[str], sources: dict[str, MultimodalLM]) -> None:
+    """Expert slot j of every `SparseMoE` decoder layer i <- layer i's MLP of the stage-2 model `sources[slots[j]]`;
+    a "dense" slot keeps what it holds (the upcycled copy of the model's own MLP). So a token routed entirely
+    to slot j computes what the source model of slot j computes."""
+    for i, layer in enumerate(decoder_layers(model.llm)):
+        moe = getattr(layer, mlp_attribute(layer))
+        if not isinstance(moe, SparseMoE):
+            continue
+        for slot, name in enumerate(slots):
+            if name == DENSE:
+                continue
+            source_mlp = _mlp(sources[name], i)
+            if isinstance(source_mlp, SparseMoE):
+                raise ValueError(f"the {name} stage-2 model's layer {i} is sparse; a dense FFN is needed")
+            single = SparseMoE.from_dense(source_mlp, 1, 1)  # its weights in the stacked layout
+            with torch.no_grad():
+                for own, theirs in ((moe.w_in, single.w_in), (moe.down_proj, single.down_proj),
+                                    (moe.b_in, single.b_in), (moe.down_bias, single.down_bias)):
+                    if own is not None:
+                        own[slot].copy_(theirs[0])
+
+
+def non_mlp_differences(model: MultimodalLM, other: MultimodalLM, atol: float = 0.0) -> list[str]:
+    """Parameters outside the decoder MLPs that differ between two models of one architecture (stage 2
+    trains only the MLPs, so the stage-2 models must agree with the base everywhere else)."""
+    layers = decoder_layers(model.llm)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    mlp_prefixes = [f"{prefix}.{i}.{mlp_attribute(layer)}." for i, layer in enumerate(layers)]
+    theirs = dict(other.named_parameters())
+    differ = []
+    for name, p in model.named_parameters():
+        if any(name.startswith(m) for m in mlp_prefixes):
+            continue
+        q = theirs.get(name)
+        if q is None or q.shape != p.shape or not torch.allclose(p.detach().float(), q.detach().float(), atol=atol, rtol=0):
+            differ.append(name)
+    return differ
+
+
+def _router_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
+    for _, layer in expert_layers(model.llm):
+        yield from layer.router.parameters()
+
+
+def _mlp_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
+    for layer in decoder_layers(model.llm):
+        yield from getattr(layer, mlp_attribute(layer)).parameters()
 
 
 @checkpoint_safe
@@ -68,7 +139,7 @@ class UniMoE(MultimodalMethod):
     STAGES = {
         "align": Stage(train=["connector"]),
         "experts": Stage(train=["mlp"]),
-        "moe": Stage(train=["router", "adapters"]),
+        "moe": Stage(train=["router", "adapters"], upcycle=True),
     }
 
     def __init__(
@@ -107,10 +178,23 @@ class UniMoE(MultimodalMethod):
                                          for part in ("own", "all")})
         self._eval_token_modality: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ surgery
+    # ------------------------------------------------------------------ surgery and parameter groups
+    @property
+    def moe_config(self) -> MoEConfig:
+        """The moe stage's MoE layers: one expert per slot of `moe.experts`."""
+        o = self.moe_options
+        return MoEConfig(num_experts=len(o.experts), top_k=o.top_k, layers=o.layers, capacity_factor=o.capacity_factor,
+                         normalize_weights=o.normalize_weights)
+
+    def parameter_groups(self) -> dict[str, ParameterGroup]:
+        # stage 2 trains every decoder layer's feed-forward block; stage 3 only the sparse layers' routers
+        # (their experts take LoRA)
+        return {"router": _router_parameters, "mlp": _mlp_parameters}
+
     def enter_stage(self, model: MultimodalLM) -> None:
-        """moe: the modality-experts surgery, from the stage-2 runs (a loaded stage-3 model keeps its experts)."""
-        if self.stage != "moe" or any(e["op"] == "modality_experts" for e in model.surgery):
+        """moe: the base's upcycling into one expert per slot, each slot then filled with its modality's stage-2
+        FFN (`fill_modality_experts`); a loaded stage-3 model keeps its experts."""
+        if not self.stage_plan.upcycle or is_sparse(model):
             return
         wanted = sorted({e for e in self.moe_options.experts if e != DENSE})
         missing = [m for m in wanted if m not in self.expert_paths]
@@ -127,7 +211,8 @@ class UniMoE(MultimodalMethod):
                     f"outside the MLPs ({len(differ)} tensors, e.g. {differ[:3]}): stage 2 must start from the same "
                     "stage-1 output as stage 3 and train only the MLPs")
             sources[m] = source
-        modality_experts(model, self.moe_options, sources)
+        super().enter_stage(model)
+        fill_modality_experts(model, self.moe_options.experts, sources)
 
     def configure_backbone(self, model: MultimodalLM) -> None:
         if self.stage != "moe" or any(e["op"] == "adapters" for e in model.surgery):
@@ -157,12 +242,13 @@ class UniMoE(MultimodalMethod):
                                  f"but a batch carries {others} inputs (domains {sorted(set(batch['domain']))})")
         step = super().compute_loss(batch)
         step.extras["token_modality"] = self.model.last_token_modality
-        if self.affinity.coef and step.routing:
-            step.logs["affinity_loss"] = affinity = self.affinity_loss(step.routing, self.model.last_token_modality,
-                                                                       step.token_mask)
-            step.loss = step.loss + self.affinity.coef * affinity
-            step.logs["loss"] = step.loss
         return step
+
+    def extra_losses(self, step: StepOutput, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, float]]:
+        if not self.affinity.coef or not step.routing:
+            return {}
+        affinity = self.affinity_loss(step.routing, self.model.last_token_modality, step.token_mask)
+        return {"affinity_loss": (affinity, self.affinity.coef)}
 
     def affinity_loss(self, routing: list, token_modality: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Mean over modality tokens and layers of the L1 distance of router probabilities to the target set."""

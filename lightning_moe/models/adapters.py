@@ -8,9 +8,9 @@ regular expression (peft's rule); a kind with target "linear" wraps `nn.Linear`s
 "mlp" a decoder layer's MLP ("mlp" for Llama/Phi). With several rules, the first rule that matches
 a module wins, and a module inside an adapted one is never adapted again.
 
-Surgery log entry: `{"op": "adapters", "configs": [{"kind", "targets", "layers", <the kind's fields>}]}`.
-Logs written before the kinds were split (issue 12) hold every kind's fields in each rule; the
-foreign ones were ignored by the layer then, and are dropped when such a record is read.
+Surgery log entries: `{"op": "adapters", "configs": [{"kind", "targets", "layers", <the kind's fields>}]}`,
+and `{"op": "add_adapter_task", "r": r}` for a continual task added to every adapter whose kind has tasks.
+Records older code wrote are read as these (the last section of this file).
 """
 
 from __future__ import annotations
@@ -26,19 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..layers.adapters import adapter_kind, adapter_tensors, kind_of, trainable_adapter_tensors
+from ..layers.adapters import adapter_kind, adapter_kinds, adapter_tensors, kind_of, trainable_adapter_tensors
 from .architecture import adapter_modules, decoder_layers, mlp_attribute, resolve_layers
-from .checkpoint import adapter_ops, canonical_log, register_surgery, replay_surgery
+from .checkpoint import adapter_ops, canonical_log, register_old_op, register_surgery, replay_surgery
 from .multimodal import MultimodalLM
 
-__all__ = ["AdapterRule", "AdapterConfig", "plan_adapters", "add_adapters", "add_mora_task", "adapter_parameters",
+__all__ = ["AdapterRule", "plan_adapters", "add_adapters", "add_adapter_task", "adapter_parameters",
            "save_adapters", "load_adapters", "merge_lora", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# every field of the one AdapterConfig that held all kinds' options before issue 12: a logged rule with
-# exactly these keys is such an old record
-_LEGACY_FIELDS = frozenset({"kind", "targets", "layers", "r", "alpha", "dropout", "num_experts", "scale_by_prob",
-                            "router_bias", "temperature", "top_k", "threshold"})
 
 
 class AdapterRule:
@@ -65,13 +61,9 @@ class AdapterRule:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> AdapterRule:
-        """A rule from its logged / configured form (an old all-kinds record included)."""
+        """A rule from its logged / configured form."""
         if isinstance(record, AdapterRule):
             return record
-        record = dict(record)
-        if set(record) == _LEGACY_FIELDS:
-            fields = {f.name for f in dataclasses.fields(adapter_kind(record["kind"]).config)}
-            record = {k: v for k, v in record.items() if k in ("kind", "targets", "layers") or k in fields}
         return cls(**record)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,10 +81,6 @@ class AdapterRule:
 
     def __repr__(self) -> str:
         return f"AdapterRule({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
-
-
-# The name the rule class had when it held every kind's fields; rules are still written this way.
-AdapterConfig = AdapterRule
 
 
 def plan_adapters(model: MultimodalLM, rules: list[AdapterRule | dict[str, Any]]) -> dict[str, AdapterRule]:
@@ -145,16 +133,18 @@ def add_adapters(model: MultimodalLM, rules: list[AdapterRule | dict[str, Any]])
     return {name: rule.kind for name, rule in plan.items()}
 
 
-def add_mora_task(model: MultimodalLM, r: int) -> int:
-    """MoRA continual learning: every MoRA layer gets r new ranks; earlier ranks freeze."""
-    mora = adapter_kind("mora").layer
-    layers = [m for _, m in adapter_modules(model) if isinstance(m, mora)]
-    if not layers:
-        raise ValueError("the model has no MoRA adapters (add them with add_adapters(kind='mora')) to add a task to")
-    for layer in layers:
-        layer.add_task(r)
-    model.surgery.append({"op": "mora_add_task", "r": r})
-    return len(layers)
+def add_adapter_task(model: MultimodalLM, r: int) -> int:
+    """Continual learning: every adapter whose kind has tasks (`AdapterKind.add_task`, e.g. MoRA) gets a
+    new task of r ranks, the ones that train from now on. Returns the number of adapters grown."""
+    grown = [(m, kind_of(m)) for _, m in adapter_modules(model) if kind_of(m).add_task is not None]
+    if not grown:
+        kinds = sorted(name for name, kind in adapter_kinds().items() if kind.add_task is not None)
+        raise ValueError(f"the model has no adapter whose kind has tasks (kinds with tasks: {kinds}; add them with "
+                         "add_adapters) to add a task to")
+    for layer, kind in grown:
+        kind.add_task(layer, r)
+    model.surgery.append({"op": "add_adapter_task", "r": r})
+    return len(grown)
 
 
 def adapter_parameters(model: nn.Module, trainable_only: bool = False) -> Iterator[tuple[str, nn.Parameter]]:
@@ -166,8 +156,8 @@ def adapter_parameters(model: nn.Module, trainable_only: bool = False) -> Iterat
 
 
 register_surgery("adapters", lambda model, configs: add_adapters(model, configs), adapter=True,
-                 canonical=lambda args: {"configs": [AdapterRule.from_dict(c).to_dict() for c in args["configs"]]})
-register_surgery("mora_add_task", lambda model, r: add_mora_task(model, r), adapter=True)
+                 canonical=lambda args: {"configs": [_current_rule(c) for c in args["configs"]]})
+register_surgery("add_adapter_task", lambda model, r: add_adapter_task(model, r), adapter=True)
 
 
 # ---------------------------------------------------------------------------- adapters on their own
@@ -254,3 +244,22 @@ def merge_lora(model: MultimodalLM) -> int:
     ops = adapter_ops()
     model.surgery[:] = [e for e in model.surgery if e["op"] not in ops]
     return len(adapters)
+
+
+# ---------------------------------------------------------------------------- records older code wrote
+# Every adapter option of every kind, the keys of each rule when one record held all kinds' options: a logged
+# rule with exactly these keys is such a record. Its kind read only its own fields, so the others are dropped.
+_ALL_KINDS_RULE = frozenset({"kind", "targets", "layers", "r", "alpha", "dropout", "num_experts", "scale_by_prob",
+                             "router_bias", "temperature", "top_k", "threshold"})
+
+
+def _current_rule(record: dict[str, Any]) -> dict[str, Any]:
+    """A logged rule as the current code logs it."""
+    if set(record) == _ALL_KINDS_RULE:
+        fields = {f.name for f in dataclasses.fields(adapter_kind(record["kind"]).config)}
+        record = {k: v for k, v in record.items() if k in ("kind", "targets", "layers") or k in fields}
+    return AdapterRule.from_dict(record).to_dict()
+
+
+# the task of the MoRA kind, the only kind with tasks then, was its own op
+register_old_op("mora_add_task", lambda args: {"op": "add_adapter_task", **args})

@@ -10,6 +10,11 @@ A new rewrite is a plug-in: `register_surgery("my_op", fn)` where `fn(model, **l
 applies it (and appends its own entry). `adapter=True` marks ops that only add or grow adapters:
 `save_adapters` saves them as the adapter part of a model, `merge_lora` drops them.
 
+Records written by older code are read in the form the current code writes (`canonical_log`), in
+one place: an op whose record changed form registers `canonical` with it, an op no longer written
+is registered with `register_old_op` and the record it became. Replay and log comparisons both read
+that form, so an old log rebuilds the same model and compares equal to the log of a new run.
+
 This module imports nothing of models/, so `multimodal.py` can replay a log without a cycle; the
 ops register when `lightning_moe.models` is imported (upcycle.py, adapters.py).
 """
@@ -21,13 +26,15 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SURGERIES", "register_surgery", "replay_surgery", "adapter_ops", "canonical_log"]
+__all__ = ["SURGERIES", "register_surgery", "register_old_op", "replay_surgery", "adapter_ops", "canonical_log"]
 
 # op name -> function(model, **logged args)
 SURGERIES: dict[str, Callable[..., Any]] = {}
 _ADAPTER_OPS: set[str] = set()
 # op name -> function(logged args) -> the args as the current code logs them (an older record's form)
 _CANONICAL: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+# op no longer written -> function(logged args) -> the record ({"op", **args}) the current code writes instead
+_OLD_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
 def register_surgery(op: str, apply: Callable[..., Any], *, adapter: bool = False, replace: bool = False,
@@ -42,10 +49,23 @@ def register_surgery(op: str, apply: Callable[..., Any], *, adapter: bool = Fals
         _CANONICAL[op] = canonical
 
 
+def register_old_op(op: str, upgrade: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """An op older code wrote and the current code does not: `upgrade(args)` returns the record
+    (`{"op": <a registered op>, **args}`) that the current code writes for the same rewrite."""
+    _OLD_OPS[op] = upgrade
+
+
+def _canonical_record(entry: dict[str, Any]) -> dict[str, Any]:
+    args = {k: v for k, v in entry.items() if k != "op"}
+    if entry["op"] in _OLD_OPS:
+        entry = _OLD_OPS[entry["op"]](args)
+        args = {k: v for k, v in entry.items() if k != "op"}
+    return {"op": entry["op"], **_CANONICAL[entry["op"]](args)} if entry["op"] in _CANONICAL else entry
+
+
 def canonical_log(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`log` with every record in the form the current code writes (replaying either gives the same model)."""
-    return [{"op": e["op"], **_CANONICAL[e["op"]]({k: v for k, v in e.items() if k != "op"})}
-            if e["op"] in _CANONICAL else e for e in log]
+    return [_canonical_record(e) for e in log]
 
 
 def adapter_ops() -> frozenset[str]:
@@ -53,8 +73,8 @@ def adapter_ops() -> frozenset[str]:
 
 
 def replay_surgery(model: nn.Module, log: list[dict[str, Any]]) -> None:
-    for entry in log:
-        args = {k: v for k, v in entry.items() if k != "op"}
+    """Re-apply `log` on a freshly built model, each record read as the current code writes it."""
+    for entry in canonical_log(log):
         if entry["op"] not in SURGERIES:
             raise ValueError(f"unknown surgery {entry['op']!r} in the model's log; known: {sorted(SURGERIES)}")
-        SURGERIES[entry["op"]](model, **args)
+        SURGERIES[entry["op"]](model, **{k: v for k, v in entry.items() if k != "op"})

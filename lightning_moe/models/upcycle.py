@@ -1,5 +1,9 @@
 """Upcycling: dense MLPs -> `SparseMoE` whose experts start as exact copies (MoE-LLaVA), and
-parameter counts of a sparse model. Registers the `upcycle` surgery."""
+parameter counts of a sparse model. Registers the `upcycle` surgery.
+
+A method may fill the experts differently after the upcycling (Uni-MoE: each from its own modality's
+trained FFN, `methods/unimoe.py`); the log records the structure, and the saved weights fill it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from torch import nn
 
 from ..layers import SparseMoE
 from .architecture import decoder_layers, expert_layers, mlp_attribute, resolve_layers
-from .checkpoint import register_surgery
+from .checkpoint import register_old_op, register_surgery
 from .multimodal import MultimodalLM
 
 __all__ = ["MoEConfig", "upcycle", "is_sparse", "ParameterCounts", "parameter_counts"]
@@ -73,3 +77,14 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
 
 
 register_surgery("upcycle", lambda model, **args: upcycle(model, MoEConfig(**args)))
+
+
+def _modality_experts_record(args: dict) -> dict:
+    # Uni-MoE's upcycling, logged under its own op by older code: one expert per slot of `experts`, each slot
+    # named by the modality whose FFN filled it; the structure is an upcycle's with those defaults
+    config = MoEConfig(num_experts=len(args["experts"]), top_k=args["top_k"], layers=args["layers"],
+                       capacity_factor=args["capacity_factor"], normalize_weights=args["normalize_weights"])
+    return {"op": "upcycle", **asdict(config)}
+
+
+register_old_op("modality_experts", _modality_experts_record)

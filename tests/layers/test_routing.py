@@ -9,13 +9,17 @@ import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from lightning_moe.layers import (
+    BalanceForm,
     RouterOutput,
     TopKRouter,
     capacity_drop,
     expert_capacity,
     load_balancing_loss,
+    register_balance_form,
     router_z_loss,
 )
+from lightning_moe.layers import routing as routing_module
+from lightning_moe.layers.routing import balance_forms
 
 
 def routing_from_logits(logits: torch.Tensor, k: int, normalize: bool = True) -> RouterOutput:
@@ -185,7 +189,21 @@ def test_routing_losses_of_one_real_token_and_without_a_mask():
 
 def test_routing_loss_options_are_checked_by_name():
     routing = routing_from_logits(torch.randn(4, 3), 1)
-    with pytest.raises(ValueError, match="^form must be 'switch', 'gshard' or 'mole', got 'dense'$"):
+    with pytest.raises(ValueError, match=r"^form must be one of \['gshard', 'mole', 'switch'\] \(register_balance_form "
+                                         r"adds one\), got 'dense'$"):
         load_balancing_loss(routing, form="dense")
     with pytest.raises(ValueError, match="^layers must be 'sum', 'mean' or 'concat', got 'max'$"):
         load_balancing_loss(routing, layers="max")
+
+
+def test_a_registered_balance_form_is_a_form_of_the_loss(monkeypatch):
+    monkeypatch.setattr(routing_module, "_BALANCE_FORMS", dict(routing_module._BALANCE_FORMS))  # this test's own
+    # "top1_switch": the Switch form counting only first choices; with top-1 routing it equals "switch"
+    register_balance_form("top1_switch", BalanceForm(all_slots=False, scale=float))
+    logits = torch.randn(12, 4)
+    torch.testing.assert_close(load_balancing_loss(routing_from_logits(logits, 1), form="top1_switch"),
+                               load_balancing_loss(routing_from_logits(logits, 1), form="switch"))
+    with pytest.raises(ValueError, match="'top1_switch' is already registered"):
+        register_balance_form("top1_switch", BalanceForm(all_slots=True, scale=float))
+    # the MoLE kind's form is registered beside its layer (layers/adapters/mole.py)
+    assert balance_forms()["mole"].straight_through and not balance_forms()["gshard"].straight_through

@@ -57,9 +57,9 @@ def test_resumed_run_ends_exactly_as_the_uninterrupted_run(shapes, tmp_path, met
     trainer.fit(resumed, data, ckpt_path=after_task0)
     assert trainer.current_epoch == len(TASKS) and trainer.global_step == 3 * len(TASKS)
 
-    matrix = full.accuracy.matrix()
+    matrix = full.task_loop.accuracy.matrix()
     assert matrix.shape == (2, 2)
-    torch.testing.assert_close(resumed.accuracy.matrix(), matrix, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.task_loop.accuracy.matrix(), matrix, rtol=0, atol=0)
     before, after = adapters(full), adapters(resumed)
     assert before.keys() == after.keys()
     for name in before:

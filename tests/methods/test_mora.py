@@ -14,7 +14,7 @@ from lightning_moe.data import ContinualDataModule
 from lightning_moe.data.synthetic import generate
 from lightning_moe.layers import LoRALinear, MoRALinear
 from lightning_moe.methods import BackboneConfig, ContinualLoRA, LoRAOptions, MoRAContinual, MoRAOptions
-from lightning_moe.models import add_mora_task
+from lightning_moe.models import add_adapter_task
 from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
 
 BACKBONE = BackboneConfig(llm_overrides=TINY_LLM, vision_overrides=TINY_VISION, vision_feature_layer=-1)
@@ -77,10 +77,10 @@ def test_earlier_task_ranks_get_no_gradient_and_stay_bit_identical(shapes, tmp_p
         assert [a.shape[0] for a in m.lora_A] == [4, 3]  # task 0: lora.r, task 1: ranks_per_task
         assert torch.equal(m.lora_A[0], a0) and torch.equal(m.lora_B[0], b0)
         assert m.lora_B[1].abs().sum() > 0  # the new task's ranks did train
-    assert method.model.surgery[-1] == {"op": "mora_add_task", "r": 3}  # replayed by from_pretrained
+    assert method.model.surgery[-1] == {"op": "add_adapter_task", "r": 3}  # replayed by from_pretrained
     assert not any(p.requires_grad for n, p in method.model.named_parameters() if ".lora_" not in n)
     # the accuracy matrix has one row per task, every task evaluated after each task
-    assert method.accuracy.matrix().shape == (2, 2)
+    assert method.task_loop.accuracy.matrix().shape == (2, 2)
     # every evaluated task's active ranks are attributed to the two tasks' blocks, within the budget
     assert set(method.rank_usage) == set(TASKS)
     assert all(u.shape == (2,) and 0 < float(u.sum()) <= 4 for u in method.rank_usage.values())
@@ -90,7 +90,7 @@ def test_earlier_task_ranks_get_no_gradient_and_stay_bit_identical(shapes, tmp_p
 
 def test_mora_layer_with_full_budget_and_no_pruning_is_the_weighted_sum_of_rank1_updates():
     method = make(MoRAContinual, mora=MoRAOptions(temperature=0.7, top_k=None, threshold=None))
-    add_mora_task(method.model, 3)  # two tasks' ranks: 4 + 3
+    add_adapter_task(method.model, 3)  # two tasks' ranks: 4 + 3
     layer = method.mora_layers[0]
     with torch.no_grad():
         for b in layer.lora_B:
@@ -114,7 +114,7 @@ def test_mora_layer_with_full_budget_and_no_pruning_is_the_weighted_sum_of_rank1
 @pytest.mark.parametrize(("top_k", "threshold"), [(3, None), (3, 0.0), (None, 0.2)])
 def test_active_ranks_per_token_respect_the_budget(top_k, threshold):
     method = make(MoRAContinual, mora=MoRAOptions(top_k=top_k, threshold=threshold))
-    add_mora_task(method.model, 4)  # 8 ranks per layer
+    add_adapter_task(method.model, 4)  # 8 ranks per layer
     ids = torch.randint(10, 40, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0  # padding is not counted

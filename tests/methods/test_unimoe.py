@@ -15,8 +15,8 @@ from lightning_moe import edge
 from lightning_moe.data import DomainMixtureDataModule
 from lightning_moe.inference import ExpertStore, GenerationConfig, generate, load_offloaded
 from lightning_moe.layers import RouterOutput
-from lightning_moe.methods import AffinityLoss, BackboneConfig, UniMoE
-from lightning_moe.models import ModalityExpertsConfig, MultimodalLM, expert_layers, merge_lora
+from lightning_moe.methods import AffinityLoss, BackboneConfig, ModalityExpertsConfig, UniMoE
+from lightning_moe.models import MultimodalLM, expert_layers, merge_lora
 from lightning_moe.models.multimodal import MODALITIES
 from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER
 from tests.models.test_audio_video import QUERIES, TINY_WHISPER, batch
@@ -117,12 +117,13 @@ def test_stage3_output_round_trips(stages, tokenizer, tmp_path):
                 p.add_(torch.randn_like(p) * 0.05)
     method.model.save_pretrained(tmp_path)
     loaded = MultimodalLM.from_pretrained(tmp_path).eval()
-    assert [e["op"] for e in loaded.surgery] == ["modality_experts", "adapters"]
+    # the structure is logged as an upcycle (one expert per slot): loading it needs none of the stage-2 models
+    assert [e["op"] for e in loaded.surgery] == ["upcycle", "adapters"] and loaded.surgery[0]["num_experts"] == 4
     inputs = batch(tokenizer)
     torch.testing.assert_close(loaded(**inputs).logits, method.model.eval()(**inputs).logits)
     # a loaded stage-3 model is not upcycled again, and keeps its adapters
     again = UniMoE(stage="moe", tokenizer=TOKENIZER, backbone=BackboneConfig(pretrained=str(tmp_path)))
-    assert [e["op"] for e in again.model.surgery] == ["modality_experts", "adapters"]
+    assert [e["op"] for e in again.model.surgery] == ["upcycle", "adapters"]
 
 
 def test_moe_stage_refuses_a_stage2_model_changed_outside_its_mlps(stages, tmp_path):

@@ -50,7 +50,7 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir, 
         assert cli.trainer.global_step == 2
     assert (workdir / "runs/unimoe/experts/video/model/multimodal_config.json").is_file()
     cli = fit(UNIMOE[-1], "--trainer.max_steps=1", "--trainer.val_check_interval=1")
-    assert [e["op"] for e in cli.model.model.surgery] == ["modality_experts", "adapters"]
+    assert [e["op"] for e in cli.model.model.surgery] == ["upcycle", "adapters"]
     # TensorBoard: the modality x expert heat map per layer
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -61,7 +61,7 @@ def test_unimoe_stages_chain_and_stage3_starts_from_each_modalitys_ffn(workdir, 
     assert (workdir / "runs/unimoe/moe/merged/multimodal_config.json").is_file()
     assert_outputs_load_safely(workdir)
 
-    # through the shipped configs' outputs: a fresh stage-3 model, forced to each slot, is that slot's stage-2 model
+    # through the shipped configs' outputs: a fresh stage-3 model, forced to each slot, computes its stage-2 model
     method = UniMoE(stage="moe", backbone=BackboneConfig(pretrained="runs/unimoe/align/model"),
                     experts={m: f"runs/unimoe/experts/{m}/model" for m in ("image", "audio", "video")},
                     moe=cli.model.moe_options)

@@ -1,6 +1,7 @@
 """Adapter kinds are plug-ins: a kind that exists nowhere in the package (IA3-style per-channel
 scaling, Liu et al. 2022), defined and registered here, trains through the CLI with a config that
-names it, and saves / reloads through `save_adapters` / `load_adapters` bit-identically."""
+names it, and saves / reloads through `save_adapters` / `load_adapters` bit-identically; a kind with
+continual tasks (`AdapterKind.add_task`) grows through `add_adapter_task` and replays from the log."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from torch import nn
 
 from lightning_moe.cli import main
 from lightning_moe.layers.adapters import AdapterKind, kind_of, register_adapter_kind
-from lightning_moe.models import adapter_modules, load_adapters, save_adapters
+from lightning_moe.models import (MultimodalLM, adapter_modules, add_adapter_task, add_adapters, build_multimodal,
+                                  load_adapters, save_adapters, set_trainable)
 from lightning_moe.models.checkpoint import adapter_ops
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_LLM, TINY_VISION
 from tests.test_cli import FAST
 
 
@@ -99,3 +101,55 @@ def test_a_kind_defined_outside_the_package_trains_saves_and_reloads(tmp_path, m
         plain = untrained(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert torch.equal(got, expected)
     assert not torch.equal(plain, expected)  # the loaded scales are what makes them equal
+
+
+# ------------------------------------------------------------------ a kind with tasks: a LoRA that grows per task
+@dataclass
+class GrowingLoRAConfig:
+    r: int = 2  # the first task's rank
+
+
+class GrowingLoRA(nn.Module):
+    """`base(x) + sum_t B_t A_t x`, one low-rank update per task; only the newest trains."""
+
+    def __init__(self, base: nn.Linear, r: int = 2) -> None:
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        self.lora_A, self.lora_B = nn.ParameterList(), nn.ParameterList()
+        self.add_task(r)
+
+    def add_task(self, r: int) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.lora_A.append(nn.Parameter(torch.randn(r, self.base_layer.in_features) * 0.1))
+        self.lora_B.append(nn.Parameter(torch.randn(self.base_layer.out_features, r) * 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + sum(x @ a.T @ b.T for a, b in zip(self.lora_A, self.lora_B))
+
+
+def _newest(layer: GrowingLoRA):
+    t = len(layer.lora_A) - 1
+    yield f"lora_A.{t}", layer.lora_A[t]
+    yield f"lora_B.{t}", layer.lora_B[t]
+
+
+register_adapter_kind(AdapterKind(name="growing_lora", config=GrowingLoRAConfig, layer=GrowingLoRA, target="linear",
+                                  wrapped="base_layer", trainable=_newest, add_task=GrowingLoRA.add_task))
+
+
+def test_a_kind_with_tasks_grows_through_add_adapter_task_and_replays(tmp_path, tokenizer):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    add_adapters(model, [{"kind": "growing_lora", "targets": ["q_proj"], "r": 2}])
+    assert add_adapter_task(model, 3) == 2  # one adapter per decoder layer grew
+    layers = [m for _, m in adapter_modules(model)]
+    assert all([a.shape[0] for a in m.lora_A] == [2, 3] for m in layers)
+    assert model.surgery[-1] == {"op": "add_adapter_task", "r": 3}
+    assert set_trainable(model, ["adapters"]) == {f"llm.model.layers.{i}.self_attn.q_proj.lora_{ab}.1"
+                                                   for i in range(2) for ab in "AB"}
+    model.save_pretrained(tmp_path / "m")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.surgery == model.surgery
+    ids = torch.randint(10, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, torch.ones_like(ids)).logits, model(ids, torch.ones_like(ids)).logits)

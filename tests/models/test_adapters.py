@@ -11,10 +11,10 @@ from peft import LoraConfig, get_peft_model
 
 from lightning_moe.layers import LoRALinear, MoLEMLP, MoRALinear
 from lightning_moe.models import (
-    AdapterConfig,
+    AdapterRule,
     MultimodalLM,
     add_adapters,
-    add_mora_task,
+    add_adapter_task,
     build_multimodal,
     decoder_layers,
     load_adapters,
@@ -47,16 +47,16 @@ def perturb_adapters(model: MultimodalLM) -> None:
         p.copy_(0.2 * torch.randn_like(p))
 
 
-MIXED = [AdapterConfig(kind="lora", targets=ATTN, r=4, alpha=8),
-         AdapterConfig(kind="mole", targets=["mlp"], r=2, alpha=4, num_experts=3)]
+MIXED = [AdapterRule(kind="lora", targets=ATTN, r=4, alpha=8),
+         AdapterRule(kind="mole", targets=["mlp"], r=2, alpha=4, num_experts=3)]
 
 
 def test_first_matching_rule_wins_and_layers_are_respected(tokenizer):
     model = build_multimodal(tokenizer, "tiny-llama", {**TINY_LLM, "num_hidden_layers": 3}, "tiny-clip", TINY_VISION)
-    rules = [AdapterConfig(kind="mora", targets=["q_proj"], layers=[0], r=2),
-             AdapterConfig(kind="lora", targets=[r".*\.(q|v)_proj"], r=2),
-             AdapterConfig(kind="mole", targets=["mlp"], layers="1:", r=2, num_experts=2),
-             AdapterConfig(kind="lora", targets=["gate_proj"], r=2)]  # layer 0 only: 1 and 2 are MoLE's
+    rules = [AdapterRule(kind="mora", targets=["q_proj"], layers=[0], r=2),
+             AdapterRule(kind="lora", targets=[r".*\.(q|v)_proj"], r=2),
+             AdapterRule(kind="mole", targets=["mlp"], layers="1:", r=2, num_experts=2),
+             AdapterRule(kind="lora", targets=["gate_proj"], r=2)]  # layer 0 only: 1 and 2 are MoLE's
     kinds = add_adapters(model, rules)
     assert kinds == {
         "model.layers.0.self_attn.q_proj": "mora", "model.layers.0.self_attn.v_proj": "lora",
@@ -73,16 +73,16 @@ def test_first_matching_rule_wins_and_layers_are_respected(tokenizer):
 def test_bad_rules_are_clear_errors(tokenizer):
     model = tiny(tokenizer)
     with pytest.raises(ValueError, match="matched no module"):
-        plan_adapters(model, [AdapterConfig(kind="lora", targets=["query"])])
+        plan_adapters(model, [AdapterRule(kind="lora", targets=["query"])])
     with pytest.raises(ValueError, match="matched no module.*MLP"):
-        plan_adapters(model, [AdapterConfig(kind="mole", targets=["q_proj"])])
+        plan_adapters(model, [AdapterRule(kind="mole", targets=["q_proj"])])
     with pytest.raises(ValueError, match="kind 'prefix' unknown"):
-        AdapterConfig(kind="prefix")
-    add_adapters(model, [AdapterConfig(kind="lora", targets=["q_proj"])])
+        AdapterRule(kind="prefix")
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj"])])
     with pytest.raises(ValueError, match="already has an adapter"):
-        add_adapters(model, [AdapterConfig(kind="lora", targets=["q_proj"])])
-    with pytest.raises(ValueError, match="no MoRA adapters"):
-        add_mora_task(model, 2)
+        add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj"])])
+    with pytest.raises(ValueError, match=r"no adapter whose kind has tasks \(kinds with tasks: \[.*'mora'"):
+        add_adapter_task(model, 2)
 
 
 def test_adapters_group_is_exactly_the_adapter_parameters(tokenizer):
@@ -100,14 +100,14 @@ def test_adapters_group_is_exactly_the_adapter_parameters(tokenizer):
 
 def test_mora_group_names_only_the_current_task_ranks(tokenizer):
     model = tiny(tokenizer)
-    add_adapters(model, [AdapterConfig(kind="mora", targets=["q_proj", "v_proj"], r=3, top_k=2)])
-    add_mora_task(model, 2)
+    add_adapters(model, [AdapterRule(kind="mora", targets=["q_proj", "v_proj"], r=3, top_k=2)])
+    add_adapter_task(model, 2)
     trainable = set_trainable(model, ["adapters"])
     assert trainable == {f"llm.model.layers.{i}.self_attn.{p}.lora_{ab}.1" for i in range(2)
                          for p in ("q_proj", "v_proj") for ab in "AB"}
     layer = decoder_layers(model.llm)[0].self_attn.q_proj
     assert layer.r == 5 and layer.top_k == 2
-    assert model.surgery[-1] == {"op": "mora_add_task", "r": 2}
+    assert model.surgery[-1] == {"op": "add_adapter_task", "r": 2}
 
 
 def test_lora_surgery_matches_peft(tokenizer):
@@ -115,7 +115,7 @@ def test_lora_surgery_matches_peft(tokenizer):
     model = tiny(tokenizer)
     reference = tiny(tokenizer)
     reference.load_state_dict(model.state_dict())
-    add_adapters(model, [AdapterConfig(kind="lora", targets=ATTN + ["down_proj"], r=4, alpha=8)])
+    add_adapters(model, [AdapterRule(kind="lora", targets=ATTN + ["down_proj"], r=4, alpha=8)])
     perturb_adapters(model)
     peft_llm = get_peft_model(reference.llm, LoraConfig(r=4, lora_alpha=8, target_modules=ATTN + ["down_proj"],
                                                         lora_dropout=0.0))
@@ -131,14 +131,14 @@ def test_lora_surgery_matches_peft(tokenizer):
 
 def test_save_pretrained_replays_adapter_surgery(tmp_path, tokenizer):
     model = tiny(tokenizer)
-    add_adapters(model, [AdapterConfig(kind="mora", targets=["o_proj"], r=2)] + MIXED)
+    add_adapters(model, [AdapterRule(kind="mora", targets=["o_proj"], r=2)] + MIXED)
     perturb_adapters(model)
-    add_mora_task(model, 3)  # a second MoRA task: its ranks must come back too
+    add_adapter_task(model, 3)  # a second MoRA task: its ranks must come back too
     perturb_adapters(model)
     model.save_pretrained(tmp_path / "m")
     loaded = MultimodalLM.from_pretrained(tmp_path / "m").eval()
     assert loaded.surgery == model.surgery
-    assert [e["op"] for e in loaded.surgery] == ["adapters", "mora_add_task"]
+    assert [e["op"] for e in loaded.surgery] == ["adapters", "add_adapter_task"]
     ids, mask = inputs(tokenizer)
     torch.testing.assert_close(loaded(ids, mask).logits, model(ids, mask).logits, rtol=0, atol=0)
 
@@ -149,9 +149,9 @@ def test_adapters_alone_round_trip_onto_a_fresh_base(tmp_path, tokenizer, upcycl
     if upcycled:  # adapters on a sparse base: the base's own surgery is checked, not saved
         upcycle(base, MoEConfig(num_experts=2, top_k=1, layers=[0]))
     base.save_pretrained(tmp_path / "base")
-    rules = [AdapterConfig(kind="lora", targets=ATTN[:3], r=4), AdapterConfig(kind="mora", targets=["o_proj"], r=2)]
+    rules = [AdapterRule(kind="lora", targets=ATTN[:3], r=4), AdapterRule(kind="mora", targets=["o_proj"], r=2)]
     if not upcycled:
-        rules.append(AdapterConfig(kind="mole", targets=["mlp"], layers=[1], r=2, num_experts=2))
+        rules.append(AdapterRule(kind="mole", targets=["mlp"], layers=[1], r=2, num_experts=2))
     tuned = MultimodalLM.from_pretrained(tmp_path / "base").eval()
     add_adapters(tuned, rules)
     perturb_adapters(tuned)
@@ -180,7 +180,7 @@ def test_adapters_alone_round_trip_onto_a_fresh_base(tmp_path, tokenizer, upcycl
 
 def test_merged_lora_equals_unmerged_and_exports_a_plain_model(tmp_path, tokenizer):
     model = tiny(tokenizer)
-    add_adapters(model, [AdapterConfig(kind="lora", targets=ATTN + ["gate_proj", "up_proj", "down_proj"], r=4)])
+    add_adapters(model, [AdapterRule(kind="lora", targets=ATTN + ["gate_proj", "up_proj", "down_proj"], r=4)])
     perturb_adapters(model)
     ids, mask = inputs(tokenizer)
     # in float64 the merge's own rounding (W + BA folded once) is far below what a wrong merge would change
@@ -213,7 +213,7 @@ def test_mole_cannot_be_merged(tokenizer):
 def test_rank_one_mole_runs_forward_and_backward(tokenizer):
     """Rank 1 gives (tokens, 1) activations whose 4-byte strides grouped_mm rejects: the loop must take over."""
     model = tiny(tokenizer).train()
-    add_adapters(model, [AdapterConfig(kind="mole", targets=["mlp"], r=1, alpha=2, num_experts=2)])
+    add_adapters(model, [AdapterRule(kind="mole", targets=["mlp"], r=1, alpha=2, num_experts=2)])
     perturb_adapters(model)
     ids, mask = inputs(tokenizer)
     model(ids, mask).logits.sum().backward()

@@ -15,7 +15,7 @@ from lightning_moe.layers import SparseMoE
 from lightning_moe.methods import MoETuning
 from lightning_moe.methods.base import AuxLossConfig, BackboneConfig
 from lightning_moe.formats import to_hf_causal_lm
-from lightning_moe.models import (AdapterConfig, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
+from lightning_moe.models import (AdapterRule, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
                                   expert_layers, parameter_counts, upcycle)
 from lightning_moe.models.multimodal import build_llm
 from tests.conftest import TOKENIZER
@@ -191,7 +191,7 @@ def test_models_no_hf_family_represents_are_refused_with_the_reason(tokenizer, c
         else:
             upcycle(model, MoEConfig(layers="all", capacity_factor=1.5 if case == "capacity" else None))
         if case == "lora":
-            add_adapters(model, [AdapterConfig(kind="lora", targets=["q_proj"], layers="all", r=2)])
+            add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj"], layers="all", r=2)])
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         to_hf_causal_lm(model)
 

@@ -1,4 +1,4 @@
-"""Surgery: upcycling keeps the model's function; layer specs; freeze groups."""
+"""Surgery: upcycling keeps the model's function; layer specs; freeze groups; older records replay."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lightning_moe.layers import SparseMoE
-from lightning_moe.models import MoEConfig, build_multimodal, decoder_layers, set_trainable, upcycle
+from lightning_moe.models import (MoEConfig, build_multimodal, canonical_log, decoder_layers, replay_surgery,
+                                  set_trainable, upcycle)
 from lightning_moe.models import resolve_layers
 from tests.conftest import TINY_LLM, TINY_VISION
 
@@ -40,3 +41,29 @@ def test_unknown_parameter_group_is_an_error(tokenizer):
     model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
     with pytest.raises(ValueError, match="unknown parameter groups"):
         set_trainable(model, ["decoder"])
+
+
+def test_a_methods_extra_groups_join_the_generic_ones(tokenizer):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    norms = {"norms": lambda m: (p for n, p in m.llm.named_parameters() if "norm" in n)}
+    trainable = set_trainable(model, ["norms", "connector"], norms)
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("connectors.")
+                         or (n.startswith("llm.") and "norm" in n)}
+    with pytest.raises(ValueError, match=r"unknown parameter groups \['norms'\]; known: \['adapters', 'connector', "
+                                         r"'llm', 'moe', 'vision'\]"):
+        set_trainable(model, ["norms"])
+
+
+def test_an_older_modality_experts_record_replays_as_the_upcycle_it_was(tokenizer):
+    """Uni-MoE's upcycling was logged under its own op, with one slot per expert; it reads as an `upcycle`."""
+    old = {"op": "modality_experts", "experts": ["dense", "image", "audio"], "top_k": 2, "layers": [0, 1],
+           "normalize_weights": True, "capacity_factor": None}
+    upcycled = {"op": "upcycle", **vars(MoEConfig(num_experts=3, top_k=2, layers=[0, 1]))}
+    assert canonical_log([old]) == [upcycled]
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    replay_surgery(model, [old])
+    assert model.surgery == [upcycled]
+    reference = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    upcycle(reference, MoEConfig(num_experts=3, top_k=2, layers=[0, 1]))
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert all(moe.top_k == 2 and moe.num_experts == 3 for moe in (layer.mlp for layer in decoder_layers(model.llm)))

@@ -1,5 +1,6 @@
-"""LLaVA-MoLE's MLP adapter: `MoLEMLP`, E top-1 LoRA experts on each projection of an MLP, and
-its adapter kind "mole" (targets a decoder layer's whole MLP; routed, so it cannot be merged).
+"""LLaVA-MoLE's MLP adapter: `MoLEMLP`, E top-1 LoRA experts on each projection of an MLP, its
+adapter kind "mole" (targets a decoder layer's whole MLP; routed, so it cannot be merged), and the
+reference's balance loss, registered as the form "mole" of `load_balancing_loss`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from ..grouped import grouped_linear, make_offsets
 from ..mlp import mlp_layout
-from ..routing import RoutedLayer, RouterOutput, TopKRouter
+from ..routing import BalanceForm, RoutedLayer, RouterOutput, TopKRouter, register_balance_form
 from .lora import _dropout
 from .registry import AdapterKind, register_adapter_kind
 
@@ -133,3 +134,6 @@ class MoLEMLP(nn.Module, RoutedLayer):
 
 
 register_adapter_kind(AdapterKind(name="mole", config=MoLEConfig, layer=MoLEMLP, target="mlp", wrapped="mlp"))
+# LLaVA-MoLE's balance loss: `sum_i mean(p_i) * mean(c_i)`, c the straight-through one-hot of the top-1 choice,
+# no xE (balanced value 1/E)
+register_balance_form("mole", BalanceForm(all_slots=False, scale=lambda num_experts: 1.0, straight_through=True))

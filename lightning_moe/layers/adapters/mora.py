@@ -1,5 +1,6 @@
 """MoRA: `MoRALinear`, a LoRA update read as self-activated rank-1 experts, grown per task, and its
-adapter kind "mora" (only the newest task's ranks train; per-token weights, so it cannot be merged).
+adapter kind "mora" (it adds tasks: `MoRALinear.add_task`; only the newest task's ranks train;
+per-token weights, so it cannot be merged).
 """
 
 from __future__ import annotations
@@ -141,4 +142,4 @@ def _newest_task(layer: MoRALinear) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 register_adapter_kind(AdapterKind(name="mora", config=MoRAConfig, layer=MoRALinear, target="linear",
-                                  wrapped="base_layer", trainable=_newest_task))
+                                  wrapped="base_layer", trainable=_newest_task, add_task=MoRALinear.add_task))

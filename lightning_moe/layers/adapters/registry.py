@@ -31,6 +31,9 @@ class AdapterKind:
     trainable: Callable[[nn.Module], Iterator[tuple[str, nn.Parameter]]] | None = None
     # the layer has `merge(exact: bool)` folding its update into the wrapped module (which then replaces it)
     mergeable: bool = False
+    # continual learning: `add_task(layer, r)` grows the layer by a new task's r ranks, which from then on are
+    # the ones that train (`trainable`); None = the kind has no tasks. MoRA: earlier tasks' ranks freeze
+    add_task: Callable[[nn.Module, int], None] | None = None
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.config):
