@@ -19,7 +19,7 @@ kind's, under `adapters/`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,11 +157,11 @@ def _flat_mask(mask: Tensor | None, tokens: int, device: torch.device) -> Tensor
 
 @dataclass(frozen=True)
 class BalanceForm:
-    """One form of the load-balancing loss over real tokens, `scale(E) * sum_i f_i P_i`: f_i is the
-    share of routed slots that went to expert i (over tokens), P_i its mean router probability."""
+    """One form of the load-balancing loss over real tokens, `E * sum_i f_i P_i` (or without the factor E):
+    f_i is the share of routed slots that went to expert i (over tokens), P_i its mean router probability."""
 
     all_slots: bool  # f counts every top-k slot (True) or only each token's first choice (False)
-    scale: Callable[[int], float]  # the number of experts E -> the factor in front
+    times_experts: bool = True  # the factor E in front (Switch, GShard); LLaVA-MoLE's form has none
     # f keeps its one-hot value but carries P's gradient (`onehot - p.detach() + p`), so the router
     # also learns through the assignment share
     straight_through: bool = False
@@ -184,9 +184,9 @@ def balance_forms() -> dict[str, BalanceForm]:
 
 
 # Hugging Face Mixtral: every top-k slot counts, balanced value k
-register_balance_form("switch", BalanceForm(all_slots=True, scale=float))
+register_balance_form("switch", BalanceForm(all_slots=True))
 # DeepSpeed, the MoE-LLaVA reference: `mean_i(me_i * ce_i) * E^2` with ce from the top-1 choice, balanced value 1
-register_balance_form("gshard", BalanceForm(all_slots=False, scale=float))
+register_balance_form("gshard", BalanceForm(all_slots=False))
 
 
 def _balance_terms(r: RouterOutput, mask: Tensor | None, form: BalanceForm) -> tuple[Tensor, Tensor, Tensor]:
@@ -244,7 +244,8 @@ def load_balancing_loss(
     for counts, prob_sum, n in per_layer:
         n = n.clamp_min(1.0)
         f, p = counts / n, prob_sum / n  # (E,), (E,)
-        losses.append(balance.scale(outs[0].num_experts) * (f * p).sum())
+        scale = float(outs[0].num_experts) if balance.times_experts else 1.0
+        losses.append(scale * (f * p).sum())
     total = torch.stack(losses).sum()
     return total / len(losses) if layers == "mean" else total
 

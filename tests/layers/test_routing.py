@@ -199,11 +199,13 @@ def test_routing_loss_options_are_checked_by_name():
 def test_a_registered_balance_form_is_a_form_of_the_loss(monkeypatch):
     monkeypatch.setattr(routing_module, "_BALANCE_FORMS", dict(routing_module._BALANCE_FORMS))  # this test's own
     # "top1_switch": the Switch form counting only first choices; with top-1 routing it equals "switch"
-    register_balance_form("top1_switch", BalanceForm(all_slots=False, scale=float))
+    register_balance_form("top1_switch", BalanceForm(all_slots=False))
     logits = torch.randn(12, 4)
     torch.testing.assert_close(load_balancing_loss(routing_from_logits(logits, 1), form="top1_switch"),
                                load_balancing_loss(routing_from_logits(logits, 1), form="switch"))
     with pytest.raises(ValueError, match="'top1_switch' is already registered"):
-        register_balance_form("top1_switch", BalanceForm(all_slots=True, scale=float))
+        register_balance_form("top1_switch", BalanceForm(all_slots=True))
     # the MoLE kind's form is registered beside its layer (layers/adapters/mole.py)
     assert balance_forms()["mole"].straight_through and not balance_forms()["gshard"].straight_through
+    # registering the same form again (a module imported twice) is no error: forms compare by value
+    register_balance_form("mole", BalanceForm(all_slots=False, times_experts=False, straight_through=True))

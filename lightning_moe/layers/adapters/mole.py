@@ -136,4 +136,4 @@ class MoLEMLP(nn.Module, RoutedLayer):
 register_adapter_kind(AdapterKind(name="mole", config=MoLEConfig, layer=MoLEMLP, target="mlp", wrapped="mlp"))
 # LLaVA-MoLE's balance loss: `sum_i mean(p_i) * mean(c_i)`, c the straight-through one-hot of the top-1 choice,
 # no xE (balanced value 1/E)
-register_balance_form("mole", BalanceForm(all_slots=False, scale=lambda num_experts: 1.0, straight_through=True))
+register_balance_form("mole", BalanceForm(all_slots=False, times_experts=False, straight_through=True))
