@@ -126,9 +126,9 @@ def load_llava_hf(directory: str | Path, *, tokenizer: PreTrainedTokenizerBase |
         raise
     inner = hf.model
     tower_model = inner.vision_tower
-    if type(tower_model) not in set(VISION_MODELS.values()):
+    if type(tower_model).__name__ not in set(VISION_MODELS.values()):
         raise ValueError(f"{directory}: vision tower {type(tower_model).__name__} is not one of "
-                         f"{sorted({c.__name__ for c in VISION_MODELS.values()})}")
+                         f"{sorted(set(VISION_MODELS.values()))}")
     strategy = config.vision_feature_select_strategy
     has_cls = _has_cls(tower_model.config)
     if strategy == "default" and not has_cls:

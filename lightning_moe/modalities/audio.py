@@ -30,10 +30,8 @@ from typing import Any
 import numpy as np
 import soundfile
 import torch
-from scipy.signal import resample_poly
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, WhisperConfig, WhisperFeatureExtractor, WhisperModel
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers import AutoConfig, PretrainedConfig, WhisperConfig, WhisperFeatureExtractor
 
 from ..safe_load import hf_load_kwargs, hf_source
 from .registry import ModalitySpec, Tower, preset_config, register_modality
@@ -66,6 +64,8 @@ def read_audio(file: Path, sampling_rate: int = AUDIO_SAMPLING_RATE) -> np.ndarr
         raise ValueError("the clip holds non-finite samples")
     if rate != sampling_rate:
         ratio = Fraction(sampling_rate, rate)
+        from scipy.signal import resample_poly  # only when a file's rate is not 16 kHz: scipy.signal loads slowly
+
         audio = resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
     return audio
 
@@ -171,7 +171,7 @@ AUDIO_PRESETS: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]]
 class AudioTower(nn.Module):
     """(windows, n_mels, frames) Whisper log-mel -> (windows, frames // 2, hidden) from the encoder's last layer."""
 
-    def __init__(self, encoder: WhisperEncoder):
+    def __init__(self, encoder: nn.Module):  # transformers' WhisperEncoder
         super().__init__()
         self.model = encoder
         cfg = encoder.config
@@ -193,6 +193,10 @@ def build_audio_tower(name_or_path: str, overrides: dict[str, Any] | None = None
     """A preset name builds a fresh tiny Whisper encoder; anything else (an `openai/whisper-*` name or a local
     directory) loads a Whisper checkpoint and keeps its encoder (safetensors only, no repository code, unless
     `allow_unsafe` / `trust_remote_code` say otherwise). `feature_layer` is not read: the last layer is."""
+    # the modeling code loads when a tower is built, not when the registry is imported (the tokenizer imports it)
+    from transformers import WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
     if name_or_path in AUDIO_PRESETS:
         return AudioTower(WhisperEncoder(preset_config(AUDIO_PRESETS, name_or_path, overrides)))
     with hf_source("audio tower", name_or_path, allow_unsafe):
@@ -206,6 +210,8 @@ def build_audio_tower(name_or_path: str, overrides: dict[str, Any] | None = None
 
 
 def audio_tower_from_config(config_dict: dict[str, Any]) -> AudioTower:
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
     return AudioTower(WhisperEncoder(AutoConfig.for_model(**config_dict)))
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, SiglipVisionConfig, SiglipVisionModel
+import transformers
+from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
 
 from ..safe_load import hf_load_kwargs, hf_source
 from .registry import ModalitySpec, Tower, preset_config, register_modality
@@ -75,12 +76,13 @@ def load_image(file: Path, transform: ImageTransform) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- the tower
-# model_type of a (full or vision-only) checkpoint -> vision model class
+# model_type of a (full or vision-only) checkpoint -> the name of its vision model class in transformers: a name, so
+# that importing the registry (the tokenizer and the data side do) does not load the modeling code
 VISION_MODELS = {
-    "clip": CLIPVisionModel,
-    "clip_vision_model": CLIPVisionModel,
-    "siglip": SiglipVisionModel,
-    "siglip_vision_model": SiglipVisionModel,
+    "clip": "CLIPVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
 }
 
 VISION_PRESETS: dict[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]] = {
@@ -173,7 +175,7 @@ def _parameters_to_buffers(module: nn.Module) -> None:
 def vision_model_class(config: PretrainedConfig) -> type:
     if config.model_type not in VISION_MODELS:
         raise ValueError(f"unsupported vision tower type {config.model_type!r}; known: {sorted(VISION_MODELS)}")
-    return VISION_MODELS[config.model_type]
+    return getattr(transformers, VISION_MODELS[config.model_type])
 
 
 def vision_config_to_vision_only(config: PretrainedConfig) -> PretrainedConfig:
