@@ -42,7 +42,7 @@ from safetensors.torch import save, save_file
 from torch import Tensor, nn
 
 from ..layers import SparseMoE
-from ..models import MultimodalLM, expert_layers
+from ..models import MultimodalLM, canonical_log, expert_layers
 from .memory import drop_from_page_cache, evict_from_page_cache, require_page_cache_advice, tensor_bytes
 from .quantize import FLOAT_BITS, QuantizedTensor, bits_label, dequantize, quantize
 
@@ -76,6 +76,11 @@ def resident_state(model: nn.Module) -> dict[str, Tensor]:
     """Every state-dict entry that is not an expert weight."""
     experts = expert_keys(model)
     return {k: v for k, v in model.state_dict().items() if k not in experts}
+
+
+def _as_json(config: dict[str, Any]) -> Any:
+    """`config` as the manifest holds it (tuples as lists, other objects as strings)."""
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
 def model_fingerprint(config: dict[str, Any], state: dict[str, Tensor]) -> str:
@@ -493,7 +498,12 @@ class ExpertStore:
         if shapes != expected:
             raise StoreError(f"store {self.directory} was exported from another model: its MoE layers are "
                              f"(experts, hidden, intermediate, gated) {expected}, the model's are {shapes}")
-        found = model_fingerprint(model.config_dict(), resident_state(model))
+        config = model.config_dict()
+        recorded = self.manifest["model_config"]
+        if _as_json({**recorded, "surgery": canonical_log(recorded["surgery"])}) == _as_json(config):
+            # the same model, whose surgery the store recorded as older code wrote it: its fingerprint covers that form
+            config = recorded
+        found = model_fingerprint(config, resident_state(model))
         if found != self.fingerprint:
             raise StoreError(f"store {self.directory} was exported from another model: the model's fingerprint "
                              f"{found[:12]}... differs from the manifest's {self.fingerprint[:12]}... "

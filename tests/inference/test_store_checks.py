@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from lightning_moe.edge import main
 from lightning_moe.inference import ExpertStore, StoreError, load_offloaded, load_resident_model
-from lightning_moe.inference.store import resident_state
+from lightning_moe.inference.store import model_fingerprint, resident_state
+from lightning_moe.models import canonical_log
 from tests.conftest import TOKENIZER
 
 BASE = "base.safetensors"
@@ -123,3 +124,25 @@ def test_a_store_without_the_resident_checksum_is_checked_through_its_fingerprin
     (store.directory / BASE).write_bytes((store.directory / BASE).read_bytes()[:100])
     with pytest.raises(StoreError, match=r"base\.safetensors cannot be decoded as safetensors"):
         load_offloaded(ExpertStore(store.directory))
+
+
+def test_a_store_recording_an_older_surgery_log_matches_the_model_loaded_from_it(store, sparse_model):
+    """A store whose manifest records the model's surgery as older code wrote it (Uni-MoE's upcycling logged as
+    `modality_experts`) matches the model loaded from that record, whose log now reads `upcycle`; another model
+    still does not."""
+    manifest_file = store.directory / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    record = manifest["model_config"]["surgery"][0]
+    older = {"op": "modality_experts", "experts": ["image", "audio", "video", "dense"], "top_k": record["top_k"],
+             "layers": record["layers"], "capacity_factor": record["capacity_factor"],
+             "normalize_weights": record["normalize_weights"]}
+    assert canonical_log([older]) == [record]  # the two forms are the same surgery
+    manifest["model_config"]["surgery"][0] = older
+    manifest["fingerprint"] = model_fingerprint(manifest["model_config"], resident_state(sparse_model))
+    manifest_file.write_text(json.dumps(manifest))
+    older_store = ExpertStore(store.directory)
+    older_store.check_model(sparse_model)
+    with torch.no_grad():
+        next(iter(resident_state(sparse_model).values())).add_(1e-3)  # non-expert weights differ
+    with pytest.raises(StoreError, match="exported from another model"):
+        older_store.check_model(sparse_model)
