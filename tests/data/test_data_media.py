@@ -44,10 +44,9 @@ def _audio(**kwargs):
     return AudioFeatures(n_mels=80, chunk_seconds=1.0, max_chunks=kwargs.pop("max_chunks", 3), **kwargs)
 
 
-def _load(root, rows, tokenizer, **kwargs):
-    kwargs.setdefault("audio_transform", _audio())
-    kwargs.setdefault("video_transform", VideoFrames(NormalizeImage(32), num_frames=4))
-    return LlavaDataset(write_jsonl(root / "d.jsonl", rows), root, tokenizer, **kwargs)
+def _load(root, rows, tokenizer, transforms=None, **kwargs):
+    transforms = {"audio": _audio(), "video": VideoFrames(NormalizeImage(32), num_frames=4), **(transforms or {})}
+    return LlavaDataset(write_jsonl(root / "d.jsonl", rows), root, tokenizer, transforms=transforms, **kwargs)
 
 
 # ----- reading and features ---------------------------------------------------------------------
@@ -81,7 +80,7 @@ def test_audio_longer_than_max_chunks_keeps_its_first_windows_and_is_counted(roo
     values, mask = _audio(max_chunks=2)(tone(3.2, 300))
     assert mask.tolist() == [True, True] and values.shape == (2, 80, 100)
     dataset = _load(root, [media_record("long", audio=["long.wav"]), media_record("short", audio=["a1.flac"])],
-                    tokenizer, audio_transform=_audio(max_chunks=2))
+                    tokenizer, transforms={"audio": _audio(max_chunks=2)})
     assert dataset.report.long_items["audio"] == 1 and len(dataset) == 2
 
 

@@ -244,7 +244,7 @@ def test_export_gives_a_llava_hf_directory_with_the_same_logits_and_round_trips(
     from lightning_moe.models import build_multimodal
 
     torch.manual_seed(0)
-    ours = build_multimodal(tokenizer, "tiny-llama", {**TEXT}, "tiny-clip", VISION).eval()
+    ours = build_multimodal(tokenizer, "tiny-llama", {**TEXT}, {"image": {"tower": "tiny-clip", "overrides": VISION}}).eval()
     export_multimodal(ours, tmp_path / "export", tokenizer)
     assert not (tmp_path / "export" / "multimodal_config.json").exists()
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
@@ -270,9 +270,10 @@ def test_export_gives_a_llava_hf_directory_with_the_same_logits_and_round_trips(
 def test_export_refuses_what_llava_hf_cannot_hold(tokenizer, tmp_path):
     from lightning_moe.models import build_multimodal
 
-    text_only = build_multimodal(tokenizer, "tiny-llama", TEXT, None)
+    text_only = build_multimodal(tokenizer, "tiny-llama", TEXT, encoders={})
     with pytest.raises(NotExportable, match="AutoModelForCausalLM"):
         export_multimodal(text_only, tmp_path / "a", tokenizer)
-    linear = build_multimodal(tokenizer, "tiny-llama", TEXT, "tiny-clip", VISION, connector="linear")
+    linear = build_multimodal(tokenizer, "tiny-llama", TEXT,
+                              {"image": {"tower": "tiny-clip", "overrides": VISION, "connector": "linear"}})
     with pytest.raises(NotExportable, match="mlp2x_gelu"):
         export_multimodal(linear, tmp_path / "b", tokenizer)
