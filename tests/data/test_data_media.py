@@ -13,9 +13,8 @@ from transformers import WhisperFeatureExtractor
 from lightning_moe.data import BadRecordError, DomainMixtureDataModule, LlavaDataset, collate_batch
 from lightning_moe.data import records as R
 from lightning_moe.data.dataset import SKIPPED_RECORDS
-from lightning_moe.modalities import AudioFeatures, NormalizeImage, VideoFrames
+from lightning_moe.modalities import AudioFeatures, NormalizeImage, VideoFrames, modalities, modality
 from lightning_moe.modalities.audio import read_audio
-from lightning_moe.tokens import MODALITY_COUNTS, MODALITY_INPUTS, MODALITY_MASKS
 from tests.data.data_helpers import media_record, tone, write_audio, write_frames, write_image, write_jsonl
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -120,7 +119,7 @@ def test_image_audio_and_video_in_one_conversation_go_through_dataset_and_collat
     ]
     dataset = _load(root, rows, tokenizer)
     batch = collate_batch([dataset[i] for i in range(4)], pad_token_id=tokenizer.pad_token_id)
-    assert batch[MODALITY_COUNTS["image"]].tolist() == [1, 0, 0, 0]
+    assert batch["image_counts"].tolist() == [1, 0, 0, 0]
     assert batch["audio_counts"].tolist() == [1, 0, 2, 1] and batch["video_counts"].tolist() == [1, 0, 0, 1]
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
     assert batch["audio_values"].shape == (4, 3, 80, 100) and batch["audio_values"].dtype == torch.float32
@@ -134,17 +133,17 @@ def test_image_audio_and_video_in_one_conversation_go_through_dataset_and_collat
     red = batch["video_values"][:, :, 0, 0, 0]
     # v_rgb in name order (red, green, blue); the frame list in ITS order (red, then white)
     assert red[0, :3].tolist() == [1, -1, -1] and batch["video_values"][1, :2, 1, 0, 0].tolist() == [-1, 1]
-    for modality, key in MODALITY_INPUTS.items():
-        token = tokenizer.convert_tokens_to_ids(f"<{modality}>")
-        assert (batch["input_ids"] == token).sum(1).tolist() == batch[MODALITY_COUNTS[modality]].tolist(), key
+    for spec in modalities():
+        token = tokenizer.convert_tokens_to_ids(spec.placeholder)
+        assert (batch["input_ids"] == token).sum(1).tolist() == batch[spec.counts_key].tolist(), spec.name
 
 
 def test_a_batch_without_a_modality_has_no_values_or_mask_for_it(root, tokenizer):
     dataset = _load(root, [media_record("text"), media_record("img", image=["img.png"])], tokenizer)
     batch = collate_batch([dataset[0], dataset[1]], pad_token_id=tokenizer.pad_token_id)
-    for modality in ("audio", "video"):
-        assert MODALITY_INPUTS[modality] not in batch and MODALITY_MASKS[modality] not in batch
-        assert batch[MODALITY_COUNTS[modality]].tolist() == [0, 0]
+    for spec in (modality("audio"), modality("video")):
+        assert spec.values_key not in batch and spec.mask_key not in batch
+        assert batch[spec.counts_key].tolist() == [0, 0]
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
 
 

@@ -23,7 +23,8 @@ from transformers import (
 from lightning_moe.formats import NotExportable, detect_format, export_multimodal, load_backbone
 from lightning_moe.formats.llava_original import load_original_llava
 from lightning_moe.models import MultimodalLM
-from lightning_moe.tokens import IMAGE_TOKEN, load_tokenizer
+from lightning_moe.modalities import IMAGE_TOKEN
+from lightning_moe.tokens import load_tokenizer
 from tests.conftest import TOKENIZER
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,

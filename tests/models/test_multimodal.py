@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from lightning_moe.models import MoEConfig, MultimodalLM, build_multimodal, upcycle
-from lightning_moe.tokens import IGNORE_INDEX, IMAGE_TOKEN
+from lightning_moe.modalities import IMAGE_TOKEN
+from lightning_moe.tokens import IGNORE_INDEX
 from tests.conftest import TINY_LLM, TINY_VISION, tiny_encoders
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
 from lightning_moe.formats import PeftFormatError, export_multimodal, export_peft, load_adapters, without_adapters
 from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, save_adapters
-from lightning_moe.tokens import IMAGE_TOKEN
+from lightning_moe.modalities import IMAGE_TOKEN
 from tests.conftest import TINY_LLM, tiny_encoders
 
 PATCHES = 16
