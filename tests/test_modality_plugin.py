@@ -219,8 +219,9 @@ def test_flat_backbone_keys_warn_once_and_give_the_mapping():
     assert config.encoders == {"image": EncoderConfig("tiny-clip", {}, -1, "mlp2x_gelu"),
                                "audio": EncoderConfig("tiny-whisper", connector="query"),
                                "video": EncoderConfig(pooling="concat")}
-    # as before, vision_tower None is a model without images, and the default has the tiny CLIP tower
-    assert BackboneConfig(vision_tower=None).encoders == {} == encoders_from_flat({"vision_tower": None})
+    # vision_tower None is a model without images (said as `encoders: {}`), and the default has the tiny CLIP tower
+    with pytest.warns(FutureWarning, match=r"vision_tower is deprecated; write `encoders: \{\}`"):
+        assert BackboneConfig(vision_tower=None).encoders == {} == encoders_from_flat({"vision_tower": None})
     assert BackboneConfig().encoders == {"image": EncoderConfig("tiny-clip", {}, -2, "mlp2x_gelu")}
 
 
