@@ -92,7 +92,7 @@ def speed_model(tokenizer, hidden: int, inter: int, layers: int, experts: int, s
     torch.manual_seed(seed)
     overrides = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
-    model = build_multimodal(tokenizer, "tiny-llama", overrides, vision_tower=None)
+    model = build_multimodal(tokenizer, "tiny-llama", overrides, encoders={})
     upcycle(model, MoEConfig(num_experts=experts, top_k=2, layers="all"))
     for _, moe in expert_layers(model):
         moe.reset_parameters()  # upcycled experts are copies: make them differ

@@ -48,7 +48,8 @@ def main() -> None:
                                    **smoke)
     data.setup("fit")
     batches = [b for _, b in zip(range(8), data.train_dataloader())]
-    backbone = BackboneConfig(vision_feature_layer=-1)  # the tiny preset the experiment's base uses
+    # the tiny preset of the experiment's base (configs/mole/base.yaml)
+    backbone = BackboneConfig(encoders={"image": {"tower": "tiny-clip", "feature_layer": -1}})
     lora = LoRAOptions(r=args.rank, alpha=2.0 * args.rank)
     torch.manual_seed(0)  # every method's base from the same seed: the parity check below
     methods = {"LoRA": LoRATuning(lora=lora, tokenizer=tokenizer, backbone=backbone)}

@@ -16,32 +16,18 @@ replaces each with the projected encoder features. Both load the tokenizer throu
 both use it.
 """
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .modalities import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, modalities, spec_view
+from .modalities import modalities
 from .paths import could_be_hub_id, model_source_error, resolve_data_path
 from .safe_load import raise_if_remote_code
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "AUDIO_TOKEN", "VIDEO_TOKEN", "PLACEHOLDERS", "MODALITY_INPUTS",
-           "MODALITY_MASKS", "MODALITY_COUNTS", "DEFAULT_TOKENIZER", "load_tokenizer", "placeholder_token_ids",
-           "normalize_answer"]
-
-# Views of the modality registry (read on every use, so a modality registered later is in them), by role:
-# modality -> its placeholder text, in registration order (the order of the special tokens)
-PLACEHOLDERS: Mapping[str, str] = spec_view("placeholder")
-# modality -> the batch key that carries its raw inputs (collate writes it, the model reads it)
-MODALITY_INPUTS: Mapping[str, str] = spec_view("values_key")
-# modality -> the batch key of its (items, slots) bool mask, for modalities whose items have padded slots
-# (audio: windows, video: frames); True on real slots
-MODALITY_MASKS: Mapping[str, str] = spec_view("mask_key")
-# modality -> the batch key of its per-sample item counts, (B,) long
-MODALITY_COUNTS: Mapping[str, str] = spec_view("counts_key")
+__all__ = ["IGNORE_INDEX", "DEFAULT_TOKENIZER", "load_tokenizer", "placeholder_token_ids", "normalize_answer"]
 
 # Relative to the repository root, where configs are run from (see `paths.resolve_data_path`).
 DEFAULT_TOKENIZER = "data/tokenizer"

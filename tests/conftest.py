@@ -22,6 +22,23 @@ TOKENIZER = str(ROOT / "data" / "tokenizer")
 # Smaller than the quickstart preset: tests need shapes, not learning.
 TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+TINY_WHISPER = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                    max_source_positions=20)  # 40 log-mel frames per window
+QUERIES = 3  # the audio query connector's queries per window
+
+
+def tiny_encoders(feature_layer: int = -2, audio: bool = False, video: str | None = None) -> dict[str, dict]:
+    """The `encoders` (of `build_multimodal`, `BackboneConfig`) of the tests' small models: the tiny CLIP tower
+    (`TINY_VISION`) read at `feature_layer` with LLaVA's projector; with `audio`, a tiny Whisper tower
+    (`TINY_WHISPER`) and a one-layer query connector of `QUERIES` queries; with `video` ("mean" | "concat"), video
+    through the image tower, pooled so."""
+    encoders = {"image": {"tower": "tiny-clip", "overrides": dict(TINY_VISION), "feature_layer": feature_layer}}
+    if audio:
+        encoders["audio"] = {"tower": "tiny-whisper", "overrides": dict(TINY_WHISPER),
+                             "connector_options": {"num_queries": QUERIES, "num_layers": 1, "num_heads": 2}}
+    if video:
+        encoders["video"] = {"pooling": video}
+    return encoders
 
 
 # `make test` runs one pytest-xdist worker per core: torch's default of one thread per core in every worker

@@ -20,7 +20,7 @@ from lightning_moe.formats import NotExportable
 from lightning_moe.inference import ExpertStore, load_resident_model
 from lightning_moe.models import (AdapterRule, MoEConfig, MultimodalLM, add_adapters, build_multimodal,
                                   expert_layers, upcycle)
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 from tests.test_cli import FAST
 
 
@@ -52,7 +52,7 @@ def test_fine_tune_a_saved_mixtral_multimodal_model_export_and_load_with_transfo
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # a tiny Mixtral-based multimodal model, saved: its MoE blocks are SparseMoE already (native_moe)
-    start = build_multimodal(tokenizer, "tiny-mixtral", TINY_LLM, "tiny-clip", TINY_VISION)
+    start = build_multimodal(tokenizer, "tiny-mixtral", TINY_LLM, tiny_encoders())
     assert start.surgery == [{"op": "native_moe", "family": "mixtral", "layers": [0, 1]}]
     start.save_pretrained(workdir / "mixtral_mm")
 
@@ -99,7 +99,7 @@ def test_fine_tune_a_saved_mixtral_multimodal_model_export_and_load_with_transfo
 
 
 def lora_model(tokenizer) -> MultimodalLM:
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, vision_tower=None)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders={})
     upcycle(model, MoEConfig(layers="all"))
     add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "v_proj"], layers="all", r=4)])
     with torch.no_grad():  # LoRA starts as a no-op (B = 0): make it change the logits
@@ -132,7 +132,7 @@ def test_merge_lora_command_then_hf_export(workdir, tokenizer):
 
 
 def test_export_refuses_what_it_cannot_write_and_says_why(workdir, tokenizer):
-    phi = build_multimodal(tokenizer, "tiny-phi", TINY_LLM, vision_tower=None)
+    phi = build_multimodal(tokenizer, "tiny-phi", TINY_LLM, encoders={})
     upcycle(phi, MoEConfig(layers="all"))
     phi.save_pretrained("phi_moe")
     run = export_command("--model", "phi_moe", "--out", "out", cwd=workdir)
@@ -149,7 +149,7 @@ def test_offloaded_qwen2_moe_keeps_its_shared_expert_resident(tmp_path, tokenize
     from tests.models.test_native_moe import save_hf_moe, text_batch
 
     model = build_multimodal(tokenizer, llm=save_hf_moe("qwen2_moe", tmp_path / "q2", tokenizer),
-                             vision_tower=None).eval()
+                             encoders={}).eval()
     store = export_store(model, tmp_path / "store")
     offloaded, _ = load_offloaded(store)
     assert all(m.shared_expert is not None for _, m in expert_layers(offloaded))

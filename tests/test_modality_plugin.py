@@ -30,14 +30,14 @@ from transformers import AutoTokenizer
 from lightning_moe.cli import main
 from lightning_moe.data import LlavaDataset
 from lightning_moe.methods import BackboneConfig
-from lightning_moe.modalities import ModalitySpec, modality, modality_names, register_modality, unregister_modality
+from lightning_moe.modalities import (NAMES, ModalitySpec, modality, modality_names, register_modality,
+                                     unregister_modality)
 from lightning_moe.modalities.image import VISION, load_image
 from lightning_moe.formats import load_backbone
 from lightning_moe.models import MultimodalLM, build_multimodal
 from lightning_moe.models.encoders import EncoderConfig, encoders_from_flat
-from lightning_moe.models.multimodal import MODALITIES
 from lightning_moe.tokens import load_tokenizer
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER, tiny_encoders
 
 
 # --------------------------------------------------------------------------- the user's module
@@ -121,7 +121,7 @@ def test_a_modality_registered_outside_the_package_trains_through_the_cli(depth,
     assert cli.trainer.global_step == 2
     assert cli.datamodule.data_report["train"]["side"]["kept"] == 8
     # the last forward pass (validation) spliced depth features in place of the placeholders
-    assert (model.last_token_modality == MODALITIES.index("depth")).sum() == 4 * model.encoders["depth"].num_patches
+    assert (model.last_token_modality == NAMES.index("depth")).sum() == 4 * model.encoders["depth"].num_patches
 
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     loaded = load_backbone(checkpoint).eval()  # the tower rebuilt from its saved record by its modality
@@ -136,6 +136,26 @@ def test_a_modality_registered_outside_the_package_trains_through_the_cli(depth,
     root = tmp_path / "depth_data"
     again = LlavaDataset(root / "side" / "val.jsonl", root, tokenizer)  # same files and tokenizer as before
     assert all(sample.media == {} for sample in again.samples)  # not the cached samples with their depth maps
+
+
+def test_a_registered_modality_is_a_unimoe_experts_stage_modality_and_expert_slot(depth):
+    """Uni-MoE's `modality` and expert slots take any registered modality; a name not registered is refused with
+    the registered ones, and the depth experts stage refuses a batch with another modality's inputs."""
+    from lightning_moe.methods import ModalityExpertsConfig, UniMoE
+
+    backbone = BackboneConfig(llm_overrides=TINY_LLM, encoders={"depth": {"tower": "tiny-clip", "overrides": TINY_VISION}})
+    method = UniMoE(stage="experts", modality="depth", tokenizer=TOKENIZER, backbone=backbone,
+                    moe=ModalityExpertsConfig(experts=["dense", "depth"]))
+    assert method.modality == "depth" and set(method.own_expert) == {"depth_own", "depth_all"}
+    assert method.affinity_targets() == {NAMES.index("depth"): [1]}
+    with pytest.raises(ValueError, match=r"on depth data only, but a batch carries \['image'\] inputs"):
+        method.compute_loss({"pixel_values": torch.zeros(1, 3, 32, 32), "domain": ["shapes"]})
+    registered = r"\['image', 'audio', 'video', 'depth'\]"
+    with pytest.raises(ValueError, match=rf"modality 'sonar' is not registered; registered modalities: {registered}"):
+        UniMoE(stage="experts", modality="sonar", tokenizer=TOKENIZER, backbone=backbone)
+    with pytest.raises(ValueError, match=rf"expert slots \['sonar'\] are neither a registered modality {registered}"):
+        UniMoE(stage="moe", moe=ModalityExpertsConfig(experts=["depth", "sonar"]), tokenizer=TOKENIZER,
+               backbone=backbone)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -199,17 +219,16 @@ def test_flat_backbone_keys_warn_once_and_give_the_mapping():
     assert config.encoders == {"image": EncoderConfig("tiny-clip", {}, -1, "mlp2x_gelu"),
                                "audio": EncoderConfig("tiny-whisper", connector="query"),
                                "video": EncoderConfig(pooling="concat")}
-    # as before, vision_tower None is a model without images, and the default has the tiny CLIP tower
-    assert BackboneConfig(vision_tower=None).encoders == {} == encoders_from_flat({"vision_tower": None})
+    # vision_tower None is a model without images (said as `encoders: {}`), and the default has the tiny CLIP tower
+    with pytest.warns(FutureWarning, match=r"vision_tower is deprecated; write `encoders: \{\}`"):
+        assert BackboneConfig(vision_tower=None).encoders == {} == encoders_from_flat({"vision_tower": None})
     assert BackboneConfig().encoders == {"image": EncoderConfig("tiny-clip", {}, -2, "mlp2x_gelu")}
 
 
 def test_the_saved_record_of_the_shipped_modalities_keeps_its_form(tokenizer, tmp_path):
     """`multimodal_config.json` of the shipped modalities has one form whichever version wrote it (expert stores
     fingerprint it): `video_pooling` at the top, the towers' kinds; a record without the image kind loads too."""
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1, audio_tower="tiny-whisper",
-                             audio_connector_options={"num_queries": 4, "num_layers": 1, "num_heads": 2},
-                             video_pooling="concat")
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1, audio=True, video="concat"))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "multimodal_config.json").read_text())
     assert set(config) == {"llm", "encoders", "connectors", "video_pooling", "placeholder_ids", "surgery"}

@@ -20,11 +20,11 @@ import torch
 
 from lightning_moe.callbacks.checkpoint_io import TMP_PREFIX, atomic_write_bytes
 from lightning_moe.cli import main
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 from tests.run_safety_helpers import trainable_weights
 
 TINY = [f"--model.init_args.backbone.llm_overrides={json.dumps(TINY_LLM)}",
-        f"--model.init_args.backbone.vision_overrides={json.dumps(TINY_VISION)}"]
+        f"--model.init_args.backbone.encoders={json.dumps(tiny_encoders(-1))}"]  # quickstart's, smaller
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0",
          "--trainer.num_sanity_val_steps=0", "--data.init_args.batch_size=4"]
 # the mixture: 4 batches per epoch (weighted draws of 16 samples), so step 6 is mid-epoch 1 and step 4 ends epoch 0
@@ -93,7 +93,7 @@ def test_continual_resume_after_kill_mid_task_is_bit_identical(one_thread, token
 
     tmp = one_thread
     torch.manual_seed(0)
-    build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1).save_pretrained(tmp / "base")
+    build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1)).save_pretrained(tmp / "base")
     # 3 tasks x 3 steps; step 4 is the second batch of task 1
     args = ["fit", "--config", str(ROOT / "configs/mora/continual.yaml"), *QUIET,
             f"--model.init_args.backbone.pretrained={tmp / 'base'}", "--data.init_args.steps_per_task=3"]

@@ -154,13 +154,13 @@ def test_model_needing_remote_code_fails_without_running_it(tmp_path, tokenizer)
 def test_payload_named_as_backbone_or_teacher_is_refused(tmp_path):
     from lightning_moe.methods import MoDDistillation, MoETuning
     from lightning_moe.methods.base import BackboneConfig
-    from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+    from tests.conftest import TINY_LLM, TOKENIZER, tiny_encoders
 
     marker = tmp_path / "marker"
     evil = write_payload_checkpoint(tmp_path / "stage.ckpt", marker)
     with pytest.raises(UnsafeFileError, match="stage.ckpt"):
         MoETuning(stage="moe", tokenizer=TOKENIZER, backbone=BackboneConfig(pretrained=str(evil)))
-    tiny = BackboneConfig(llm_overrides=TINY_LLM, vision_overrides=TINY_VISION, vision_feature_layer=-1)
+    tiny = BackboneConfig(llm_overrides=TINY_LLM, encoders=tiny_encoders(-1))
     with pytest.raises(UnsafeFileError, match="stage.ckpt"):
         MoDDistillation(stage="mimic_dense", teacher=str(evil), tokenizer=TOKENIZER, backbone=tiny)
     assert not marker.exists()

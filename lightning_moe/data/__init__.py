@@ -12,11 +12,9 @@ from lightning_moe.data.dataset import DataReport, LlavaDataset, MediaDecodeErro
 from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
 from lightning_moe.data.records import (BadRecordError, Message, SkippedRecord, parse_record, prompt_record,
                                         read_llava_records)
-from lightning_moe.modalities import AudioFeatures, HFImageProcessor, NormalizeImage, VideoFrames, whisper_window_seconds
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
 __all__ = [
-    "AudioFeatures",
     "BadRecordError",
     "ChatTemplateError",
     "ContinualDataModule",
@@ -25,16 +23,13 @@ __all__ = [
     "DEFAULT_TOKENIZER",
     "DomainMixtureDataModule",
     "DomainSpec",
-    "HFImageProcessor",
     "LlavaDataset",
     "MediaDecodeError",
     "Message",
-    "NormalizeImage",
     "SAMPLING_MODES",
     "SkippedRecord",
     "TaskSpec",
     "TokenizedConversation",
-    "VideoFrames",
     "collate_batch",
     "load_media",
     "load_tokenizer",
@@ -46,5 +41,4 @@ __all__ = [
     "collate_preference",
     "placeholder_token_ids",
     "read_llava_records",
-    "whisper_window_seconds",
 ]

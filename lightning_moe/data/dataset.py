@@ -127,10 +127,8 @@ class LlavaDataset(Dataset):
         tokenizer: a tokenizer from `load_tokenizer` (chat template, single-token placeholders).
         domain: name carried by every sample (per-domain metrics).
         max_length: longer conversations are truncated (and counted).
-        transforms: modality -> its transform (`ModalitySpec.transform`), e.g. {"image": NormalizeImage(32)}
+        transforms: modality -> its transform (`ModalitySpec.transform`), e.g. {"image": NormalizeImage(32)};
             a modality not named gets its spec's default (video's reads the image transform).
-        **modality_transforms: the same as `<modality>_transform=...` keywords (`image_transform`,
-            `audio_transform`, `video_transform`, ...).
         skip_bad_records: skip and count bad records instead of raising; a sample that fails to
             decode when drawn is replaced by the next one that decodes (module docstring).
         max_samples: keep only the first `max_samples` good samples (evaluation subsets).
@@ -153,13 +151,12 @@ class LlavaDataset(Dataset):
         skip_bad_records: bool = False,
         max_samples: int | None = None,
         decode_media: bool = True,
-        **modality_transforms: Any,
     ):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self.root = Path(root)
         self.domain = domain
         self.max_length = max_length
-        self.transforms = build_transforms(given={**(transforms or {}), **_keyword_transforms(modality_transforms)})
+        self.transforms = build_transforms(given=transforms)
         self.skip_bad_records = skip_bad_records
         self.decode_media = decode_media
         self.report = DataReport()
@@ -319,19 +316,6 @@ class LlavaDataset(Dataset):
             "answer": sample.answer,
             **media,  # pixel_values (n_images, 3, H, W) or None, audio_values + audio_chunk_mask, ...
         }
-
-
-def _keyword_transforms(keywords: dict[str, Any]) -> dict[str, Any]:
-    """`image_transform=...` keywords -> {"image": ...}; any other keyword is refused as Python would."""
-    transforms = {}
-    for key, transform in keywords.items():
-        name = key.removesuffix("_transform")
-        if not key.endswith("_transform") or name not in {s.name for s in modalities()}:
-            raise TypeError(f"LlavaDataset got an unexpected keyword argument {key!r} (a modality's transform is "
-                            f"`<modality>_transform`, modalities: {[s.name for s in modalities()]})")
-        if transform is not None:
-            transforms[name] = transform
-    return transforms
 
 
 # sample_cache_key -> (samples, report) of the datasets this process loaded, least recently used first

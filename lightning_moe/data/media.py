@@ -11,9 +11,9 @@ What one placeholder stands for (`records.parse_record` resolves them) is the mo
 (an image, an audio clip), or the frame files of a video in temporal order.
 """
 
-from lightning_moe.modalities import MediaItem, decode_errors, modality
+from lightning_moe.modalities import MediaItem, modality
 
-__all__ = ["MediaItem", "decode_errors", "decode_media", "unreadable_reason"]
+__all__ = ["decode_media", "unreadable_reason"]
 
 
 def unreadable_reason(modality_name: str) -> str:

@@ -53,7 +53,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lightning_moe.data.records import human_turn
-from lightning_moe.tokens import PLACEHOLDERS
+from lightning_moe.modalities import modalities
 
 IMAGE_SIZE, CELL = 32, 16
 CELLS = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}  # (row, col)
@@ -352,7 +352,8 @@ def readme(out: Path, data: dict[str, dict[str, list[dict]]], n_train: int, n_ev
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 END_OF_TURN = "<|end|>"  # also the eos token, so greedy generation stops after an answer
-SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", *PLACEHOLDERS.values(), *ROLE_TOKENS, END_OF_TURN)
+SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", *(spec.placeholder for spec in modalities()), *ROLE_TOKENS,
+                  END_OF_TURN)
 
 # Each message is "<|role|>" + content + "<|end|>"; the generation prompt is "<|assistant|>".
 # Prefix-stable by construction (see lightning_moe/data/conversation.py).

@@ -36,10 +36,9 @@ from transformers import (
 )
 
 from ..models.connectors import build_connector
-from ..modalities.image import VISION_MODELS, VisionTower
+from ..modalities.image import IMAGE_TOKEN, VISION_MODELS, VisionTower
 from ..models.multimodal import MultimodalLM
 from ..safe_load import check_safe_weights, hf_load_kwargs, raise_if_remote_code
-from ..tokens import IMAGE_TOKEN
 from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, NotExportable, hf_config
 
 __all__ = ["LLAVA_HF", "is_llava_hf", "load_llava_hf", "to_llava_hf", "image_processor_for", "export_multimodal"]

@@ -1,6 +1,6 @@
 """LightningModules: one file per method, common machinery in base.py."""
 
-from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, Stage, StepOutput, load_backbone
+from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, Stage, StepOutput
 from .distill import MimicConfig, MoDDistillation, PreferenceConfig
 from .continual import ContinualLoRA, TaskLoop
 from .moe_tuning import MoETuning
@@ -9,7 +9,7 @@ from .mole import ExpertOptions, MoLE
 from .mora import MoRAContinual, MoRAOptions
 from .unimoe import AffinityLoss, ModalityExpertsConfig, UniMoE, UniMoELoRA
 
-__all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "Stage", "StepOutput", "load_backbone", "MoETuning",
+__all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "Stage", "StepOutput", "MoETuning",
            "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "TaskLoop", "ContinualLoRA", "MoRAContinual",
            "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig", "UniMoE", "UniMoELoRA", "AffinityLoss",
            "ModalityExpertsConfig"]

@@ -30,13 +30,13 @@ from torchmetrics import MeanMetric
 
 from ..layers import RouterOutput, load_balancing_loss, router_z_loss
 from ..metrics import ExactMatch, POPEMetrics
-from ..formats import CHECKPOINT_CONFIG_KEY, load_backbone  # noqa: F401  (load_backbone re-exported)
+from ..formats import CHECKPOINT_CONFIG_KEY, load_backbone
 from ..models import (MoEConfig, MultimodalLM, ParameterGroup, build_multimodal, is_sparse, routed_layers,
                       set_trainable, upcycle)
 from ..models.encoders import (FLAT_KEYS, EncoderConfig, default_encoders, describe_encoders, encoder_configs,
                                encoders_from_flat)
 from ..models.multimodal import batch_inputs
-from ..safe_load import checkpoint_safe  # noqa: F401  (re-exported: the methods' modules import it from here)
+from ..safe_load import checkpoint_safe
 from ..strategies import shard_blocks
 from ..tokens import DEFAULT_TOKENIZER
 from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files

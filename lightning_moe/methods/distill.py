@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..formats import load_backbone
 from ..models import MoEConfig, MultimodalLM
-from ..safe_load import load_torch_file
+from ..safe_load import checkpoint_safe, load_torch_file
 from ..tokens import IGNORE_INDEX, load_tokenizer
-from .base import MultimodalMethod, Stage, StepOutput, causal_lm_loss, checkpoint_safe, load_backbone
+from .base import MultimodalMethod, Stage, StepOutput, causal_lm_loss
 from .from_checkpoint import recorded_model_config
 
 KL_DIRECTIONS = ("forward", "reverse")

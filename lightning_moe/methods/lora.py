@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from ..formats import load_adapters
 from ..models import AdapterRule, MultimodalLM, add_adapters
-from .base import MultimodalMethod, Stage, checkpoint_safe
+from ..safe_load import checkpoint_safe
+from .base import MultimodalMethod, Stage
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]

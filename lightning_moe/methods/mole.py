@@ -23,7 +23,8 @@ import torch
 
 from ..layers import MoLEConfig, MoLEMLP
 from ..models import AdapterRule
-from .base import AuxLossConfig, StepOutput, checkpoint_safe
+from ..safe_load import checkpoint_safe
+from .base import AuxLossConfig, StepOutput
 from .lora import LoRAOptions, LoRATuning
 
 

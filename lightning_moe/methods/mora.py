@@ -33,7 +33,8 @@ from torchmetrics import MeanMetric
 
 from ..layers import MoRALinear
 from ..models import AdapterRule, add_adapter_task
-from .base import StepOutput, checkpoint_safe
+from ..safe_load import checkpoint_safe
+from .base import StepOutput
 from .continual import TaskLoop, continual_lora
 from .lora import LoRAOptions, LoRATuning
 

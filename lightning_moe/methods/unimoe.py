@@ -3,7 +3,8 @@
 
 Stages, each from the previous one's output (`backbone.pretrained`):
 1. `align`: the connectors train (audio's query connector, the image/video MLP); LLM and encoders frozen.
-2. `experts`: one CLI run per modality (`modality: image | audio | video`), each from stage 1's output
+2. `experts`: one CLI run per modality (`modality: image | audio | video`, or any modality registered
+   in `lightning_moe.modalities`), each from stage 1's output
    on that modality's data only: the decoder layers' MLPs train (the method's `mlp` group), nothing
    else, so the runs differ from stage 1 (and from each other) only in their FFNs. A batch with another
    modality's inputs is an error.
@@ -34,9 +35,9 @@ from ..formats import load_backbone
 from ..layers import SparseMoE
 from ..models import (AdapterRule, MoEConfig, MultimodalLM, ParameterGroup, add_adapters, decoder_layers,
                       expert_layers, is_sparse, mlp_attribute)
-from ..models.multimodal import MODALITIES
-from ..tokens import MODALITY_INPUTS
-from .base import MultimodalMethod, Stage, StepOutput, checkpoint_safe
+from ..modalities import NAMES, modalities
+from ..safe_load import checkpoint_safe
+from .base import MultimodalMethod, Stage, StepOutput
 
 __all__ = ["UniMoE", "UniMoELoRA", "AffinityLoss", "ModalityExpertsConfig", "fill_modality_experts",
            "non_mlp_differences"]
@@ -49,7 +50,8 @@ DENSE = "dense"  # an expert slot that keeps the model's own FFN (stage 1's)
 class ModalityExpertsConfig:
     """Which FFN fills each expert slot, and the MoE layers (defaults: Uni-MoE's reference)."""
 
-    experts: list[str] = field(default_factory=lambda: ["image", "audio", "video"])  # slot -> modality or "dense"
+    # slot -> a registered modality or "dense" (`UniMoE` checks the names against the registry)
+    experts: list[str] = field(default_factory=lambda: ["image", "audio", "video"])
     top_k: int = 2
     layers: str | list[int] = "all"  # Uni-MoE: every decoder layer
     normalize_weights: bool = True  # renormalise the top-k gate weights to sum to 1
@@ -145,7 +147,7 @@ class UniMoE(MultimodalMethod):
     def __init__(
         self,
         stage: Literal["align", "experts", "moe"] = "align",
-        modality: Literal["image", "audio", "video"] | None = None,
+        modality: str | None = None,
         experts: dict[str, str] | None = None,
         moe: ModalityExpertsConfig | None = None,
         lora: UniMoELoRA | None = None,
@@ -155,7 +157,9 @@ class UniMoE(MultimodalMethod):
         """
         Args:
             stage: align (connectors), experts (one modality's FFNs), moe (modality experts + router + LoRA).
-            modality: the experts stage's modality: its batches must carry no other modality's inputs.
+            modality: the experts stage's modality, any registered one (`lightning_moe.modalities`: image,
+                audio, video, and those registered beside them): its batches must carry no other modality's
+                inputs.
             experts: moe stage: modality -> its stage-2 output (save_pretrained directory or .ckpt).
             moe: expert slots (a modality or "dense" each), top-k, layers of the moe stage.
             lora: the moe stage's LoRA on attention and experts.
@@ -164,14 +168,21 @@ class UniMoE(MultimodalMethod):
         """
         if stage == "experts" and modality is None:
             raise ValueError("UniMoE stage 'experts' trains one modality's FFNs per run: set `modality`")
+        if modality is not None and modality not in NAMES:
+            raise ValueError(f"UniMoE: modality {modality!r} is not registered; registered modalities: {list(NAMES)}")
         self.modality = modality
         self.expert_paths = dict(experts or {})
         self.moe_options = moe or ModalityExpertsConfig()
         self.lora = lora or UniMoELoRA()
         self.affinity = affinity or AffinityLoss()
-        unknown = sorted(set(self.moe_options.experts) - {DENSE, *MODALITIES})
+        unknown = sorted(set(self.moe_options.experts) - {DENSE, *NAMES})
         if unknown:
-            raise ValueError(f"UniMoE: expert slots {unknown} are neither a modality {list(MODALITIES)} nor {DENSE!r}")
+            raise ValueError(f"UniMoE: expert slots {unknown} are neither a registered modality {list(NAMES)} nor "
+                             f"{DENSE!r}")
+        unknown = sorted(set(self.affinity.experts) - set(NAMES))
+        if unknown:
+            raise ValueError(f"UniMoE: affinity.experts names {unknown}, which are not registered modalities "
+                             f"{list(NAMES)}")
         super().__init__(stage=stage, **kwargs)
         # per modality with an expert slot: routed slots of its tokens that went to its own slot(s), and all of them
         self.own_expert = nn.ModuleDict({f"{m}_{part}": SumMetric() for m in self.moe_options.experts if m != DENSE
@@ -226,9 +237,9 @@ class UniMoE(MultimodalMethod):
 
     # ------------------------------------------------------------------ loss
     def affinity_targets(self) -> dict[int, list[int]]:
-        """Modality index (into MODALITIES) -> expert slots its tokens are pulled toward."""
+        """Modality index (into the registry's order, `NAMES`) -> expert slots its tokens are pulled toward."""
         targets = {}
-        for index, m in enumerate(MODALITIES):
+        for index, m in enumerate(NAMES):
             slots = self.affinity.experts.get(m, [j for j, e in enumerate(self.moe_options.experts) if e == m])
             if slots:
                 targets[index] = list(slots)
@@ -236,7 +247,7 @@ class UniMoE(MultimodalMethod):
 
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
         if self.stage == "experts":
-            others = [m for m, key in MODALITY_INPUTS.items() if m != self.modality and key in batch]
+            others = [s.name for s in modalities() if s.name != self.modality and s.values_key in batch]
             if others:
                 raise ValueError(f"UniMoE stage 'experts' trains the {self.modality} FFNs on {self.modality} data only, "
                                  f"but a batch carries {others} inputs (domains {sorted(set(batch['domain']))})")
@@ -279,7 +290,7 @@ class UniMoE(MultimodalMethod):
         real = step.token_mask.reshape(-1).bool()
         flat = modality.reshape(-1)
         for name in {m for m in self.moe_options.experts if m != DENSE}:
-            rows = real & (flat == MODALITIES.index(name))
+            rows = real & (flat == NAMES.index(name))
             if not rows.any():
                 continue
             slots = torch.tensor([j for j, e in enumerate(self.moe_options.experts) if e == name], device=flat.device)

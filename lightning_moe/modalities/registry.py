@@ -237,7 +237,8 @@ def spec_view(attribute: str) -> Mapping[str, str]:
 
 
 class _NameView(Sequence[str]):
-    """The registered modality names in order, read from the registry on every use (`MODALITIES`)."""
+    """The registered modality names in order, read from the registry on every use (`NAMES`: e.g. what
+    `MultimodalLM.last_token_modality` indexes)."""
 
     def __getitem__(self, index):
         return modality_names()[index]

@@ -4,7 +4,7 @@ Every rewrite of a built `MultimodalLM` appends `{"op": name, **args}` to `model
 `save_pretrained` writes the log and Lightning checkpoints hold it (in the model's config
 record, with the state dict), and `replay_surgery` re-applies it on a
 freshly built model, so a checkpoint holds only plain data: the log (JSON-able dicts), the tensors,
-and the methods' config dataclasses (which `methods.base.checkpoint_safe` allows to unpickle).
+and the methods' config dataclasses (which `safe_load.checkpoint_safe` allows to unpickle).
 
 A new rewrite is a plug-in: `register_surgery("my_op", fn)` where `fn(model, **logged_args)`
 applies it (and appends its own entry). `adapter=True` marks ops that only add or grow adapters:

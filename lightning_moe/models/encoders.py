@@ -20,7 +20,7 @@ from ..modalities import modalities, modality
 from .connectors import build_connector
 
 __all__ = ["EncoderConfig", "default_encoders", "encoder_configs", "check_encoders", "build_encoders",
-           "FLAT_KEYS", "encoders_from_flat", "pooling_record", "describe_encoders"]
+           "FLAT_KEYS", "encoders_from_flat", "pooling_record", "pooling_from_record", "describe_encoders"]
 
 
 @dataclass
@@ -43,6 +43,9 @@ def default_encoders() -> dict[str, EncoderConfig]:
 
 def encoder_configs(encoders: Mapping[str, EncoderConfig | Mapping[str, Any]]) -> dict[str, EncoderConfig]:
     """`encoders` with plain dicts (a Python caller's, a YAML file's) turned into `EncoderConfig`s, checked."""
+    if not isinstance(encoders, Mapping):
+        raise TypeError(f"encoders must map each modality to its encoder (e.g. {{'image': {{'tower': 'tiny-clip'}}}}), "
+                        f"got {encoders!r}")
     out = {}
     for name, config in encoders.items():
         if isinstance(config, Mapping):
@@ -146,10 +149,18 @@ def pooling_record(pooling: Mapping[str, str]) -> dict[str, Any]:
     """A model's poolings as `multimodal_config.json` holds them: video's under `video_pooling` (None without
     video), where every record holds it, and any other modality's that is not its default under `pooling`
     (absent when there is none), so that a model of the shipped modalities has one record, and the expert
-    stores exported from it one fingerprint, whichever version wrote them. `MultimodalLM.from_config_dict` reads
-    both back."""
+    stores exported from it one fingerprint, whichever version wrote them. `pooling_from_record` reads both back."""
     others = {m: p for m, p in pooling.items() if m != "video" and p != modality(m).pooling[0]}
     return {"video_pooling": pooling.get("video"), **({"pooling": others} if others else {})}
+
+
+def pooling_from_record(record: Mapping[str, Any]) -> dict[str, str]:
+    """The poolings a `multimodal_config.json` record names (`pooling_record`; a record without either key, written
+    before video, names none); a modality not named has its default."""
+    pooling = dict(record.get("pooling") or {})
+    if record.get("video_pooling") is not None:
+        pooling.setdefault("video", record["video_pooling"])
+    return pooling
 
 
 def describe_encoders(encoders: Mapping[str, EncoderConfig]) -> str:

@@ -22,34 +22,31 @@ weights, so a stage's output is the next stage's input.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modalities import NAMES, modalities
+from ..modalities import NAMES, modalities, preset_config
 from ..modalities import modality as modality_spec
 from ..safe_load import hf_load_kwargs, hf_source
 from ..tokens import IGNORE_INDEX
 from .checkpoint import replay_surgery
 from .connectors import build_connector
-from .encoders import EncoderConfig, build_encoders, encoder_configs, encoders_from_flat, pooling_record
+from .encoders import (EncoderConfig, build_encoders, default_encoders, encoder_configs, pooling_from_record,
+                       pooling_record)
 from .architecture import moe_family
 from .native_moe import convert_native_moe
-from .presets import LLM_PRESETS, preset_config
+from .presets import LLM_PRESETS
 
 CONFIG_NAME = "multimodal_config.json"
 WEIGHTS_NAME = "model.safetensors"
-# modality order of `last_token_modality` (index into it; -1 = a text token): the registry's, read on every use
-MODALITIES = NAMES
-VideoPooling = Literal["mean", "concat"]
 
 
 @dataclass
@@ -68,13 +65,12 @@ class MultimodalLM(nn.Module):
         connector_kinds: dict[str, str] | None = None,
         placeholder_ids: dict[str, int] | None = None,
         connector_options: dict[str, dict[str, Any]] | None = None,
-        video_pooling: VideoPooling | None = None,
         pooling: dict[str, str] | None = None,
     ):
         """encoders / connectors: modality -> its tower / connector (the same keys). placeholder_ids: modality ->
         its token id, for every modality the model reads (those with an encoder, and those read through another's,
         e.g. video). pooling: modality -> "concat" | "mean", for modalities whose items have slots (default: the
-        modality's own). `video_pooling` is the older form of `pooling["video"]`."""
+        modality's own)."""
         super().__init__()
         self.llm = llm
         self.encoders = nn.ModuleDict(encoders or {})
@@ -85,8 +81,6 @@ class MultimodalLM(nn.Module):
         self.connector_options = {m: dict(o) for m, o in (connector_options or {}).items()}
         self.placeholder_ids = dict(placeholder_ids or {})
         pooling = dict(pooling or {})
-        if video_pooling is not None:  # the older call form of pooling["video"]
-            pooling.setdefault("video", video_pooling)
         missing = (set(self.encoders) | set(pooling)) - set(self.placeholder_ids)
         if missing:
             raise ValueError(f"no placeholder token id for modalities {sorted(missing)}")
@@ -103,7 +97,8 @@ class MultimodalLM(nn.Module):
                     raise ValueError(f"{name} pooling must be one of {list(spec.pooling)}, got {self.pooling[name]!r}")
         if pooling:
             raise ValueError(f"pooling given for {sorted(pooling)}, whose items have no slots")
-        self.last_token_modality: torch.Tensor | None = None  # (B, T') index into MODALITIES, -1 on text
+        # (B, T') index into the registry's modality order (`lightning_moe.modalities.NAMES`), -1 on text
+        self.last_token_modality: torch.Tensor | None = None
         # Ordered record of in-place rewrites (models/checkpoint.py), replayed by from_pretrained.
         self.surgery: list[dict[str, Any]] = []
 
@@ -111,7 +106,7 @@ class MultimodalLM(nn.Module):
     @property
     def modalities(self) -> list[str]:
         """The modalities this model reads, in registration order."""
-        return [m for m in MODALITIES if m in self.placeholder_ids]
+        return [m for m in NAMES if m in self.placeholder_ids]
 
     def _encoder_features(self, modality: str, values: torch.Tensor) -> torch.Tensor:
         encoder = self.encoders[modality]
@@ -180,7 +175,7 @@ class MultimodalLM(nn.Module):
             if values is not None and values.shape[0] > 0:
                 mask = modality_inputs.get(spec.mask_key) if spec.mask_key else None
                 feats, feat_mask = self.encode_items(modality, values, mask)
-                features[self.placeholder_ids[modality]] = (feats, feat_mask, MODALITIES.index(modality))
+                features[self.placeholder_ids[modality]] = (feats, feat_mask, NAMES.index(modality))
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
         for modality, token_id in self.placeholder_ids.items():
             is_placeholder |= input_ids == token_id
@@ -290,14 +285,13 @@ class MultimodalLM(nn.Module):
         """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
         llm_config = AutoConfig.for_model(**config["llm"])
         llm = AutoModelForCausalLM.from_config(llm_config)
-        # each tower is rebuilt by its modality (the record's key); older records have no connector options;
-        # poolings as `pooling_record` writes them (a modality not named there has its default)
+        # each tower is rebuilt by its modality (the record's key); older records have no connector options
         encoders = {m: modality_spec(m).tower.from_config(e) for m, e in config["encoders"].items()}
         options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
         connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
                       for m, c in config["connectors"].items()}
         model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
-                    config["placeholder_ids"], options, config.get("video_pooling"), config.get("pooling"))
+                    config["placeholder_ids"], options, pooling_from_record(config))
         replay_surgery(model, config["surgery"])
         return model
 
@@ -360,40 +354,16 @@ def build_multimodal(
     tokenizer: PreTrainedTokenizerBase,
     llm: str = "tiny-llama",
     llm_overrides: dict[str, Any] | None = None,
-    vision_tower: str | None = "tiny-clip",
-    vision_overrides: dict[str, Any] | None = None,
-    vision_feature_layer: int = -2,
-    connector: str = "mlp2x_gelu",
+    encoders: Mapping[str, EncoderConfig | Mapping[str, Any]] | None = None,
+    *,
     torch_dtype: str | None = None,
     trust_remote_code: bool = False,
     allow_unsafe: bool = False,
-    audio_tower: str | None = None,
-    audio_overrides: dict[str, Any] | None = None,
-    audio_connector: str = "query",
-    audio_connector_options: dict[str, Any] | None = None,
-    video_pooling: VideoPooling | None = None,
-    encoders: Mapping[str, EncoderConfig | Mapping[str, Any]] | None = None,
 ) -> MultimodalLM:
-    """The LLM and, for each modality of `encoders` (modality -> `EncoderConfig`, in registration order), its
-    tower and connector, or the encoder it reads through (video: the image tower).
-
-    Without `encoders`, the flat keywords of the shipped modalities say it (`encoders_from_flat`): the image
-    tower and connector (`vision_tower` None: text only), a Whisper audio tower with its connector
-    (`audio_tower`: a preset such as "tiny-whisper", an `openai/whisper-*` name or a local path) and video
-    through the image tower (`video_pooling`)."""
-    flat = dict(vision_tower=vision_tower, vision_overrides=vision_overrides or {},
-                vision_feature_layer=vision_feature_layer, connector=connector, audio_tower=audio_tower,
-                audio_overrides=audio_overrides or {}, audio_connector=audio_connector,
-                audio_connector_options=audio_connector_options or {}, video_pooling=video_pooling)
-    if encoders is None:
-        encoders = encoders_from_flat(flat, {})
-    else:
-        defaults = {k: p.default for k, p in inspect.signature(build_multimodal).parameters.items() if k in flat}
-        given = sorted(k for k, v in flat.items() if v != defaults[k] and not (v == {} and defaults[k] is None))
-        if given:
-            raise ValueError(f"build_multimodal: give the encoders either as `encoders` or as the flat keywords, "
-                             f"not both ({given})")
-        encoders = encoder_configs(encoders)
+    """The LLM and, for each modality of `encoders` (modality -> `EncoderConfig` or a dict of its fields, as
+    `BackboneConfig.encoders` holds them), its tower and connector, or the encoder it reads through (video: the
+    image tower). None: `default_encoders()` (the tiny CLIP tower); {}: a text-only model."""
+    encoders = default_encoders() if encoders is None else encoder_configs(encoders)
     language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype, trust_remote_code, allow_unsafe)
     towers, connectors, kinds, options, pooling = build_encoders(encoders, language_model.config.hidden_size,
                                                                  trust_remote_code, allow_unsafe)

@@ -1,8 +1,8 @@
 """Tiny LLM presets: small Hugging Face configs that the tests and the quickstart build from
 scratch (no hub access needed). A preset name can stand wherever a checkpoint name or path is
-accepted; `overrides` change single fields (e.g. ``{"num_hidden_layers": 4}``, `preset_config`). The
-encoder towers' presets are their modality's (`lightning_moe/modalities/`: `tiny-clip`, `tiny-siglip`,
-`tiny-whisper`).
+accepted; `overrides` change single fields (e.g. ``{"num_hidden_layers": 4}``,
+`lightning_moe.modalities.preset_config`). The encoder towers' presets are their modality's
+(`lightning_moe/modalities/`: `tiny-clip`, `tiny-siglip`, `tiny-whisper`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from typing import Any, Callable
 
 from transformers import LlamaConfig, MixtralConfig, PhiConfig, PretrainedConfig
 
-from ..modalities import preset_config
-
-__all__ = ["LLM_PRESETS", "preset_config"]
+__all__ = ["LLM_PRESETS"]
 
 # name -> (config class, default fields). Sized to learn the shipped shapes data in minutes on a 2-core CPU
 # (docs/quickstart.md, "Why these training settings").

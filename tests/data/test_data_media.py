@@ -13,9 +13,8 @@ from transformers import WhisperFeatureExtractor
 from lightning_moe.data import BadRecordError, DomainMixtureDataModule, LlavaDataset, collate_batch
 from lightning_moe.data import records as R
 from lightning_moe.data.dataset import SKIPPED_RECORDS
-from lightning_moe.modalities import AudioFeatures, NormalizeImage, VideoFrames
+from lightning_moe.modalities import AudioFeatures, NormalizeImage, VideoFrames, modalities, modality
 from lightning_moe.modalities.audio import read_audio
-from lightning_moe.tokens import MODALITY_COUNTS, MODALITY_INPUTS, MODALITY_MASKS
 from tests.data.data_helpers import media_record, tone, write_audio, write_frames, write_image, write_jsonl
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -44,10 +43,9 @@ def _audio(**kwargs):
     return AudioFeatures(n_mels=80, chunk_seconds=1.0, max_chunks=kwargs.pop("max_chunks", 3), **kwargs)
 
 
-def _load(root, rows, tokenizer, **kwargs):
-    kwargs.setdefault("audio_transform", _audio())
-    kwargs.setdefault("video_transform", VideoFrames(NormalizeImage(32), num_frames=4))
-    return LlavaDataset(write_jsonl(root / "d.jsonl", rows), root, tokenizer, **kwargs)
+def _load(root, rows, tokenizer, transforms=None, **kwargs):
+    transforms = {"audio": _audio(), "video": VideoFrames(NormalizeImage(32), num_frames=4), **(transforms or {})}
+    return LlavaDataset(write_jsonl(root / "d.jsonl", rows), root, tokenizer, transforms=transforms, **kwargs)
 
 
 # ----- reading and features ---------------------------------------------------------------------
@@ -81,7 +79,7 @@ def test_audio_longer_than_max_chunks_keeps_its_first_windows_and_is_counted(roo
     values, mask = _audio(max_chunks=2)(tone(3.2, 300))
     assert mask.tolist() == [True, True] and values.shape == (2, 80, 100)
     dataset = _load(root, [media_record("long", audio=["long.wav"]), media_record("short", audio=["a1.flac"])],
-                    tokenizer, audio_transform=_audio(max_chunks=2))
+                    tokenizer, transforms={"audio": _audio(max_chunks=2)})
     assert dataset.report.long_items["audio"] == 1 and len(dataset) == 2
 
 
@@ -121,7 +119,7 @@ def test_image_audio_and_video_in_one_conversation_go_through_dataset_and_collat
     ]
     dataset = _load(root, rows, tokenizer)
     batch = collate_batch([dataset[i] for i in range(4)], pad_token_id=tokenizer.pad_token_id)
-    assert batch[MODALITY_COUNTS["image"]].tolist() == [1, 0, 0, 0]
+    assert batch["image_counts"].tolist() == [1, 0, 0, 0]
     assert batch["audio_counts"].tolist() == [1, 0, 2, 1] and batch["video_counts"].tolist() == [1, 0, 0, 1]
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
     assert batch["audio_values"].shape == (4, 3, 80, 100) and batch["audio_values"].dtype == torch.float32
@@ -135,17 +133,17 @@ def test_image_audio_and_video_in_one_conversation_go_through_dataset_and_collat
     red = batch["video_values"][:, :, 0, 0, 0]
     # v_rgb in name order (red, green, blue); the frame list in ITS order (red, then white)
     assert red[0, :3].tolist() == [1, -1, -1] and batch["video_values"][1, :2, 1, 0, 0].tolist() == [-1, 1]
-    for modality, key in MODALITY_INPUTS.items():
-        token = tokenizer.convert_tokens_to_ids(f"<{modality}>")
-        assert (batch["input_ids"] == token).sum(1).tolist() == batch[MODALITY_COUNTS[modality]].tolist(), key
+    for spec in modalities():
+        token = tokenizer.convert_tokens_to_ids(spec.placeholder)
+        assert (batch["input_ids"] == token).sum(1).tolist() == batch[spec.counts_key].tolist(), spec.name
 
 
 def test_a_batch_without_a_modality_has_no_values_or_mask_for_it(root, tokenizer):
     dataset = _load(root, [media_record("text"), media_record("img", image=["img.png"])], tokenizer)
     batch = collate_batch([dataset[0], dataset[1]], pad_token_id=tokenizer.pad_token_id)
-    for modality in ("audio", "video"):
-        assert MODALITY_INPUTS[modality] not in batch and MODALITY_MASKS[modality] not in batch
-        assert batch[MODALITY_COUNTS[modality]].tolist() == [0, 0]
+    for spec in (modality("audio"), modality("video")):
+        assert spec.values_key not in batch and spec.mask_key not in batch
+        assert batch[spec.counts_key].tolist() == [0, 0]
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 from tests.distributed.two_processes import (COMMON, TINY, assert_trains_the_same, train_on_one_process,
                                              train_on_two_processes)
 
@@ -45,7 +45,7 @@ def _save_tiny_model(tokenizer, path: Path, seed: int) -> str:
     from lightning_moe.models import build_multimodal
 
     torch.manual_seed(seed)
-    build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1).save_pretrained(path)
+    build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1)).save_pretrained(path)
     return str(path)
 
 

@@ -16,10 +16,10 @@ def test_shard_blocks_makes_one_unit_per_block_and_keeps_each_sparse_moe_whole(t
 
     from lightning_moe.models import MoEConfig, build_multimodal, upcycle
     from lightning_moe.strategies import is_block, shard_blocks
-    from tests.conftest import TINY_LLM, TINY_VISION
+    from tests.conftest import TINY_LLM, TINY_VISION, tiny_encoders
     from tests.distributed.two_processes import _free_port
 
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1))
     upcycle(model, MoEConfig(num_experts=4, top_k=2, layers="::1"))
     blocks = {name for name, m in model.named_modules() if is_block(m)}
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

@@ -9,7 +9,7 @@ import pytest
 from lightning_moe.cli import main
 from lightning_moe.layers import SparseMoE
 from lightning_moe.strategies import decoder_layer_policy
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.conftest import ROOT, TINY_LLM, TINY_VISION, tiny_encoders
 
 STRATEGIES = sorted((ROOT / "configs/strategies").glob("*.yaml"))
 
@@ -25,7 +25,7 @@ def test_strategy_files_compose_with_a_method_config(strategy, capsys):
 def test_fsdp_policy_wraps_each_block_and_keeps_every_sparse_moe_whole(tokenizer):
     from lightning_moe.models import MoEConfig, build_multimodal, upcycle
 
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1))
     upcycle(model, MoEConfig(num_experts=4, top_k=2, layers="::1"))
     units = {name for name, m in model.named_modules() if decoder_layer_policy(m, recurse=False, nonwrapped_numel=0)}
     decoder = {f"llm.model.layers.{i}" for i in range(TINY_LLM["num_hidden_layers"])}

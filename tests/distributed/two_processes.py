@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from lightning_moe.cli import main
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 
 STEPS = 2
 COMMON = [f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
           "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
           "--trainer.enable_model_summary=false", "--data.init_args.batch_size=2", "--trainer.gradient_clip_val=1.0"]
 TINY = [f"--model.init_args.backbone.llm_overrides={json.dumps(TINY_LLM)}",
-        f"--model.init_args.backbone.vision_overrides={json.dumps(TINY_VISION)}"]
+        f"--model.init_args.backbone.encoders={json.dumps(tiny_encoders(-1))}"]  # quickstart's, smaller
 
 
 def _free_port() -> int:

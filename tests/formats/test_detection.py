@@ -15,7 +15,7 @@ from lightning_moe.formats import (FORMATS, ModelFormat, UnknownFormatError, det
 from lightning_moe.formats.peft import is_peft_directory
 from lightning_moe.formats.project import CHECKPOINT_CONFIG_KEY
 from lightning_moe.models import AdapterRule, MultimodalLM, add_adapters, build_multimodal, save_adapters
-from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import TINY_LLM, TOKENIZER, tiny_encoders
 from tests.models.test_hf_llava import tiny_original_llava
 
 # layout -> the format that must detect it (None: no model format)
@@ -33,7 +33,7 @@ LAYOUTS = {
 def layouts(tmp_path_factory, tokenizer) -> Path:
     """One tiny model written in every layout (and the adapter layouts beside them)."""
     root = tmp_path_factory.mktemp("layouts")
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders())
     model.save_pretrained(root / "project")
     checkpoint = {CHECKPOINT_CONFIG_KEY: model.config_dict(),
                   "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}

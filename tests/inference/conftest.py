@@ -7,13 +7,13 @@ import torch
 
 from lightning_moe.inference.store import expert_layers, export_store
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle
-from tests.conftest import TINY_LLM, TINY_VISION
+from tests.conftest import TINY_LLM, tiny_encoders
 
 
 def make_sparse_model(tokenizer, seed: int = 0, num_experts: int = 4):
     """Upcycled experts are identical copies: re-initialise them (and the router) so routing matters."""
     torch.manual_seed(seed)
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1))
     upcycle(model, MoEConfig(num_experts=num_experts, top_k=2, layers="all"))
     for _, moe in expert_layers(model):
         moe.reset_parameters()

@@ -188,7 +188,7 @@ def test_loading_offloaded_never_allocates_the_experts(tokenizer, tmp_path):
     """The process's peak resident set while building from the store stays far below the expert bytes
     (the experts are never allocated), while loading the whole model does grow by them (the check can see it)."""
     torch.manual_seed(0)
-    model = build_multimodal(tokenizer, "tiny-llama", {**TINY_LLM, "intermediate_size": 2048}, vision_tower=None)
+    model = build_multimodal(tokenizer, "tiny-llama", {**TINY_LLM, "intermediate_size": 2048}, encoders={})
     upcycle(model, MoEConfig(num_experts=16, top_k=2, layers="all"))  # experts: 48 MiB of float32
     store = export_store(model, tmp_path / "store")
     del model

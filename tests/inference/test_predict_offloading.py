@@ -17,7 +17,7 @@ from lightning_moe.edge import main as edge_main
 from lightning_moe.inference import OffloadedSparseMoE, StoreError, export_store
 from lightning_moe.methods.base import GenerationSettings
 from lightning_moe.models import build_multimodal
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 from tests.inference.conftest import make_sparse_model
 from tests.test_cli import FAST
 
@@ -96,7 +96,7 @@ def test_test_with_offloaded_experts_gives_the_resident_metrics(trained):
 def test_expert_offloading_refuses_bad_input(tmp_path, tokenizer):
     sparse = make_sparse_model(tokenizer)
     export_store(sparse, tmp_path / "store")
-    dense = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1)
+    dense = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1))
     with pytest.raises(ValueError, match="no SparseMoE layer"):
         ExpertOffloading(store=str(tmp_path / "store"))._start(SimpleNamespace(model=dense))
     with pytest.raises(StoreError, match="not found"):

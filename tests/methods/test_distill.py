@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from lightning_moe.data import DomainMixtureDataModule
+from lightning_moe.formats import load_backbone
 from lightning_moe.methods import BackboneConfig, MimicConfig, MoDDistillation, MoETuning, PreferenceConfig
-from lightning_moe.methods.base import load_backbone
 from lightning_moe.methods.distill import distillation_kl, dpo_loss, kto_pair_loss, sequence_logprobs
 from lightning_moe.models import MoEConfig, parameter_counts, upcycle
 from lightning_moe.tokens import IGNORE_INDEX, load_tokenizer
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER, tiny_encoders
 
-STUDENT = dict(llm="tiny-llama", llm_overrides=TINY_LLM, vision_tower="tiny-clip", vision_overrides=TINY_VISION)
+STUDENT = dict(llm="tiny-llama", llm_overrides=TINY_LLM, encoders=tiny_encoders())
 
 
 # ---------------------------------------------------------------------------- losses
@@ -176,8 +176,8 @@ def test_kd_loss_is_zero_when_the_teacher_is_the_student(tmp_path, tokenizer, to
 
 def test_teacher_with_another_vision_tower_aligns_on_the_text(tmp_path, tokenizer):
     """Patch 16 instead of 8: the teacher sees 4 image features, the student 16; text positions still pair up."""
-    teacher = MoETuning(stage="instruct", tokenizer=TOKENIZER,
-                        backbone=BackboneConfig(**{**STUDENT, "vision_overrides": {**TINY_VISION, "patch_size": 16}}))
+    encoders = {"image": {"tower": "tiny-clip", "overrides": {**TINY_VISION, "patch_size": 16}}}
+    teacher = MoETuning(stage="instruct", tokenizer=TOKENIZER, backbone=BackboneConfig(**{**STUDENT, "encoders": encoders}))
     teacher.model.save_pretrained(tmp_path / "t")
     batch = _batch(tokenizer)
     for tokens in ("response", "all"):

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_moe.methods import BackboneConfig, MoETuning, MultimodalMethod, Stage
-from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import TINY_LLM, TOKENIZER, tiny_encoders
 
-BACKBONE = BackboneConfig(llm="tiny-llama", llm_overrides=TINY_LLM, vision_tower="tiny-clip", vision_overrides=TINY_VISION)
+BACKBONE = BackboneConfig(llm="tiny-llama", llm_overrides=TINY_LLM, encoders=tiny_encoders())
 
 
 def norm_weights(model):

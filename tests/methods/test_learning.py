@@ -18,7 +18,7 @@ def test_sparse_model_learns_count_and_colour_well_above_chance(tmp_path):
     data = DomainMixtureDataModule(domains, root=str(ROOT / "data/shapes"), tokenizer=TOKENIZER, batch_size=64,
                                    eval_batch_size=200, max_eval_samples_per_domain=200)
     method = MoETuning(stage="moe", trainable=["llm", "connector"], train_vision_tower=True, tokenizer=TOKENIZER,
-                       backbone=BackboneConfig(vision_feature_layer=-1), moe=MoEConfig(num_experts=4, top_k=2),
+                       backbone=BackboneConfig(encoders={"image": {"tower": "tiny-clip", "feature_layer": -1}}), moe=MoEConfig(num_experts=4, top_k=2),
                        optimizer=lambda params: __import__("torch").optim.AdamW(params, lr=5e-4, weight_decay=0.0),
                        max_new_tokens=3)
     trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,

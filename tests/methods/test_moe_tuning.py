@@ -7,9 +7,9 @@ import torch
 
 from lightning_moe.methods import BackboneConfig, MoETuning
 from lightning_moe.models import MoEConfig
-from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import TINY_LLM, TOKENIZER, tiny_encoders
 
-BACKBONE = dict(llm="tiny-llama", llm_overrides=TINY_LLM, vision_tower="tiny-clip", vision_overrides=TINY_VISION)
+BACKBONE = dict(llm="tiny-llama", llm_overrides=TINY_LLM, encoders=tiny_encoders())
 
 
 def make(stage, **kwargs):

@@ -11,9 +11,9 @@ from lightning_moe.layers import LoRALinear, MoLEMLP
 from lightning_moe.methods import AuxLossConfig, BackboneConfig, ExpertOptions, LoRAOptions, LoRATuning, MoLE
 from lightning_moe.methods.base import causal_lm_loss
 from lightning_moe.models import decoder_layers, save_adapters
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import ROOT, TINY_LLM, TOKENIZER, tiny_encoders
 
-BACKBONE = BackboneConfig(llm_overrides=TINY_LLM, vision_overrides=TINY_VISION, vision_feature_layer=-1)
+BACKBONE = BackboneConfig(llm_overrides=TINY_LLM, encoders=tiny_encoders(-1))
 
 
 def make(cls, **kwargs):

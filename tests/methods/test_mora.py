@@ -15,9 +15,9 @@ from lightning_moe.data.synthetic import generate
 from lightning_moe.layers import LoRALinear, MoRALinear
 from lightning_moe.methods import BackboneConfig, ContinualLoRA, LoRAOptions, MoRAContinual, MoRAOptions
 from lightning_moe.models import add_adapter_task
-from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import TINY_LLM, TOKENIZER, tiny_encoders
 
-BACKBONE = BackboneConfig(llm_overrides=TINY_LLM, vision_overrides=TINY_VISION, vision_feature_layer=-1)
+BACKBONE = BackboneConfig(llm_overrides=TINY_LLM, encoders=tiny_encoders(-1))
 TASKS = ["count", "position_lr"]
 
 

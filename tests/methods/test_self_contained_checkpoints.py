@@ -24,7 +24,7 @@ from lightning_moe.methods import (
 )
 from lightning_moe.models import AdapterRule, MoEConfig, add_adapters, build_multimodal, save_adapters
 from lightning_moe.tokens import load_tokenizer
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION, TOKENIZER
+from tests.conftest import ROOT, TINY_LLM, TOKENIZER, tiny_encoders
 
 SMALL_LORA = LoRAOptions(r=2, alpha=4, dropout=0.0, targets=["q_proj", "up_proj"])
 MOE = MoEConfig(num_experts=2, top_k=1, layers=[0])
@@ -44,7 +44,7 @@ def _stages(run: Path) -> None:
     tokenizer = load_tokenizer(TOKENIZER)
     tokenizer.save_pretrained(run / "stages/tok")
     torch.manual_seed(0)
-    base = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    base = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders())
     base.save_pretrained(run / "stages/base")
     base.save_pretrained(run / "stages/teacher")
     add_adapters(base, [AdapterRule(kind="lora", targets=["q_proj"], r=2, alpha=4)])

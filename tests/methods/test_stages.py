@@ -104,7 +104,7 @@ class ExpertsOnly(MoETuning):
 
 def test_a_new_stage_is_one_table_entry(tokenizer):
     method = ExpertsOnly(tokenizer=TOKENIZER, backbone=methods.BackboneConfig(
-        llm_overrides={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}, vision_tower=None))
+        llm_overrides={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}, encoders={}))
     assert method.model.surgery[0]["op"] == "upcycle"
     assert method.trainable_names and all(".mlp." in n for n in method.trainable_names)
 

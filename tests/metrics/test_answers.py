@@ -150,11 +150,10 @@ def test_shared_evaluation_keeps_each_domain_and_weighs_domains_equally(monkeypa
     answers left out."""
     from lightning_moe.methods import BackboneConfig, MoETuning
     from lightning_moe.methods.base import StepOutput
-    from tests.conftest import TINY_LLM, TINY_VISION, TOKENIZER
+    from tests.conftest import TINY_LLM, TOKENIZER, tiny_encoders
 
     method = MoETuning(stage="instruct", tokenizer=TOKENIZER, pope_domains=["pope"],
-                       backbone=BackboneConfig(llm="tiny-llama", llm_overrides=TINY_LLM, vision_tower="tiny-clip",
-                                               vision_overrides=TINY_VISION))
+                       backbone=BackboneConfig(llm="tiny-llama", llm_overrides=TINY_LLM, encoders=tiny_encoders()))
     scripted: list[list[str]] = []
     losses: list[torch.Tensor] = []
 

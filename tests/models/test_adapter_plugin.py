@@ -17,7 +17,7 @@ from lightning_moe.layers.adapters import AdapterKind, kind_of, register_adapter
 from lightning_moe.models import (MultimodalLM, adapter_modules, add_adapter_task, add_adapters, build_multimodal,
                                   load_adapters, save_adapters, set_trainable)
 from lightning_moe.models.checkpoint import adapter_ops
-from tests.conftest import ROOT, TINY_LLM, TINY_VISION
+from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 from tests.test_cli import FAST
 
 
@@ -139,7 +139,7 @@ register_adapter_kind(AdapterKind(name="growing_lora", config=GrowingLoRAConfig,
 
 
 def test_a_kind_with_tasks_grows_through_add_adapter_task_and_replays(tmp_path, tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders()).eval()
     add_adapters(model, [{"kind": "growing_lora", "targets": ["q_proj"], "r": 2}])
     assert add_adapter_task(model, 3) == 2  # one adapter per decoder layer grew
     layers = [m for _, m in adapter_modules(model)]

@@ -25,13 +25,13 @@ from lightning_moe.models import (
     upcycle,
     MoEConfig,
 )
-from tests.conftest import TINY_LLM, TINY_VISION
+from tests.conftest import TINY_LLM, tiny_encoders
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def tiny(tokenizer, llm: str = "tiny-llama") -> MultimodalLM:
-    return build_multimodal(tokenizer, llm, TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    return build_multimodal(tokenizer, llm, TINY_LLM, tiny_encoders()).eval()
 
 
 def inputs(tokenizer, batch: int = 2, length: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ MIXED = [AdapterRule(kind="lora", targets=ATTN, r=4, alpha=8),
 
 
 def test_first_matching_rule_wins_and_layers_are_respected(tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", {**TINY_LLM, "num_hidden_layers": 3}, "tiny-clip", TINY_VISION)
+    model = build_multimodal(tokenizer, "tiny-llama", {**TINY_LLM, "num_hidden_layers": 3}, tiny_encoders())
     rules = [AdapterRule(kind="mora", targets=["q_proj"], layers=[0], r=2),
              AdapterRule(kind="lora", targets=[r".*\.(q|v)_proj"], r=2),
              AdapterRule(kind="mole", targets=["mlp"], layers="1:", r=2, num_experts=2),

@@ -11,19 +11,13 @@ from lightning_moe.models import MultimodalLM, build_multimodal
 from lightning_moe.models.connectors import QueryConnector
 from lightning_moe.modalities.audio import build_audio_tower
 from lightning_moe.modalities.image import build_vision_tower
-from lightning_moe.models.multimodal import MODALITIES, batch_inputs
-from tests.conftest import TINY_LLM, TINY_VISION
-
-TINY_WHISPER = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-                    max_source_positions=20)  # 40 log-mel frames per window
-QUERIES = 3
+from lightning_moe.modalities import NAMES
+from lightning_moe.models.multimodal import batch_inputs
+from tests.conftest import QUERIES, TINY_LLM, TINY_VISION, TINY_WHISPER, tiny_encoders
 
 
 def build(tokenizer, video_pooling="concat"):
-    return build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1,
-                            audio_tower="tiny-whisper", audio_overrides=TINY_WHISPER,
-                            audio_connector_options={"num_queries": QUERIES, "num_layers": 1, "num_heads": 2},
-                            video_pooling=video_pooling).eval()
+    return build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1, audio=True, video=video_pooling)).eval()
 
 
 def ids(tokenizer, *tokens):
@@ -84,9 +78,9 @@ def test_spliced_lengths_masks_and_modalities(tokenizer):
     # row 0: 3 text + 16 image + 2 windows x 3 queries + 3 frames x 16 patches; row 1: 5 text + 2 x 3 audio
     assert embeds.shape[1] == 3 + patches + 2 * QUERIES + 3 * patches
     modality = model.last_token_modality
-    assert (modality[0] == MODALITIES.index("image")).sum() == patches
-    assert (modality[0] == MODALITIES.index("audio")).sum() == 2 * QUERIES
-    assert (modality[0] == MODALITIES.index("video")).sum() == 3 * patches
+    assert (modality[0] == NAMES.index("image")).sum() == patches
+    assert (modality[0] == NAMES.index("audio")).sum() == 2 * QUERIES
+    assert (modality[0] == NAMES.index("video")).sum() == 3 * patches
     # the padded window of clip 1 and the padded frame are masked out; everything else attends
     assert mask[0].sum() == embeds.shape[1] - patches
     assert mask[1].sum() == 5 + QUERIES

@@ -23,7 +23,8 @@ from transformers import (
 from lightning_moe.formats import NotExportable, detect_format, export_multimodal, load_backbone
 from lightning_moe.formats.llava_original import load_original_llava
 from lightning_moe.models import MultimodalLM
-from lightning_moe.tokens import IMAGE_TOKEN, load_tokenizer
+from lightning_moe.modalities import IMAGE_TOKEN
+from lightning_moe.tokens import load_tokenizer
 from tests.conftest import TOKENIZER
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -244,7 +245,7 @@ def test_export_gives_a_llava_hf_directory_with_the_same_logits_and_round_trips(
     from lightning_moe.models import build_multimodal
 
     torch.manual_seed(0)
-    ours = build_multimodal(tokenizer, "tiny-llama", {**TEXT}, "tiny-clip", VISION).eval()
+    ours = build_multimodal(tokenizer, "tiny-llama", {**TEXT}, {"image": {"tower": "tiny-clip", "overrides": VISION}}).eval()
     export_multimodal(ours, tmp_path / "export", tokenizer)
     assert not (tmp_path / "export" / "multimodal_config.json").exists()
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
@@ -270,9 +271,10 @@ def test_export_gives_a_llava_hf_directory_with_the_same_logits_and_round_trips(
 def test_export_refuses_what_llava_hf_cannot_hold(tokenizer, tmp_path):
     from lightning_moe.models import build_multimodal
 
-    text_only = build_multimodal(tokenizer, "tiny-llama", TEXT, None)
+    text_only = build_multimodal(tokenizer, "tiny-llama", TEXT, encoders={})
     with pytest.raises(NotExportable, match="AutoModelForCausalLM"):
         export_multimodal(text_only, tmp_path / "a", tokenizer)
-    linear = build_multimodal(tokenizer, "tiny-llama", TEXT, "tiny-clip", VISION, connector="linear")
+    linear = build_multimodal(tokenizer, "tiny-llama", TEXT,
+                              {"image": {"tower": "tiny-clip", "overrides": VISION, "connector": "linear"}})
     with pytest.raises(NotExportable, match="mlp2x_gelu"):
         export_multimodal(linear, tmp_path / "b", tokenizer)

@@ -7,13 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from lightning_moe.models import MoEConfig, MultimodalLM, build_multimodal, upcycle
-from lightning_moe.tokens import IGNORE_INDEX, IMAGE_TOKEN
-from tests.conftest import TINY_LLM, TINY_VISION
+from lightning_moe.modalities import IMAGE_TOKEN
+from lightning_moe.tokens import IGNORE_INDEX
+from tests.conftest import TINY_LLM, TINY_VISION, tiny_encoders
 
 
 @pytest.fixture
 def model(tokenizer):
-    return build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    return build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders()).eval()
 
 
 def _batch(tokenizer, texts, padding_side="right"):
@@ -75,7 +76,7 @@ def test_batched_left_padded_generation_equals_one_by_one(model, tokenizer):
 
 @pytest.mark.parametrize("llm", ["tiny-llama", "tiny-phi"])
 def test_save_pretrained_round_trips_an_upcycled_model(tmp_path, tokenizer, llm):
-    model = build_multimodal(tokenizer, llm, TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    model = build_multimodal(tokenizer, llm, TINY_LLM, tiny_encoders()).eval()
     upcycle(model, MoEConfig(num_experts=3, top_k=2, layers=[1]))
     with torch.no_grad():  # perturb the experts so a silent re-copy from the dense MLP would show
         for p in model.llm.parameters():
@@ -101,8 +102,16 @@ def test_real_checkpoints_load_by_path(tmp_path, tokenizer):
     llm.save_pretrained(tmp_path / "llm")
     tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **TINY_VISION, num_attention_heads=4))
     tower.save_pretrained(tmp_path / "clip")
-    model = build_multimodal(tokenizer, str(tmp_path / "llm"), None, str(tmp_path / "clip"))
+    model = build_multimodal(tokenizer, str(tmp_path / "llm"), None, {"image": {"tower": str(tmp_path / "clip")}})
     torch.testing.assert_close(model.llm.lm_head.weight, llm.lm_head.weight)
     loaded = model.encoders["image"].model.state_dict()
     for name, value in tower.state_dict().items():
         torch.testing.assert_close(loaded[name], value)
+
+
+def test_build_multimodal_takes_its_encoders_as_one_mapping(tokenizer):
+    """`encoders` None is the default image tower, {} a text-only model; anything but a mapping is refused."""
+    assert build_multimodal(tokenizer, "tiny-llama", TINY_LLM).modalities == ["image"]
+    assert build_multimodal(tokenizer, "tiny-llama", TINY_LLM, {}).modalities == []
+    with pytest.raises(TypeError, match="encoders must map each modality to its encoder"):
+        build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip")

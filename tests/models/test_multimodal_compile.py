@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle
-from tests.conftest import TINY_LLM, TINY_VISION
+from tests.conftest import TINY_LLM, tiny_encoders
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def _fresh_dynamo():
 
 @pytest.fixture
 def sparse_model(tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION, -1)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1))
     upcycle(model, MoEConfig(num_experts=4, top_k=2, layers="::1"))
     return model
 

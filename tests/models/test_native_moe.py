@@ -71,7 +71,7 @@ def hf_dir(request, tmp_path, tokenizer):
 def test_native_moe_blocks_become_sparse_moe_with_hf_logits(hf_dir, tokenizer, tmp_path):
     family = hf_dir.rsplit("/", 1)[-1]
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    model = build_multimodal(tokenizer, llm=hf_dir, vision_tower=None).eval()
+    model = build_multimodal(tokenizer, llm=hf_dir, encoders={}).eval()
     assert model.surgery == [{"op": "native_moe", "family": family, "layers": SPARSE_LAYERS[family]}]
     moes = expert_layers(model)
     assert len(moes) == len(SPARSE_LAYERS[family])
@@ -95,7 +95,7 @@ def test_aux_loss_equals_hf_router_aux_loss(hf_dir, tokenizer):
     and LM loss + router_aux_loss_coef x aux is HF's own training loss."""
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     coef = hf.config.router_aux_loss_coef
-    method = MoETuning(stage="moe", tokenizer=TOKENIZER, backbone=BackboneConfig(llm=hf_dir, vision_tower=None),
+    method = MoETuning(stage="moe", tokenizer=TOKENIZER, backbone=BackboneConfig(llm=hf_dir, encoders={}),
                        aux_loss=AuxLossConfig(form="switch", layers="concat", coef=coef)).eval()
     assert not any(e["op"] == "upcycle" for e in method.model.surgery)  # stage moe keeps the native experts
     b = text_batch(tokenizer, seed=1)
@@ -112,11 +112,11 @@ def test_aux_loss_equals_hf_router_aux_loss(hf_dir, tokenizer):
 
 @pytest.mark.parametrize("hf_dir", list(FAMILIES), indirect=True)
 def test_round_trip_project_hf_project_is_bit_identical(hf_dir, tokenizer, tmp_path):
-    model = build_multimodal(tokenizer, llm=hf_dir, vision_tower=None).eval()
+    model = build_multimodal(tokenizer, llm=hf_dir, encoders={}).eval()
     hf = to_hf_causal_lm(model)
     assert type(hf).__name__ == type(AutoModelForCausalLM.from_pretrained(hf_dir)).__name__
     hf.save_pretrained(tmp_path / "exported")
-    back = build_multimodal(tokenizer, llm=str(tmp_path / "exported"), vision_tower=None).eval()
+    back = build_multimodal(tokenizer, llm=str(tmp_path / "exported"), encoders={}).eval()
     assert back.surgery == model.surgery
     ours, theirs = model.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -128,7 +128,7 @@ def test_round_trip_project_hf_project_is_bit_identical(hf_dir, tokenizer, tmp_p
 
 def tiny_llama(tokenizer, **overrides) -> MultimodalLM:
     return build_multimodal(tokenizer, "tiny-llama", {"hidden_size": 64, "intermediate_size": 128,
-                                                      "num_hidden_layers": 3, **overrides}, vision_tower=None).eval()
+                                                      "num_hidden_layers": 3, **overrides}, encoders={}).eval()
 
 
 def decisive(model: MultimodalLM) -> MultimodalLM:
@@ -158,7 +158,7 @@ def test_upcycled_llama_exports_to_the_exact_hf_family(tokenizer, tmp_path, laye
         ours = model(b["input_ids"], b["attention_mask"]).logits
         theirs = loaded(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         assert (real(ours, b["attention_mask"]) - real(theirs, b["attention_mask"])).abs().max() <= 1e-5
-        back = build_multimodal(tokenizer, llm=str(tmp_path / "exported"), vision_tower=None).eval()
+        back = build_multimodal(tokenizer, llm=str(tmp_path / "exported"), encoders={}).eval()
         assert torch.equal(back(b["input_ids"], b["attention_mask"]).logits, ours)
 
 
@@ -178,7 +178,7 @@ def test_dense_llm_exports_as_itself(tokenizer, tmp_path):
 def test_models_no_hf_family_represents_are_refused_with_the_reason(tokenizer, case, message):
     if case == "phi":
         model = build_multimodal(tokenizer, "tiny-phi", {"hidden_size": 64, "intermediate_size": 128},
-                                 vision_tower=None)
+                                 encoders={})
         upcycle(model, MoEConfig(layers="all"))
     elif case == "attention_bias":
         model = tiny_llama(tokenizer, attention_bias=True)
@@ -205,16 +205,16 @@ def test_project_directory_is_never_taken_for_a_transformers_one(tokenizer, tmp_
 def test_sparse_moe_keeps_the_family_settings(tokenizer, tmp_path):
     """top_k and norm_topk_prob come from the config: a wrong one would still run, with other logits."""
     d = save_hf_moe("qwen3_moe", tmp_path / "q3", tokenizer)
-    model = build_multimodal(tokenizer, llm=d, vision_tower=None)
+    model = build_multimodal(tokenizer, llm=d, encoders={})
     (_, moe), = expert_layers(model)
     assert isinstance(moe, SparseMoE) and moe.top_k == 2 and moe.router.normalize is True
     d = save_hf_moe("olmoe", tmp_path / "olmoe", tokenizer)
     assert all(m.router.normalize is False for _, m in expert_layers(build_multimodal(tokenizer, llm=d,
-                                                                                      vision_tower=None)))
+                                                                                      encoders={})))
 
 
 def test_activated_parameters_count_the_shared_expert_fully(tokenizer, tmp_path):
-    model = build_multimodal(tokenizer, llm=save_hf_moe("qwen2_moe", tmp_path / "q2", tokenizer), vision_tower=None)
+    model = build_multimodal(tokenizer, llm=save_hf_moe("qwen2_moe", tmp_path / "q2", tokenizer), encoders={})
     counts = parameter_counts(model)
     routed = sum(m.gate_up_proj.numel() + m.down_proj.numel() for _, m in expert_layers(model))
     assert counts.total - counts.activated == routed * (4 - 2) // 4  # top-2 of 4 routed experts; shared always on
@@ -226,7 +226,7 @@ def test_upcycling_on_top_of_a_native_moe_is_refused_at_export(tokenizer, tmp_pa
     config = Qwen3MoeConfig(**SMALL, intermediate_size=48, moe_intermediate_size=48, num_experts=4,
                             norm_topk_prob=True, decoder_sparse_step=2, vocab_size=len(tokenizer))
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "q3")
-    model = build_multimodal(tokenizer, llm=str(tmp_path / "q3"), vision_tower=None)
+    model = build_multimodal(tokenizer, llm=str(tmp_path / "q3"), encoders={})
     upcycle(model, MoEConfig(num_experts=4, top_k=2, layers=[0]))
     with pytest.raises(ValueError, match=r"sparse layers \[0, 1\] differ from the qwen3_moe model's own \[1\]"):
         to_hf_causal_lm(model)

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
 from lightning_moe.formats import PeftFormatError, export_multimodal, export_peft, load_adapters, without_adapters
 from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, save_adapters
-from lightning_moe.tokens import IMAGE_TOKEN
-from tests.conftest import TINY_LLM, TINY_VISION
+from lightning_moe.modalities import IMAGE_TOKEN
+from tests.conftest import TINY_LLM, tiny_encoders
 
 PATCHES = 16
 
@@ -34,7 +34,7 @@ def inputs(tokenizer, n_image_tokens: int):
 
 
 def test_project_lora_exports_as_a_peft_adapter_on_the_exported_base(tmp_path, tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders()).eval()
     add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "v_proj"], r=4, alpha=8),
                          AdapterRule(kind="lora", targets=["down_proj"], layers=[1], r=2, alpha=6)])
     randomize_b(model)
@@ -61,7 +61,7 @@ def test_peft_saved_lora_loads_into_the_project_with_peft_logits(tmp_path, token
     from lightning_moe.methods import LoRATuning
     from lightning_moe.methods.base import BackboneConfig
 
-    base_model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    base_model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders()).eval()
     export_multimodal(base_model, tmp_path / "base", tokenizer)
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
     # rsLoRA and a per-module alpha: the scale must come through exactly
@@ -88,7 +88,7 @@ def test_peft_saved_lora_loads_into_the_project_with_peft_logits(tmp_path, token
 
 
 def test_text_only_peft_lora_round_trip(tmp_path, tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None).eval()
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders={}).eval()
     add_adapters(model, [AdapterRule(kind="lora", targets=["k_proj", "gate_proj"], r=3, alpha=5)])
     randomize_b(model)
     without_adapters(model).llm.save_pretrained(tmp_path / "base")
@@ -98,13 +98,13 @@ def test_text_only_peft_lora_round_trip(tmp_path, tokenizer):
     with torch.no_grad():
         want = theirs.eval()(input_ids=ids).logits
         assert (model(ids, torch.ones_like(ids)).logits - want).abs().max() <= 1e-5
-        fresh = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None)
+        fresh = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders={})
         fresh.llm.load_state_dict(without_adapters(model).llm.state_dict())
         assert (load_adapters(fresh, tmp_path / "peft")(ids, torch.ones_like(ids)).logits - want).abs().max() <= 1e-5
 
 
 def test_routed_adapters_say_peft_cannot_hold_them(tmp_path, tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders())
     add_adapters(model, [AdapterRule(kind="mole", targets=["mlp"], r=2, alpha=4, num_experts=2),
                          AdapterRule(kind="lora", targets=["q_proj"], r=2, alpha=4)])
     with pytest.raises(PeftFormatError, match="peft cannot represent mole"):
@@ -118,7 +118,7 @@ def test_routed_adapters_say_peft_cannot_hold_them(tmp_path, tokenizer):
 
 
 def test_peft_directories_the_project_cannot_compute_are_named(tmp_path, tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders={})
     hf = model.llm
     for name, config in {
         "dora": LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
@@ -134,7 +134,7 @@ def test_peft_directories_the_project_cannot_compute_are_named(tmp_path, tokeniz
         else:
             get_peft_model(AutoModelForCausalLM.from_config(hf.config), config).save_pretrained(out)
             match = "use_dora=True"
-        fresh = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, None)
+        fresh = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders={})
         with pytest.raises(PeftFormatError, match=match):
             load_adapters(fresh, out)
 
@@ -144,7 +144,7 @@ def test_export_command_writes_llava_hf_and_peft_directories(tmp_path, tokenizer
     the base's logits; --format peft gives the adapter and, under base/, what it goes on, with the model's logits."""
     from lightning_moe.export import main as export_main
 
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION).eval()
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders()).eval()
     add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "v_proj"], r=4, alpha=8)])
     randomize_b(model)
     model.save_pretrained(tmp_path / "model")

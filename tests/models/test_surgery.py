@@ -9,13 +9,13 @@ from lightning_moe.layers import SparseMoE
 from lightning_moe.models import (MoEConfig, build_multimodal, canonical_log, decoder_layers, replay_surgery,
                                   set_trainable, upcycle)
 from lightning_moe.models import resolve_layers
-from tests.conftest import TINY_LLM, TINY_VISION
+from tests.conftest import TINY_LLM, tiny_encoders
 
 
 @pytest.mark.parametrize("llm", ["tiny-llama", "tiny-phi"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_upcycled_model_computes_what_the_dense_model_did(tokenizer, llm, top_k):
-    model = build_multimodal(tokenizer, llm, {**TINY_LLM, "num_hidden_layers": 4}, "tiny-clip", TINY_VISION).eval()
+    model = build_multimodal(tokenizer, llm, {**TINY_LLM, "num_hidden_layers": 4}, tiny_encoders()).eval()
     ids = torch.randint(10, len(tokenizer), (2, 12))
     mask = torch.ones_like(ids)
     dense = model(ids, mask).logits
@@ -38,13 +38,13 @@ def test_layer_specs():
 
 
 def test_unknown_parameter_group_is_an_error(tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders())
     with pytest.raises(ValueError, match="unknown parameter groups"):
         set_trainable(model, ["decoder"])
 
 
 def test_a_methods_extra_groups_join_the_generic_ones(tokenizer):
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders())
     norms = {"norms": lambda m: (p for n, p in m.llm.named_parameters() if "norm" in n)}
     trainable = set_trainable(model, ["norms", "connector"], norms)
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("connectors.")
@@ -60,10 +60,10 @@ def test_an_older_modality_experts_record_replays_as_the_upcycle_it_was(tokenize
            "normalize_weights": True, "capacity_factor": None}
     upcycled = {"op": "upcycle", **vars(MoEConfig(num_experts=3, top_k=2, layers=[0, 1]))}
     assert canonical_log([old]) == [upcycled]
-    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders())
     replay_surgery(model, [old])
     assert model.surgery == [upcycled]
-    reference = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, "tiny-clip", TINY_VISION)
+    reference = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders())
     upcycle(reference, MoEConfig(num_experts=3, top_k=2, layers=[0, 1]))
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     assert all(moe.top_k == 2 and moe.num_experts == 3 for moe in (layer.mlp for layer in decoder_layers(model.llm)))
