@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 from lightning_moe.cli import main
 from lightning_moe.data import LlavaDataset
 from lightning_moe.methods import BackboneConfig
-from lightning_moe.modalities import (NAMES, ModalitySpec, modality, modality_names, register_modality,
+from lightning_moe.modalities import (ModalitySpec, modality, modality_names, register_modality,
                                      unregister_modality)
 from lightning_moe.modalities.image import VISION, load_image
 from lightning_moe.formats import load_backbone
@@ -121,7 +121,7 @@ def test_a_modality_registered_outside_the_package_trains_through_the_cli(depth,
     assert cli.trainer.global_step == 2
     assert cli.datamodule.data_report["train"]["side"]["kept"] == 8
     # the last forward pass (validation) spliced depth features in place of the placeholders
-    assert (model.last_token_modality == NAMES.index("depth")).sum() == 4 * model.encoders["depth"].num_patches
+    assert (model.last_token_modality == modality_names().index("depth")).sum() == 4 * model.encoders["depth"].num_patches
 
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     loaded = load_backbone(checkpoint).eval()  # the tower rebuilt from its saved record by its modality
@@ -147,7 +147,7 @@ def test_a_registered_modality_is_a_unimoe_experts_stage_modality_and_expert_slo
     method = UniMoE(stage="experts", modality="depth", tokenizer=TOKENIZER, backbone=backbone,
                     moe=ModalityExpertsConfig(experts=["dense", "depth"]))
     assert method.modality == "depth" and set(method.own_expert) == {"depth_own", "depth_all"}
-    assert method.affinity_targets() == {NAMES.index("depth"): [1]}
+    assert method.affinity_targets() == {modality_names().index("depth"): [1]}
     with pytest.raises(ValueError, match=r"on depth data only, but a batch carries \['image'\] inputs"):
         method.compute_loss({"pixel_values": torch.zeros(1, 3, 32, 32), "domain": ["shapes"]})
     registered = r"\['image', 'audio', 'video', 'depth'\]"

@@ -13,7 +13,7 @@ This package lies below `data/` and `models/`, so both may import it: it imports
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,8 +24,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 __all__ = ["MediaItem", "Tower", "ModalitySpec", "register_modality", "unregister_modality", "modality",
-           "modalities", "modality_names", "decode_errors", "build_transforms", "spec_view", "NAMES", "preset_config",
-           "POOLINGS"]
+           "modalities", "modality_names", "decode_errors", "build_transforms", "preset_config", "POOLINGS"]
 
 MediaItem = Path | tuple[Path, ...]  # what one placeholder stands for: a file, or the frame files of a video
 
@@ -178,6 +177,7 @@ def modalities() -> tuple[ModalitySpec, ...]:
 
 
 def modality_names() -> tuple[str, ...]:
+    """The registered modality names, in registration order (what `MultimodalLM.last_token_modality` indexes)."""
     return tuple(_SPECS)
 
 
@@ -206,51 +206,6 @@ def build_transforms(options: Mapping[str, Mapping[str, Any]] | None = None,
             raise ValueError(f"modality {spec.name!r}: bad transform options {dict(options.get(spec.name, {}))} "
                              f"({error})") from error
     return built
-
-
-class _SpecView(Mapping[str, str]):
-    """modality name -> one attribute of its spec, for every registered modality that has one; read from the
-    registry on every use, so a modality registered later is in it."""
-
-    def __init__(self, attribute: str):
-        self.attribute = attribute
-
-    def _items(self) -> dict[str, str]:
-        return {s.name: getattr(s, self.attribute) for s in _SPECS.values() if getattr(s, self.attribute)}
-
-    def __getitem__(self, name: str) -> str:
-        return self._items()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items())
-
-    def __len__(self) -> int:
-        return len(self._items())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.attribute!r}: {self._items()})"
-
-
-def spec_view(attribute: str) -> Mapping[str, str]:
-    """A live read-only mapping: modality name -> `getattr(spec, attribute)` (e.g. "placeholder", "values_key")."""
-    return _SpecView(attribute)
-
-
-class _NameView(Sequence[str]):
-    """The registered modality names in order, read from the registry on every use (`NAMES`: e.g. what
-    `MultimodalLM.last_token_modality` indexes)."""
-
-    def __getitem__(self, index):
-        return modality_names()[index]
-
-    def __len__(self) -> int:
-        return len(_SPECS)
-
-    def __repr__(self) -> str:
-        return repr(modality_names())
-
-
-NAMES: Sequence[str] = _NameView()
 
 
 def preset_config(presets: Mapping[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]], name: str,
