@@ -43,8 +43,8 @@ def refuse_as_backbone(path: Path, **_: Any) -> NoReturn:
     """The format's loader: a causal LM is no backbone; the error says where it goes."""
     model_type = hf_config(path).get("model_type")
     raise ValueError(f"{path} is a transformers causal LM (model_type {model_type!r}), not a multimodal model: name "
-                     "it as backbone.llm (with backbone.vision_tower for the encoder). backbone.pretrained takes a "
-                     "lightning-moe directory or checkpoint, or a llava-hf / original-LLaVA directory")
+                     "it as backbone.llm (with backbone.encoders.image.tower for the encoder). backbone.pretrained "
+                     "takes a lightning-moe directory or checkpoint, or a llava-hf / original-LLaVA directory")
 
 
 def _sparse_layer_indices(llm: nn.Module) -> dict[str, int]:

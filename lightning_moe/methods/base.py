@@ -102,7 +102,7 @@ class BackboneConfig:
         if flat:
             self.encoders = encoder_configs(encoders_from_flat(flat, self.encoders))
             rank_zero_warn(f"backbone: {', '.join(flat)} {'is' if len(flat) == 1 else 'are'} deprecated; write "
-                           f"`encoders: {describe_encoders(self.encoders)}` instead (docs/architecture.md)",
+                           f"`encoders: {describe_encoders(self.encoders)}` instead (docs/configs.md)",
                            category=FutureWarning)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
