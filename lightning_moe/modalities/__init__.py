@@ -16,6 +16,7 @@ from .registry import (
     modalities,
     modality,
     modality_names,
+    split_option,
     preset_config,
     register_modality,
     unregister_modality,
@@ -25,6 +26,6 @@ from .audio import AUDIO, AUDIO_TOKEN, AudioFeatures, whisper_window_seconds  # 
 from .video import VIDEO, VIDEO_TOKEN, VideoFrames  # noqa: E402  (registers "video")
 
 __all__ = ["ModalitySpec", "Tower", "MediaItem", "register_modality", "unregister_modality", "modality", "modalities",
-           "modality_names", "decode_errors", "build_transforms", "POOLINGS", "preset_config", "IMAGE", "AUDIO",
+           "modality_names", "split_option", "decode_errors", "build_transforms", "POOLINGS", "preset_config", "IMAGE", "AUDIO",
            "VIDEO", "IMAGE_TOKEN", "AUDIO_TOKEN", "VIDEO_TOKEN", "NormalizeImage", "HFImageProcessor",
            "ImageTransform", "AudioFeatures", "VideoFrames", "whisper_window_seconds"]

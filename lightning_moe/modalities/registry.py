@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 __all__ = ["MediaItem", "Tower", "ModalitySpec", "register_modality", "unregister_modality", "modality",
-           "modalities", "modality_names", "decode_errors", "build_transforms", "preset_config", "POOLINGS"]
+           "modalities", "modality_names", "split_option", "decode_errors", "build_transforms", "preset_config", "POOLINGS"]
 
 MediaItem = Path | tuple[Path, ...]  # what one placeholder stands for: a file, or the frame files of a video
 
@@ -167,7 +167,8 @@ def unregister_modality(name: str) -> ModalitySpec:
 def modality(name: str) -> ModalitySpec:
     if name not in _SPECS:
         raise ValueError(f"modality {name!r} is not registered; registered: {list(_SPECS)} (a modality defined "
-                         "outside the package must be registered, its module imported, before it is used)")
+                         "outside the package is registered by importing the module that calls register_modality "
+                         "for it, before it is used)")
     return _SPECS[name]
 
 
@@ -179,6 +180,16 @@ def modalities() -> tuple[ModalitySpec, ...]:
 def modality_names() -> tuple[str, ...]:
     """The registered modality names, in registration order (what `MultimodalLM.last_token_modality` indexes)."""
     return tuple(_SPECS)
+
+
+def split_option(key: str) -> tuple[str, str]:
+    """`<modality>_<option>` (a data module argument, an `edge generate` flag) -> (modality, option), the
+    modality being the longest registered name the key starts with (a name may itself contain "_")."""
+    names = [n for n in _SPECS if key.startswith(f"{n}_") and len(key) > len(n) + 1]
+    if not names:
+        raise ValueError(f"{key!r} is not <modality>_<option> for a registered modality (registered: {list(_SPECS)})")
+    name = max(names, key=len)
+    return name, key[len(name) + 1:]
 
 
 def decode_errors() -> tuple[type[Exception], ...]:

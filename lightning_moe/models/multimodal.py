@@ -282,18 +282,30 @@ class MultimodalLM(nn.Module):
         }
 
     @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> "MultimodalLM":
-        """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
-        llm_config = AutoConfig.for_model(**config["llm"])
-        llm = AutoModelForCausalLM.from_config(llm_config)
-        # each tower is rebuilt by its modality (the record's key); older records have no connector options
-        encoders = {m: modality_spec(m).tower.from_config(e) for m, e in config["encoders"].items()}
-        options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
-        connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
-                      for m, c in config["connectors"].items()}
-        model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
-                    config["placeholder_ids"], options, pooling_from_record(config))
-        replay_surgery(model, config["surgery"])
+    def from_config_dict(cls, config: dict[str, Any], source: str | Path | None = None) -> "MultimodalLM":
+        """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed. `source`: the
+        file the record came from, named in the error a record this process cannot rebuild raises."""
+        try:
+            for m in config["encoders"]:
+                spec = modality_spec(m)
+                if spec.tower is None:
+                    raise ValueError(f"the record has an encoder under {m!r}, a modality without a tower of its "
+                                     f"own (its items go through the {spec.encoder_of} encoder, recorded under "
+                                     f"{spec.encoder_of!r})")
+            llm_config = AutoConfig.for_model(**config["llm"])
+            llm = AutoModelForCausalLM.from_config(llm_config)
+            # each tower is rebuilt by its modality (the record's key); older records have no connector options
+            encoders = {m: modality_spec(m).tower.from_config(e) for m, e in config["encoders"].items()}
+            options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
+            connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
+                          for m, c in config["connectors"].items()}
+            model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
+                        config["placeholder_ids"], options, pooling_from_record(config))
+            replay_surgery(model, config["surgery"])
+        except ValueError as error:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {error}") from error
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -310,7 +322,7 @@ class MultimodalLM(nn.Module):
             raise FileNotFoundError(
                 f"{config_file} not found: not a MultimodalLM directory (write one with save_pretrained)"
             )
-        model = cls.from_config_dict(json.loads(config_file.read_text()))
+        model = cls.from_config_dict(json.loads(config_file.read_text()), config_file)
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
             raise RuntimeError(f"{directory / WEIGHTS_NAME} does not match the recorded model: "
