@@ -13,6 +13,7 @@ from .registry import (
     ModalitySpec,
     Tower,
     decode_errors,
+    frame_files,
     modalities,
     modality,
     modality_names,
@@ -26,6 +27,6 @@ from .audio import AUDIO, AUDIO_TOKEN, AudioFeatures, whisper_window_seconds  # 
 from .video import VIDEO, VIDEO_TOKEN, VideoFrames  # noqa: E402  (registers "video")
 
 __all__ = ["ModalitySpec", "Tower", "MediaItem", "register_modality", "unregister_modality", "modality", "modalities",
-           "modality_names", "split_option", "decode_errors", "build_transforms", "POOLINGS", "preset_config", "IMAGE", "AUDIO",
+           "modality_names", "split_option", "decode_errors", "frame_files", "build_transforms", "POOLINGS", "preset_config", "IMAGE", "AUDIO",
            "VIDEO", "IMAGE_TOKEN", "AUDIO_TOKEN", "VIDEO_TOKEN", "NormalizeImage", "HFImageProcessor",
            "ImageTransform", "AudioFeatures", "VideoFrames", "whisper_window_seconds"]

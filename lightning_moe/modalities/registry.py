@@ -12,6 +12,7 @@ This package lies below `data/` and `models/`, so both may import it: it imports
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,9 +25,27 @@ from torch import nn
 from transformers import PretrainedConfig
 
 __all__ = ["MediaItem", "Tower", "ModalitySpec", "register_modality", "unregister_modality", "modality",
-           "modalities", "modality_names", "split_option", "decode_errors", "build_transforms", "preset_config", "POOLINGS"]
+           "modalities", "modality_names", "split_option", "frame_files", "decode_errors", "build_transforms",
+           "preset_config", "POOLINGS"]
 
 MediaItem = Path | tuple[Path, ...]  # what one placeholder stands for: a file, or the frame files of a video
+
+
+def _natural_key(path: Path) -> list:
+    """`frame2.png` before `frame10.png`: digit runs compare as numbers, the rest as text."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def frame_files(directory: Path) -> tuple[Path, ...]:
+    """The frames of a frame-sequence item (`item="frames"`, e.g. a video directory) in temporal order: its image
+    files (by suffix), names in natural order.
+
+    Hidden files and files of other types (a README, a `.json` of metadata) are not frames.
+    """
+    suffixes = {s for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files = [p for p in directory.iterdir() if not p.name.startswith(".") and p.suffix.lower() in suffixes]
+    return tuple(sorted(files, key=_natural_key))
+
 
 # How the per-slot features of an item with padded slots (audio windows, video frames) become its tokens:
 # "concat" keeps every real slot's connector tokens in order; "mean" averages the slots' encoder features over
