@@ -34,7 +34,7 @@ from ..models.multimodal import MultimodalLM
 from ..models.upcycle import MoEConfig, upcycle
 from ..safe_load import check_safe_weights
 from ..tokens import load_tokenizer
-from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, hf_config, resolve_model_dir
+from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, read_json_config, resolve_model_dir
 from .llava_hf import finish_generation, fit_embeddings, image_token_id
 
 __all__ = ["LLAVA_ORIGINAL", "is_original_llava", "load_original_llava"]
@@ -49,7 +49,7 @@ ORIGINAL_SELECT = {"patch": "patch", "cls_patch": "full"}
 
 
 def is_original_llava(path: Path) -> bool:
-    config = hf_config(path)
+    config = read_json_config(path / "config.json")
     return config is not None and any(k in config for k in ORIGINAL_LLAVA_KEYS)
 
 
@@ -82,7 +82,7 @@ def load_original_llava(directory: str | Path, *, tokenizer: PreTrainedTokenizer
                         allow_unsafe: bool = False) -> MultimodalLM:
     """An original LLaVA / MoE-LLaVA directory (LLM config + `mm_*` keys) as a `MultimodalLM`."""
     directory = Path(directory)
-    config = hf_config(directory)
+    config = read_json_config(directory / "config.json")
     if config.get("mm_use_im_start_end"):
         raise ValueError(f"{directory}: mm_use_im_start_end wraps each image in extra tokens; not supported")
     if config.get("mm_patch_merge_type", "flat") != "flat":
