@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from ..layers import SparseMoE
 from ..models.architecture import decoder_layers, mlp_attribute
 from ..models.connectors import build_connector
-from ..modalities.image import VisionTower, build_vision_tower, vision_model_class
+from ..modalities.image import VisionTower, build_vision_tower, vision_config_to_vision_only, vision_model_class
 from ..models.multimodal import MultimodalLM
 from ..models.upcycle import MoEConfig, upcycle
 from ..safe_load import check_safe_weights
@@ -109,8 +109,7 @@ def load_original_llava(directory: str | Path, *, tokenizer: PreTrainedTokenizer
         tower = build_vision_tower(tower_name, None, feature_layer, trust_remote_code, allow_unsafe)
     else:  # the tower's tensors are in the checkpoint; its shape comes from the named tower's config
         tower_dir = resolve_model_dir(tower_name, "vision tower (mm_vision_tower)")
-        vision_config = AutoConfig.from_pretrained(tower_dir)
-        vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        vision_config = vision_config_to_vision_only(AutoConfig.from_pretrained(tower_dir))
         tower = VisionTower(vision_model_class(vision_config)(vision_config), feature_layer)
         tower_state = {k[len(tower_prefix):]: state.pop(k) for k in list(state) if k.startswith(tower_prefix)}
         tower.model.load_state_dict(tower_state, strict=True)
