@@ -29,7 +29,7 @@ from .inference import (PROFILE_NAME, ExpertStore, GenerationConfig, PlanConfig,
                         cache_budget, exact_match_quality, export_store, generate, load_offloaded, load_resident_model,
                         plan_bitwidths, profile_routing, resident_bytes)
 from .formats import load_backbone
-from .modalities import build_transforms, modalities, modality_names
+from .modalities import build_transforms, modalities, modality_names, split_option
 from .models.multimodal import MultimodalLM
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
 
@@ -116,7 +116,7 @@ def prompt_inputs(args: argparse.Namespace, model: MultimodalLM, store: ExpertSt
         if spec.name in model.encoders and spec.transform_options is not None:
             options[spec.name] = spec.transform_options(model.encoders[spec.name])
     for flag in TRANSFORM_FLAGS:
-        name, _, option = flag.partition("_")
+        name, option = split_option(flag)
         if getattr(args, flag) is not None:
             options.setdefault(name, {})[option] = getattr(args, flag)
     try:

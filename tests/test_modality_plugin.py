@@ -19,6 +19,7 @@ records and configs of the flat backbone form still read the same.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,10 @@ from transformers import AutoTokenizer
 from lightning_moe.cli import main
 from lightning_moe.data import LlavaDataset
 from lightning_moe.methods import BackboneConfig
-from lightning_moe.modalities import (NAMES, ModalitySpec, modality, modality_names, register_modality,
+from lightning_moe.modalities import (ModalitySpec, modality, modality_names, register_modality, split_option,
                                      unregister_modality)
 from lightning_moe.modalities.image import VISION, load_image
-from lightning_moe.formats import load_backbone
+from lightning_moe.formats import CHECKPOINT_CONFIG_KEY, load_backbone, model_from_checkpoint
 from lightning_moe.models import MultimodalLM, build_multimodal
 from lightning_moe.models.encoders import EncoderConfig, encoders_from_flat
 from lightning_moe.tokens import load_tokenizer
@@ -121,7 +122,7 @@ def test_a_modality_registered_outside_the_package_trains_through_the_cli(depth,
     assert cli.trainer.global_step == 2
     assert cli.datamodule.data_report["train"]["side"]["kept"] == 8
     # the last forward pass (validation) spliced depth features in place of the placeholders
-    assert (model.last_token_modality == NAMES.index("depth")).sum() == 4 * model.encoders["depth"].num_patches
+    assert (model.last_token_modality == modality_names().index("depth")).sum() == 4 * model.encoders["depth"].num_patches
 
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     loaded = load_backbone(checkpoint).eval()  # the tower rebuilt from its saved record by its modality
@@ -147,7 +148,7 @@ def test_a_registered_modality_is_a_unimoe_experts_stage_modality_and_expert_slo
     method = UniMoE(stage="experts", modality="depth", tokenizer=TOKENIZER, backbone=backbone,
                     moe=ModalityExpertsConfig(experts=["dense", "depth"]))
     assert method.modality == "depth" and set(method.own_expert) == {"depth_own", "depth_all"}
-    assert method.affinity_targets() == {NAMES.index("depth"): [1]}
+    assert method.affinity_targets() == {modality_names().index("depth"): [1]}
     with pytest.raises(ValueError, match=r"on depth data only, but a batch carries \['image'\] inputs"):
         method.compute_loss({"pixel_values": torch.zeros(1, 3, 32, 32), "domain": ["shapes"]})
     registered = r"\['image', 'audio', 'video', 'depth'\]"
@@ -177,6 +178,24 @@ def test_the_registry_refuses_a_taken_name_placeholder_or_batch_key(depth):
         unregister_modality("image")
     assert "sketch" not in modality_names()
     assert list(modality_names()) == ["image", "audio", "video", "depth"]
+
+
+def test_an_option_key_splits_at_the_longest_registered_modality_name(depth):
+    """`<modality>_<option>` keys (data module arguments, edge flags): a modality name may contain "_"."""
+    spec = ModalitySpec(name="depth_hd", placeholder="<depth_hd>", decode=decode_depth, load=load_image,
+                        transform=DEPTH.transform, encoder_of="depth")
+    register_modality(spec)
+    try:
+        assert split_option("image_size") == ("image", "size")
+        assert split_option("audio_chunk_seconds") == ("audio", "chunk_seconds")
+        assert split_option("depth_size") == ("depth", "size")
+        assert split_option("depth_hd_size") == ("depth_hd", "size")
+        with pytest.raises(ValueError, match="'sonar_size' is not <modality>_<option> for a registered modality"):
+            split_option("sonar_size")
+        with pytest.raises(ValueError, match="'image_' is not <modality>_<option>"):
+            split_option("image_")
+    finally:
+        unregister_modality("depth_hd")
 
 
 def test_a_spec_needs_a_tower_or_another_modalitys_and_pooling_exactly_with_slots():
@@ -241,6 +260,33 @@ def test_the_saved_record_of_the_shipped_modalities_keeps_its_form(tokenizer, tm
     assert loaded.modalities == ["image", "audio", "video"]
     values = torch.randn(1, 2, 3, 32, 32)
     torch.testing.assert_close(loaded.encode("video", values), model.encode("video", values))
+
+
+def test_a_saved_model_of_a_modality_not_registered_names_its_file_and_how_to_register_it(depth, tmp_path):
+    model = build_multimodal(load_tokenizer(TOKENIZER), "tiny-llama", TINY_LLM,
+                             {"depth": {"tower": "tiny-clip", "overrides": dict(TINY_VISION)}})
+    model.save_pretrained(tmp_path / "model")
+    record = model.config_dict()
+    unregister_modality("depth")
+    hint = "modality 'depth' is not registered.* importing the module that calls register_modality"
+    config_file = re.escape(str(tmp_path / "model" / "multimodal_config.json"))
+    with pytest.raises(ValueError, match=rf"^{config_file}: {hint}"):
+        MultimodalLM.from_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'run.ckpt'))}: {hint}"):
+        model_from_checkpoint({CHECKPOINT_CONFIG_KEY: record, "state_dict": {}}, tmp_path / "run.ckpt")
+
+
+def test_a_record_with_an_encoder_under_a_modality_read_through_another_is_refused(tokenizer, tmp_path):
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(video="mean"))
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "multimodal_config.json"
+    config = json.loads(config_file.read_text())
+    config["encoders"]["video"] = config["encoders"].pop("image")
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(config_file))}: the record has an encoder under 'video', "
+                                         r"a modality without a tower of its own \(its items go through the image "
+                                         r"encoder, recorded under 'image'\)"):
+        MultimodalLM.from_pretrained(tmp_path)
 
 
 def test_edge_generate_takes_any_registered_modality_as_input(depth):

@@ -97,10 +97,10 @@ class RoutingStatistics(L.Callback):
 
     def _accumulate_modalities(self, name: str, indices: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor,
                                num_experts: int) -> None:
-        from ..modalities import NAMES
+        from ..modalities import modality_names
 
         per_modality = self._modality_counts.setdefault(name, {})
-        for index, label in [(-1, "text"), *enumerate(NAMES)]:
+        for index, label in [(-1, "text"), *enumerate(modality_names())]:
             chosen = indices[mask & (modality == index)]  # (tokens, k)
             if chosen.numel():
                 counts = torch.bincount(chosen.flatten(), minlength=num_experts).float()

@@ -35,7 +35,7 @@ from lightning_moe.data.dataset import SKIPPED_RECORDS, LlavaDataset, collate_ba
 from lightning_moe.data.records import where
 from lightning_moe.data.skips import SkipLog
 from lightning_moe.data.sampler import ResumableDataLoader, ResumableSampler
-from lightning_moe.modalities import build_transforms
+from lightning_moe.modalities import build_transforms, split_option
 from lightning_moe.paths import resolve_data_path
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer
 
@@ -220,7 +220,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
         `modality_options`."""
         options: dict[str, dict[str, Any]] = {}
         for key in TRANSFORM_ARGUMENTS:
-            name, _, option = key.partition("_")
+            name, option = split_option(key)
             options.setdefault(name, {})[option] = self.hparams[key]
         for name, given in (self.hparams.modality_options or {}).items():
             options[name] = {**options.get(name, {}), **given}

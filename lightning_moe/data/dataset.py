@@ -2,9 +2,10 @@
 
 All validation and tokenization happen in `LlavaDataset.__init__` (the DataModule builds the
 datasets at setup), so bad records fail early, before any worker starts, and the counts of
-skipped, truncated and answerless samples are known before training. Every modality file is
-decoded in full there too (`media.py`), unless `decode_media=False` defers that for a corpus too
-large to read at setup. `__getitem__` only loads and transforms the media (images, audio clips,
+skipped, truncated and answerless samples are known before training. Every modality item is
+decoded in full there too, by its modality's decoder (`ModalitySpec.decode`: a header check such as
+PIL's `verify()` passes a truncated JPEG or a corrupt zlib stream), unless `decode_media=False` defers
+that for a corpus too large to read at setup. `__getitem__` only loads and transforms the media (images, audio clips,
 video frames).
 
 Loading is the costly part (a few thousand records a second), and an experiment or a test session builds the
@@ -59,7 +60,6 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejectedError
-from lightning_moe.data.media import decode_media, unreadable_reason
 from lightning_moe.data.records import (
     CHAT_TEMPLATE_REJECTED,
     PLACEHOLDER_MISMATCH,
@@ -67,6 +67,7 @@ from lightning_moe.data.records import (
     SkippedRecord,
     iter_llava_file,
     parse_record,
+    unreadable_reason,
     where,
 )
 from lightning_moe.modalities import MediaItem, build_transforms, decode_errors, modalities
@@ -217,7 +218,7 @@ class LlavaDataset(Dataset):
                 if file in decoded:
                     continue
                 try:
-                    decode_media(modality, file)
+                    modality_spec(modality).decode(file)
                 except decode_errors() as e:
                     raise BadRecordError(unreadable_reason(modality), path, line, parsed.id,
                                          f"unreadable {modality} {_name(modality, file)}: {e}") from e

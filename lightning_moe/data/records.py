@@ -27,9 +27,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_moe.data.media import unreadable_reason
-from lightning_moe.modalities import MediaItem, modalities
-from lightning_moe.modalities.video import frame_files
+from lightning_moe.modalities import MediaItem, frame_files, modalities
 
 # LLaVA speaker names (and the ShareGPT / chat names some datasets use) -> chat-template roles.
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -42,6 +40,13 @@ PLACEHOLDER_MISMATCH = "placeholder_mismatch"
 PATH_OUTSIDE_ROOT = "path_outside_root"  # '..' or an absolute path
 LINK_OUTSIDE_ROOT = "link_outside_root"  # a symbolic link (file or directory) that leads out of the root
 MISSING_FILE = "missing_file"
+
+
+def unreadable_reason(modality_name: str) -> str:
+    """The reason of an item that fails to decode: `unreadable_image`, `unreadable_audio`, ..."""
+    return f"unreadable_{modality_name}"
+
+
 UNREADABLE_IMAGE = unreadable_reason("image")  # fails to decode (unreadable_audio, ... for other modalities)
 UNSUPPORTED_MODALITY = "unsupported_modality"
 CHAT_TEMPLATE_REJECTED = "chat_template_rejected"

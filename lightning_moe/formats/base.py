@@ -1,5 +1,5 @@
-"""What every model format shares: the `ModelFormat` record a format module registers, the errors, and
-reading a Hugging Face directory (its `config.json`, or a Hub id downloaded to one)."""
+"""What every model format shares: the `ModelFormat` record a format module registers, the errors, reading
+a format's JSON files (`read_json_config`) and a Hugging Face directory (a Hub id downloaded to one)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 from ..models.multimodal import MultimodalLM
 from ..paths import model_source_error
 
-__all__ = ["ModelFormat", "NotExportable", "UnknownFormatError", "hf_config", "resolve_model_dir", "ORIGINAL_LLAVA_KEYS"]
+__all__ = ["ModelFormat", "NotExportable", "UnknownFormatError", "read_json_config", "resolve_model_dir",
+           "ORIGINAL_LLAVA_KEYS"]
 
 # config.json keys that mark original LLaVA / MoE-LLaVA: the other Hugging Face formats' detectors refuse them
 ORIGINAL_LLAVA_KEYS = ("mm_vision_tower", "mm_image_tower", "mm_projector_type", "mm_hidden_size")
@@ -44,15 +45,19 @@ class UnknownFormatError(ValueError):
     """No registered format recognises a path: the message names the path and every format tried."""
 
 
-def hf_config(directory: Path) -> dict[str, Any] | None:
-    """A Hugging Face directory's `config.json` as a dict, or None where `directory` has none."""
-    config_file = directory / "config.json"
-    if not (directory.is_dir() and config_file.is_file()):
+def read_json_config(config_file: Path) -> dict[str, Any] | None:
+    """A format's JSON file (`config.json`, `adapter_config.json`) as a dict, or None where there is no such file;
+    a file that is not a JSON object is an error naming it."""
+    if not config_file.is_file():
         return None
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file} is not valid JSON ({error}); the directory cannot be read as a model") from None
+        raise ValueError(f"{config_file} is not valid JSON ({error}); its directory cannot be read as a model or "
+                         "adapters") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings")
+    return config
 
 
 def resolve_model_dir(name_or_path: str | Path, what: str = "model") -> Path:

@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..models.architecture import adapter_modules, decoder_layers, expert_layers, hf_moe_keys, sparse_export_config
 from ..models.checkpoint import adapter_ops
 from ..models.multimodal import MultimodalLM
-from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, hf_config
+from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, read_json_config
 
 __all__ = ["HF_CAUSAL_LM", "is_hf_causal_lm", "to_hf_causal_lm", "export_llm", "EXPORTABLE_OPS"]
 
@@ -34,17 +34,17 @@ EXPORTABLE_OPS = ("upcycle", "native_moe")
 
 
 def is_hf_causal_lm(path: Path) -> bool:
-    config = hf_config(path)
+    config = read_json_config(path / "config.json")
     return (config is not None and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             and not any(k in config for k in ORIGINAL_LLAVA_KEYS))
 
 
 def refuse_as_backbone(path: Path, **_: Any) -> NoReturn:
     """The format's loader: a causal LM is no backbone; the error says where it goes."""
-    model_type = hf_config(path).get("model_type")
+    model_type = read_json_config(path / "config.json").get("model_type")
     raise ValueError(f"{path} is a transformers causal LM (model_type {model_type!r}), not a multimodal model: name "
-                     "it as backbone.llm (with backbone.vision_tower for the encoder). backbone.pretrained takes a "
-                     "lightning-moe directory or checkpoint, or a llava-hf / original-LLaVA directory")
+                     "it as backbone.llm (with backbone.encoders.image.tower for the encoder). backbone.pretrained "
+                     "takes a lightning-moe directory or checkpoint, or a llava-hf / original-LLaVA directory")
 
 
 def _sparse_layer_indices(llm: nn.Module) -> dict[str, int]:

@@ -39,13 +39,13 @@ from ..models.connectors import build_connector
 from ..modalities.image import IMAGE_TOKEN, VISION_MODELS, VisionTower
 from ..models.multimodal import MultimodalLM
 from ..safe_load import check_safe_weights, hf_load_kwargs, raise_if_remote_code
-from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, NotExportable, hf_config
+from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, NotExportable, read_json_config
 
 __all__ = ["LLAVA_HF", "is_llava_hf", "load_llava_hf", "to_llava_hf", "image_processor_for", "export_multimodal"]
 
 
 def is_llava_hf(path: Path) -> bool:
-    config = hf_config(path)
+    config = read_json_config(path / "config.json")
     return (config is not None and config.get("model_type") == "llava" and "text_config" in config
             and not any(k in config for k in ORIGINAL_LLAVA_KEYS))
 

@@ -29,12 +29,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from ..layers import SparseMoE
 from ..models.architecture import decoder_layers, mlp_attribute
 from ..models.connectors import build_connector
-from ..modalities.image import VisionTower, build_vision_tower, vision_model_class
+from ..modalities.image import VisionTower, build_vision_tower, vision_config_to_vision_only, vision_model_class
 from ..models.multimodal import MultimodalLM
 from ..models.upcycle import MoEConfig, upcycle
 from ..safe_load import check_safe_weights
 from ..tokens import load_tokenizer
-from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, hf_config, resolve_model_dir
+from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, read_json_config, resolve_model_dir
 from .llava_hf import finish_generation, fit_embeddings, image_token_id
 
 __all__ = ["LLAVA_ORIGINAL", "is_original_llava", "load_original_llava"]
@@ -49,7 +49,7 @@ ORIGINAL_SELECT = {"patch": "patch", "cls_patch": "full"}
 
 
 def is_original_llava(path: Path) -> bool:
-    config = hf_config(path)
+    config = read_json_config(path / "config.json")
     return config is not None and any(k in config for k in ORIGINAL_LLAVA_KEYS)
 
 
@@ -82,7 +82,7 @@ def load_original_llava(directory: str | Path, *, tokenizer: PreTrainedTokenizer
                         allow_unsafe: bool = False) -> MultimodalLM:
     """An original LLaVA / MoE-LLaVA directory (LLM config + `mm_*` keys) as a `MultimodalLM`."""
     directory = Path(directory)
-    config = hf_config(directory)
+    config = read_json_config(directory / "config.json")
     if config.get("mm_use_im_start_end"):
         raise ValueError(f"{directory}: mm_use_im_start_end wraps each image in extra tokens; not supported")
     if config.get("mm_patch_merge_type", "flat") != "flat":
@@ -109,8 +109,7 @@ def load_original_llava(directory: str | Path, *, tokenizer: PreTrainedTokenizer
         tower = build_vision_tower(tower_name, None, feature_layer, trust_remote_code, allow_unsafe)
     else:  # the tower's tensors are in the checkpoint; its shape comes from the named tower's config
         tower_dir = resolve_model_dir(tower_name, "vision tower (mm_vision_tower)")
-        vision_config = AutoConfig.from_pretrained(tower_dir)
-        vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        vision_config = vision_config_to_vision_only(AutoConfig.from_pretrained(tower_dir))
         tower = VisionTower(vision_model_class(vision_config)(vision_config), feature_layer)
         tower_state = {k[len(tower_prefix):]: state.pop(k) for k in list(state) if k.startswith(tower_prefix)}
         tower.model.load_state_dict(tower_state, strict=True)

@@ -39,6 +39,7 @@ from ..models.adapters import ADAPTER_CONFIG_NAME, AdapterRule, add_adapters
 from ..models.architecture import adapter_modules
 from ..models.checkpoint import adapter_ops
 from ..models.multimodal import MultimodalLM
+from .base import read_json_config
 
 __all__ = ["PeftBase", "PeftFormatError", "export_peft", "load_peft_lora", "without_adapters", "is_peft_directory",
            "PEFT_WEIGHTS_NAME", "PEFT_PREFIX"]
@@ -57,14 +58,8 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "fan
 def is_peft_directory(path: Path) -> bool:
     """An adapter_config.json naming a `peft_type` (the project's own carries `base_surgery`, and a `peft_type`
     only to explain itself to peft)."""
-    config_file = path / ADAPTER_CONFIG_NAME
-    if not (path.is_dir() and config_file.is_file()):
-        return False
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file} is not valid JSON ({error}); the directory cannot be read as adapters") from None
-    return "base_surgery" not in config and "peft_type" in config
+    config = read_json_config(path / ADAPTER_CONFIG_NAME)
+    return config is not None and "base_surgery" not in config and "peft_type" in config
 
 
 class PeftFormatError(ValueError):
@@ -152,7 +147,9 @@ def load_peft_lora(model: MultimodalLM, directory: str | Path) -> MultimodalLM:
     """Add a peft LoRA adapter's modules to `model` as `lora` adapter surgery and load its weights (in place)."""
     directory = Path(directory)
     config_file = directory / ADAPTER_CONFIG_NAME
-    config = json.loads(config_file.read_text())
+    config = read_json_config(config_file)
+    if config is None:
+        raise FileNotFoundError(f"{config_file} not found: not a peft adapter directory")
     if config.get("peft_type") != "LORA":
         raise PeftFormatError(f"{config_file}: peft adapter type {config.get('peft_type')!r}; only LORA loads into "
                               "the project (its `lora` adapter kind)")

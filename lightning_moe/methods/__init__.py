@@ -2,7 +2,7 @@
 
 from .base import AuxLossConfig, BackboneConfig, MultimodalMethod, Stage, StepOutput
 from .distill import MimicConfig, MoDDistillation, PreferenceConfig
-from .continual import ContinualLoRA, TaskLoop
+from .continual import Continual, ContinualLoRA, TaskLoop
 from .moe_tuning import MoETuning
 from .lora import LoRAOptions, LoRATuning
 from .mole import ExpertOptions, MoLE
@@ -10,6 +10,6 @@ from .mora import MoRAContinual, MoRAOptions
 from .unimoe import AffinityLoss, ModalityExpertsConfig, UniMoE, UniMoELoRA
 
 __all__ = ["AuxLossConfig", "BackboneConfig", "MultimodalMethod", "Stage", "StepOutput", "MoETuning",
-           "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "TaskLoop", "ContinualLoRA", "MoRAContinual",
-           "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig", "UniMoE", "UniMoELoRA", "AffinityLoss",
+           "ExpertOptions", "LoRAOptions", "LoRATuning", "MoLE", "Continual", "TaskLoop", "ContinualLoRA",
+           "MoRAContinual", "MoRAOptions", "MoDDistillation", "MimicConfig", "PreferenceConfig", "UniMoE", "UniMoELoRA", "AffinityLoss",
            "ModalityExpertsConfig"]

@@ -98,11 +98,10 @@ class BackboneConfig:
     def __post_init__(self, *flat_values: Any) -> None:
         flat = dict(zip(FLAT_KEYS, flat_values, strict=True))  # the InitVars above, in FLAT_KEYS' order
         flat = {k: v for k, v in flat.items() if (v != FLAT_NOT_GIVEN if k == "vision_tower" else v is not None)}
-        self.encoders = encoder_configs(self.encoders)
+        self.encoders = encoder_configs(encoders_from_flat(flat, self.encoders) if flat else self.encoders)
         if flat:
-            self.encoders = encoder_configs(encoders_from_flat(flat, self.encoders))
             rank_zero_warn(f"backbone: {', '.join(flat)} {'is' if len(flat) == 1 else 'are'} deprecated; write "
-                           f"`encoders: {describe_encoders(self.encoders)}` instead (docs/architecture.md)",
+                           f"`encoders: {describe_encoders(self.encoders)}` instead (docs/configs.md)",
                            category=FutureWarning)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -24,16 +24,16 @@ parameters. A checkpoint written at the end of a task (the shipped config's `Mod
 continues exactly as the uninterrupted run would.
 
 A continual method is a `LoRATuning` (`lora`: where the adapters go and their size; only the
-`adapters` group trains) that holds a `TaskLoop`, tells it what happens at a task boundary
-(`start_task`) and, if needed, around the evaluation of one task (`use_task_for_eval`, for methods
-given the task id), and calls it from its Lightning hooks (`TaskLoop`'s docstring).
+`adapters` group trains) with the `Continual` mixin listed before it: it holds a `TaskLoop(self)`,
+fills the task hooks the loop calls (`start_task`; if needed `restore_task` / `task_state` for
+resuming and `use_task_for_eval` / `end_eval` around the evaluation of one task, for methods given
+the task id), and the mixin's Lightning hooks run the loop.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,6 @@ import torch
 from ..metrics import AccuracyMatrix
 from ..models import canonical_log
 from ..formats import CHECKPOINT_CONFIG_KEY
-from .base import MultimodalMethod
 from .lora import LoRAOptions, LoRATuning
 
 CONTINUAL_CHECKPOINT_KEY = "continual"  # the task loop's state in a Lightning checkpoint
@@ -62,36 +61,18 @@ def seed_task(sequence_seed: int, task: int) -> None:
     random.seed(seed)
 
 
-def _nothing(*args: Any) -> None:
-    return None
-
-
 class TaskLoop:
     """The task loop of one continual method (module docstring): the task sequence, the task in training,
     the accuracy matrix, and the loop's state in checkpoints.
 
-    The method calls it from its Lightning hooks: `fit_start` (on_fit_start), `train_epoch_start`
+    The method's Lightning hooks call it (`Continual`'s): `fit_start` (on_fit_start), `train_epoch_start`
     (on_train_epoch_start), `eval_batch_start` (on_eval_batch_start), `eval_epoch_metrics` (merged into
-    its own), `save` / `load` (on_save_checkpoint / on_load_checkpoint, after the base's). It calls back
-    what the method says happens around a task:
-
-    - `start_task(task)`: once before task `task` trains (task 0 included): add / reset / freeze adapters.
-    - `restore_task(task, state)`: resuming in task `task`: rebuild the module as it was while that task
-      trained, before the checkpoint's state dict loads (same parameters, same ones frozen); `state` is
-      what `task_state` returned.
-    - `task_state() -> dict`: what the method keeps outside its state dict and needs to resume.
-    - `start_sequence()`: a fit starts the sequence from its beginning (not on resume).
-    - `use_task_for_eval(task)`: before each evaluation batch of task `task` (a method given the task id
-      selects it); `end_eval()`: after an evaluation pass, to undo what it changed.
+    its own), `save` / `load` (on_save_checkpoint / on_load_checkpoint, after the base's). It calls the
+    method's task hooks, what happens around a task (`Continual`'s docstring).
     """
 
-    def __init__(self, method: MultimodalMethod, *, start_task: Callable[[int], None],
-                 restore_task: Callable[[int, dict[str, Any]], None] = _nothing,
-                 task_state: Callable[[], dict[str, Any]] = dict, start_sequence: Callable[[], None] = _nothing,
-                 use_task_for_eval: Callable[[int], None] = _nothing, end_eval: Callable[[], None] = _nothing):
+    def __init__(self, method: Continual):
         self.method = method
-        self.start_task, self.restore_task, self.task_state = start_task, restore_task, task_state
-        self.start_sequence, self.use_task_for_eval, self.end_eval = start_sequence, use_task_for_eval, end_eval
         self.task_names: list[str] = []
         self.current_task = -1  # no task started yet
         self.accuracy: AccuracyMatrix | None = None
@@ -117,7 +98,7 @@ class TaskLoop:
         if resume is None:
             # drawn from the run's seed (seed_everything), kept in checkpoints
             self.current_task, self.sequence_seed = -1, int(torch.randint(0, 2**31, ()).item())
-            self.start_sequence()
+            self.method.start_sequence()
             return
         # resuming: the rows so far, the task in training (its ranks and optimizer are restored by
         # Lightning), and the seed the next tasks start from
@@ -135,7 +116,7 @@ class TaskLoop:
         # so a run resumed from a checkpoint draws the same new ranks as the uninterrupted run
         # (Lightning itself draws from the global generator a different number of times on restart)
         seed_task(self.sequence_seed, task)
-        self.start_task(task)
+        self.method.start_task(task)
         if task > 0:
             # the parameter set (or its values) changed: a fresh optimizer, as at the start of a task.
             trainer.strategy.setup_optimizers(trainer)
@@ -147,7 +128,7 @@ class TaskLoop:
             "current_task": self.current_task,
             "accuracy": None if self.accuracy is None else self.accuracy.acc.detach().cpu().clone(),
             "sequence_seed": self.sequence_seed,
-            "method": self.task_state(),
+            "method": self.method.task_state(),
         }
 
     def load(self, checkpoint: dict[str, Any]) -> None:
@@ -160,7 +141,7 @@ class TaskLoop:
         data = trainer.datamodule if trainer is not None else None
         if data is not None and hasattr(data, "task_names"):
             self._check_task_sequence(state["tasks"], list(data.task_names))
-        self.restore_task(max(state["current_task"], 0), state["method"])
+        self.method.restore_task(max(state["current_task"], 0), state["method"])
         surgery = self.method.model.surgery
         saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("surgery")
         if saved is not None and canonical_log(saved) != canonical_log(surgery):
@@ -186,7 +167,7 @@ class TaskLoop:
             tasks = set(batch["domain"])
             if len(tasks) != 1:
                 raise ValueError(f"an evaluation batch mixes tasks {sorted(tasks)}; expected one loader per task")
-            self.use_task_for_eval(self.task_names.index(tasks.pop()))
+            self.method.use_task_for_eval(self.task_names.index(tasks.pop()))
 
     def task_row(self, stage: str) -> torch.Tensor | None:
         """Exact match per task from this pass's metrics (before the base logs and resets them)."""
@@ -202,7 +183,7 @@ class TaskLoop:
     def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
         """After an evaluation pass: `end_eval`, then, after each task of a fit, the accuracy matrix's row
         and the scores of the rows so far (not in the sanity check, validate or test)."""
-        self.end_eval()
+        self.method.end_eval()
         trainer = self.method.trainer
         fitting = stage == "val" and trainer.state.fn == "fit" and not trainer.sanity_checking
         row = self.task_row(stage) if fitting and self.accuracy is not None else None
@@ -214,11 +195,66 @@ class TaskLoop:
         return values
 
 
+class Continual:
+    """The mixin of a continual method, listed before its `LoRATuning` (`class M(Continual, LoRATuning)`),
+    which holds a `TaskLoop(self)` as `task_loop`: its Lightning hooks run the loop, and the task hooks
+    below are what the loop calls (`start_task` the method fills; the others do nothing by default).
+    """
+
+    task_loop: TaskLoop
+
+    # ------------------------------------------------------------------ the task hooks (TaskLoop calls them)
+    def start_task(self, task: int) -> None:
+        """Once before task `task` trains (task 0 included): add / reset / freeze adapters."""
+        raise NotImplementedError(f"{type(self).__name__} must say what happens before a task (start_task)")
+
+    def restore_task(self, task: int, state: dict[str, Any]) -> None:
+        """Resuming in task `task`: rebuild the module as it was while that task trained, before the
+        checkpoint's state dict loads (same parameters, same ones frozen); `state` is what `task_state` returned."""
+
+    def task_state(self) -> dict[str, Any]:
+        """What the method keeps outside its state dict and needs to resume."""
+        return {}
+
+    def start_sequence(self) -> None:
+        """A fit starts the sequence from its beginning (not on resume)."""
+
+    def use_task_for_eval(self, task: int) -> None:
+        """Before each evaluation batch of task `task` (a method given the task id selects it)."""
+
+    def end_eval(self) -> None:
+        """After an evaluation pass: undo what `use_task_for_eval` changed."""
+
+    # ------------------------------------------------------------------ Lightning hooks: the task loop
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.task_loop.fit_start()
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.task_loop.train_epoch_start()
+
+    def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
+        super().on_eval_batch_start(batch, stage)
+        self.task_loop.eval_batch_start(batch)
+
+    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        return {**super().eval_epoch_metrics(stage), **self.task_loop.eval_epoch_metrics(stage)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.task_loop.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.task_loop.load(checkpoint)
+
+
 # --------------------------------------------------------------------------- plain-LoRA baselines
 LORA_STRATEGIES = ("sequential", "joint", "task_specific")
 
 
-class ContinualLoRA(LoRATuning):
+class ContinualLoRA(Continual, LoRATuning):
     """Plain-LoRA baselines over the same task sequence and steps as MoRA.
 
     - `sequential`: one LoRA keeps training task after task (forgetting expected).
@@ -244,35 +280,14 @@ class ContinualLoRA(LoRATuning):
         super().__init__(lora=lora or continual_lora(), **kwargs)
         self._bank: dict[int, dict[str, torch.Tensor]] = {}  # task -> its trained LoRA (task_specific)
         self._live: dict[str, torch.Tensor] | None = None  # the weights in training, kept during evaluation
-        self.task_loop = TaskLoop(self, start_task=self.start_task, restore_task=self.restore_task,
-                                  task_state=self.task_state, start_sequence=self.start_sequence,
-                                  use_task_for_eval=self.use_task_for_eval, end_eval=self.end_eval)
+        self.task_loop = TaskLoop(self)
 
-    # ------------------------------------------------------------------ Lightning hooks: the task loop
     def on_fit_start(self) -> None:
-        self.task_loop.fit_start()
+        super().on_fit_start()
         schedule = getattr(self.trainer.datamodule, "schedule", None)
         if (self.strategy == "joint") != (schedule == "joint"):
             raise ValueError(f"strategy {self.strategy!r} needs the data module's schedule "
                              f"{'joint' if self.strategy == 'joint' else 'sequential'}, got {schedule!r}")
-
-    def on_train_epoch_start(self) -> None:
-        self.task_loop.train_epoch_start()
-
-    def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
-        super().on_eval_batch_start(batch, stage)
-        self.task_loop.eval_batch_start(batch)
-
-    def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
-        return {**super().eval_epoch_metrics(stage), **self.task_loop.eval_epoch_metrics(stage)}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        self.task_loop.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.task_loop.load(checkpoint)
 
     # ------------------------------------------------------------------ the task hooks (TaskLoop)
     def start_sequence(self) -> None:

@@ -35,7 +35,7 @@ from ..layers import MoRALinear
 from ..models import AdapterRule, add_adapter_task
 from ..safe_load import checkpoint_safe
 from .base import StepOutput
-from .continual import TaskLoop, continual_lora
+from .continual import Continual, TaskLoop, continual_lora
 from .lora import LoRAOptions, LoRATuning
 
 
@@ -56,7 +56,7 @@ class MoRAOptions:
     task_oracle: bool = False
 
 
-class MoRAContinual(LoRATuning):
+class MoRAContinual(Continual, LoRATuning):
     def __init__(self, mora: MoRAOptions | None = None, lora: LoRAOptions | None = None, **kwargs: Any):
         """
         Args:
@@ -69,7 +69,7 @@ class MoRAContinual(LoRATuning):
         """
         self.mora = mora or MoRAOptions()
         super().__init__(lora=lora or continual_lora(), **kwargs)
-        self.task_loop = TaskLoop(self, start_task=self.start_task, restore_task=self.restore_task)
+        self.task_loop = TaskLoop(self)
         self.ranks_per_task = self.mora.ranks_per_task or self.lora.r
         self.mora_layers = [m for m in self.model.modules() if isinstance(m, MoRALinear)]
         self.active_ranks = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})  # training logs per step
@@ -88,21 +88,6 @@ class MoRAContinual(LoRATuning):
         alpha = o.alpha if m.alpha is None else m.alpha
         return [AdapterRule(kind="mora", targets=list(o.targets), layers=o.layers, r=o.r, alpha=alpha,
                             dropout=o.dropout, temperature=m.temperature, top_k=m.top_k, threshold=m.threshold)]
-
-    # ------------------------------------------------------------------ Lightning hooks: the task loop
-    def on_fit_start(self) -> None:
-        self.task_loop.fit_start()
-
-    def on_train_epoch_start(self) -> None:
-        self.task_loop.train_epoch_start()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        self.task_loop.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.task_loop.load(checkpoint)
 
     # ------------------------------------------------------------------ the task hooks (TaskLoop)
     def start_task(self, task: int) -> None:
@@ -162,8 +147,7 @@ class MoRAContinual(LoRATuning):
         return torch.stack(per_layer).mean(0)
 
     def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:
-        super().on_eval_batch_start(batch, stage)
-        self.task_loop.eval_batch_start(batch)
+        super().on_eval_batch_start(batch, stage)  # the task loop's (Continual)
         self._record_inputs = True  # the teacher-forced pass's layer inputs, for `rank_usage_sum`
 
     def on_eval_batch(self, step: StepOutput, batch: dict[str, Any], stage: str) -> None:
@@ -176,7 +160,7 @@ class MoRAContinual(LoRATuning):
             self._usage.setdefault(batch["domain"][0], []).append((step.extras["rank_usage"], tokens))
 
     def eval_epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
-        values = {**super().eval_epoch_metrics(stage), **self.task_loop.eval_epoch_metrics(stage)}
+        values = super().eval_epoch_metrics(stage)  # with the task loop's (Continual)
         if stage == "val" and self._usage:
             self.rank_usage = {task: sum(u for u, _ in parts) / sum(n for _, n in parts).clamp(min=1)
                                for task, parts in self._usage.items()}

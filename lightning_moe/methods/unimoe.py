@@ -35,7 +35,7 @@ from ..formats import load_backbone
 from ..layers import SparseMoE
 from ..models import (AdapterRule, MoEConfig, MultimodalLM, ParameterGroup, add_adapters, decoder_layers,
                       expert_layers, is_sparse, mlp_attribute)
-from ..modalities import NAMES, modalities
+from ..modalities import modalities, modality_names
 from ..safe_load import checkpoint_safe
 from .base import MultimodalMethod, Stage, StepOutput
 
@@ -168,21 +168,22 @@ class UniMoE(MultimodalMethod):
         """
         if stage == "experts" and modality is None:
             raise ValueError("UniMoE stage 'experts' trains one modality's FFNs per run: set `modality`")
-        if modality is not None and modality not in NAMES:
-            raise ValueError(f"UniMoE: modality {modality!r} is not registered; registered modalities: {list(NAMES)}")
+        names = modality_names()
+        if modality is not None and modality not in names:
+            raise ValueError(f"UniMoE: modality {modality!r} is not registered; registered modalities: {list(names)}")
         self.modality = modality
         self.expert_paths = dict(experts or {})
         self.moe_options = moe or ModalityExpertsConfig()
         self.lora = lora or UniMoELoRA()
         self.affinity = affinity or AffinityLoss()
-        unknown = sorted(set(self.moe_options.experts) - {DENSE, *NAMES})
+        unknown = sorted(set(self.moe_options.experts) - {DENSE, *names})
         if unknown:
-            raise ValueError(f"UniMoE: expert slots {unknown} are neither a registered modality {list(NAMES)} nor "
+            raise ValueError(f"UniMoE: expert slots {unknown} are neither a registered modality {list(names)} nor "
                              f"{DENSE!r}")
-        unknown = sorted(set(self.affinity.experts) - set(NAMES))
+        unknown = sorted(set(self.affinity.experts) - set(names))
         if unknown:
             raise ValueError(f"UniMoE: affinity.experts names {unknown}, which are not registered modalities "
-                             f"{list(NAMES)}")
+                             f"{list(names)}")
         super().__init__(stage=stage, **kwargs)
         # per modality with an expert slot: routed slots of its tokens that went to its own slot(s), and all of them
         self.own_expert = nn.ModuleDict({f"{m}_{part}": SumMetric() for m in self.moe_options.experts if m != DENSE
@@ -237,9 +238,9 @@ class UniMoE(MultimodalMethod):
 
     # ------------------------------------------------------------------ loss
     def affinity_targets(self) -> dict[int, list[int]]:
-        """Modality index (into the registry's order, `NAMES`) -> expert slots its tokens are pulled toward."""
+        """Modality index (into the registry's order, `modality_names()`) -> expert slots its tokens are pulled toward."""
         targets = {}
-        for index, m in enumerate(NAMES):
+        for index, m in enumerate(modality_names()):
             slots = self.affinity.experts.get(m, [j for j, e in enumerate(self.moe_options.experts) if e == m])
             if slots:
                 targets[index] = list(slots)
@@ -289,8 +290,9 @@ class UniMoE(MultimodalMethod):
             return
         real = step.token_mask.reshape(-1).bool()
         flat = modality.reshape(-1)
+        names = modality_names()
         for name in {m for m in self.moe_options.experts if m != DENSE}:
-            rows = real & (flat == NAMES.index(name))
+            rows = real & (flat == names.index(name))
             if not rows.any():
                 continue
             slots = torch.tensor([j for j, e in enumerate(self.moe_options.experts) if e == name], device=flat.device)

@@ -7,19 +7,19 @@ a transform and an encoder tower (or another modality's, `encoder_of`) and a `re
 """
 
 from .registry import (
-    NAMES,
     POOLINGS,
     MediaItem,
     build_transforms,
     ModalitySpec,
     Tower,
     decode_errors,
+    frame_files,
     modalities,
     modality,
     modality_names,
+    split_option,
     preset_config,
     register_modality,
-    spec_view,
     unregister_modality,
 )
 from .image import IMAGE, IMAGE_TOKEN, HFImageProcessor, ImageTransform, NormalizeImage  # noqa: E402  (registers "image")
@@ -27,6 +27,6 @@ from .audio import AUDIO, AUDIO_TOKEN, AudioFeatures, whisper_window_seconds  # 
 from .video import VIDEO, VIDEO_TOKEN, VideoFrames  # noqa: E402  (registers "video")
 
 __all__ = ["ModalitySpec", "Tower", "MediaItem", "register_modality", "unregister_modality", "modality", "modalities",
-           "modality_names", "decode_errors", "build_transforms", "spec_view", "NAMES", "POOLINGS", "preset_config", "IMAGE", "AUDIO",
+           "modality_names", "split_option", "decode_errors", "frame_files", "build_transforms", "POOLINGS", "preset_config", "IMAGE", "AUDIO",
            "VIDEO", "IMAGE_TOKEN", "AUDIO_TOKEN", "VIDEO_TOKEN", "NormalizeImage", "HFImageProcessor",
            "ImageTransform", "AudioFeatures", "VideoFrames", "whisper_window_seconds"]

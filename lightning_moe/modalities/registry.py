@@ -12,8 +12,9 @@ This package lies below `data/` and `models/`, so both may import it: it imports
 
 from __future__ import annotations
 
+import re
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +25,27 @@ from torch import nn
 from transformers import PretrainedConfig
 
 __all__ = ["MediaItem", "Tower", "ModalitySpec", "register_modality", "unregister_modality", "modality",
-           "modalities", "modality_names", "decode_errors", "build_transforms", "spec_view", "NAMES", "preset_config",
-           "POOLINGS"]
+           "modalities", "modality_names", "split_option", "frame_files", "decode_errors", "build_transforms",
+           "preset_config", "POOLINGS"]
 
 MediaItem = Path | tuple[Path, ...]  # what one placeholder stands for: a file, or the frame files of a video
+
+
+def _natural_key(path: Path) -> list:
+    """`frame2.png` before `frame10.png`: digit runs compare as numbers, the rest as text."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def frame_files(directory: Path) -> tuple[Path, ...]:
+    """The frames of a frame-sequence item (`item="frames"`, e.g. a video directory) in temporal order: its image
+    files (by suffix), names in natural order.
+
+    Hidden files and files of other types (a README, a `.json` of metadata) are not frames.
+    """
+    suffixes = {s for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files = [p for p in directory.iterdir() if not p.name.startswith(".") and p.suffix.lower() in suffixes]
+    return tuple(sorted(files, key=_natural_key))
+
 
 # How the per-slot features of an item with padded slots (audio windows, video frames) become its tokens:
 # "concat" keeps every real slot's connector tokens in order; "mean" averages the slots' encoder features over
@@ -168,7 +186,8 @@ def unregister_modality(name: str) -> ModalitySpec:
 def modality(name: str) -> ModalitySpec:
     if name not in _SPECS:
         raise ValueError(f"modality {name!r} is not registered; registered: {list(_SPECS)} (a modality defined "
-                         "outside the package must be registered, its module imported, before it is used)")
+                         "outside the package is registered by importing the module that calls register_modality "
+                         "for it, before it is used)")
     return _SPECS[name]
 
 
@@ -178,7 +197,18 @@ def modalities() -> tuple[ModalitySpec, ...]:
 
 
 def modality_names() -> tuple[str, ...]:
+    """The registered modality names, in registration order (what `MultimodalLM.last_token_modality` indexes)."""
     return tuple(_SPECS)
+
+
+def split_option(key: str) -> tuple[str, str]:
+    """`<modality>_<option>` (a data module argument, an `edge generate` flag) -> (modality, option), the
+    modality being the longest registered name the key starts with (a name may itself contain "_")."""
+    names = [n for n in _SPECS if key.startswith(f"{n}_") and len(key) > len(n) + 1]
+    if not names:
+        raise ValueError(f"{key!r} is not <modality>_<option> for a registered modality (registered: {list(_SPECS)})")
+    name = max(names, key=len)
+    return name, key[len(name) + 1:]
 
 
 def decode_errors() -> tuple[type[Exception], ...]:
@@ -206,51 +236,6 @@ def build_transforms(options: Mapping[str, Mapping[str, Any]] | None = None,
             raise ValueError(f"modality {spec.name!r}: bad transform options {dict(options.get(spec.name, {}))} "
                              f"({error})") from error
     return built
-
-
-class _SpecView(Mapping[str, str]):
-    """modality name -> one attribute of its spec, for every registered modality that has one; read from the
-    registry on every use, so a modality registered later is in it."""
-
-    def __init__(self, attribute: str):
-        self.attribute = attribute
-
-    def _items(self) -> dict[str, str]:
-        return {s.name: getattr(s, self.attribute) for s in _SPECS.values() if getattr(s, self.attribute)}
-
-    def __getitem__(self, name: str) -> str:
-        return self._items()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items())
-
-    def __len__(self) -> int:
-        return len(self._items())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.attribute!r}: {self._items()})"
-
-
-def spec_view(attribute: str) -> Mapping[str, str]:
-    """A live read-only mapping: modality name -> `getattr(spec, attribute)` (e.g. "placeholder", "values_key")."""
-    return _SpecView(attribute)
-
-
-class _NameView(Sequence[str]):
-    """The registered modality names in order, read from the registry on every use (`NAMES`: e.g. what
-    `MultimodalLM.last_token_modality` indexes)."""
-
-    def __getitem__(self, index):
-        return modality_names()[index]
-
-    def __len__(self) -> int:
-        return len(_SPECS)
-
-    def __repr__(self) -> str:
-        return repr(modality_names())
-
-
-NAMES: Sequence[str] = _NameView()
 
 
 def preset_config(presets: Mapping[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]], name: str,

@@ -15,7 +15,6 @@ Batch: `video_values` (n_video, F, 3, H, W) float32, `video_frame_mask` (n_video
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,24 +24,9 @@ import torch
 from PIL import Image
 
 from .image import ImageTransform, decode_image
-from .registry import ModalitySpec, decode_errors, register_modality
+from .registry import ModalitySpec, decode_errors, frame_files, register_modality
 
 VIDEO_TOKEN = "<video>"
-
-
-def _natural_key(path: Path) -> list:
-    """`frame2.png` before `frame10.png`: digit runs compare as numbers, the rest as text."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def frame_files(directory: Path) -> tuple[Path, ...]:
-    """The frames of a video directory in temporal order: its image files (by suffix), names in natural order.
-
-    Hidden files and files of other types (a README, a `.json` of metadata) are not frames.
-    """
-    suffixes = {s for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    files = [p for p in directory.iterdir() if not p.name.startswith(".") and p.suffix.lower() in suffixes]
-    return tuple(sorted(files, key=_natural_key))
 
 
 def decode_video(frames: tuple[Path, ...]) -> None:

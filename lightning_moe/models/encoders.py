@@ -43,6 +43,12 @@ def default_encoders() -> dict[str, EncoderConfig]:
 
 def encoder_configs(encoders: Mapping[str, EncoderConfig | Mapping[str, Any]]) -> dict[str, EncoderConfig]:
     """`encoders` with plain dicts (a Python caller's, a YAML file's) turned into `EncoderConfig`s, checked."""
+    out = _as_encoder_configs(encoders)
+    check_encoders(out)
+    return out
+
+
+def _as_encoder_configs(encoders: Mapping[str, EncoderConfig | Mapping[str, Any]]) -> dict[str, EncoderConfig]:
     if not isinstance(encoders, Mapping):
         raise TypeError(f"encoders must map each modality to its encoder (e.g. {{'image': {{'tower': 'tiny-clip'}}}}), "
                         f"got {encoders!r}")
@@ -55,7 +61,6 @@ def encoder_configs(encoders: Mapping[str, EncoderConfig | Mapping[str, Any]]) -
                                  f"{[f.name for f in fields(EncoderConfig)]}")
             config = EncoderConfig(**config)
         out[name] = config
-    check_encoders(out)
     return out
 
 
@@ -85,8 +90,7 @@ def build_encoders(encoders: Mapping[str, EncoderConfig], llm_hidden: int, trust
                                                         dict[str, dict[str, Any]], dict[str, str]]:
     """The towers, connectors, connector kinds, connector options and poolings of `encoders`, each keyed by
     modality in registration order (every tower built before the first connector: a fixed seed gives the same
-    weights whatever the modalities)."""
-    check_encoders(encoders)
+    weights whatever the modalities); `encoders` as `encoder_configs` gives them (checked)."""
     present = [s for s in modalities() if s.name in encoders]
     towers: dict[str, nn.Module] = {}
     kinds: dict[str, str] = {}
@@ -122,7 +126,7 @@ _FLAT_DEFAULTS = {"image": default_encoders()["image"], "audio": EncoderConfig(c
 
 
 def encoders_from_flat(flat: Mapping[str, Any],
-                       encoders: Mapping[str, EncoderConfig] | None = None) -> dict[str, EncoderConfig]:
+                       encoders: Mapping[str, EncoderConfig | Mapping[str, Any]] | None = None) -> dict[str, EncoderConfig]:
     """`encoders` (default: `default_encoders()`) with the flat keys of `flat` (`FLAT_KEYS`) applied, as the flat
     form meant them: a key sets its field of its modality's entry, creating it with the old defaults when its
     switch (`vision_tower`, `audio_tower`, `video_pooling`) names one, and a switch set to None removes it. All
@@ -130,7 +134,8 @@ def encoders_from_flat(flat: Mapping[str, Any],
     unknown = sorted(set(flat) - set(FLAT_KEYS))
     if unknown:
         raise ValueError(f"{unknown} are not keys of the flat backbone form ({list(FLAT_KEYS)})")
-    result = {m: copy.deepcopy(e) for m, e in (default_encoders() if encoders is None else encoders).items()}
+    given = default_encoders() if encoders is None else _as_encoder_configs(encoders)
+    result = {m: copy.deepcopy(e) for m, e in given.items()}
     for name, switch in _SWITCHES.items():
         keys = [k for k, (m, _) in FLAT_KEYS.items() if m == name and k in flat]
         if switch in flat and flat[switch] is None:

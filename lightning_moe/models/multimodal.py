@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modalities import NAMES, modalities, preset_config
+from ..modalities import modalities, modality_names, preset_config
 from ..modalities import modality as modality_spec
 from ..safe_load import hf_load_kwargs, hf_source
 from ..tokens import IGNORE_INDEX
@@ -97,7 +97,7 @@ class MultimodalLM(nn.Module):
                     raise ValueError(f"{name} pooling must be one of {list(spec.pooling)}, got {self.pooling[name]!r}")
         if pooling:
             raise ValueError(f"pooling given for {sorted(pooling)}, whose items have no slots")
-        # (B, T') index into the registry's modality order (`lightning_moe.modalities.NAMES`), -1 on text
+        # (B, T') index into the registry's modality order (`lightning_moe.modalities.modality_names()`), -1 on text
         self.last_token_modality: torch.Tensor | None = None
         # Ordered record of in-place rewrites (models/checkpoint.py), replayed by from_pretrained.
         self.surgery: list[dict[str, Any]] = []
@@ -106,7 +106,7 @@ class MultimodalLM(nn.Module):
     @property
     def modalities(self) -> list[str]:
         """The modalities this model reads, in registration order."""
-        return [m for m in NAMES if m in self.placeholder_ids]
+        return [m for m in modality_names() if m in self.placeholder_ids]
 
     def _encoder_features(self, modality: str, values: torch.Tensor) -> torch.Tensor:
         encoder = self.encoders[modality]
@@ -169,13 +169,14 @@ class MultimodalLM(nn.Module):
         embed_tokens = self.llm.get_input_embeddings()
         # placeholder id -> ((items, N, D) features, (items, N) mask or None, modality index)
         features: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+        names = modality_names()
         for modality in self.modalities:
             spec = modality_spec(modality)
             values = modality_inputs.get(spec.values_key)
             if values is not None and values.shape[0] > 0:
                 mask = modality_inputs.get(spec.mask_key) if spec.mask_key else None
                 feats, feat_mask = self.encode_items(modality, values, mask)
-                features[self.placeholder_ids[modality]] = (feats, feat_mask, NAMES.index(modality))
+                features[self.placeholder_ids[modality]] = (feats, feat_mask, names.index(modality))
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
         for modality, token_id in self.placeholder_ids.items():
             is_placeholder |= input_ids == token_id
@@ -281,18 +282,30 @@ class MultimodalLM(nn.Module):
         }
 
     @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> "MultimodalLM":
-        """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed."""
-        llm_config = AutoConfig.for_model(**config["llm"])
-        llm = AutoModelForCausalLM.from_config(llm_config)
-        # each tower is rebuilt by its modality (the record's key); older records have no connector options
-        encoders = {m: modality_spec(m).tower.from_config(e) for m, e in config["encoders"].items()}
-        options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
-        connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
-                      for m, c in config["connectors"].items()}
-        model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
-                    config["placeholder_ids"], options, pooling_from_record(config))
-        replay_surgery(model, config["surgery"])
+    def from_config_dict(cls, config: dict[str, Any], source: str | Path | None = None) -> "MultimodalLM":
+        """Fresh (randomly initialised) modules of the recorded shapes, with the surgery replayed. `source`: the
+        file the record came from, named in the error a record this process cannot rebuild raises."""
+        try:
+            for m in config["encoders"]:
+                spec = modality_spec(m)
+                if spec.tower is None:
+                    raise ValueError(f"the record has an encoder under {m!r}, a modality without a tower of its "
+                                     f"own (its items go through the {spec.encoder_of} encoder, recorded under "
+                                     f"{spec.encoder_of!r})")
+            llm_config = AutoConfig.for_model(**config["llm"])
+            llm = AutoModelForCausalLM.from_config(llm_config)
+            # each tower is rebuilt by its modality (the record's key); older records have no connector options
+            encoders = {m: modality_spec(m).tower.from_config(e) for m, e in config["encoders"].items()}
+            options = {m: c.get("options", {}) for m, c in config["connectors"].items()}
+            connectors = {m: build_connector(c["kind"], c["in_dim"], c["out_dim"], **options[m])
+                          for m, c in config["connectors"].items()}
+            model = cls(llm, encoders, connectors, {m: c["kind"] for m, c in config["connectors"].items()},
+                        config["placeholder_ids"], options, pooling_from_record(config))
+            replay_surgery(model, config["surgery"])
+        except ValueError as error:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {error}") from error
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -309,7 +322,7 @@ class MultimodalLM(nn.Module):
             raise FileNotFoundError(
                 f"{config_file} not found: not a MultimodalLM directory (write one with save_pretrained)"
             )
-        model = cls.from_config_dict(json.loads(config_file.read_text()))
+        model = cls.from_config_dict(json.loads(config_file.read_text()), config_file)
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
             raise RuntimeError(f"{directory / WEIGHTS_NAME} does not match the recorded model: "

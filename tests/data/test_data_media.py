@@ -95,7 +95,7 @@ def test_video_frames_keep_order_pad_short_videos_and_sample_long_ones_uniformly
     colours = [(k * 20, 0, 0) for k in range(12)]
     directory = write_frames(tmp_path / "v", colours)
     (directory / "README.txt").write_text("not a frame")
-    from lightning_moe.modalities.video import frame_files
+    from lightning_moe.modalities import frame_files
 
     frames = frame_files(directory)
     assert [f.name for f in frames] == [f"{k}.png" for k in range(12)]

@@ -15,7 +15,7 @@ from lightning_moe.data import DomainMixtureDataModule, read_llava_records
 from lightning_moe.data import synthetic as S
 from lightning_moe.data import synthetic_media as M
 from lightning_moe.modalities.audio import read_audio
-from lightning_moe.modalities.video import frame_files
+from lightning_moe.modalities import frame_files
 from lightning_moe.paths import REPO_ROOT
 from tests.data.data_helpers import SHIPPED_TOKENIZER
 

@@ -4,6 +4,7 @@ every format tried; and the registry is the only dispatch (a format added to it 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,18 @@ def test_a_path_no_format_recognises_is_one_error_naming_it_and_every_format(lay
         assert all(f"{f.name}: {f.description}" in str(error.value) for f in FORMATS)
     with pytest.raises(FileNotFoundError, match="missing"):
         detect_format(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("file, detect", [("config.json", detect_format), ("adapter_config.json", is_peft_directory)])
+def test_a_json_config_that_is_not_a_json_object_is_an_error_naming_it(tmp_path, file, detect):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / file).write_text("{not json")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / file).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'bad' / file))} is not valid JSON"):
+        detect(tmp_path / "bad")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'list' / file))} holds a JSON list"):
+        detect(tmp_path / "list")
 
 
 def test_a_transformers_causal_lm_as_backbone_says_where_it_goes(layouts):

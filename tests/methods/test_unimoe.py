@@ -16,7 +16,7 @@ from lightning_moe.data import DomainMixtureDataModule
 from lightning_moe.inference import ExpertStore, GenerationConfig, generate, load_offloaded
 from lightning_moe.layers import RouterOutput
 from lightning_moe.methods import AffinityLoss, BackboneConfig, ModalityExpertsConfig, UniMoE
-from lightning_moe.modalities import NAMES
+from lightning_moe.modalities import modality_names
 from lightning_moe.models import MultimodalLM, expert_layers, merge_lora
 from tests.conftest import ROOT, TINY_LLM, TINY_WHISPER, TOKENIZER, tiny_encoders
 from tests.models.test_audio_video import batch
@@ -142,7 +142,7 @@ def test_affinity_loss_by_hand(stages):
     assert method.affinity_targets() == {0: [1, 2], 1: [2], 2: [3]}
     probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 1.0, 0.0], [1.0, 0, 0, 0]])
     routing = [RouterOutput(probs.log(), probs, probs.topk(2).indices, probs.topk(2).values)]
-    modality = torch.tensor([[NAMES.index("image"), NAMES.index("audio"), NAMES.index("audio"), -1]])
+    modality = torch.tensor([[modality_names().index("image"), modality_names().index("audio"), modality_names().index("audio"), -1]])
     loss = method.affinity_loss(routing, modality, torch.ones(1, 4))
     # image token vs (0, .5, .5, 0): .1+.3+.2+.4 = 1.0; audio vs slot 2: .25+.25+.75+.25 = 1.5 and 0; text not pulled
     torch.testing.assert_close(loss, torch.tensor((1.0 + 1.5 + 0.0) / 3))

@@ -11,7 +11,7 @@ from lightning_moe.models import MultimodalLM, build_multimodal
 from lightning_moe.models.connectors import QueryConnector
 from lightning_moe.modalities.audio import build_audio_tower
 from lightning_moe.modalities.image import build_vision_tower
-from lightning_moe.modalities import NAMES
+from lightning_moe.modalities import modality_names
 from lightning_moe.models.multimodal import batch_inputs
 from tests.conftest import QUERIES, TINY_LLM, TINY_VISION, TINY_WHISPER, tiny_encoders
 
@@ -78,9 +78,9 @@ def test_spliced_lengths_masks_and_modalities(tokenizer):
     # row 0: 3 text + 16 image + 2 windows x 3 queries + 3 frames x 16 patches; row 1: 5 text + 2 x 3 audio
     assert embeds.shape[1] == 3 + patches + 2 * QUERIES + 3 * patches
     modality = model.last_token_modality
-    assert (modality[0] == NAMES.index("image")).sum() == patches
-    assert (modality[0] == NAMES.index("audio")).sum() == 2 * QUERIES
-    assert (modality[0] == NAMES.index("video")).sum() == 3 * patches
+    assert (modality[0] == modality_names().index("image")).sum() == patches
+    assert (modality[0] == modality_names().index("audio")).sum() == 2 * QUERIES
+    assert (modality[0] == modality_names().index("video")).sum() == 3 * patches
     # the padded window of clip 1 and the padded frame are masked out; everything else attends
     assert mask[0].sum() == embeds.shape[1] - patches
     assert mask[1].sum() == 5 + QUERIES
