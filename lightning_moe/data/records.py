@@ -48,7 +48,6 @@ def unreadable_reason(modality_name: str) -> str:
 
 
 UNREADABLE_IMAGE = unreadable_reason("image")  # fails to decode (unreadable_audio, ... for other modalities)
-UNSUPPORTED_MODALITY = "unsupported_modality"
 CHAT_TEMPLATE_REJECTED = "chat_template_rejected"
 
 
@@ -203,14 +202,8 @@ def _frame_sequence(entry: str | list[str], modality: str, resolve, bad) -> tupl
     return tuple(Path(os.path.realpath(f)) for f in frames)
 
 
-def parse_record(
-    record: object, root: Path, path: str | Path, line: int | None, supported: tuple[str, ...] | None = None
-) -> ParsedRecord:
-    """Validate one record against `root` and return messages + resolved files, or raise `BadRecordError`.
-
-    `supported` lists the modalities whose files the caller can load (None: every registered one); a record
-    that uses another one is rejected rather than silently trained without its inputs.
-    """
+def parse_record(record: object, root: Path, path: str | Path, line: int | None) -> ParsedRecord:
+    """Validate one record against `root` and return messages + resolved files, or raise `BadRecordError`."""
     if not isinstance(record, dict):
         raise BadRecordError(MALFORMED_RECORD, path, line, None, f"a record must be a JSON object, got {type(record).__name__}")
     record_id = str(record["id"]) if "id" in record else f"{Path(path).name}:{line}"
@@ -284,8 +277,6 @@ def parse_record(
             )
         if not count:
             continue
-        if supported is not None and modality not in supported:
-            raise bad(UNSUPPORTED_MODALITY, f"has {modality} inputs, which this dataset does not load")
         if sequences is None:
             items: list[MediaItem] = []
             for name in names:
