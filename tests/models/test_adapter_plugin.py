@@ -9,11 +9,13 @@ import copy
 from dataclasses import dataclass
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
 from lightning_moe.cli import main
 from lightning_moe.layers.adapters import AdapterKind, kind_of, register_adapter_kind
+from lightning_moe.layers.adapters import registry as adapter_registry
 from lightning_moe.models import (MultimodalLM, adapter_modules, add_adapter_task, add_adapters, build_multimodal,
                                   load_adapters, save_adapters, set_trainable)
 from lightning_moe.models.checkpoint import adapter_ops
@@ -134,11 +136,16 @@ def _newest(layer: GrowingLoRA):
     yield f"lora_B.{t}", layer.lora_B[t]
 
 
-register_adapter_kind(AdapterKind(name="growing_lora", config=GrowingLoRAConfig, layer=GrowingLoRA, target="linear",
-                                  wrapped="base_layer", trainable=_newest, add_task=GrowingLoRA.add_task))
+@pytest.fixture
+def growing_lora(monkeypatch):
+    """The kind registered for this test only (the registry is restored after it)."""
+    monkeypatch.setattr(adapter_registry, "_KINDS", dict(adapter_registry._KINDS))
+    register_adapter_kind(AdapterKind(name="growing_lora", config=GrowingLoRAConfig, layer=GrowingLoRA,
+                                      target="linear", wrapped="base_layer", trainable=_newest,
+                                      add_task=GrowingLoRA.add_task))
 
 
-def test_a_kind_with_tasks_grows_through_add_adapter_task_and_replays(tmp_path, tokenizer):
+def test_a_kind_with_tasks_grows_through_add_adapter_task_and_replays(tmp_path, tokenizer, growing_lora):
     model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders()).eval()
     add_adapters(model, [{"kind": "growing_lora", "targets": ["q_proj"], "r": 2}])
     assert add_adapter_task(model, 3) == 2  # one adapter per decoder layer grew
