@@ -185,7 +185,10 @@ def test_an_edited_model_config_fails_verify_and_loading_naming_the_manifest(sto
 
 
 def test_an_edited_config_of_a_store_without_manifest_checksums_is_caught_by_the_fingerprint(store):
-    _edit_manifest(store, lambda m: (m.pop("checksums"), m["model_config"]["llm"].__setitem__("hidden_act", "gelu")))
+    _edit_manifest(store, lambda m: m.pop("checksums"))  # as written before the manifest recorded them
+    assert ExpertStore(store.directory).verify_files() == 9
+    load_resident_model(ExpertStore(store.directory))
+    _edit_manifest(store, lambda m: m["model_config"]["llm"].__setitem__("hidden_act", "gelu"))
     opened = ExpertStore(store.directory)  # older stores open (their manifest recorded no checksums)...
     assert list(opened.damaged_files()) == ["manifest.json"]  # ...their fingerprint covers the config
     with pytest.raises(StoreError, match=r"manifest\.json is altered since export: its model_config"):
