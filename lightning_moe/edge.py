@@ -5,11 +5,13 @@
     plan      expert-wise bitwidths within a quality tolerance -> experts rewritten, plan in the manifest
     generate  answer a prompt (and images, audio, video, any registered modality's items) with experts offloaded,
               print the answer and the counters
-    verify    check every file of a store against its manifest (sizes, sha256); list every damaged one
+    verify    check the manifest against its checksums and every file of a store against the manifest (sizes,
+              sha256, paths inside the store); list every problem, one line each
 
 This is the command layer over `lightning_moe.inference`: it reads datasets and media files (through
 `lightning_moe.data`, hence Lightning), which `inference/` itself never imports (docs/architecture.md:
-inference imports models/ and layers/ only); the library takes plain batches.
+inference imports models/ and layers/ only); the library takes plain batches. A damaged store
+(`StoreError`) ends any command with its message and exit status 1, no traceback.
 """
 
 from __future__ import annotations
@@ -157,11 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    try:
-        checked = ExpertStore(args.store).verify_files()
-    except StoreError as err:  # the report names every damaged file: a traceback would add nothing
-        print(err, file=sys.stderr)
-        raise SystemExit(1) from err
+    checked = ExpertStore(args.store).verify_files()
     print(f"{args.store}: all {checked} files match the manifest (sizes and sha256)")
 
 
@@ -247,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except StoreError as err:  # it names every damaged file and the manifest entry: a traceback would add nothing
+        print(f"{args.command}: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Layout of a store directory (written by `export_store`):
 
     manifest.json                 what is where: model config, fingerprint, MoE layers, the resident
                                   file (bytes, sha256), one entry per expert (layer, expert, file,
-                                  bits, dtype, bytes, sha256), plan
+                                  bits, dtype, bytes, sha256), plan, and `checksums`: the sha256 of
+                                  each of those sections as written
     base.safetensors              every non-expert weight (embeddings, attention, norms, routers,
                                   vision tower, connector): what stays resident in memory
     experts/layer{L}_expert{E}.safetensors
@@ -13,12 +14,16 @@ Layout of a store directory (written by `export_store`):
 
 L numbers the MoE layers in module order (0 = the first SparseMoE), not decoder layers.
 Checks, each failure a `StoreError` that names the file and lists every damaged file of the store:
-- opening a store: every file the manifest names exists and has the manifest's byte size;
+- opening a store: the manifest's sections match their checksums (a hand-edited model config would
+  build another model from the same weights), every path it names stays inside the store directory
+  (symlinks resolved; such a file is never read), and every file exists with the manifest's byte size;
 - reading an expert: its size again and (the first time it is read, or always with
   verify="always") the manifest's sha256;
 - `load_base` (what building a model from the store reads): base.safetensors' size and sha256
   before any of its weights is used (a store written before the manifest recorded them: the
-  manifest's fingerprint, which covers the same tensors);
+  manifest's fingerprint, which covers the same tensors); a store written before the manifest
+  recorded its checksums: the fingerprint over the model config and the resident tensors, which
+  catches an edited config;
 - `damaged_files()` / `verify_files()` (the `verify` command): everything, checksums included.
 With `drop_page_cache=True` every read also tells the kernel to drop the file's pages from the OS
 page cache, so the next read of that expert comes from storage again: what a device whose memory
@@ -51,6 +56,7 @@ __all__ = ["ExpertStore", "safetensors_views", "ExpertTensors", "ExpertEntry", "
            "Verify"]
 
 MANIFEST = "manifest.json"
+CHECKSUMS = "checksums"  # the manifest key holding {section: sha256} of every other key
 BASE_WEIGHTS = "base.safetensors"
 STORE_FORMAT = "lightning-moe-expert-store"
 STORE_VERSION = 1
@@ -81,6 +87,18 @@ def resident_state(model: nn.Module) -> dict[str, Tensor]:
 def _as_json(config: dict[str, Any]) -> Any:
     """`config` as the manifest holds it (tuples as lists, other objects as strings)."""
     return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def _section_sha256(value: Any) -> str:
+    """sha256 of one manifest section in the form the manifest holds it (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(_as_json(value), sort_keys=True).encode()).hexdigest()
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write manifest.json with the checksum of each of its sections."""
+    manifest = {k: v for k, v in manifest.items() if k != CHECKSUMS}
+    manifest[CHECKSUMS] = {key: _section_sha256(value) for key, value in manifest.items()}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
 
 def model_fingerprint(config: dict[str, Any], state: dict[str, Tensor]) -> str:
@@ -273,7 +291,7 @@ def export_store(
         "model_config": config, "layers": layer_info, "base": base,
         "experts": [vars(e) for e in entries], "plan": plan,
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    _write_manifest(directory, manifest)
     return ExpertStore(directory)
 
 
@@ -311,11 +329,16 @@ class ExpertStore:
         if self.manifest.get("format") != STORE_FORMAT or self.manifest.get("version") != STORE_VERSION:
             raise StoreError(f"{path}: format {self.manifest.get('format')!r} version {self.manifest.get('version')!r}, "
                              f"expected {STORE_FORMAT!r} version {STORE_VERSION}")
-        self.entries = {(e["layer"], e["expert"]): ExpertEntry(**e) for e in self.manifest["experts"]}
-        for layer in self.layers:
-            missing = [e for e in range(layer["num_experts"]) if (layer["index"], e) not in self.entries]
-            if missing:
-                raise StoreError(f"{path}: MoE layer {layer['index']} has no manifest entry for experts {missing}")
+        try:
+            self.entries = {(e["layer"], e["expert"]): ExpertEntry(**e) for e in self.manifest["experts"]}
+            missing = {layer["index"]: [e for e in range(layer["num_experts"]) if (layer["index"], e) not in self.entries]
+                       for layer in self.layers}
+        except (KeyError, TypeError) as err:
+            problem = self._manifest_problem()
+            raise StoreError(f"{path} is {problem}" if problem else f"{path}: malformed entry ({err!r})") from err
+        for layer, experts in missing.items():
+            if experts:
+                raise StoreError(f"{path}: MoE layer {layer} has no manifest entry for experts {experts}")
         if self.damaged_files(checksums=False):  # a stat per file: a missing or cut file fails now...
             raise StoreError(self._damage_report(self.damaged_files()))  # ...listed with every other damaged one
 
@@ -355,33 +378,75 @@ class ExpertStore:
         return {k: e.bits for k, e in self.entries.items()}
 
     # ------------------------------------------------------------------ checking files
+    def _manifest_problem(self) -> str | None:
+        """What is wrong with the manifest's sections against its recorded checksums, if anything (a store
+        written before the manifest recorded them: None, its config is checked through the fingerprint)."""
+        recorded = self.manifest.get(CHECKSUMS)
+        if recorded is None:
+            return None
+        if not isinstance(recorded, dict):
+            return f"altered: its {CHECKSUMS!r} is not a mapping of sections to sha256"
+        sections = {k: v for k, v in self.manifest.items() if k != CHECKSUMS}
+        altered = sorted(k for k in sections.keys() | recorded.keys()
+                         if k not in sections or recorded.get(k) != _section_sha256(sections[k]))
+        if altered:
+            return (f"altered since export: {', '.join(altered)} "
+                    f"{'does' if len(altered) == 1 else 'do'} not match the checksum{'s' if len(altered) > 1 else ''} "
+                    "recorded with it")
+        return None
+
+    def _escape(self, relative: str) -> str | None:
+        """Why the file a manifest entry names is refused (absolute, or outside the store once symlinks are
+        resolved), None if it lies inside the store directory."""
+        if Path(relative).is_absolute():
+            return "an absolute path"
+        resolved = (self.directory / relative).resolve()
+        if not resolved.is_relative_to(self.directory.resolve()):
+            return f"outside the store directory (it resolves to {resolved})"
+        return None
+
+    def _path(self, relative: str, what: str) -> Path:
+        """The file of a manifest entry inside the store; StoreError (naming the entry) for one outside it."""
+        escape = self._escape(relative)
+        if escape is not None:
+            raise self._damaged(f"{self.directory / MANIFEST}: {what} names {relative}, {escape}: refused")
+        return self.directory / relative
+
     def damaged_files(self, checksums: bool = True) -> dict[str, str]:
         """Every damaged file of the store: {path relative to the store: what is wrong}, empty if none.
 
-        Checks that each file the manifest names exists and has its recorded size and, with
+        Checks that the manifest matches its recorded checksums, that each file it names lies inside
+        the store directory (such a file is never opened), exists and has its recorded size and, with
         `checksums`, its recorded sha256 (base.safetensors of a store written before the manifest
-        recorded it: the manifest's fingerprint of the resident tensors).
+        recorded it: the manifest's fingerprint of the resident tensors; a store written before the
+        manifest recorded its own checksums: the fingerprint, which covers the model config too).
         """
-        base = self.manifest.get("base")
-        files = [(BASE_WEIGHTS, base["bytes"] if base else None, base["sha256"] if base else None)]
-        files += [(e.file, e.bytes, e.sha256) for _, e in sorted(self.entries.items())]
         damaged = {}
-        for relative, size, digest in files:
+        problem = self._manifest_problem()
+        if problem:
+            damaged[MANIFEST] = problem
+        base = self.manifest.get("base")
+        files = [(BASE_WEIGHTS, base["bytes"] if base else None, base["sha256"] if base else None, "the resident file")]
+        files += [(e.file, e.bytes, e.sha256, f"the entry of MoE layer {e.layer}, expert {e.expert}")
+                  for _, e in sorted(self.entries.items())]
+        for relative, size, digest, what in files:
             path = self.directory / relative
-            if not path.is_file():
+            if (escape := self._escape(relative)) is not None:
+                damaged[relative] = f"refused: {what} in the manifest names it, {escape}"
+            elif not path.is_file():
                 damaged[relative] = "missing"
             elif size is not None and path.stat().st_size != size:
                 damaged[relative] = f"truncated or altered: {path.stat().st_size} bytes, the manifest says {size}"
             elif checksums and digest is not None and (found := _file_sha256(path)) != digest:
                 damaged[relative] = f"corrupted: sha256 {found[:12]}... does not match the manifest's {digest[:12]}..."
-        if checksums and base is None and BASE_WEIGHTS not in damaged:
+        if checksums and CHECKSUMS not in self.manifest and BASE_WEIGHTS not in damaged:
             path = self.directory / BASE_WEIGHTS
             try:
                 problem = self._fingerprint_problem(safetensors_views(_read_file(path), path))
             except StoreError as err:
                 problem = f"corrupted: {err}"
-            if problem:
-                damaged[BASE_WEIGHTS] = problem
+            if problem:  # with the file's checksum intact, what differs is the manifest's config
+                damaged[MANIFEST if base else BASE_WEIGHTS] = problem
         return damaged
 
     def verify_files(self) -> int:
@@ -407,10 +472,13 @@ class ExpertStore:
         """For a store whose manifest has no checksum of base.safetensors: what is wrong with its tensors, if
         anything, judged by the manifest's fingerprint (sha256 over the config and every resident tensor)."""
         found = model_fingerprint(self.manifest["model_config"], tensors)
-        if found != self.fingerprint:
-            return (f"corrupted: the fingerprint of its tensors {found[:12]}... does not match the manifest's "
-                    f"{self.fingerprint[:12]}...")
-        return None
+        if found == self.fingerprint:
+            return None
+        if self.manifest.get("base"):  # the file matches its sha256: the config is what changed
+            return (f"altered since export: its model_config and the resident tensors give the fingerprint "
+                    f"{found[:12]}..., the manifest records {self.fingerprint[:12]}...")
+        return (f"corrupted: the fingerprint of its tensors {found[:12]}... does not match the manifest's "
+                f"{self.fingerprint[:12]}...")
 
     # ------------------------------------------------------------------ reading
     def read_raw(self, layer: int, expert: int, out: Tensor | None = None) -> Tensor:
@@ -422,7 +490,7 @@ class ExpertStore:
         entry = self.entries.get((layer, expert))
         if entry is None:
             raise StoreError(f"{self.directory / MANIFEST} has no expert {expert} in MoE layer {layer}")
-        path = self.directory / entry.file
+        path = self._path(entry.file, f"the entry of MoE layer {layer}, expert {expert}")
         if not path.is_file():
             raise self._damaged(f"expert file {path} is missing (MoE layer {layer}, expert {expert})")
         with open(path, "rb") as f:
@@ -448,7 +516,7 @@ class ExpertStore:
 
     def evict_page_cache(self) -> None:
         """Advise the kernel to drop every expert file from the OS page cache (the next reads come from storage)."""
-        evict_from_page_cache(self.directory / entry.file for entry in self.entries.values())
+        evict_from_page_cache(self.directory / e.file for e in self.entries.values() if self._escape(e.file) is None)
 
     def read(self, layer: int, expert: int, out: Tensor | None = None) -> ExpertTensors:
         """One expert, its tensors views of the file's bytes (read into `out` when given, see `read_raw`)."""
@@ -465,7 +533,7 @@ class ExpertStore:
         one buffer read from the file (loading them into a model copies them once, as safetensors'
         own loader would).
         """
-        path = self.directory / BASE_WEIGHTS
+        path = self._path(BASE_WEIGHTS, "the resident file")
         entry = self.manifest.get("base")
         if not path.is_file():
             raise self._damaged(f"resident weights {path} are missing")
@@ -483,8 +551,10 @@ class ExpertStore:
             tensors = safetensors_views(raw, path)
         except StoreError as err:
             raise self._damaged(str(err)) from err
-        if entry is None and self.verify != "never":
+        if CHECKSUMS not in self.manifest and self.verify != "never":
             problem = self._fingerprint_problem(tensors)
+            if problem and entry is not None:
+                raise self._damaged(f"{self.directory / MANIFEST} is {problem}")
             if problem:
                 raise self._damaged(f"resident weights {path} are {problem}")
         return tensors
@@ -511,7 +581,8 @@ class ExpertStore:
 
     def write_manifest(self) -> None:
         self.manifest["experts"] = [vars(e) for e in sorted(self.entries.values(), key=lambda e: (e.layer, e.expert))]
-        (self.directory / MANIFEST).write_text(json.dumps(self.manifest, indent=1, default=str))
+        _write_manifest(self.directory, self.manifest)
+        self.manifest = json.loads((self.directory / MANIFEST).read_text())
 
     def rewrite_expert(self, layer: int, expert: int, tensors: dict[str, Tensor], bits: int) -> None:
         """Replace one expert's file (e.g. at a planned bitwidth) and its manifest entry (call write_manifest)."""

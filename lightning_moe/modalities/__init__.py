@@ -19,6 +19,7 @@ from .registry import (
     modality_names,
     split_option,
     preset_config,
+    from_pretrained_overrides,
     register_modality,
     unregister_modality,
 )
@@ -27,6 +28,7 @@ from .audio import AUDIO, AUDIO_TOKEN, AudioFeatures, whisper_window_seconds  # 
 from .video import VIDEO, VIDEO_TOKEN, VideoFrames  # noqa: E402  (registers "video")
 
 __all__ = ["ModalitySpec", "Tower", "MediaItem", "register_modality", "unregister_modality", "modality", "modalities",
-           "modality_names", "split_option", "decode_errors", "frame_files", "build_transforms", "POOLINGS", "preset_config", "IMAGE", "AUDIO",
+           "modality_names", "split_option", "decode_errors", "frame_files", "build_transforms", "POOLINGS", "preset_config",
+           "from_pretrained_overrides", "IMAGE", "AUDIO",
            "VIDEO", "IMAGE_TOKEN", "AUDIO_TOKEN", "VIDEO_TOKEN", "NormalizeImage", "HFImageProcessor",
            "ImageTransform", "AudioFeatures", "VideoFrames", "whisper_window_seconds"]

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, WhisperConfig, WhisperFeatureExtractor
 
 from ..safe_load import hf_load_kwargs, hf_source
-from .registry import ModalitySpec, Tower, preset_config, register_modality
+from .registry import ModalitySpec, Tower, from_pretrained_overrides, preset_config, register_modality
 
 AUDIO_TOKEN = "<audio>"
 
@@ -198,14 +198,15 @@ def build_audio_tower(name_or_path: str, overrides: dict[str, Any] | None = None
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     if name_or_path in AUDIO_PRESETS:
-        return AudioTower(WhisperEncoder(preset_config(AUDIO_PRESETS, name_or_path, overrides)))
+        return AudioTower(WhisperEncoder(preset_config(AUDIO_PRESETS, name_or_path, overrides, "audio tower overrides")))
     with hf_source("audio tower", name_or_path, allow_unsafe):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if not isinstance(config, WhisperConfig):
         raise ValueError(f"audio tower {name_or_path!r} is a {config.model_type!r} checkpoint; a Whisper one is needed")
     # the full encoder-decoder loads, the decoder is dropped: Whisper checkpoints keep the encoder under `model.encoder`
-    whisper = WhisperModel.from_pretrained(name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe),
-                                           **(overrides or {}))
+    with from_pretrained_overrides(config, overrides, f"audio tower overrides of {name_or_path}"):
+        whisper = WhisperModel.from_pretrained(name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe),
+                                               **(overrides or {}))
     return AudioTower(whisper.get_encoder())
 
 

@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
 
 from ..safe_load import hf_load_kwargs, hf_source
-from .registry import ModalitySpec, Tower, preset_config, register_modality
+from .registry import ModalitySpec, Tower, from_pretrained_overrides, preset_config, register_modality
 
 IMAGE_TOKEN = "<image>"
 
@@ -188,12 +188,13 @@ def build_vision_tower(name_or_path: str, overrides: dict[str, Any] | None = Non
     """A preset name builds a fresh tiny tower; anything else is loaded with `from_pretrained` (safetensors
     only and no repository code, unless `allow_unsafe` / `trust_remote_code` say otherwise)."""
     if name_or_path in VISION_PRESETS:
-        config = preset_config(VISION_PRESETS, name_or_path, overrides)
+        config = preset_config(VISION_PRESETS, name_or_path, overrides, "vision tower overrides")
         return VisionTower(vision_model_class(config)(config), feature_layer)
     with hf_source("vision tower", name_or_path, allow_unsafe):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model = vision_model_class(config).from_pretrained(
-        name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
+    with from_pretrained_overrides(config, overrides, f"vision tower overrides of {name_or_path}"):
+        model = vision_model_class(config).from_pretrained(
+            name_or_path, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
     return VisionTower(model, feature_layer)
 
 

@@ -12,9 +12,12 @@ This package lies below `data/` and `models/`, so both may import it: it imports
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +29,7 @@ from transformers import PretrainedConfig
 
 __all__ = ["MediaItem", "Tower", "ModalitySpec", "register_modality", "unregister_modality", "modality",
            "modalities", "modality_names", "split_option", "frame_files", "decode_errors", "build_transforms",
-           "preset_config", "POOLINGS"]
+           "preset_config", "unknown_override", "from_pretrained_overrides", "POOLINGS"]
 
 MediaItem = Path | tuple[Path, ...]  # what one placeholder stands for: a file, or the frame files of a video
 
@@ -238,8 +241,39 @@ def build_transforms(options: Mapping[str, Mapping[str, Any]] | None = None,
     return built
 
 
+def unknown_override(key: str, config: PretrainedConfig, what: str) -> ValueError:
+    """The error for an override `key` that `config`'s class has no field of, naming the nearest field."""
+    fields = (set(config.to_dict()) | set(config.attribute_map)
+              | set(inspect.signature(type(config).__init__).parameters)) - {"self", "kwargs"}
+    nearest = difflib.get_close_matches(key, sorted(fields), n=3)
+    hint = f"did you mean {' or '.join(map(repr, nearest))}?" if nearest else f"its fields: {', '.join(sorted(fields))}"
+    return ValueError(f"{what}: {type(config).__name__} has no field {key!r} ({hint})")
+
+
 def preset_config(presets: Mapping[str, tuple[Callable[..., PretrainedConfig], dict[str, Any]]], name: str,
-                  overrides: dict[str, Any] | None = None) -> PretrainedConfig:
-    """The config of a tiny preset (name -> (config class, fields)), single fields changed by `overrides`."""
+                  overrides: dict[str, Any] | None = None, what: str = "overrides") -> PretrainedConfig:
+    """The config of a tiny preset (name -> (config class, fields)), single fields changed by `overrides`;
+    ValueError (naming `what`, the key and the nearest field) for a key the config class has no field of."""
     config_cls, defaults = presets[name]
-    return config_cls(**{**defaults, **(overrides or {})})
+    overrides = overrides or {}
+    config = config_cls(**{**defaults, **overrides})
+    default = config_cls(**defaults)
+    for key in overrides:
+        # a config keeps a key it does not know as a new attribute (a legacy name it reads, e.g. rope_theta, it
+        # consumes): silently, so a typo would build the preset unchanged
+        if hasattr(config, key) and not hasattr(default, key):
+            raise unknown_override(key, default, f"{what} of preset {name!r}")
+    return config
+
+
+@contextmanager
+def from_pretrained_overrides(config: PretrainedConfig, overrides: dict[str, Any] | None, what: str) -> Iterator[None]:
+    """Around a `from_pretrained(..., **overrides)`: the TypeError transformers raises for an override that is
+    neither a field of the loaded `config` nor a loading option becomes `unknown_override`'s error."""
+    try:
+        yield
+    except TypeError as err:
+        key = next((k for k in overrides or {} if f"unexpected keyword argument '{k}'" in str(err)), None)
+        if key is None:
+            raise
+        raise unknown_override(key, config, what) from err

@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modalities import modalities, modality_names, preset_config
+from ..modalities import from_pretrained_overrides, modalities, modality_names, preset_config
 from ..modalities import modality as modality_spec
 from ..safe_load import hf_load_kwargs, hf_source
 from ..tokens import IGNORE_INDEX
@@ -340,22 +340,38 @@ def batch_inputs(batch: dict[str, Any], prompt: bool = False) -> dict[str, torch
 
 def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None,
               torch_dtype: str | None = None, trust_remote_code: bool = False,
-              allow_unsafe: bool = False) -> PreTrainedModel:
+              allow_unsafe: bool = False, allow_missing_weights: bool = False) -> PreTrainedModel:
     """A preset name builds a fresh tiny LLM sized to the tokenizer; anything else loads with from_pretrained
-    (safetensors only and no repository code, unless `allow_unsafe` / `trust_remote_code` say otherwise)."""
+    (safetensors only and no repository code, unless `allow_unsafe` / `trust_remote_code` say otherwise).
+
+    An override the config has no field of is a ValueError naming the nearest field. A checkpoint whose
+    weights lack some of the model's tensors (which transformers would initialise randomly, with a load
+    report only) is a ValueError naming them, unless `allow_missing_weights`."""
     special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if name_or_path in LLM_PRESETS:
-        llm = AutoModelForCausalLM.from_config(preset_config(LLM_PRESETS, name_or_path, {**special, **(overrides or {})}))
+        llm = AutoModelForCausalLM.from_config(preset_config(LLM_PRESETS, name_or_path, {**special, **(overrides or {})},
+                                                             "llm_overrides"))
     else:
         if (Path(name_or_path) / CONFIG_NAME).is_file():
             raise ValueError(f"{name_or_path} is a lightning-moe save_pretrained directory ({CONFIG_NAME}), not a "
                              "transformers model: name it as backbone.pretrained, or export it to transformers with "
                              "python -m lightning_moe.export")
         dtype = getattr(torch, torch_dtype) if torch_dtype else None
+        load_kwargs = hf_load_kwargs(trust_remote_code, allow_unsafe)
         with hf_source("LLM", name_or_path, allow_unsafe):
-            llm = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=dtype, **hf_load_kwargs(trust_remote_code, allow_unsafe), **(overrides or {}))
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            with from_pretrained_overrides(config, overrides, f"llm_overrides of {name_or_path}"):
+                llm, loading = AutoModelForCausalLM.from_pretrained(
+                    name_or_path, dtype=dtype, output_loading_info=True, **load_kwargs, **(overrides or {}))
+        missing = sorted(loading["missing_keys"])
+        if missing and not allow_missing_weights:
+            files = sorted(p.name for p in Path(name_or_path).glob("*.safetensors"))
+            where = f"{name_or_path} ({', '.join(files)})" if files else name_or_path
+            raise ValueError(f"LLM {where}: its weights lack "
+                             f"{len(missing)} of the model's {len(llm.state_dict())} tensors (e.g. "
+                             f"{', '.join(missing[:5])}), which would train from random initialisation; point to "
+                             "the complete checkpoint, or pass allow_missing_weights=True to start from random weights")
         if llm.get_input_embeddings().num_embeddings < len(tokenizer):  # placeholders were added
             llm.resize_token_embeddings(len(tokenizer))
     llm.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -372,12 +388,15 @@ def build_multimodal(
     torch_dtype: str | None = None,
     trust_remote_code: bool = False,
     allow_unsafe: bool = False,
+    allow_missing_weights: bool = False,
 ) -> MultimodalLM:
     """The LLM and, for each modality of `encoders` (modality -> `EncoderConfig` or a dict of its fields, as
     `BackboneConfig.encoders` holds them), its tower and connector, or the encoder it reads through (video: the
-    image tower). None: `default_encoders()` (the tiny CLIP tower); {}: a text-only model."""
+    image tower). None: `default_encoders()` (the tiny CLIP tower); {}: a text-only model. allow_missing_weights:
+    see `build_llm`."""
     encoders = default_encoders() if encoders is None else encoder_configs(encoders)
-    language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype, trust_remote_code, allow_unsafe)
+    language_model = build_llm(llm, tokenizer, llm_overrides, torch_dtype, trust_remote_code, allow_unsafe,
+                               allow_missing_weights)
     towers, connectors, kinds, options, pooling = build_encoders(encoders, language_model.config.hidden_size,
                                                                  trust_remote_code, allow_unsafe)
     placeholder_ids = {}

@@ -1,7 +1,7 @@
 """Tiny LLM presets: small Hugging Face configs that the tests and the quickstart build from
 scratch (no hub access needed). A preset name can stand wherever a checkpoint name or path is
 accepted; `overrides` change single fields (e.g. ``{"num_hidden_layers": 4}``,
-`lightning_moe.modalities.preset_config`). The encoder towers' presets are their modality's
+`lightning_moe.modalities.preset_config`, which refuses a key the config has no field of). The encoder towers' presets are their modality's
 (`lightning_moe/modalities/`: `tiny-clip`, `tiny-siglip`, `tiny-whisper`).
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_export_records_the_resident_files_size_and_checksum(store):
     assert store.damaged_files() == {} and store.verify_files() == 1 + 8  # base + 2 layers x 4 experts
 
 
-def test_flipped_bytes_in_the_resident_weights_are_refused_with_the_files_name(store, sparse_model):
+def test_flipped_bytes_in_the_resident_weights_are_refused_with_the_files_name(store, sparse_model, capsys):
     path = store.directory / BASE
     _flip_last_byte(path)
     load_file(str(path))  # safetensors reads it without complaint: only the checksum stands in the way
@@ -48,9 +49,12 @@ def test_flipped_bytes_in_the_resident_weights_are_refused_with_the_files_name(s
         load_offloaded(ExpertStore(store.directory))
     with pytest.raises(StoreError, match=r"base\.safetensors are corrupted"):
         load_resident_model(ExpertStore(store.directory))
-    with pytest.raises(StoreError, match=r"base\.safetensors are corrupted"):  # the command a user runs
+    with pytest.raises(SystemExit) as exit_:  # the command a user runs: the message, no traceback
         main(["generate", "--store", str(store.directory), "--prompt", "How many shapes?", "--tokenizer", TOKENIZER,
               "--max-new-tokens", "1"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert re.match(r"generate: resident weights \S*/base\.safetensors are corrupted", err) and "Traceback" not in err
 
 
 def test_truncated_resident_weights_are_named(store):
@@ -114,7 +118,7 @@ def test_a_store_without_the_resident_checksum_is_checked_through_its_fingerprin
     # stores written before the manifest recorded base.safetensors' checksum
     path = store.directory / "manifest.json"
     manifest = json.loads(path.read_text())
-    del manifest["base"]
+    del manifest["base"], manifest["checksums"]
     path.write_text(json.dumps(manifest))
     load_offloaded(ExpertStore(store.directory))  # intact: the fingerprint covers the same tensors
     _flip_last_byte(store.directory / BASE)
@@ -139,6 +143,7 @@ def test_a_store_recording_an_older_surgery_log_matches_the_model_loaded_from_it
     assert canonical_log([older]) == [record]  # the two forms are the same surgery
     manifest["model_config"]["surgery"][0] = older
     manifest["fingerprint"] = model_fingerprint(manifest["model_config"], resident_state(sparse_model))
+    del manifest["checksums"]  # older code recorded none
     manifest_file.write_text(json.dumps(manifest))
     older_store = ExpertStore(store.directory)
     older_store.check_model(sparse_model)
@@ -146,3 +151,83 @@ def test_a_store_recording_an_older_surgery_log_matches_the_model_loaded_from_it
         next(iter(resident_state(sparse_model).values())).add_(1e-3)  # non-expert weights differ
     with pytest.raises(StoreError, match="exported from another model"):
         older_store.check_model(sparse_model)
+
+
+def _edit_manifest(store: ExpertStore, edit) -> None:
+    path = store.directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+def _llm_config_field(manifest: dict, field: str) -> tuple[dict, str]:
+    """The dict holding `field` ("a.b": nested) in the manifest's LLM config, and its last key."""
+    *parents, key = field.split(".")
+    holder = manifest["model_config"]["llm"]
+    for parent in parents:
+        holder = holder[parent]
+    return holder, key
+
+
+@pytest.mark.parametrize("field, value", [("rope_parameters.rope_theta", 1234.0), ("hidden_act", "gelu")])
+def test_an_edited_model_config_fails_verify_and_loading_naming_the_manifest(store, capsys, field, value):
+    holder, key = _llm_config_field(json.loads((store.directory / "manifest.json").read_text()), field)
+    assert holder[key] != value  # the edit changes the model that loading would build
+    _edit_manifest(store, lambda m: _llm_config_field(m, field)[0].__setitem__(key, value))
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "--store", str(store.directory)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{store.directory / 'manifest.json'} is altered since export: model_config does not match" in err, err
+    assert "has 1 damaged file" in err and "Traceback" not in err  # the tensor files are intact
+    with pytest.raises(StoreError, match=r"manifest\.json is altered since export: model_config"):
+        load_offloaded(store.directory)
+
+
+def test_an_edited_config_of_a_store_without_manifest_checksums_is_caught_by_the_fingerprint(store):
+    _edit_manifest(store, lambda m: m.pop("checksums"))  # as written before the manifest recorded them
+    assert ExpertStore(store.directory).verify_files() == 9
+    load_resident_model(ExpertStore(store.directory))
+    _edit_manifest(store, lambda m: m["model_config"]["llm"].__setitem__("hidden_act", "gelu"))
+    opened = ExpertStore(store.directory)  # older stores open (their manifest recorded no checksums)...
+    assert list(opened.damaged_files()) == ["manifest.json"]  # ...their fingerprint covers the config
+    with pytest.raises(StoreError, match=r"manifest\.json is altered since export: its model_config"):
+        load_resident_model(opened)
+
+
+def _escape_outside(store: ExpertStore, tmp_path, kind: str) -> str:
+    """Point expert (0, 1)'s entry at a copy of its file outside the store (same size and sha256)."""
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(_expert_file(store, 0, 1).read_bytes())
+    if kind == "symlink":
+        link = store.directory / "experts" / "link.safetensors"
+        link.symlink_to(outside)
+        return "experts/link.safetensors"
+    return str(outside) if kind == "absolute" else "../outside.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
+def test_an_entry_leaving_the_store_is_refused_and_never_read(store, tmp_path, capsys, monkeypatch, kind):
+    file = _escape_outside(store, tmp_path, kind)
+    # a consistent manifest (checksums rewritten), as an attacker would write it: the path itself is refused
+    store.entries[(0, 1)].file = file
+    store.write_manifest()
+    opened = []
+    real_open = open
+
+    def spying_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spying_open)
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "--store", str(store.directory)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "refused" in line]
+    assert len(lines) == 1 and "the entry of MoE layer 0, expert 1" in lines[0], err
+    assert "has 1 damaged file" in err
+    assert not any("outside" in p or "link" in p for p in opened), opened
+    with pytest.raises(StoreError, match="the entry of MoE layer 0, expert 1"):
+        load_offloaded(store.directory)
+    assert not any("outside" in p or "link" in p for p in opened), opened
