@@ -63,6 +63,8 @@ from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejec
 from lightning_moe.data.records import (
     CHAT_TEMPLATE_REJECTED,
     DUPLICATE_ID,
+    MAX_CHARACTERS,
+    MAX_TURNS,
     PLACEHOLDER_MISMATCH,
     BadRecordError,
     SkippedRecord,
@@ -140,7 +142,7 @@ class LlavaDataset(Dataset):
         decode_media: decode every modality file in full here (False: only check that it exists
             under the root, and leave decoding to `__getitem__`).
         max_turns / max_characters: a record with more turns, or more characters of text, is a bad record
-            (`too_many_turns` / `too_many_characters`); None: no limit.
+            (`too_many_turns` / `too_many_characters`; records.py's generous defaults); None: no limit.
         duplicate_ids: `keep` a record whose id an earlier record of the dataset has (counted in the report's
             `duplicate_ids`), or make it a bad record (`error`: reason `duplicate_id`).
     """
@@ -160,8 +162,8 @@ class LlavaDataset(Dataset):
         skip_bad_records: bool = False,
         max_samples: int | None = None,
         decode_media: bool = True,
-        max_turns: int | None = None,
-        max_characters: int | None = None,
+        max_turns: int | None = MAX_TURNS,
+        max_characters: int | None = MAX_CHARACTERS,
         duplicate_ids: str = "keep",
     ):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]

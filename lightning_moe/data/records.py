@@ -32,6 +32,11 @@ from lightning_moe.modalities import MediaItem, frame_files, modalities
 # LLaVA speaker names (and the ShareGPT / chat names some datasets use) -> chat-template roles.
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
+# Generous bounds on one record (a LLaVA conversation has a few turns and a few thousand characters): a
+# record past them is a bad record, so that one hostile record cannot stall setup.
+MAX_TURNS = 1000
+MAX_CHARACTERS = 1_000_000
+
 # Reasons a record can be rejected; also the keys of the skip counts in a data report.
 MALFORMED_JSON = "malformed_json"
 MALFORMED_RECORD = "malformed_record"
@@ -43,8 +48,8 @@ MISSING_FILE = "missing_file"
 NOT_A_FILE = "not_a_file"  # a directory, FIFO or device where a media file is expected
 INVALID_PATH = "invalid_path"  # a media path the system refuses: a NUL byte, a name too long, an unreadable folder
 INVALID_UTF8 = "invalid_utf8"  # a JSONL line that is not UTF-8
-TOO_MANY_TURNS = "too_many_turns"  # more turns than the `max_turns` setting
-TOO_MANY_CHARACTERS = "too_many_characters"  # more text than the `max_characters` setting
+TOO_MANY_TURNS = "too_many_turns"  # more turns than the DataModule's `max_turns_per_record`
+TOO_MANY_CHARACTERS = "too_many_characters"  # more text than its `max_characters_per_record`
 DUPLICATE_ID = "duplicate_id"  # an id met before in the same data set, with `duplicate_ids: error`
 
 
