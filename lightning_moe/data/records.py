@@ -285,7 +285,11 @@ def parse_record(record: object, root: Path, path: str | Path, line: int | None,
                 f"outside the dataset root {root_real}; copy the file into the root, or choose a root "
                 "that holds it",
             )
-        if not real.exists():
+        try:
+            exists = real.exists()
+        except OSError as e:  # a name too long for the file system, ...
+            raise bad(INVALID_PATH, f"{modality} path {_shown(name)} cannot be read: {e.strerror or e}") from e
+        if not exists:
             raise bad(MISSING_FILE, f"{modality} {what} {_shown(name)} not found under {root}")
         return real  # later reads open the checked path, not the link
 
