@@ -192,6 +192,8 @@ class LlavaDataset(Dataset):
     def sample_cache_key(self, tokenizer: PreTrainedTokenizerBase, max_samples: int | None) -> tuple | None:
         """What the loaded samples and report depend on (module docstring); None: do not reuse them."""
         try:
+            if not all(p.is_file() for p in self.paths):
+                return None  # missing, or a FIFO that reading would block on: loading says so, naming it
             if sum(os.path.getsize(p) for p in self.paths) > MAX_CACHED_FILE_BYTES:
                 return None
             # the contents, not the modification times: a file rewritten within the clock's tick keeps its mtime

@@ -226,7 +226,9 @@ def _frame_sequence(entry: str | list[str], modality: str, resolve, bad) -> tupl
         raise bad(MISSING_FILE, f"{modality} directory {entry!r} holds no frame images")
     for frame in frames:
         # a frame that is a link out of the root is refused like any other path
-        resolve(modality, f"{entry}/{frame.name}", "frame")
+        if not resolve(modality, f"{entry}/{frame.name}", "frame").is_file():
+            raise bad(NOT_A_FILE, f"{modality} frame {_shown(f'{entry}/{frame.name}')} is not a regular file (a "
+                                  "directory, FIFO or device)")
     return tuple(Path(os.path.realpath(f)) for f in frames)
 
 

@@ -11,7 +11,7 @@ from lightning_moe.cli import main
 from lightning_moe.data import BadRecordError, DomainMixtureDataModule, LlavaDataset
 from lightning_moe.data import records as R
 from tests.conftest import ROOT
-from tests.data.data_helpers import record, write_image, write_jsonl
+from tests.data.data_helpers import media_record, record, write_frames, write_image, write_jsonl
 
 
 @pytest.fixture
@@ -20,6 +20,8 @@ def root(tmp_path):
     write_image(root / "img.png")
     (root / "folder.png").mkdir()
     os.mkfifo(root / "pipe.png")  # opening it to decode would block setup for ever
+    write_frames(root / "clip", [(0, 0, 0), (255, 255, 255)])
+    os.mkfifo(root / "clip" / "2.png")
     return root
 
 
@@ -41,6 +43,7 @@ HOSTILE = {
     "long-name": (record("long-name", images=("a" * 5000 + ".png",)), R.INVALID_PATH, "(5004 characters) cannot be read: File name too long"),
     "directory": (record("directory", images=("folder.png",)), R.NOT_A_FILE, "'folder.png' is not a regular file"),
     "fifo": (record("fifo", images=("pipe.png",)), R.NOT_A_FILE, "'pipe.png' is not a regular file"),
+    "fifo-frame": (media_record("fifo-frame", video=["clip"]), R.NOT_A_FILE, "video frame 'clip/2.png' is not a regular"),
 }
 
 
@@ -58,7 +61,7 @@ def test_hostile_records_are_skipped_named_and_counted(root, tokenizer):
     rows = [record("good"), *(bad for bad, _, _ in HOSTILE.values()), record("good-too")]
     dataset = _load(root, rows, tokenizer, skip_bad_records=True)
     assert [s.id for s in dataset.samples] == ["good", "good-too"]
-    assert dataset.report.skipped == {R.TOO_MANY_TURNS: 1, R.TOO_MANY_CHARACTERS: 1, R.INVALID_PATH: 2, R.NOT_A_FILE: 2}
+    assert dataset.report.skipped == {R.TOO_MANY_TURNS: 1, R.TOO_MANY_CHARACTERS: 1, R.INVALID_PATH: 2, R.NOT_A_FILE: 3}
     assert [(r.line, r.id, r.reason) for r in dataset.report.skipped_records] == [
         (k + 2, rid, reason) for k, (rid, (_, reason, _)) in enumerate(HOSTILE.items())]
 
@@ -146,3 +149,10 @@ def test_an_impossible_datamodule_setting_is_one_line_naming_it(tmp_path, capsys
     assert "Traceback" not in err and "Namespace(" not in err
     message = err[err.index("error: "):]
     assert message.startswith(f"error: {key} must be") and f"got {value}" in message.splitlines()[0]
+
+
+def test_a_data_file_that_is_a_fifo_or_a_directory_is_named_not_read(root, tokenizer):
+    os.mkfifo(root / "pipe.jsonl")
+    for name in ("pipe.jsonl", "folder.png"):
+        with pytest.raises(FileNotFoundError, match=f"LLaVA data file is not a regular file: .*{name}"):
+            LlavaDataset(root / name, root, tokenizer, skip_bad_records=True)
