@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from lightning_moe.data.dataset import DUPLICATE_ID_POLICIES, SKIPPED_RECORDS, LlavaDataset, collate_batch
-from lightning_moe.data.records import MAX_CHARACTERS, MAX_TURNS, where
+from lightning_moe.data.records import MAX_CHARACTERS, MAX_TURNS, DataError, where
 from lightning_moe.data.skips import SkipLog
 from lightning_moe.data.sampler import ResumableDataLoader, ResumableSampler
 from lightning_moe.modalities import build_transforms, split_option
@@ -300,10 +300,10 @@ class DomainMixtureDataModule(L.LightningDataModule):
             )
             self.data_report.setdefault(split, {})[name] = dataset.report.as_dict()
             if len(dataset) == 0:
-                raise ValueError(f"domain {name!r} has no usable {split} samples: {self._why_empty(dataset)}")
+                raise DataError(f"domain {name!r} has no usable {split} samples: {self._why_empty(dataset)}")
             datasets[name] = dataset
         if split == "train" and not datasets:
-            raise ValueError("no domain has a train split")
+            raise DataError("no domain has a train split")
         return datasets
 
     def _why_empty(self, dataset: LlavaDataset) -> str:

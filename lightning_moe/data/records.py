@@ -69,7 +69,12 @@ def where(path: str | Path, line: int | None, record_id: str | None) -> str:
     return f"{place}:{who}"
 
 
-class BadRecordError(ValueError):
+class DataError(ValueError):
+    """The data cannot be used as configured (a bad record, a domain left without samples); the message names the
+    file, record or domain and the problem, so it is all a user needs to see."""
+
+
+class BadRecordError(DataError):
     """A record (or a JSON line) that cannot be used; `reason` is one of the constants above."""
 
     def __init__(self, reason: str, path: str | Path, line: int | None, record_id: str | None, problem: str):

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from lightning_moe.cli import main
-from lightning_moe.data import BadRecordError, DomainMixtureDataModule, LlavaDataset
+from lightning_moe.data import BadRecordError, DataError, DomainMixtureDataModule, LlavaDataset
 from lightning_moe.data import records as R
 from tests.conftest import ROOT
 from tests.data.data_helpers import media_record, record, write_frames, write_image, write_jsonl
@@ -134,7 +134,7 @@ def test_a_training_domain_without_usable_samples_says_why(root, tokenizer, rows
     write_jsonl(root / "train.jsonl", rows)
     dm = DomainMixtureDataModule({"shapes": {"train": "train.jsonl"}}, root=str(root),
                                  tokenizer=tokenizer.name_or_path, skip_bad_records=True)
-    with pytest.raises(ValueError, match=f"domain 'shapes' has no usable train samples: {why}"):
+    with pytest.raises(DataError, match=f"domain 'shapes' has no usable train samples: {why}"):
         dm.setup("fit")
 
 
