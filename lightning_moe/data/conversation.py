@@ -12,8 +12,8 @@ end-of-turn token, so the model learns to stop). This is only valid if the templ
 prefix-stable (rendering a prefix gives a prefix of the full token sequence); a template that
 breaks it raises `ChatTemplateError`.
 
-Rendering every prefix costs time quadratic in the number of turns, so the spans are found from
-each turn's increment instead, rendered in a window of the turn and the one or two before it
+Rendering every prefix costs time quadratic in the number of turns, so past a few turns the spans
+are found from each turn's increment instead, rendered in a window of the turn and the one or two before it
 (`ConversationTokenizer._spans_by_increments`): linear in the conversation's length. The increments
 must add up to the whole conversation, text and tokens (which is what prefix stability means turn
 by turn); where they do not, the prefixes are rendered as above, and decide.
@@ -54,6 +54,10 @@ class TokenizedConversation:
 class ConversationTokenizer:
     """Applies a tokenizer's chat template and labels the assistant spans (see module docstring)."""
 
+    # Up to this many messages, rendering the prefixes costs less than the windows (fewer renderings, mostly
+    # cached: instruction data repeats its prompts); past it, their quadratic cost dominates.
+    MAX_MESSAGES_RENDERED_BY_PREFIXES = 16
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         if not tokenizer.chat_template:
             raise ChatTemplateError(
@@ -63,10 +67,15 @@ class ConversationTokenizer:
         # Instruction data repeats prompts (and synthetic data whole conversations), and the increments of
         # one conversation render the same short windows: a bounded per-instance cache of rendered texts.
         self._cached_text = functools.lru_cache(maxsize=65536)(self._render_text)
+        self._cached_ids = functools.lru_cache(maxsize=65536)(self._render_ids)
 
     def ids(self, messages: list[Message], add_generation_prompt: bool = False) -> list[int]:
         """Token ids of the rendered messages (the template writes BOS etc. itself, as HF does)."""
-        return self._tokenize(self.text(messages, add_generation_prompt))
+        return list(self._cached_ids(tuple((m.role, m.content) for m in messages), add_generation_prompt))
+
+    def _render_ids(self, messages: tuple[tuple[str, str], ...], add_generation_prompt: bool) -> tuple[int, ...]:
+        text = self._cached_text(messages, add_generation_prompt)
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         """The messages rendered by the chat template; `TemplateRejectedError` if it raises."""
@@ -79,13 +88,11 @@ class ConversationTokenizer:
         except TemplateError as e:
             raise TemplateRejectedError(f"the chat template rejected the conversation: {e}") from e
 
-    def _tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def __call__(self, messages: list[Message], max_length: int) -> TokenizedConversation:
-        text = self.text(messages)
-        input_ids = self._tokenize(text)
-        spans = self._spans_by_increments(messages, text, input_ids)
+        input_ids = self.ids(messages)
+        spans = None
+        if len(messages) > self.MAX_MESSAGES_RENDERED_BY_PREFIXES:
+            spans = self._spans_by_increments(messages, self.text(messages), input_ids)
         if spans is None:
             spans = self._spans_by_prefixes(messages, input_ids)
         labels = [IGNORE_INDEX] * len(input_ids)

@@ -127,11 +127,16 @@ def _alternating(turns: int, system: bool = False) -> list[Message]:
 def test_spans_from_increments_are_those_of_the_prefix_renderings(tokenizer, bpe_chatml, system):
     # the prefix renderings (the definition, in the module docstring) are the oracle of the increments
     for tok in (tokenizer, bpe_chatml):
-        for messages in (_alternating(7, system), _alternating(8, system), TWO_TURNS[: 3 + int(system)]):
+        for messages in (_alternating(7, system), _alternating(8, system), _alternating(41, system),
+                         TWO_TURNS[: 3 + int(system)]):
             chat = ConversationTokenizer(tok)
             ids = chat.ids(messages)
             spans = chat._spans_by_increments(messages, chat.text(messages), ids)
             assert spans is not None and spans == chat._spans_by_prefixes(messages, ids)
+            labels = [IGNORE_INDEX] * len(ids)
+            for start, end in spans:
+                labels[start:end] = ids[start:end]
+            assert ConversationTokenizer(tok)(messages, max_length=4096).labels == labels
 
 
 def test_long_conversation_renders_a_number_of_messages_linear_in_its_turns(tokenizer, monkeypatch):
