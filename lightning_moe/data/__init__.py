@@ -10,8 +10,8 @@ from lightning_moe.data.continual import ContinualDataModule, TaskSpec
 from lightning_moe.data.datamodule import SAMPLING_MODES, DomainMixtureDataModule, DomainSpec, mixture_probabilities
 from lightning_moe.data.dataset import DataReport, LlavaDataset, MediaDecodeError, collate_batch, load_media
 from lightning_moe.data.preference import PreferenceDataModule, PreferenceDataset, collate_preference
-from lightning_moe.data.records import (BadRecordError, Message, SkippedRecord, parse_record, prompt_record,
-                                        read_llava_records)
+from lightning_moe.data.records import (BadRecordError, DataError, Message, SkippedRecord, parse_record,
+                                        prompt_record, read_llava_records)
 from lightning_moe.tokens import DEFAULT_TOKENIZER, load_tokenizer, placeholder_token_ids
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ChatTemplateError",
     "ContinualDataModule",
     "ConversationTokenizer",
+    "DataError",
     "DataReport",
     "DEFAULT_TOKENIZER",
     "DomainMixtureDataModule",

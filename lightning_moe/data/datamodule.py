@@ -31,8 +31,8 @@ from jsonargparse.typing import restricted_number_type
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-from lightning_moe.data.dataset import SKIPPED_RECORDS, LlavaDataset, collate_batch
-from lightning_moe.data.records import where
+from lightning_moe.data.dataset import DUPLICATE_ID_POLICIES, SKIPPED_RECORDS, LlavaDataset, collate_batch
+from lightning_moe.data.records import MAX_CHARACTERS, MAX_TURNS, DataError, where
 from lightning_moe.data.skips import SkipLog
 from lightning_moe.data.sampler import ResumableDataLoader, ResumableSampler
 from lightning_moe.modalities import build_transforms, split_option
@@ -105,6 +105,13 @@ def mixture_probabilities(
     return {d: s / total for d, s in scores.items()}
 
 
+def _check_at_least(minimum: int, **settings: int | None) -> None:
+    """A ValueError naming the first setting that is given (not None) and not an integer >= `minimum`."""
+    for key, value in settings.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
 def _domain_spec(name: str, spec: DomainSpec | dict) -> DomainSpec:
     """A `DomainSpec` from a spec or a plain dict (Python callers), errors naming `domains.<name>`."""
     if isinstance(spec, DomainSpec):
@@ -159,6 +166,11 @@ class DomainMixtureDataModule(L.LightningDataModule):
         skip_bad_records: skip and count bad records instead of raising, and skip (and count) a
             training sample that fails to decode when drawn; all listed in `skipped_records.jsonl`
             in the run's log directory.
+        max_turns_per_record / max_characters_per_record: a record with more turns, or more characters of
+            text, is a bad record (`too_many_turns` / `too_many_characters`), so that one record cannot stall
+            setup; None: no limit.
+        duplicate_ids: `keep` records whose id an earlier record of the same split and domain has (counted in
+            the data report), or `error`: such a record is a bad record (`duplicate_id`).
         defer_train_decoding: for train corpora too large to read at setup: their modality files
             are checked for existence and place only, not decoded, until a batch draws them.
             Evaluation splits are always decoded at setup.
@@ -193,10 +205,25 @@ class DomainMixtureDataModule(L.LightningDataModule):
         defer_train_decoding: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        max_turns_per_record: int | None = MAX_TURNS,
+        max_characters_per_record: int | None = MAX_CHARACTERS,
+        duplicate_ids: str = "keep",
     ):
         super().__init__()
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if duplicate_ids not in DUPLICATE_ID_POLICIES:
+            raise ValueError(f"duplicate_ids must be one of {DUPLICATE_ID_POLICIES}, got {duplicate_ids!r}")
+        _check_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
+                        image_size=image_size, audio_n_mels=audio_n_mels, audio_max_chunks=audio_max_chunks,
+                        video_num_frames=video_num_frames, samples_per_epoch=samples_per_epoch,
+                        max_eval_samples_per_domain=max_eval_samples_per_domain,
+                        max_train_samples_per_domain=max_train_samples_per_domain,
+                        max_turns_per_record=max_turns_per_record, max_characters_per_record=max_characters_per_record)
+        _check_at_least(0, num_workers=num_workers)
+        for key, value in {"temperature": temperature, "audio_chunk_seconds": audio_chunk_seconds}.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
         self.root = resolve_data_path(root)
         if domains is None:
             domains = discover_domains(self.root)
@@ -267,14 +294,33 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 skip_bad_records=self.hparams.skip_bad_records,
                 max_samples=self.hparams[f"max_{'train' if split == 'train' else 'eval'}_samples_per_domain"],
                 decode_media=not (split == "train" and self.hparams.defer_train_decoding),
+                max_turns=self.hparams.max_turns_per_record,
+                max_characters=self.hparams.max_characters_per_record,
+                duplicate_ids=self.hparams.duplicate_ids,
             )
             self.data_report.setdefault(split, {})[name] = dataset.report.as_dict()
             if len(dataset) == 0:
-                raise ValueError(f"domain {name!r} has no usable {split} samples: {dataset.report.as_dict()}")
+                raise DataError(f"domain {name!r} has no usable {split} samples: {self._why_empty(dataset)}")
             datasets[name] = dataset
         if split == "train" and not datasets:
-            raise ValueError("no domain has a train split")
+            raise DataError("no domain has a train split")
         return datasets
+
+    def _why_empty(self, dataset: LlavaDataset) -> str:
+        """Why a dataset kept no sample, in words: its files are empty, or what happened to each record."""
+        r = dataset.report
+        files = ", ".join(str(p) for p in dataset.paths)
+        if r.records == 0:
+            return f"its data files hold no records ({files})"
+        skipped = sum(r.skipped.values())
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.skipped.items()))
+        first = r.skipped_records[0] if r.skipped_records else None
+        if skipped == r.records:
+            return (f"all {r.records} records of {files} were skipped as bad ({reasons}); the first: "
+                    f"{where(first.file, first.line, first.id)} {first.problem}")
+        return (f"of {r.records} records of {files}, {skipped} were skipped as bad{f' ({reasons})' if reasons else ''}, "
+                f"{r.no_answer_tokens} kept no answer token and {r.cut_placeholders} would have a placeholder cut "
+                f"within max_length={self.hparams.max_length}")
 
     def _print_report(self, stage: str) -> None:
         lines = [f"data report ({getattr(stage, 'value', stage)}): split/domain: kept of records read, then what was skipped or truncated"]
@@ -286,7 +332,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 lines.append(
                     f"  {split}/{name}: {r.kept} of {r.records}, skipped {skipped}, "
                     f"truncated {r.truncated}, no answer tokens left {r.no_answer_tokens}, "
-                    f"placeholder cut {r.cut_placeholders}"
+                    f"placeholder cut {r.cut_placeholders}, duplicate ids {r.duplicate_ids}"
                     + "".join(f", {m} items cut to what the transform keeps {n}" for m, n in r.long_items.items() if n)
                 )
                 if r.skipped or r.truncated or r.no_answer_tokens or r.cut_placeholders:

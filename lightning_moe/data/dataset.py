@@ -62,6 +62,9 @@ from transformers import PreTrainedTokenizerBase
 from lightning_moe.data.conversation import ConversationTokenizer, TemplateRejectedError
 from lightning_moe.data.records import (
     CHAT_TEMPLATE_REJECTED,
+    DUPLICATE_ID,
+    MAX_CHARACTERS,
+    MAX_TURNS,
     PLACEHOLDER_MISMATCH,
     BadRecordError,
     SkippedRecord,
@@ -77,6 +80,7 @@ from lightning_moe.tokens import IGNORE_INDEX
 __all__ = ["LlavaDataset", "DataReport", "MediaDecodeError", "collate_batch", "load_media", "clear_sample_cache",
            "tokenizer_fingerprint", "SKIPPED_RECORDS"]
 
+DUPLICATE_ID_POLICIES = ("keep", "error")
 SKIPPED_RECORDS = "skipped_records"  # item / batch key: samples skipped while loading (SkippedRecord dicts + domain)
 
 
@@ -90,6 +94,7 @@ class DataReport:
     truncated: int = 0  # kept samples cut to max_length (still with some answer tokens)
     no_answer_tokens: int = 0  # skipped (always): no assistant token left after truncation
     cut_placeholders: int = 0  # skipped (always): truncation would cut a modality placeholder off
+    duplicate_ids: int = 0  # kept samples whose id an earlier record of the dataset has (`duplicate_ids: keep`)
     # modality -> kept items longer than its transform keeps (audio clips past max_chunks windows: their first
     # windows are used), for the modalities that measure it (`ModalitySpec.overflows`)
     long_items: Counter = field(default_factory=Counter)
@@ -103,6 +108,7 @@ class DataReport:
             "truncated": self.truncated,
             "no_answer_tokens": self.no_answer_tokens,
             "cut_placeholders": self.cut_placeholders,
+            "duplicate_ids": self.duplicate_ids,
             **{f"long_{s.name}": self.long_items[s.name] for s in modalities() if s.overflows is not None},
         }
 
@@ -135,6 +141,10 @@ class LlavaDataset(Dataset):
         max_samples: keep only the first `max_samples` good samples (evaluation subsets).
         decode_media: decode every modality file in full here (False: only check that it exists
             under the root, and leave decoding to `__getitem__`).
+        max_turns / max_characters: a record with more turns, or more characters of text, is a bad record
+            (`too_many_turns` / `too_many_characters`; records.py's generous defaults); None: no limit.
+        duplicate_ids: `keep` a record whose id an earlier record of the dataset has (counted in the report's
+            `duplicate_ids`), or make it a bad record (`error`: reason `duplicate_id`).
     """
 
     # Consecutive samples that may fail to decode while looking for a substitute: more means the
@@ -152,6 +162,9 @@ class LlavaDataset(Dataset):
         skip_bad_records: bool = False,
         max_samples: int | None = None,
         decode_media: bool = True,
+        max_turns: int | None = MAX_TURNS,
+        max_characters: int | None = MAX_CHARACTERS,
+        duplicate_ids: str = "keep",
     ):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self.root = Path(root)
@@ -160,6 +173,9 @@ class LlavaDataset(Dataset):
         self.transforms = build_transforms(given=transforms)
         self.skip_bad_records = skip_bad_records
         self.decode_media = decode_media
+        if duplicate_ids not in DUPLICATE_ID_POLICIES:
+            raise ValueError(f"duplicate_ids must be one of {DUPLICATE_ID_POLICIES}, got {duplicate_ids!r}")
+        self.max_turns, self.max_characters, self.duplicate_ids = max_turns, max_characters, duplicate_ids
         self.report = DataReport()
         self.samples: list[_Sample] = []
         key = self.sample_cache_key(tokenizer, max_samples)
@@ -176,6 +192,8 @@ class LlavaDataset(Dataset):
     def sample_cache_key(self, tokenizer: PreTrainedTokenizerBase, max_samples: int | None) -> tuple | None:
         """What the loaded samples and report depend on (module docstring); None: do not reuse them."""
         try:
+            if not all(p.is_file() for p in self.paths):
+                return None  # missing, or a FIFO that reading would block on: loading says so, naming it
             if sum(os.path.getsize(p) for p in self.paths) > MAX_CACHED_FILE_BYTES:
                 return None
             # the contents, not the modification times: a file rewritten within the clock's tick keeps its mtime
@@ -184,12 +202,14 @@ class LlavaDataset(Dataset):
             return None  # a missing file: loading says so, naming it
         # what the report's long items depend on; and the registered modalities: which record fields are read
         overflow = tuple(s.overflow_settings(self.transforms[s.name]) for s in modalities() if s.overflows is not None)
-        settings = (self.max_length, self.skip_bad_records, self.decode_media, max_samples, overflow, modalities())
+        settings = (self.max_length, self.skip_bad_records, self.decode_media, max_samples, overflow, modalities(),
+                    self.max_turns, self.max_characters, self.duplicate_ids)
         return (type(self), files, os.path.abspath(self.root), os.path.realpath(self.root),
                 tokenizer_fingerprint(tokenizer), settings)
 
     def _load(self, chat: ConversationTokenizer, max_samples: int | None) -> None:
         decoded: set[MediaItem] = set()  # items shared by several records are decoded once
+        seen_ids: dict[str, str] = {}  # id -> where its first sample is
         for path in self.paths:
             for line, record in iter_llava_file(path):
                 if max_samples is not None and len(self.samples) >= max_samples:
@@ -197,6 +217,8 @@ class LlavaDataset(Dataset):
                 self.report.records += 1
                 try:
                     sample = self._make_sample(record, path, line, chat, decoded)
+                    if sample is not None:
+                        self._check_id(sample[0] if isinstance(sample, tuple) else sample, seen_ids)
                 except BadRecordError as e:
                     if not self.skip_bad_records:
                         raise
@@ -206,13 +228,24 @@ class LlavaDataset(Dataset):
                 if sample is not None:
                     self.samples.append(sample)
 
+    def _check_id(self, sample: "_Sample", seen_ids: dict[str, str]) -> None:
+        """Count a sample whose id an earlier sample has, or refuse it (`duplicate_ids`)."""
+        first = seen_ids.get(sample.id)
+        if first is None:
+            seen_ids[sample.id] = where(sample.file, sample.line, None).rstrip(":")
+            return
+        if self.duplicate_ids == "error":
+            raise BadRecordError(DUPLICATE_ID, sample.file, sample.line, sample.id,
+                                 f"the id of an earlier record ({first}); ids must be unique (duplicate_ids: error)")
+        self.report.duplicate_ids += 1
+
     def _make_sample(
         self, record: dict | BadRecordError, path: Path, line: int | None, chat: ConversationTokenizer,
         decoded: set[MediaItem],
     ) -> _Sample | None:
         if isinstance(record, BadRecordError):  # a malformed JSON line
             raise record
-        parsed = parse_record(record, self.root, path, line)
+        parsed = parse_record(record, self.root, path, line, self.max_turns, self.max_characters)
         for modality, items in parsed.files.items() if self.decode_media else ():
             for file in items:
                 if file in decoded:

@@ -115,3 +115,42 @@ def test_tokenizer_without_chat_template_is_refused(tokenizer, tmp_path):
     other.chat_template = None
     with pytest.raises(ChatTemplateError, match="no chat template"):
         ConversationTokenizer(other)
+
+
+def _alternating(turns: int, system: bool = False) -> list[Message]:
+    """`turns` distinct user / assistant turns (distinct: no rendering is a cache hit), after a system message."""
+    head = [Message("system", "Answer the question.")] if system else []
+    return head + [Message("user" if i % 2 == 0 else "assistant", f"turn {i} is there a circle") for i in range(turns)]
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_spans_from_increments_are_those_of_the_prefix_renderings(tokenizer, bpe_chatml, system):
+    # the prefix renderings (the definition, in the module docstring) are the oracle of the increments
+    for tok in (tokenizer, bpe_chatml):
+        for messages in (_alternating(7, system), _alternating(8, system), _alternating(41, system),
+                         TWO_TURNS[: 3 + int(system)]):
+            chat = ConversationTokenizer(tok)
+            ids = chat.ids(messages)
+            spans = chat._spans_by_increments(messages, chat.text(messages), ids)
+            assert spans is not None and spans == chat._spans_by_prefixes(messages, ids)
+            labels = [IGNORE_INDEX] * len(ids)
+            for start, end in spans:
+                labels[start:end] = ids[start:end]
+            assert ConversationTokenizer(tok)(messages, max_length=4096).labels == labels
+
+
+def test_long_conversation_renders_a_number_of_messages_linear_in_its_turns(tokenizer, monkeypatch):
+    rendered = []  # messages passed to the chat template, per rendering: the work of rendering
+    render = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda chat, **k: rendered.append(len(chat)) or render(chat, **k))
+
+    def work(turns: int) -> int:
+        rendered.clear()
+        out = ConversationTokenizer(tokenizer)(_alternating(turns), max_length=64)
+        assert out.num_trained > 0 and out.truncated
+        return sum(rendered)
+
+    small, large = work(1000), work(4000)
+    # the whole conversation once, then a window of at most three messages a few times per turn: 4x the turns,
+    # ~4x the messages rendered (rendering every prefix grows 16x)
+    assert 3.5 < large / small < 4.5 and small < 12 * 1000
