@@ -101,9 +101,7 @@ def _same_class(configured: str, saved: str) -> bool:
 
 def check_same_method(hparams: dict[str, Any], model: Any, ckpt_path: str | Path) -> None:
     """Raise `CheckpointMismatchError` when the checkpoint's recorded method class or stage is not the config's
-    `model` (a config that names no model takes the checkpoint's, as Lightning does)."""
-    if not model or not model.get("class_path"):
-        return
+    `model` (which the parser requires, so a checkpoint never picks the class)."""
     configured_class, saved_class = model["class_path"], hparams.get("_class_path")
     init_args = model.get("init_args") or {}
     configured_stage, saved_stage = init_args.get("stage"), hparams.get("stage")

@@ -3,7 +3,7 @@
 From a tiny real run, a checkpoint is tampered the way an attacker would: its hyperparameters turn on
 every loading opt-in (`safe_load.LOADING_OPT_INS`) and point `backbone.pretrained` at a pickle payload
 that writes a marker file, and its model record is dropped so that the method builds from `pretrained`.
-`fit/test/predict --ckpt_path` and `load_from_checkpoint` all refuse the payload (no marker), and the
+`fit/validate/test/predict --ckpt_path` and `load_from_checkpoint` all refuse the payload (no marker), and the
 warning names each refused setting. A checkpoint of another method or stage stops the CLI with one line
 naming both; a `--ckpt_path` holding a payload is refused naming its global.
 """
@@ -55,7 +55,7 @@ def refused_settings(record) -> set[str]:
             if "ignored" in str(warning.message) and f"backbone.{key}: true" in str(warning.message)}
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "test", "predict"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_ckpt_path_gives_no_loading_opt_in(tampered, subcommand, tmp_path, monkeypatch, capsys):
     ckpt, marker = tampered
     monkeypatch.chdir(tmp_path)
