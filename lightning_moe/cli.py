@@ -8,6 +8,11 @@ a config names it once. The default progress bar counts optimizer steps to `max_
 (`callbacks.StepProgressBar`). `effective_config` reads what a config means once its includes
 (configs/_base/) and defaults are applied, for code that derives one config from another.
 
+`--ckpt_path` (`_parse_ckpt_path`): Lightning applies the checkpoint's hyperparameters over the command's
+model settings. Here the file is read by `safe_load.load_torch_file` (a pickle payload is refused naming
+the global it holds), a checkpoint of another method class or stage than the config's stops the run
+(`check_same_method`), and the loading opt-ins are never taken from it (`safe_load.without_loading_opt_ins`).
+
 Every run also gets (`add_run_safety`): a `NonFiniteGuard` (a NaN/inf loss or gradient stops the
 run before it reaches the weights or a checkpoint) and `AtomicCheckpointIO` (a checkpoint is
 written beside its target and renamed over it). The config is saved into the logger's directory,
@@ -19,6 +24,7 @@ naming the path or key; `--debug` (or `LIGHTNING_MOE_DEBUG=1`) shows the full tr
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import sys
@@ -35,7 +41,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_moe.callbacks import StepProgressBar
 from lightning_moe.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_moe.callbacks.guards import NonFiniteError, NonFiniteGuard
-from lightning_moe.errors import explain
+from lightning_moe.errors import CheckpointMismatchError, explain
+from lightning_moe.safe_load import load_torch_file, without_loading_opt_ins
 
 
 class LogDirSaveConfig(SaveConfigCallback):
@@ -72,6 +79,40 @@ def add_run_safety(config: dict[str, Any]) -> dict[str, Any]:
     config["plugins"] = plugins or None
     return config
 
+
+
+def _same_class(configured: str, saved: str) -> bool:
+    """Whether the class path a config gives and the one a checkpoint recorded name the same class. Only the
+    config's, or one inside lightning_moe, is imported: a checkpoint does not get to import a module."""
+    if configured == saved:
+        return True
+    module, _, name = configured.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if saved == f"{cls.__module__}.{cls.__qualname__}":
+        return True
+    if not saved.startswith("lightning_moe."):
+        return False
+    module, _, name = saved.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) is cls
+    except ImportError:
+        return False
+
+
+def check_same_method(hparams: dict[str, Any], model: Any, ckpt_path: str | Path) -> None:
+    """Raise `CheckpointMismatchError` when the checkpoint's recorded method class or stage is not the config's
+    `model` (which the parser requires, so a checkpoint never picks the class)."""
+    configured_class, saved_class = model["class_path"], hparams.get("_class_path")
+    init_args = model.get("init_args") or {}
+    configured_stage, saved_stage = init_args.get("stage"), hparams.get("stage")
+    other_class = saved_class is not None and not _same_class(configured_class, saved_class)
+    other_stage = None not in (configured_stage, saved_stage) and configured_stage != saved_stage
+    if other_class or other_stage:
+        saved = f"{saved_class or 'its method'} (stage {saved_stage!r})"
+        raise CheckpointMismatchError(
+            f"--ckpt_path {ckpt_path} is a checkpoint of {saved}, but the config runs {configured_class} "
+            f"(stage {configured_stage!r}): --ckpt_path continues or evaluates the run that wrote it; to start a "
+            f"new stage from it, set model.init_args.backbone.pretrained: {ckpt_path}")
 
 
 def help_for_named_model(argv: list[str]) -> list[str]:
@@ -115,6 +156,24 @@ class LightningMoECLI(LightningCLI):
 
         with rebuilding_from(ckpt_path):
             super().instantiate_classes()
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's (the checkpoint's hyperparameters applied over the command's `model`), with the checks of the
+        module docstring."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = load_torch_file(ckpt_path, what="--ckpt_path", remedy="Give a checkpoint that a run wrote.")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        check_same_method(hparams, self.config[subcommand].get("model"), ckpt_path)
+        hparams = without_loading_opt_ins(hparams, ckpt_path)
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def add_arguments_to_parser(self, parser) -> None:
         # token ids must mean the same on both sides; the model keeps it in its hyperparameters, so a
@@ -175,5 +234,5 @@ def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> d
     return yaml.safe_load(out.getvalue())
 
 
-__all__ = ["LightningMoECLI", "LogDirSaveConfig", "NonFiniteError", "add_run_safety", "effective_config",
-           "help_for_named_model", "main"]
+__all__ = ["LightningMoECLI", "LogDirSaveConfig", "NonFiniteError", "add_run_safety", "check_same_method",
+           "effective_config", "help_for_named_model", "main"]

@@ -15,8 +15,16 @@ import zipfile
 from pathlib import Path
 from types import TracebackType
 
+from lightning_moe.safe_load import DamagedFileError, UnsafeFileError
+
+
+class CheckpointMismatchError(ValueError):
+    """`--ckpt_path` names a checkpoint of another method or stage than the config's."""
+
+
 # errors whose message already names what is wrong (our own code raises them with the path or key)
-_USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UnsafeFileError,
+                DamagedFileError, CheckpointMismatchError)
 _CHECKPOINT_ERRORS = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, OSError)
 # lines of jsonargparse's wrapping that say nothing about the cause
 _NOISE = re.compile(r"Does not validate against any of the|Given value|Not a valid subclass|Namespace\(|^Subtypes:|^Errors:|"

@@ -14,12 +14,17 @@ Hugging Face may load a model.
   (`pytorch_model.bin`) is refused unless the same opt-in is given.
 - Hugging Face never runs a repository's Python code (`trust_remote_code`) unless the config asks
   for it (`backbone.trust_remote_code`); a model that needs it fails with an error saying so.
+- Those opt-ins (`LOADING_OPT_INS`) come only from the person running the command: the command line
+  or a config file they name. A checkpoint's hyperparameters never give them (`without_loading_opt_ins`,
+  applied where Lightning would rebuild a method from them: `LightningMoECLI` for `--ckpt_path`,
+  `MultimodalMethod.load_from_checkpoint`).
 
 Imports only torch, the standard library and `paths.py`, so every layer may use it.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pickle
 import re
@@ -33,11 +38,14 @@ import torch
 
 from .paths import could_be_hub_id, model_source_error
 
-__all__ = ["UnsafeFileError", "RENAMED_CLASSES", "checkpoint_safe", "load_torch_file", "check_safe_weights",
-           "hf_load_kwargs", "raise_if_remote_code", "hf_source"]
+__all__ = ["UnsafeFileError", "DamagedFileError", "RENAMED_CLASSES", "LOADING_OPT_INS", "checkpoint_safe",
+           "load_torch_file", "without_loading_opt_ins", "check_safe_weights", "hf_load_kwargs", "raise_if_remote_code",
+           "hf_source"]
 
 OPT_IN = "backbone.allow_unsafe_checkpoint: true"
 REMOTE_CODE_OPT_IN = "backbone.trust_remote_code: true"
+# the settings of `backbone` that weaken loading: every place that must not take them from a file reads this list
+LOADING_OPT_INS = ("allow_unsafe_checkpoint", "trust_remote_code")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -52,6 +60,10 @@ RENAMED_CLASSES = {
 
 class UnsafeFileError(ValueError):
     """A file would need arbitrary code (a pickle global, remote code) to load, and no opt-in was given."""
+
+
+class DamagedFileError(ValueError):
+    """A checkpoint is empty or truncated: it was not written completely."""
 
 
 def checkpoint_safe(cls: type) -> type:
@@ -94,8 +106,9 @@ def _import_own_classes(path: Path) -> None:
                 continue
 
 
-def load_torch_file(path: str | Path, *, allow_unsafe: bool = False, what: str = "checkpoint") -> Any:
-    """`torch.load` of `path` onto the CPU without executing code from it.
+def load_torch_file(path: str | Path, *, allow_unsafe: bool = False, what: str = "checkpoint",
+                    remedy: str = f"If you trust the file, set {OPT_IN}") -> Any:
+    """`torch.load` of `path` onto the CPU without executing code from it (`remedy`: the refusal's last sentence).
 
     Raises FileNotFoundError / ValueError naming the file when it is missing, empty or truncated,
     and `UnsafeFileError` naming the disallowed global when the pickle holds more than weights.
@@ -104,7 +117,7 @@ def load_torch_file(path: str | Path, *, allow_unsafe: bool = False, what: str =
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist (is the path right? was the previous stage run?)")
     if path.stat().st_size == 0:
-        raise ValueError(f"{what} {path} is empty (0 bytes): it was not written completely; write it again")
+        raise DamagedFileError(f"{what} {path} is empty (0 bytes): it was not written completely; write it again")
     if allow_unsafe:
         warnings.warn(f"loading {path} with full pickle ({OPT_IN}): this runs any code the file holds; "
                       "do it only for files you trust", stacklevel=2)
@@ -116,30 +129,57 @@ def load_torch_file(path: str | Path, *, allow_unsafe: bool = False, what: str =
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         what_global = found.group(1) if found else "a type outside the allowed ones"
+        # not torch's advice (weights_only=False): that would run whatever code the file holds
         raise UnsafeFileError(
-            f"{what} {path} holds {what_global}, which loading would have to execute; it was refused "
-            f"(only tensors, containers and lightning_moe's config dataclasses load). If you trust the file, "
-            f"set {OPT_IN}"
+            f"{what} {path} holds {what_global}, which unpickling would call; it was refused, since loading it "
+            f"with full pickle (weights_only=False) runs whatever code the file holds (only tensors, containers "
+            f"and lightning_moe's config dataclasses load). {remedy}"
         ) from None
     except RuntimeError as error:
         if "zip archive" in str(error) or "PytorchStreamReader" in str(error):
-            raise ValueError(f"{what} {path} is truncated or corrupt ({error.__class__.__name__}: "
+            raise DamagedFileError(f"{what} {path} is truncated or corrupt ({error.__class__.__name__}: "
                              f"{str(error).splitlines()[0]}); write it again") from None
         raise
+
+
+def without_loading_opt_ins(hparams: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """`hparams`, the hyperparameters of the checkpoint `source`, without the `LOADING_OPT_INS` of their `backbone`:
+    a backbone given as a dict loses those keys (the user's own settings, or the defaults, apply), a config object
+    gets them off. One warning names the file and each refused setting that was on."""
+    backbone = hparams.get("backbone")
+    if backbone is None:
+        return hparams
+    if isinstance(backbone, dict):
+        refused = [key for key in LOADING_OPT_INS if backbone.get(key)]
+        backbone = {key: value for key, value in backbone.items() if key not in LOADING_OPT_INS}
+    else:
+        refused = [key for key in LOADING_OPT_INS if getattr(backbone, key, False)]
+        backbone = copy.copy(backbone)
+        for key in refused:
+            setattr(backbone, key, False)
+    if refused:
+        settings = ", ".join(f"backbone.{key}: true" for key in refused)
+        warnings.warn(f"checkpoint {source}: ignored {settings} from its hyperparameters (a loading opt-in is taken "
+                      "only from the command line or a config file you name)", stacklevel=2)
+    return {**hparams, "backbone": backbone}
 
 
 def check_safe_weights(directory: str | Path, *, allow_unsafe: bool = False) -> None:
     """Refuse a local model directory whose weights exist only as pickle (`pytorch_model.bin`)."""
     directory = Path(directory)
-    if not directory.is_dir() or allow_unsafe:
+    if not directory.is_dir():
         return
     has_safetensors = any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
     pickled = [name for name in PICKLE_WEIGHTS if (directory / name).is_file()]
-    if pickled and not has_safetensors:
+    if not pickled or has_safetensors:
+        return
+    if not allow_unsafe:
         raise UnsafeFileError(
             f"{directory} holds its weights only as pickle ({', '.join(pickled)}), which loading could execute; "
             f"convert them to safetensors, or, if you trust the files, set {OPT_IN}"
         )
+    warnings.warn(f"loading {directory} from pickle weights ({', '.join(pickled)}; {OPT_IN}): this runs any "
+                  "code the files hold; do it only for files you trust", stacklevel=2)
 
 
 def hf_load_kwargs(trust_remote_code: bool = False, allow_unsafe: bool = False) -> dict[str, Any]:

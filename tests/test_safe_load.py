@@ -107,9 +107,18 @@ def test_directory_with_only_pickle_weights_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(UnsafeFileError, match="pytorch_model.bin"):
         check_safe_weights(tmp_path)
-    check_safe_weights(tmp_path, allow_unsafe=True)
+    with pytest.warns(UserWarning, match=f"loading {tmp_path} from pickle weights"):  # the opt-in names what it trusts
+        check_safe_weights(tmp_path, allow_unsafe=True)
     (tmp_path / "model.safetensors").write_bytes(b"x")
     check_safe_weights(tmp_path)  # safetensors beside it: transformers reads those
+
+
+def test_trust_remote_code_names_the_models_it_trusts():
+    from lightning_moe.methods import MoETuning
+    from lightning_moe.methods.base import BackboneConfig
+
+    with pytest.warns(UserWarning, match="trust_remote_code: true: the Python code shipped with tiny-llama, tiny-clip"):
+        MoETuning(backbone=BackboneConfig(trust_remote_code=True), stage="moe")
 
 
 def test_no_unsafe_torch_load_outside_the_opt_in():
