@@ -83,6 +83,8 @@ class BackboneConfig:
     # files you trust: full pickle for .ckpt files (backbone and teacher) and pickle-only model directories ...
     allow_unsafe_checkpoint: bool = False
     trust_remote_code: bool = False  # ... and a Hugging Face model's own Python code
+    # an LLM directory whose weights lack some of the model's tensors is an error; true starts those from random
+    allow_missing_weights: bool = False
     # the flat form (deprecated; see the class docstring): read into `encoders`, not kept. None = not given, but
     # for vision_tower, whose None was the text-only model
     vision_tower: InitVar[str | None] = FLAT_NOT_GIVEN
@@ -349,7 +351,7 @@ class MultimodalMethod(L.LightningModule):
                                  torch_dtype=b.torch_dtype, trust_remote_code=b.trust_remote_code)
         return build_multimodal(self.tokenizer, b.llm, b.llm_overrides, torch_dtype=b.torch_dtype,
                                 trust_remote_code=b.trust_remote_code, allow_unsafe=b.allow_unsafe_checkpoint,
-                                encoders=b.encoders)
+                                allow_missing_weights=b.allow_missing_weights, encoders=b.encoders)
 
     @property
     def stage_plan(self) -> Stage:

@@ -371,7 +371,7 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
             raise ValueError(f"LLM {where}: its weights lack "
                              f"{len(missing)} of the model's {len(llm.state_dict())} tensors (e.g. "
                              f"{', '.join(missing[:5])}), which would train from random initialisation; point to "
-                             "the complete checkpoint, or pass allow_missing_weights=True to start from random weights")
+                             "the complete checkpoint, or set backbone.allow_missing_weights: true to start those from random weights")
         if llm.get_input_embeddings().num_embeddings < len(tokenizer):  # placeholders were added
             llm.resize_token_embeddings(len(tokenizer))
     llm.generation_config.pad_token_id = tokenizer.pad_token_id
