@@ -26,7 +26,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from .layers import SparseMoE
-from .layers.expert_parallel import shard_layer_experts
+from .layers.adapters import MoELoRA
+from .layers.expert_parallel import shard_along_experts, shard_layer_experts
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -64,6 +65,9 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
     experts: set[nn.Parameter] = set()
     for layer in [m for m in model.modules() if isinstance(m, SparseMoE)]:
         experts.update(shard_layer_experts(layer, mesh))
+    for adapter in [m for m in model.modules() if isinstance(m, MoELoRA)]:  # Uni-MoE: a LoRA update per expert
+        for stacked in (adapter.lora_A, adapter.lora_B):
+            experts.update(shard_along_experts(stacked, list(stacked.keys()), mesh))
     if not experts:
         raise ValueError("expert parallelism: the model has no SparseMoE layer whose experts could be split")
     return experts

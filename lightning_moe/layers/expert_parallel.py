@@ -40,38 +40,40 @@ from .grouped import grouped_linear, make_offsets
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["shard_layer_experts", "expert_parallel_forward", "EXPERT_TENSORS"]
+__all__ = ["shard_layer_experts", "shard_along_experts", "expert_parallel_forward", "EXPERT_TENSORS"]
 
 # the stacked per-expert tensors of a SparseMoE (those present on a given layer), sharded along dim 0
 EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_bias", "up_bias", "down_bias")
 
 
 def shard_layer_experts(layer: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
-    """Keep only this rank's experts of the `SparseMoE` `layer` (module docstring); returns the new (DTensor) expert parameters.
+    """Keep only this rank's experts of the `SparseMoE` `layer` (module docstring); returns its expert parameters,
+    now DTensors. A layer already sharded is left as it is."""
+    names = [name for name in EXPERT_TENSORS if getattr(layer, name, None) is not None]
+    sharded = shard_along_experts(layer, names, mesh)
+    layer.expert_group = mesh.get_group()
+    layer.router.group = layer.expert_group
+    return sharded
 
-    `mesh` is 1-D; `layer.num_experts` must be a multiple of its size. A layer already sharded is left as it is.
-    """
+
+def shard_along_experts(module: nn.Module, names: list[str], mesh: DeviceMesh) -> list[nn.Parameter]:
+    """Replace `module`'s parameters `names`, stacked along the experts (dim 0), by DTensors sharded along that
+    dimension over the 1-D `mesh` (`Shard(0)`); a parameter already a DTensor is kept. Also for per-expert tensors
+    beside a `SparseMoE`'s own (LoRA on its experts). Returns the parameters."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     if mesh.ndim != 1:
         raise ValueError(f"expert parallelism needs a 1-D device mesh, got {mesh.ndim} dimensions {mesh.mesh_dim_names}")
-    ranks = mesh.size()
-    if layer.num_experts % ranks:
-        raise ValueError(f"{layer.num_experts} experts cannot be split evenly over {ranks} expert-parallel ranks")
     sharded = []
-    for name in EXPERT_TENSORS:
-        param = getattr(layer, name, None)
-        if param is None:
-            continue
-        if isinstance(param, DTensor):
-            sharded.append(param)
-            continue
-        local = distribute_tensor(param.detach(), mesh, [Shard(0)])
-        new = nn.Parameter(local, requires_grad=param.requires_grad)
-        setattr(layer, name, new)
-        sharded.append(new)
-    layer.expert_group = mesh.get_group()
-    layer.router.group = layer.expert_group
+    for name in names:
+        param = getattr(module, name)
+        if not isinstance(param, DTensor):
+            if param.shape[0] % mesh.size():
+                raise ValueError(f"{type(module).__name__}.{name}: {param.shape[0]} experts cannot be split evenly "
+                                 f"over {mesh.size()} expert-parallel ranks")
+            param = nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)]), requires_grad=param.requires_grad)
+            setattr(module, name, param)
+        sharded.append(param)
     return sharded
 
 

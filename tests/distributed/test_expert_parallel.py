@@ -1,0 +1,95 @@
+"""Expert parallelism (layers/expert_parallel.py, strategies.shard_experts, configs/strategies/ep.yaml) on 2 CPU
+processes (gloo) computes what one process computes on the same global batch.
+
+`test_expert_parallel_matches_one_process`: one launch of two processes (tests/distributed/ep_worker.py) for an
+upcycled quickstart-sized model and a converted tiny Qwen2-MoE (shared expert, a dense layer between sparse ones);
+for each, expert parallelism alone and with FSDP2 on the other parameters give the one process's loss and
+gradients (the routing losses are computed over the whole batch), and the gathered full state dict holds every
+expert: loaded into one process it gives the expert-parallel logits.
+
+`test_ep_strategy_trains_saves_and_resumes` (slow): the quickstart through the CLI with
+configs/strategies/ep.yaml writes one ordinary `last.ckpt` with every expert, which `load_backbone` reads in one
+process with the logits the expert-parallel model computes, and resuming it on the same 2 processes continues
+exactly as the run that was not interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_moe.models import MoEConfig, build_multimodal, expert_layers, upcycle
+from tests.conftest import ROOT, TINY_LLM, tiny_encoders
+from tests.distributed.two_processes import COMMON, TINY, run_on_two_processes
+from tests.models.test_native_moe import save_hf_moe
+
+# float32: the expert-parallel run sums the same terms in another order (gradients reduced over 2 ranks, expert
+# rows grouped by the rank they come from), a few ulps of values of order 1 after a dozen layers of matmuls
+TOLERANCE = dict(rtol=1e-4, atol=1e-6)
+
+
+def _global_batch(tokenizer, rows: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tokenizer), (rows, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding in one rank's half only: the ranks train different numbers of tokens
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _upcycled(tokenizer, path) -> str:
+    """The quickstart's model at test widths: tiny Llama, 4 experts top-2 on every other layer, tiny CLIP; the
+    copies made to differ (identical experts would hide an expert given the wrong tokens)."""
+    torch.manual_seed(0)
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders(-1))
+    upcycle(model, MoEConfig(num_experts=4, top_k=2, layers="::2"))
+    with torch.no_grad():
+        for _, moe in expert_layers(model):
+            moe.router.proj.weight.normal_(std=0.5)
+            moe.gate_up_proj.add_(torch.randn_like(moe.gate_up_proj) * 0.05)
+            moe.down_proj.add_(torch.randn_like(moe.down_proj) * 0.05)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _qwen2_moe(tokenizer, path) -> str:
+    model = build_multimodal(tokenizer, llm=save_hf_moe("qwen2_moe", path / "hf", tokenizer), encoders={})
+    assert any(moe.shared_expert is not None for _, moe in expert_layers(model))
+    model.save_pretrained(path / "project")
+    return str(path / "project")
+
+
+def test_expert_parallel_matches_one_process(tokenizer, tmp_path, subtests):
+    from lightning_moe.formats import load_backbone
+
+    cases = {"upcycled": _upcycled(tokenizer, tmp_path / "upcycled"), "qwen2_moe": _qwen2_moe(tokenizer, tmp_path / "q2")}
+    batch = _global_batch(tokenizer)
+    torch.save(batch, tmp_path / "batch.pt")
+    run_on_two_processes("tests.distributed.ep_worker",
+                         [str(tmp_path / "out.pt"), json.dumps(cases), str(tmp_path / "batch.pt")], tmp_path)
+    results = torch.load(tmp_path / "out.pt", weights_only=False)
+    for case, runs in results.items():
+        one = runs["one process"]
+        assert one["grads"] and any(".mlp.down_proj" in name for name in one["grads"])
+        for variant in ("expert parallel", "expert parallel + FSDP2"):
+            with subtests.test(msg=f"{case}, {variant}"):
+                run = runs[variant]
+                torch.testing.assert_close(run["loss"], one["loss"], **TOLERANCE)
+                assert run["grads"].keys() == one["grads"].keys()
+                for name, grad in one["grads"].items():
+                    torch.testing.assert_close(run["grads"][name], grad, **TOLERANCE,
+                                               msg=lambda m: f"{case}, {variant}: {name}: {m}")
+        with subtests.test(msg=f"{case}: the gathered state dict"):
+            saved = runs["expert parallel + FSDP2"]["state_dict"]
+            assert saved.keys() == one["state_dict"].keys()
+            for name, value in one["state_dict"].items():  # no step taken: exactly the weights it started from
+                assert torch.equal(saved[name], value), name
+            model = load_backbone(cases[case], tokenizer=tokenizer).train()
+            model.load_state_dict(saved)
+            with torch.no_grad():
+                logits = model(**batch).logits
+            torch.testing.assert_close(logits, runs["expert parallel + FSDP2"]["logits"], **TOLERANCE)
