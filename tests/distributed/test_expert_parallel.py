@@ -22,7 +22,7 @@ import torch
 
 from lightning_moe.models import MoEConfig, build_multimodal, expert_layers, upcycle
 from tests.conftest import ROOT, TINY_LLM, tiny_encoders
-from tests.distributed.two_processes import COMMON, TINY, run_on_two_processes
+from tests.distributed.two_processes import COMMON, TINY, run_on_two_processes, train_on_two_processes
 from tests.models.test_native_moe import save_hf_moe
 
 # float32: the expert-parallel run sums the same terms in another order (gradients reduced over 2 ranks, expert
@@ -93,3 +93,34 @@ def test_expert_parallel_matches_one_process(tokenizer, tmp_path, subtests):
             with torch.no_grad():
                 logits = model(**batch).logits
             torch.testing.assert_close(logits, runs["expert parallel + FSDP2"]["logits"], **TOLERANCE)
+
+
+@pytest.mark.slow  # three 2-process CLI runs of the quickstart: 1-3 min on 2 cores
+def test_ep_strategy_trains_saves_and_resumes(tokenizer, tmp_path, subtests):
+    from lightning_moe.formats import load_backbone
+
+    def run(name: str, steps: int, *extra: str) -> list[str]:
+        return ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY,
+                "--config", str(ROOT / "configs/strategies/ep.yaml"), f"--trainer.logger.init_args.name={name}",
+                *COMMON, f"--trainer.max_steps={steps}", *extra]
+
+    checkpoint = tmp_path / "runs" / "two_steps" / "version_0" / "checkpoints" / "last.ckpt"
+    train_on_two_processes([run("two_steps", 2), run("resumed", 3, f"--ckpt_path={checkpoint}"), run("three_steps", 3)],
+                           tmp_path / "two", tmp_path)
+    two_steps, resumed, three_steps = (torch.load(tmp_path / "two" / f"{i}.pt") for i in range(3))
+
+    with subtests.test(msg="last.ckpt: one file with every expert"):
+        saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+        experts = [name for name in saved if name.endswith("mlp.gate_up_proj")]
+        assert experts and all(saved[name].shape[0] == 4 for name in experts)
+        for name, value in two_steps["state"].items():
+            assert torch.equal(saved[name], value), name
+    with subtests.test(msg="load_backbone reads it in one process"):
+        model = load_backbone(checkpoint, tokenizer=tokenizer)
+        weights = dict(model.named_parameters())
+        for name, value in two_steps["state"].items():
+            assert torch.equal(weights[name.removeprefix("model.")], value), name
+    with subtests.test(msg="resumed on the same mesh: the uninterrupted run's weights"):
+        assert resumed["global_step"] == three_steps["global_step"] == 3
+        for name, value in three_steps["state"].items():
+            assert torch.equal(resumed["state"][name], value), name
