@@ -9,8 +9,11 @@ expert: loaded into one process it gives the expert-parallel logits.
 
 `test_ep_strategy_trains_saves_and_resumes` (slow): the quickstart through the CLI with
 configs/strategies/ep.yaml writes one ordinary `last.ckpt` with every expert, which `load_backbone` reads in one
-process with the logits the expert-parallel model computes, and resuming it on the same 2 processes continues
-exactly as the run that was not interrupted.
+process with the weights the expert-parallel run trained, and resuming it on the same 2 processes continues
+bit for bit as the run that was not interrupted (weights, optimizer state and step restored into the expert
+shards). The checkpoint ends an epoch (8 samples: 2 global batches): a mid-epoch checkpoint of a 2-process run
+continues with other samples than the uninterrupted run under DDP and FSDP2 alike, a matter of the training
+loader's multi-process resume, not of the strategy.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def test_ep_strategy_trains_saves_and_resumes(tokenizer, tmp_path, subtests):
     def run(name: str, steps: int, *extra: str) -> list[str]:
         return ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY,
                 "--config", str(ROOT / "configs/strategies/ep.yaml"), f"--trainer.logger.init_args.name={name}",
-                *COMMON, f"--trainer.max_steps={steps}", *extra]
+                *COMMON, f"--trainer.max_steps={steps}", "--data.init_args.samples_per_epoch=8", *extra]
 
     checkpoint = tmp_path / "runs" / "two_steps" / "version_0" / "checkpoints" / "last.ckpt"
     train_on_two_processes([run("two_steps", 2), run("resumed", 3, f"--ckpt_path={checkpoint}"), run("three_steps", 3)],
