@@ -2,7 +2,8 @@
 processes (gloo) computes what one process computes on the same global batch.
 
 `test_expert_parallel_matches_one_process`: one launch of two processes (tests/distributed/ep_worker.py) for an
-upcycled quickstart-sized model and a converted tiny Qwen2-MoE (shared expert, a dense layer between sparse ones);
+upcycled quickstart-sized model, a converted tiny Qwen2-MoE (shared expert, a dense layer between sparse ones)
+and Uni-MoE's stage-3 layers (LoRA on every expert, split with the experts);
 for each, expert parallelism alone and with FSDP2 on the other parameters give the one process's loss and
 gradients (the routing losses are computed over the whole batch), and the gathered full state dict holds every
 expert: loaded into one process it gives the expert-parallel logits.
@@ -23,6 +24,7 @@ import json
 import pytest
 import torch
 
+from lightning_moe.formats import load_backbone
 from lightning_moe.models import MoEConfig, build_multimodal, expert_layers, upcycle
 from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 from tests.distributed.two_processes import COMMON, TINY, run_on_two_processes, train_on_two_processes
@@ -59,6 +61,22 @@ def _upcycled(tokenizer, path) -> str:
     return str(path)
 
 
+def _unimoe(tokenizer, path) -> str:
+    """Uni-MoE's stage-3 layers: the upcycled model's experts under a LoRA update per expert ("moe_lora", its
+    A and B split with the experts), LoRA on attention, the router trained beside them."""
+    from lightning_moe.models import AdapterRule, add_adapters
+
+    model = load_backbone(_upcycled(tokenizer, path / "upcycled"), tokenizer=tokenizer)
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "v_proj"], r=2, alpha=4),
+                         AdapterRule(kind="moe_lora", targets=["mlp"], layers="::2", r=2, alpha=4)])
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.save_pretrained(path / "unimoe")
+    return str(path / "unimoe")
+
+
 def _qwen2_moe(tokenizer, path) -> str:
     model = build_multimodal(tokenizer, llm=save_hf_moe("qwen2_moe", path / "hf", tokenizer), encoders={})
     assert any(moe.shared_expert is not None for _, moe in expert_layers(model))
@@ -67,9 +85,8 @@ def _qwen2_moe(tokenizer, path) -> str:
 
 
 def test_expert_parallel_matches_one_process(tokenizer, tmp_path, subtests):
-    from lightning_moe.formats import load_backbone
-
-    cases = {"upcycled": _upcycled(tokenizer, tmp_path / "upcycled"), "qwen2_moe": _qwen2_moe(tokenizer, tmp_path / "q2")}
+    cases = {"upcycled": _upcycled(tokenizer, tmp_path / "upcycled"), "qwen2_moe": _qwen2_moe(tokenizer, tmp_path / "q2"),
+             "unimoe": _unimoe(tokenizer, tmp_path / "unimoe")}
     batch = _global_batch(tokenizer)
     torch.save(batch, tmp_path / "batch.pt")
     run_on_two_processes("tests.distributed.ep_worker",
@@ -77,7 +94,7 @@ def test_expert_parallel_matches_one_process(tokenizer, tmp_path, subtests):
     results = torch.load(tmp_path / "out.pt", weights_only=False)
     for case, runs in results.items():
         one = runs["one process"]
-        assert one["grads"] and any(".mlp.down_proj" in name for name in one["grads"])
+        assert any(name.endswith(("mlp.down_proj", "lora_A.down")) for name in one["grads"]), case
         for variant in ("expert parallel", "expert parallel + FSDP2"):
             with subtests.test(msg=f"{case}, {variant}"):
                 run = runs[variant]
@@ -100,8 +117,6 @@ def test_expert_parallel_matches_one_process(tokenizer, tmp_path, subtests):
 
 @pytest.mark.slow  # three 2-process CLI runs of the quickstart: 1-3 min on 2 cores
 def test_ep_strategy_trains_saves_and_resumes(tokenizer, tmp_path, subtests):
-    from lightning_moe.formats import load_backbone
-
     def run(name: str, steps: int, *extra: str) -> list[str]:
         return ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY,
                 "--config", str(ROOT / "configs/strategies/ep.yaml"), f"--trainer.logger.init_args.name={name}",
