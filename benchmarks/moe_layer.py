@@ -288,7 +288,8 @@ def expert_parallel_main() -> None:
     print(f"## SparseMoE forward+backward, experts split over {EP_RANKS} CPU processes (gloo), "
           f"{datetime.date.today().isoformat()}")
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread per process, torch {torch.__version__}; "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread per process, "
+          f"torch {torch.__version__}; "
           f"load average at start {os.getloadavg()[0]:.1f}")
     print()
     print("Medians over repetitions (ms); expert parallel: the slower rank. One process: the layer with every expert "

@@ -1,4 +1,4 @@
-"""Wrap policies for sharded training through Lightning's strategies (configs/strategies/).
+"""Sharding plans for training through Lightning's strategies (configs/strategies/).
 
 `decoder_layer_policy` is an FSDP `auto_wrap_policy`: each transformer block (the LLM's decoder
 layers, the vision tower's encoder layers) becomes one FSDP unit, so a `SparseMoE` inside a layer

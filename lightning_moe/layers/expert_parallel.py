@@ -2,7 +2,8 @@
 
 `shard_layer_experts(layer, mesh)` replaces the layer's stacked expert tensors (`w_in`, `down_proj` and their biases)
 by DTensors sharded along the expert dimension (`Shard(0)`) over a 1-D device mesh; rank r keeps experts
-`r * E/ranks ... (r+1) * E/ranks - 1`. The router and the shared expert stay whole on every rank. From then on
+`r * E/ranks ... (r+1) * E/ranks - 1`. The router and a shared expert are not split (FSDP2, where it runs, shards
+them like any other parameter). From then on
 `SparseMoE._experts` hands its dispatch to `expert_parallel_forward`:
 
   1. the (token, slot) pairs are sorted by expert, hence grouped by the rank that holds their expert;
@@ -13,7 +14,7 @@ by DTensors sharded along the expert dimension (`Shard(0)`) over a 1-D device me
 
 Both exchanges are differentiable (`torch.distributed.nn.functional.all_to_all_single`): the backward sends the
 output gradients to the experts' ranks and the input gradients back. An expert's weight gradient on its rank is
-therefore the sum over every rank's loss; data-parallel training averages gradients over ranks, so the local
+therefore the sum of every rank's loss's gradient; data-parallel training averages gradients over ranks, so the local
 weights pass through `_AverageGradient` (identity forward, gradient / ranks backward) to give the same average
 as FSDP2 / DDP give every other parameter.
 
@@ -63,7 +64,8 @@ def shard_along_experts(module: nn.Module, names: list[str], mesh: DeviceMesh) -
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     if mesh.ndim != 1:
-        raise ValueError(f"expert parallelism needs a 1-D device mesh, got {mesh.ndim} dimensions {mesh.mesh_dim_names}")
+        raise ValueError(f"expert parallelism needs a 1-D device mesh, got {mesh.ndim} dimensions "
+                         f"{mesh.mesh_dim_names}")
     sharded = []
     for name in names:
         param = getattr(module, name)
@@ -136,7 +138,8 @@ def expert_parallel_forward(layer: nn.Module, flat: Tensor, indices: Tensor, wei
     row_expert, by_expert = torch.sort(row_expert, stable=True)
     expert_counts = received.sum(0).tolist()
     offs = make_offsets(expert_counts, flat.device)
-    w_in, w_down, b_in, b_down = (_local(p, ranks, dtype) for p in (layer.w_in, layer.down_proj, layer.b_in, layer.down_bias))
+    w_in, w_down, b_in, b_down = (_local(p, ranks, dtype)
+                                  for p in (layer.w_in, layer.down_proj, layer.b_in, layer.down_bias))
 
     h = grouped_linear(rows.index_select(0, by_expert), w_in, expert_counts, offs)
     if b_in is not None:

@@ -207,7 +207,8 @@ def _balance_terms(r: RouterOutput, mask: Tensor | None, form: BalanceForm) -> t
         prob_sum, n = (probs * mask[:, None]).sum(dim=0), mask.sum()
     if r.group is None:
         return counts, prob_sum, n
-    counts, prob_sum, n = _sum_over_group(torch.cat([counts, prob_sum, n[None]]), r.group).split([num_experts] * 2 + [1])
+    summed = _sum_over_group(torch.cat([counts, prob_sum, n[None]]), r.group)
+    counts, prob_sum, n = summed.split([num_experts, num_experts, 1])
     return counts, prob_sum, n[0]
 
 

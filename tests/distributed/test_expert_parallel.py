@@ -115,6 +115,41 @@ def test_expert_parallel_matches_one_process(tokenizer, tmp_path, subtests):
             torch.testing.assert_close(logits, runs["expert parallel + FSDP2"]["logits"], **TOLERANCE)
 
 
+def test_one_process_group_is_the_plain_layer_and_a_dense_model_is_refused(tokenizer, monkeypatch):
+    """On a 1-process gloo group the expert-parallel dispatch (its all-to-alls exchange nothing) computes the plain
+    layer's output and gradients; a model without a SparseMoE has no experts to split, which is an error."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_moe.layers import SparseMoE
+    from lightning_moe.strategies import shard_experts
+    from tests.distributed.two_processes import _free_port
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(SparseMoE(16, 24, 4, 2, bias=True, shared_expert_size=8))
+    split = torch.nn.Sequential(SparseMoE(16, 24, 4, 2, bias=True, shared_expert_size=8))
+    split.load_state_dict(plain.state_dict())
+    x = torch.randn(10, 16)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        assert len(shard_experts(split, mesh)) == 4  # gate_up_proj, down_proj and their biases
+        assert split[0].expert_group is not None
+        outs = [model(x) for model in (plain, split)]
+        for out in outs:
+            out.square().sum().backward()
+        with pytest.raises(ValueError, match="no SparseMoE"):
+            shard_experts(build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders={}), mesh)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p), q in zip(plain.named_parameters(), split.parameters()):
+        grad = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+        torch.testing.assert_close(grad, p.grad, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.slow  # three 2-process CLI runs of the quickstart: 1-3 min on 2 cores
 def test_ep_strategy_trains_saves_and_resumes(tokenizer, tmp_path, subtests):
     def run(name: str, steps: int, *extra: str) -> list[str]:
