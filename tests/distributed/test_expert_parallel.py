@@ -15,11 +15,17 @@ bit for bit as the run that was not interrupted (weights, optimizer state and st
 shards). The checkpoint ends an epoch (8 samples: 2 global batches): a mid-epoch checkpoint of a 2-process run
 continues with other samples than the uninterrupted run under DDP and FSDP2 alike, a matter of the training
 loader's multi-process resume, not of the strategy.
+
+Also: on a 1-process group the expert-parallel dispatch is the plain layer; the benchmark's expert-parallel row
+(slow) checks its parity before timing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,3 +184,15 @@ def test_ep_strategy_trains_saves_and_resumes(tokenizer, tmp_path, subtests):
         assert resumed["global_step"] == three_steps["global_step"] == 3
         for name, value in three_steps["state"].items():
             assert torch.equal(resumed["state"][name], value), name
+
+
+@pytest.mark.slow  # two spawned processes import the benchmark's dependencies: 15-30 s on 2 cores
+def test_benchmark_expert_parallel_row():
+    """`benchmarks/moe_layer.py --expert-parallel --quick` checks the split layer against the whole one on the same
+    weights before timing, and prints its row with the all-to-all bytes."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/moe_layer.py"), "--expert-parallel", "--quick"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parity: ok" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| 128 |"))
+    assert float(row.split("|")[-2]) > 0  # MB sent per step: pairs whose expert is on the other process
