@@ -1,6 +1,7 @@
 """Speed of `SparseMoE` (forward + backward) against Hugging Face's Mixtral block and a dense FFN.
 
     python benchmarks/moe_layer.py [--quick] [--out DIR]
+    python benchmarks/moe_layer.py --expert-parallel [--quick]   (experts split over 2 processes: the end of this file)
 
 For each shape (tokens, hidden, intermediate, experts, top-k) it times, in this process and on
 identical weights: ours (eager, and compiled by `torch.compile` with the default inductor backend;
@@ -222,5 +223,87 @@ def main() -> None:
             + (f" --compile-backend {args.compile_backend}" if args.compile_backend else ""),
             "compile_backend": backend, "rows": rows}, indent=1))
 
+# ----------------------------------------------------------------------------- expert parallelism
+# python benchmarks/moe_layer.py --expert-parallel [--quick]: the same layer with its experts split over 2 CPU processes
+# (gloo; lightning_moe/layers/expert_parallel.py) against one process on both ranks' tokens, and the all-to-all
+# traffic of one training step. Each rank sends a pair's token row to the rank of its expert and gets the expert's
+# output row back (forward), and the gradients of both the same way (backward): 4 rows of `hidden` values per pair
+# whose expert lies on the other rank, plus the per-expert pair counts (int64) once per forward.
+EP_RANKS = 2
+EP_SHAPES = [(512, 128, 256, 8, 2), (2048, 512, 1024, 8, 2)]  # (tokens per rank, hidden, inter, experts, k)
+EP_QUICK_SHAPES = [(128, 32, 64, 4, 2)]
+
+
+def all_to_all_bytes(indices: torch.Tensor, rank: int, experts: int, hidden: int, element_size: int) -> int:
+    """Bytes rank `rank` sends to the other ranks in one forward+backward, given its tokens' chosen experts."""
+    off_rank_pairs = int((indices // (experts // EP_RANKS) != rank).sum())
+    counts = experts // EP_RANKS * (EP_RANKS - 1) * 8
+    return 4 * off_rank_pairs * hidden * element_size + counts
+
+
+def expert_parallel_rank(rank: int, port: int, shapes: list[tuple], reps: int, warmup: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_moe.layers.expert_parallel import shard_layer_experts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=EP_RANKS)
+    mesh = init_device_mesh("cpu", (EP_RANKS,))
+    for tokens, hidden, inter, experts, k in shapes:
+        torch.manual_seed(0)  # the same layer and tokens on both ranks
+        whole = SparseMoE(hidden, inter, experts, k)
+        nn.init.normal_(whole.router.proj.weight, std=0.5)  # decisive routing: tokens spread over the experts
+        x_all = torch.randn(EP_RANKS * tokens, hidden, requires_grad=True)
+        grad_all = torch.randn(EP_RANKS * tokens, hidden)
+        x = x_all.detach()[rank * tokens:(rank + 1) * tokens].clone().requires_grad_()
+        grad = grad_all[rank * tokens:(rank + 1) * tokens]
+        split = SparseMoE(hidden, inter, experts, k)
+        split.load_state_dict(whole.state_dict())
+        shard_layer_experts(split, mesh)
+        with torch.no_grad():
+            torch.testing.assert_close(split(x), whole(x_all)[rank * tokens:(rank + 1) * tokens], rtol=1e-4, atol=1e-5)
+        sent = torch.tensor(all_to_all_bytes(split.last_routing.indices, rank, experts, hidden, x.element_size()))
+        times = time_interleaved({"ep": step_fn(split, x, grad)}, reps, warmup)
+        if rank == 0:  # one process on both ranks' tokens, while the other rank waits
+            times |= time_interleaved({"one": step_fn(whole, x_all, grad_all)}, reps, warmup)
+        slowest = torch.tensor(times["ep"])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(sent)
+        if rank == 0:
+            print(f"| {tokens} | {hidden} | {inter} | {experts} | {k} | {slowest.item():.2f} | {times['one']:.2f} "
+                  f"| {int(sent) / EP_RANKS / 1e6:.3f} |", flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def expert_parallel_main() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    quick = "--quick" in sys.argv
+    shapes, reps, warmup = (EP_QUICK_SHAPES, 2, 1) if quick else (EP_SHAPES, 11, 2)
+    print(f"## SparseMoE forward+backward, experts split over {EP_RANKS} CPU processes (gloo), "
+          f"{datetime.date.today().isoformat()}")
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread per process, "
+          f"torch {torch.__version__}; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    print()
+    print("Medians over repetitions (ms); expert parallel: the slower rank. One process: the layer with every expert "
+          f"on the {EP_RANKS} ranks' tokens together. All-to-all: bytes one rank sends to the other per training step.")
+    print()
+    print("| tokens per rank | hidden | inter | experts | k | expert parallel | one process, all tokens "
+          "| all-to-all MB per rank and step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(expert_parallel_rank, args=(port, shapes, reps, warmup), nprocs=EP_RANKS)
+    print("parity: ok (the expert-parallel layer's output matched the one-process layer's on the same weights)")
+
+
 if __name__ == "__main__":
-    main()
+    expert_parallel_main() if "--expert-parallel" in sys.argv else main()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .expert_parallel import expert_parallel_forward
 from .grouped import linear_groups, make_offsets, mm_groups, weight_grad_groups
 from .mlp import GatedMLP, mlp_layout
 from .routing import RoutedLayer, TopKRouter, capacity_drop, expert_capacity
@@ -164,6 +165,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 class SparseMoE(nn.Module, RoutedLayer):
     """Top-k mixture of E FFN experts with a float32 linear router (`router.proj.weight`)."""
 
+    # the process group this layer's experts are split over (expert_parallel.shard_layer_experts); None: all local
+    expert_group = None
+
     def __init__(
         self,
         hidden_size: int,
@@ -278,6 +282,8 @@ class SparseMoE(nn.Module, RoutedLayer):
         return out
 
     def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
+        if self.expert_group is not None:
+            return expert_parallel_forward(self, flat, indices, weights, dropped)
         if torch.compiler.is_compiling() and type(self).expert_weights is SparseMoE.expert_weights:
             return self._experts_traceable(flat, indices, weights)
         k = indices.shape[1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,9 @@ class RouterOutput:
     indices: Tensor  # (tokens, k) long, chosen experts, slot 0 = the highest probability
     weights: Tensor  # (tokens, k) float32, gate weights applied to the experts' outputs
     dropped: Tensor | None = None  # (tokens, k) bool, True where capacity dropped the slot
+    # expert parallelism (expert_parallel.py): the process group whose ranks share the batch; the routing losses
+    # sum their statistics over it, so they are those of the whole batch
+    group: Any = None
 
     @property
     def num_experts(self) -> int:
@@ -86,6 +90,8 @@ class TopKRouter(nn.Module):
         `logits + Gumbel noise` among the experts not chosen by slot 1; weights stay the
         clean probabilities of the chosen experts.
     """
+
+    group: Any = None  # set by expert_parallel.shard_layer_experts; copied into every RouterOutput
 
     def __init__(
         self,
@@ -130,7 +136,7 @@ class TopKRouter(nn.Module):
                 weights, indices = probs.topk(self.top_k, dim=-1)  # (tokens, k)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights)
+        return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights, group=self.group)
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, normalize={self.normalize}"
@@ -196,8 +202,22 @@ def _balance_terms(r: RouterOutput, mask: Tensor | None, form: BalanceForm) -> t
     weight = torch.ones_like(chosen, dtype=probs.dtype) if mask is None else mask[:, None].expand_as(chosen)
     counts = probs.new_zeros(num_experts).scatter_add_(0, chosen.reshape(-1), weight.reshape(-1))  # (E,)
     if mask is None:
-        return counts, probs.sum(dim=0), probs.new_tensor(float(probs.shape[0]))
-    return counts, (probs * mask[:, None]).sum(dim=0), mask.sum()
+        prob_sum, n = probs.sum(dim=0), probs.new_tensor(float(probs.shape[0]))
+    else:
+        prob_sum, n = (probs * mask[:, None]).sum(dim=0), mask.sum()
+    if r.group is None:
+        return counts, prob_sum, n
+    summed = _sum_over_group(torch.cat([counts, prob_sum, n[None]]), r.group)
+    counts, prob_sum, n = summed.split([num_experts, num_experts, 1])
+    return counts, prob_sum, n[0]
+
+
+def _sum_over_group(stats: Tensor, group: Any) -> Tensor:
+    """`stats` summed over the ranks of `group`, differentiably: the backward sums the gradients over the ranks
+    too, and the data-parallel average of the router's gradients then gives those of the whole batch's loss."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(stats, group=group)
 
 
 def load_balancing_loss(
@@ -256,7 +276,12 @@ def router_z_loss(routing: RouterOutput | Sequence[RouterOutput], mask: Tensor |
     for r in _as_list(routing):
         z2 = torch.logsumexp(r.logits.float(), dim=-1).square()  # (tokens,)
         m = _flat_mask(mask, z2.shape[0], z2.device)
-        loss = z2.mean() if m is None else (z2 * m).sum() / m.sum().clamp_min(1.0)
+        if r.group is None:
+            loss = z2.mean() if m is None else (z2 * m).sum() / m.sum().clamp_min(1.0)
+        else:  # the mean over every rank's real tokens
+            real = torch.ones_like(z2) if m is None else m
+            total_z2, n = _sum_over_group(torch.stack([(z2 * real).sum(), real.sum()]), r.group)
+            loss = total_z2 / n.clamp_min(1.0)
         total = loss if total is None else total + loss
     return total
 

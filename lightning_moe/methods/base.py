@@ -37,7 +37,7 @@ from ..models.encoders import (FLAT_KEYS, EncoderConfig, default_encoders, descr
                                encoders_from_flat)
 from ..models.multimodal import batch_inputs
 from ..safe_load import REMOTE_CODE_OPT_IN, checkpoint_safe, load_torch_file, without_loading_opt_ins
-from ..strategies import shard_blocks
+from ..strategies import ExpertParallelStrategy, shard_blocks, shard_experts
 from ..tokens import DEFAULT_TOKENIZER
 from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files
 from ..tokens import IGNORE_INDEX
@@ -548,9 +548,14 @@ class MultimodalMethod(L.LightningModule):
     def configure_model(self) -> None:
         """Shard the model when the strategy gives a device mesh (Lightning's `ModelParallelStrategy`, FSDP2:
         configs/strategies/fsdp2.yaml): one unit per transformer block, so each `SparseMoE` stays whole with
-        its layer (strategies.shard_blocks). Every other strategy has no mesh and keeps the model as built."""
+        its layer (strategies.shard_blocks); with `ExpertParallelStrategy` (configs/strategies/ep.yaml) the experts
+        are first split over the data-parallel ranks and left out of FSDP2 (strategies.shard_experts). Every other
+        strategy has no mesh and keeps the model as built."""
         if self.device_mesh is not None:
-            shard_blocks(self.model, self.device_mesh["data_parallel"])
+            data_parallel = self.device_mesh["data_parallel"]
+            expert_parallel = isinstance(self.trainer.strategy, ExpertParallelStrategy)
+            experts = shard_experts(self.model, data_parallel) if expert_parallel else None
+            shard_blocks(self.model, data_parallel, ignored_params=experts)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -34,18 +34,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_on_two_processes(runs: list[list[str]], out: Path, cwd: Path) -> None:
-    """Each run's CLI arguments on 2 ranks; rank 0 writes run i's trainable weights to out/i.pt."""
-    out.mkdir()
+def run_on_two_processes(module: str, argv: list[str], cwd: Path) -> None:
+    """`python -m module *argv` as ranks 0 and 1 of one gloo group (environment as torchrun sets it); fails with
+    the ranks' output when either fails."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0", "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed.ddp_worker", str(out), json.dumps(runs)],
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv],
                                       cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+
+
+def train_on_two_processes(runs: list[list[str]], out: Path, cwd: Path) -> None:
+    """Each run's CLI arguments on 2 ranks; rank 0 writes run i's trainable weights to out/i.pt."""
+    out.mkdir()
+    run_on_two_processes("tests.distributed.ddp_worker", [str(out), json.dumps(runs)], cwd)
 
 
 def train_on_one_process(args: list[str]) -> dict:
