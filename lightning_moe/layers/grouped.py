@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["grouped_linear", "grouped_linear_offsets", "grouped_mm_compiles", "grouped_mm_supported", "linear_groups",
-           "mm_groups", "weight_grad_groups", "make_offsets", "sorted_offsets"]
+           "mm_groups", "weight_grad_groups", "make_offsets", "offsets_dispatch", "sorted_offsets"]
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # dtypes for which this torch build has a grouped_mm kernel on each device type, probed lazily
@@ -72,6 +72,21 @@ def grouped_mm_compiles(dtype: torch.dtype, device: torch.device) -> bool:
     also runs float32: float32 grouped_mm works in eager but not under compile.
     """
     return _probe(torch.device(device), dtype) and _probe_meta(dtype)
+
+
+def offsets_dispatch(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...]) -> bool:
+    """Whether grouped experts take the tensor-offsets path (`grouped_linear_offsets`) here.
+
+    Yes where `grouped_mm_compiles(dtype, device)` and every row width in `sizes` is a multiple of
+    16 bytes, and either `torch.compile` is tracing (the Python-counts path would break the graph)
+    or the device is not the CPU (the counts would cost a host synchronisation). In eager on the
+    CPU the Python-counts path stays: reading counts costs no device sync there, and its custom
+    backward measured faster (docs/performance.md).
+    """
+    align = 16 // dtype.itemsize
+    if not (grouped_mm_compiles(dtype, device) and all(n % align == 0 for n in sizes)):
+        return False
+    return torch.compiler.is_compiling() or torch.device(device).type != "cpu"
 
 
 def _aligned(t: Tensor) -> bool:

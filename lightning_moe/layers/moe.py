@@ -37,10 +37,10 @@ from torch import Tensor, nn
 
 from .grouped import (
     grouped_linear_offsets,
-    grouped_mm_compiles,
     linear_groups,
     make_offsets,
     mm_groups,
+    offsets_dispatch,
     sorted_offsets,
     weight_grad_groups,
 )
@@ -344,23 +344,17 @@ class SparseMoE(nn.Module, RoutedLayer):
     def dispatch_path(self, dtype: torch.dtype, device: torch.device) -> str:
         """The expert dispatch `forward` takes for inputs computed in `dtype` on `device`.
 
-        "grouped" (`_experts_grouped`) wherever `F.grouped_mm` traces for the dtype and device
-        (`grouped_mm_compiles`: bfloat16 in torch 2.13) and the hidden and intermediate sizes are
-        multiples of 16 bytes: under `torch.compile`, and in eager except on the CPU, where counting
-        rows on the host costs no device synchronisation and "sorted" measured faster
-        (docs/performance.md). Under compile with any other dtype: "all_experts". In eager
-        otherwise, and for a subclass that overrides `expert_weights` (its experts are picked by
-        the Python counts): "sorted".
+        "grouped" (`_experts_grouped`) where `grouped.offsets_dispatch` says so: grouped_mm traces
+        for the dtype (bfloat16 in torch 2.13), hidden and intermediate rows are multiples of 16
+        bytes, and either under `torch.compile` or off the CPU. Else under compile "all_experts";
+        else (eager on the CPU, other dtypes) "sorted". A subclass that overrides `expert_weights`
+        (its experts are picked by the Python counts) always takes "sorted".
         """
-        compiling = torch.compiler.is_compiling()
         if type(self).expert_weights is not SparseMoE.expert_weights:
             return "sorted"
-        align = 16 // dtype.itemsize
-        traceable = (grouped_mm_compiles(dtype, device) and self.hidden_size % align == 0
-                     and self.intermediate_size % align == 0)
-        if compiling:
-            return "grouped" if traceable else "all_experts"
-        return "grouped" if traceable and torch.device(device).type != "cpu" else "sorted"
+        if offsets_dispatch(dtype, device, (self.hidden_size, self.intermediate_size)):
+            return "grouped"
+        return "all_experts" if torch.compiler.is_compiling() else "sorted"
 
     def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
         path = self.dispatch_path(flat.dtype, flat.device)

@@ -70,12 +70,12 @@ def grouped_mm_calls(graphs) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
             if n.op == "call_function" and n.target is torch.ops.aten._grouped_mm.default]
 
 
-def run_and_grads(module, moe: SparseMoE, x: torch.Tensor, grad: torch.Tensor):
+def run_and_grads(module, moe: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
     moe.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
     out = module(xi)
     out.backward(grad)
-    return out.detach(), xi.grad, {n: p.grad.clone() for n, p in moe.named_parameters()}
+    return out.detach(), xi.grad, {n: p.grad.clone() for n, p in moe.named_parameters() if p.requires_grad}
 
 
 def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -152,3 +152,39 @@ def test_bf16_sparse_moe_compiles_with_inductor():
     assert_bf16_close(comp_gx, eager_gx, "input gradient")
     for name in eager_g:
         assert_bf16_close(comp_g[name], eager_g[name], name)
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mole_compiles_without_graph_breaks_and_matches_eager(dtype):
+    """MoLE's LoRA experts: the grouped matmuls on offsets where grouped_mm traces (one per projection and
+    LoRA factor, T rows each: top-1), else every LoRA expert on every token; the eager answer either way."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from lightning_moe.layers import MoLEMLP
+
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2))
+    mole = MoLEMLP(mlp, num_experts=3, r=8, alpha=16).to(dtype)
+    with torch.no_grad():
+        mole.router.proj.weight.normal_(std=1.0)
+        for b in mole.lora_B.values():  # zero-initialised: make the experts differ
+            b.normal_(std=0.1)
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(mole, backend=backend, fullgraph=True)
+    x, grad = torch.randn(2, 7, 32, dtype=dtype), torch.randn(2, 7, 32, dtype=dtype)
+    eager_out, eager_gx, eager_g = run_and_grads(mole, mole, x, grad)
+    comp_out, comp_gx, comp_g = run_and_grads(compiled, mole, x, grad)
+    assert len(mole.last_routing.indices.unique()) > 1  # more than one expert in use
+    close = assert_bf16_close if dtype == torch.bfloat16 else (
+        lambda a, b, what: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what))
+    close(comp_out, eager_out, "output")
+    close(comp_gx, eager_gx, "input gradient")
+    assert comp_g.keys() == eager_g.keys() and sum(name.startswith("lora_") for name in comp_g) == 6
+    for name in eager_g:
+        close(comp_g[name], eager_g[name], name)
+    forward = grouped_mm_calls(backend.fw_graphs)
+    if grouped_mm_compiles(dtype, torch.device("cpu")):
+        assert len(forward) == 6 and all(a[0] == 14 for a, _ in forward)
+    else:
+        assert forward == []
