@@ -18,7 +18,7 @@ group no expert computes. `SparseMoE.dispatch_path` picks one of three implement
   "grouped"      per-expert offsets as a tensor and `F.grouped_mm` (`run_sorted_experts`): no host
                  synchronisation, so `torch.compile` traces it in one graph;
   "sorted"       per-expert counts as Python ints and one custom autograd node (`_ExpertFFN`),
-                 the fastest in eager on CPU;
+                 in eager where grouped_mm cannot trace (float32: the fastest on the CPU);
   "all_experts"  every expert on every token, for a trace where grouped_mm cannot be traced.
 docs/performance.md says which dtype and device takes which.
 
@@ -344,11 +344,11 @@ class SparseMoE(nn.Module, RoutedLayer):
     def dispatch_path(self, dtype: torch.dtype, device: torch.device) -> str:
         """The expert dispatch `forward` takes for inputs computed in `dtype` on `device`.
 
-        "grouped" (`_experts_grouped`) where `grouped.offsets_dispatch` says so: grouped_mm traces
-        for the dtype (bfloat16 in torch 2.13), hidden and intermediate rows are multiples of 16
-        bytes, and either under `torch.compile` or off the CPU. Else under compile "all_experts";
-        else (eager on the CPU, other dtypes) "sorted". A subclass that overrides `expert_weights`
-        (its experts are picked by the Python counts) always takes "sorted".
+        "grouped" (`_experts_grouped`) where `grouped.offsets_dispatch` says so: grouped_mm traces for
+        the dtype (bfloat16 in torch 2.13) and hidden and intermediate rows are multiples of 16 bytes,
+        in eager and under compile. Elsewhere under `torch.compile` "all_experts", in eager "sorted"
+        (float32 on the CPU, where its custom backward is the fastest). A subclass that overrides
+        `expert_weights` (its experts are picked by the Python counts) always takes "sorted".
         """
         if type(self).expert_weights is not SparseMoE.expert_weights:
             return "sorted"

@@ -8,6 +8,8 @@ check that every expert matmul has T*k rows (dropless), not T*E (every expert on
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -78,6 +80,13 @@ def run_and_grads(module, moe: torch.nn.Module, x: torch.Tensor, grad: torch.Ten
     return out.detach(), xi.grad, {n: p.grad.clone() for n, p in moe.named_parameters() if p.requires_grad}
 
 
+def sorted_dispatch_copy(moe: SparseMoE) -> SparseMoE:
+    """A copy of the layer that takes the Python-counts dispatch, whatever `dispatch_path` would pick."""
+    reference = copy.deepcopy(moe)
+    reference.dispatch_path = lambda dtype, device: "sorted"
+    return reference
+
+
 def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     # bfloat16 keeps 8 significant bits: the two sides may round differently (another summation order in
     # the weight gradients, the combine's bmm against eager's); allow two roundings of the largest value
@@ -91,19 +100,21 @@ def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -
                     reason="this torch cannot trace grouped_mm in bfloat16 on the CPU")
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_compiled_sparse_moe_takes_the_dropless_grouped_dispatch(kind):
-    """fullgraph=True (a graph break would raise), the compiled layer equal to eager within bfloat16 rounding
-    forward and backward, and the experts computed on T*k rows by grouped_mm, forward and backward."""
+    """fullgraph=True (a graph break would raise), the compiled layer equal within bfloat16 rounding, forward and
+    backward, to the eager layer on the other dispatch (Python counts, its own backward: an independent
+    implementation), and the experts computed on T*k rows by grouped_mm, forward and backward."""
     moe = SparseMoE(16, 32, 4, 2, **KINDS[kind]).to(torch.bfloat16)
     with torch.no_grad():
         moe.router.proj.weight.normal_(std=1.0)
         for name, p in moe.named_parameters():
             if name.endswith("_bias"):  # expert biases start at 0: make them count
                 p.normal_(std=0.1)
+    reference = sorted_dispatch_copy(moe)
     backend = AotEagerAndRecordGraphs()
     compiled = torch.compile(moe, backend=backend, fullgraph=True)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
     grad = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    eager_out, eager_gx, eager_g = run_and_grads(moe, moe, x, grad)
+    eager_out, eager_gx, eager_g = run_and_grads(reference, reference, x, grad)
     comp_out, comp_gx, comp_g = run_and_grads(compiled, moe, x, grad)
     if KINDS[kind].get("capacity_factor"):
         assert moe.last_routing.dropped.any()  # the case really drops pairs
@@ -143,10 +154,11 @@ def test_bf16_sparse_moe_compiles_with_inductor():
     moe = SparseMoE(16, 32, 4, 2, capacity_factor=1.0, min_capacity=1, shared_expert_size=8).to(torch.bfloat16)
     with torch.no_grad():
         moe.router.proj.weight.normal_(std=1.0)
+    reference = sorted_dispatch_copy(moe)
     compiled = torch.compile(moe, backend="inductor", fullgraph=True)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
     grad = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    eager_out, eager_gx, eager_g = run_and_grads(moe, moe, x, grad)
+    eager_out, eager_gx, eager_g = run_and_grads(reference, reference, x, grad)
     comp_out, comp_gx, comp_g = run_and_grads(compiled, moe, x, grad)
     assert_bf16_close(comp_out, eager_out, "output")
     assert_bf16_close(comp_gx, eager_gx, "input gradient")

@@ -45,7 +45,7 @@ class MoLEMLP(nn.Module, RoutedLayer):
     router then learns only from the balance loss (`load_balancing_loss(..., form="mole")`).
     Expert LoRA weights: `lora_A[role]` (E, r, in), `lora_B[role]` (E, out, r).
     The LoRA experts take the tensor-offsets grouped matmuls (`grouped.offsets_dispatch`: traceable by
-    `torch.compile`, no host synchronisation) where the LoRA dtype allows (bfloat16 with in, out and r
+    `torch.compile`, no host synchronisation; eager too) where the LoRA dtype allows (bfloat16 with in, out and r
     multiples of 8 in torch 2.13); else in eager per-expert counts as Python ints, and under compile
     every LoRA expert on every token with the others' outputs zeroed (E x the LoRA FLOPs, small at rank r).
     """
