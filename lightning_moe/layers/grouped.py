@@ -197,10 +197,16 @@ def grouped_linear_offsets(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     offs: int32 (E,) cumulative row counts on x's device (`sorted_offsets`). Rows at or after
     offs[-1] belong to no expert: their outputs (and the gradients `grouped_mm` gives them) are
     undefined, so a caller with such rows masks them. Traceable (no host synchronisation);
-    autograd is `grouped_mm`'s own. Needs `grouped_mm_compiles(x.dtype, x.device)` and rows
-    whose byte strides are multiples of 16 (K and N times the element size).
+    autograd is `grouped_mm`'s own. Traced, it needs `grouped_mm_compiles(x.dtype, x.device)` and
+    rows whose byte strides are multiples of 16 (K and N times the element size); in eager, where
+    grouped_mm cannot run on these tensors, it reads the offsets on the host and takes
+    `grouped_linear`'s loop (same result, a host synchronisation).
     """
-    return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    w = weight.transpose(1, 2)
+    if torch.compiler.is_compiling() or grouped_mm_supported(x, w):
+        return F.grouped_mm(x, w, offs=offs)
+    bounds = [0, *offs.tolist()]
+    return grouped_linear(x, weight, [end - start for start, end in zip(bounds, bounds[1:])])
 
 
 def sorted_offsets(sorted_expert: Tensor, num_experts: int) -> Tensor:

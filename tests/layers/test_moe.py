@@ -304,11 +304,15 @@ def test_from_experts_matches_qwen2_moe_block_with_shared_expert_outputs_and_gra
     assert not torch.allclose(moe(x_ours), y_hf, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("gated", [True, False])
-def test_run_sorted_experts_matches_a_per_expert_loop_and_ignores_the_tail(gated):
+def test_run_sorted_experts_matches_a_per_expert_loop_and_ignores_the_tail(gated, kernel, monkeypatch):
     """The local expert computation on sorted rows (what an expert-parallel exchange hands over): each
-    row through its own expert, rows after offsets[-1] output 0 and pass no gradient anywhere."""
-    if not grouped.grouped_mm_supported(torch.ones(8, 8), torch.ones(2, 8, 8)):
+    row through its own expert, rows after offsets[-1] output 0 and pass no gradient anywhere; with
+    grouped_mm, and with the per-expert loop eager falls back to where grouped_mm cannot run."""
+    if kernel == "loop":
+        monkeypatch.setattr(grouped, "grouped_mm_supported", lambda *a: False)
+    elif not grouped.grouped_mm_supported(torch.ones(8, 8), torch.ones(2, 8, 8)):
         pytest.skip("this torch has no grouped_mm kernel for float32 on the CPU")
     E, H, I, rows = 3, 16, 24, [4, 0, 5]
     n_in = 2 * I if gated else I
