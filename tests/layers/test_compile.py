@@ -137,6 +137,31 @@ def test_bf16_compiled_sparse_moe_takes_the_dropless_grouped_dispatch(kind):
 
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+@pytest.mark.skipif(not grouped_mm_compiles(torch.bfloat16, torch.device("cpu")),
+                    reason="this torch cannot trace grouped_mm in bfloat16 on the CPU")
+def test_float32_layer_under_bf16_autocast_compiles_to_the_grouped_dispatch_with_dynamic_tokens():
+    """bf16-mixed training: float32 parameters, bfloat16 autocast; the token count a symbolic size."""
+    moe = SparseMoE(16, 32, 4, 2, capacity_factor=1.0, min_capacity=1, bias=True)
+    with torch.no_grad():
+        moe.router.proj.weight.normal_(std=1.0)
+    reference = sorted_dispatch_copy(moe)
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(moe, backend=backend, fullgraph=True, dynamic=True)
+    x, grad = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    results = []
+    for module, params in ((reference, reference), (compiled, moe)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        out.backward(grad)
+        results.append([out.detach(), xi.grad] + [p.grad for p in params.parameters()])
+    assert results[1][0].dtype == torch.float32
+    for ours, theirs in zip(*results):
+        assert_bf16_close(ours, theirs, "output or gradient")
+    assert len(grouped_mm_calls(backend.fw_graphs)) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_dispatch_follows_what_grouped_mm_can_trace(dtype):
     """Where this torch cannot trace grouped_mm for the dtype (float32 in torch 2.13), the trace falls back
