@@ -238,7 +238,10 @@ def bf16_table(shapes: list[tuple[int, ...]], quick: bool, backend: str, device:
                                            backend=backend, device=device)
         if not_compiled:
             compile_failures.append(f"bfloat16 {shape}: {not_compiled}")
-        ratio = lambda a, b: f"{r[a] / r[b]:.2f} ({r[a + '_min'] / r[b + '_min']:.2f})" if a in r else "n/a"  # noqa: E731
+
+        def ratio(a: str, b: str) -> str:
+            return f"{r[a] / r[b]:.2f} ({r[a + '_min'] / r[b + '_min']:.2f})" if a in r else "n/a"
+
         compiled = f"{r['compiled']:.2f}" if "compiled" in r else "n/a"
         print(f"| {' | '.join(map(str, shape))} | {r['eager']:.2f} ({r['eager_path']}) "
               f"| {r['eager_other']:.2f} ({r['other_path']}) | {compiled} | {ratio('compiled', 'eager')} "

@@ -12,8 +12,8 @@ slice, into one uninitialised buffer; only experts with no rows are zero-filled.
 
 These take the row counts as Python ints (a host synchronisation, a graph break under
 `torch.compile`). The traceable variant, `grouped_linear_offsets`, takes only the int32 offsets
-tensor (`sorted_offsets`) and relies on `F.grouped_mm`'s own autograd; it runs wherever
-`grouped_mm_compiles(dtype, device)` holds.
+tensor (`sorted_offsets`), with a backward of two grouped_mm calls (`_GroupedLinearOffsets`);
+it traces wherever `grouped_mm_compiles(dtype, device)` holds.
 """
 
 from __future__ import annotations
@@ -219,10 +219,10 @@ def grouped_linear_offsets(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
 
     offs: int32 (E,) cumulative row counts on x's device (`sorted_offsets`). Rows at or after
     offs[-1] belong to no expert: their outputs (and the gradients `grouped_mm` gives them) are
-    undefined, so a caller with such rows masks them. Traceable (no host synchronisation). Traced, it needs `grouped_mm_compiles(x.dtype, x.device)` and
-    rows whose byte strides are multiples of 16 (K and N times the element size); in eager, where
-    grouped_mm cannot run on these tensors, it reads the offsets on the host and takes
-    `grouped_linear`'s loop (same result, a host synchronisation).
+    undefined, so a caller with such rows masks them. Traceable (no host synchronisation): traced,
+    it needs `grouped_mm_compiles(x.dtype, x.device)` and rows whose byte strides are multiples of
+    16 (K and N times the element size); in eager, where grouped_mm cannot run on these tensors, it
+    reads the offsets on the host and takes `grouped_linear`'s loop (same result, a host sync).
     """
     if torch.compiler.is_compiling() or grouped_mm_supported(x, weight.transpose(1, 2)):
         return _GroupedLinearOffsets.apply(x, weight, offs)

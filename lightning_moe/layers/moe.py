@@ -189,8 +189,8 @@ def run_sorted_experts(
     w_down (E, H, I); b_in (E, N), b_down (E, H) or None. All in x_sorted's dtype.
     masked_tail: rows at or after offsets[-1] may exist (pairs dropped into a sentinel group sorted
     last); they are not computed, come out 0, and pass no gradient. Without it offsets[-1] must be S.
-    Autograd is `F.grouped_mm`'s own; traceable by `torch.compile` (no `.tolist()`), and the local
-    expert computation for a caller that exchanges the rows itself (expert parallelism).
+    Autograd through `grouped.grouped_linear_offsets`; traceable by `torch.compile` (no `.tolist()`),
+    and the local expert computation for a caller that exchanges the rows itself (expert parallelism).
     """
     rows = x_sorted.shape[0]
     kept = None
@@ -202,7 +202,7 @@ def run_sorted_experts(
     expert = None
     if b_in is not None or b_down is not None:
         row = torch.arange(rows, device=x_sorted.device, dtype=offsets.dtype)
-        expert = torch.searchsorted(offsets, row, right=True).clamp_max(w_in.shape[0] - 1)  # (S,) each row's expert
+        expert = torch.searchsorted(offsets, row, right=True).clamp_max(w_in.shape[0] - 1)  # (S,) row's expert
     h = grouped_linear_offsets(x_sorted, w_in, offsets)  # (S, N)
     if b_in is not None:
         h = h + b_in.index_select(0, expert)
