@@ -63,15 +63,20 @@ def _probe_meta(dtype: torch.dtype) -> bool:
     return _META_PROBED[dtype]
 
 
-@torch.compiler.assume_constant_result  # a trace reads the (cached) answer as a constant, never the probes
 def grouped_mm_compiles(dtype: torch.dtype, device: torch.device) -> bool:
     """True when `F.grouped_mm` runs for `dtype` on `device`'s type and `torch.compile` can trace it.
 
     Both are probed once and cached: the kernel (eager) and the meta function that fake tensors
     use while tracing. torch 2.13's meta function accepts only bfloat16, while its CPU kernel
-    also runs float32: float32 grouped_mm works in eager but not under compile.
+    also runs float32: float32 grouped_mm works in eager but not under compile. A trace calls this
+    as a constant (it runs the probes outside the graph), never tracing them.
     """
     return _probe(torch.device(device), dtype) and _probe_meta(dtype)
+
+
+# What `torch.compiler.assume_constant_result` does, without importing torch._dynamo (and numpy with
+# it) when layers/ is imported; tests/layers/test_compile.py checks that the marker is still this one
+grouped_mm_compiles._dynamo_marked_constant = True
 
 
 def offsets_dispatch(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...]) -> bool:

@@ -15,6 +15,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
+import lightning_moe.layers.grouped as grouped
 from lightning_moe.layers import SparseMoE
 from lightning_moe.layers.grouped import grouped_mm_compiles
 
@@ -225,3 +226,16 @@ def test_mole_compiles_without_graph_breaks_and_matches_eager(dtype):
         assert len(forward) == 6 and all(a[0] == 14 for a, _ in forward)
     else:
         assert forward == []
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+def test_a_trace_runs_the_grouped_mm_probes_as_a_constant(monkeypatch):
+    """`grouped_mm_compiles` carries `torch.compiler.assume_constant_result`'s marker (set by hand: layers/ does
+    not import torch._dynamo), so a trace that meets it before any eager call runs the probes outside the graph."""
+    marker = [name for name in vars(torch.compiler.assume_constant_result(lambda: None)) if "constant" in name]
+    assert marker and all(getattr(grouped.grouped_mm_compiles, name) is True for name in marker)
+    monkeypatch.setattr(grouped, "_PROBED", {})  # nothing probed yet
+    monkeypatch.setattr(grouped, "_META_PROBED", {})
+    moe = SparseMoE(16, 32, 4, 2).to(torch.bfloat16)
+    torch.compile(moe, backend="aot_eager", fullgraph=True)(torch.randn(2, 5, 16, dtype=torch.bfloat16))
+    assert (torch.bfloat16 in grouped._META_PROBED) and ("cpu", torch.bfloat16) in grouped._PROBED
