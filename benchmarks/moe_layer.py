@@ -50,9 +50,9 @@ from lightning_moe.layers import SparseMoE  # noqa: E402
 SHAPES = [(16, 512, 1024, 8, 2), (512, 128, 256, 4, 2), (512, 128, 256, 16, 2), (4096, 512, 1024, 8, 2)]
 # --quick: the same four roles (few tokens; 4 and 16 experts at equal tokens; many tokens), small enough for the tests
 QUICK_SHAPES = [(16, 64, 128, 8, 2), (128, 32, 64, 4, 2), (128, 32, 64, 16, 2), (512, 64, 128, 8, 2)]
-# the bfloat16 dispatch table: a few hundred tokens and many tokens
-BF16_SHAPES = [SHAPES[1], SHAPES[3]]
-QUICK_BF16_SHAPES = [QUICK_SHAPES[1], QUICK_SHAPES[3]]
+# the bfloat16 dispatch table: few tokens (weight bytes dominate), a few hundred tokens, many tokens
+BF16_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[3]]
+QUICK_BF16_SHAPES = [QUICK_SHAPES[0], QUICK_SHAPES[1], QUICK_SHAPES[3]]
 
 
 class DenseSwiGLU(nn.Module):
