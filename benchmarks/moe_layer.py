@@ -1,20 +1,28 @@
-"""Speed of `SparseMoE` (forward + backward) against Hugging Face's Mixtral block and a dense FFN.
+"""Speed of `SparseMoE` (forward + backward) against Hugging Face's Mixtral block and a dense FFN,
+and of its dispatch paths in bfloat16, eager against `torch.compile`.
 
-    python benchmarks/moe_layer.py [--quick] [--out DIR]
+    python benchmarks/moe_layer.py [--quick] [--out DIR] [--device cuda]
     python benchmarks/moe_layer.py --expert-parallel [--quick]   (experts split over 2 processes: the end of this file)
 
-For each shape (tokens, hidden, intermediate, experts, top-k) it times, in this process and on
-identical weights: ours (eager, and compiled by `torch.compile` with the default inductor backend;
-`--quick` uses `aot_eager`, the same traced graph without inductor's code generation, unless
+First table, float32: for each shape (tokens, hidden, intermediate, experts, top-k) it times, in this
+process and on identical weights: ours (eager, and compiled by `torch.compile` with the default inductor
+backend; `--quick` uses `aot_eager`, the same traced graph without inductor's code generation, unless
 `--compile-backend inductor`), the Hugging Face `MixtralSparseMoeBlock` with the `eager` and the
 `grouped_mm` experts implementations, and a dense SwiGLU FFN with the same active compute
-(intermediate size k x I). Implementations are interleaved inside each repetition so that
-background load hits all of them alike; the median over repetitions after warm-up is reported.
-The compiled layer takes the trace-friendly dispatch (every expert on every token,
-`SparseMoE._experts_traceable`); its compilation and first steps are warm-up, outside the timing, and it
-is timed against our eager layer in the same process. Where inductor cannot compile here, the compiled
-column says why and the rest of the table runs as before.
-Prints a markdown table with the date and the machine; `--out DIR` also writes DIR/results.json (the
+(intermediate size k x I). In float32 the compiled layer takes the dispatch that runs every expert on
+every token (`SparseMoE._experts_traceable`: torch 2.13 cannot trace float32 grouped_mm).
+
+Second table, bfloat16: our layer's eager dispatch on this device (`SparseMoE.dispatch_path`), the other
+eager dispatch forced, and the compiled layer, which traces the dropless grouped dispatch
+(`run_sorted_experts`), with its ratio to eager measured in the same run.
+
+Implementations are interleaved inside each repetition so that background load hits all of them alike;
+the median over repetitions after warm-up is reported. Compilation and first steps are warm-up, outside
+the timing. Where the compiler cannot run here, the compiled column says why and the rest runs as before.
+`--device cuda` runs the same tables on the GPU (each step synchronised before its clock stops) and adds
+a CUDA-only count of host synchronisations per step for each dispatch; without a GPU it runs on the CPU
+and prints why the CUDA-only rows are skipped.
+Prints markdown tables with the date and the machine; `--out DIR` also writes DIR/results.json (the
 rows the report plots: `python -m lightning_moe.experiments.report`).
 """
 
@@ -43,6 +51,9 @@ from lightning_moe.layers import SparseMoE  # noqa: E402
 SHAPES = [(16, 512, 1024, 8, 2), (512, 128, 256, 4, 2), (512, 128, 256, 16, 2), (4096, 512, 1024, 8, 2)]
 # --quick: the same four roles (few tokens; 4 and 16 experts at equal tokens; many tokens), small enough for the tests
 QUICK_SHAPES = [(16, 64, 128, 8, 2), (128, 32, 64, 4, 2), (128, 32, 64, 16, 2), (512, 64, 128, 8, 2)]
+# the bfloat16 dispatch table: few tokens (weight bytes dominate), a few hundred tokens, many tokens
+BF16_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[3]]
+QUICK_BF16_SHAPES = [QUICK_SHAPES[0], QUICK_SHAPES[1], QUICK_SHAPES[3]]
 
 
 class DenseSwiGLU(nn.Module):
@@ -71,10 +82,14 @@ def hf_block(hidden: int, inter: int, experts: int, k: int, impl: str) -> Mixtra
 
 
 def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """One training step; on CUDA it waits for the device, so the clock measures the step's work."""
+
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
         module(x).backward(grad)
+        if x.is_cuda:
+            torch.cuda.synchronize()
 
     return step
 
@@ -102,23 +117,35 @@ def compiled_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, ref: t
         out = compiled(x)  # compiles the training graph the timed steps reuse
     except Exception as err:  # noqa: BLE001  (any compiler failure: reported, not fatal)
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
-    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-5)
+    assert_same_answer(out.detach(), ref)
     return step_fn(compiled, x, grad)
 
 
+def assert_same_answer(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """float32: within float32 rounding of a sum of a few hundred products; bfloat16 (8 significant bits):
+    within two roundings of the largest output, as the two sides may sum in other orders."""
+    if out.dtype == torch.bfloat16:
+        err, scale = (out.float() - ref.float()).abs().max().item(), ref.float().abs().max().item()
+        assert err <= 2 * 2**-8 * scale, f"bfloat16 outputs differ by {err:.3e} (largest {scale:.3e})"
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps: int, warmup: int,
-                compile_dynamic: bool | None = None, backend: str = "inductor") -> tuple[dict[str, float], str | None]:
+                compile_dynamic: bool | None = None, backend: str = "inductor",
+                device: str = "cpu") -> tuple[dict[str, float], str | None]:
     """Median (and best) times of each implementation, and why the compiled one did not run (or None)."""
     torch.manual_seed(0)
     eager = hf_block(hidden, inter, experts, k, "eager")
     for p in eager.parameters():
         nn.init.normal_(p, std=0.02)
-    grouped = hf_block(hidden, inter, experts, k, "grouped_mm")
+    eager.to(device)
+    grouped = hf_block(hidden, inter, experts, k, "grouped_mm").to(device)
     grouped.load_state_dict(eager.state_dict())
     ours = SparseMoE.from_mixtral(eager)
-    dense = DenseSwiGLU(hidden, k * inter)
-    x = torch.randn(1, tokens, hidden, requires_grad=True)
-    grad = torch.randn(1, tokens, hidden)
+    dense = DenseSwiGLU(hidden, k * inter).to(device)
+    x = torch.randn(1, tokens, hidden, device=device, requires_grad=True)
+    grad = torch.randn(1, tokens, hidden, device=device)
     with torch.no_grad():  # same weights, same answer: the comparison is fair
         ref = eager(x)
         for m in (grouped, ours):
@@ -135,6 +162,59 @@ def bench_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps
     return time_interleaved(fns, reps, warmup), None if callable(compiled) else compiled
 
 
+def bench_bf16_shape(tokens: int, hidden: int, inter: int, experts: int, k: int, reps: int, warmup: int,
+                     compile_dynamic: bool | None, backend: str, device: str) -> tuple[dict[str, float], str | None]:
+    """bfloat16 times of our layer: "eager" (the dispatch eager takes on this device), "eager_other" (the other
+    eager dispatch, forced) and "compiled" (the grouped dispatch the trace takes), and why compiling failed."""
+    torch.manual_seed(0)
+    block = hf_block(hidden, inter, experts, k, "eager")
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.02)
+    ours = SparseMoE.from_mixtral(block).to(device=device, dtype=torch.bfloat16)
+    other = SparseMoE.from_mixtral(block).to(device=device, dtype=torch.bfloat16)
+    path = ours.dispatch_path(torch.bfloat16, torch.device(device))
+    other_path = "grouped" if path == "sorted" else "sorted"
+    other.dispatch_path = lambda dtype, dev: other_path  # forced, whatever the rule picks
+    x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = ours(x)
+        assert_same_answer(other(x), ref)
+    fns = {"eager": step_fn(ours, x, grad), "eager_other": step_fn(other, x, grad)}
+    compiled = compiled_step(ours, x, grad, ref, compile_dynamic, backend)
+    if callable(compiled):
+        fns["compiled"] = compiled
+    times = time_interleaved(fns, reps, warmup)
+    return times | {"eager_path": path, "other_path": other_path}, None if callable(compiled) else compiled
+
+
+def host_syncs_per_step(device: str) -> dict[str, int] | str:
+    """CUDA only: host synchronisations in one training step of a small bfloat16 layer per dispatch path
+    (torch.cuda's sync debug mode warns at each), or why they are not counted."""
+    if device != "cuda":
+        return "the CPU has no device to synchronise with"
+    import warnings
+
+    counts = {}
+    for path in ("sorted", "grouped"):
+        moe = SparseMoE(128, 256, 8, 2).to(device=device, dtype=torch.bfloat16)
+        moe.dispatch_path = lambda dtype, dev, path=path: path
+        x = torch.randn(256, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+        step = step_fn(moe, x, torch.randn_like(x))
+        step()  # warm-up: lazy initialisations synchronise once
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                moe.zero_grad(set_to_none=True)
+                moe(x).backward(torch.ones_like(x))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[path] = sum("synchroniz" in str(w.message) for w in caught)
+    return counts
+
+
 def compiled_cells(r: dict[str, float]) -> str:
     """The compiled time and its ratio to our eager layer (median, and from the fastest repetition)."""
     if "ours_compiled" not in r:
@@ -143,37 +223,50 @@ def compiled_cells(r: dict[str, float]) -> str:
             f"({r['ours_compiled_min'] / r['ours_min']:.2f})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repetitions and no 4096-token shape, for a smoke run")
-    parser.add_argument("--out", type=Path, default=None, help="also write results.json here")
-    parser.add_argument("--compile-backend", default=None, choices=("inductor", "aot_eager"),
-                        help="torch.compile backend of the compiled column (default: inductor; with --quick aot_eager, "
-                             "which traces and checks the same graph without inductor's code generation, about 35 s "
-                             "of a cold cache)")
-    args = parser.parse_args()
-    backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
-    print(f"## SparseMoE forward+backward, {datetime.date.today().isoformat()}")
+def bf16_table(shapes: list[tuple[int, ...]], quick: bool, backend: str, device: str,
+               compile_failures: list[str]) -> list[dict]:
+    """The bfloat16 dispatch table: eager (the default dispatch here, and the other one), compiled, ratios."""
     print()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"load average at start {os.getloadavg()[0]:.1f} (a shared machine: see the best-of-reps columns)"
-    )
+    print(f"### bfloat16: eager dispatch against the compiled grouped dispatch ({backend}), {device}")
     print()
-    print("Times are medians over repetitions (ms); ratios from medians, and in brackets from the fastest repetition.")
+    print("| tokens | hidden | inter | experts | k | eager (dispatch) | eager, other dispatch | compiled "
+          "| compiled / eager | other / eager |")
+    print("|---:|---:|---:|---:|---:|---|---|---:|---:|---:|")
+    rows = []
+    for shape in shapes:
+        reps, warmup = (2, 1) if quick else ((7, 2) if shape[0] >= 4096 else (31, 5))
+        r, not_compiled = bench_bf16_shape(*shape, reps=reps, warmup=warmup, compile_dynamic=True if quick else None,
+                                           backend=backend, device=device)
+        if not_compiled:
+            compile_failures.append(f"bfloat16 {shape}: {not_compiled}")
+
+        def ratio(a: str, b: str) -> str:
+            return f"{r[a] / r[b]:.2f} ({r[a + '_min'] / r[b + '_min']:.2f})" if a in r else "n/a"
+
+        compiled = f"{r['compiled']:.2f}" if "compiled" in r else "n/a"
+        print(f"| {' | '.join(map(str, shape))} | {r['eager']:.2f} ({r['eager_path']}) "
+              f"| {r['eager_other']:.2f} ({r['other_path']}) | {compiled} | {ratio('compiled', 'eager')} "
+              f"| {ratio('eager_other', 'eager')} |", flush=True)
+        rows.append({**dict(zip(("tokens", "hidden", "inter", "experts", "k"), shape)), **r,
+                     **({"compiled_over_eager": r["compiled"] / r["eager"]} if "compiled" in r else {})})
+    return rows
+
+
+def float32_table(shapes: list[tuple[int, ...]], quick: bool, backend: str, device: str,
+                  compile_failures: list[str]) -> dict[tuple[int, ...], dict[str, float]]:
+    """The float32 table: ours, Hugging Face's two experts implementations, dense, and ours compiled."""
+    print(f"### float32: ours against Hugging Face and a dense FFN, {device}")
     print()
     print("| tokens | hidden | inter | experts | k | ours | HF eager | HF grouped_mm | dense "
           f"| ours / best HF | ours / dense | goal | met | ours compiled ({backend}) | compiled / ours |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
-    results, compile_failures = {}, []
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    results = {}
     for shape in shapes:
         tokens = shape[0]
-        reps, warmup = (2, 1) if args.quick else ((7, 2) if tokens >= 4096 else (31, 5))
+        reps, warmup = (2, 1) if quick else ((7, 2) if tokens >= 4096 else (31, 5))
         # --quick: one dynamic-shape compilation serves several shapes (inductor compiles in tens of seconds)
-        r, not_compiled = bench_shape(*shape, reps=reps, warmup=warmup, compile_dynamic=True if args.quick else None,
-                                      backend=backend)
+        r, not_compiled = bench_shape(*shape, reps=reps, warmup=warmup, compile_dynamic=True if quick else None,
+                                      backend=backend, device=device)
         if not_compiled:
             compile_failures.append(f"{shape}: {not_compiled}")
         results[shape] = r
@@ -205,11 +298,62 @@ def main() -> None:
         f"HF grouped_mm x{sixteen['hf_grouped_mm'] / four['hf_grouped_mm']:.2f}, "
         f"dense x{sixteen['dense'] / four['dense']:.2f}"
     )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions and no 4096-token shape, for a smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="also write results.json here")
+    parser.add_argument("--compile-backend", default=None, choices=("inductor", "aot_eager"),
+                        help="torch.compile backend of the compiled column (default: inductor; with --quick aot_eager, "
+                             "which traces and checks the same graph without inductor's code generation, about 35 s "
+                             "of a cold cache)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the layers run (cuda: falls back to the CPU, saying so, when there is no GPU)")
+    parser.add_argument("--only", default=None, choices=("float32", "bf16"), help="run one of the two tables")
+    args = parser.parse_args()
+    backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: the tables run on the CPU, and the CUDA-only rows are skipped")
+        device = "cpu"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} CPUs"
+    print(f"## SparseMoE forward+backward, {datetime.date.today().isoformat()}")
+    print()
+    print(
+        f"machine: {where}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"load average at start {os.getloadavg()[0]:.1f} (a shared machine: see the best-of-reps columns)"
+    )
+    print()
+    print("Times are medians over repetitions (ms); ratios from medians, and in brackets from the fastest repetition.")
+    print()
+    compile_failures = []
+    results = {}
+    if args.only in (None, "float32"):
+        results = float32_table(QUICK_SHAPES if args.quick else SHAPES, args.quick, backend, device, compile_failures)
+    bf16 = []
+    if args.only in (None, "bf16"):
+        bf16 = bf16_table(QUICK_BF16_SHAPES if args.quick else BF16_SHAPES, args.quick, backend, device,
+                          compile_failures)
+    syncs = host_syncs_per_step(device)
+    print()
+    if isinstance(syncs, str):
+        print(f"host synchronisations per step: not counted ({syncs})")
+    else:
+        print("host synchronisations per bfloat16 training step (torch.cuda sync debug mode): "
+              + ", ".join(f"{path} dispatch {n}" for path, n in syncs.items()))
     for failure in compile_failures:
         print(f"torch.compile ({backend}) did not run, so no compiled time: {failure}")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-    print(f"parity: ok (ours, ours compiled ({backend}) where it ran, and HF grouped_mm matched HF eager on the same "
-          "weights, every shape)")
+    checked = []
+    if results:
+        checked.append(f"ours, ours compiled ({backend}) where it ran, and HF grouped_mm matched HF eager on the same "
+                       "weights, every shape")
+    if bf16:
+        checked.append("in bfloat16 both eager dispatches and the compiled layer agreed within bfloat16 rounding")
+    print(f"parity: ok ({'; '.join(checked)})")
     if args.out:
         rows = [{**dict(zip(("tokens", "hidden", "inter", "experts", "k"), shape)), **r,
                  "ours_over_dense": r["ours"] / r["dense"],
@@ -220,8 +364,11 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "torch_threads": torch.get_num_threads(),
             "command": "python benchmarks/moe_layer.py" + (" --quick" if args.quick else "")
-            + (f" --compile-backend {args.compile_backend}" if args.compile_backend else ""),
-            "compile_backend": backend, "rows": rows}, indent=1))
+            + (f" --compile-backend {args.compile_backend}" if args.compile_backend else "")
+            + (f" --device {args.device}" if args.device != "cpu" else "")
+            + (f" --only {args.only}" if args.only else ""),
+            "device": device, "compile_backend": backend, "rows": rows, "bf16_dispatch": bf16,
+            "host_syncs_per_step": syncs}, indent=1))
 
 # ----------------------------------------------------------------------------- expert parallelism
 # python benchmarks/moe_layer.py --expert-parallel [--quick]: the same layer with its experts split over 2 CPU processes

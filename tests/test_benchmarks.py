@@ -99,3 +99,14 @@ def test_speed_script_parity_checks_run(script, quick_outputs, monkeypatch, caps
         stdout = capsys.readouterr().out
     assert "parity: ok" in stdout, stdout[-2000:]
     assert "|---" in stdout
+
+
+@pytest.mark.slow  # compiles the layer (aot_eager) for two shapes
+def test_moe_layer_cuda_mode_runs_on_the_cpu_and_says_what_it_skips():
+    """`--device cuda`, what a GPU machine runs, falls back to the CPU here: the bfloat16 dispatch table with its
+    parity checks, and the CUDA-only host-synchronisation count skipped with its reason."""
+    stdout = run_script(str(ROOT / "benchmarks/moe_layer.py"), "--quick", "--only", "bf16", "--device", "cuda").stdout
+    if "no CUDA device here" in stdout:
+        assert "host synchronisations per step: not counted" in stdout
+    assert "(grouped) | " in stdout and "(sorted) | " in stdout  # both eager dispatches timed
+    assert "parity: ok (in bfloat16" in stdout, stdout[-2000:]

@@ -9,6 +9,11 @@ The backward is a custom autograd Function because autograd through per-expert s
 (`weight[e]`) materialises a full zero (E, N, K) gradient per expert and adds them up, which is
 why a naive loop costs E x the weight bytes. Here the weight gradient is written once, slice by
 slice, into one uninitialised buffer; only experts with no rows are zero-filled.
+
+These take the row counts as Python ints (a host synchronisation, a graph break under
+`torch.compile`). The traceable variant, `grouped_linear_offsets`, takes only the int32 offsets
+tensor (`sorted_offsets`), with a backward of two grouped_mm calls (`_GroupedLinearOffsets`);
+it traces wherever `grouped_mm_compiles(dtype, device)` holds.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["grouped_linear", "grouped_mm_supported", "linear_groups", "mm_groups", "weight_grad_groups", "make_offsets"]
+__all__ = ["grouped_linear", "grouped_linear_offsets", "grouped_mm_compiles", "grouped_mm_supported", "linear_groups",
+           "mm_groups", "weight_grad_groups", "make_offsets", "offsets_dispatch", "sorted_offsets"]
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # dtypes for which this torch build has a grouped_mm kernel on each device type, probed lazily
 _PROBED: dict[tuple[str, torch.dtype], bool] = {}
+# dtypes grouped_mm's meta function (what torch.compile traces with) accepts, probed lazily
+_META_PROBED: dict[torch.dtype, bool] = {}
 
 
 def _probe(device: torch.device, dtype: torch.dtype) -> bool:
@@ -38,6 +46,47 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
                 ok = False
         _PROBED[key] = ok
     return _PROBED[key]
+
+
+def _probe_meta(dtype: torch.dtype) -> bool:
+    if dtype not in _META_PROBED:
+        ok = False
+        if _HAS_GROUPED_MM:
+            try:
+                a = torch.empty(8, 8, device="meta", dtype=dtype)
+                b = torch.empty(2, 8, 8, device="meta", dtype=dtype)
+                F.grouped_mm(a, b, offs=torch.empty(2, device="meta", dtype=torch.int32))
+                ok = True
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _META_PROBED[dtype] = ok
+    return _META_PROBED[dtype]
+
+
+def grouped_mm_compiles(dtype: torch.dtype, device: torch.device) -> bool:
+    """True when `F.grouped_mm` runs for `dtype` on `device`'s type and `torch.compile` can trace it.
+
+    Both are probed once and cached: the kernel (eager) and the meta function that fake tensors
+    use while tracing. torch 2.13's meta function accepts only bfloat16, while its CPU kernel
+    also runs float32: float32 grouped_mm works in eager but not under compile. A trace calls this
+    as a constant (it runs the probes outside the graph), never tracing them.
+    """
+    return _probe(torch.device(device), dtype) and _probe_meta(dtype)
+
+
+# What `torch.compiler.assume_constant_result` does, without importing torch._dynamo (and numpy with
+# it) when layers/ is imported; tests/layers/test_compile.py checks that the marker is still this one
+grouped_mm_compiles._dynamo_marked_constant = True
+
+
+def offsets_dispatch(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...]) -> bool:
+    """Whether grouped experts take the tensor-offsets path (`grouped_linear_offsets`), in eager and under
+    `torch.compile` alike: where `grouped_mm_compiles(dtype, device)` and every row width in `sizes` is a
+    multiple of 16 bytes. There it traces, costs no host synchronisation, and in bfloat16 on the CPU it
+    also measured faster in eager than the Python-counts path (docs/performance.md).
+    """
+    align = 16 // dtype.itemsize
+    return grouped_mm_compiles(dtype, device) and all(n % align == 0 for n in sizes)
 
 
 def _aligned(t: Tensor) -> bool:
@@ -145,6 +194,55 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: list[int], offs: Tensor | 
     if len(counts) != weight.shape[0]:
         raise ValueError(f"{len(counts)} counts for {weight.shape[0]} experts")
     return _GroupedLinear.apply(x, weight, counts, offs)
+
+
+class _GroupedLinearOffsets(torch.autograd.Function):
+    """x (S, K) @ weight[e].T by grouped_mm on offsets, with the weight gradient in the weight's layout.
+
+    grouped_mm's own autograd differentiates `weight.transpose(1, 2)` and hands back a transposed
+    (E, N, K) gradient, which AccumulateGrad then copies into the parameter's layout (about a tenth
+    of a compiled bfloat16 step on the CPU). Here it is grad_e.T @ x_e per group, (E, N, K) as the
+    weight; groups without rows come out zero (an empty inner dimension).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, offs)
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = F.grouped_mm(grad, weight, offs=offs) if ctx.needs_input_grad[0] else None  # (S, K)
+        grad_w = F.grouped_mm(grad.t(), x, offs=offs) if ctx.needs_input_grad[1] else None  # (E, N, K)
+        return grad_x, grad_w, None
+
+
+def grouped_linear_offsets(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """Rows of `x` (S, K) sorted by expert @ weight[e].T, weight (E, N, K) -> (S, N), no Python counts.
+
+    offs: int32 (E,) cumulative row counts on x's device (`sorted_offsets`). Rows at or after
+    offs[-1] belong to no expert: their outputs (and the gradients `grouped_mm` gives them) are
+    undefined, so a caller with such rows masks them. Traceable (no host synchronisation): traced,
+    it needs `grouped_mm_compiles(x.dtype, x.device)` and rows whose byte strides are multiples of
+    16 (K and N times the element size); in eager, where grouped_mm cannot run on these tensors, it
+    reads the offsets on the host and takes `grouped_linear`'s loop (same result, a host sync).
+    """
+    if torch.compiler.is_compiling() or grouped_mm_supported(x, weight.transpose(1, 2)):
+        return _GroupedLinearOffsets.apply(x, weight, offs)
+    bounds = [0, *offs.tolist()]
+    return grouped_linear(x, weight, [end - start for start, end in zip(bounds, bounds[1:])])
+
+
+def sorted_offsets(sorted_expert: Tensor, num_experts: int) -> Tensor:
+    """int32 (num_experts,) offsets of each expert's end in `sorted_expert` (S,) sorted ascending.
+
+    A binary search per expert instead of `bincount(...).cumsum()`: static output shape, so it
+    traces; values >= num_experts (a sentinel group sorted last) are counted in no offset.
+    """
+    bounds = torch.arange(1, num_experts + 1, device=sorted_expert.device, dtype=sorted_expert.dtype)
+    return torch.searchsorted(sorted_expert, bounds, out_int32=True)
 
 
 def make_offsets(counts: list[int], device: torch.device) -> Tensor:

@@ -11,9 +11,16 @@ An optional shared expert (Qwen2-MoE) sees every token: its output, scaled by a 
 family keeps them); `from_dense` upcycles a dense MLP.
 
 Dispatch is dropless by default: the (token, slot) pairs are sorted by expert, each expert runs
-one matmul on its contiguous slice (`grouped_linear`), the outputs are scaled by the gate weights
-and scatter-added back to their tokens. A capacity factor turns on DeepSpeed-style token
-dropping (see `routing.capacity_drop` for exactly which pairs drop).
+one matmul on its contiguous slice, the outputs are scaled by the gate weights and summed back
+into their tokens. A capacity factor turns on DeepSpeed-style token dropping (see
+`routing.capacity_drop` for exactly which pairs drop): dropped pairs sort last, into a sentinel
+group no expert computes. `SparseMoE.dispatch_path` picks one of three implementations:
+  "grouped"      per-expert offsets as a tensor and `F.grouped_mm` (`run_sorted_experts`): no host
+                 synchronisation, so `torch.compile` traces it in one graph;
+  "sorted"       per-expert counts as Python ints and one custom autograd node (`_ExpertFFN`),
+                 in eager where grouped_mm cannot trace (float32: the fastest on the CPU);
+  "all_experts"  every expert on every token, for a trace where grouped_mm cannot be traced.
+docs/performance.md says which dtype and device takes which.
 
 Mixed precision: the router always computes in float32 (its weights are stored in float32);
 the experts compute in the input dtype, or in the autocast dtype when autocast is on; the output
@@ -29,11 +36,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .expert_parallel import expert_parallel_forward
-from .grouped import linear_groups, make_offsets, mm_groups, weight_grad_groups
+from .grouped import (
+    grouped_linear_offsets,
+    linear_groups,
+    make_offsets,
+    mm_groups,
+    offsets_dispatch,
+    sorted_offsets,
+    weight_grad_groups,
+)
 from .mlp import GatedMLP, mlp_layout
 from .routing import RoutedLayer, TopKRouter, capacity_drop, expert_capacity
 
-__all__ = ["SparseMoE", "get_activation"]
+__all__ = ["SparseMoE", "get_activation", "run_sorted_experts"]
 
 
 class QuickGELU(nn.Module):
@@ -154,6 +169,55 @@ def _activation_grad(h: Tensor, act_out: Tensor | None, ga: Tensor, act: nn.Modu
             a = act(hd)
         (gh,) = torch.autograd.grad(a, hd, ga)
     return gh.contiguous()
+
+
+def run_sorted_experts(
+    x_sorted: Tensor,
+    offsets: Tensor,
+    w_in: Tensor,
+    w_down: Tensor,
+    b_in: Tensor | None,
+    b_down: Tensor | None,
+    act: nn.Module,
+    gated: bool,
+    *,
+    masked_tail: bool = False,
+) -> Tensor:
+    """The experts' FFN on rows already sorted by expert: (S, H) -> (S, H), unweighted, no host sync.
+
+    offsets: int32 (E,) cumulative rows per expert (`grouped.sorted_offsets`); expert e owns rows
+    offsets[e-1]:offsets[e]. w_in (E, N, H) with N = 2I [gate rows first] when `gated`, else I;
+    w_down (E, H, I); b_in (E, N), b_down (E, H) or None. All in x_sorted's dtype.
+    masked_tail: rows at or after offsets[-1] may exist (pairs dropped into a sentinel group sorted
+    last); they are not computed, come out 0, and pass no gradient. Without it offsets[-1] must be S.
+    Autograd through `grouped.grouped_linear_offsets`; traceable by `torch.compile` (no `.tolist()`),
+    and the local expert computation for a caller that exchanges the rows itself (expert parallelism).
+    """
+    rows = x_sorted.shape[0]
+    kept = None
+    if masked_tail:
+        # grouped_mm leaves the rows after offsets[-1] undefined, forward and backward; zero them on
+        # the way in (their gradient to x), after the bias (the gradient to b_in) and on the way out
+        kept = (torch.arange(rows, device=x_sorted.device) < offsets[-1])[:, None]  # (S, 1)
+        x_sorted = torch.where(kept, x_sorted, 0)
+    expert = None
+    if b_in is not None or b_down is not None:
+        row = torch.arange(rows, device=x_sorted.device, dtype=offsets.dtype)
+        expert = torch.searchsorted(offsets, row, right=True).clamp_max(w_in.shape[0] - 1)  # (S,) row's expert
+    h = grouped_linear_offsets(x_sorted, w_in, offsets)  # (S, N)
+    if b_in is not None:
+        h = h + b_in.index_select(0, expert)
+    if kept is not None:
+        h = torch.where(kept, h, 0)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        a = (F.silu(gate) if _is_silu(act) else act(gate)) * up
+    else:
+        a = act(h)
+    y = grouped_linear_offsets(a, w_down, offsets)  # (S, H)
+    if b_down is not None:
+        y = y + b_down.index_select(0, expert)
+    return y if kept is None else torch.where(kept, y, 0)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -281,11 +345,51 @@ class SparseMoE(nn.Module, RoutedLayer):
             out = torch.sigmoid(self.shared_expert_gate(flat)) * out
         return out
 
+    def dispatch_path(self, dtype: torch.dtype, device: torch.device) -> str:
+        """The expert dispatch `forward` takes for inputs computed in `dtype` on `device`.
+
+        "grouped" (`_experts_grouped`) where `grouped.offsets_dispatch` says so: grouped_mm traces for
+        the dtype (bfloat16 in torch 2.13) and hidden and intermediate rows are multiples of 16 bytes,
+        in eager and under compile. Elsewhere under `torch.compile` "all_experts", in eager "sorted"
+        (float32 on the CPU, where its custom backward is the fastest). A subclass that overrides
+        `expert_weights` (its experts are picked by the Python counts) always takes "sorted".
+        """
+        if type(self).expert_weights is not SparseMoE.expert_weights:
+            return "sorted"
+        if offsets_dispatch(dtype, device, (self.hidden_size, self.intermediate_size)):
+            return "grouped"
+        return "all_experts" if torch.compiler.is_compiling() else "sorted"
+
     def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
         if self.expert_group is not None:
             return expert_parallel_forward(self, flat, indices, weights, dropped)
-        if torch.compiler.is_compiling() and type(self).expert_weights is SparseMoE.expert_weights:
+        path = self.dispatch_path(flat.dtype, flat.device)
+        if path == "grouped":
+            return self._experts_grouped(flat, indices, weights, dropped)
+        if path == "all_experts":
             return self._experts_traceable(flat, indices, weights)
+        return self._experts_sorted(flat, indices, weights, dropped)
+
+    def _experts_grouped(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
+        """Sorted dispatch with the per-expert offsets as a tensor (`run_sorted_experts`): the expert
+        FLOPs of the eager dispatch, no host synchronisation, traceable. Dropped pairs sort into a
+        sentinel group E after every expert's rows and are not computed."""
+        T, k = indices.shape
+        dtype = flat.dtype
+        pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
+        if dropped is not None:
+            pair_expert = pair_expert.masked_fill(dropped.reshape(-1), self.num_experts)
+        sorted_expert, order = torch.sort(pair_expert, stable=True)  # (T*k,)
+        offsets = sorted_offsets(sorted_expert, self.num_experts)  # (E,) int32
+        cast = lambda p: None if p is None else p.to(dtype)  # noqa: E731  (no-op unless autocast)
+        y = run_sorted_experts(flat.index_select(0, order // k), offsets, cast(self.w_in), cast(self.down_proj),
+                               cast(self.b_in), cast(self.down_bias), self.act_fn, self.gated,
+                               masked_tail=dropped is not None)  # (T*k, H) in sorted order
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        rows = y.index_select(0, inverse).view(T, k, -1)  # (T, k, H) back in pair order; dropped rows are 0
+        return torch.bmm(weights.to(dtype).view(T, 1, k), rows).view(T, -1)
+
+    def _experts_sorted(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
         k = indices.shape[1]
         dtype = flat.dtype
         pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
@@ -312,13 +416,13 @@ class SparseMoE(nn.Module, RoutedLayer):
         )
 
     def _experts_traceable(self, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """The dispatch `torch.compile` traces: static shapes and no host synchronisation, so no graph break.
+        """The dispatch `torch.compile` traces where grouped_mm cannot (float32 in torch 2.13): static
+        shapes and no host synchronisation, so no graph break.
 
         Every expert runs on every token and the outputs are summed with a (T, E) gate matrix that is
         zero where a token did not choose the expert or its pair was dropped (`weights` is already 0
         there). The same numbers as the sorted dropless dispatch up to summation order, at E / k times its
-        expert FLOPs: the sorted dispatch needs each expert's token count as a Python int
-        (docs/running_at_scale.md, torch.compile), which a trace cannot have without a graph break.
+        expert FLOPs (docs/running_at_scale.md, torch.compile).
         """
         dtype = flat.dtype
         gates = weights.new_zeros(flat.shape[0], self.num_experts).scatter_add(1, indices, weights).to(dtype)  # (T, E)

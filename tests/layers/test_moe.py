@@ -13,6 +13,7 @@ from transformers.models.phi.modeling_phi import PhiMLP
 
 import lightning_moe.layers.grouped as grouped
 from lightning_moe.layers import SparseMoE, collect_routing
+from lightning_moe.layers.moe import get_activation, run_sorted_experts
 
 
 def mixtral_block(hidden: int, inter: int, experts: int, k: int) -> MixtralSparseMoeBlock:
@@ -301,3 +302,65 @@ def test_from_experts_matches_qwen2_moe_block_with_shared_expert_outputs_and_gra
     # without the shared expert the output differs: the test sees it
     moe.shared_expert = None
     assert not torch.allclose(moe(x_ours), y_hf, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_run_sorted_experts_matches_a_per_expert_loop_and_ignores_the_tail(gated, kernel, monkeypatch):
+    """The local expert computation on sorted rows (what an expert-parallel exchange hands over): each
+    row through its own expert, rows after offsets[-1] output 0 and pass no gradient anywhere; with
+    grouped_mm, and with the per-expert loop eager falls back to where grouped_mm cannot run."""
+    if kernel == "loop":
+        monkeypatch.setattr(grouped, "grouped_mm_supported", lambda *a: False)
+    elif not grouped.grouped_mm_supported(torch.ones(8, 8), torch.ones(2, 8, 8)):
+        pytest.skip("this torch has no grouped_mm kernel for float32 on the CPU")
+    E, H, I, rows = 3, 16, 24, [4, 0, 5]
+    n_in = 2 * I if gated else I
+    act = get_activation("silu" if gated else "gelu")
+    w_in, w_down = torch.randn(E, n_in, H, requires_grad=True), torch.randn(E, H, I, requires_grad=True)
+    b_in, b_down = torch.randn(E, n_in, requires_grad=True), torch.randn(E, H, requires_grad=True)
+    x = torch.randn(sum(rows) + 3, H, requires_grad=True)  # 3 rows of a dropped tail
+    offsets = torch.tensor(rows, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    y = run_sorted_experts(x, offsets, w_in, w_down, b_in, b_down, act, gated, masked_tail=True)
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor(rows))
+    ref = []
+    for r, e in enumerate(expert.tolist()):
+        h = w_in[e] @ x[r] + b_in[e]
+        a = act(h[:I]) * h[I:] if gated else act(h)
+        ref.append(w_down[e] @ a + b_down[e])
+    ref = torch.cat([torch.stack(ref), torch.zeros(3, H)])
+    assert_rel_close(y, ref)
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, w_in, w_down, b_in, b_down), g)
+    theirs = torch.autograd.grad(ref, (x, w_in, w_down, b_in, b_down), g, allow_unused=True)
+    assert torch.all(ours[0][-3:] == 0)
+    for a, b in zip(ours, theirs):
+        assert_rel_close(a, torch.zeros_like(a) if b is None else b)
+
+
+@pytest.mark.parametrize("options", [{}, {"capacity_factor": 1.0, "min_capacity": 1, "bias": True},
+                                     {"gated": False, "activation": "gelu", "shared_expert_size": 8}])
+def test_grouped_and_sorted_dispatch_agree_in_eager(options, monkeypatch):
+    """The grouped dispatch (tensor offsets, what torch.compile traces and eager CUDA runs) against the sorted
+    one (Python counts), float32 on the CPU where both run, with dropped pairs too."""
+    if not grouped.grouped_mm_supported(torch.ones(8, 8), torch.ones(2, 8, 8)):
+        pytest.skip("this torch has no grouped_mm kernel for float32 on the CPU")
+    moe = SparseMoE(16, 24, 4, 2, **options)
+    with torch.no_grad():
+        moe.router.proj.weight.normal_(std=1.0)
+        for name, p in moe.named_parameters():
+            if name.endswith("_bias"):
+                p.normal_(std=0.1)
+    x, g = torch.randn(30, 16), torch.randn(30, 16)
+    results = {}
+    for path in ("sorted", "grouped"):
+        monkeypatch.setattr(moe, "dispatch_path", lambda dtype, device, path=path: path)
+        moe.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = moe(xi)
+        out.backward(g)
+        results[path] = [out.detach(), xi.grad] + [p.grad for p in moe.parameters()]
+    if options.get("capacity_factor"):
+        assert moe.last_routing.dropped.any()
+    for a, b in zip(results["grouped"], results["sorted"]):
+        assert_rel_close(a, b)

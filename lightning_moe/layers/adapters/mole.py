@@ -9,9 +9,10 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..grouped import grouped_linear, make_offsets
+from ..grouped import grouped_linear, grouped_linear_offsets, make_offsets, offsets_dispatch, sorted_offsets
 from ..mlp import mlp_layout
 from ..routing import BalanceForm, RoutedLayer, RouterOutput, TopKRouter, register_balance_form
 from .lora import _dropout
@@ -43,6 +44,10 @@ class MoLEMLP(nn.Module, RoutedLayer):
     the router learns from the task loss). False: the reference behaviour, update unscaled; the
     router then learns only from the balance loss (`load_balancing_loss(..., form="mole")`).
     Expert LoRA weights: `lora_A[role]` (E, r, in), `lora_B[role]` (E, out, r).
+    The LoRA experts take the tensor-offsets grouped matmuls (`grouped.offsets_dispatch`: traceable by
+    `torch.compile`, no host synchronisation; eager too) where the LoRA dtype allows (bfloat16 with in, out and r
+    multiples of 8 in torch 2.13); else in eager per-expert counts as Python ints, and under compile
+    every LoRA expert on every token with the others' outputs zeroed (E x the LoRA FLOPs, small at rank r).
     """
 
     def __init__(
@@ -84,9 +89,18 @@ class MoLEMLP(nn.Module, RoutedLayer):
     def _proj(self, role: str) -> nn.Linear:
         return getattr(self.mlp, self._names[role])
 
-    def _lora(self, role: str, x: Tensor, counts: list[int], offs: Tensor, scale: Tensor) -> Tensor:
+    def _lora(self, role: str, x: Tensor, counts: list[int] | None, offs: Tensor | None, scale: Tensor) -> Tensor:
+        """The role's LoRA experts on rows sorted by expert, `scale` (T, 1) each row's update scale.
+        counts None: offsets only (traceable); offs None too: every expert on every row, `scale` (T, E)
+        then zero except at the row's expert."""
         a, b = self.lora_A[role], self.lora_B[role]
         x = self.lora_dropout(x.to(a.dtype))
+        if offs is None:
+            E, r = a.shape[:2]
+            z = (x @ a.reshape(E * r, -1).t()).view(-1, E, r) * scale[:, :, None]  # (T, E, r)
+            return z.view(-1, E * r) @ b.transpose(1, 2).reshape(E * r, -1)  # (T, out)
+        if counts is None:
+            return grouped_linear_offsets(grouped_linear_offsets(x, a, offs) * scale, b, offs)
         z = grouped_linear(x, a, counts, offs)  # (T, r)
         return grouped_linear(z * scale, b, counts, offs)  # (T, out)
 
@@ -98,13 +112,20 @@ class MoLEMLP(nn.Module, RoutedLayer):
             routing = self.force_routing(routing, shape)
         self.last_routing = routing
         expert = routing.indices[:, 0]  # (T,)
-        order = torch.argsort(expert, stable=True)  # (T,) tokens grouped by expert
-        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
-        offs = make_offsets(counts, flat.device)
+        sorted_expert, order = torch.sort(expert, stable=True)  # (T,) tokens grouped by expert
+        widths = [n for p in (self._proj(role) for role in self.lora_A) for n in (p.in_features, p.out_features)]
         xs = flat[order]  # (T, H) sorted
         # per-token scale of the expert update, (T, 1) in the LoRA dtype
         gate_w = routing.weights[:, 0][order] if self.scale_by_prob else torch.ones_like(order, dtype=torch.float32)
         scale = (gate_w * self.scaling).to(self.lora_A["up"].dtype)[:, None]
+        if offsets_dispatch(self.lora_A["up"].dtype, flat.device, (*widths, self.r)):
+            counts, offs = None, sorted_offsets(sorted_expert, self.num_experts)
+        elif torch.compiler.is_compiling():
+            counts = offs = None
+            scale = F.one_hot(sorted_expert, self.num_experts).to(scale.dtype) * scale  # (T, E)
+        else:
+            counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+            offs = make_offsets(counts, flat.device)
 
         def proj(role: str, h: Tensor) -> Tensor:
             out = self._proj(role)(h)
