@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 from types import TracebackType
 
+from lightning_moe.callbacks.checkpoint_io import CheckpointWriteError
 from lightning_moe.data.records import DataError
 from lightning_moe.safe_load import DamagedFileError, UnsafeFileError
 
@@ -27,7 +28,7 @@ class CheckpointMismatchError(ValueError):
 
 # errors whose message already names what is wrong (our own code raises them with the path or key)
 _USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UnsafeFileError,
-                DamagedFileError, CheckpointMismatchError, DataError)
+                DamagedFileError, CheckpointMismatchError, DataError, CheckpointWriteError)
 _CHECKPOINT_ERRORS = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, OSError)
 # lines of jsonargparse's wrapping that say nothing about the cause
 _NOISE = re.compile(r"Does not validate against any of the|Given value|Not a valid subclass|Namespace\(|^Subtypes:|^Errors:|"
