@@ -114,6 +114,17 @@ def test_a_checkpoint_runs_only_its_own_method(run_checkpoint, subcommand, other
     assert "backbone.pretrained" in error
 
 
+def test_another_surgery_is_refused_in_one_line_by_main_py(run_checkpoint, tmp_path):
+    """As the user runs it: `python main.py test ... --ckpt_path` in a subprocess."""
+    from tests.test_one_line_errors import one_line_error
+    from tests.test_run_safety import run_main_py
+
+    arguments, saved, configured = OTHER_METHODS["surgery"]
+    line = one_line_error(run_main_py(["test", *arguments, *TINY, f"--ckpt_path={run_checkpoint}"], tmp_path))
+    assert f"error: --ckpt_path {run_checkpoint} is a checkpoint of lightning_moe.methods.MoETuning (stage 'moe', " \
+           f"{saved}), but the config runs lightning_moe.methods.MoETuning (stage 'moe', {configured})" in line, line
+
+
 def test_the_same_plan_given_again_is_not_a_mismatch(run_checkpoint):
     """The run's own settings, spelled as the config gives them (a list for a tuple, a parsed Namespace for a
     dataclass), are the checkpoint's: nothing differs."""

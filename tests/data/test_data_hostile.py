@@ -198,18 +198,19 @@ def test_a_data_file_that_is_a_fifo_or_a_directory_is_named_not_read(root, token
             LlavaDataset(root / name, root, tokenizer, skip_bad_records=True)
 
 
-@pytest.mark.parametrize("rows, words", [
-    ([], "domain 'shapes' has no usable train samples: its data files hold no records"),
-    ([record("x", images=("img\0.png",))], "train.jsonl:1: record 'x'"),  # a bad record, not skipped
-])
-def test_a_data_error_at_setup_is_one_line_through_the_cli(root, tmp_path, capsys, monkeypatch, rows, words):
+@pytest.mark.parametrize("rows, words, extra", [
+    ([], "domain 'shapes' has no usable train samples: its data files hold no records", []),
+    ([record("x", images=("img\0.png",))], "train.jsonl:1: record 'x'", []),  # a bad record, not skipped
+    ([record("v")], "val.jsonl:1: record 'v': the id of a record of train/shapes", ["--data.init_args.duplicate_ids=error"]),
+], ids=["empty", "bad-record", "id-in-train-and-val"])
+def test_a_data_error_at_setup_is_one_line_through_the_cli(root, tmp_path, capsys, monkeypatch, rows, words, extra):
     write_jsonl(root / "train.jsonl", rows)
     write_jsonl(root / "val.jsonl", [record("v")])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--data.init_args.root={root}",
               '--data.init_args.domains={"shapes": {"train": "train.jsonl", "val": "val.jsonl"}}',
-              "--trainer.max_steps=1", "--trainer.logger=false"])
+              "--trainer.max_steps=1", "--trainer.logger=false", *extra])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
