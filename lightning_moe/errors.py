@@ -90,7 +90,7 @@ def _from_argument_error(text: str) -> str:
 _EXPECTED = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)$")
 _EXPECTED_CLASS = re.compile(r"Expected a <class '(?P<type>\w+)'>$")  # its value is on a "Given value:" line
 _GIVEN_VALUE = re.compile(r"Given value: (?P<value>.*?)(?:\. Got value:.*)?$")
-_NOT_OF_TYPE = re.compile(r"Not of type (?P<type>\w+): (?P<why>.*)$")
+_NOT_OF_TYPE = re.compile(r"Not of type \w+: ")
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 # a key whose value is a class with its own arguments (`class_path` + `init_args`), or a dataclass (its fields)
 _CLASS_VALUE = re.compile(r"Problem with given class_path '(?P<path>[^']+)'|expects a function or a callable class")
@@ -112,13 +112,13 @@ def _wrong_type(text: str) -> str | None:
     """`key: expected T, got 'value'` for a config value of the wrong type (jsonargparse names the type and the
     value at the innermost of its nested "Parser key" lines, without the full key), or None for another error."""
     lines = text.splitlines()
-    found = []  # (indent, line number, expected, value)
+    found = []  # (indent, line number, what is expected, the value given; None: that line says both)
     for i, line in enumerate(lines):
         stripped = line.strip(" -")
         if (m := _EXPECTED.search(stripped)) and "NoneType" not in m["type"]:
             found.append((_indent(line), i, m["type"], repr(m["value"])))
-        elif m := _NOT_OF_TYPE.search(stripped):
-            found.append((_indent(line), i, m["type"], m["why"]))
+        elif _NOT_OF_TYPE.search(stripped):  # a restricted type: its check says the value and what is wrong
+            found.append((_indent(line), i, stripped, None))
         elif (m := _EXPECTED_CLASS.fullmatch(stripped)) and m["type"] != "NoneType":
             given = next((g for g in map(_GIVEN_VALUE.search, lines[i:]) if g), None)
             found.append((_indent(line), i, m["type"], repr(given["value"]) if given else "another value"))
@@ -138,6 +138,8 @@ def _wrong_type(text: str) -> str | None:
             argument_of = "dataclass" if _is_dataclass_path(m["path"]) else "class"
     if not keys:
         return None
+    if value is None:
+        return f"{'.'.join(keys)}: {expected}"
     literal = re.fullmatch(r"typing\.Literal\[(.*)\]", expected)
     expected = f"one of {literal[1]}" if literal else re.sub(r"<class '(\w+)'>", r"\1", expected)
     return f"{'.'.join(keys)}: expected {expected}, got {value}"

@@ -215,3 +215,11 @@ def test_a_data_error_at_setup_is_one_line_through_the_cli(root, tmp_path, capsy
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert words in err[err.index("error: "):].splitlines()[0]
+
+
+def test_the_documentation_lists_every_reason():
+    reasons = {value for name, value in vars(R).items() if name.isupper() and isinstance(value, str)}  # the constants
+    assert R.DUPLICATE_ID in reasons and R.UNREADABLE_IMAGE in reasons and len(reasons) == 15
+    table = (ROOT / "docs/data_validation.md").read_text()
+    assert sorted(r for r in reasons if f"| `{r}` |" not in table) == []
+    assert "`unreadable_<modality>`" in table  # the other modalities' unreadable reasons
