@@ -122,6 +122,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     "nothing was left at that path; the run's earlier checkpoints are kept")
             reason = error.strerror or str(error)
             raise CheckpointWriteError(
-                f"checkpoint {path} could not be written ({reason}, {buffer.getbuffer().nbytes} bytes "
-                f"needed): {kept}; free space there (or set ModelCheckpoint's dirpath elsewhere) and resume with "
-                f"--ckpt_path") from error
+                f"checkpoint {path} ({buffer.getbuffer().nbytes} bytes) could not be written ({reason}): {kept}; "
+                "free space there (or set ModelCheckpoint's dirpath elsewhere) and resume with --ckpt_path") from error
