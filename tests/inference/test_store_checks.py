@@ -249,3 +249,10 @@ def test_a_command_on_a_damaged_store_says_it_in_one_line_naming_the_first_files
     assert err.startswith(f"{command}: store {store.directory} has 4 damaged files: ")
     assert all(f"{name} (missing)" in err for name in names[:3]) and names[3] not in err and "and 1 more" in err
     assert f"verify --store {store.directory}" in err  # where the whole list is
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"a store"', b"\xff{}"], ids=["list", "string", "not-utf8"])
+def test_a_manifest_that_is_not_a_json_object_is_a_store_error(store, content):
+    (store.directory / "manifest.json").write_bytes(content)
+    with pytest.raises(StoreError, match=r"manifest\.json (holds a JSON (list|str), not a store manifest|is not valid JSON)"):
+        ExpertStore(store.directory)
