@@ -11,7 +11,8 @@ a config names it once. The default progress bar counts optimizer steps to `max_
 `--ckpt_path` (`_parse_ckpt_path`): Lightning applies the checkpoint's hyperparameters over the command's
 model settings. Here the file is read by `safe_load.load_torch_file` (a pickle payload is refused naming
 the global it holds), a checkpoint of another method class, stage or model plan (surgery and trainable set,
-`PLAN_SETTINGS`) than the config's stops the run (`check_same_method`), and the loading opt-ins are never taken from it (`safe_load.without_loading_opt_ins`).
+`PLAN_SETTINGS`) than the config's stops the run (`check_same_method`), and the loading opt-ins are never
+taken from it (`safe_load.without_loading_opt_ins`).
 
 Every run also gets (`add_run_safety`): a `NonFiniteGuard` (a NaN/inf loss or gradient stops the
 run before it reaches the weights or a checkpoint) and `AtomicCheckpointIO` (a checkpoint is

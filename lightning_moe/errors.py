@@ -4,7 +4,11 @@
 its traceback). The CLI prints it instead of a traceback (lightning_moe/cli.py, `--debug` shows the
 traceback). Errors raised while jsonargparse instantiates a class reach here as text wrapped in
 "Does not validate against any of the Union subtypes" and followed by a dump of the parsed
-Namespace; the original message is dug out of that text and the dump dropped.
+Namespace; the original message is dug out of that text and the dump dropped. A value of the wrong
+type is reported by jsonargparse at the innermost of nested "Parser key" lines; `_wrong_type` puts the
+full key back together (`data.init_args.batch_size: expected int, got 'four'`). Lightning's own refusals
+of a setting (`MisconfigurationException`, e.g. `trainer.max_steps: -5`) and a checkpoint that could not be
+written (`CheckpointWriteError`: a full disk) print as they are: they name the setting or the file.
 """
 
 from __future__ import annotations

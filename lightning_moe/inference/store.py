@@ -360,7 +360,7 @@ class ExpertStore:
             if experts:
                 raise StoreError(f"{path}: MoE layer {layer} has no manifest entry for experts {experts}")
         if self.damaged_files(checksums=False):  # a stat per file: a missing or cut file fails now...
-            raise self._damaged(None)  # ...listed with every other damaged one
+            raise self._damage_error(self.damaged_files())  # ...listed with every other damaged one
 
     # ------------------------------------------------------------------ what the manifest says
     @property
@@ -472,8 +472,9 @@ class ExpertStore:
     def verify_files(self) -> int:
         """Check every file, checksums included; raise StoreError listing every damaged one, else return
         how many files were checked."""
-        if self.damaged_files():
-            raise self._damaged(None)
+        damaged = self.damaged_files()
+        if damaged:
+            raise self._damage_error(damaged)
         return 1 + len(self.entries)
 
     def _damage_report(self, damaged: dict[str, str]) -> str:
@@ -481,12 +482,16 @@ class ExpertStore:
         return (f"store {self.directory} has {len(damaged)} damaged file{'s' if len(damaged) > 1 else ''} "
                 f"(export the store again):\n{lines}")
 
-    def _damaged(self, message: str | None) -> StoreError:
-        """The error for damage just found (`message` names the file; None: the list alone), listing every damaged
-        file of the store: one bad file is rarely alone, and a user fixing them one run at a time would not know."""
+    def _damage_error(self, damaged: dict[str, str], message: str | None = None) -> StoreError:
+        """The error listing every damaged file of the store (`damaged_files()`), after `message` if given."""
+        report = self._damage_report(damaged)
+        return StoreError(f"{message}\n{report}" if message else report, self.directory, damaged)
+
+    def _damaged(self, message: str) -> StoreError:
+        """The error for damage just found (`message` names the file), listing every damaged file of the store:
+        one bad file is rarely alone, and a user fixing them one run at a time would not know."""
         damaged = self.damaged_files()
-        text = "\n".join(m for m in (message, damaged and self._damage_report(damaged)) if m)
-        return StoreError(text, self.directory, damaged)
+        return self._damage_error(damaged, message) if damaged else StoreError(message, self.directory)
 
     def _fingerprint_problem(self, tensors: dict[str, Tensor]) -> str | None:
         """For a store whose manifest has no checksum of base.safetensors: what is wrong with its tensors, if
