@@ -10,8 +10,9 @@ a config names it once. The default progress bar counts optimizer steps to `max_
 
 `--ckpt_path` (`_parse_ckpt_path`): Lightning applies the checkpoint's hyperparameters over the command's
 model settings. Here the file is read by `safe_load.load_torch_file` (a pickle payload is refused naming
-the global it holds), a checkpoint of another method class or stage than the config's stops the run
-(`check_same_method`), and the loading opt-ins are never taken from it (`safe_load.without_loading_opt_ins`).
+the global it holds), a checkpoint of another method class, stage or model plan (surgery and trainable set,
+`PLAN_SETTINGS`) than the config's stops the run (`check_same_method`), and the loading opt-ins are never
+taken from it (`safe_load.without_loading_opt_ins`).
 
 Every run also gets (`add_run_safety`): a `NonFiniteGuard` (a NaN/inf loss or gradient stops the
 run before it reaches the weights or a checkpoint) and `AtomicCheckpointIO` (a checkpoint is
@@ -24,6 +25,7 @@ naming the path or key; `--debug` (or `LIGHTNING_MOE_DEBUG=1`) shows the full tr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import os
@@ -33,6 +35,7 @@ from typing import Any
 
 import lightning as L
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -99,20 +102,62 @@ def _same_class(configured: str, saved: str) -> bool:
         return False
 
 
+# the method settings that decide the model's surgery (which layers are rewritten, into what) and what is trained:
+# a checkpoint continues or evaluates only the run that wrote it, so these must agree with the config's
+PLAN_SETTINGS = ("stage", "trainable", "train_vision_tower", "moe", "lora", "mora", "experts", "adapters", "modality")
+
+
+def _plain(value: Any) -> Any:
+    """`value` as plain dicts and lists (a config dataclass, a parsed Namespace, a tuple), to compare and show."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _leaves(value: Any, key: str) -> dict[str, Any]:
+    """{dotted key: value} of every leaf under `key` (a dict's entries; anything else is a leaf)."""
+    if not isinstance(value, dict) or not value:
+        return {key: value}
+    return {leaf: v for k, sub in value.items() for leaf, v in _leaves(sub, f"{key}.{k}").items()}
+
+
+def plan_differences(hparams: dict[str, Any], init_args: Any) -> list[tuple[str, Any, Any]]:
+    """(key, the checkpoint's value, the config's) of each `PLAN_SETTINGS` leaf both give and that differs; a
+    setting the config leaves to the method's default (None) or the checkpoint does not record is not compared."""
+    differences = []
+    for name in PLAN_SETTINGS:
+        configured = init_args.get(name) if init_args is not None else None
+        if name not in hparams or configured is None:
+            continue
+        saved_leaves, configured_leaves = _leaves(_plain(hparams[name]), name), _leaves(_plain(configured), name)
+        differences += [(key, saved_leaves[key], value) for key, value in configured_leaves.items()
+                        if key in saved_leaves and saved_leaves[key] != value]
+    return differences
+
+
 def check_same_method(hparams: dict[str, Any], model: Any, ckpt_path: str | Path) -> None:
-    """Raise `CheckpointMismatchError` when the checkpoint's recorded method class or stage is not the config's
-    `model` (which the parser requires, so a checkpoint never picks the class)."""
+    """Raise `CheckpointMismatchError` when the checkpoint's recorded method class, stage or model plan (its
+    surgery and trainable set, `PLAN_SETTINGS`) is not the config's `model` (which the parser requires, so a
+    checkpoint never picks the class); the error names both."""
     configured_class, saved_class = model["class_path"], hparams.get("_class_path")
     init_args = model.get("init_args") or {}
-    configured_stage, saved_stage = init_args.get("stage"), hparams.get("stage")
     other_class = saved_class is not None and not _same_class(configured_class, saved_class)
-    other_stage = None not in (configured_stage, saved_stage) and configured_stage != saved_stage
-    if other_class or other_stage:
-        saved = f"{saved_class or 'its method'} (stage {saved_stage!r})"
+    differences = plan_differences(hparams, init_args)
+    if other_class or differences:
+        shown = [("stage", hparams.get("stage"), init_args.get("stage"))]
+        shown += [d for d in differences if d[0] != "stage"]
+        saved = ", ".join(f"{key} {value!r}" for key, value, _ in shown)
+        configured = ", ".join(f"{key} {value!r}" for key, _, value in shown)
         raise CheckpointMismatchError(
-            f"--ckpt_path {ckpt_path} is a checkpoint of {saved}, but the config runs {configured_class} "
-            f"(stage {configured_stage!r}): --ckpt_path continues or evaluates the run that wrote it; to start a "
-            f"new stage from it, set model.init_args.backbone.pretrained: {ckpt_path}")
+            f"--ckpt_path {ckpt_path} is a checkpoint of {saved_class or 'its method'} ({saved}), but the config runs "
+            f"{configured_class} ({configured}): --ckpt_path continues or evaluates the run that wrote it; to start "
+            f"a new stage from it, set model.init_args.backbone.pretrained: {ckpt_path}")
 
 
 def help_for_named_model(argv: list[str]) -> list[str]:
@@ -234,5 +279,5 @@ def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> d
     return yaml.safe_load(out.getvalue())
 
 
-__all__ = ["LightningMoECLI", "LogDirSaveConfig", "NonFiniteError", "add_run_safety", "check_same_method",
-           "effective_config", "help_for_named_model", "main"]
+__all__ = ["LightningMoECLI", "LogDirSaveConfig", "NonFiniteError", "PLAN_SETTINGS", "add_run_safety",
+           "check_same_method", "effective_config", "help_for_named_model", "main", "plan_differences"]

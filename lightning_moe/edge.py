@@ -11,7 +11,8 @@
 This is the command layer over `lightning_moe.inference`: it reads datasets and media files (through
 `lightning_moe.data`, hence Lightning), which `inference/` itself never imports (docs/architecture.md:
 inference imports models/ and layers/ only); the library takes plain batches. A damaged store
-(`StoreError`) ends any command with its message and exit status 1, no traceback.
+(`StoreError`) ends any command with exit status 1 and no traceback: one line naming the damaged files (how many,
+and the first few), or, for `verify`, every damaged file, one a line.
 """
 
 from __future__ import annotations
@@ -247,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except StoreError as err:  # it names every damaged file and the manifest entry: a traceback would add nothing
-        print(f"{args.command}: {err}", file=sys.stderr)
+    except StoreError as err:  # it names the damaged files and the manifest entry: a traceback would add nothing
+        # verify lists every damaged file, one a line; the other commands say it in one line
+        print(f"{args.command}: {err if args.command == 'verify' else err.one_line()}", file=sys.stderr)
         raise SystemExit(1) from err
 
 

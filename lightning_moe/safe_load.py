@@ -14,6 +14,8 @@ Hugging Face may load a model.
   (`pytorch_model.bin`) is refused unless the same opt-in is given.
 - Hugging Face never runs a repository's Python code (`trust_remote_code`) unless the config asks
   for it (`backbone.trust_remote_code`); a model that needs it fails with an error saying so.
+- Each opt-in says what it trusts, one warning per file or model loaded under it: `load_torch_file` and
+  `check_safe_weights` name the file or directory read with pickle, `hf_source` the model whose code may run.
 - Those opt-ins (`LOADING_OPT_INS`) come only from the person running the command: the command line
   or a config file they name. A checkpoint's hyperparameters never give them (`without_loading_opt_ins`,
   applied where Lightning would rebuild a method from them: `LightningMoECLI` for `--ckpt_path`,
@@ -201,13 +203,18 @@ def raise_if_remote_code(name: str, error: Exception) -> None:
 
 
 @contextmanager
-def hf_source(what: str, name_or_path: str | Path, allow_unsafe: bool = False) -> Iterator[None]:
+def hf_source(what: str, name_or_path: str | Path, allow_unsafe: bool = False,
+              trust_remote_code: bool = False) -> Iterator[None]:
     """Around a Hugging Face `from_pretrained` of `name_or_path` (`what`: "LLM", "vision tower", ...): refuse
     pickle-only weights first, name a path that is neither local nor a possible Hub id without asking the Hub,
-    and turn the loader's remote-code and not-found errors into ones that say what to do."""
+    and turn the loader's remote-code and not-found errors into ones that say what to do. With the
+    `trust_remote_code` opt-in, one warning names the model whose code it lets run."""
     check_safe_weights(name_or_path, allow_unsafe=allow_unsafe)
     if not Path(name_or_path).exists() and not could_be_hub_id(name_or_path):
         raise model_source_error(what, name_or_path)
+    if trust_remote_code:
+        warnings.warn(f"loading {what} {name_or_path} with {REMOTE_CODE_OPT_IN}: the Python code shipped with it (if "
+                      "any) runs; do it only for models you trust", stacklevel=3)
     try:
         yield
     except ValueError as error:

@@ -1,8 +1,10 @@
 """Test-only callbacks for tests/test_run_safety.py, named on the command line of a subprocess run
-(`--trainer.callbacks+=tests.run_safety_helpers.KillAtStep`): a crash, a NaN and a kill mid-save."""
+(`--trainer.callbacks+=tests.run_safety_helpers.KillAtStep`): a crash, a NaN, a kill mid-save and a disk
+that fills up mid-save."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -49,6 +51,25 @@ class KillDuringSave(L.Callback):
             write_all(fd, data)
 
         checkpoint_io._write_all = dying_write
+
+
+class DiskFullDuringSave(L.Callback):
+    """The disk fills up half-way through writing the `nth` checkpoint file (counted from 1): that write raises
+    OSError(ENOSPC), as `os.write` does on a full disk."""
+
+    def __init__(self, nth: int):
+        from lightning_moe.callbacks import checkpoint_io
+
+        write_all, calls = checkpoint_io._write_all, [0]
+
+        def filling_write(fd, data):
+            calls[0] += 1
+            if calls[0] == nth:
+                write_all(fd, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            write_all(fd, data)
+
+        checkpoint_io._write_all = filling_write
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -113,12 +113,32 @@ def test_directory_with_only_pickle_weights_is_refused(tmp_path):
     check_safe_weights(tmp_path)  # safetensors beside it: transformers reads those
 
 
-def test_trust_remote_code_names_the_models_it_trusts():
-    from lightning_moe.methods import MoETuning
-    from lightning_moe.methods.base import BackboneConfig
+def test_trust_remote_code_names_each_model_it_trusts(tmp_path, tokenizer):
+    """One warning per model loaded under the opt-in, naming it; a preset runs no code and is not named."""
+    import warnings
 
-    with pytest.warns(UserWarning, match="trust_remote_code: true: the Python code shipped with tiny-llama, tiny-clip"):
-        MoETuning(backbone=BackboneConfig(trust_remote_code=True), stage="moe")
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from lightning_moe.models import build_multimodal
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llm")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "tower")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        build_multimodal(tokenizer, str(tmp_path / "llm"), encoders={"image": {"tower": str(tmp_path / "tower")}},
+                         trust_remote_code=True)
+        build_multimodal(tokenizer, "tiny-llama", encoders={"image": {"tower": "tiny-clip"}}, trust_remote_code=True)
+    trusted = [str(w.message) for w in record if "trust_remote_code" in str(w.message)]
+    assert trusted == [f"loading LLM {tmp_path / 'llm'} with backbone.trust_remote_code: true: the Python code shipped "
+                       "with it (if any) runs; do it only for models you trust",
+                       f"loading vision tower {tmp_path / 'tower'} with backbone.trust_remote_code: true: the Python "
+                       "code shipped with it (if any) runs; do it only for models you trust"], trusted
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        build_multimodal(tokenizer, str(tmp_path / "llm"), encoders={"image": {"tower": str(tmp_path / "tower")}})
+    assert not [w for w in record if "trust_remote_code" in str(w.message)]  # no opt-in, nothing trusted
 
 
 def test_no_unsafe_torch_load_outside_the_opt_in():

@@ -12,6 +12,10 @@ file is created directly. Either way, temporaries a killed process left in that 
 the instant between link and rename, or without `O_TMPFILE`) are removed by the next save.
 Remote paths (`s3://` ...) keep Lightning's writer.
 
+A write that fails (the disk is full, a quota, a read-only folder) leaves the earlier file as it was and
+raises `CheckpointWriteError`, which names the file, the reason and that the earlier checkpoint is kept;
+the CLI prints it as one line (lightning_moe/errors.py).
+
 The CLI installs it for every run (lightning_moe/cli.py) unless the trainer is given a CheckpointIO.
 """
 
@@ -26,6 +30,10 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, ...); the earlier file at its path, if any, is unchanged."""
+
 
 TMP_PREFIX = ".tmp-ckpt-"  # hidden temporaries beside the target: .tmp-ckpt-<pid>-<name>
 CHUNK = 16 << 20
@@ -106,4 +114,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(buffer.getbuffer(), path)
+        existed = Path(path).is_file()
+        try:
+            atomic_write_bytes(buffer.getbuffer(), path)
+        except OSError as error:
+            kept = (f"the earlier {Path(path).name} is kept unchanged" if existed else
+                    "nothing was left at that path; the run's earlier checkpoints are kept")
+            reason = error.strerror or str(error)
+            raise CheckpointWriteError(
+                f"checkpoint {path} ({buffer.getbuffer().nbytes} bytes) could not be written ({reason}): {kept}; "
+                "free space there (or set ModelCheckpoint's dirpath elsewhere) and resume with --ckpt_path") from error

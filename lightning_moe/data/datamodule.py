@@ -17,7 +17,8 @@ any class is built. A weight of 0 is refused rather than read as "disabled": a d
 training is one without `train` files (its val / test splits are still evaluated), which says so
 in the config itself. Skipped records are counted per reason, listed in full in the run's log
 directory (`skips.py`), and a sample that fails to decode while training is skipped and counted
-(`on_before_batch_transfer`).
+(`on_before_batch_transfer`). Record ids are compared across every split and domain set up
+(`duplicate_ids`: the same id in train and test would be a leak).
 """
 
 import math
@@ -32,7 +33,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from lightning_moe.data.dataset import DUPLICATE_ID_POLICIES, SKIPPED_RECORDS, LlavaDataset, collate_batch
-from lightning_moe.data.records import MAX_CHARACTERS, MAX_TURNS, DataError, where
+from lightning_moe.data.records import (DUPLICATE_ID, MAX_CHARACTERS, MAX_TURNS, BadRecordError, DataError,
+                                        SkippedRecord, where)
 from lightning_moe.data.skips import SkipLog
 from lightning_moe.data.sampler import ResumableDataLoader, ResumableSampler
 from lightning_moe.modalities import build_transforms, split_option
@@ -169,8 +171,9 @@ class DomainMixtureDataModule(L.LightningDataModule):
         max_turns_per_record / max_characters_per_record: a record with more turns, or more characters of
             text, is a bad record (`too_many_turns` / `too_many_characters`), so that one record cannot stall
             setup; None: no limit.
-        duplicate_ids: `keep` records whose id an earlier record of the same split and domain has (counted in
-            the data report), or `error`: such a record is a bad record (`duplicate_id`).
+        duplicate_ids: `keep` records whose id an earlier record has, in the same split and domain or in
+            another (counted in the data report: `duplicate_ids`, `duplicate_ids_across`; the same id in train
+            and test is a leak), or `error`: such a record is a bad record (`duplicate_id`).
         defer_train_decoding: for train corpora too large to read at setup: their modality files
             are checked for existence and place only, not decoded, until a batch draws them.
             Evaluation splits are always decoded at setup.
@@ -272,7 +275,41 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 for name, dataset in self.datasets[split].items():
                     self.skip_log.add((r.as_dict() for r in dataset.report.skipped_records),
                                       split=split, domain=name, stage="setup")
+        self._check_ids_across_datasets()
         self._print_report(stage)
+
+    def _check_ids_across_datasets(self) -> None:
+        """Count, per split and domain, the samples whose id a record of another split or domain has (the same id in
+        train and test is a leak; an earlier split, in train/val/test order, or an earlier domain holds the first),
+        in `data_report[split][domain]["duplicate_ids_across"]`; with `duplicate_ids: error` such a sample is a bad
+        record (`duplicate_id`): skipped and counted under `skip_bad_records`, else setup stops naming both."""
+        first_of: dict[str, tuple[str, str]] = {}  # id -> (split/domain, file:line) of its first sample
+        for split in (s for s in SPLITS if s in self.datasets):
+            for name, dataset in self.datasets[split].items():
+                here, kept, across, skipped = f"{split}/{name}", [], 0, []
+                for sample in dataset.samples:
+                    record = sample[0] if isinstance(sample, tuple) else sample  # a preference pair: its chosen side
+                    first = first_of.setdefault(record.id, (here, where(record.file, record.line, None).rstrip(":")))
+                    if first[0] == here:  # a repeat inside one data set: its own `duplicate_ids` count
+                        kept.append(sample)
+                    elif self.hparams.duplicate_ids == "error":
+                        error = BadRecordError(DUPLICATE_ID, record.file, record.line, record.id,
+                                               f"the id of a record of {first[0]} ({first[1]}); ids must be unique "
+                                               "across the data module's splits and domains (duplicate_ids: error)")
+                        if not self.hparams.skip_bad_records:
+                            raise error
+                        skipped.append(SkippedRecord.from_error(error))
+                    else:
+                        kept.append(sample)
+                        across += 1
+                if skipped:
+                    dataset.samples, dataset.report.kept = kept, len(kept)
+                    dataset.report.skipped[DUPLICATE_ID] += len(skipped)
+                    dataset.report.skipped_records.extend(skipped)
+                    self.skip_log.add((r.as_dict() for r in skipped), split=split, domain=name, stage="setup")
+                    if not kept:
+                        raise DataError(f"domain {name!r} has no usable {split} samples: {self._why_empty(dataset)}")
+                self.data_report[split][name] = {**dataset.report.as_dict(), "duplicate_ids_across": across}
 
     def dataset_class(self, split: str) -> type[LlavaDataset]:
         """The dataset class that reads a split's files (a subclass may read another record format)."""
@@ -332,7 +369,8 @@ class DomainMixtureDataModule(L.LightningDataModule):
                 lines.append(
                     f"  {split}/{name}: {r.kept} of {r.records}, skipped {skipped}, "
                     f"truncated {r.truncated}, no answer tokens left {r.no_answer_tokens}, "
-                    f"placeholder cut {r.cut_placeholders}, duplicate ids {r.duplicate_ids}"
+                    f"placeholder cut {r.cut_placeholders}, duplicate ids {r.duplicate_ids}, ids of another "
+                    f"split or domain {self.data_report[split][name]['duplicate_ids_across']}"
                     + "".join(f", {m} items cut to what the transform keeps {n}" for m, n in r.long_items.items() if n)
                 )
                 if r.skipped or r.truncated or r.no_answer_tokens or r.cut_placeholders:
@@ -347,6 +385,12 @@ class DomainMixtureDataModule(L.LightningDataModule):
         rank_zero_info("\n".join(lines))
         if problems:
             rank_zero_warn(f"records were skipped or truncated in {', '.join(problems)} (see the data report)")
+        shared = [f"{split}/{name}" for split in STAGE_SPLITS[stage] for name in self.datasets[split]
+                  if self.data_report[split][name]["duplicate_ids_across"]]
+        if shared:
+            rank_zero_warn(f"records in {', '.join(shared)} have the id of a record of another split or domain (the "
+                           "same sample in train and in val/test would be a leak; see the data report, or set "
+                           "duplicate_ids: error)")
 
     def _skip_file_note(self) -> str:
         if self.skip_log.path is not None:

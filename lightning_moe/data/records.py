@@ -50,7 +50,7 @@ INVALID_PATH = "invalid_path"  # a media path the system refuses: a NUL byte, a 
 INVALID_UTF8 = "invalid_utf8"  # a JSONL line that is not UTF-8
 TOO_MANY_TURNS = "too_many_turns"  # more turns than the DataModule's `max_turns_per_record`
 TOO_MANY_CHARACTERS = "too_many_characters"  # more text than its `max_characters_per_record`
-DUPLICATE_ID = "duplicate_id"  # an id met before in the same data set, with `duplicate_ids: error`
+DUPLICATE_ID = "duplicate_id"  # an id met before (in any split or domain), with `duplicate_ids: error`
 
 
 def unreadable_reason(modality_name: str) -> str:

@@ -67,7 +67,25 @@ EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_bias", "up_bia
 
 
 class StoreError(ValueError):
-    """A store that cannot be used: missing/corrupted/truncated file, wrong model, bad manifest."""
+    """A store that cannot be used: missing/corrupted/truncated file, wrong model, bad manifest. `damaged`: every
+    damaged file of the store found with it, {path relative to the store `directory`: what is wrong}."""
+
+    def __init__(self, message: str, directory: Path | None = None, damaged: dict[str, str] | None = None):
+        super().__init__(message)
+        self.directory, self.damaged = directory, dict(damaged or {})
+
+    def one_line(self, shown: int = 3) -> str:
+        """The message on one line: its first line and, for a damaged store, how many files are damaged and the
+        first `shown` of them by name and problem (what a command prints; `verify` lists every one)."""
+        first = str(self).splitlines()[0].rstrip(" :")
+        if not self.damaged:
+            return first
+        names = [f"{name} ({why.split(':')[0]})" for name, why in list(self.damaged.items())[:shown]]
+        more = f" and {len(self.damaged) - shown} more" if len(self.damaged) > shown else ""
+        count = f"{len(self.damaged)} damaged file{'s' if len(self.damaged) > 1 else ''}"
+        summary = (f"store {self.directory} has {count}: {', '.join(names)}{more} (`python -m lightning_moe.edge "
+                   f"verify --store {self.directory}` lists each; export the store again)")
+        return summary if first.startswith(f"store {self.directory} has") else f"{first}; {summary}"
 
 
 def expert_keys(model: nn.Module) -> set[str]:
@@ -324,8 +342,10 @@ class ExpertStore:
             raise StoreError(f"{path} not found: not an expert store (write one with export_store / `export`)")
         try:
             self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StoreError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(self.manifest, dict):
+            raise StoreError(f"{path} holds a JSON {type(self.manifest).__name__}, not a store manifest (an object)")
         if self.manifest.get("format") != STORE_FORMAT or self.manifest.get("version") != STORE_VERSION:
             raise StoreError(f"{path}: format {self.manifest.get('format')!r} version {self.manifest.get('version')!r}, "
                              f"expected {STORE_FORMAT!r} version {STORE_VERSION}")
@@ -340,7 +360,7 @@ class ExpertStore:
             if experts:
                 raise StoreError(f"{path}: MoE layer {layer} has no manifest entry for experts {experts}")
         if self.damaged_files(checksums=False):  # a stat per file: a missing or cut file fails now...
-            raise StoreError(self._damage_report(self.damaged_files()))  # ...listed with every other damaged one
+            raise self._damage_error(self.damaged_files())  # ...listed with every other damaged one
 
     # ------------------------------------------------------------------ what the manifest says
     @property
@@ -454,7 +474,7 @@ class ExpertStore:
         how many files were checked."""
         damaged = self.damaged_files()
         if damaged:
-            raise StoreError(self._damage_report(damaged))
+            raise self._damage_error(damaged)
         return 1 + len(self.entries)
 
     def _damage_report(self, damaged: dict[str, str]) -> str:
@@ -462,11 +482,16 @@ class ExpertStore:
         return (f"store {self.directory} has {len(damaged)} damaged file{'s' if len(damaged) > 1 else ''} "
                 f"(export the store again):\n{lines}")
 
+    def _damage_error(self, damaged: dict[str, str], message: str | None = None) -> StoreError:
+        """The error listing every damaged file of the store (`damaged_files()`), after `message` if given."""
+        report = self._damage_report(damaged)
+        return StoreError(f"{message}\n{report}" if message else report, self.directory, damaged)
+
     def _damaged(self, message: str) -> StoreError:
         """The error for damage just found (`message` names the file), listing every damaged file of the store:
         one bad file is rarely alone, and a user fixing them one run at a time would not know."""
         damaged = self.damaged_files()
-        return StoreError(f"{message}\n{self._damage_report(damaged)}" if damaged else message)
+        return self._damage_error(damaged, message) if damaged else StoreError(message, self.directory)
 
     def _fingerprint_problem(self, tensors: dict[str, Tensor]) -> str | None:
         """For a store whose manifest has no checksum of base.safetensors: what is wrong with its tensors, if

@@ -36,7 +36,7 @@ from ..models import (MoEConfig, MultimodalLM, ParameterGroup, build_multimodal,
 from ..models.encoders import (FLAT_KEYS, EncoderConfig, default_encoders, describe_encoders, encoder_configs,
                                encoders_from_flat)
 from ..models.multimodal import batch_inputs
-from ..safe_load import REMOTE_CODE_OPT_IN, checkpoint_safe, load_torch_file, without_loading_opt_ins
+from ..safe_load import checkpoint_safe, load_torch_file, without_loading_opt_ins
 from ..strategies import ExpertParallelStrategy, shard_blocks, shard_experts
 from ..tokens import DEFAULT_TOKENIZER
 from .from_checkpoint import TOKENIZER_FILES_KEY, method_tokenizer, rebuilding_from, recorded_model_config, tokenizer_files
@@ -342,10 +342,6 @@ class MultimodalMethod(L.LightningModule):
     # ------------------------------------------------------------------ what subclasses say
     def build_backbone(self) -> MultimodalLM:
         b = self.backbone
-        if b.trust_remote_code:  # the user's opt-in: say which models it trusts (allow_unsafe's loads say it per file)
-            trusted = [b.pretrained] if b.pretrained else [b.llm, *(e.tower for e in b.encoders.values() if e.tower)]
-            rank_zero_warn(f"{REMOTE_CODE_OPT_IN}: the Python code shipped with {', '.join(map(str, trusted))} "
-                           "(if any) runs when they load; do it only for models you trust")
         if b.pretrained:  # a stage's output, or a llava-hf / original-LLaVA directory (lightning_moe.formats)
             return load_backbone(b.pretrained, allow_unsafe=b.allow_unsafe_checkpoint, tokenizer=self.tokenizer,
                                  torch_dtype=b.torch_dtype, trust_remote_code=b.trust_remote_code)

@@ -199,7 +199,7 @@ def build_audio_tower(name_or_path: str, overrides: dict[str, Any] | None = None
 
     if name_or_path in AUDIO_PRESETS:
         return AudioTower(WhisperEncoder(preset_config(AUDIO_PRESETS, name_or_path, overrides, "audio tower overrides")))
-    with hf_source("audio tower", name_or_path, allow_unsafe):
+    with hf_source("audio tower", name_or_path, allow_unsafe, trust_remote_code):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if not isinstance(config, WhisperConfig):
         raise ValueError(f"audio tower {name_or_path!r} is a {config.model_type!r} checkpoint; a Whisper one is needed")

@@ -190,7 +190,7 @@ def build_vision_tower(name_or_path: str, overrides: dict[str, Any] | None = Non
     if name_or_path in VISION_PRESETS:
         config = preset_config(VISION_PRESETS, name_or_path, overrides, "vision tower overrides")
         return VisionTower(vision_model_class(config)(config), feature_layer)
-    with hf_source("vision tower", name_or_path, allow_unsafe):
+    with hf_source("vision tower", name_or_path, allow_unsafe, trust_remote_code):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with from_pretrained_overrides(config, overrides, f"vision tower overrides of {name_or_path}"):
         model = vision_model_class(config).from_pretrained(

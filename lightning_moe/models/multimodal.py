@@ -359,7 +359,7 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
                              "python -m lightning_moe.export")
         dtype = getattr(torch, torch_dtype) if torch_dtype else None
         load_kwargs = hf_load_kwargs(trust_remote_code, allow_unsafe)
-        with hf_source("LLM", name_or_path, allow_unsafe):
+        with hf_source("LLM", name_or_path, allow_unsafe, trust_remote_code):
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             with from_pretrained_overrides(config, overrides, f"llm_overrides of {name_or_path}"):
                 llm, loading = AutoModelForCausalLM.from_pretrained(

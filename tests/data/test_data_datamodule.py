@@ -112,7 +112,7 @@ def test_tokenizer_is_ready_before_setup_and_report_after(uneven, tokenizer):
     assert set(dm.data_report) == {"train", "val"}
     assert dm.data_report["train"]["pope"] == {
         "records": 3, "kept": 3, "skipped": {}, "truncated": 0, "no_answer_tokens": 0, "cut_placeholders": 0,
-        "duplicate_ids": 0, "long_audio": 0,
+        "duplicate_ids": 0, "long_audio": 0, "duplicate_ids_across": 0,
     }  # fmt: skip
 
 

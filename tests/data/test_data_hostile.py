@@ -109,6 +109,46 @@ def test_duplicate_ids_are_kept_and_counted_or_refused(root, tokenizer):
     assert [s.id for s in skipped.samples] == ["a", "b"] and skipped.report.skipped == {R.DUPLICATE_ID: 2}
 
 
+def _shared_ids(root, tokenizer, **kwargs) -> DomainMixtureDataModule:
+    """Domain a: train x, y and test y, z; domain b: train x, w and val w, v: x is in two domains' train, y in
+    a's train and test (a leak), w in b's train and val."""
+    write_jsonl(root / "a_train.jsonl", [record("x"), record("y")])
+    write_jsonl(root / "a_test.jsonl", [record("y"), record("z")])
+    write_jsonl(root / "b_train.jsonl", [record("x"), record("w")])
+    write_jsonl(root / "b_val.jsonl", [record("w"), record("v")])
+    domains = {"a": {"train": "a_train.jsonl", "test": "a_test.jsonl"}, "b": {"train": "b_train.jsonl", "val": "b_val.jsonl"}}
+    return DomainMixtureDataModule(domains, root=str(root), tokenizer=tokenizer.name_or_path, **kwargs)
+
+
+def test_ids_shared_across_splits_and_domains_are_counted_in_the_data_report(root, tokenizer):
+    dm = _shared_ids(root, tokenizer)
+    with pytest.warns(UserWarning, match=r"records in train/b, val/b have the id of a record of another split"):
+        dm.setup("fit")
+    across = {(split, name): r["duplicate_ids_across"] for split, domains in dm.data_report.items()
+              for name, r in domains.items()}
+    assert across == {("train", "a"): 0, ("train", "b"): 1, ("val", "b"): 1}
+    with pytest.warns(UserWarning, match=r"records in test/a have the id"):  # y: in a's train, a leak into test
+        dm.setup("test")
+    assert dm.data_report["test"]["a"]["duplicate_ids_across"] == 1 and dm.data_report["test"]["a"]["kept"] == 2
+    assert dm.data_report["train"]["b"]["duplicate_ids_across"] == 1  # counted once, not again at the next setup
+
+
+def test_ids_shared_across_splits_and_domains_are_refused_or_skipped_with_duplicate_ids_error(root, tokenizer):
+    with pytest.raises(BadRecordError, match=r"b_train.jsonl:1: record 'x': the id of a record of train/a "
+                                             r"\(\S*a_train.jsonl:1\); ids must be unique across") as info:
+        _shared_ids(root, tokenizer, duplicate_ids="error").setup("fit")
+    assert info.value.reason == R.DUPLICATE_ID
+    dm = _shared_ids(root, tokenizer, duplicate_ids="error", skip_bad_records=True)
+    with pytest.warns(UserWarning, match="skipped or truncated in train/b, val/b"):
+        dm.setup("fit")
+    dm.setup("test")
+    kept = {f"{split}/{name}": [s.id for s in d.samples] for split, ds in dm.datasets.items() for name, d in ds.items()}
+    assert kept == {"train/a": ["x", "y"], "train/b": ["w"], "val/b": ["v"], "test/a": ["z"]}
+    assert dm.data_report["train"]["b"]["skipped"] == {R.DUPLICATE_ID: 1} and dm.data_report["train"]["b"]["kept"] == 1
+    assert [(r["split"], r["id"], r["reason"]) for r in dm.skip_log.records] == [
+        ("train", "x", R.DUPLICATE_ID), ("val", "w", R.DUPLICATE_ID), ("test", "y", R.DUPLICATE_ID)]
+
+
 def test_datamodule_counts_hostile_records_in_its_report_and_sets_up(root, tokenizer):
     write_jsonl(root / "train.jsonl", [record("t1"), record("t1"), HOSTILE["nul"][0], HOSTILE["turns"][0]])
     _latin1_jsonl(root / "val.jsonl", [record("v1"), record("v2"), record("v3")])
@@ -158,19 +198,28 @@ def test_a_data_file_that_is_a_fifo_or_a_directory_is_named_not_read(root, token
             LlavaDataset(root / name, root, tokenizer, skip_bad_records=True)
 
 
-@pytest.mark.parametrize("rows, words", [
-    ([], "domain 'shapes' has no usable train samples: its data files hold no records"),
-    ([record("x", images=("img\0.png",))], "train.jsonl:1: record 'x'"),  # a bad record, not skipped
-])
-def test_a_data_error_at_setup_is_one_line_through_the_cli(root, tmp_path, capsys, monkeypatch, rows, words):
+@pytest.mark.parametrize("rows, words, extra", [
+    ([], "domain 'shapes' has no usable train samples: its data files hold no records", []),
+    ([record("x", images=("img\0.png",))], "train.jsonl:1: record 'x'", []),  # a bad record, not skipped
+    ([record("v")], "val.jsonl:1: record 'v': the id of a record of train/shapes", ["--data.init_args.duplicate_ids=error"]),
+], ids=["empty", "bad-record", "id-in-train-and-val"])
+def test_a_data_error_at_setup_is_one_line_through_the_cli(root, tmp_path, capsys, monkeypatch, rows, words, extra):
     write_jsonl(root / "train.jsonl", rows)
     write_jsonl(root / "val.jsonl", [record("v")])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--data.init_args.root={root}",
               '--data.init_args.domains={"shapes": {"train": "train.jsonl", "val": "val.jsonl"}}',
-              "--trainer.max_steps=1", "--trainer.logger=false"])
+              "--trainer.max_steps=1", "--trainer.logger=false", *extra])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert words in err[err.index("error: "):].splitlines()[0]
+
+
+def test_the_documentation_lists_every_reason():
+    reasons = {value for name, value in vars(R).items() if name.isupper() and isinstance(value, str)}  # the constants
+    assert R.DUPLICATE_ID in reasons and R.UNREADABLE_IMAGE in reasons and len(reasons) == 15
+    table = (ROOT / "docs/data_validation.md").read_text()
+    assert sorted(r for r in reasons if f"| `{r}` |" not in table) == []
+    assert "`unreadable_<modality>`" in table  # the other modalities' unreadable reasons

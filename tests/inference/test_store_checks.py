@@ -231,3 +231,28 @@ def test_an_entry_leaving_the_store_is_refused_and_never_read(store, tmp_path, c
     with pytest.raises(StoreError, match="the entry of MoE layer 0, expert 1"):
         load_offloaded(store.directory)
     assert not any("outside" in p or "link" in p for p in opened), opened
+
+
+@pytest.mark.parametrize("command", ["generate", "profile", "plan"])
+def test_a_command_on_a_damaged_store_says_it_in_one_line_naming_the_first_files(store, capsys, command):
+    damaged = [(0, 0), (0, 2), (1, 1), (1, 3)]
+    for key in damaged:
+        _expert_file(store, *key).unlink()
+    names = sorted(store.entries[key].file for key in damaged)
+    args = {"generate": ["--prompt", "How many shapes?", "--tokenizer", TOKENIZER],
+            "profile": ["--tokenizer", TOKENIZER], "plan": ["--tokenizer", TOKENIZER]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--store", str(store.directory), *args])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"{command}: store {store.directory} has 4 damaged files: ")
+    assert all(f"{name} (missing)" in err for name in names[:3]) and names[3] not in err and "and 1 more" in err
+    assert f"verify --store {store.directory}" in err  # where the whole list is
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"a store"', b"\xff{}"], ids=["list", "string", "not-utf8"])
+def test_a_manifest_that_is_not_a_json_object_is_a_store_error(store, content):
+    (store.directory / "manifest.json").write_bytes(content)
+    with pytest.raises(StoreError, match=r"manifest\.json (holds a JSON (list|str), not a store manifest|is not valid JSON)"):
+        ExpertStore(store.directory)
