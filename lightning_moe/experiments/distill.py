@@ -41,7 +41,8 @@ from ..cli import effective_config
 from ..paths import shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, parse_args, progress,
                working_directory, write_results)
-from .protocol import Protocol, difference_words, paired_difference, seed_stat, spread
+from .protocol import Comparison, Protocol
+from .statistics import at_ceiling_or_chance, decide, difference_words, paired_difference, seed_stat, spread
 
 CONFIGS = "configs/mod"  # shipped_path names it in a checkout or an installed package
 DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")

@@ -35,7 +35,7 @@ from typing import Any
 from .. import plots
 from ..paths import REPO_ROOT
 from . import command_line, environment, experiment_parser, parse_args, per_seed_summaries
-from .protocol import seed_stat
+from .statistics import curve_stat, seed_stat
 
 
 @dataclass

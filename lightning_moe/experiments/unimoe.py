@@ -37,7 +37,8 @@ import yaml
 
 from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds)
-from .protocol import Protocol, difference_words, paired_difference, seed_stat, spread
+from .protocol import Comparison, Protocol
+from .statistics import at_ceiling_or_chance, decide, difference_words, paired_difference, seed_stat, spread
 
 DATA_ROOT = "data/media"
 AUDIO, VIDEO, CROSS = ("beeps", "pitch", "longer"), ("frames", "motion"), ("beeps_shapes",)
