@@ -37,6 +37,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from lightning_moe.experiments.provenance import git_state  # noqa: E402
 from lightning_moe.layers import SparseMoE  # noqa: E402
 
 SHAPES = [(16, 512, 1024, 8, 2), (512, 128, 256, 4, 2), (512, 128, 256, 16, 2), (4096, 512, 1024, 8, 2)]
@@ -151,6 +152,7 @@ def main() -> None:
                              "which traces and checks the same graph without inductor's code generation, about 35 s "
                              "of a cold cache)")
     args = parser.parse_args()
+    provenance = git_state()  # the commit the run starts from (and whether the tree is dirty)
     backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
     print(f"## SparseMoE forward+backward, {datetime.date.today().isoformat()}")
     print()
@@ -220,7 +222,7 @@ def main() -> None:
             "date": datetime.date.today().isoformat(), "torch_threads": torch.get_num_threads(),
             "command": "python benchmarks/moe_layer.py" + (" --quick" if args.quick else "")
             + (f" --compile-backend {args.compile_backend}" if args.compile_backend else ""),
-            "compile_backend": backend, "rows": rows}, indent=1))
+            "compile_backend": backend, **provenance, "rows": rows}, indent=1))
 
 if __name__ == "__main__":
     main()

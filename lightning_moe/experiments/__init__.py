@@ -44,6 +44,8 @@ from tqdm import tqdm
 
 from ..callbacks import StageProfile
 from ..cli import main as cli_main
+from ..data.records import parse_record, read_llava_records
+from ..metrics import majority_answer_score
 from ..models import parameter_counts
 from .protocol import DEFAULT_SEEDS, Protocol
 from .provenance import git_state, provenance_words
@@ -220,6 +222,20 @@ def execute(run: Run, out: Path, inspect: Any = None) -> RunResult:
     del cli
     gc.collect()  # the next run's peak memory should not hold this one's model
     return result
+
+
+def majority_answers(root: Path, domains: list[str] | tuple[str, ...], split: str = "test",
+                     samples: int | None = None) -> dict[str, float]:
+    """Domain -> exact match of always giving the most frequent answer of ROOT/<domain>/<split>.jsonl (its first
+    `samples` records; None: all): the chance level the gates compare an arm with."""
+    scores = {}
+    for domain in domains:
+        path = root / domain / f"{split}.jsonl"
+        records = read_llava_records(path)[:samples]
+        answers = [[m.content for m in parse_record(r, root, path, i + 1).messages if m.role == "assistant"][-1]
+                   for i, r in enumerate(records)]
+        scores[domain] = majority_answer_score(answers)
+    return scores
 
 
 def logged_scalars(cli: Any, *tags: str, prefix: str | None = None, suffix: str = "") -> dict[str, list[list[float]]]:

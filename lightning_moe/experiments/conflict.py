@@ -59,12 +59,10 @@ import torch
 import yaml
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from ..data.records import parse_record, read_llava_records
-from ..metrics import majority_answer_score
 from ..models import routed_layers
 from ..paths import REPO_ROOT, resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, environment, execute, experiment_parser, logged_scalars, parse_args,
-               progress, run_seeds)
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, logged_scalars,
+               majority_answers, parse_args, progress, run_seeds)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, agreement_words, at_ceiling_or_chance, curve_stat,
                          decide, difference_words, paired_difference, seed_stat, spread)
@@ -362,17 +360,9 @@ def run(out: Path, plan: Plan, base: Path | None = None, reuse: Path | None = No
 def majority_baselines(plan: Plan, root: Path | None = None, split: str = "test",
                        domains: list[str] | None = None) -> dict[str, float]:
     """Domain -> exact match of always giving the most frequent answer, on the samples every run is scored on
-    (the first `plan.eval_samples` of the domain's test split, or `plan.val_samples` of val): the score of a
-    constant answer."""
-    root = root or resolve_data_path(DATA_ROOT)
-    scores = {}
-    for domain in plan.domains if domains is None else domains:
-        path = root / domain / f"{split}.jsonl"
-        records = read_llava_records(path)[: plan.val_samples if split == "val" else plan.eval_samples]
-        answers = [[m.content for m in parse_record(r, root, path, i + 1).messages if m.role == "assistant"][-1]
-                   for i, r in enumerate(records)]
-        scores[domain] = majority_answer_score(answers)
-    return scores
+    (the first `plan.eval_samples` of the domain's test split, or `plan.val_samples` of val)."""
+    return majority_answers(root or resolve_data_path(DATA_ROOT), plan.domains if domains is None else domains,
+                            split, plan.val_samples if split == "val" else plan.eval_samples)
 
 
 def learnt_domains(alone: dict[str, float], majority: dict[str, float], margin: float = CONFLICT_MARGIN) -> list[str]:

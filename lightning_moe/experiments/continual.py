@@ -46,13 +46,14 @@ from typing import Any
 
 from .. import plots
 from ..metrics import accuracy_table, continual_scores
-from ..paths import shipped_path
-from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds,
-               working_directory)
+from ..paths import resolve_data_path, shipped_path
+from . import (Run, RunResult, command_line, execute, experiment_parser, majority_answers, parse_args, progress,
+               run_seeds, working_directory)
 from .protocol import Comparison, Protocol
-from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, decide, difference_words,
+from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, decide, difference_words,
                          paired_difference, seed_stat, spread)
 
+DATA_ROOT = "data/shapes"  # the continual tasks are shipped shapes domains
 PRETRAIN = "configs/mora/pretrain.yaml"  # shipped_path names them in a checkout or an installed package
 CONTINUAL = "configs/mora/continual.yaml"
 LORA = ["--model=lightning_moe.methods.ContinualLoRA"]
@@ -133,14 +134,6 @@ def summarise(results: list[RunResult]) -> dict[str, Any]:
             "rank_selection_precision": {k: v for k, v in precision.items() if v is not None}}
 
 
-def majority_answers(tasks: list[str]) -> dict[str, float]:
-    """Task -> exact match of always giving its test split's most frequent answer (the continual tasks are
-    shipped data/shapes domains): the chance level the gates compare with."""
-    from .conflict import Plan, majority_baselines
-
-    return majority_baselines(Plan(domains=list(tasks), eval_samples=10 ** 9))
-
-
 def unlearnt(summaries: dict[int, dict[str, Any]], method: str, tasks: list[str], chance: dict[str, float]) -> list[str]:
     """The tasks `method` does not learn in some seed: accuracy right after training the task less than
     LEARNT_MARGIN above the majority answer."""
@@ -150,9 +143,9 @@ def unlearnt(summaries: dict[int, dict[str, Any]], method: str, tasks: list[str]
 
 def verdicts(summaries: dict[int, dict[str, Any]], chance: dict[str, float]) -> dict[str, Any]:
     """The verdict (MoRA's BWT - sequential LoRA's, over seeds, against BWT_MARGIN) and the diagnosis (the task
-    oracle's BWT - MoRA's), with their gates: the upper bound (task-specific LoRA) or MoRA not learning a task,
-    sequential LoRA not forgetting (nothing to reduce), MoRA's or sequential LoRA's Last at ceiling or chance;
-    the diagnosis also needs the oracle to learn every task (`inconclusive: oracle failed`)."""
+    oracle's BWT - MoRA's), with their gates: the upper bound (task-specific LoRA) or MoRA not learning a task
+    (at chance right after training it), sequential LoRA not forgetting (nothing to reduce); the diagnosis also
+    needs the oracle to learn every task (`inconclusive: oracle failed`)."""
     seeds = sorted(summaries)
     first = summaries[seeds[0]]
     tasks = first["tasks"]
@@ -171,10 +164,8 @@ def verdicts(summaries: dict[int, dict[str, Any]], chance: dict[str, float]) -> 
         failed.append(f"MoRA does not learn {', '.join(missed)} (what is never learnt cannot be forgotten)")
     if statistics.fmean(values["lora_sequential"]["bwt"]) > -BWT_MARGIN + TOLERANCE:
         failed.append("sequential LoRA does not forget (nothing to reduce)")
-    mean_chance = sum(chance[t] for t in tasks) / len(tasks)
-    failed += [at_ceiling_or_chance(name, values[m]["last"], mean_chance)
-               for m, name in (("mora", "MoRA's Last"), ("lora_sequential", "sequential LoRA's Last"))]
-    failed = [f for f in failed if f]
+    # no ceiling / chance gate on Last: heavy forgetting brings a Last near chance, the very thing measured; an
+    # arm at chance on what it should learn is caught on the diagonal above, one at ceiling does not forget
     verdict = decide(differences["mora - lora_sequential"]["bwt"], BWT_MARGIN, failed)
     if "mora_task_oracle - mora" not in differences:
         diagnosis = "no diagnosis: no task oracle"
@@ -207,7 +198,6 @@ def protocol(seeds: list[int]) -> Protocol:
         gates=["the upper bound (task-specific LoRA) or MoRA not learning a task (accuracy right after training it "
                f"less than {100 * LEARNT_MARGIN:.0f} points above the majority answer), in any seed",
                f"sequential LoRA not forgetting (mean BWT above -{BWT_MARGIN})",
-               "MoRA's or sequential LoRA's Last at ceiling or chance",
                "for the diagnosis: the task oracle not learning a task (oracle failed)"],
         verdict_rule="MoRA's BWT minus sequential LoRA's over seeds against the margin (the diagnosis: the task "
                      "oracle's minus MoRA's); Last and Avg differences are reported beside it.")
@@ -226,7 +216,7 @@ def combine(summaries: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         precision = [summaries[s]["rank_selection_precision"].get(m, {}).get("mean") for s in seeds]
         if all(p is not None for p in precision):
             scores[m]["rank_selection_precision"] = seed_stat(precision)
-    chance = summaries[seeds[0]].get("majority_answer") or majority_answers(tasks)
+    chance = summaries[seeds[0]].get("majority_answer") or majority_answers(resolve_data_path(DATA_ROOT), tasks)
     decided = verdicts({s: {**summaries[s], "tasks": tasks} for s in seeds}, chance)
     combined = {"scores": scores, "majority_answer": chance, **decided}
     keys = ("last", "avg", "bwt", "forgetting", "rank_selection_precision")
@@ -304,7 +294,7 @@ def run(out: str | Path, quick: bool = False, methods: list[str] | None = None,
                        out / "figures" / f"{r.name}_accuracy.png")
     summary = {"quick": quick, "seed": seed, "pretrain_seconds": round(pretrain_result.wall_s, 1),
                "runs": [asdict(r) for r in [pretrain_result, *results]], **summarise(results),
-               "majority_answer": majority_answers(results[0].details["tasks"])}
+               "majority_answer": majority_answers(resolve_data_path(DATA_ROOT), results[0].details["tasks"])}
     precision = ", ".join(f"{m} {v['mean']:.2f}" for m, v in summary["rank_selection_precision"].items()) or "-"
     return summary, "\n".join([results_markdown(results, pretrain_result.wall_s, quick, seed),
                                f"Rank-selection precision (share of active ranks from the input's own task): {precision}.",

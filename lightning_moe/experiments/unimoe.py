@@ -1,6 +1,6 @@
 """Do modality-specific experts help? (Uni-MoE's question)
 
-    python -m lightning_moe.experiments.unimoe --out runs/unimoe_exp [--quick] [--seeds 0 1 2] [--threads N]
+    python -m lightning_moe.experiments.unimoe --out runs/unimoe_exp [--quick] [--seeds 0 1 2] [--jobs N] [--threads N]
 
 Through the CLI's classes (`lightning_moe.cli.main` with the shipped configs/unimoe/ files plus a per-run
 config written to OUT/configs/):
@@ -27,6 +27,7 @@ by `verdict` (rules in code). Training samples are checked for existence, not de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,9 +37,10 @@ from typing import Any
 import yaml
 
 from ..paths import resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds)
+from . import (Run, RunResult, command_line, execute, experiment_parser, majority_answers, parse_args, progress,
+               run_seeds)
 from .protocol import Comparison, Protocol
-from .statistics import at_ceiling_or_chance, decide, difference_words, paired_difference, seed_stat, spread
+from .statistics import at_ceiling_or_chance, decide, interval_words, paired_difference, seed_stat, spread
 
 DATA_ROOT = "data/media"
 AUDIO, VIDEO, CROSS = ("beeps", "pitch", "longer"), ("frames", "motion"), ("beeps_shapes",)
@@ -48,9 +50,8 @@ BASE_RUNS = ("align_concat", "align_mean")
 LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies of one FFN",
           "dense": "dense + LoRA (no experts)", "align_concat": "stage 1, video concat (shared)",
           "align_mean": "stage 1, video mean (shared)"}
-# 2 points: below it two arms' mean accuracies over 6 domains x 200 test samples count as equal
+# the primary comparisons' margin: 2 points of the mean accuracy over 6 domains x 200 test samples
 MARGIN = 0.02
-TOLERANCE = 1e-9
 
 
 @dataclass
@@ -82,10 +83,11 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
         seeds=list(seeds), selection_split="none", reported_split="test",
         selection="none in this experiment: every setting is configs/unimoe/*.yaml's (stage 1 shared, seed "
                   f"{plan.base_seed}); the arms train for the same steps from the same stage-1 model.",
-        verdict_rule=f"per seed, Uni-MoE's mean test accuracy over the domains minus each baseline's; confirmed: the "
-                     f"mean difference is at least {100 * MARGIN:.0f} points and larger than its standard error "
-                     "against both baselines, with Uni-MoE ahead in every seed; partly: so against one of them; "
-                     "else not shown.")
+        primary="mean test exact match over the domains",
+        comparisons=[Comparison("unimoe", arm, MARGIN, claim) for arm, claim in BASELINES.items()],
+        gates=["Uni-MoE or a baseline arm at ceiling or chance"],
+        verdict_rule="each comparison on its own; the verdict on the question is theirs when they agree, else "
+                     "inconclusive.")
 
 
 def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any], callbacks: list[dict[str, Any]],
@@ -204,6 +206,9 @@ def summarise(plan: Plan, results: dict[str, RunResult]) -> dict[str, Any]:
     return {"plan": asdict(plan), "runs": {n: asdict(r) for n, r in results.items()}, "accuracy": acc,
             "mean": {row: sum(acc[row].values()) / len(acc[row]) for row in (*ARMS, *BASE_RUNS)},
             "own_expert_share": share,
+            # the gates' chance level: the mean over the domains of always giving the most frequent answer
+            "chance": sum(chance := majority_answers(resolve_data_path(DATA_ROOT), DOMAINS, "test",
+                                                     plan.eval_samples).values()) / len(DOMAINS),
             "modality_routing": {arm: results[arm].details.get("modality_routing", {}) for arm in ("unimoe", "copies")}}
 
 
@@ -216,18 +221,22 @@ def seed_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verdict(means: dict[str, list[float]]) -> str:
-    """Rules (the protocol's): per seed, Uni-MoE's mean test accuracy minus each baseline arm's (`paired_difference`).
-    A baseline is beaten when the mean difference is at least MARGIN and larger than its standard error (one seed:
-    no standard error, the margin alone). `confirmed`: both baselines beaten and Uni-MoE ahead of each in every
-    seed; `partly`: one beaten; else `not shown`."""
-    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in ("copies", "dense")}
-    beaten = {arm: d["mean"] >= MARGIN - TOLERANCE and not d["within_se"] for arm, d in diffs.items()}
-    if all(beaten.values()) and all(d["above"] == d["n"] for d in diffs.values()):
-        return "confirmed"
-    if any(beaten.values()):
-        return "partly"
-    return "not shown"
+# baseline arm -> what Uni-MoE beating it would show
+BASELINES = {"copies": "experts initialised per modality beat experts that are copies of one FFN",
+             "dense": "modality experts beat a dense model with the same LoRA"}
+
+
+def verdicts(means: dict[str, list[float]], chance: float) -> dict[str, Any]:
+    """The protocol's rule: per baseline arm, Uni-MoE's mean test accuracy minus the arm's over seeds (paired,
+    95 % interval) against MARGIN (`statistics.decide`), inconclusive when an arm sits at ceiling or chance;
+    the verdict on the question is the comparisons' when they agree, else inconclusive."""
+    failed = [at_ceiling_or_chance(LABELS[arm], means[arm], chance) for arm in ("unimoe", *BASELINES)]
+    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in BASELINES}
+    per_arm = {arm: decide(d, MARGIN, failed) for arm, d in diffs.items()}
+    distinct = set(per_arm.values())
+    verdict = distinct.pop() if len(distinct) == 1 else "inconclusive: the comparisons disagree (" + "; ".join(
+        f"against {arm}: {v}" for arm, v in per_arm.items()) + ")"
+    return {"differences": diffs, "verdicts": per_arm, "verdict": verdict, "gates": [f for f in failed if f]}
 
 
 def routing_table(shares: list[dict[str, dict[str, list[float]]]], slots: list[str]) -> list[str]:
@@ -252,12 +261,13 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     per = {row: {d: seed_stat([s["accuracy"][row][d] for s in summaries]) for d in summaries[0]["accuracy"][row]}
            for row in rows}
     means = {row: [s["mean"][row] for s in summaries] for row in rows}
-    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in ("copies", "dense")}
+    decided = verdicts(means, summaries[0].get("chance", 0.0))
+    diffs = decided["differences"]
     shares = {m: [s["own_expert_share"][m] for s in summaries if s["own_expert_share"][m] is not None]
               for m in ("image", "audio", "video")}
     # keys apart from a seed summary's ("mean", "own_expert_share"): one seed's results.json holds both
     result = {"per_domain": per, "mean_over_seeds": {row: seed_stat(v) for row, v in means.items()},
-              "differences": diffs, "own_expert_share_over_seeds": shares, "verdict": verdict(means), "margin": MARGIN}
+              **decided, "own_expert_share_over_seeds": shares, "margin": MARGIN}
     lines = ["| run | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 2) + "|"]
     for row in rows:
         cells = [spread(per[row].get(d), 100, 1) or "-" for d in DOMAINS]
@@ -274,8 +284,9 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         f"{plan['base_seed']}, shared); stage 2: {plan['expert_steps']} steps per modality; each stage-3 arm: "
         f"{plan['steps']} steps of batch {plan['batch_size']}.", "",
         *lines, "",
-        f"- {difference_words(diffs['copies'], 'Uni-MoE minus copies (mean accuracy)', 100, ' points')}.",
-        f"- {difference_words(diffs['dense'], 'Uni-MoE minus dense + LoRA (mean accuracy)', 100, ' points')}.", "",
+        *[f"- {BASELINES[arm]}? Uni-MoE minus {arm} (mean accuracy) {interval_words(diffs[arm], 100, ' points')}; "
+          f"margin {100 * MARGIN:+.1f} points: **{result['verdicts'][arm]}**." for arm in BASELINES],
+        f"- Gates: {'; '.join(result['gates']) or 'all passed'}.", "",
         f"Verdict on \"modality-specific experts help\": **{result['verdict']}** (the protocol's rule).", "",
         "### Routing by modality (test split)", "",
         f"Share of each modality's routed token slots (all MoE layers) that Uni-MoE sends to that modality's expert "
@@ -305,8 +316,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out.resolve()
     stage1 = train_stage1(plan, out / "base")
     command = command_line("lightning_moe.experiments.unimoe", argv)
-    return run_seeds(out, args.seeds, lambda workdir, seed: run(workdir, replace(plan, seed=seed), out / "base", stage1),
-                     command, protocol(args.seeds, plan), combine)
+    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, out / "base", stage1), command,
+                     protocol(args.seeds, plan), combine, jobs=args.jobs, threads=args.threads)
+
+
+def _one_seed(plan: Plan, base: Path, stage1: dict[str, RunResult], workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
+    return run(workdir, replace(plan, seed=seed), base, stage1)
 
 
 if __name__ == "__main__":
