@@ -64,7 +64,7 @@ from ..paths import REPO_ROOT, resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, logged_scalars,
                majority_answers, parse_args, progress, run_seeds)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol
-from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, agreement_words, at_ceiling_or_chance, curve_stat,
+from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
                          decide, difference_words, paired_difference, seed_stat, spread)
 
 # A drop of 5 points on 200 test samples is about two standard errors of an accuracy near 80%.

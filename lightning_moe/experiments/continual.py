@@ -104,7 +104,7 @@ def continual_details(cli: Any) -> dict[str, Any]:
     usage = {task: u.tolist() for task, u in model.rank_usage.items()} if hasattr(model, "rank_usage") else None
     return {"tasks": list(tasks), "accuracy": matrix.tolist(), **continual_scores(matrix).as_dict(),
             "adapter_params_total": counts["total"],  # adapter parameters held at the end (all tasks)
-            "adapter_params_per_task": counts["per_task"],  # adapter parameters trained on one task
+            "adapter_params_per_task": counts["per_task"],  # parameters trained on one task: its adapters + the connector
             "active_ranks_per_token": ranks,  # average over real tokens and adapted layers, last evaluation
             # MoRA: evaluated task -> active ranks per token from each training task's rank block
             "rank_usage": usage}
@@ -254,7 +254,8 @@ def results_markdown(results: list[RunResult], pretrain_seconds: float, quick: b
         f"Task sequence: {' -> '.join(rows[0][1]['tasks'])}. Accuracy = exact match of greedy answers on each task's "
         "test split. BWT < 0 and forgetting > 0 mean forgetting.",
         "",
-        "| method | Last | Avg | Transfer | BWT | forgetting | adapter params (total / per task) | active ranks per token | seconds |",
+        "| method | Last | Avg | Transfer | BWT | forgetting | adapter params held / trained per task (adapters + connector) "
+        "| active ranks per token | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (method, d), r in zip(rows, results):

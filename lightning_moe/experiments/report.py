@@ -112,6 +112,13 @@ def conflict_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, 
     drawn = [("Test exact match per domain and run: mean over seeds, whiskers the range",
               plots.save_png(plots.accuracy_bars(stats, domains, title="conflict: test exact match (mean, range over "
                                                  f"{len(seeds)} seed(s))"), figures / "conflict_accuracy.png"))]
+    curves = {labels.get(name, name): points for name, points in results.get("learning_curves", {}).items() if points}
+    if curves:
+        drawn.append((f"Learning curves: val exact match (mean over domains) against training samples per domain, "
+                      f"mean and 95 % interval over {len(seeds)} seed(s)",
+                      plots.save_png(plots.learning_curves(curves, title="conflict: val exact match while training",
+                                                           xlabel="training samples per domain"),
+                                     figures / "conflict_learning_curves.png")))
     for r in first["runs"]:
         routing = r["details"].get("answer_routing")
         if not routing:

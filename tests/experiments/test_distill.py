@@ -56,7 +56,7 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
         assert run["step_time_s"] > 0 and run["peak_memory_mb"] > 0
     table = (out / "results.md").read_text()
     assert "| **distilled student** (after preference) |" in table and "POPE F1" in table
-    assert "| control: mimic_sparse + as many more mimic steps |" in table and "against the control" in table
+    assert "| control: mimic_sparse + as many more mimic steps |" in table and "POPE accuracy, preference - control" in table
     assert list((out / "runs" / "mod" / "preference").rglob("events.out.tfevents.*"))
     assert (out / "configs" / "baseline_moe.yaml").is_file()
 
