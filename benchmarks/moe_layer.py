@@ -37,7 +37,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from lightning_moe.experiments.provenance import git_state  # noqa: E402
+from lightning_moe.experiments.provenance import git_state, provenance_words  # noqa: E402
 from lightning_moe.layers import SparseMoE  # noqa: E402
 
 SHAPES = [(16, 512, 1024, 8, 2), (512, 128, 256, 4, 2), (512, 128, 256, 16, 2), (4096, 512, 1024, 8, 2)]
@@ -159,7 +159,8 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"load average at start {os.getloadavg()[0]:.1f} (a shared machine: see the best-of-reps columns)"
+        f"load average at start {os.getloadavg()[0]:.1f} (a shared machine: see the best-of-reps columns); "
+        f"{provenance_words(provenance)}"
     )
     print()
     print("Times are medians over repetitions (ms); ratios from medians, and in brackets from the fastest repetition.")
