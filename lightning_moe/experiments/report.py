@@ -102,6 +102,20 @@ def stamp(results: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- figures per part
+def learning_curve_figure(name: str, results: dict[str, Any], labels: dict[str, str], xlabel: str,
+                          figures: Path) -> list[tuple[str, Path]]:
+    """The experiment's learning curves (results.json `learning_curves`: arm -> [x, mean, low, high]), one line
+    per arm; none when it recorded none."""
+    curves = {labels.get(arm, arm): points for arm, points in results.get("learning_curves", {}).items() if points}
+    if not curves:
+        return []
+    seeds = len(per_seed_summaries(results))
+    return [(f"Learning curves: val exact match (mean over domains) against {xlabel}, mean and 95 % interval over "
+             f"{seeds} seed(s)",
+             plots.save_png(plots.learning_curves(curves, title=f"{name}: val exact match while training",
+                                                  xlabel=xlabel), figures / f"{name}_learning_curves.png"))]
+
+
 def conflict_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Path]]:
     seeds = per_seed_summaries(results)
     first = seeds[min(seeds)]
@@ -112,13 +126,7 @@ def conflict_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, 
     drawn = [("Test exact match per domain and run: mean over seeds, whiskers the range",
               plots.save_png(plots.accuracy_bars(stats, domains, title="conflict: test exact match (mean, range over "
                                                  f"{len(seeds)} seed(s))"), figures / "conflict_accuracy.png"))]
-    curves = {labels.get(name, name): points for name, points in results.get("learning_curves", {}).items() if points}
-    if curves:
-        drawn.append((f"Learning curves: val exact match (mean over domains) against training samples per domain, "
-                      f"mean and 95 % interval over {len(seeds)} seed(s)",
-                      plots.save_png(plots.learning_curves(curves, title="conflict: val exact match while training",
-                                                           xlabel="training samples per domain"),
-                                     figures / "conflict_learning_curves.png")))
+    drawn += learning_curve_figure("conflict", results, labels, "training samples per domain", figures)
     for r in first["runs"]:
         routing = r["details"].get("answer_routing")
         if not routing:
@@ -183,6 +191,7 @@ def unimoe_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Pa
     drawn = [("Test exact match per domain and run: mean over seeds, whiskers the range",
               plots.save_png(plots.accuracy_bars(stats, list(DOMAINS), title=f"Uni-MoE: test exact match (mean, range "
                                                  f"over {len(summaries)} seed(s))"), figures / "unimoe_accuracy.png"))]
+    drawn += learning_curve_figure("unimoe", results, LABELS, "training samples", figures)
     slots = {"unimoe": ["dense", "image", "audio", "video"], "copies": [f"copy {e}" for e in range(4)]}
     for arm, names in slots.items():
         routing = [s["modality_routing"][arm] for s in summaries if s.get("modality_routing", {}).get(arm)]

@@ -40,7 +40,7 @@ from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, execute, experiment_parser, majority_answers, parse_args, progress,
                run_seeds)
 from .protocol import Comparison, Protocol
-from .statistics import at_ceiling_or_chance, decide, interval_words, paired_difference, seed_stat, spread
+from .statistics import at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference, seed_stat, spread
 
 DATA_ROOT = "data/media"
 AUDIO, VIDEO, CROSS = ("beeps", "pitch", "longer"), ("frames", "motion"), ("beeps_shapes",)
@@ -66,6 +66,7 @@ class Plan:
     seed: int = 0
     base_seed: int = 0  # of stage 1
     train_samples: int | None = None  # the first N train samples of each domain (None: all)
+    curve_points: int = 4  # validations of each stage-3 arm while training (its learning curve), the last at its end
 
     def base_signature(self) -> dict[str, Any]:
         signature = {"align_steps": self.align_steps, "batch_size": self.batch_size, "eval_samples": self.eval_samples,
@@ -73,7 +74,7 @@ class Plan:
         return signature | ({"train_samples": self.train_samples} if self.train_samples else {})
 
 
-QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4, train_samples=32)
+QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4, train_samples=32, curve_points=2)
 
 
 def protocol(seeds: list[int], plan: Plan) -> Protocol:
@@ -91,12 +92,15 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
 
 
 def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any], callbacks: list[dict[str, Any]],
-            seed: int, data: dict[str, Any] | None = None) -> Path:
-    """The per-run overrides on top of a shipped config (merged key by key into it)."""
+            seed: int, data: dict[str, Any] | None = None, curve: bool = False) -> Path:
+    """The per-run overrides on top of a shipped config (merged key by key into it); `curve`: validate on val
+    `plan.curve_points` times while training (the learning curve), else never."""
+    validation = ({"limit_val_batches": 1.0, "val_check_interval": max(1, steps // plan.curve_points),
+                   "check_val_every_n_epoch": None} if curve else {"limit_val_batches": 0})
     config = {
         "seed_everything": seed,
         "trainer": {
-            "max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+            "max_steps": steps, **validation, "num_sanity_val_steps": 0, "enable_checkpointing": False,
             "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(out / "tensorboard"), "name": name, "version": ""}},
@@ -186,7 +190,8 @@ def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tupl
     media = {"root": DATA_ROOT, "tokenizer": "data/media_tokenizer", "domains": None, "audio_chunk_seconds": 1.0,
              "audio_max_chunks": 1, "video_num_frames": 4}
     for arm, (shipped, model, callbacks) in arms.items():
-        config = _config(plan, out, arm, plan.steps, model, callbacks, plan.seed, media if arm == "dense" else None)
+        config = _config(plan, out, arm, plan.steps, model, callbacks, plan.seed, media if arm == "dense" else None,
+                         curve=True)
         results[arm] = _run(shipped, config, arm, out, plan.seed)
         bar.update()
     bar.close()
@@ -266,7 +271,11 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     shares = {m: [s["own_expert_share"][m] for s in summaries if s["own_expert_share"][m] is not None]
               for m in ("image", "audio", "video")}
     # keys apart from a seed summary's ("mean", "own_expert_share"): one seed's results.json holds both
-    result = {"per_domain": per, "mean_over_seeds": {row: seed_stat(v) for row, v in means.items()},
+    # the learning curves: val exact match (mean over domains) against training samples, mean and interval
+    curves = {arm: curve_stat([s["runs"][arm]["details"].get("val_curves", {}).get("val/exact_match", [])
+                               for s in summaries], summaries[0]["plan"]["batch_size"]) for arm in ARMS}
+    result = {"learning_curves": {arm: c for arm, c in curves.items() if c},
+              "per_domain": per, "mean_over_seeds": {row: seed_stat(v) for row, v in means.items()},
               **decided, "own_expert_share_over_seeds": shares, "margin": MARGIN}
     lines = ["| run | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 2) + "|"]
     for row in rows:

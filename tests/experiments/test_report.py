@@ -16,7 +16,7 @@ from lightning_moe.experiments import report
 
 EXPECTED = ["conflict_accuracy.png", "conflict_learning_curves.png", "conflict_routing_mole3_mixture.png", "conflict_routing_oracle_mixture.png",
             "continual_mora.png", "continual_mora_task_oracle.png", "continual_final.png", "distill_accuracy.png",
-            "unimoe_accuracy.png", "moe_speed.png"]
+            "unimoe_accuracy.png", "unimoe_learning_curves.png", "moe_speed.png"]
 PARTS = ["conflict", "continual", "distill", "unimoe", "moe_layer"]
 
 

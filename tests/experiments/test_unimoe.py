@@ -19,6 +19,8 @@ def test_quick_run_writes_results(quick_outputs):
     assert summary["verdict"].startswith("inconclusive")  # one seed: no interval
     assert [c["b"] for c in summary["protocol"]["comparisons"]] == ["copies", "dense"]
     assert 0 < summary["chance"] < 1
+    # each stage-3 arm validated while training: its learning curve, over seeds in results.json
+    assert set(summary["learning_curves"]) == set(unimoe.ARMS)
     assert summary["protocol"]["reported_split"] == "test" and summary["seeds"] == [0]
     # the Uni-MoE arm's modality x expert routing, in numbers: per MoE layer, each kind of token's shares sum to 1
     routing = summary["modality_routing"]["unimoe"]

@@ -89,9 +89,19 @@ def test_conflict_a_tie_over_seeds_is_inconclusive():
 def test_conflict_a_failed_oracle_makes_even_a_clear_win_inconclusive():
     combined = _conflict(MIXTURE, {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9}, oracle=MIXTURE)
     assert combined["verdict"].startswith("inconclusive: oracle failed")
-    # ... and the diagnosis, which the oracle's own gate does not block, names capacity: routed by domain, the
-    # experts gain nothing
-    assert combined["diagnosis"].startswith("none") or combined["diagnosis"].startswith("capacity")
+    # the diagnosis, which the oracle's own gate does not block: a learnt router gains, so nothing fails
+    assert combined["diagnosis"].startswith("none: a learnt router's gain is confirmed")
+
+
+@pytest.mark.parametrize("mole, oracle, expected", [
+    (MIXTURE, LEARNT, "router"),  # routed by domain the experts gain, the learnt router does not
+    # routed by domain the experts gain nothing either (the oracle gate makes the verdict inconclusive; the diagnosis
+    # is what the oracle is for)
+    (MIXTURE, {"count": 1.0, "position_lr": 0.51, "position_tb": 0.55}, "capacity"),
+])
+def test_conflict_diagnosis_router_or_capacity(mole, oracle, expected):
+    combined = _conflict(MIXTURE, mole, oracle=oracle)
+    assert combined["diagnosis"].split(":")[0] == expected
 
 
 def test_conflict_an_arm_at_ceiling_a_failed_upper_bound_or_no_discriminating_setting_is_inconclusive():
