@@ -65,7 +65,7 @@ from . import (Run, RunResult, command_line, environment, execute, experiment_pa
                majority_answers, parse_args, progress, run_seeds)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
-                         decide, difference_words, paired_difference, seed_stat, spread)
+                         decide, interval_words, paired_difference, seed_stat, spread)
 
 # A drop of 5 points on 200 test samples is about two standard errors of an accuracy near 80%.
 CONFLICT_MARGIN = 0.05
@@ -632,8 +632,10 @@ def combined_markdown(combined: dict[str, Any], labels: dict[str, str], domains:
             or combined["cost"].get("why", "not measured"))
     lines += ["", f"Primary metric (mean test exact match over {', '.join(domains)}), each arm minus plain LoRA on "
               "the mixture, seed by seed, with its 95 % interval:"]
-    lines += [f"- {difference_words(diff, labels.get(name, name), 100, ' points', margin if name.startswith('mole') else None)}."
-              for name, diff in combined["differences"].items()]
+    for name, diff in combined["differences"].items():  # the MoLE arms with their verdict, gates and cost included
+        verdict = combined["verdicts"].get(name)
+        lines.append(f"- {labels.get(name, name)} {interval_words(diff, 100, ' points')}"
+                     + (f"; margin {100 * margin:+.1f} points: **{verdict}**" if verdict else "") + ".")
     lines += ["", f"Gates: {'; '.join(combined['gates']) or 'all passed'}.",
               f"MoLE step time / plain LoRA step time (interleaved benchmark, benchmarks/mole_step.py; at most "
               f"{MAX_STEP_RATIO}): {cost}.",

@@ -226,7 +226,7 @@ def combine(summaries: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     lines += [f"| {m} | " + " | ".join(spread(scores[m].get(k)) for k in keys) + " |" for m in methods]
     lines += ["", "Paired differences over seeds with their 95 % intervals (BWT is the primary metric):"]
     for name, diffs in decided["differences"].items():
-        lines += [f"- {difference_words(diffs['bwt'], 'BWT ' + name, margin=BWT_MARGIN)}.",
+        lines += [f"- {difference_words(diffs['bwt'], 'BWT ' + name)} (margin {BWT_MARGIN:+.3f}).",
                   f"- {difference_words(diffs['last'], 'Last ' + name)}.",
                   f"- {difference_words(diffs['avg'], 'Avg ' + name)}."]
     lines += ["", f"Gates: {'; '.join(decided['gates']) or 'all passed'}.", "",

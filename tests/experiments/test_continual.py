@@ -84,4 +84,5 @@ def test_continual_combine_over_seeds_gives_last_avg_and_bwt_with_intervals():
     assert combined["scores"]["mora"]["bwt"]["values"] == [-0.5, -0.48, -0.6]
     assert "| mora | 0.500 (0.500-0.500) | 0.600 (0.600-0.600) | -0.527 (-0.600--0.480) |" in text
     assert "Last mora - lora_sequential" in text and "Avg mora - lora_sequential" in text
-    assert "**inconclusive: the interval straddles the margin**" in text
+    assert "Verdict on the paper's claim (MoRA forgets less than sequential LoRA): **inconclusive: the interval " \
+           "straddles the margin**" in text
