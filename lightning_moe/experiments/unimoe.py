@@ -15,7 +15,10 @@ config written to OUT/configs/):
 3. per seed, at equal steps on the mixture, from the same stage-1 output:
    - Uni-MoE: stage 3 (moe.yaml), each expert from its modality's stage-2 FFN (+ the dense FFN);
    - copies: the same MoE recipe with every expert a copy of the stage-1 FFN (MoE-LLaVA's upcycling);
-   - dense: the same LoRA (r=8, alpha=16 on attention and the MLP projections) without experts.
+   - dense: the same LoRA (r=8, alpha=16 on attention and the MLP projections) without experts;
+   - single stage: the copies' MoE recipe in one stage from the untrained model (stage 1's backbone),
+     training the connectors, towers, LLM, router and LoRA, for as many steps as stages 1 to 3 together
+     (does the progressive training help?).
 
 Every arm is tested on every domain's test split (exact match). Writes OUT/results.json, OUT/results.md
 (the protocol; per-domain accuracy per arm, mean and range over seeds; the paired differences behind the
@@ -45,10 +48,12 @@ from .statistics import at_ceiling_or_chance, curve_stat, decide, interval_words
 DATA_ROOT = "data/media"
 AUDIO, VIDEO, CROSS = ("beeps", "pitch", "longer"), ("frames", "motion"), ("beeps_shapes",)
 DOMAINS = (*AUDIO, *VIDEO, *CROSS)
-ARMS = ("unimoe", "copies", "dense")
+ARMS = ("unimoe", "copies", "dense", "single_stage")
 BASE_RUNS = ("align_concat", "align_mean")
 LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies of one FFN",
-          "dense": "dense + LoRA (no experts)", "align_concat": "stage 1, video concat (shared)",
+          "dense": "dense + LoRA (no experts)",
+          "single_stage": "one stage: the MoE recipe from the untrained model, everything trained (equal total steps)",
+          "align_concat": "stage 1, video concat (shared)",
           "align_mean": "stage 1, video mean (shared)"}
 # the primary comparisons' margin: 2 points of the mean accuracy over 6 domains x 200 test samples
 MARGIN = 0.02
@@ -80,15 +85,17 @@ QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=
 def protocol(seeds: list[int], plan: Plan) -> Protocol:
     return Protocol(
         question="Do modality-specific experts (each initialised from a dense FFN trained on one modality) beat "
-                 "experts that are copies of one FFN, and a dense model with the same LoRA, at equal steps?",
+                 "experts that are copies of one FFN, and a dense model with the same LoRA, at equal steps? And does "
+                 "the progressive training beat one stage at equal total steps?",
         seeds=list(seeds), selection_split="none", reported_split="test",
         selection="none in this experiment: every setting is configs/unimoe/*.yaml's (stage 1 shared, seed "
                   f"{plan.base_seed}); the arms train for the same steps from the same stage-1 model.",
         primary="mean test exact match over the domains",
         comparisons=[Comparison("unimoe", arm, MARGIN, claim) for arm, claim in BASELINES.items()],
         gates=["Uni-MoE or a baseline arm at ceiling or chance"],
-        verdict_rule="each comparison on its own; the verdict on the question is theirs when they agree, else "
-                     "inconclusive.")
+        verdict_rule="each comparison on its own; the verdict on modality-specific experts is that of the comparisons "
+                     "with copies and dense when they agree, else inconclusive; the single-stage comparison answers "
+                     "whether the progressive training helps.")
 
 
 def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any], callbacks: list[dict[str, Any]],
@@ -165,7 +172,7 @@ def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
     results: dict[str, RunResult] = dict(stage1)
-    bar = progress(6, f"unimoe runs, seed {plan.seed}")
+    bar = progress(7, f"unimoe runs, seed {plan.seed}")
     start_model = str(base / "models" / "align_concat")
     for modality, shipped in (("audio", "experts.yaml"), ("video", "experts_video.yaml"), ("image", "experts_image.yaml")):
         name = f"experts_{modality}"
@@ -186,11 +193,20 @@ def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tupl
                    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5.0e-4, "weight_decay": 0.0}}},
                   []),
     }
+    # one stage from the untrained model (stage 1's backbone, not its output): the MoE recipe with copies of one FFN,
+    # training what the three stages train between them, for as many steps as they take together
+    shipped = yaml.safe_load(shipped_path("configs/unimoe/align.yaml").read_text())["model"]["init_args"]
+    arms["single_stage"] = ("unimoe/moe.yaml",
+                            {"backbone": {**shipped["backbone"], "pretrained": None}, "experts": {},
+                             "moe": {"experts": ["dense", "dense", "dense", "dense"]},
+                             "trainable": ["connector", "llm", "router", "adapters"],
+                             "train_vision_tower": shipped["train_vision_tower"]}, routing)
+    steps = {arm: plan.steps for arm in arms} | {"single_stage": plan.align_steps + 3 * plan.expert_steps + plan.steps}
     # lora.yaml reads data/shapes: the dense arm gets the mixture's data options explicitly
     media = {"root": DATA_ROOT, "tokenizer": "data/media_tokenizer", "domains": None, "audio_chunk_seconds": 1.0,
              "audio_max_chunks": 1, "video_num_frames": 4}
     for arm, (shipped, model, callbacks) in arms.items():
-        config = _config(plan, out, arm, plan.steps, model, callbacks, plan.seed, media if arm == "dense" else None,
+        config = _config(plan, out, arm, steps[arm], model, callbacks, plan.seed, media if arm == "dense" else None,
                          curve=True)
         results[arm] = _run(shipped, config, arm, out, plan.seed)
         bar.update()
@@ -228,20 +244,24 @@ def seed_table(summary: dict[str, Any]) -> str:
 
 # baseline arm -> what Uni-MoE beating it would show
 BASELINES = {"copies": "experts initialised per modality beat experts that are copies of one FFN",
-             "dense": "modality experts beat a dense model with the same LoRA"}
+             "dense": "modality experts beat a dense model with the same LoRA",
+             "single_stage": "progressive training (three stages) beats one stage at equal total steps"}
+QUESTION = ("copies", "dense")  # the comparisons the verdict on "modality-specific experts help" rests on
 
 
 def verdicts(means: dict[str, list[float]], chance: float) -> dict[str, Any]:
     """The protocol's rule: per baseline arm, Uni-MoE's mean test accuracy minus the arm's over seeds (paired,
     95 % interval) against MARGIN (`statistics.decide`), inconclusive when an arm sits at ceiling or chance;
-    the verdict on the question is the comparisons' when they agree, else inconclusive."""
-    failed = [at_ceiling_or_chance(LABELS[arm], means[arm], chance) for arm in ("unimoe", *BASELINES)]
-    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in BASELINES}
-    per_arm = {arm: decide(d, MARGIN, failed) for arm, d in diffs.items()}
-    distinct = set(per_arm.values())
+    the verdict on "modality-specific experts help" is its comparisons' (`QUESTION`) when they agree, else
+    inconclusive. A baseline missing from `means` (results without the arm) is left out."""
+    arms = [arm for arm in BASELINES if arm in means]
+    own = {arm: at_ceiling_or_chance(LABELS[arm], means[arm], chance) for arm in ("unimoe", *arms)}
+    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in arms}
+    per_arm = {arm: decide(d, MARGIN, [own["unimoe"], own[arm]]) for arm, d in diffs.items()}
+    distinct = {per_arm[arm] for arm in QUESTION}
     verdict = distinct.pop() if len(distinct) == 1 else "inconclusive: the comparisons disagree (" + "; ".join(
-        f"against {arm}: {v}" for arm, v in per_arm.items()) + ")"
-    return {"differences": diffs, "verdicts": per_arm, "verdict": verdict, "gates": [f for f in failed if f]}
+        f"against {arm}: {per_arm[arm]}" for arm in QUESTION) + ")"
+    return {"differences": diffs, "verdicts": per_arm, "verdict": verdict, "gates": [g for g in own.values() if g]}
 
 
 def routing_table(shares: list[dict[str, dict[str, list[float]]]], slots: list[str]) -> list[str]:
@@ -294,7 +314,7 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         f"{plan['steps']} steps of batch {plan['batch_size']}.", "",
         *lines, "",
         *[f"- {BASELINES[arm]}? Uni-MoE minus {arm} (mean accuracy) {interval_words(diffs[arm], 100, ' points')}; "
-          f"margin {100 * MARGIN:+.1f} points: **{result['verdicts'][arm]}**." for arm in BASELINES],
+          f"margin {100 * MARGIN:+.1f} points: **{result['verdicts'][arm]}**." for arm in diffs],
         f"- Gates: {'; '.join(result['gates']) or 'all passed'}.", "",
         f"Verdict on \"modality-specific experts help\": **{result['verdict']}** (the protocol's rule).", "",
         "### Routing by modality (test split)", "",

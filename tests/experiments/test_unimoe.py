@@ -17,7 +17,11 @@ def test_quick_run_writes_results(quick_outputs):
     assert set(summary["accuracy"]) >= {"unimoe", "copies", "dense", "align_concat", "align_mean"}
     assert set(summary["accuracy"]["unimoe"]) == set(unimoe.DOMAINS)
     assert summary["verdict"].startswith("inconclusive")  # one seed: no interval
-    assert [c["b"] for c in summary["protocol"]["comparisons"]] == ["copies", "dense"]
+    assert [c["b"] for c in summary["protocol"]["comparisons"]] == ["copies", "dense", "single_stage"]
+    # the single-stage arm: from the untrained model, everything trained, for as many steps as stages 1 to 3
+    single, plan = summary["runs"]["single_stage"], summary["plan"]
+    assert single["steps"] == plan["align_steps"] + 3 * plan["expert_steps"] + plan["steps"]
+    assert single["params_trainable"] == single["params_total"] > summary["runs"]["unimoe"]["params_trainable"]
     assert 0 < summary["chance"] < 1
     # each stage-3 arm validated while training: its learning curve, over seeds in results.json
     assert set(summary["learning_curves"]) == set(unimoe.ARMS)
