@@ -35,7 +35,8 @@ from typing import Any
 from .. import plots
 from ..paths import REPO_ROOT
 from . import command_line, environment, experiment_parser, parse_args, per_seed_summaries
-from .protocol import seed_stat
+from .provenance import provenance_words
+from .statistics import seed_stat
 
 
 @dataclass
@@ -55,6 +56,7 @@ def _experiment(module: str) -> Callable[[Path, argparse.Namespace], None]:
         argv = ["--out", str(out), "--seeds", *map(str, args.seeds)]
         argv += ["--quick"] if args.quick else []
         argv += ["--threads", str(args.threads)] if args.threads else []
+        argv += ["--jobs", str(args.jobs)]
         import_module(f"lightning_moe.experiments.{module}").main(argv)
     return run
 
@@ -87,16 +89,33 @@ PARTS = [
 
 
 def stamp(results: dict[str, Any]) -> str:
-    """'command, date, N torch threads' of a results.json (experiments' `environment` or a benchmark's own)."""
+    """'command, date, N torch threads, commit C' of a results.json (experiments' `environment` or a benchmark's
+    own), saying so when the run started on a dirty tree (`provenance_words`)."""
     env = results.get("environment")
     if env:
-        return f"`{env['command']}`, {env['date']}, {env['torch_threads']} torch threads"
-    if "stamp" in results:  # edge_offload: date, machine and threads in one string
-        return f"`python benchmarks/edge_offload.py`, {results['stamp']}"
-    return f"`{results.get('command', '?')}`, {results.get('date', '?')}, {results.get('torch_threads', '?')} torch threads"
+        return f"`{env['command']}`, {env['date']}, {env['torch_threads']} torch threads, {provenance_words(env)}"
+    if "stamp" in results:  # edge_offload: date, machine, threads and (since it records it) the commit in one string
+        where = f"`python benchmarks/edge_offload.py`, {results['stamp']}"
+        return where if "commit " in results["stamp"] else f"{where}, {provenance_words(results)}"
+    return (f"`{results.get('command', '?')}`, {results.get('date', '?')}, {results.get('torch_threads', '?')} torch "
+            f"threads, {provenance_words(results)}")
 
 
 # ---------------------------------------------------------------------------- figures per part
+def learning_curve_figure(name: str, results: dict[str, Any], labels: dict[str, str], xlabel: str,
+                          figures: Path) -> list[tuple[str, Path]]:
+    """The experiment's learning curves (results.json `learning_curves`: arm -> [x, mean, low, high]), one line
+    per arm; none when it recorded none."""
+    curves = {labels.get(arm, arm): points for arm, points in results.get("learning_curves", {}).items() if points}
+    if not curves:
+        return []
+    seeds = len(per_seed_summaries(results))
+    return [(f"Learning curves: val exact match (mean over domains) against {xlabel}, mean and 95 % interval over "
+             f"{seeds} seed(s)",
+             plots.save_png(plots.learning_curves(curves, title=f"{name}: val exact match while training",
+                                                  xlabel=xlabel), figures / f"{name}_learning_curves.png"))]
+
+
 def conflict_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Path]]:
     seeds = per_seed_summaries(results)
     first = seeds[min(seeds)]
@@ -107,6 +126,7 @@ def conflict_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, 
     drawn = [("Test exact match per domain and run: mean over seeds, whiskers the range",
               plots.save_png(plots.accuracy_bars(stats, domains, title="conflict: test exact match (mean, range over "
                                                  f"{len(seeds)} seed(s))"), figures / "conflict_accuracy.png"))]
+    drawn += learning_curve_figure("conflict", results, labels, "training samples per domain", figures)
     for r in first["runs"]:
         routing = r["details"].get("answer_routing")
         if not routing:
@@ -171,6 +191,7 @@ def unimoe_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Pa
     drawn = [("Test exact match per domain and run: mean over seeds, whiskers the range",
               plots.save_png(plots.accuracy_bars(stats, list(DOMAINS), title=f"Uni-MoE: test exact match (mean, range "
                                                  f"over {len(summaries)} seed(s))"), figures / "unimoe_accuracy.png"))]
+    drawn += learning_curve_figure("unimoe", results, LABELS, "training samples", figures)
     slots = {"unimoe": ["dense", "image", "audio", "video"], "copies": [f"copy {e}" for e in range(4)]}
     for arm, names in slots.items():
         routing = [s["modality_routing"][arm] for s in summaries if s.get("modality_routing", {}).get(arm)]
@@ -228,11 +249,12 @@ def section(part: Part, out: Path, figures_dir: Path, image_prefix: str) -> tupl
     return "\n".join(lines), drawn
 
 
-def write_report(out: Path, parts: list[Part], command: str) -> Path:
+def write_report(out: Path, parts: list[Part], command: str, env: dict[str, Any] | None = None) -> Path:
     """OUT/report.md and OUT/figures/ from OUT/<part>/results.json; OUT/docs/<page> holds each page's section
-    with image paths relative to docs/ (figures/report/...)."""
+    with image paths relative to docs/ (figures/report/...). `env`: the report's environment, read when it
+    started (default: now)."""
     figures = out / "figures"
-    env = environment(command)
+    env = env or environment(command)
     sections = []
     for part in parts:
         text, _ = section(part, out, figures, "figures/")
@@ -241,7 +263,7 @@ def write_report(out: Path, parts: list[Part], command: str) -> Path:
         (out / "docs").mkdir(parents=True, exist_ok=True)
         (out / "docs" / f"{part.name}.md").write_text(docs_text)
     head = ["# lightning-moe results report", "",
-            f"`{command}`, {env['date']}, {env['torch_threads']} torch threads, commit {env['git_commit']}.", "",
+            f"`{command}`, {env['date']}, {env['torch_threads']} torch threads, {provenance_words(env)}.", "",
             "Every table, verdict and figure below is generated from the results.json files in this directory "
             "(see each section's command); verdict sentences come from the experiments' verdict functions.", ""]
     report = out / "report.md"
@@ -288,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(build_parser(), argv)
+    command = command_line("lightning_moe.experiments.report", argv)
+    env = environment(command)  # the commit the report starts from
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     parts = [p for p in PARTS if args.only is None or p.name in args.only]
@@ -303,7 +327,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             part.run(out / part.name, args)
         timings[part.name] = time.perf_counter() - start
-    report = write_report(out, parts, command_line("lightning_moe.experiments.report", argv))
+    report = write_report(out, parts, command, env)
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
     if args.docs:
         update_docs(out, args.docs.resolve(), parts)

@@ -14,9 +14,9 @@ from matplotlib.image import imread
 
 from lightning_moe.experiments import report
 
-EXPECTED = ["conflict_accuracy.png", "conflict_routing_mole3_mixture.png", "conflict_routing_oracle_mixture.png",
+EXPECTED = ["conflict_accuracy.png", "conflict_learning_curves.png", "conflict_routing_mole3_mixture.png", "conflict_routing_oracle_mixture.png",
             "continual_mora.png", "continual_mora_task_oracle.png", "continual_final.png", "distill_accuracy.png",
-            "unimoe_accuracy.png", "moe_speed.png"]
+            "unimoe_accuracy.png", "unimoe_learning_curves.png", "moe_speed.png"]
 PARTS = ["conflict", "continual", "distill", "unimoe", "moe_layer"]
 
 
@@ -48,7 +48,10 @@ def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
                     "## SparseMoE speed"):
         assert heading in text
     assert text.count("### Protocol (declared before the runs)") == 4
-    assert "torch threads._" in text and "Verdict over the seeds" in text and "Not run" not in text
+    # every section carries the commit its numbers came from (a dirty tree said so), the benchmark's included
+    assert "Verdict over the expert counts" in text and "Not run" not in text
+    stamps = [line for line in text.splitlines() if line.startswith("From `")]
+    assert len(stamps) == len(PARTS) and all("commit " in line for line in stamps), stamps
     assert all(seconds < 5 for seconds in json.loads((root / "timings.json").read_text()).values())  # reused, not run
 
     # the docs: each page gets its section between markers, figures under docs/figures/report/; twice = once

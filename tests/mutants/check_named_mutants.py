@@ -76,6 +76,18 @@ MUTANTS = [
            '"EdgeMoE": (planned, {"dequantize_on_load": True, "policy": "lru", **edge}),',
            '"EdgeMoE": (planned, None),',
            ["tests/test_benchmarks.py", "-k", "speed_table"]),
+    Mutant("a verdict confirmed on the mean difference instead of its whole interval",
+           'if diff["low"] >= margin - TOLERANCE:',
+           'if diff["mean"] >= margin - TOLERANCE:',
+           ["tests/experiments/test_statistics.py", "tests/experiments/test_verdicts.py"]),
+    Mutant("the conflict's primary metric scored on the conflicting pair only",
+           "primary_test = {name: primary(acc[name], domains) for name in arms}",
+           "primary_test = {name: primary(acc[name], plan.pair) for name in arms}",
+           ["tests/experiments/test_verdicts.py", "tests/experiments/test_conflict.py", "-k", "not quick"]),
+    Mutant("the conflict's oracle gate left out",
+           "if mixture and oracle and statistics.fmean(oracle) - statistics.fmean(mixture) < margin - TOLERANCE:",
+           "if False:",
+           ["tests/experiments/test_verdicts.py"]),
 ]
 
 
