@@ -51,9 +51,9 @@ pixel noise per image, the largest number of shapes in count / colour / pope ima
 folder of `data/shapes`):
 
 - pope_cooccur: "Is there a circle in the image?" -> yes | no, on white images of 2-3 shapes. In
-  train and val the circle comes with a square in a `cooccurrence` fraction of its images, and
-  the square without a circle in the rest of the fraction only (so "a square is there" answers
-  right that often). Test asks about images that hold a square and no circle (`no`, the
+  train and val a `cooccurrence` fraction of the images with a circle hold a square too, and only
+  the remaining fraction of the images without one do (so "a square is there" answers right that
+  often). Test asks about images that hold a square and no circle (`no`, the
   hallucination bait) and images with a circle (`yes`, with a square as often as in train), half
   each: a model that learnt the co-occurrence instead of the circle says `yes` to the bait, seen
   in POPE's precision and yes-ratio. The question is fixed, so the answer is the presence of one
