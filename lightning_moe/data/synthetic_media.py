@@ -115,7 +115,7 @@ class MediaDomain:
 DOMAINS = {
     "beeps": MediaDomain(("audio",), "How many beeps are there?", tuple(NUMBERS.values()),
                          "number of 0.1 s beeps in a 1 s clip"),
-    "pitch": MediaDomain(("audio",), "Is the tone high or low?", ("high", "low"), "high: 2-4 kHz, low: 200-400 Hz"),
+    "pitch": MediaDomain(("audio",), "Is the tone high or low?", ("high", "low"), "high: {high} Hz, low: {low} Hz"),
     "longer": MediaDomain(("audio",), "Which tone is longer?", ("first", "second"),
                           "which of two tones lasts longer (about 0.1 s against 0.4 s)"),
     "frames": MediaDomain(("video",), "How many frames show a shape?", tuple(NUMBERS.values()),
@@ -404,6 +404,8 @@ def readme(
     if difficulty != MediaDifficulty():
         command += f" --difficulty '{json.dumps(asdict(difficulty))}'"
     knobs = [f"| `{f.name}` | {getattr(difficulty, f.name)} |" for f in fields(difficulty)]
+    low, top = LOW_PITCH
+    bands = {"high": f"{top * difficulty.pitch_ratio:g}-{2 * top * difficulty.pitch_ratio:g}", "low": f"{low:g}-{top:g}"}
     rows = []
     for domain, info in DOMAINS.items():
         counts = [len(data[s][domain]) for s in SPLITS]
@@ -411,7 +413,8 @@ def readme(
         majority = max(test_answers.values()) / max(sum(test_answers.values()), 1)
         rows.append(
             f"| `{domain}` | {' + '.join(info.modalities)} | {info.question} | {' / '.join(info.answers)} | "
-            f"{info.convention} | {' / '.join(map(str, counts))} | {100 / len(info.answers):.0f}% | {100 * majority:.1f}% |"
+            f"{info.convention.format(**bands)} | {' / '.join(map(str, counts))} | {100 / len(info.answers):.0f}% | "
+            f"{100 * majority:.1f}% |"
         )
     return "\n".join([
         "# media: synthetic audio, video and cross-modal instruction domains (Uni-MoE)",
