@@ -3,6 +3,7 @@ share no item with training, difficulty knobs that do what they say, within budg
 by the shipped tokenizer."""
 
 import filecmp
+import functools
 import hashlib
 import json
 import random
@@ -61,6 +62,7 @@ def hard_shapes(tmp_path_factory) -> Path:
     return S.generate_shapes(tmp_path_factory.mktemp("hard"), HARD, seed=3, n_train=40, n_eval=12)
 
 
+@functools.cache
 def _cell_templates() -> dict[bytes, tuple[str, str]]:
     """Pixels of every (background, shape, colour, size, shift) a cell can hold -> (shape, colour)."""
     templates = {}
