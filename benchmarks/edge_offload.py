@@ -69,7 +69,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from lightning_moe.experiments.provenance import git_state, provenance_words  # noqa: E402
+from lightning_moe.provenance import git_state, provenance_words  # noqa: E402
 from lightning_moe.inference import (  # noqa: E402
     ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits, exact_match_quality, export_store, generate,
     load_offloaded, load_resident_model, memory_status, plan_bitwidths, profile_routing, resident_bytes,

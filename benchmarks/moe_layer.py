@@ -46,7 +46,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from lightning_moe.experiments.provenance import git_state, provenance_words  # noqa: E402
+from lightning_moe.provenance import git_state, provenance_words  # noqa: E402
 from lightning_moe.layers import SparseMoE  # noqa: E402
 
 SHAPES = [(16, 512, 1024, 8, 2), (512, 128, 256, 4, 2), (512, 128, 256, 16, 2), (4096, 512, 1024, 8, 2)]

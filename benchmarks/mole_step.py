@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from lightning_moe.data import DomainMixtureDataModule  # noqa: E402
-from lightning_moe.experiments.provenance import git_state, provenance_words  # noqa: E402
+from lightning_moe.provenance import git_state, provenance_words  # noqa: E402
 from lightning_moe.methods import BackboneConfig, ExpertOptions, LoRAOptions, LoRATuning, MoLE  # noqa: E402
 
 

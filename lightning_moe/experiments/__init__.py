@@ -48,7 +48,7 @@ from ..data.records import parse_record, read_llava_records
 from ..metrics import majority_answer_score
 from ..models import parameter_counts
 from .protocol import DEFAULT_SEEDS, Protocol
-from .provenance import git_state, provenance_words
+from ..provenance import git_state, provenance_words
 
 # Lightning's loggers carry their own console handlers (set up at import, bound to the console
 # stream of that moment), so redirecting sys.stdout/sys.stderr alone does not quieten them

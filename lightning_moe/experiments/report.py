@@ -35,7 +35,7 @@ from typing import Any
 from .. import plots
 from ..paths import REPO_ROOT
 from . import command_line, environment, experiment_parser, parse_args, per_seed_summaries
-from .provenance import provenance_words
+from ..provenance import provenance_words
 from .statistics import seed_stat
 
 

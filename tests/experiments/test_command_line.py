@@ -14,7 +14,7 @@ import torch
 
 from lightning_moe import paths
 from lightning_moe.experiments import RunResult, environment, map_seeds, parse_args, quiet, seed_directory
-from lightning_moe.experiments.provenance import git_state, provenance_words
+from lightning_moe.provenance import git_state, provenance_words
 from tests.conftest import ROOT
 
 EXPERIMENTS = ["conflict", "continual", "distill"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
-from ..paths import REPO_ROOT
+from .paths import REPO_ROOT
 
 
 def git_state() -> dict[str, Any]:
