@@ -1,4 +1,4 @@
-"""Does a sparse model match or beat a dense one with fewer activated parameters, and hallucinate less? (MoE-LLaVA's claim)
+"""Does a sparse model with fewer activated parameters match or beat a dense one, and hallucinate less? (MoE-LLaVA)
 
     python -m lightning_moe.experiments.moe_llava --out DIR [--quick] [--seeds 0 1 ...] [--jobs N] [--threads N]
         [--pope {pope,pope_cooccur}]
@@ -55,7 +55,8 @@ from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, answers, command_line, execute, experiment_parser, majority_answers, parse_args,
                progress, run_seeds)
 from .protocol import Comparison, Protocol
-from .statistics import INCONCLUSIVE, at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference, seed_stat, spread
+from .statistics import (INCONCLUSIVE, at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference,
+                         seed_stat, spread)
 
 DATA_ROOT = "data/shapes"
 DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")
@@ -113,7 +114,8 @@ COMPARISONS = {
         "yes-ratio nearer the answer key's", METRICS["pope_yes_error"])),
 }
 # the claims and the comparisons each rests on (its verdict: theirs when they agree, else inconclusive)
-CLAIMS = {"matches or beats the dense model with fewer or equal activated parameters": ("equal_activated", "equal_total"),
+CLAIMS = {"matches or beats the dense model with fewer or equal activated parameters": ("equal_activated",
+                                                                                        "equal_total"),
           "hallucinates less on POPE": ("pope_f1", "pope_yes_error")}
 
 
@@ -149,7 +151,8 @@ def _mlp_linears(mlp: nn.Module) -> tuple[list[str], str]:
 
 def _grown(linear: nn.Linear, rows: int = 0, columns: int = 0, std: float = 0.0,
            generator: torch.Generator | None = None) -> nn.Linear:
-    """`linear` with `rows` more outputs (weights drawn from N(0, std), bias 0) and `columns` more inputs (weights 0)."""
+    """`linear` with `rows` more outputs (weights drawn from N(0, std), bias 0) and `columns` more inputs
+    (weights 0)."""
     grown = nn.Linear(linear.in_features + columns, linear.out_features + rows, bias=linear.bias is not None,
                       dtype=linear.weight.dtype, device=linear.weight.device)
     with torch.no_grad():
@@ -336,7 +339,8 @@ def run(out: Path, plan: Plan, base: Path, root: Path, shared: dict[str, RunResu
 def pope_metrics(result: RunResult, domain: str, yes_share: float) -> dict[str, float]:
     """POPE accuracy, F1, yes-ratio and the yes-ratio's distance to the answer key's yes share, on the test split."""
     m = result.metrics
-    values = {k: m[f"test/{domain}/pope_{k}"] for k in ("accuracy", "f1", "yes_ratio") if f"test/{domain}/pope_{k}" in m}
+    values = {k: m[f"test/{domain}/pope_{k}"] for k in ("accuracy", "f1", "yes_ratio")
+              if f"test/{domain}/pope_{k}" in m}
     if "yes_ratio" in values:
         values["yes_error"] = abs(values["yes_ratio"] - yes_share)
     return values
@@ -370,7 +374,8 @@ def seed_table(summary: dict[str, Any]) -> str:
              "|---" * (len(evaluated) + 7) + "|"]
     for row in (*ARMS, *BASE_RUNS):
         params, pope = summary["parameters"][row], summary["pope"][row]
-        cells = [f"{100 * summary['accuracy'][row][d]:.1f}" if d in summary["accuracy"][row] else "-" for d in evaluated]
+        accuracy = summary["accuracy"][row]
+        cells = [f"{100 * accuracy[d]:.1f}" if d in accuracy else "-" for d in evaluated]
         cells += [f"{100 * summary['mean'][row]:.1f}",
                   *(f"{100 * pope[k]:.1f}" if k in pope else "-" for k in ("accuracy", "f1", "yes_ratio"))]
         lines.append(f"| {LABELS[row]} | {_millions(params['total'])} | {_millions(params['activated'])} | "
@@ -389,7 +394,8 @@ def verdicts(values: dict[str, dict[str, list[float]]], chance: dict[str, float]
     for name, (metric, c) in COMPARISONS.items():
         gate_metric, gate_chance, where = (("mean", chance["mean"], "") if metric == "mean"
                                            else ("pope_accuracy", chance["pope"], " on POPE"))
-        failed = [at_ceiling_or_chance(LABELS[arm] + where, values[gate_metric][arm], gate_chance) for arm in (c.a, c.b)]
+        failed = [at_ceiling_or_chance(LABELS[arm] + where, values[gate_metric][arm], gate_chance)
+                  for arm in (c.a, c.b)]
         gates += [g for g in failed if g and g not in gates]
         differences[name] = paired_difference(values[metric][c.a], values[metric][c.b])
         per_comparison[name] = decide(differences[name], c.margin, failed)
@@ -446,20 +452,22 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     comparisons = []
     for name, (metric, c) in COMPARISONS.items():
         what = "mean accuracy" if metric == "mean" else METRICS[metric].split(" (")[0]
-        comparisons.append(f"- {c.claim}? {c.a} minus {c.b} ({what}) {interval_words(decided['differences'][name], 100, ' points')}; "
-                           f"margin {100 * c.margin:+.1f} points: **{decided['verdicts'][name]}**.")
+        interval = interval_words(decided["differences"][name], 100, " points")
+        comparisons.append(f"- {c.claim}? {c.a} minus {c.b} ({what}) {interval}; margin {100 * c.margin:+.1f} points: "
+                           f"**{decided['verdicts'][name]}**.")
     text = "\n".join([
         "## MoE-LLaVA: sparse against dense at equal activated and equal total parameters", "",
         f"Test exact match (%) per domain ({plan.eval_samples} samples each) and POPE (`{plan.pope}`; the answer key "
         f"says yes to {100 * summaries[0]['yes_share']:.0f}%), mean (min-max) over {len(summaries)} seed(s); stage 1: "
         f"{plan.align_steps} steps, stage 2: {plan.instruct_steps} steps (seed {plan.base_seed}, shared); each arm: "
         f"{plan.steps} steps of batch {plan.batch_size} from stage 2's model. Parameters counted on each trained model "
-        f"(activated: a top-k of E experts counts k/E); the wide dense model's MLPs have {widths['wide_width']} neurons "
-        f"(stage 2's: {widths['width']}), the width whose total is nearest the top-2 MoE's.", "",
+        f"(activated: a top-k of E experts counts k/E); the wide dense model's MLPs have {widths['wide_width']} "
+        f"neurons (stage 2's: {widths['width']}), the width whose total is nearest the top-2 MoE's.", "",
         *lines, "",
         *comparisons,
         f"- Gates: {'; '.join(decided['gates']) or 'all passed'}.", "",
-        *[f"Verdict on \"{claim}\": **{verdict}** (the protocol's rule)." for claim, verdict in decided["claims"].items()],
+        *[f"Verdict on \"{claim}\": **{verdict}** (the protocol's rule)."
+          for claim, verdict in decided["claims"].items()],
         "",
     ])
     return result, text
