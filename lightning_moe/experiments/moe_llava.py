@@ -28,9 +28,10 @@ on its trained model (`models.parameter_counts`). The verdicts (`verdicts`) foll
 non-inferiority of the sparse arms on the primary metric (the 95 % interval of MoE - dense over seeds above
 -`MARGIN`), and the hallucination comparisons on POPE. Writes OUT/results.json and OUT/results.md.
 
-`--pope pope_cooccur` would measure hallucination on POPE with a co-occurrence bias (the test asks about an
-object's usual companion without it); it needs the data generator's `pope_cooccur` domain, and refuses with a
-clear error where the installed generator has none.
+`--pope pope_cooccur` measures hallucination on POPE with a co-occurrence bias (the test asks about an object's
+usual companion without it): the shapes set with that domain is generated once into OUT/data (`data_root`) and
+the POPE metrics come from it. It needs the data generator's `pope_cooccur` domain, and refuses with a clear
+error, before any run, where the installed generator has none.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def data_root(plan: Plan, out: Path) -> Path:
         raise NotImplementedError(
             "--pope pope_cooccur: lightning_moe.data.synthetic has no `pope_cooccur` domain here (it needs "
             "ShapesDifficulty.cooccurrence and generate_shapes); use --pope pope, the shipped POPE domain")
-    return synthetic.generate_shapes(out / "data", difficulty(cooccurrence=COOCCURRENCE), seed=0)
+    return synthetic.generate_shapes(out / "data", difficulty(cooccurrence=COOCCURRENCE), seed=0,
+                                     n_train=plan.train_samples or 2000, n_eval=plan.eval_samples)
 
 
 def domains(plan: Plan) -> tuple[str, ...]:

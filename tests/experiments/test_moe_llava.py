@@ -6,12 +6,13 @@ without its data, and `--quick` over two seeds."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lightning_moe.data import synthetic
-from lightning_moe.experiments import moe_llava
+from lightning_moe.experiments import answers, moe_llava
 from lightning_moe.models import MoEConfig, MultimodalLM, build_multimodal, parameter_counts, upcycle
 from tests.conftest import TINY_LLM, tiny_encoders
 
@@ -131,6 +132,15 @@ def test_cooccurrence_pope_refuses_without_its_data(monkeypatch, tmp_path):
     with pytest.raises(NotImplementedError, match="no `pope_cooccur` domain here"):
         moe_llava.main(["--out", str(tmp_path), "--quick", "--pope", "pope_cooccur"])
     assert not any(tmp_path.iterdir())  # refused before any run
+
+
+def test_cooccurrence_pope_data_where_the_generator_has_it(tmp_path):
+    if not hasattr(synthetic, "generate_shapes"):
+        pytest.skip("lightning_moe.data.synthetic has no pope_cooccur domain in this version")
+    root = moe_llava.data_root(replace(moe_llava.QUICK, pope="pope_cooccur"), tmp_path)
+    assert moe_llava.domains(replace(moe_llava.QUICK, pope="pope_cooccur"))[-1] == "pope_cooccur"
+    key = answers(root, "pope_cooccur", "test")
+    assert len(key) == moe_llava.QUICK.eval_samples and set(key) <= {"yes", "no"}
 
 
 @pytest.mark.slow  # the quick experiment over two seeds: stages 1 and 2 once, four arms per seed through the CLI
