@@ -1,7 +1,7 @@
 """Does a sparse model with fewer activated parameters match or beat a dense one, and hallucinate less? (MoE-LLaVA)
 
     python -m lightning_moe.experiments.moe_llava --out DIR [--quick] [--seeds 0 1 ...] [--jobs N] [--threads N]
-        [--pope {pope,pope_cooccur}]
+        [--pope {pope_cooccur,pope}]
 
 Through the CLI's classes (`lightning_moe.cli.main` with the shipped configs/moe_llava/ files plus a per-run
 config written to OUT/configs/):
@@ -22,23 +22,21 @@ config written to OUT/configs/):
    Equal activated parameters come from top-1 rather than from top-2 over experts of half the width: upcycling
    copies the dense MLP whole, so only whole copies keep the upcycled model computing what stage 2 did.
 
-Every arm is tested on every domain's test split (exact match; the mean over domains is the primary metric)
-and on POPE (the `pope` domain: accuracy, F1, yes-ratio). Each arm's total and activated parameters are counted
+The data: the shapes set with POPE under a co-occurrence bias (`pope_cooccur`: "Is there a circle?", where in
+train a circle mostly comes with a square and the test asks, half the time, about a square without a circle),
+generated once into OUT/data (`data_root`: `lightning_moe.data.synthetic.generate_shapes`), the shipped
+domains beside it. Every arm is tested on every domain's test split (exact match; the mean over domains is the
+primary metric) and on POPE (`pope_cooccur`: accuracy, F1, yes-ratio; `--pope pope`: the shipped data and its
+balanced POPE domain, without the bias). Each arm's total and activated parameters are counted
 on its trained model (`models.parameter_counts`). The verdicts (`verdicts`) follow the protocol (`protocol`):
 non-inferiority of the sparse arms on the primary metric (the 95 % interval of MoE - dense over seeds above
 -`MARGIN`), and the hallucination comparisons on POPE. Writes OUT/results.json and OUT/results.md.
-
-`--pope pope_cooccur` measures hallucination on POPE with a co-occurrence bias (the test asks about an object's
-usual companion without it): the shapes set with that domain is generated once into OUT/data (`data_root`) and
-the POPE metrics come from it. It needs the data generator's `pope_cooccur` domain, and refuses with a clear
-error, before any run, where the installed generator has none.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import functools
 import json
 import shutil
@@ -51,6 +49,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..models import MoEConfig, MultimodalLM, decoder_layers, mlp_attribute, parameter_counts, upcycle
 from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, answers, command_line, execute, experiment_parser, majority_answers, parse_args,
@@ -61,14 +60,16 @@ from .statistics import (INCONCLUSIVE, at_ceiling_or_chance, curve_stat, decide,
 
 DATA_ROOT = "data/shapes"
 DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")
-POPE_DOMAINS = ("pope", "pope_cooccur")  # --pope: the shipped POPE, or the one with a co-occurrence bias
-COOCCURRENCE = 0.9  # pope_cooccur's share of train images with the asked object that also hold its companion
+POPE_DOMAINS = ("pope_cooccur", "pope")  # --pope: POPE with a co-occurrence bias, or the shipped balanced one
+# pope_cooccur's share of train images with the asked object that also hold its companion (docs/data.md measures
+# a hallucination gap at 0.9)
+COOCCURRENCE = 0.9
 ARMS = ("dense", "moe_top1", "moe_top2", "dense_wide")
 BASE_RUNS = ("align", "instruct")
 LABELS = {"dense": "dense (MLPs trained)", "moe_top1": "MoE top-1 (equal activated)",
           "moe_top2": "MoE top-2 (MoE-LLaVA)", "dense_wide": "dense, wide (equal total to MoE top-2)",
           "align": "stage 1 (shared)", "instruct": "stage 2 (shared starting point)"}
-# non-inferiority on the primary metric: 2 points of the mean accuracy over 5 domains x 200 test samples
+# non-inferiority on the primary metric: 2 points of the mean accuracy over the domains (200 test samples each)
 MARGIN = 0.02
 POPE_MARGIN = 0.02  # hallucination: 2 points of POPE F1 / of the yes-ratio's distance to the answer key's
 
@@ -84,7 +85,7 @@ class Plan:
     base_seed: int = 0  # of stages 1 and 2 and the widening
     train_samples: int | None = None  # the first N train samples of each domain (None: all)
     curve_points: int = 4  # validations of each arm while training (its learning curve), the last at its end
-    pope: str = "pope"  # the domain POPE metrics come from: POPE_DOMAINS
+    pope: str = "pope_cooccur"  # the domain POPE metrics come from: POPE_DOMAINS
 
     def base_signature(self) -> dict[str, Any]:
         signature = {"align_steps": self.align_steps, "instruct_steps": self.instruct_steps,
@@ -230,22 +231,15 @@ def upcycle_copy(model: MultimodalLM, moe: dict[str, Any]) -> MultimodalLM:
 
 # ---------------------------------------------------------------------------- the data
 def data_root(plan: Plan, out: Path) -> Path:
-    """The data every run reads: the shipped shapes set, or (`plan.pope` pope_cooccur) the same set with the
-    co-occurrence domain, generated once into OUT/data by the data generator."""
+    """The data every run reads: (`plan.pope` pope_cooccur) the shapes set with the co-occurrence domain,
+    generated once into OUT/data (at the plan's sizes; reused by a later run into the same OUT), or the shipped
+    shapes set."""
     if plan.pope == "pope":
         return resolve_data_path(DATA_ROOT)
-    if plan.pope not in POPE_DOMAINS:
+    if plan.pope != "pope_cooccur":
         raise ValueError(f"Plan.pope must be one of {POPE_DOMAINS}, got {plan.pope!r}")
-    from ..data import synthetic
-
-    difficulty = getattr(synthetic, "ShapesDifficulty", None)
-    if difficulty is None or "cooccurrence" not in {f.name for f in dataclasses.fields(difficulty)} \
-            or not hasattr(synthetic, "generate_shapes"):
-        raise NotImplementedError(
-            "--pope pope_cooccur: lightning_moe.data.synthetic has no `pope_cooccur` domain here (it needs "
-            "ShapesDifficulty.cooccurrence and generate_shapes); use --pope pope, the shipped POPE domain")
-    return synthetic.generate_shapes(out / "data", difficulty(cooccurrence=COOCCURRENCE), seed=0,
-                                     n_train=plan.train_samples or 2000, n_eval=plan.eval_samples)
+    return generate_shapes(out / "data", ShapesDifficulty(cooccurrence=COOCCURRENCE), seed=0,
+                           n_train=plan.train_samples or 2000, n_eval=plan.eval_samples)
 
 
 def domains(plan: Plan) -> tuple[str, ...]:
@@ -477,9 +471,9 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = experiment_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--pope", choices=POPE_DOMAINS, default="pope",
-                        help="the POPE domain: the shipped `pope`, or `pope_cooccur` (a co-occurrence bias; needs the "
-                        "data generator's pope_cooccur domain)")
+    parser.add_argument("--pope", choices=POPE_DOMAINS, default="pope_cooccur",
+                        help="the POPE domain: `pope_cooccur` (a co-occurrence bias; the data generated into "
+                        "OUT/data), or the shipped data's balanced `pope`")
     return parser
 
 
@@ -487,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(build_parser(), argv)
     plan = replace(QUICK if args.quick else Plan(), pope=args.pope)
     out = args.out.resolve()
-    root = data_root(plan, out)  # fails here, before any run, without the data
+    root = data_root(plan, out)
     shared, widths = train_base(plan, out / "base", root)
     command = command_line("lightning_moe.experiments.moe_llava", argv)
     return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, out / "base", root, shared, widths), command,

@@ -1,7 +1,7 @@
 """The MoE-LLaVA experiment: its verdicts on hand-made results (a tie, a clear non-inferiority, a worse sparse
 model, an arm at ceiling, the POPE comparisons), the parameters of its arms against a hand computation, the
-function-preserving widening of the dense model of the MoE's total, the refusal of the co-occurrence POPE
-without its data, and `--quick` over two seeds."""
+function-preserving widening of the dense model of the MoE's total, the co-occurrence POPE data, and `--quick`
+over two seeds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lightning_moe.data import synthetic
 from lightning_moe.experiments import answers, moe_llava
 from lightning_moe.models import MoEConfig, MultimodalLM, build_multimodal, parameter_counts, upcycle
 from tests.conftest import TINY_LLM, tiny_encoders
@@ -127,20 +126,15 @@ def test_widening_refuses_a_sparse_layer(dense):
         moe_llava.widen_mlps(dense, 200)
 
 
-def test_cooccurrence_pope_refuses_without_its_data(monkeypatch, tmp_path):
-    monkeypatch.delattr(synthetic, "generate_shapes", raising=False)
-    with pytest.raises(NotImplementedError, match="no `pope_cooccur` domain here"):
-        moe_llava.main(["--out", str(tmp_path), "--quick", "--pope", "pope_cooccur"])
-    assert not any(tmp_path.iterdir())  # refused before any run
-
-
-def test_cooccurrence_pope_data_where_the_generator_has_it(tmp_path):
-    if not hasattr(synthetic, "generate_shapes"):
-        pytest.skip("lightning_moe.data.synthetic has no pope_cooccur domain in this version")
-    root = moe_llava.data_root(replace(moe_llava.QUICK, pope="pope_cooccur"), tmp_path)
-    assert moe_llava.domains(replace(moe_llava.QUICK, pope="pope_cooccur"))[-1] == "pope_cooccur"
+def test_cooccurrence_pope_data_is_generated_at_the_plans_sizes(tmp_path):
+    root = moe_llava.data_root(moe_llava.QUICK, tmp_path)
+    assert moe_llava.QUICK.pope == "pope_cooccur" and root.is_relative_to(tmp_path / "data")
+    assert moe_llava.domains(moe_llava.QUICK) == (*moe_llava.DOMAINS, "pope_cooccur")
     key = answers(root, "pope_cooccur", "test")
     assert len(key) == moe_llava.QUICK.eval_samples and set(key) <= {"yes", "no"}
+    assert moe_llava.data_root(moe_llava.QUICK, tmp_path) == root  # generated once, then reused
+    shipped = moe_llava.data_root(replace(moe_llava.QUICK, pope="pope"), tmp_path)
+    assert (shipped / "pope" / "test.jsonl").is_file() and not (shipped / "pope_cooccur").exists()
 
 
 @pytest.mark.slow  # the quick experiment over two seeds: stages 1 and 2 once, four arms per seed through the CLI
@@ -163,7 +157,7 @@ def test_quick_run_over_two_seeds(tmp_path):
     assert abs(params["dense_wide"]["total"] - params["moe_top2"]["total"]) <= per_neuron / 2
     assert params["dense"]["trainable"] < params["dense"]["total"]  # MLPs and connector only
     for arm in moe_llava.ARMS:
-        assert set(seed["accuracy"][arm]) == set(moe_llava.DOMAINS)
+        assert set(seed["accuracy"][arm]) == {*moe_llava.DOMAINS, "pope_cooccur"}
         assert set(seed["pope"][arm]) == {"accuracy", "f1", "yes_ratio", "yes_error"}
     assert set(summary["learning_curves"]) == set(moe_llava.ARMS)
     assert (tmp_path / "base" / "models" / "instruct_wide").is_dir()  # the shared starting points
