@@ -224,18 +224,20 @@ def execute(run: Run, out: Path, inspect: Any = None) -> RunResult:
     return result
 
 
+def answers(root: Path, domain: str, split: str = "test", samples: int | None = None) -> list[str]:
+    """The answer (last assistant turn) of each record of ROOT/<domain>/<split>.jsonl (its first `samples`
+    records; None: all)."""
+    path = root / domain / f"{split}.jsonl"
+    records = read_llava_records(path)[:samples]
+    return [[m.content for m in parse_record(r, root, path, i + 1).messages if m.role == "assistant"][-1]
+            for i, r in enumerate(records)]
+
+
 def majority_answers(root: Path, domains: list[str] | tuple[str, ...], split: str = "test",
                      samples: int | None = None) -> dict[str, float]:
     """Domain -> exact match of always giving the most frequent answer of ROOT/<domain>/<split>.jsonl (its first
     `samples` records; None: all): the chance level the gates compare an arm with."""
-    scores = {}
-    for domain in domains:
-        path = root / domain / f"{split}.jsonl"
-        records = read_llava_records(path)[:samples]
-        answers = [[m.content for m in parse_record(r, root, path, i + 1).messages if m.role == "assistant"][-1]
-                   for i, r in enumerate(records)]
-        scores[domain] = majority_answer_score(answers)
-    return scores
+    return {domain: majority_answer_score(answers(root, domain, split, samples)) for domain in domains}
 
 
 def logged_scalars(cli: Any, *tags: str, prefix: str | None = None, suffix: str = "") -> dict[str, list[list[float]]]:

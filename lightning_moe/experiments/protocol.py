@@ -34,12 +34,14 @@ DIFFICULTY_RULE = ("the first difficulty (easiest first) at which, on val and in
 @dataclass
 class Comparison:
     """One comparison the verdict rests on, declared before the runs: arm `a` against arm `b` on the
-    protocol's primary metric; `a` beats `b` when the 95 % interval of a - b over seeds clears `margin`."""
+    protocol's primary metric (or on `metric`); `a` beats `b` when the 95 % interval of a - b over seeds
+    clears `margin`. A negative margin asks for non-inferiority: a is at most |margin| below b."""
 
     a: str
     b: str
     margin: float
     claim: str = ""  # what a confirmed comparison would show, in words
+    metric: str = ""  # the metric compared, in words; "" = the protocol's primary metric
 
 
 @dataclass
@@ -80,7 +82,7 @@ class Protocol:
               if self.difficulties else []),
             f"- Reported: the {self.reported_split} split; tables give the mean over seeds and the range (min-max).",
             *([f"- Primary metric: {self.primary}."] if self.primary else []),
-            *[f"- Comparison: {c.a} - {c.b} on the primary metric, margin {c.margin:+.3f}"
+            *[f"- Comparison: {c.a} - {c.b} on {c.metric or 'the primary metric'}, margin {c.margin:+.3f}"
               + (f" ({c.claim})" if c.claim else "") + "." for c in self.comparisons],
             *([f"- Inconclusive when: {'; '.join(self.gates)}."] if self.gates else []),
             f"- Verdict rule: {self.verdict_rule}",

@@ -3,7 +3,8 @@
 A comparison is declared before the runs (`protocol.Comparison`: arm a against arm b on the primary
 metric, with a margin: the smallest gain that counts). After the runs, `paired_difference` takes a - b
 seed by seed and gives the mean difference with its 95 % interval (paired t, or a seeded paired
-bootstrap), and `decide` turns it into the verdict:
+bootstrap), and `decide` turns it into the verdict (a negative margin asks for non-inferiority, "a
+matches or beats b": a is at most |margin| below b, under the same rule):
 
 - `confirmed`: the whole interval lies at or above the margin;
 - `not confirmed`: the whole interval lies below the margin (any gain is smaller than the one declared);
@@ -120,7 +121,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], method: str = "t",
 
 
 def decide(diff: dict[str, Any], margin: float, failed_gates: Sequence[str | None] = ()) -> str:
-    """The verdict on "a beats b by at least `margin`" from `diff` (a `paired_difference`): the first failed
+    """The verdict on "a beats b by at least `margin`" (a negative margin: "a is at most |margin| below b",
+    non-inferiority) from `diff` (a `paired_difference`): the first failed
     gate (a reason, None = passed) makes it `inconclusive: <reason>`; else `confirmed` when the interval lies
     at or above the margin, `not confirmed` when it lies below, `inconclusive: ...` when it straddles it or
     there is no interval (one seed)."""

@@ -17,7 +17,7 @@ from lightning_moe.experiments import RunResult, environment, map_seeds, parse_a
 from lightning_moe.provenance import git_state, provenance_words
 from tests.conftest import ROOT
 
-EXPERIMENTS = ["conflict", "continual", "distill"]
+EXPERIMENTS = ["conflict", "continual", "distill", "moe_llava"]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -135,11 +135,12 @@ def test_the_wheel_ships_what_the_experiments_name():
                    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SHIPPED")
     manifest = (ROOT / "MANIFEST.in").read_text().split("\n")
     assert all(f"graft {s}" in manifest for s in shipped)
-    from lightning_moe.experiments import conflict, continual, distill
+    from lightning_moe.experiments import conflict, continual, distill, moe_llava
 
     named = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.yaml", continual.PRETRAIN,
              continual.CONTINUAL, *(f"{distill.CONFIGS}/{n}.yaml" for n in ("teacher", "mimic_dense", "mimic_sparse",
                                                                          "preference")),
-             conflict.DATA_ROOT, "data/tokenizer"]
+             *(f"configs/moe_llava/{n}.yaml" for n in ("stage1_align", "stage2_instruct", "stage3_moe")),
+             conflict.DATA_ROOT, moe_llava.DATA_ROOT, "data/tokenizer"]
     for path in named:
         assert (ROOT / path).exists() and any(Path(path).is_relative_to(s) for s in shipped), path

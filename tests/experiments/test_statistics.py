@@ -83,6 +83,16 @@ def test_decide(a, b, margin, expected):
     assert decide(paired_difference(a, b), margin) == expected
 
 
+@pytest.mark.parametrize("a, b, expected", [
+    # a - b: -0.01, 0.0, -0.005: mean -0.005, sd 0.005, half-width 4.303 x 0.002887 = 0.0124: [-0.0174, 0.0074]
+    ([0.79, 0.8, 0.795], [0.8, 0.8, 0.8], "confirmed"),  # at most 2 points below: non-inferior
+    ([0.7, 0.71, 0.7], [0.8, 0.8, 0.8], "not confirmed"),  # 10 points below, tight: inferior
+    ([0.75, 0.85, 0.8], [0.8, 0.8, 0.8], "inconclusive: the interval straddles the margin"),  # a tie, wide: unknown
+])
+def test_decide_with_a_negative_margin_is_non_inferiority(a, b, expected):
+    assert decide(paired_difference(a, b), -0.02) == expected
+
+
 def test_a_failed_gate_makes_any_verdict_inconclusive():
     clear = paired_difference([0.8, 0.8, 0.7], [0.5, 0.5, 0.5])
     assert decide(clear, 0.1, [None, "oracle failed", "arm at ceiling"]) == "inconclusive: oracle failed"
@@ -128,7 +138,9 @@ def test_protocol_text_names_seeds_splits_primary_comparisons_gates_and_the_chos
     protocol = Protocol(question="Q?", seeds=[0, 1, 2], selection_split="val", reported_split="test",
                         selection="the smallest rank that works.", verdict_rule="a rule.",
                         primary="mean exact match over the domains",
-                        comparisons=[Comparison("mole", "lora", 0.03, "MoLE helps")], gates=["oracle failed"],
+                        comparisons=[Comparison("mole", "lora", 0.03, "MoLE helps"),
+                                     Comparison("moe", "dense", -0.02, "as good", metric="POPE F1")],
+                        gates=["oracle failed"],
                         difficulties=["easy", "hard"],
                         settings={"rank": 2, "steps": 300, "val_scores": [{"rank": 1}]})
     text = protocol.markdown()
@@ -136,6 +148,7 @@ def test_protocol_text_names_seeds_splits_primary_comparisons_gates_and_the_chos
     assert "Chosen: rank = 2, steps = 300." in text and "val_scores" not in text  # lists stay in results.json
     assert "Primary metric: mean exact match over the domains." in text
     assert "Comparison: mole - lora on the primary metric, margin +0.030 (MoLE helps)." in text
+    assert "Comparison: moe - dense on POPE F1, margin -0.020 (as good)." in text
     assert "Inconclusive when: oracle failed." in text and "Difficulty of the data, chosen on val: easy, hard" in text
     assert "no discriminating setting" in text
     assert Protocol.from_dict(protocol.as_dict()) == protocol
