@@ -63,9 +63,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..models import routed_layers
 from ..paths import REPO_ROOT, resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, environment, execute, experiment_parser, logged_scalars,
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, logged_scalars,
                majority_answers, parse_args, progress, run_seeds)
-from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first
+from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
                          decide, interval_words, paired_difference, seed_stat, spread)
 
@@ -156,10 +156,7 @@ def with_data(plan: Plan, difficulty: dict[str, Any] | None, directory: Path) ->
 
 
 def difficulty_words(difficulty: dict[str, Any] | None) -> str:
-    """A difficulty as the protocol names it."""
-    if difficulty is None:
-        return "the shipped data/shapes"
-    return "generated, " + (", ".join(f"{k}={v}" for k, v in difficulty.items()) or "the defaults")
+    return setting_words(difficulty, "data/shapes")
 
 
 def accuracy(result: RunResult, domains: list[str]) -> dict[str, float]:
@@ -450,14 +447,6 @@ def conflicted_domains(alone: dict[str, float], mixture: dict[str, float], major
     below the alone run). One constant answer alone against another on the mixture is no conflict: the
     domain was never learnt."""
     return [d for d in learnt_domains(alone, majority, margin) if alone[d] - mixture[d] >= margin - TOLERANCE]
-
-
-def final_val(result: RunResult | dict[str, Any], domains: list[str]) -> dict[str, float] | None:
-    """Domain -> val exact match at the end of a run (its learning curve's last point); None when a domain's
-    curve is missing (a run without validation)."""
-    curves = (result.details if isinstance(result, RunResult) else result["details"]).get("val_curves", {})
-    points = {d: curves.get(f"val/{d}/exact_match") for d in domains}
-    return None if not all(points.values()) else {d: p[-1][1] for d, p in points.items()}
 
 
 def summarise(plan: Plan, results: list[RunResult], majority: dict[str, float],

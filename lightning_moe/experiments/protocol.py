@@ -38,6 +38,13 @@ DIFFICULTY_RULE = ("the first rung of the declared ladder (easiest data first, c
                    f"verdict is 'inconclusive: {NO_DISCRIMINATING_SETTING}'")
 
 
+def setting_words(difficulty: dict[str, Any] | None, shipped: str) -> str:
+    """A rung's data as a protocol names it: None the `shipped` data, else the generator's settings."""
+    if difficulty is None:
+        return f"the shipped {shipped}"
+    return "generated, " + (", ".join(f"{k}={v}" for k, v in difficulty.items()) or "the defaults")
+
+
 def select_first(ladder: Iterable[dict[str, Any]], measure: Callable[[dict[str, Any]], Any],
                  rejections: Callable[[dict[str, Any], Any], Sequence[str | None]]) -> dict[str, Any]:
     """The pre-registered choice of a setting on val: each rung of `ladder` (a dict naming its setting, in the
@@ -104,8 +111,8 @@ class Protocol:
             f"- Question: {self.question}",
             f"- Seeds: {', '.join(map(str, self.seeds))} ({len(self.seeds)}).",
             f"- Settings chosen on the {self.selection_split} split: {self.selection} Chosen: {chosen}.",
-            *([f"- Difficulty of the data, chosen on val: {', '.join(self.difficulties)}; rule: "
-               f"{self.difficulty_rule or DIFFICULTY_RULE}."] if self.difficulties else
+            *([f"- Difficulty of the data, chosen on val, the ladder (easiest first): {'; '.join(self.difficulties)}. "
+               f"Rule: {self.difficulty_rule or DIFFICULTY_RULE}."] if self.difficulties else
               [f"- Difficulty of the data: {self.difficulty_rule}"] if self.difficulty_rule else []),
             *self.ladder_lines(),
             f"- Reported: the {self.reported_split} split; tables give the mean over seeds and the range (min-max).",

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_moe.data.synthetic import ShapesDifficulty, generate_shapes
-
 from lightning_moe.experiments import RunResult, conflict
 
 
@@ -23,7 +24,7 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     assert "args parameter is intended" not in console and "Seed set to" not in console
     assert "GPU available" not in console and "data report" not in console
     assert "conflict runs, seed 0" in console and "Verdict on the paper's claim" in finished.stdout
-    assert "choosing rank and steps on val" in console
+    assert "choosing difficulty, rank and steps on val" in console
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["torch_threads"] == 1
     names = [r["name"] for r in results["runs"]]
@@ -62,12 +63,18 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     # the protocol heads the results; the setting came from the val selection (one candidate in --quick)
     protocol = results["protocol"]
     assert protocol["seeds"] == [0] and protocol["selection_split"] == "val" and protocol["reported_split"] == "test"
-    assert protocol["settings"]["rank"] == 1 and protocol["settings"]["val_scores"][0]["steps"] == 4
+    assert protocol["settings"]["rank"] == 1 and protocol["settings"]["ladder"][0]["steps"] == 4
+    # --quick's one rung: the defaults generated at a tiny size under OUT/data, every adapter run on it
+    root = Path(results["plan"]["data_root"])
+    assert root.parent == out / "data" and results["plan"]["difficulty"] == {}
+    assert json.loads((root / "settings.json").read_text())["n_train"] == conflict.QUICK.data_train
+    assert yaml.safe_load((out / "configs" / "lora_mixture.yaml").read_text())["data"]["init_args"]["root"] == str(root)
+    assert protocol["settings"]["difficulty"] == "generated, the defaults" and "Tried on val: generated" in table
     assert protocol["comparisons"][0]["a"] == "mole3_mixture" and protocol["primary"].startswith("mean test exact")
     assert table.startswith("## Protocol (declared before the runs)") and "Over 1 seed(s)" in table
     # the selection ran on the selection seeds (not the reported seed 0): alone on each domain, and the mixture
-    assert list((out / "selection" / "configs").glob("select_r1_s4_position_lr_seed1000.yaml"))
-    assert list((out / "selection" / "configs").glob("select_r1_s4_mixture_seed1000.yaml"))
+    assert list((out / "selection" / "configs").glob("select_d0_r1_s4_position_lr_seed1000.yaml"))
+    assert list((out / "selection" / "configs").glob("select_d0_r1_s4_mixture_seed1000.yaml"))
     assert results["verdict"].startswith("inconclusive")  # one seed: no interval, whatever the gates say
     # the oracle sends every answer token of domain i to expert i, in every layer; the learnt router's shares
     # are measured on the same tokens (each row a distribution over the experts)

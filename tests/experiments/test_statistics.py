@@ -136,7 +136,7 @@ def test_protocol_text_names_seeds_splits_primary_comparisons_gates_and_the_chos
     assert "Chosen: rank = 2, steps = 300." in text and "val_scores" not in text  # lists stay in results.json
     assert "Primary metric: mean exact match over the domains." in text
     assert "Comparison: mole - lora on the primary metric, margin +0.030 (MoLE helps)." in text
-    assert "Inconclusive when: oracle failed." in text and "Difficulty of the data, chosen on val: easy, hard" in text
+    assert "Inconclusive when: oracle failed." in text and "Difficulty of the data, chosen on val, the ladder (easiest first): easy; hard. Rule: the first" in text
     assert "no discriminating setting" in text
     assert Protocol.from_dict(protocol.as_dict()) == protocol
 
@@ -178,7 +178,7 @@ def test_protocol_lists_the_rungs_tried_and_the_chosen_one():
                         settings={"ladder": [{"setting": "shipped", "rejected": ["at ceiling", "no gap"]},
                                              {"setting": "noisy", "rejected": []}]})
     text = protocol.markdown()
-    assert "Difficulty of the data, chosen on val: shipped, noisy; rule: the first that fits." in text
+    assert "chosen on val, the ladder (easiest first): shipped; noisy. Rule: the first that fits." in text
     assert "- Tried on val: shipped: rejected (at ceiling; no gap).\n- Tried on val: noisy: **chosen**." in text
     fixed = Protocol(question="?", seeds=[0], selection_split="none", reported_split="test", selection="none.",
                      verdict_rule="rule.", difficulty_rule="fixed: the shipped data, because the gates suffice.")
