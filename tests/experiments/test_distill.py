@@ -29,8 +29,8 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     assert settings["shapes"] == {"cooccurrence": distill.COOCCURRENCE} and len(settings["ladder"]) == 1
     assert set(settings["ladder"][0]["val"]) == {"teacher", "students", "chance"}
     assert set(settings["ladder"][0]["val"]["students"]) == {"1000"}
-    root = Path(summary["data_root"])
-    assert root.parent == out / "data" and (root / "pope_cooccur" / "test.jsonl").is_file()
+    data = Path(summary["data_root"])
+    assert data.parent == out / "data" and (data / "pope_cooccur" / "test.jsonl").is_file()
     assert (out / "selection" / "d0" / "runs" / "mod" / "select_moe_seed1000" / "model").is_dir()
     assert (out / "runs" / "mod" / "teacher" / "model").is_dir()  # the chosen rung's teacher, copied
     assert "Tried on val: generated, cooccurrence=0.9:" in (out / "results.md").read_text()
