@@ -240,6 +240,15 @@ def majority_answers(root: Path, domains: list[str] | tuple[str, ...], split: st
     return {domain: majority_answer_score(answers(root, domain, split, samples)) for domain in domains}
 
 
+def final_val(result: RunResult | dict[str, Any], domains: list[str]) -> dict[str, float] | None:
+    """Domain -> val exact match at the end of a run (its learning curve's last point, logged while training: a
+    run tested after training holds only the test metrics); None when a domain's curve is missing (a run without
+    validation)."""
+    curves = (result.details if isinstance(result, RunResult) else result["details"]).get("val_curves", {})
+    points = {d: curves.get(f"val/{d}/exact_match") for d in domains}
+    return None if not all(points.values()) else {d: p[-1][1] for d, p in points.items()}
+
+
 def logged_scalars(cli: Any, *tags: str, prefix: str | None = None, suffix: str = "") -> dict[str, list[list[float]]]:
     """tag -> [(step, value)] of the scalars a finished CLI's TensorBoard logger wrote: the `tags` named, and
     every tag with `prefix` (and `suffix`). {} without a TensorBoard logger."""

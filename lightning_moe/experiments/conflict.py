@@ -5,11 +5,12 @@
 
 From one dense base model (configs/mole/base.yaml: trained on the white-image domains, saved
 once under OUT/base and reused by every run and seed; `--reuse` takes it from an earlier output
-directory trained with the same base plan), first chooses the rank and steps on val (`select_setting`,
-in OUT/selection/, with the selection seeds, apart from the reported ones: the first of
-`Plan.candidates` that discriminates, `discriminates`; skipped when `--rank`/`--steps` are given), then
-trains every arm per seed, through the CLI's classes (`lightning_moe.cli.main` with the shipped configs
-plus a per-run config written to OUT/configs/):
+directory trained with the same base plan), first chooses the data's difficulty, the rank and the steps on
+val (`select_setting`, in OUT/selection/, with the selection seeds, apart from the reported ones: the first
+rung of the ladder `Plan.difficulties` x `Plan.candidates` that the rule `rejections` lets through, each
+difficulty's data generated once under OUT/data/ by `generate_shapes`; skipped when `--rank`/`--steps` are
+given), then trains every arm per seed on the chosen data, through the CLI's classes
+(`lightning_moe.cli.main` with the shipped configs plus a per-run config written to OUT/configs/):
 
 - plain LoRA on each domain alone (configs/mole/lora.yaml, one run per domain, each for steps / D of
   the D domains: the samples of that domain a mixture run sees; together, the per-domain-LoRA upper
@@ -59,11 +60,12 @@ import torch
 import yaml
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..models import routed_layers
 from ..paths import REPO_ROOT, resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, environment, execute, experiment_parser, logged_scalars,
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, logged_scalars,
                majority_answers, parse_args, progress, run_seeds)
-from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol
+from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
                          decide, interval_words, paired_difference, seed_stat, spread)
 
@@ -72,6 +74,9 @@ CONFLICT_MARGIN = 0.05
 # the primary comparison's margin: 3 points of the mean over the domains (600 test samples for three domains);
 # a smaller gain of MoLE over plain LoRA on the mixture does not count as mitigating the conflict
 PRIMARY_MARGIN = 0.03
+# the selection's gap: on val plain LoRA on the mixture at least 10 points of the primary metric below the upper
+# bound, so that the reference arm leaves a gain of the margin room to show (and a loss room too)
+DIFFICULTY_GAP = 0.10
 MAX_STEP_RATIO = 1.25  # "at about the cost of plain LoRA": MoLE's training step at most 1.25x plain LoRA's
 # accuracies are counts / samples: a difference of exactly the margin must count despite float rounding
 TOLERANCE = 1e-9
@@ -97,8 +102,11 @@ class Plan:
     base_seed: int = 0  # of the base model's training
     # the conflicting pair: the upper bound must learn each of them on val
     pair: list[str] = field(default_factory=lambda: ["position_lr", "position_tb"])
-    # (rank, steps) tried on val in this order (cheapest first) by `select_setting`; the first that
-    # discriminates (`discriminates`) is used for every run
+    # the ladder `select_setting` climbs on val: each difficulty of the data (easiest first; None: the shipped
+    # data/shapes, else `ShapesDifficulty` settings generated under OUT/data/), at each the (rank, steps) budgets
+    # in order (cheapest first); the first rung the rule (`rejections`) lets through is used for every run
+    difficulties: list[dict[str, Any] | None] = field(default_factory=lambda: [
+        None, {"pixel_noise": 30}, {"distractors": 1}, {"distractors": 1, "pixel_noise": 30}])
     candidates: list[list[int]] = field(default_factory=lambda: [[1, 300], [2, 300], [1, 600], [2, 600], [4, 600]])
     val_samples: int = 200  # val samples per domain the selection and the learning curves score (all of val)
     oracle: bool = True  # the oracle-routed MoLE (one expert per domain, routed by the domain id)
@@ -106,9 +114,13 @@ class Plan:
     margin: float = PRIMARY_MARGIN  # of every comparison on the primary metric
     selection_seeds: list[int] = field(default_factory=lambda: list(SELECTION_SEEDS))
     curve_points: int = 5  # validations during each run (its learning curve), the last at its end
-    # the synthetic data's difficulty setting (None: the shipped data/shapes). Choosing it on val by
-    # protocol.DIFFICULTY_RULE needs the data generator's per-difficulty generation, not wired yet
-    difficulty: str | None = None
+    # the data of every adapter run: None the shipped data/shapes, else these `ShapesDifficulty` settings, generated
+    # (`with_data`) with data_seed, data_train train and data_eval val and test samples per domain into data_root
+    difficulty: dict[str, Any] | None = None
+    data_root: str | None = None
+    data_seed: int = 0
+    data_train: int = 2000
+    data_eval: int = 200
     discriminating: bool | None = None  # what the selection found (None: settings given, no selection)
 
     def alone_steps(self) -> int:
@@ -122,9 +134,29 @@ class Plan:
 
 
 # the smoke test: only the conflicting pair, a few steps on a few samples
+# (one rung: the defaults generated at a tiny size)
 QUICK = Plan(domains=["position_lr", "position_tb"], base_steps=3, steps=4, experts=[3], batch_size=8, eval_samples=8,
-             candidates=[[1, 4]], val_samples=8, train_samples=64, selection_seeds=[SELECTION_SEEDS[0]],
-             curve_points=2)
+             difficulties=[{}], candidates=[[1, 4]], val_samples=8, train_samples=64,
+             selection_seeds=[SELECTION_SEEDS[0]], curve_points=2, data_train=64, data_eval=8)
+
+
+def with_data(plan: Plan, difficulty: dict[str, Any] | None, directory: Path) -> Plan:
+    """The plan on the data of `difficulty`: None the shipped data/shapes; else the set `generate_shapes` writes
+    once under `directory` for these settings and the plan's data_seed / data_train / data_eval (deterministic: the
+    same plan finds the same directory)."""
+    if difficulty is None:
+        return replace(plan, difficulty=None, data_root=None)
+    settings = ShapesDifficulty(**difficulty)
+    missing = [d for d in plan.domains if d not in settings.domains()]
+    if missing:
+        raise ValueError(f"conflict: the difficulty {difficulty} holds no {', '.join(missing)} (its domains: "
+                         f"{', '.join(settings.domains())})")
+    root = generate_shapes(directory, settings, seed=plan.data_seed, n_train=plan.data_train, n_eval=plan.data_eval)
+    return replace(plan, difficulty=dict(difficulty), data_root=str(root))
+
+
+def difficulty_words(difficulty: dict[str, Any] | None) -> str:
+    return setting_words(difficulty, "data/shapes")
 
 
 def accuracy(result: RunResult, domains: list[str]) -> dict[str, float]:
@@ -137,17 +169,14 @@ def _data_config(plan: Plan, train_domains: list[str], seed: int, split: str = "
     """Train on `train_domains`, validate during training on every domain of `evaluated` (default the plan's)
     on val, and test it (`trainer.test`) on `split`: test for the reported runs, val for the selection."""
     evaluated = plan.domains if evaluated is None else evaluated
-    if plan.difficulty is not None:
-        raise NotImplementedError(
-            f"Plan.difficulty = {plan.difficulty!r}: choosing the data's difficulty needs the synthetic data "
-            "generator's per-difficulty generation, which this experiment does not call yet; leave it None")
     domains = {d: {"train": f"{d}/train.jsonl" if d in train_domains else None,
                    "val": f"{d}/val.jsonl" if d in evaluated else None,
                    "test": f"{d}/{split}.jsonl" if d in evaluated else None}
                for d in [*evaluated, *(d for d in train_domains if d not in evaluated)]}
     samples = plan.val_samples if split == "val" else plan.eval_samples
+    root = {"root": plan.data_root} if plan.data_root else {}
     return {"class_path": "lightning_moe.data.DomainMixtureDataModule",
-            "init_args": {"domains": domains, "batch_size": plan.batch_size, "eval_batch_size": 200,
+            "init_args": {**root, "domains": domains, "batch_size": plan.batch_size, "eval_batch_size": 200,
                           "max_eval_samples_per_domain": samples, "max_train_samples_per_domain": plan.train_samples,
                           "seed": seed}}
 
@@ -202,10 +231,12 @@ def _saved_base(base: Path, plan: Plan) -> tuple[Path, RunResult | None] | None:
 
 def train_base(plan: Plan, base: Path, out: Path, reuse: Path | None = None) -> tuple[Path, RunResult | None]:
     """The dense base model: trained once per base plan, reused when `base` (or `reuse`, the base directory of
-    an earlier output) already holds it."""
+    an earlier output) already holds it. It trains (and is tested) on the shipped data/shapes whatever the plan's
+    difficulty: a fixed pretrained model, which the ladder does not change (it varies the adapters' data)."""
     for candidate in (base, reuse):
         if candidate is not None and (saved := _saved_base(candidate, plan)) is not None:
             return saved
+    plan = replace(plan, difficulty=None, data_root=None)  # a fixed pretrained model: the shipped data, any difficulty
     model_dir, signature_file = base / "model", base / "plan.json"
     callbacks = [{"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(model_dir)}}]
     # the base trains on the white-image domains only (configs/mole/base.yaml); it is tested on the plan's
@@ -281,37 +312,64 @@ def primary(accuracy: dict[str, float], domains: list[str]) -> float:
     return statistics.fmean(accuracy[d] for d in domains)
 
 
-def discriminates(scores: dict[int, dict[str, dict[str, float]]], majority: dict[str, float], domains: list[str],
-                  pair: list[str], margin: float = PRIMARY_MARGIN) -> bool:
-    """The selection rule, on val, in every selection seed (seed -> {"alone": domain -> accuracy of plain LoRA on
-    that domain alone, "mixture": domain -> accuracy of plain LoRA on the mixture}): the upper bound reaches its
-    target (plain LoRA alone learns every domain of `pair`: `learnt_domains`) and the setting discriminates
-    (plain LoRA on the mixture at least `margin` below the upper bound on the primary metric)."""
-    def holds(seed: dict[str, dict[str, float]]) -> bool:
-        learnt = set(pair) <= set(learnt_domains({d: seed["alone"][d] for d in pair}, majority))
-        gap = primary(seed["alone"], domains) - primary(seed["mixture"], domains)
-        return learnt and gap >= margin - TOLERANCE
+def rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[str, float], domains: list[str],
+               pair: list[str], gap: float = DIFFICULTY_GAP) -> list[str]:
+    """Why a rung fails the selection rule, on val (seed -> {"alone": domain -> accuracy of plain LoRA on that domain
+    alone, "mixture": domain -> accuracy of plain LoRA on the mixture}); none: it qualifies. The rule: in every
+    selection seed plain LoRA alone learns each domain of the conflicting `pair` (`CONFLICT_MARGIN` above the
+    majority answer) and plain LoRA on the mixture stays at least `gap` below that upper bound on the primary
+    metric; neither of them sits at ceiling or at chance on the primary metric (mean over the seeds)."""
+    if not scores:
+        return ["no selection seed measured"]
+    reasons = []
+    missed = [f"{d} (seed {s})" for s, seed in scores.items() for d in pair
+              if seed["alone"][d] - majority[d] < CONFLICT_MARGIN - TOLERANCE]
+    if missed:
+        reasons.append("the upper bound does not learn " + ", ".join(missed))
+    short = [str(s) for s, seed in scores.items()
+             if primary(seed["alone"], domains) - primary(seed["mixture"], domains) < gap - TOLERANCE]
+    if short:
+        reasons.append(f"plain LoRA on the mixture less than {100 * gap:.0f} points below the upper bound "
+                       f"(seed {', '.join(short)})")
+    chance = primary(majority, domains)
+    for name, key in (("the upper bound", "alone"), ("plain LoRA on the mixture", "mixture")):
+        reasons.append(at_ceiling_or_chance(name, [primary(seed[key], domains) for seed in scores.values()], chance))
+    return [r for r in reasons if r]
 
-    return bool(scores) and all(holds(seed) for seed in scores.values())
+
+def discriminates(scores: dict[int, dict[str, dict[str, float]]], majority: dict[str, float], domains: list[str],
+                  pair: list[str], gap: float = DIFFICULTY_GAP) -> bool:
+    """Whether a rung qualifies: `rejections` finds nothing."""
+    return not rejections(scores, majority, domains, pair, gap)
+
+
+def ladder(plan: Plan) -> list[dict[str, Any]]:
+    """The rungs `select_setting` climbs, in order: each difficulty (easiest first), at each budget (cheapest first)."""
+    return [{"setting": f"{difficulty_words(d)}, rank {rank}, {steps} steps", "level": i, "difficulty": d,
+             "rank": rank, "steps": steps}
+            for i, d in enumerate(plan.difficulties) for rank, steps in plan.candidates]
 
 
 def select_setting(plan: Plan, base_model: Path, out: Path,
-                   measure: Callable[[int, int], dict[int, dict[str, dict[str, float]]]] | None = None) -> dict[str, Any]:
-    """The pre-registered choice of (rank, steps), on val, with the plan's selection seeds (not the reported
-    ones): the candidates in order; at each, plain LoRA alone on each domain (at the matched budget) and on the
-    mixture, every selection seed; the first candidate at which `discriminates` holds is chosen. None does: the
-    last one, with `met` False (every verdict is then `inconclusive: no discriminating setting`).
-    `measure(rank, steps) -> seed -> {"alone", "mixture"} -> domain -> val accuracy` replaces the training."""
-    majority = majority_baselines(plan, split="val")
+                   measure: Callable[[Plan], dict[int, dict[str, dict[str, float]]]] | None = None) -> dict[str, Any]:
+    """The pre-registered choice of the data's difficulty, the rank and the steps, on val, with the plan's selection
+    seeds (not the reported ones): the rungs of `ladder` in order (`protocol.select_first`); at each, the
+    difficulty's data (`with_data`, generated under OUT/data/), then plain LoRA alone on each domain (at the
+    matched budget) and on the mixture, in every selection seed; the first rung `rejections` lets through is
+    chosen. None does: the last one, with `met` False (every verdict is then `inconclusive: no discriminating
+    setting`). Returns {"plan": the plan at the chosen rung, "met", "tried": every rung with its val scores and
+    why it was rejected}. `measure(plan at a rung) -> seed -> {"alone", "mixture"} -> domain -> val accuracy`
+    replaces the training."""
+    data_dir = out.parent / "data"
 
-    def train(rank: int, steps: int) -> dict[int, dict[str, dict[str, float]]]:
-        at = replace(plan, rank=rank, steps=steps)
-        lora = {"lora": {"r": rank, "alpha": 2.0 * rank}}
+    def train(at: Plan) -> dict[int, dict[str, dict[str, float]]]:
+        lora = {"lora": {"r": at.rank, "alpha": 2.0 * at.rank}}
         scores: dict[int, dict[str, dict[str, float]]] = {}
+        level = plan.difficulties.index(at.difficulty)
         for seed in plan.selection_seeds:
-            runs = [(d, [d], at.alone_steps()) for d in plan.domains] + [("mixture", plan.domains, steps)]
+            runs = [(d, [d], at.alone_steps()) for d in plan.domains] + [("mixture", plan.domains, at.steps)]
             for what, train_domains, run_steps in runs:
-                name = f"select_r{rank}_s{steps}_{what}_seed{seed}"
+                name = f"select_d{level}_r{at.rank}_s{at.steps}_{what}_seed{seed}"
                 config = _run_config(at, out, name, train_domains, run_steps, [],
                                      _adapter_overrides(plan, lora, base_model), seed, split="val")
                 result = _fit_and_test("lora.yaml", config, name, name, train_domains, out, seed)
@@ -323,16 +381,26 @@ def select_setting(plan: Plan, base_model: Path, out: Path,
                     entry["alone"][what] = acc[what]
         return scores
 
-    tried = []
-    for rank, steps in progress(plan.candidates, "conflict: choosing rank and steps on val"):
-        scores = (measure or train)(rank, steps)
-        met = discriminates(scores, majority, plan.domains, plan.pair, plan.margin)
-        tried.append({"rank": rank, "steps": steps, "val": {str(k): v for k, v in scores.items()}, "met": met})
-        if met:
-            break
-    chosen = tried[-1]
-    return {"rank": chosen["rank"], "steps": chosen["steps"], "met": chosen["met"], "tried": tried,
-            "majority_val": majority}
+    plans: dict[int, Plan] = {}  # the plan at each difficulty, its data generated once
+    majorities: dict[int, dict[str, float]] = {}
+
+    def at_rung(rung: dict[str, Any]) -> Plan:
+        if rung["level"] not in plans:
+            plans[rung["level"]] = with_data(plan, rung["difficulty"], data_dir)
+            majorities[rung["level"]] = majority_baselines(plans[rung["level"]], split="val")
+        return replace(plans[rung["level"]], rank=rung["rank"], steps=rung["steps"])
+
+    def measured(rung: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+        return {str(seed): v for seed, v in (measure or train)(at_rung(rung)).items()}
+
+    def judged(rung: dict[str, Any], scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+        return rejections(scores, majorities[rung["level"]], plan.domains, plan.pair)
+
+    chosen = select_first(progress(ladder(plan), "conflict: choosing difficulty, rank and steps on val"), measured,
+                          judged)
+    rung = chosen["chosen"]
+    return {"plan": at_rung(rung), "met": chosen["met"], "tried": chosen["tried"],
+            "majority_val": majorities[rung["level"]]}
 
 
 def run(out: Path, plan: Plan, base: Path | None = None, reuse: Path | None = None) -> tuple[dict[str, Any], str]:
@@ -341,6 +409,8 @@ def run(out: Path, plan: Plan, base: Path | None = None, reuse: Path | None = No
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     base_model, base_result = train_base(plan, base or out / "base", out, reuse)
+    if base_result and plan.data_root:  # the base's own data, not the adapters'
+        base_result = replace(base_result, label="base model (no adapters; trained and tested on the shipped data)")
     results: list[RunResult] = [base_result] if base_result else []
     runs = adapter_runs(plan)
     for name, label, shipped, train_domains, model, steps in progress(runs, f"conflict runs, seed {plan.seed}"):
@@ -360,8 +430,9 @@ def run(out: Path, plan: Plan, base: Path | None = None, reuse: Path | None = No
 def majority_baselines(plan: Plan, root: Path | None = None, split: str = "test",
                        domains: list[str] | None = None) -> dict[str, float]:
     """Domain -> exact match of always giving the most frequent answer, on the samples every run is scored on
-    (the first `plan.eval_samples` of the domain's test split, or `plan.val_samples` of val)."""
-    return majority_answers(root or resolve_data_path(DATA_ROOT), plan.domains if domains is None else domains,
+    (the first `plan.eval_samples` of the domain's test split, or `plan.val_samples` of val) of the plan's data."""
+    root = root or (Path(plan.data_root) if plan.data_root else resolve_data_path(DATA_ROOT))
+    return majority_answers(root, plan.domains if domains is None else domains,
                             split, plan.val_samples if split == "val" else plan.eval_samples)
 
 
@@ -376,14 +447,6 @@ def conflicted_domains(alone: dict[str, float], mixture: dict[str, float], major
     below the alone run). One constant answer alone against another on the mixture is no conflict: the
     domain was never learnt."""
     return [d for d in learnt_domains(alone, majority, margin) if alone[d] - mixture[d] >= margin - TOLERANCE]
-
-
-def final_val(result: RunResult | dict[str, Any], domains: list[str]) -> dict[str, float] | None:
-    """Domain -> val exact match at the end of a run (its learning curve's last point); None when a domain's
-    curve is missing (a run without validation)."""
-    curves = (result.details if isinstance(result, RunResult) else result["details"]).get("val_curves", {})
-    points = {d: curves.get(f"val/{d}/exact_match") for d in domains}
-    return None if not all(points.values()) else {d: p[-1][1] for d, p in points.items()}
 
 
 def summarise(plan: Plan, results: list[RunResult], majority: dict[str, float],
@@ -662,13 +725,24 @@ VERDICT_RULE = ("each MoLE arm against plain LoRA on the mixture (same rank, sam
                 "the oracle's gain confirmed and no learnt router's; capacity: not even the oracle's).")
 
 
-def protocol(plan: Plan, seeds: list[int], chosen_by: str) -> Protocol:
-    """The experiment's protocol (settings filled in once chosen)."""
+DIFFICULTY_RULE_WORDS = (f"plain LoRA alone learns each domain of the conflicting pair (>= {100 * CONFLICT_MARGIN:.0f} "
+                         "points above the majority answer), plain LoRA on the mixture stays at least "
+                         f"{100 * DIFFICULTY_GAP:.0f} points below that upper bound on the primary metric, and neither "
+                         "sits at ceiling (100 %) or chance on it (mean over the selection seeds).")
+
+
+def protocol(plan: Plan, seeds: list[int], chosen_by: str, selected: bool = True) -> Protocol:
+    """The experiment's protocol (settings filled in once chosen); `selected`: the ladder was climbed (else the
+    settings were given)."""
     return Protocol(
         question="Does a mixture of LoRA experts (MoLE) beat plain LoRA on conflicting domains at about its cost, "
                  "and if not, is it the router or the experts' capacity?",
         seeds=list(seeds), selection_split="val", reported_split="test", selection=chosen_by,
         verdict_rule=VERDICT_RULE,
+        difficulties=[f"{difficulty_words(d)} (budgets {', '.join(f'rank {r} x {n} steps' for r, n in plan.candidates)})"
+                      for d in plan.difficulties] if selected else [],
+        difficulty_rule=(f"the first rung (each difficulty in order, at each budget in order) at which {DIFFICULTY_RULE_WORDS}"
+                         if selected else "the shipped data/shapes (settings given, no selection)"),
         primary=f"mean test exact match over every evaluated domain ({', '.join(plan.domains)}): winning one domain "
                 "back by losing another is no gain",
         comparisons=[Comparison(f"mole{e}_mixture", "lora_mixture", plan.margin,
@@ -694,23 +768,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reuse = args.reuse.resolve() / "base" if args.reuse else None
     given = {k: v for k, v in (("steps", args.steps), ("rank", args.rank)) if v is not None}
     base_model, _ = train_base(plan, out / "base", out, reuse)  # once for the selection and every seed
-    if given:  # the user's setting: no selection, and the protocol says so
+    if given:  # the user's setting, on the shipped data: no selection, and the protocol says so
         plan = replace(plan, **given)
         chosen_by = "none: rank and steps given on the command line (not a pre-registered run)."
-        settings: dict[str, Any] = {"rank": plan.rank, "steps": plan.steps}
+        settings: dict[str, Any] = {"difficulty": difficulty_words(None), "rank": plan.rank, "steps": plan.steps}
     else:
         selection = select_setting(plan, base_model, out / "selection")
-        plan = replace(plan, rank=selection["rank"], steps=selection["steps"], discriminating=selection["met"])
-        chosen_by = ("the first (rank, steps) of " + ", ".join(f"({r}, {n})" for r, n in plan.candidates) + " at "
-                     f"which, on val in every selection seed ({', '.join(map(str, plan.selection_seeds))}), plain "
-                     f"LoRA alone learns each of {', '.join(plan.pair)} (>= {100 * CONFLICT_MARGIN:.0f} points above "
-                     "the majority answer) and plain LoRA on the mixture stays at least the margin below that upper "
-                     "bound on the primary metric.")
-        settings = {"rank": plan.rank, "steps": plan.steps,
-                    "met": selection["met"] if selection["met"] else f"NO candidate met the rule ({NO_DISCRIMINATING_SETTING}): "
+        plan = replace(selection["plan"], discriminating=selection["met"])
+        chosen_by = ("the data's difficulty, the rank and the steps, by the ladder and the rule below, on val with the "
+                     f"selection seeds ({', '.join(map(str, plan.selection_seeds))}), apart from the reported ones.")
+        settings = {"difficulty": difficulty_words(plan.difficulty), "rank": plan.rank, "steps": plan.steps,
+                    "met": selection["met"] if selection["met"] else f"NO rung met the rule ({NO_DISCRIMINATING_SETTING}): "
                     "the last one is used",
-                    "val_scores": selection["tried"]}
-    declared = protocol(plan, args.seeds, chosen_by)
+                    "ladder": selection["tried"]}
+    declared = protocol(plan, args.seeds, chosen_by, selected=not given)
     declared.settings = settings
     cost = step_cost(plan, out / "cost", args.quick)
     return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, out / "base", reuse), command, declared,

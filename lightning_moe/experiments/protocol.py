@@ -8,14 +8,18 @@ rule, in words. `write_results` puts it at the top of results.json and results.m
 sees what was decided before the numbers came. The statistics and the verdict rule itself are in
 `statistics`.
 
-Data difficulty: an experiment may name the difficulty settings of its synthetic data
-(`Protocol.difficulties`, easiest first) and choose one on val by `DIFFICULTY_RULE`: the first
-at which the upper bound (or oracle) reaches its target and the baseline stays at least the margin
-below it; when none does, every verdict is `inconclusive: no discriminating setting`.
+Data difficulty (and budget): an experiment declares a ladder of settings (`Protocol.difficulties`,
+easiest data first, cheapest budget first within it) and its own rule (`Protocol.difficulty_rule`, an
+instance of `DIFFICULTY_RULE`), and `select_first` measures the rungs on val, in order, with the
+selection seeds, and takes the first that the rule lets through; every rung tried is recorded with why
+it was rejected. When none qualifies, the last rung is run and every verdict is
+`inconclusive: no discriminating setting`. An experiment whose data is fixed says why in
+`difficulty_rule` and declares no ladder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,9 +30,38 @@ DEFAULT_SEEDS = list(range(10))  # full runs; --quick runs seed 0 only
 # are not the very runs a setting was chosen on
 SELECTION_SEEDS = [1000, 1001, 1002]
 NO_DISCRIMINATING_SETTING = "no discriminating setting"
-DIFFICULTY_RULE = ("the first difficulty (easiest first) at which, on val and in every selection seed, the upper "
-                   "bound reaches its target and the baseline stays at least the margin below it; none: every "
+DIFFICULTY_RULE = ("the first rung of the declared ladder (easiest data first, cheapest budget first within it) at "
+                   "which, on val and in every selection seed, the reference the verdict needs learns what it must "
+                   "(the upper bound, the teacher), the arm a method must beat stays at least the declared gap below "
+                   "it, and no arm measured sits at ceiling (100 %) or at chance on the primary metric; the rungs "
+                   "tried and why each was rejected are reported; none qualifies: the last rung is run and every "
                    f"verdict is 'inconclusive: {NO_DISCRIMINATING_SETTING}'")
+
+
+def setting_words(difficulty: dict[str, Any] | None, shipped: str) -> str:
+    """A rung's data as a protocol names it: None the `shipped` data, else the generator's settings."""
+    if difficulty is None:
+        return f"the shipped {shipped}"
+    return "generated, " + (", ".join(f"{k}={v}" for k, v in difficulty.items()) or "the defaults")
+
+
+def select_first(ladder: Iterable[dict[str, Any]], measure: Callable[[dict[str, Any]], Any],
+                 rejections: Callable[[dict[str, Any], Any], Sequence[str | None]]) -> dict[str, Any]:
+    """The pre-registered choice of a setting on val: each rung of `ladder` (a dict naming its setting, in the
+    declared order) is measured (`measure(rung)` -> its val scores) and judged (`rejections(rung, scores)` -> the
+    reasons it fails the rule; none = it qualifies); the first that qualifies is chosen and no later rung is
+    measured. Returns {"chosen": that rung (the last one tried when none qualifies), "met": whether one did,
+    "tried": every rung tried with its "val" scores and the "rejected" reasons}."""
+    tried = []
+    for rung in ladder:
+        scores = measure(rung)
+        rejected = [reason for reason in rejections(rung, scores) if reason]
+        tried.append({**rung, "val": scores, "rejected": rejected})
+        if not rejected:
+            break
+    if not tried:
+        raise ValueError("select_first: an empty ladder (declare at least one setting)")
+    return {"chosen": tried[-1], "met": not tried[-1]["rejected"], "tried": tried}
 
 
 @dataclass
@@ -57,8 +90,10 @@ class Protocol:
     primary: str = ""  # the primary metric every comparison is on
     comparisons: list[Comparison] = field(default_factory=list)
     gates: list[str] = field(default_factory=list)  # what makes a verdict inconclusive, in words
-    # difficulty settings of the data (easiest first) chosen on val by DIFFICULTY_RULE; [] = the shipped data
+    # the ladder of settings (data difficulty, budget; easiest first) chosen on val by `difficulty_rule`; [] = none
     difficulties: list[str] = field(default_factory=list)
+    # the experiment's instance of DIFFICULTY_RULE, or why its data is fixed (no ladder)
+    difficulty_rule: str = ""
     settings: dict[str, Any] = field(default_factory=dict)  # what the selection chose (filled after it)
 
     def as_dict(self) -> dict[str, Any]:
@@ -78,8 +113,10 @@ class Protocol:
             f"- Question: {self.question}",
             f"- Seeds: {', '.join(map(str, self.seeds))} ({len(self.seeds)}).",
             f"- Settings chosen on the {self.selection_split} split: {self.selection} Chosen: {chosen}.",
-            *([f"- Difficulty of the data, chosen on val: {', '.join(self.difficulties)}; rule: {DIFFICULTY_RULE}."]
-              if self.difficulties else []),
+            *([f"- Difficulty of the data, chosen on val, the ladder (easiest first): {'; '.join(self.difficulties)}. "
+               f"Rule: {self.difficulty_rule or DIFFICULTY_RULE}."] if self.difficulties else
+              [f"- Difficulty of the data: {self.difficulty_rule}"] if self.difficulty_rule else []),
+            *self.ladder_lines(),
             f"- Reported: the {self.reported_split} split; tables give the mean over seeds and the range (min-max).",
             *([f"- Primary metric: {self.primary}."] if self.primary else []),
             *[f"- Comparison: {c.a} - {c.b} on {c.metric or 'the primary metric'}, margin {c.margin:+.3f}"
@@ -91,5 +128,13 @@ class Protocol:
                "labels (a diagnosis) are reported only when every seed agrees."] if self.comparisons else []),
             "",
         ])
+
+    def ladder_lines(self) -> list[str]:
+        """The rungs the selection tried (`settings["ladder"]`: each with its "setting" in words and the reasons it
+        was "rejected"), the chosen one marked."""
+        ladder = self.settings.get("ladder") or []
+        return [f"- Tried on val: {rung['setting']}: "
+                + (f"rejected ({'; '.join(rung['rejected'])})" if rung["rejected"] else "**chosen**") + "."
+                for rung in ladder]
 
 

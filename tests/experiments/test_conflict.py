@@ -4,9 +4,13 @@ writes its results, its per-run configs, adapters and TensorBoard logs; the base
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 
+from lightning_moe.data.synthetic import ShapesDifficulty, generate_shapes
 from lightning_moe.experiments import RunResult, conflict
 
 
@@ -20,7 +24,7 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     assert "args parameter is intended" not in console and "Seed set to" not in console
     assert "GPU available" not in console and "data report" not in console
     assert "conflict runs, seed 0" in console and "Verdict on the paper's claim" in finished.stdout
-    assert "choosing rank and steps on val" in console
+    assert "choosing difficulty, rank and steps on val" in console
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["torch_threads"] == 1
     names = [r["name"] for r in results["runs"]]
@@ -59,12 +63,18 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     # the protocol heads the results; the setting came from the val selection (one candidate in --quick)
     protocol = results["protocol"]
     assert protocol["seeds"] == [0] and protocol["selection_split"] == "val" and protocol["reported_split"] == "test"
-    assert protocol["settings"]["rank"] == 1 and protocol["settings"]["val_scores"][0]["steps"] == 4
+    assert protocol["settings"]["rank"] == 1 and protocol["settings"]["ladder"][0]["steps"] == 4
+    # --quick's one rung: the defaults generated at a tiny size under OUT/data, every adapter run on it
+    root = Path(results["plan"]["data_root"])
+    assert root.parent == out / "data" and results["plan"]["difficulty"] == {}
+    assert json.loads((root / "settings.json").read_text())["n_train"] == conflict.QUICK.data_train
+    assert yaml.safe_load((out / "configs" / "lora_mixture.yaml").read_text())["data"]["init_args"]["root"] == str(root)
+    assert protocol["settings"]["difficulty"] == "generated, the defaults" and "Tried on val: generated" in table
     assert protocol["comparisons"][0]["a"] == "mole3_mixture" and protocol["primary"].startswith("mean test exact")
     assert table.startswith("## Protocol (declared before the runs)") and "Over 1 seed(s)" in table
     # the selection ran on the selection seeds (not the reported seed 0): alone on each domain, and the mixture
-    assert list((out / "selection" / "configs").glob("select_r1_s4_position_lr_seed1000.yaml"))
-    assert list((out / "selection" / "configs").glob("select_r1_s4_mixture_seed1000.yaml"))
+    assert list((out / "selection" / "configs").glob("select_d0_r1_s4_position_lr_seed1000.yaml"))
+    assert list((out / "selection" / "configs").glob("select_d0_r1_s4_mixture_seed1000.yaml"))
     assert results["verdict"].startswith("inconclusive")  # one seed: no interval, whatever the gates say
     # the oracle sends every answer token of domain i to expert i, in every layer; the learnt router's shares
     # are measured on the same tokens (each row a distribution over the experts)
@@ -88,7 +98,8 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
 
 
 # ---------------------------------------------------------------- the verdict on hand-written scores
-# position_lr's shipped test split is 53% "left", position_tb's 51.5% "bottom" (the README's tables)
+# hand-made majority-answer levels (the shipped position splits are exactly 50/50): a constant answer scores
+# 53 % on position_lr and 51.5 % on position_tb here
 MAJORITY = {"count": 0.25, "position_lr": 0.53, "position_tb": 0.515}
 
 
@@ -179,22 +190,85 @@ def test_selection_rule_needs_the_upper_bound_to_learn_the_pair_and_the_mixture_
     assert not conflict.discriminates({}, majority, domains, pair)
 
 
-def test_select_setting_takes_the_first_candidate_that_discriminates_on_val(tmp_path):
-    plan = conflict.Plan(candidates=[[1, 300], [2, 300], [1, 600]], val_samples=200, selection_seeds=[7, 8])
-    majority = conflict.majority_baselines(plan, split="val")
-    learnt = {d: min(1.0, majority[d] + 0.3) for d in plan.domains}
+def test_rejections_name_why_a_rung_fails_and_reject_a_ceiling_rung():
+    domains, pair = ["count", "position_lr", "position_tb"], ["position_lr", "position_tb"]
+    majority = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
+    lost = {"count": 1.0, "position_lr": 0.5, "position_tb": 0.5}
+    # the shipped data's case: every domain learnt to 100 % alone: the upper bound at ceiling, however much is lost
+    ceiling = {"1000": {"alone": {d: 1.0 for d in domains}, "mixture": lost}}
+    assert conflict.rejections(ceiling, majority, domains, pair) == ["the upper bound at ceiling (100.0 %)"]
+    assert not conflict.discriminates(ceiling, majority, domains, pair)
+    # the mixture at chance on every domain (the majority answer's mean, 41.7 %)
+    at_chance = {"1000": {"alone": {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9}, "mixture": majority}}
+    assert conflict.rejections(at_chance, majority, domains, pair) == [
+        "plain LoRA on the mixture at or below chance (41.7 %, chance 41.7 %)"]
+    # exactly 10 points below the upper bound counts (float rounding aside); a sample less does not
+    alone = {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9}
+    exactly = {"count": 0.9, "position_lr": 0.75, "position_tb": 0.75}  # 0.30 / 3 = 0.10
+    assert conflict.rejections({"7": {"alone": alone, "mixture": exactly}}, majority, domains, pair) == []
+    short = {**exactly, "position_tb": 0.755}
+    assert conflict.rejections({"7": {"alone": alone, "mixture": exactly}, "8": {"alone": alone, "mixture": short}},
+                               majority, domains, pair) == [
+        "plain LoRA on the mixture less than 10 points below the upper bound (seed 8)"]
+    unlearnt = {**alone, "position_tb": 0.54}
+    assert conflict.rejections({"7": {"alone": unlearnt, "mixture": exactly}}, majority, domains, pair)[0] == \
+        "the upper bound does not learn position_tb (seed 7)"
+    assert conflict.rejections({}, majority, domains, pair) == ["no selection seed measured"]
+
+
+def test_select_setting_climbs_the_ladder_to_the_first_qualifying_rung_on_generated_data(tmp_path):
+    # two difficulties (the shipped data, then pixel noise generated at a tiny size), two budgets each
+    plan = conflict.Plan(difficulties=[None, {"pixel_noise": 30}], candidates=[[1, 300], [2, 300]], val_samples=8,
+                         selection_seeds=[7, 8], data_train=64, data_eval=8)
     calls = []
 
-    def measure(rank: int, steps: int) -> dict[int, dict[str, dict[str, float]]]:
-        calls.append((rank, steps))
-        # rank 1: the mixture learns as much as the upper bound (no conflict); rank 2: it loses the pair
-        mixture = learnt if rank == 1 else {**learnt, **{d: majority[d] for d in plan.pair}}
-        return {s: {"alone": learnt, "mixture": mixture} for s in plan.selection_seeds}
+    def measure(at: conflict.Plan) -> dict[int, dict[str, dict[str, float]]]:
+        calls.append((at.difficulty, at.rank, at.steps, at.data_root))
+        majority = conflict.majority_baselines(at, split="val")
+        learnt = {d: 1.0 if at.difficulty is None else min(0.95, majority[d] + 0.3) for d in at.domains}
+        # the shipped data: learnt to 100 % alone (ceiling); noisy data, rank 1: the mixture learns as much as the
+        # upper bound (no conflict); rank 2: it loses the pair
+        mixture = learnt if at.rank == 1 and at.difficulty else {**learnt, **{d: majority[d] for d in at.pair}}
+        return {s: {"alone": learnt, "mixture": mixture} for s in at.selection_seeds}
 
-    chosen = conflict.select_setting(plan, tmp_path / "unused", tmp_path, measure)
-    assert (chosen["rank"], chosen["steps"], chosen["met"]) == (2, 300, True)
-    assert calls == [(1, 300), (2, 300)]  # stops at the first that meets the rule
-    assert [t["met"] for t in chosen["tried"]] == [False, True] and set(chosen["tried"][0]["val"]) == {"7", "8"}
-    nothing = conflict.select_setting(plan, tmp_path, tmp_path,
-                                      lambda r, s: {7: {"alone": learnt, "mixture": learnt}})
-    assert (nothing["rank"], nothing["steps"], nothing["met"]) == (1, 600, False)  # the last, flagged
+    chosen = conflict.select_setting(plan, tmp_path / "unused", tmp_path / "out" / "selection", measure)
+    generated = generate_shapes(tmp_path / "out" / "data", ShapesDifficulty(pixel_noise=30), seed=0, n_train=64,
+                                n_eval=8)
+    assert [c[:3] for c in calls] == [(None, 1, 300), (None, 2, 300), ({"pixel_noise": 30}, 1, 300),
+                                      ({"pixel_noise": 30}, 2, 300)]  # stops at the first that meets the rule
+    assert calls[0][3] is None and calls[2][3] == calls[3][3] == str(generated)  # generated once, under OUT/data
+    assert chosen["met"] and (chosen["plan"].rank, chosen["plan"].steps) == (2, 300)
+    assert chosen["plan"].difficulty == {"pixel_noise": 30} and chosen["plan"].data_root == str(generated)
+    assert json.loads((generated / "settings.json").read_text())["difficulty"]["pixel_noise"] == 30
+    tried = chosen["tried"]
+    assert [t["rejected"] for t in tried][:2] == [["the upper bound at ceiling (100.0 %)"]] * 2
+    assert tried[2]["rejected"][0].startswith("plain LoRA on the mixture less than 10 points") and not tried[3]["rejected"]
+    assert set(tried[0]["val"]) == {"7", "8"} and tried[3]["setting"] == "generated, pixel_noise=30, rank 2, 300 steps"
+    # the same plan again: the same data directory, not a second set
+    again = conflict.select_setting(plan, tmp_path / "unused", tmp_path / "out" / "selection", measure)
+    assert again["plan"].data_root == str(generated)
+    assert [p.name for p in (tmp_path / "out" / "data").iterdir() if not p.name.startswith(".")] == [generated.name]
+
+
+def test_select_setting_without_a_qualifying_rung_runs_the_last_and_every_verdict_is_inconclusive(tmp_path):
+    plan = conflict.Plan(difficulties=[None], candidates=[[1, 300], [1, 600]], selection_seeds=[7])
+    flat = {d: 0.9 for d in plan.domains}
+    nothing = conflict.select_setting(plan, tmp_path, tmp_path / "selection",
+                                      lambda at: {7: {"alone": flat, "mixture": flat}})
+    assert (nothing["plan"].rank, nothing["plan"].steps, nothing["met"]) == (1, 600, False)  # the last, flagged
+    assert all(t["rejected"] for t in nothing["tried"]) and len(nothing["tried"]) == 2
+    declared = conflict.protocol(replace(nothing["plan"], discriminating=False), [0, 1], "on val.")
+    declared.settings = {"ladder": nothing["tried"]}
+    text = declared.markdown()
+    assert "Tried on val: the shipped data/shapes, rank 1, 300 steps: rejected (plain LoRA on the mixture less" in text
+    assert "**chosen**" not in text and "no discriminating setting" in text
+
+
+def test_the_plan_names_its_generated_data_root_in_every_run_config(tmp_path):
+    plan = conflict.with_data(conflict.Plan(data_train=64, data_eval=8), {"distractors": 1}, tmp_path / "data")
+    assert plan.data_root == str(conflict.with_data(plan, {"distractors": 1}, tmp_path / "data").data_root)
+    config = conflict._data_config(plan, ["position_lr"], seed=0)
+    assert config["init_args"]["root"] == plan.data_root
+    assert "root" not in conflict._data_config(conflict.Plan(), ["position_lr"], seed=0)["init_args"]
+    with pytest.raises(ValueError, match="holds no position_tb"):
+        conflict.with_data(conflict.Plan(), {"conventions": 1}, tmp_path / "data")

@@ -86,3 +86,9 @@ def test_continual_combine_over_seeds_gives_last_avg_and_bwt_with_intervals():
     assert "Last mora - lora_sequential" in text and "Avg mora - lora_sequential" in text
     assert "Verdict on the paper's claim (MoRA forgets less than sequential LoRA): **inconclusive: the interval " \
            "straddles the margin**" in text
+
+
+def test_the_protocol_declares_the_fixed_difficulty_and_why():
+    text = continual.protocol([0, 1]).markdown()
+    assert "- Difficulty of the data: fixed, the shipped data/shapes" in text and "no validation split" in text
+    assert "chosen on val, the ladder" not in text

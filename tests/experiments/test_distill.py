@@ -16,13 +16,24 @@ from lightning_moe.experiments import RunResult, distill
 from lightning_moe.experiments.distill import config, main
 
 
-@pytest.mark.slow  # the quick experiment: 7 CLI runs, in its own process
+@pytest.mark.slow  # the quick experiment: 10 CLI runs (3 of them the one-rung selection), in its own process
 def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     out = quick_outputs.get("distill")
     root = out.parent  # the shared smoke runs' directory
     summary = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in summary["runs"]}
     assert summary["protocol"]["seeds"] == [0] and summary["protocol"]["reported_split"] == "test"
+    # the data: the co-occurrence variant generated (tiny, one rung in --quick) under OUT/data, chosen on val by the
+    # teacher and the undistilled student of the selection seed, whose runs stay apart from the reported ones
+    settings = summary["protocol"]["settings"]
+    assert settings["shapes"] == {"cooccurrence": distill.COOCCURRENCE} and len(settings["ladder"]) == 1
+    assert set(settings["ladder"][0]["val"]) == {"teacher", "students", "chance"}
+    assert set(settings["ladder"][0]["val"]["students"]) == {"1000"}
+    data = Path(summary["data_root"])
+    assert data.parent == out / "data" and (data / "pope_cooccur" / "test.jsonl").is_file()
+    assert (out / "selection" / "d0" / "runs" / "mod" / "select_moe_seed1000" / "model").is_dir()
+    assert (out / "runs" / "mod" / "teacher" / "model").is_dir()  # the chosen rung's teacher, copied
+    assert "Tried on val: generated, cooccurrence=0.9:" in (out / "results.md").read_text()
     assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference", "control",
                                                "baseline_instruct", "baseline_moe", "dense_active"]
     assert [r["method"] for r in runs.values()] == (["MoETuning"] + 4 * ["MoDDistillation"] + 2 * ["MoETuning"]
@@ -53,6 +64,7 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     assert runs["preference"]["params_total"] == runs["baseline_moe"]["params_total"]
     for run in runs.values():
         assert "test/pope/pope_f1" in run["metrics"] and "test/count/exact_match" in run["metrics"]
+        assert "test/pope_cooccur/pope_yes_ratio" in run["metrics"]  # the co-occurrence hallucination, measured
         assert run["step_time_s"] > 0 and run["peak_memory_mb"] > 0
     table = (out / "results.md").read_text()
     assert "| **distilled student** (after preference) |" in table and "POPE F1" in table

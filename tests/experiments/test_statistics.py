@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from lightning_moe.experiments.protocol import Comparison, Protocol
+from lightning_moe.experiments.protocol import Comparison, Protocol, select_first
 from lightning_moe.experiments.statistics import (agreement, agreement_words, at_ceiling_or_chance, bootstrap_interval,
                                                   curve_stat, decide, difference_words, paired_difference, seed_stat,
                                                   spread, t_quantile)
@@ -149,6 +149,50 @@ def test_protocol_text_names_seeds_splits_primary_comparisons_gates_and_the_chos
     assert "Primary metric: mean exact match over the domains." in text
     assert "Comparison: mole - lora on the primary metric, margin +0.030 (MoLE helps)." in text
     assert "Comparison: moe - dense on POPE F1, margin -0.020 (as good)." in text
-    assert "Inconclusive when: oracle failed." in text and "Difficulty of the data, chosen on val: easy, hard" in text
+    assert "Inconclusive when: oracle failed." in text and "Difficulty of the data, chosen on val, the ladder (easiest first): easy; hard. Rule: the first" in text
     assert "no discriminating setting" in text
     assert Protocol.from_dict(protocol.as_dict()) == protocol
+
+
+# ---------------------------------------------------------------- the ladder: the first qualifying rung, on val
+def _ladder_run(verdicts: dict[str, list[str]]) -> tuple[dict, list[str]]:
+    measured = []
+
+    def measure(rung):
+        measured.append(rung["setting"])
+        return {"val": rung["setting"]}
+
+    chosen = select_first([{"setting": name} for name in verdicts], measure,
+                          lambda rung, scores: verdicts[scores["val"]])
+    return chosen, measured
+
+
+def test_select_first_takes_the_first_qualifying_rung_and_measures_no_later_one():
+    chosen, measured = _ladder_run({"easy": ["at ceiling"], "middle": [], "hard": []})
+    assert chosen["met"] and chosen["chosen"]["setting"] == "middle" and measured == ["easy", "middle"]
+    assert [(t["setting"], t["rejected"]) for t in chosen["tried"]] == [("easy", ["at ceiling"]), ("middle", [])]
+    assert chosen["tried"][0]["val"] == {"val": "easy"}
+    # a reason of None is a passed condition, not a rejection
+    chosen, _ = _ladder_run({"easy": [None, None]})
+    assert chosen["met"] and chosen["chosen"]["rejected"] == []
+
+
+def test_select_first_without_a_qualifying_rung_keeps_the_last_and_every_reason():
+    chosen, measured = _ladder_run({"easy": ["at ceiling"], "hard": ["at chance", "no gap"]})
+    assert not chosen["met"] and chosen["chosen"]["setting"] == "hard" and measured == ["easy", "hard"]
+    assert chosen["tried"][1]["rejected"] == ["at chance", "no gap"]
+    with pytest.raises(ValueError, match="empty ladder"):
+        select_first([], lambda rung: {}, lambda rung, scores: [])
+
+
+def test_protocol_lists_the_rungs_tried_and_the_chosen_one():
+    protocol = Protocol(question="?", seeds=[0], selection_split="val", reported_split="test", selection="ladder.",
+                        verdict_rule="rule.", difficulties=["shipped", "noisy"], difficulty_rule="the first that fits",
+                        settings={"ladder": [{"setting": "shipped", "rejected": ["at ceiling", "no gap"]},
+                                             {"setting": "noisy", "rejected": []}]})
+    text = protocol.markdown()
+    assert "chosen on val, the ladder (easiest first): shipped; noisy. Rule: the first that fits." in text
+    assert "- Tried on val: shipped: rejected (at ceiling; no gap).\n- Tried on val: noisy: **chosen**." in text
+    fixed = Protocol(question="?", seeds=[0], selection_split="none", reported_split="test", selection="none.",
+                     verdict_rule="rule.", difficulty_rule="fixed: the shipped data, because the gates suffice.")
+    assert "- Difficulty of the data: fixed: the shipped data, because the gates suffice." in fixed.markdown()

@@ -4,10 +4,13 @@ verdict are written (the verdict rules on hand-made numbers: tests/experiments/t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+import yaml
 
-from lightning_moe.experiments import unimoe
+from lightning_moe.data.synthetic_media import MediaDifficulty, generate_media
+from lightning_moe.experiments import RunResult, unimoe
 
 
 @pytest.mark.slow  # the quick experiment, a Python process running stage 1 twice and every arm through the CLI
@@ -37,3 +40,31 @@ def test_quick_run_writes_results(quick_outputs):
     text = (out / "results.md").read_text()
     for heading in ("## Protocol", "Verdict", "### Routing by modality", "### Video pooling", "Uni-MoE minus copies"):
         assert heading in text, heading
+
+
+def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path, monkeypatch):
+    plan = replace(unimoe.QUICK, difficulties=[None, {"pitch_ratio": 2.0}, {"pitch_ratio": 1.5}])
+    trained = []
+
+    def stage1(at, base):  # the shipped data: stage 1 learns every domain; generated harder data: not
+        trained.append((at.difficulty, at.data_root, base))
+        score = 1.0 if at.difficulty is None else 0.8
+        row = RunResult(name="align_concat", method="", stage="", steps=1, wall_s=0.0, step_time_s=None,
+                        peak_memory_mb=None, memory_kind="", params_total=1, params_activated=1,
+                        details={"val_curves": {f"val/{d}/exact_match": [[1, score]] for d in unimoe.DOMAINS}})
+        return {"align_concat": row}
+
+    monkeypatch.setattr(unimoe, "train_stage1", stage1)
+    chosen = unimoe.select_difficulty(plan, tmp_path)
+    generated = generate_media(tmp_path / "data", MediaDifficulty(pitch_ratio=2.0), seed=0, n_train=plan.data_train,
+                               n_eval=plan.data_eval, pools=plan.data_pools)
+    assert [t[0] for t in trained] == [None, {"pitch_ratio": 2.0}]  # stops at the first that qualifies
+    assert trained[0][1] is None and trained[1][1] == str(generated) and trained[1][2] == tmp_path / "base"
+    assert chosen["met"] and chosen["plan"].data_root == str(generated) and chosen["plan"].discriminating
+    assert chosen["tried"][0]["rejected"] == ["stage 1 at ceiling on 6 of 6 domains (beeps, pitch, longer, frames, "
+                                              "motion, beeps_shapes)"]
+    # the plan's data in the runs' configs: the media runs read it, the image expert keeps data/shapes
+    config = yaml.safe_load(unimoe._config(chosen["plan"], tmp_path, "x", 4, {}, [], 0).read_text())
+    assert config["data"]["init_args"]["root"] == str(generated)
+    image = yaml.safe_load(unimoe._config(chosen["plan"], tmp_path, "y", 4, {}, [], 0, media=False).read_text())
+    assert "root" not in image["data"]["init_args"]

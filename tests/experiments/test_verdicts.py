@@ -134,13 +134,15 @@ def test_conflict_expert_counts_that_disagree_are_inconclusive():
 
 
 # ---------------------------------------------------------------------------- distillation (distill.verdicts)
-def _distill(distilled: list[float], undistilled: list[float], teacher: float = 0.9, chance: float = 0.3) -> dict:
+def _distill(distilled: list[float], undistilled: list[float], teacher: float = 0.9, chance: float = 0.3,
+             met: bool = True) -> dict:
     aggregate = {"preference": {"test/exact_match": seed_stat(distilled)},
                  "baseline_moe": {"test/exact_match": seed_stat(undistilled)},
                  "control": {"test/exact_match": seed_stat(undistilled)},
                  "dense_active": {"test/exact_match": seed_stat(undistilled)}}
     summary = {"aggregate": aggregate, "majority_answer": chance,
-               "runs": [{"name": "teacher", "metrics": {"test/exact_match": teacher}}]}
+               "runs": [{"name": "teacher", "metrics": {"test/exact_match": teacher}}],
+               "protocol": {"settings": {"met": met}}}
     return distill.verdicts(summary)
 
 
@@ -158,6 +160,20 @@ def test_distill_gates_teacher_no_better_and_a_student_at_ceiling():
                                                                             "the margin above the undistilled student")
     ceiling = _distill([1.0, 1.0, 1.0], [0.7, 0.71, 0.69])
     assert ceiling["verdicts"]["preference - control"] == "inconclusive: the distilled student at ceiling (100.0 %)"
+    # no rung of the difficulty ladder qualified on val: even a clear win is inconclusive
+    unchosen = _distill([0.8, 0.82, 0.79, 0.81], [0.7, 0.71, 0.69, 0.7], met=False)
+    assert set(unchosen["verdicts"].values()) == {"inconclusive: no discriminating setting"}
+
+
+def test_distill_selection_rule_rejects_a_teacher_at_ceiling_and_a_student_too_close():
+    fits = {"teacher": 0.85, "students": {"1000": 0.8, "1001": 0.75}, "chance": 0.4}
+    assert distill.rejections(fits) == []
+    assert distill.rejections({**fits, "teacher": 0.995}) == ["the teacher at ceiling (99.5 %)"]
+    assert distill.rejections({**fits, "students": {"1000": 0.8, "1001": 0.81}}) == [
+        "the undistilled student less than 5 points below the teacher (seed 1001)"]
+    assert distill.rejections({**fits, "teacher": 0.44, "students": {"1000": 0.4}}) == [
+        "the undistilled student less than 5 points below the teacher (seed 1000)",
+        "the undistilled student at or below chance (40.0 %, chance 40.0 %)"]
 
 
 # ---------------------------------------------------------------------------- continual (continual.verdicts)
@@ -207,3 +223,20 @@ def test_continual_gates_upper_bound_and_oracle_failing():
 ])
 def test_unimoe_verdicts(means, expected):
     assert unimoe.verdicts(means, chance=0.4)["verdict"] == expected
+
+
+def test_unimoe_without_a_qualifying_difficulty_every_verdict_is_inconclusive():
+    means = {"unimoe": [0.8, 0.82, 0.81], "copies": [0.6, 0.61, 0.62], "dense": [0.6, 0.6, 0.6],
+             "single_stage": [0.5, 0.5, 0.5]}
+    assert unimoe.verdicts(means, 0.3)["verdict"] == "confirmed"
+    unchosen = unimoe.verdicts(means, 0.3, met=False)
+    assert set(unchosen["verdicts"].values()) == {"inconclusive: no discriminating setting"}
+    assert unchosen["verdict"] == "inconclusive: no discriminating setting"
+
+
+def test_unimoe_selection_rule_rejects_stage_1_at_ceiling_on_most_domains():
+    half = {"beeps": 1.0, "pitch": 0.99, "longer": 1.0, "frames": 0.7, "motion": 0.5, "beeps_shapes": 0.6}
+    assert unimoe.rejections(half) == []  # three of six: not most
+    most = {**half, "frames": 0.995}
+    assert unimoe.rejections(most) == ["stage 1 at ceiling on 4 of 6 domains (beeps, pitch, longer, frames)"]
+    assert unimoe.rejections({**half, "pitch": 0.985, "frames": 0.995}) == []  # 98.5 % is not the ceiling
