@@ -69,6 +69,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from lightning_moe.provenance import git_state, provenance_words  # noqa: E402
 from lightning_moe.inference import (  # noqa: E402
     ExpertStore, GenerationConfig, PlanConfig, RoutingProfile, apply_bits, exact_match_quality, export_store, generate,
     load_offloaded, load_resident_model, memory_status, plan_bitwidths, profile_routing, resident_bytes,
@@ -384,6 +385,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("speed", "quality"), default=None, help="run one table only")
     parser.add_argument("--out", default=None, help="also write results.json and results.md here")
     args = parser.parse_args()
+    provenance = git_state()  # the commit the run starts from (and whether the tree is dirty)
     if args.quick:
         args.hidden, args.inter, args.layers, args.steps = 64, 128, 2, 2
         args.max_eval_samples = args.max_eval_samples or 4
@@ -398,7 +400,7 @@ def main() -> None:
         quality, quality_results = (quality_table(args, tokenizer, workdir) if args.only != "speed"
                                     else ("", {"goals": {}}))
     stamp = (f"{datetime.date.today()} on {platform.machine()} ({torch.get_num_threads()} torch threads), torch "
-             f"{torch.__version__}; total {time.perf_counter() - start:.0f}s")
+             f"{torch.__version__}; total {time.perf_counter() - start:.0f}s; {provenance_words(provenance)}")
     goals = {**speed_results["goals"], **quality_results["goals"]}
     text = "\n\n".join([f"`python benchmarks/edge_offload.py` ({stamp})", speed, quality,
                         "Goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items())])
@@ -406,7 +408,7 @@ def main() -> None:
     if args.out:
         Path(args.out, "results.md").write_text(text + "\n")
         Path(args.out, "results.json").write_text(json.dumps(
-            {"speed": speed_results, "quality": quality_results, "stamp": stamp}, indent=1, default=str))
+            {"speed": speed_results, "quality": quality_results, "stamp": stamp, **provenance}, indent=1, default=str))
 
 
 if __name__ == "__main__":

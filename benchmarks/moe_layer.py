@@ -46,6 +46,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from lightning_moe.provenance import git_state, provenance_words  # noqa: E402
 from lightning_moe.layers import SparseMoE  # noqa: E402
 
 SHAPES = [(16, 512, 1024, 8, 2), (512, 128, 256, 4, 2), (512, 128, 256, 16, 2), (4096, 512, 1024, 8, 2)]
@@ -313,6 +314,7 @@ def main() -> None:
                         help="where the layers run (cuda: falls back to the CPU, saying so, when there is no GPU)")
     parser.add_argument("--only", default=None, choices=("float32", "bf16"), help="run one of the two tables")
     args = parser.parse_args()
+    provenance = git_state()  # the commit the run starts from (and whether the tree is dirty)
     backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -324,7 +326,8 @@ def main() -> None:
     print(
         f"machine: {where}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"load average at start {os.getloadavg()[0]:.1f} (a shared machine: see the best-of-reps columns)"
+        f"load average at start {os.getloadavg()[0]:.1f} (a shared machine: see the best-of-reps columns); "
+        f"{provenance_words(provenance)}"
     )
     print()
     print("Times are medians over repetitions (ms); ratios from medians, and in brackets from the fastest repetition.")
@@ -367,7 +370,7 @@ def main() -> None:
             + (f" --compile-backend {args.compile_backend}" if args.compile_backend else "")
             + (f" --device {args.device}" if args.device != "cpu" else "")
             + (f" --only {args.only}" if args.only else ""),
-            "device": device, "compile_backend": backend, "rows": rows, "bf16_dispatch": bf16,
+            "device": device, "compile_backend": backend, **provenance, "rows": rows, "bf16_dispatch": bf16,
             "host_syncs_per_step": syncs}, indent=1))
 
 # ----------------------------------------------------------------------------- expert parallelism
@@ -437,7 +440,7 @@ def expert_parallel_main() -> None:
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread per process, "
           f"torch {torch.__version__}; "
-          f"load average at start {os.getloadavg()[0]:.1f}")
+          f"load average at start {os.getloadavg()[0]:.1f}; {provenance_words(git_state())}")
     print()
     print("Medians over repetitions (ms); expert parallel: the slower rank. One process: the layer with every expert "
           f"on the {EP_RANKS} ranks' tokens together. All-to-all: bytes one rank sends to the other per training step.")

@@ -1,6 +1,6 @@
 """Training step time of MoLE against plain LoRA of the same rank, on the whole multimodal model.
 
-    python benchmarks/mole_step.py [--rank 1] [--steps 30] [--threads 1] [--quick]
+    python benchmarks/mole_step.py [--rank 1] [--steps 30] [--threads 1] [--quick] [--out DIR]
 
 The conflict experiment times its runs one after another, so on a shared machine a run that
 happens to meet other jobs looks slower. Here the methods (`LoRATuning`, `MoLE` with 2 and 3
@@ -9,12 +9,15 @@ experts) step in turns, interleaved, in one process, on the same batches of the 
 to plain LoRA are printed as a markdown table with the date and the machine. Before timing, a parity
 check: built from one seed, every method starts from the same base weights with its adapters' B at
 zero, so all compute the same first loss (they time the same model, not three different ones).
+`--out DIR` also writes DIR/results.json (medians, ratios, and the commit the run started from); the
+conflict experiment (lightning_moe/experiments/conflict.py) takes MoLE's cost from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -26,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from lightning_moe.data import DomainMixtureDataModule  # noqa: E402
+from lightning_moe.provenance import git_state, provenance_words  # noqa: E402
 from lightning_moe.methods import BackboneConfig, ExpertOptions, LoRAOptions, LoRATuning, MoLE  # noqa: E402
 
 
@@ -36,7 +40,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps of batch 8")
+    parser.add_argument("--out", type=Path, default=None, help="also write results.json here")
     args = parser.parse_args()
+    provenance = git_state()  # when the run starts
     if args.quick:
         args.steps, args.batch_size = 2, 8
     if args.threads:
@@ -75,13 +81,20 @@ def main() -> None:
             if step >= 3:
                 times[name].append(time.perf_counter() - start)
     reference = statistics.median(times["LoRA"])
-    print(f"{datetime.date.today()}, {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"rank {args.rank}, batch {args.batch_size}, {args.steps} interleaved steps each\n")
+    stamp = (f"{datetime.date.today()}, {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"{provenance_words(provenance)}")
+    print(f"{stamp}, rank {args.rank}, batch {args.batch_size}, {args.steps} interleaved steps each\n")
     print("| method | trainable params | median step ms | / LoRA |\n|---|---|---|---|")
     for name, method in methods.items():
         median = statistics.median(times[name])
         params = sum(p.numel() for p in method.parameters() if p.requires_grad)
         print(f"| {name} | {params:,} | {1000 * median:.0f} | {median / reference:.2f} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        (args.out / "results.json").write_text(json.dumps({
+            "stamp": stamp, **provenance, "rank": args.rank, "batch_size": args.batch_size, "steps": args.steps,
+            "median_step_s": medians, "ratios": {name: m / reference for name, m in medians.items()}}, indent=1))
 
 
 if __name__ == "__main__":

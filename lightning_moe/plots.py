@@ -1,5 +1,6 @@
 """Figures a person can read: the domain x expert routing heat map, the continual accuracy matrix, the
-expert-load bar chart, per-domain accuracy bars with seed ranges, curves over training steps, MoE
+expert-load bar chart, per-domain accuracy bars with seed ranges, curves over training steps (learning
+curves with their interval over seeds), MoE
 speed ratios against experts and tokens and the speed / memory frontier, drawn with matplotlib.
 
 One module for every picture of the project: the TensorBoard callbacks (`callbacks/routing.py`,
@@ -155,6 +156,29 @@ def curves(series: dict[str, Sequence[Sequence[float]]], *, title: str, xlabel: 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def learning_curves(series: dict[str, Sequence[Sequence[float]]], *, title: str, xlabel: str,
+                    ylabel: str = "val exact match") -> Figure:
+    """One line per arm through its (x, mean, low, high) points: the mean over seeds and, shaded, its interval
+    (low = high = mean where there is none, e.g. one seed)."""
+    if not series:
+        raise ValueError(f"learning curves '{title}': nothing to draw")
+    figure = Figure(figsize=(6.5, 3.4), dpi=DPI)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for i, (name, points) in enumerate(series.items()):
+        rows = _array(points).reshape(-1, 4)
+        colour = PALETTE[i % len(PALETTE)]
+        ax.plot(rows[:, 0], rows[:, 1], marker="o", markersize=2, label=name, color=colour)
+        ax.fill_between(rows[:, 0], rows[:, 2], rows[:, 3], color=colour, alpha=0.2, linewidth=0)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     return figure
 

@@ -12,12 +12,13 @@ fades. Designed for log-mel features of a 1 s Whisper window (100 frames of 10 m
 at least 50 ms (5 frames) long and pitches are an octave or more apart.
 
 - beeps: "How many beeps are there?" -> one .. four. 0.1 s beeps (one pitch per clip, 800-1250
-  Hz), one per quarter-second slot, at least 50 ms apart.
+  Hz), one per quarter-second slot, starting 20-120 ms into it, so at least 50 ms apart.
 - pitch: "Is the tone high or low?" -> high (2-4 kHz) | low (200-400 Hz); one 0.3-0.5 s tone.
+  `MediaDifficulty.pitch_ratio` (5) is the ratio of the lowest high pitch to the highest low one.
 - longer: "Which tone is longer?" -> first | second; two tones of one pitch, 0.08-0.15 s and
   0.3-0.45 s, at least 0.1 s apart.
 
-Video: 4 frames of 32x32 RGB (PNG, the shapes' drawing: a 12x12 shape on white).
+Video: 4 frames of 32x32 RGB (PNG, the shapes' drawing on white).
 
 - frames: "How many frames show a shape?" -> one .. four; the other frames are blank. Each video
   is a directory of frames (`videos/frames/<split>/<n>/0.png ..`).
@@ -32,9 +33,14 @@ Cross-modal (image + audio):
   `no` differs by at least one), an image with 1-4 shapes and a beeps clip.
 
 Held out: every split draws its clips, images and frame-count videos from its own pool (made with
-its own seed), and motion's test and val videos use (shape, colour, row) combinations that train
-never shows, so a held-out score is not recall of a memorised item. Answers are exactly balanced
-per split. The generator also writes `README.md` with the statistics of what it wrote.
+its own seed, train's first, then val's, then test's), and a pool item whose bytes (a clip's FLAC, an
+image's PNG, a video's frames) equal an item of an earlier split is drawn again, so no val or test
+item is a training item and no test item a val one. Motion's test and val videos use (shape, colour,
+row) combinations that train never shows. A held-out score is not recall of a memorised item.
+Answers are exactly balanced per split. `MediaDifficulty` sets the pitch distance and the noise
+added to every clip; `generate_media(out_dir, difficulty, seed)` writes (once, cached by a hash of its
+settings) the set at another difficulty. The generator also writes `README.md` with the statistics of
+what it wrote.
 """
 
 import argparse
@@ -44,7 +50,7 @@ import json
 import random
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +59,19 @@ import soundfile
 from lightning_moe.data.synthetic import (
     CELLS,
     COLOURS,
+    GENERATOR_VERSION,
     NUMBERS,
     SHAPES,
     SPLITS,
     Shape,
+    ShapesDifficulty,
     balanced,
     build_tokenizer,
+    cached_set,
+    digest,
     draw,
+    draw_new,
+    place,
 )
 from lightning_moe.data.records import human_turn
 
@@ -74,6 +86,22 @@ MOTION_ROWS = (0, 6, 12, 18)  # y offsets of a moving shape (its row in the fram
 
 # distinct clips / images / videos per split: small pools, each reused by many records
 POOL_SIZES = {"train": 192, "val": 32, "test": 32}
+LOW_PITCH = (200.0, 400.0)  # Hz; high pitches span this times `MediaDifficulty.pitch_ratio`
+SHAPES_DIFFICULTY = ShapesDifficulty()  # the images' and frames' shapes: as the shipped shapes set's
+
+
+@dataclass(frozen=True)
+class MediaDifficulty:
+    """What the generated media set asks of a model; the shipped `data/media` is the defaults."""
+
+    pitch_ratio: float = 5.0  # pitch: lowest high tone / highest low tone (high tones 400 r-800 r Hz): 1-9.5
+    audio_noise: float = 0.0  # standard deviation of white noise added to every clip (tones peak at 0.5): 0-0.5
+
+    def __post_init__(self):
+        for name, (low, high) in {"pitch_ratio": (1.0, 9.5), "audio_noise": (0.0, 0.5)}.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"MediaDifficulty.{name} must be a number in [{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +115,7 @@ class MediaDomain:
 DOMAINS = {
     "beeps": MediaDomain(("audio",), "How many beeps are there?", tuple(NUMBERS.values()),
                          "number of 0.1 s beeps in a 1 s clip"),
-    "pitch": MediaDomain(("audio",), "Is the tone high or low?", ("high", "low"), "high: 2-4 kHz, low: 200-400 Hz"),
+    "pitch": MediaDomain(("audio",), "Is the tone high or low?", ("high", "low"), "high: {high} Hz, low: {low} Hz"),
     "longer": MediaDomain(("audio",), "Which tone is longer?", ("first", "second"),
                           "which of two tones lasts longer (about 0.1 s against 0.4 s)"),
     "frames": MediaDomain(("video",), "How many frames show a shape?", tuple(NUMBERS.values()),
@@ -128,21 +156,25 @@ def clip(tones: list[tuple[float, float, float]]) -> np.ndarray:
     return out
 
 
-def flac(samples: np.ndarray) -> bytes:
+def flac(samples: np.ndarray, rng: random.Random, noise: float = 0.0) -> bytes:
+    """FLAC bytes of the samples plus white noise of standard deviation `noise` (drawn from `rng`)."""
+    if noise:
+        samples = samples + np.random.default_rng(rng.getrandbits(64)).normal(0.0, noise, len(samples))
     buffer = io.BytesIO()
-    soundfile.write(buffer, samples, RATE, format="FLAC", subtype="PCM_16")
+    soundfile.write(buffer, np.clip(samples, -1.0, 1.0), RATE, format="FLAC", subtype="PCM_16")
     return buffer.getvalue()
 
 
 def beeps_clip(rng: random.Random, count: int) -> list[tuple[float, float, float]]:
-    """`count` 0.1 s beeps, one in each of `count` random quarter-second slots (>= 50 ms apart)."""
-    freq = rng.choice((800.0, 1000.0, 1250.0))
+    """`count` 0.1 s beeps, one in each of `count` random quarter-second slots, 20-120 ms into it (>= 50 ms apart)."""
+    freq = float(rng.randint(800, 1250))
     slots = sorted(rng.sample(range(4), count))
-    return [(0.25 * s + rng.choice((0.02, 0.05, 0.08, 0.12)), freq, 0.1) for s in slots]
+    return [(round(0.25 * s + rng.uniform(0.02, 0.12), 3), freq, 0.1) for s in slots]
 
 
-def pitch_clip(rng: random.Random, answer: str) -> list[tuple[float, float, float]]:
-    freq = rng.uniform(2000, 4000) if answer == "high" else rng.uniform(200, 400)
+def pitch_clip(rng: random.Random, answer: str, ratio: float = 5.0) -> list[tuple[float, float, float]]:
+    low, high = LOW_PITCH
+    freq = rng.uniform(high * ratio, 2 * high * ratio) if answer == "high" else rng.uniform(low, high)
     seconds = rng.uniform(0.3, 0.5)
     return [(rng.uniform(0.05, CLIP_SECONDS - seconds - 0.05), round(freq, 1), round(seconds, 3))]
 
@@ -162,17 +194,23 @@ def longer_clip(rng: random.Random, answer: str) -> list[tuple[float, float, flo
 def shapes_image(rng: random.Random, count: int) -> bytes:
     """White 32x32 image with `count` shapes in distinct cells (the shapes data set's drawing)."""
     cells = rng.sample(sorted(CELLS), count)
-    shapes = [Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), r, c) for r, c in cells]
-    return draw(shapes, WHITE, [(rng.randint(-1, 1), rng.randint(-1, 1)) for _ in shapes])
+    return draw([place(rng, SHAPES_DIFFICULTY, rng.choice(SHAPES), rng.choice(list(COLOURS)), cell) for cell in cells],
+                WHITE)
+
+
+def shape_frame(rng: random.Random) -> bytes:
+    """A frame of a frame-count video: one shape in a random cell."""
+    cell = rng.choice(sorted(CELLS))
+    return draw([place(rng, SHAPES_DIFFICULTY, rng.choice(SHAPES), rng.choice(list(COLOURS)), cell)], WHITE)
 
 
 def blank_frame() -> bytes:
-    return draw([], WHITE, [])
+    return draw([], WHITE)
 
 
 def motion_frame(kind: str, colour: str, dy: int, step: int) -> bytes:
     """The shape at column step (0..3) of its path, row offset dy."""
-    return draw([Shape(kind, colour, 0, 0)], WHITE, [(MOTION_STEP * step, dy)])
+    return draw([Shape(kind, colour, 0, 0, dx=MOTION_STEP * step, dy=dy)], WHITE)
 
 
 def motion_combos(seed: int) -> dict[str, list[tuple[str, str, int]]]:
@@ -221,43 +259,68 @@ def _record(domain: str, split: str, index: int, media: dict[str, str | list[str
     }
 
 
-def generate_split(out: Path, split: str, n: int, seed: int, pool: int) -> dict[str, list[dict]]:
-    """Write the pools of one split (`pool` distinct items of each kind) and return its records per domain."""
+def generate_split(out: Path, split: str, n: int, seed: int, pool: int,
+                   difficulty: MediaDifficulty = MediaDifficulty(), earlier: set[str] | None = None,
+                   ) -> dict[str, list[dict]]:
+    """Write the pools of one split (`pool` distinct items of each kind) and return its records per domain.
+
+    `earlier`: digests of the earlier splits' items (a clip's, an image's bytes; a video's frames' bytes
+    joined); an item among them is drawn again, and this split's digests are added to it.
+    """
+    earlier = set() if earlier is None else earlier
+    written: set[str] = set()
     write = _Writer(out)
     records: dict[str, list[dict]] = {}
 
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}:{name}:{split}")
 
+    def new(what: str, draw_once) -> bytes | list[bytes]:
+        """An item of this split's pool `what` that no earlier split holds (its bytes, or a video's frames)."""
+        def as_bytes():
+            item = draw_once()
+            return (b"".join(item) if isinstance(item, list) else item), item
+
+        data, item = draw_new(as_bytes, earlier, f"media {split} pool {what!r} at {difficulty}")
+        written.add(digest(data))
+        return item
+
+    def clip_of(r: random.Random, tones) -> bytes:
+        return flac(clip(tones), r, difficulty.audio_noise)
+
     # audio pools: a clip per (answer, variant), answers balanced within the pool
     beeps: dict[int, list[str]] = {k: [] for k in NUMBERS}
     r = rng("beeps")
     for i, count in enumerate(balanced(r, list(NUMBERS), pool)):
-        beeps[count].append(write(f"audio/beeps/{split}/{i:03d}.flac", flac(clip(beeps_clip(r, count)))))
+        beeps[count].append(write(f"audio/beeps/{split}/{i:03d}.flac",
+                                  new("beeps", lambda: clip_of(r, beeps_clip(r, count)))))
+    makers = {"pitch": lambda r, a: pitch_clip(r, a, difficulty.pitch_ratio), "longer": longer_clip}
     two_way = {}
-    for domain, make in (("pitch", pitch_clip), ("longer", longer_clip)):
+    for domain, make in makers.items():
         r = rng(domain)
         two_way[domain] = {a: [] for a in DOMAINS[domain].answers}
         for i, answer in enumerate(balanced(r, list(DOMAINS[domain].answers), pool)):
-            two_way[domain][answer].append(write(f"audio/{domain}/{split}/{i:03d}.flac", flac(clip(make(r, answer)))))
+            two_way[domain][answer].append(write(f"audio/{domain}/{split}/{i:03d}.flac",
+                                                 new(domain, lambda: clip_of(r, make(r, answer)))))
 
     # video: frame-count videos as directories, motion videos as frame lists from one shared pool
     frame_videos: dict[int, list[str]] = {k: [] for k in NUMBERS}
     r = rng("frames")
     for i, count in enumerate(balanced(r, list(NUMBERS), pool)):
-        shown = set(r.sample(range(N_FRAMES), count))
+        def video() -> list[bytes]:
+            shown = set(r.sample(range(N_FRAMES), count))
+            return [shape_frame(r) if f in shown else blank_frame() for f in range(N_FRAMES)]
+
         directory = f"videos/frames/{split}/{i:03d}"
-        for f in range(N_FRAMES):
-            cell = r.choice(sorted(CELLS))
-            png = draw([Shape(r.choice(SHAPES), r.choice(list(COLOURS)), *cell)], WHITE,
-                       [(r.randint(-1, 1), r.randint(-1, 1))]) if f in shown else blank_frame()
+        for f, png in enumerate(new("frames", video)):
             write(f"{directory}/{f}.png", png)
         frame_videos[count].append(directory)
 
     images: dict[int, list[str]] = {k: [] for k in NUMBERS}
     r = rng("images")
     for i, count in enumerate(balanced(r, list(NUMBERS), pool)):
-        images[count].append(write(f"images/{split}/{i:03d}.png", shapes_image(r, count)))
+        images[count].append(write(f"images/{split}/{i:03d}.png", new("images", lambda: shapes_image(r, count))))
+    earlier |= written
 
     # records: answers exactly balanced, items drawn from the split's pools
     r = rng("records")
@@ -292,7 +355,8 @@ OWNED = ("audio", "videos", "images", *DOMAINS)  # what the generator writes, an
 
 
 def generate(
-    out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, pools: dict[str, int] | None = None
+    out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, pools: dict[str, int] | None = None,
+    difficulty: MediaDifficulty = MediaDifficulty(),
 ) -> dict[str, dict[str, list[dict]]]:
     """Write the whole media data set (clips, frames, images, JSONL per domain and split, README).
 
@@ -305,17 +369,31 @@ def generate(
             shutil.rmtree(out / owned)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": n_train, "val": n_eval, "test": n_eval}
-    data = {split: generate_split(out, split, sizes[split], seed, pools[split]) for split in SPLITS}
+    earlier: set[str] = set()  # splits in order: val and test items are new to train, test items new to val
+    data = {split: generate_split(out, split, sizes[split], seed, pools[split], difficulty, earlier)
+            for split in SPLITS}
     for split, per_domain in data.items():
         for domain, rows in per_domain.items():
             (out / domain).mkdir(exist_ok=True)
             (out / domain / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (out / "README.md").write_text(readme(out, data, n_train, n_eval, seed, pools), encoding="utf-8")
+    (out / "README.md").write_text(readme(out, data, n_train, n_eval, seed, pools, difficulty), encoding="utf-8")
     return data
 
 
+def generate_media(out_dir: str | Path, difficulty: MediaDifficulty = MediaDifficulty(), seed: int = 0,
+                   n_train: int = 2000, n_eval: int = 200, pools: dict[str, int] | None = None) -> Path:
+    """The media set at `difficulty`, written once under `out_dir` (`out_dir/media-<hash>`) and reused; the
+    shipped `data/media_tokenizer` covers it. Deterministic: the same arguments write the same bytes."""
+    pools = pools or POOL_SIZES
+    settings = {"generator": GENERATOR_VERSION, "difficulty": asdict(difficulty), "seed": seed,
+                "n_train": n_train, "n_eval": n_eval, "pools": pools}
+    return cached_set(out_dir, "media", settings, lambda path: generate(path, n_train, n_eval, seed, pools,
+                                                                        difficulty))
+
+
 def readme(
-    out: Path, data: dict[str, dict[str, list[dict]]], n_train: int, n_eval: int, seed: int, pools: dict[str, int]
+    out: Path, data: dict[str, dict[str, list[dict]]], n_train: int, n_eval: int, seed: int, pools: dict[str, int],
+    difficulty: MediaDifficulty = MediaDifficulty(),
 ) -> str:
     files = [p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "README.md"]
     size_mb = sum(p.stat().st_size for p in files) / 1e6
@@ -323,6 +401,11 @@ def readme(
     command = "python -m lightning_moe.data.synthetic_media --out data/media"
     if (n_train, n_eval, seed) != (2000, 200, 0):
         command += f" --n-train {n_train} --n-eval {n_eval} --seed {seed}"
+    if difficulty != MediaDifficulty():
+        command += f" --difficulty '{json.dumps(asdict(difficulty))}'"
+    knobs = [f"| `{f.name}` | {getattr(difficulty, f.name)} |" for f in fields(difficulty)]
+    low, top = LOW_PITCH
+    bands = {"high": f"{top * difficulty.pitch_ratio:g}-{2 * top * difficulty.pitch_ratio:g}", "low": f"{low:g}-{top:g}"}
     rows = []
     for domain, info in DOMAINS.items():
         counts = [len(data[s][domain]) for s in SPLITS]
@@ -330,7 +413,8 @@ def readme(
         majority = max(test_answers.values()) / max(sum(test_answers.values()), 1)
         rows.append(
             f"| `{domain}` | {' + '.join(info.modalities)} | {info.question} | {' / '.join(info.answers)} | "
-            f"{info.convention} | {' / '.join(map(str, counts))} | {100 / len(info.answers):.0f}% | {100 * majority:.1f}% |"
+            f"{info.convention.format(**bands)} | {' / '.join(map(str, counts))} | {100 / len(info.answers):.0f}% | "
+            f"{100 * majority:.1f}% |"
         )
     return "\n".join([
         "# media: synthetic audio, video and cross-modal instruction domains (Uni-MoE)",
@@ -352,9 +436,18 @@ def readme(
         *rows,
         "",
         f"Each split draws from its own pools ({pools['train']} / {pools['val']} / {pools['test']}"
-        " distinct clips per audio domain, images, frame-count videos), so val and test items are never seen in",
-        "training; `motion`'s val and test use (shape, colour, row) combinations train never shows. Its left and",
-        "right videos hold the same frames in opposite orders: pooling frames without order cannot beat chance.",
+        " distinct clips per audio domain, images, frame-count videos), drawn in the order train, val, test; an",
+        "item whose bytes equal an earlier split's is drawn again, so no val or test item is a training item (nor",
+        "a test item a val one). `motion`'s val and test use (shape, colour, row) combinations train never shows.",
+        "Its left and right videos hold the same frames in opposite orders: pooling frames without order cannot",
+        "beat chance.",
+        "",
+        "**Difficulty** (`MediaDifficulty` in the generator; `generate_media(out_dir, difficulty, seed)` writes a",
+        "set at another one):",
+        "",
+        "| knob | value |",
+        "|---|---|",
+        *knobs,
         "",
         f"Total size: {size_mb:.2f} MB in {len(files)} files "
         f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}; seed {seed}).",
@@ -369,9 +462,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=2000, help="train records per domain")
     parser.add_argument("--n-eval", type=int, default=200, help="val and test records per domain")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", type=json.loads, default={},
+                        help='MediaDifficulty fields as JSON, e.g. \'{"pitch_ratio": 1.5, "audio_noise": 0.05}\'')
     args = parser.parse_args(argv)
     out = Path(args.out)
-    data = generate(out, args.n_train, args.n_eval, args.seed)
+    data = generate(out, args.n_train, args.n_eval, args.seed, difficulty=MediaDifficulty(**args.difficulty))
     tokenizer_out = Path(args.tokenizer_out) if args.tokenizer_out else out.parent / "media_tokenizer"
     build_tokenizer(tokenizer_out, vocabulary_texts())
     total = sum(len(rows) for per_domain in data.values() for rows in per_domain.values())

@@ -1,5 +1,6 @@
 """Experiments: one file per question a paper asks, run through the CLI's classes
-(`python -m lightning_moe.experiments.<name> --out DIR [--quick] [--seeds ...] [--threads N] [--reuse DIR]`).
+(`python -m lightning_moe.experiments.<name> --out DIR [--quick] [--seeds ...] [--jobs N] [--threads N]
+[--reuse DIR]`).
 
 What every experiment shares lives here, once:
 - `experiment_parser`: the one command line (the core flags above; each experiment adds its own);
@@ -7,8 +8,11 @@ What every experiment shares lives here, once:
   and `execute(run, out)`: one CLI `fit` (then `test` with the same trainer, model and data module),
   quietly, with everything the run prints (Lightning's set-up lines, warnings, tables) in
   `OUT/logs/<run>.log` so that the console keeps one progress bar over the runs and the final table;
-- `write_results`: `results.json` with the environment the numbers came from (torch threads, library
-  versions, git commit) and `results.md`;
+- `run_seeds` / `map_seeds`: the seeds, each in its own process (`--jobs` at a time, `--threads` torch
+  threads each), their results collected;
+- `environment` (read when a run starts: the command, torch threads, library versions, the git commit and
+  whether the tree had uncommitted changes) and `write_results`: `results.json` with that environment and
+  `results.md`, whose footer names the commit (and a dirty tree);
 - `working_directory`: run inside the output directory (the configs' relative `runs/...` outputs land there).
 Configs are named through `lightning_moe.paths.shipped_path`, so the experiments also run from an
 installed wheel, without a checkout.
@@ -17,15 +21,17 @@ installed wheel, without a checkout.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 import warnings
+import multiprocessing
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,9 +44,11 @@ from tqdm import tqdm
 
 from ..callbacks import StageProfile
 from ..cli import main as cli_main
+from ..data.records import parse_record, read_llava_records
+from ..metrics import majority_answer_score
 from ..models import parameter_counts
-from ..paths import REPO_ROOT
 from .protocol import DEFAULT_SEEDS, Protocol
+from ..provenance import git_state, provenance_words
 
 # Lightning's loggers carry their own console handlers (set up at import, bound to the console
 # stream of that moment), so redirecting sys.stdout/sys.stderr alone does not quieten them
@@ -59,8 +67,11 @@ def experiment_parser(description: str, reuse: str | None = None) -> argparse.Ar
                         help=f"seeds of the runs (default {' '.join(map(str, DEFAULT_SEEDS))}; with --quick 0); "
                         "several: the runs repeat per seed, each seed in OUT/seed<N>/")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (results can depend on it; on a machine shared with other jobs, "
-                        "1 avoids oversubscription); recorded in results.json")
+                        help="torch CPU threads of each seed's process (results can depend on it; default 1 when "
+                        "seeds run in parallel); recorded in results.json")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="seeds run at the same time, each in its own process (default: one per CPU core, "
+                        "at most one per seed; 1: one after another in this process)")
     if reuse:
         parser.add_argument("--reuse", type=Path, default=None, metavar="DIR", help=reuse)
     return parser
@@ -74,12 +85,35 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has repeated seeds: {args.seeds}")
+    if args.jobs is None:
+        args.jobs = max(1, min(len(args.seeds), os.cpu_count() or 1))
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.threads is None and args.jobs > 1:
+        args.threads = 1  # one core per seed's process
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return args
 
+
+def _seed_worker_start(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def map_seeds(one_seed: Callable[[int], Any], seeds: list[int], jobs: int = 1,
+              threads: int | None = None) -> dict[int, Any]:
+    """seed -> `one_seed(seed)` for every seed: one after another in this process (`jobs` 1), else in `jobs`
+    fresh processes at a time (spawned: torch's thread pools do not survive a fork), each with `threads` torch
+    threads. `one_seed` must then be picklable: a module-level function, or a `functools.partial` of one."""
+    if jobs <= 1 or len(seeds) <= 1:
+        return {seed: one_seed(seed) for seed in seeds}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_seed_worker_start, initargs=(threads,)) as pool:
+        futures = {seed: pool.submit(one_seed, seed) for seed in seeds}
+        return {seed: future.result() for seed, future in futures.items()}
 
 def seed_directory(out: Path, seed: int, seeds: list[int]) -> Path:
     """Where one seed's runs go: OUT itself for a single seed, OUT/seed<N>/ for several."""
@@ -172,6 +206,8 @@ def execute(run: Run, out: Path, inspect: Any = None) -> RunResult:
         if run.test:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         details = inspect(cli) if inspect else {}
+        # the learning curves: val/exact_match (mean over domains) and val/<domain>/exact_match, per validation
+        details.setdefault("val_curves", logged_scalars(cli, prefix="val/", suffix="exact_match"))
     profile = next((cb for cb in cli.trainer.callbacks if isinstance(cb, StageProfile)), StageProfile())
     counts = parameter_counts(cli.model.model)
     result = RunResult(
@@ -188,24 +224,51 @@ def execute(run: Run, out: Path, inspect: Any = None) -> RunResult:
     return result
 
 
-def git_commit() -> str | None:
-    """The checkout's commit (with `+dirty` when files differ from it); None outside a git checkout
-    (an installed wheel)."""
-    if not (REPO_ROOT / ".git").exists():
-        return None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # no git program, or not a repository after all
-        return None
-    return commit + ("+dirty" if dirty else "")
+def answers(root: Path, domain: str, split: str = "test", samples: int | None = None) -> list[str]:
+    """The answer (last assistant turn) of each record of ROOT/<domain>/<split>.jsonl (its first `samples`
+    records; None: all)."""
+    path = root / domain / f"{split}.jsonl"
+    records = read_llava_records(path)[:samples]
+    return [[m.content for m in parse_record(r, root, path, i + 1).messages if m.role == "assistant"][-1]
+            for i, r in enumerate(records)]
+
+
+def majority_answers(root: Path, domains: list[str] | tuple[str, ...], split: str = "test",
+                     samples: int | None = None) -> dict[str, float]:
+    """Domain -> exact match of always giving the most frequent answer of ROOT/<domain>/<split>.jsonl (its first
+    `samples` records; None: all): the chance level the gates compare an arm with."""
+    return {domain: majority_answer_score(answers(root, domain, split, samples)) for domain in domains}
+
+
+def final_val(result: RunResult | dict[str, Any], domains: list[str]) -> dict[str, float] | None:
+    """Domain -> val exact match at the end of a run (its learning curve's last point, logged while training: a
+    run tested after training holds only the test metrics); None when a domain's curve is missing (a run without
+    validation)."""
+    curves = (result.details if isinstance(result, RunResult) else result["details"]).get("val_curves", {})
+    points = {d: curves.get(f"val/{d}/exact_match") for d in domains}
+    return None if not all(points.values()) else {d: p[-1][1] for d, p in points.items()}
+
+
+def logged_scalars(cli: Any, *tags: str, prefix: str | None = None, suffix: str = "") -> dict[str, list[list[float]]]:
+    """tag -> [(step, value)] of the scalars a finished CLI's TensorBoard logger wrote: the `tags` named, and
+    every tag with `prefix` (and `suffix`). {} without a TensorBoard logger."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = cli.trainer.logger
+    if logger is None or not getattr(logger, "log_dir", None) or not hasattr(logger.experiment, "flush"):
+        return {}
+    logger.experiment.flush()
+    events = EventAccumulator(str(logger.log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    wanted = [t for t in events.Tags()["scalars"]
+              if t in tags or (prefix is not None and t.startswith(prefix) and t.endswith(suffix))]
+    return {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in wanted}
 
 
 def environment(command: str) -> dict[str, Any]:
     """What the numbers depend on besides the code's arguments: torch threads (results differ between
-    1 and 2), library versions, the git commit; and the date and the command."""
+    1 and 2), library versions, the git commit and whether the tree was dirty; and the date and the command.
+    Read when a run starts (`run_seeds`), so that a commit made during a long run is not credited with it."""
     versions = {}
     for name in LIBRARIES:
         try:
@@ -217,7 +280,7 @@ def environment(command: str) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": sys.version.split()[0], **versions},
-        "git_commit": git_commit(),
+        **git_state(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
 
@@ -242,32 +305,42 @@ def write_results(out: Path, summary: dict[str, Any], markdown: str, command: st
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     env = summary["environment"]
     footer = (f"\n_{env['date']}, torch {env['versions']['torch']} with {env['torch_threads']} threads, "
-              f"commit {env['git_commit'] or 'unknown (not a git checkout)'}._\n")
+              f"{provenance_words(env)}._\n")
     (out / "results.md").write_text(markdown.rstrip("\n") + "\n" + footer)
     return summary
 
 
+def _one_seed_in(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
+                 seed: int) -> tuple[dict[str, Any], str]:
+    return one_seed(seed_directory(out, seed, seeds), seed)
+
+
 def run_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
               command: str, protocol: Protocol | None = None,
-              combine: Callable[[dict[int, dict[str, Any]]], tuple[dict[str, Any], str]] | None = None) -> dict[str, Any]:
-    """`one_seed(workdir, seed) -> (summary, markdown table)` for every seed, in `seed_directory`; writes the
-    results (one seed: OUT/results.*; several: each seed's in OUT/seed<N>/ and all of them in OUT/results.*),
-    prints the table and returns what results.json holds (`per_seed_summaries` reads the seeds back). `protocol` heads results.json and results.md;
-    `combine(per-seed summaries) -> (summary over seeds, its markdown)` adds the tables and verdicts over the
-    seeds (also for one seed, so that every results file has the same layout)."""
+              combine: Callable[[dict[int, dict[str, Any]]], tuple[dict[str, Any], str]] | None = None,
+              jobs: int = 1, threads: int | None = None, env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`one_seed(workdir, seed) -> (summary, markdown table)` for every seed, in `seed_directory`, `jobs` seeds
+    at a time in processes of their own (`map_seeds`; `one_seed` picklable then); writes the results (one
+    seed: OUT/results.*; several: each seed's in OUT/seed<N>/ and all of them in OUT/results.*), prints the
+    table and returns what results.json holds (`per_seed_summaries` reads the seeds back). `protocol` heads
+    results.json and results.md; `combine(per-seed summaries) -> (summary over seeds, its markdown)` adds the
+    tables and verdicts over the seeds (also for one seed, so that every results file has the same layout).
+    `env` (default: read now, before the first run) is the environment every file written records."""
+    env = env or environment(command)
+    results = map_seeds(functools.partial(_one_seed_in, out, seeds, one_seed), seeds, jobs, threads)
     summaries, tables = {}, []
     for seed in seeds:
-        workdir = seed_directory(out, seed, seeds)
-        summary, table = one_seed(workdir, seed)
+        summary, table = results[seed]
+        summary = {**summary, "environment": env}
         if len(seeds) > 1:
-            write_results(workdir, summary, table, command)
+            write_results(seed_directory(out, seed, seeds), summary, table, command)
         summaries[seed], tables = summary, [*tables, f"## Seed {seed}\n\n{table}"]
     head = [protocol.markdown()] if protocol else []
     combined, combined_md = combine(summaries) if combine else ({}, "")
-    extra = {**({"protocol": protocol.as_dict()} if protocol else {}), **combined}
+    extra = {**({"protocol": protocol.as_dict()} if protocol else {}), **combined, "environment": env}
     if len(seeds) == 1:
         markdown = "\n\n".join([*head, *([combined_md] if combined_md else []), table])
-        written = write_results(out, {**extra, **summaries[seeds[0]], "seeds": seeds}, markdown, command)
+        written = write_results(out, {**summaries[seeds[0]], **extra, "seeds": seeds}, markdown, command)
     else:
         written = write_results(out, {**extra, "seeds": seeds, "per_seed": {str(s): v for s, v in summaries.items()}},
                                 "\n\n".join([*head, *([combined_md] if combined_md else []), *tables]), command)

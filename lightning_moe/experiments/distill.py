@@ -1,24 +1,40 @@
 """Does LLaVA-MoD's distillation help? Teacher, distilled sparse student, undistilled student.
 
-    python -m lightning_moe.experiments.distill --out DIR [--quick] [--threads N] [--seeds 0 1 ...] [--no-control]
-        [--reuse EARLIER_OUT] [--mimic-lm-weight W]
+    python -m lightning_moe.experiments.distill --out DIR [--quick] [--jobs N] [--threads N] [--seeds 0 1 ...]
+        [--no-control] [--reuse EARLIER_OUT] [--mimic-lm-weight W]
 
 Runs, through the CLI (`lightning_moe.cli.main` with the shipped configs, in DIR so that every
-`runs/...` path lands there):
+`runs/...` path lands there), on shapes data generated under DIR/data/ (`generate_shapes`) with the
+co-occurrence variant of POPE (`pope_cooccur`: "Is there a circle?" where circles usually come with
+squares; its test split asks about squares without circles, so hallucination shows in its POPE
+precision and yes-ratio), at the difficulty chosen on val (`select_difficulty`, in DIR/selection/: the
+first rung of `LADDER` at which the teacher is off the ceiling and the undistilled student, in every
+selection seed, at least `SELECTION_GAP` below it; `rejections`):
 
-1. the teacher (`configs/mod/teacher.yaml`: a larger dense model, instruct stage);
-2. the student through `mimic_dense`, `mimic_sparse` and `preference` (`configs/mod/*.yaml`);
+1. the teacher (trained once, in the selection, on the chosen rung's data) (`configs/mod/teacher.yaml`: a larger dense model, instruct stage);
+2. the student through `mimic_dense`, `mimic_sparse` and `preference` (`configs/mod/*.yaml`), at
+   half the teacher's width (`STUDENT`: hidden 64, MLP 128 against 128 / 256), so that even with its
+   experts it holds fewer parameters than the teacher;
 3. the same student without a teacher at equal steps: MoE-tuning's instruct stage for as many
    steps as mimic_dense, then its moe stage for as many as mimic_sparse + preference (configs
    derived from the mimic ones, changing only the method, so data, sizes and optimizer match);
 4. the control for the preference stage (on by default, `--no-control` skips it): from the same
    mimic_sparse checkpoint, as many extra steps as preference took, of the mimic_sparse objective
-   with the preference stage's optimizer, so "preference" can be told apart from "more steps".
+   with the preference stage's optimizer, so "preference" can be told apart from "more steps";
+5. a dense student of the sparse student's active size (`DENSE_ACTIVE`: as many parameters as the sparse
+   student activates per token), distilled (mimic_dense) for as many steps as its three stages.
+
+The verdict (`verdicts`): on the primary metric (mean test exact match over the domains), the
+distilled sparse student against the undistilled one, against the control and against the dense
+student of its active size, each over seeds with its 95 % interval against `MARGIN`; inconclusive
+when no rung of the ladder qualified, when the teacher is no better than the undistilled student
+(nothing to distil) or a student sits at ceiling or chance.
 
 Each run is tested on the test split (per-domain exact match from greedy generation, POPE
 accuracy / F1 / yes-ratio). Writes DIR/results.json, DIR/results.md (tables), the TensorBoard
 logs of every run under DIR/runs/mod/ and each run's console output under DIR/logs/. `--reuse`
-takes the teacher of an earlier output directory instead of training one. `--seeds 0 1 2` repeats the student runs (2-4) per seed,
+takes the teacher of an earlier output directory, and the difficulty it was chosen at, instead of
+choosing and training them. `--seeds 0 1 2` repeats the student runs (2-4) per seed,
 each in DIR/seed<N>/ (one teacher for all, trained at its config's seed under DIR/runs/mod/), and
 reports the mean and the range over the seeds. `--quick` is the smoke version (a few steps, few samples).
 """
@@ -26,6 +42,7 @@ reports the mean and the range over the seeds. `--quick` is the smoke version (a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -38,26 +55,66 @@ from typing import Any
 import yaml
 
 from ..cli import effective_config
+from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..paths import shipped_path
-from . import (Run, RunResult, command_line, environment, execute, experiment_parser, parse_args, progress,
-               working_directory, write_results)
-from .protocol import Protocol, difference_words, paired_difference, seed_stat, spread
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, majority_answers,
+               map_seeds, parse_args, progress, working_directory, write_results)
+from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
+from .statistics import TOLERANCE, at_ceiling_or_chance, decide, interval_words, paired_difference, seed_stat, spread
 
 CONFIGS = "configs/mod"  # shipped_path names it in a checkout or an installed package
-DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb")
+DOMAINS = ("count", "colour", "pope", "position_lr", "position_tb", "pope_cooccur")
+POPE_DOMAINS = ["pope", "pope_cooccur"]
+# pope_cooccur's co-occurrence of circle and square in train and val: at 0.9 a model trained on it alone said
+# `yes` to 39 % of the test's baits (docs/data.md)
+COOCCURRENCE = 0.9
+# the data's difficulty, chosen on val (`select_difficulty`): `ShapesDifficulty` settings, easiest first
+LADDER = ({"cooccurrence": COOCCURRENCE}, {"cooccurrence": COOCCURRENCE, "pixel_noise": 30},
+          {"cooccurrence": COOCCURRENCE, "pixel_noise": 30, "colour_noise": 30})
+DATA_SIZES = {"n_train": 2000, "n_eval": 200}  # generated samples per domain: train, and val and test each
+QUICK_DATA_SIZES = {"n_train": 64, "n_eval": 8}
+# the rule's gap: on val the undistilled student at least 5 points below the teacher, in every selection seed, so
+# that a distilled student can gain the 2-point margin over it and still stay below the teacher
+SELECTION_GAP = 0.05
 # keys of MoDDistillation that MoETuning does not take (the undistilled baseline drops them)
 MOD_ONLY_KEYS = ("teacher", "teacher_dtype", "teacher_tokenizer", "mimic", "preference")
 # the smoke version: every piece runs, nothing is learnt
 QUICK = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.limit_test_batches=1",
          "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
          "--data.init_args.max_eval_samples_per_domain=8"]
-# ... on two domains with small train files (the val split), so data setup takes a fraction of a second
-QUICK_DOMAINS = ("count", "pope")
+# ... on three domains of the tiny generated set (QUICK_DATA_SIZES), so data setup takes a fraction of a second
+QUICK_DOMAINS = ("count", "pope", "pope_cooccur")
+# the student at half the teacher's width (configs/mod: tiny-llama, hidden 128, MLP 256; the teacher 4 layers):
+# 4 experts of MLP 128 in 2 layers hold fewer parameters than the teacher's 4 dense layers
+STUDENT = {"hidden_size": 64, "intermediate_size": 128}
+# the dense student of the sparse student's active size: the MoE layers are every other layer (mimic_sparse.yaml,
+# top-2 of 4 experts), so a token's MLP width averages (128 + 2 x 128) / 2 = 192 over the two layers
+DENSE_ACTIVE = {"hidden_size": 64, "intermediate_size": 192}
+# the primary comparisons' margin: 2 points of the mean test exact match over the five domains (1000 samples)
+MARGIN = 0.02
+
+
+def student_size(overrides: dict[str, int]) -> list[str]:
+    """The command-line override that sets the student's LLM size (the first stage of each chain; later stages
+    start from its saved model)."""
+    return [f"--model.init_args.backbone.llm_overrides={json.dumps(overrides)}"]
 
 
 def quick_data(preference: bool) -> list[str]:
-    train = "preference/{d}/val.jsonl" if preference else "{d}/val.jsonl"
+    train = "preference/{d}/train.jsonl" if preference else "{d}/train.jsonl"
     domains = {d: {"train": train.format(d=d), "val": f"{d}/val.jsonl", "test": f"{d}/test.jsonl"} for d in QUICK_DOMAINS}
+    return [f"--data.init_args.domains={json.dumps(domains)}"]
+
+
+def data_overrides(root: Path) -> list[str]:
+    """A run on the generated set at `root`, with POPE metrics on both yes/no domains."""
+    return [f"--data.init_args.root={root}", f"--model.init_args.pope_domains={json.dumps(POPE_DOMAINS)}"]
+
+
+def preference_domains() -> list[str]:
+    """The preference stage lists its domains (configs/mod/preference.yaml): every domain's pairs, pope_cooccur's too."""
+    domains = {d: {"train": f"preference/{d}/train.jsonl", "val": f"{d}/val.jsonl", "test": f"{d}/test.jsonl"}
+               for d in DOMAINS}
     return [f"--data.init_args.domains={json.dumps(domains)}"]
 
 
@@ -141,10 +198,10 @@ def copy_teacher(source_dir: Path, target_dir: Path) -> None:
 
 
 def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float | None,
-                 control: bool, bar: Any = None) -> dict[str, RunResult]:
-    """Every student run of one seed, inside `workdir` (which holds the teacher under runs/mod/teacher/model);
-    `bar` (the progress bar over the runs) advances after each."""
-    overrides = NO_VALIDATION + (QUICK if quick else []) + seed_overrides(seed)
+                 control: bool, root: Path, bar: Any = None) -> dict[str, RunResult]:
+    """Every student run of one seed on the data at `root`, inside `workdir` (which holds the teacher under
+    runs/mod/teacher/model); `bar` (the progress bar over the runs) advances after each."""
+    overrides = NO_VALIDATION + (QUICK if quick else []) + seed_overrides(seed) + data_overrides(root)
     mimic_extra = [f"--model.init_args.mimic.lm_weight={mimic_lm_weight}"] if mimic_lm_weight is not None else []
     results: dict[str, RunResult] = {}
 
@@ -156,9 +213,11 @@ def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float |
 
     with working_directory(workdir):  # every runs/... path of the configs (and the stage hand-offs) lands here
         for stage in ("mimic_dense", "mimic_sparse", "preference"):
-            extra = quick_data(stage == "preference") if quick else []
+            extra = quick_data(stage == "preference") if quick else preference_domains() if stage == "preference" else []
             if stage.startswith("mimic"):
                 extra += mimic_extra
+            if stage == "mimic_dense":
+                extra += student_size(STUDENT)
             results[stage] = fit_and_test(stage, ["--config", str(config(stage)), *overrides, *extra])
         if quick:
             overrides = overrides + quick_data(False)
@@ -172,20 +231,47 @@ def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float |
         instruct = baseline_config(config("mimic_dense"), workdir / "configs" / "baseline_instruct.yaml",
                                    "baseline_instruct", "instruct", steps, None)
         results["baseline_instruct"] = fit_and_test("baseline_instruct", ["--config", str(instruct), *overrides,
+                                                                          *student_size(STUDENT),
                                                                           f"--trainer.max_steps={steps}"])
         steps = results["mimic_sparse"].steps + results["preference"].steps
         moe = baseline_config(config("mimic_sparse"), workdir / "configs" / "baseline_moe.yaml", "baseline_moe",
                               "moe", steps, "runs/mod/baseline_instruct/model")
         results["baseline_moe"] = fit_and_test("baseline_moe", ["--config", str(moe), *overrides,
                                                                 f"--trainer.max_steps={steps}"])
+        # the dense student of the sparse one's active size, distilled for as many steps as its three stages
+        steps = results["mimic_dense"].steps + results["mimic_sparse"].steps + results["preference"].steps
+        dense = derive_config(config("mimic_dense"), workdir / "configs" / "dense_active.yaml", "dense_active", steps,
+                              None, lambda c: None)
+        results["dense_active"] = fit_and_test("dense_active", ["--config", str(dense), *overrides, *mimic_extra,
+                                                                *student_size(DENSE_ACTIVE),
+                                                                f"--trainer.max_steps={steps}"])
     return results
 
 
+def _seed_runs(out: Path, seeds: list[int], quick: bool, mimic_lm_weight: float | None, control: bool, root: Path,
+               seed: int) -> dict[str, RunResult]:
+    """One seed's student runs (one seed keeps the single-run layout, everything under `out`; several get
+    out/seed<N>/, with the teacher copied beside them)."""
+    workdir = out if len(seeds) == 1 else out / f"seed{seed}"
+    if workdir != out:
+        copy_teacher(out, workdir)
+    bar = progress(STUDENT_RUNS + control, f"distill runs, seed {seed}")
+    try:
+        return student_runs(workdir, seed, quick, mimic_lm_weight, control, root, bar)
+    finally:
+        bar.close()
+
+
+STUDENT_RUNS = 6  # mimic_dense, mimic_sparse, preference, baseline_instruct, baseline_moe, dense_active
+
+
 def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, teacher_from: Path | None = None,
-        seeds: list[int] | None = None, control: bool = True, command: str | None = None) -> dict:
+        seeds: list[int] | None = None, control: bool = True, command: str | None = None, jobs: int = 1,
+        threads: int | None = None) -> dict:
     """All runs (module docstring); `mimic_lm_weight` overrides the mimic stages' `mimic.lm_weight`,
     `teacher_from` reuses the teacher of an earlier output directory instead of training one, `seeds`
-    repeats every student run per seed (one teacher for all), `control` adds the extra-steps control."""
+    repeats every student run per seed (one teacher for all; `jobs` seeds at a time in processes of their
+    own, `threads` torch threads each), `control` adds the extra-steps control."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds) if seeds else [0]
@@ -194,54 +280,199 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
     # resolved here, against the caller's directory: inside working_directory(out) a relative path
     # would be looked up under `out`
     teacher_from = Path(teacher_from).resolve() if teacher_from is not None else None
-    start = time.perf_counter()
-    bar = progress(1 + len(seeds) * (6 if control else 5), "distill runs")
-    if teacher_from is not None:
-        teacher = reuse_teacher(teacher_from, out)
-    else:  # the teacher at its config's seed, once for every student seed
-        with working_directory(out):
-            teacher = execute(Run("teacher", ["--config", str(config("teacher")), *NO_VALIDATION,
-                                              *(QUICK + quick_data(False) if quick else [])]), out)
-    bar.update()
-    rows = [{**asdict(teacher), "seed": None}]
-    per_seed: dict[int, dict[str, RunResult]] = {}
-    for seed in seeds:
-        # one seed keeps the single-run layout (everything under `out`); several get out/seed<N>/
-        workdir = out if len(seeds) == 1 else out / f"seed{seed}"
-        if workdir != out:
-            copy_teacher(out, workdir)
-        per_seed[seed] = student_runs(workdir, seed, quick, mimic_lm_weight, control, bar)
-        rows += [asdict(r) for r in per_seed[seed].values()]
-    bar.close()
     command = command or ("python -m lightning_moe.experiments.distill --out DIR" + (" --quick" if quick else "")
                           + (f" --mimic-lm-weight {mimic_lm_weight}" if mimic_lm_weight is not None else "")
                           + (f" --reuse {teacher_from}" if teacher_from is not None else "")
                           + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else "")
                           + ("" if control else " --no-control"))
+    env = environment(command)  # command, date, torch threads, versions, git commit: when the run starts
+    start = time.perf_counter()
+    sizes = QUICK_DATA_SIZES if quick else DATA_SIZES
+    if teacher_from is not None:  # the earlier output's teacher, at the difficulty it was chosen at
+        teacher = reuse_teacher(teacher_from, out)
+        settings = json.loads((teacher_from / "results.json").read_text())["protocol"]["settings"]
+        if "shapes" not in settings:
+            raise ValueError(f"{teacher_from / 'results.json'}: its protocol names no chosen difficulty (settings.shapes):"
+                             " written before the difficulty was chosen on val; train a new teacher instead")
+    else:
+        selection = select_difficulty(out, quick, LADDER[:1] if quick else LADDER, sizes,
+                                      SELECTION_SEEDS[:1] if quick else SELECTION_SEEDS)
+        chosen = selection["chosen"]
+        copy_teacher(out / "selection" / f"d{chosen['level']}", out)
+        teacher = selection["teachers"][chosen["level"]]
+        settings = {"difficulty": chosen["setting"], "shapes": chosen["difficulty"], "met": selection["met"],
+                    "ladder": selection["tried"]}
+    root = generated(out, settings["shapes"], sizes)
+    rows = [{**asdict(teacher), "seed": None}]
+    per_seed = map_seeds(functools.partial(_seed_runs, out, seeds, quick, mimic_lm_weight, control, root), seeds, jobs,
+                         threads)
+    for seed in seeds:
+        rows += [asdict(r) for r in per_seed[seed].values()]
+    declared = protocol(seeds, control, quick)
+    declared.settings = settings
     summary = {
-        "protocol": protocol(seeds, control).as_dict(),
-        "environment": environment(command),  # command, date, torch threads, versions, git commit
+        "protocol": declared.as_dict(),
+        "environment": env,
         "quick": quick,
         "seeds": seeds,
         "control": control,
+        "data_root": str(root),
+        "majority_answer": majority_answer(root, QUICK_DOMAINS if quick else DOMAINS),
         "wall_s": time.perf_counter() - start,
         "runs": rows,  # the teacher (seed None: its config's seed), then every student run of every seed
         "aggregate": aggregate(per_seed),
     }
+    summary |= verdicts(summary)
     return write_results(out, summary, results_markdown(summary), command)
 
 
-def protocol(seeds: list[int], control: bool) -> Protocol:
+def generated(out: Path, shapes: dict[str, Any], sizes: dict[str, int]) -> Path:
+    """The shapes set of these `ShapesDifficulty` settings under OUT/data/ (written once; the same settings find the
+    same directory)."""
+    return generate_shapes(out / "data", ShapesDifficulty(**shapes), seed=0, **sizes)
+
+
+def chain_steps(quick: bool) -> dict[str, int]:
+    """The undistilled student's steps per stage, as the distilled chain's (configs/mod; `--quick`: 2 per stage)."""
+    steps = {stage: 2 if quick else effective_config(config(stage))["trainer"]["max_steps"]
+             for stage in ("mimic_dense", "mimic_sparse", "preference")}
+    return {"instruct": steps["mimic_dense"], "moe": steps["mimic_sparse"] + steps["preference"]}
+
+
+def undistilled_val(workdir: Path, seed: int, quick: bool, root: Path) -> float:
+    """The undistilled student of one selection seed (MoE-tuning's instruct then moe stage, at the distilled chain's
+    steps, inside `workdir`): its val primary metric at the end of training."""
+    steps = chain_steps(quick)
+    common = (QUICK + quick_data(False) if quick else []) + seed_overrides(seed) + data_overrides(root)
+    instruct_name, moe_name = f"select_instruct_seed{seed}", f"select_moe_seed{seed}"
+    with working_directory(workdir):
+        instruct = baseline_config(config("mimic_dense"), workdir / "configs" / f"{instruct_name}.yaml", instruct_name,
+                                   "instruct", steps["instruct"], None)
+        execute(Run(instruct_name, ["--config", str(instruct), *common, *NO_VALIDATION, *student_size(STUDENT),
+                                    f"--trainer.max_steps={steps['instruct']}"], test=False, seed=seed), workdir)
+        moe = baseline_config(config("mimic_sparse"), workdir / "configs" / f"{moe_name}.yaml", moe_name, "moe",
+                              steps["moe"], f"runs/mod/{instruct_name}/model")
+        result = execute(Run(moe_name, ["--config", str(moe), *common, f"--trainer.max_steps={steps['moe']}",
+                                        f"--trainer.val_check_interval={steps['moe']}"], test=False, seed=seed), workdir)
+    return val_primary(result, QUICK_DOMAINS if quick else DOMAINS)
+
+
+def val_primary(result: RunResult, domains: tuple[str, ...]) -> float:
+    """A run's primary metric on val at the end of training: the mean over the domains of `final_val`."""
+    val = final_val(result, list(domains))
+    if val is None:
+        raise RuntimeError(f"distill: run {result.name} did not validate on every domain of {', '.join(domains)}")
+    return sum(val.values()) / len(val)
+
+
+def rejections(scores: dict[str, Any]) -> list[str]:
+    """Why a rung fails the selection rule, on val ({"teacher": its primary metric, "students": selection seed -> the
+    undistilled student's, "chance": the majority answer's}); none: it qualifies. The rule: the teacher off the
+    ceiling and above chance, the undistilled student at least SELECTION_GAP below it in every selection seed and
+    itself neither at ceiling nor at chance (mean over the seeds)."""
+    teacher, students = scores["teacher"], scores["students"]
+    reasons = [at_ceiling_or_chance("the teacher", [teacher], scores["chance"])]
+    short = [seed for seed, value in students.items() if teacher - value < SELECTION_GAP - TOLERANCE]
+    if short:
+        reasons.append(f"the undistilled student less than {100 * SELECTION_GAP:.0f} points below the teacher "
+                       f"(seed {', '.join(short)})")
+    reasons.append(at_ceiling_or_chance("the undistilled student", list(students.values()), scores["chance"]))
+    return [r for r in reasons if r]
+
+
+def select_difficulty(out: Path, quick: bool, ladder: tuple[dict[str, Any], ...], sizes: dict[str, int],
+                      seeds: list[int]) -> dict[str, Any]:
+    """The data's difficulty, chosen on val (`protocol.select_first` over `ladder`, easiest first): at each rung its
+    set (`generated`), the teacher (trained in OUT/selection/d<i>/ at its config's seed, validated at its end and
+    tested: the reported teacher when the rung is chosen) and the undistilled student in every selection seed; the
+    first rung `rejections` lets through is chosen, else the last. Returns `select_first`'s answer with the
+    teachers' rows by rung ("teachers")."""
+    teachers: dict[int, RunResult] = {}
+    domains = QUICK_DOMAINS if quick else DOMAINS
+
+    def measure(rung: dict[str, Any]) -> dict[str, Any]:
+        root, workdir = generated(out, rung["difficulty"], sizes), out / "selection" / f"d{rung['level']}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        quick_args = [*QUICK, *quick_data(False), "--trainer.val_check_interval=2"] if quick else []
+        with working_directory(workdir):
+            teachers[rung["level"]] = execute(Run("teacher", ["--config", str(config("teacher")), *quick_args,
+                                                              *data_overrides(root)]), workdir)
+        students = {str(seed): undistilled_val(workdir, seed, quick, root) for seed in seeds}
+        chance = majority_answer(root, domains, "val")
+        return {"teacher": val_primary(teachers[rung["level"]], domains), "students": students, "chance": chance}
+
+    rungs = [{"setting": setting_words(shapes, "data/shapes"), "level": i, "difficulty": shapes}
+             for i, shapes in enumerate(ladder)]
+    chosen = select_first(progress(rungs, "distill: choosing the data's difficulty on val"), measure,
+                          lambda rung, scores: rejections(scores))
+    return {**chosen, "teachers": teachers}
+
+
+SELECTION_RULE = (f"the first rung at which, on val, the teacher is off the ceiling (100 %) and above chance, and the "
+                  f"undistilled student (MoE-tuning at the distilled chain's steps) stays at least "
+                  f"{100 * SELECTION_GAP:.0f} points below the teacher in every selection seed and is itself at neither "
+                  "ceiling nor chance, all on the primary metric")
+
+
+def protocol(seeds: list[int], control: bool, quick: bool = False) -> Protocol:
     return Protocol(
         question="Does distillation from a dense teacher (mimic, then preference) give a better sparse student than "
-                 "MoE-tuning at equal steps, and does the preference stage help beyond as many more mimic steps?",
-        seeds=list(seeds), selection_split="none", reported_split="test",
-        selection="none in this experiment: every setting is configs/mod/*.yaml's; the baseline and the control "
-                  "take their step counts from the distilled runs (equal steps)"
+                 "MoE-tuning at equal steps, does the preference stage help beyond as many more mimic steps, and "
+                 "does the sparse student beat a dense one of its active size?",
+        seeds=list(seeds), selection_split="val", reported_split="test",
+        selection="the data's difficulty, by the ladder and the rule below, on val with the selection seeds ("
+                  + ", ".join(map(str, SELECTION_SEEDS[:1] if quick else SELECTION_SEEDS)) + "); every other setting "
+                  "is configs/mod/*.yaml's, the students at half the teacher's width; the baseline, the control and the "
+                  "dense student of the active size take their step counts from the distilled runs (equal steps)"
                   + ("" if control else "; the control is off (--no-control)") + ".",
-        verdict_rule="mean over seeds with every seed's value; 'beats' only in every seed, 'in k of n seeds' "
-                     "otherwise; each difference with its paired standard error, and called no difference when "
-                     "smaller than it.")
+        difficulties=[setting_words(shapes, "data/shapes") for shapes in (LADDER[:1] if quick else LADDER)],
+        difficulty_rule=SELECTION_RULE + " (the shapes set generated with pope_cooccur, whose test split asks about "
+                        "squares without circles: hallucination shows in its POPE precision and yes-ratio)",
+        primary="mean test exact match over the domains",
+        comparisons=[Comparison(a, b, MARGIN, claim) for a, b, claim in COMPARISONS
+                     if control or b != "control"],
+        gates=[NO_DISCRIMINATING_SETTING,
+               "the teacher (one run) less than the margin above the undistilled student's mean (nothing to distil)",
+               "the distilled or the undistilled student at ceiling or chance"],
+        verdict_rule="each comparison on its own; the POPE scores are reported beside them (no verdict).")
+
+
+# (a, b, what a confirmed a - b shows) on the primary metric
+COMPARISONS = (("preference", "baseline_moe", "distillation gives a better sparse student than MoE-tuning"),
+               ("preference", "control", "the preference stage helps beyond as many more mimic steps"),
+               ("preference", "dense_active", "the sparse student beats a dense one of its active size"))
+PRIMARY = "test/exact_match"
+
+
+def majority_answer(root: Path, domains: tuple[str, ...] = DOMAINS, split: str = "test") -> float:
+    """The primary metric of always giving each domain's most frequent answer of `split`, mean over the domains."""
+    chance = majority_answers(root, domains, split)
+    return sum(chance.values()) / len(chance)
+
+
+def verdicts(summary: dict) -> dict[str, Any]:
+    """The comparisons (`COMPARISONS`) over the seeds, each a paired difference on the primary metric with its
+    95 % interval and `statistics.decide`'s verdict against MARGIN, with the gates."""
+    values = {name: metrics[PRIMARY]["values"] for name, metrics in summary["aggregate"].items() if PRIMARY in metrics}
+    teacher = next(r for r in summary["runs"] if r["name"] == "teacher")["metrics"].get(PRIMARY)
+    failed = []
+    if summary.get("protocol", {}).get("settings", {}).get("met") is False:
+        failed.append(NO_DISCRIMINATING_SETTING)
+    if teacher is not None and "baseline_moe" in values and teacher - sum(values["baseline_moe"]) / len(
+            values["baseline_moe"]) < MARGIN:
+        failed.append(f"teacher ({teacher:.3f}) less than the margin above the undistilled student: nothing to distil")
+    chance = summary["majority_answer"]
+    failed += [at_ceiling_or_chance(label, values[name], chance)
+               for name, label in (("preference", "the distilled student"), ("baseline_moe", "the undistilled student"))
+               if name in values]
+    failed = [f for f in failed if f]
+    differences, decided = {}, {}
+    for a, b, _ in COMPARISONS:
+        if a in values and b in values:
+            key = f"{a} - {b}"
+            differences[key] = paired_difference(values[a], values[b])
+            decided[key] = decide(differences[key], MARGIN, failed)
+    return {"majority_answer": chance, "differences": differences, "gates": failed, "verdicts": decided}
 
 
 def aggregate(per_seed: dict[int, dict[str, RunResult]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -261,13 +492,14 @@ def _cell(value: float | None, fmt: str = "{:.3f}") -> str:
 
 
 ROW_NAMES = {
-    "teacher": "teacher (dense, 4 layers)",
+    "teacher": "teacher (dense, 4 layers, width 128)",
     "mimic_dense": "student after mimic_dense",
     "mimic_sparse": "student after mimic_sparse",
     "preference": "**distilled student** (after preference)",
     "control": "control: mimic_sparse + as many more mimic steps",
     "baseline_instruct": "undistilled student, instruct",
     "baseline_moe": "**undistilled student** (instruct + moe)",
+    "dense_active": "dense student of the sparse student's active size (distilled)",
 }
 POPE_KEYS = ("accuracy", "f1", "yes_ratio")
 POPE_LABELS = {"accuracy": "accuracy", "f1": "F1", "yes_ratio": "yes-ratio"}
@@ -286,69 +518,41 @@ def _spread_cell(stat: dict[str, float] | None) -> str:
     return spread(stat)
 
 
-def _per_seed(stat: dict[str, float]) -> str:
-    return "" if len(stat["values"]) == 1 else " (per seed " + " / ".join(f"{v:.3f}" for v in stat["values"]) + ")"
-
-
-def beats_word(a: list[float], b: list[float]) -> str:
-    """The protocol's rule for "a beats b" over seeds: "beats" only when a is higher in every seed, "does not
-    beat" when in none, else "beats, in k of n seeds," (a tie is not a win)."""
-    wins, n = sum(x > y for x, y in zip(a, b)), len(a)
-    return "beats" if wins == n else "does not beat" if wins == 0 else f"beats, in {wins} of {n} seeds,"
-
-
 def verdict_lines(summary: dict) -> list[str]:
-    """What the table says, in words: distilled vs undistilled, preference before/after, and preference
-    against the control of equal extra steps (means over the seeds, with every seed's value)."""
+    """What the comparisons say, in words: each on the primary metric with its 95 % interval over seeds and its
+    verdict (`verdicts`), the gates; beside them (no verdict) preference's POPE change and POPE accuracy against
+    the control."""
     lines = []
-    stat = lambda name, key: _stat(summary, name, key)  # noqa: E731
-    d, u = stat("preference", "test/exact_match"), stat("baseline_moe", "test/exact_match")
-    if d and u:
-        word = beats_word(d["values"], u["values"])
-        lines.append(f"- Mean test exact match: distilled sparse student {d['mean']:.3f}{_per_seed(d)}, undistilled "
-                     f"{u['mean']:.3f}{_per_seed(u)} (equal student steps): the distilled student {word} the undistilled one.")
-    pope = {name: {k: stat(name, f"test/pope/pope_{k}") for k in POPE_KEYS}
+    claims = {f"{a} - {b}": claim for a, b, claim in COMPARISONS}
+    for key, diff in summary.get("differences", {}).items():
+        lines.append(f"- {claims[key]}? Mean test exact match, {key}: {interval_words(diff)}; margin {MARGIN:+.3f}: "
+                     f"**{summary['verdicts'][key]}**.")
+    if summary.get("differences"):
+        lines.append(f"- Gates: {'; '.join(summary['gates']) or 'all passed'}.")
+    pope = {name: {k: _stat(summary, name, f"test/pope/pope_{k}") for k in POPE_KEYS}
             for name in ("mimic_sparse", "preference", "control")}
     before, after, control = pope["mimic_sparse"], pope["preference"], pope["control"]
     if all(before.values()) and all(after.values()):
         lines.append("- Preference distillation, " + ", ".join(
             f"POPE {POPE_LABELS[k]} {before[k]['mean']:.3f} -> {after[k]['mean']:.3f}" for k in POPE_KEYS) + ".")
-    if all(after.values()) and all(control.values()):
+    if after["accuracy"] and control["accuracy"]:
         steps = [r["steps"] for r in summary["runs"] if r["name"] == "control"]
-        word = beats_word(after["accuracy"]["values"], control["accuracy"]["values"])
-        lines.append(f"- Preference against the control ({steps[0]} more mimic_sparse steps from the same checkpoint "
-                     "instead of the preference steps): " + ", ".join(
-                         f"POPE {POPE_LABELS[k]} {after[k]['mean']:.3f} vs {control[k]['mean']:.3f}" for k in POPE_KEYS)
-                     + f"; POPE accuracy per seed {' / '.join(f'{v:.3f}' for v in after['accuracy']['values'])} vs "
-                     f"{' / '.join(f'{v:.3f}' for v in control['accuracy']['values'])}: preference {word} "
-                     "equal extra steps of the mimic objective on POPE accuracy.")
-        m_after, m_control = stat("preference", "test/exact_match"), stat("control", "test/exact_match")
-        if m_after and m_control:
-            lines.append(f"- Mean test exact match, preference {m_after['mean']:.3f} vs control {m_control['mean']:.3f}.")
-    return lines
-
-
-def difference_lines(summary: dict) -> list[str]:
-    """The verdicts' differences seed by seed with their standard errors (`protocol.difference_words`): distilled
-    - undistilled mean exact match, preference - control POPE accuracy and mean exact match."""
-    lines = []
-    for a, b, key, what in (("preference", "baseline_moe", "test/exact_match", "Mean test exact match, distilled - undistilled"),
-                            ("preference", "control", "test/pope/pope_accuracy", "POPE accuracy, preference - control"),
-                            ("preference", "control", "test/exact_match", "Mean test exact match, preference - control")):
-        x, y = _stat(summary, a, key), _stat(summary, b, key)
-        if x and y and len(x["values"]) == len(y["values"]):
-            lines.append("- " + difference_words(paired_difference(x["values"], y["values"]), what) + ".")
+        diff = paired_difference(after["accuracy"]["values"], control["accuracy"]["values"])
+        lines.append(f"- POPE accuracy, preference - control ({steps[0]} more mimic_sparse steps from the same "
+                     f"checkpoint instead of the preference steps): {interval_words(diff)} (reported, no verdict).")
     return lines
 
 
 def results_markdown(summary: dict) -> str:
     seeds = summary.get("seeds", [0])
     names = ["teacher", *summary["aggregate"]]
-    header = ["model", *DOMAINS, "mean", "POPE acc", "POPE F1", "yes-ratio", "activated params", "total params"]
+    header = ["model", *DOMAINS, "mean", "POPE acc", "POPE F1", "yes-ratio", "co-occurrence precision",
+              "co-occurrence yes-ratio", "activated params", "total params"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for name in names:
         row = next(r for r in summary["runs"] if r["name"] == name)  # parameter counts: the same for every seed
-        keys = [f"test/{d}/exact_match" for d in DOMAINS] + ["test/exact_match"] + [f"test/pope/pope_{k}" for k in POPE_KEYS]
+        keys = ([f"test/{d}/exact_match" for d in DOMAINS] + ["test/exact_match"] + [f"test/pope/pope_{k}" for k in POPE_KEYS]
+                + ["test/pope_cooccur/pope_precision", "test/pope_cooccur/pope_yes_ratio"])
         cells = [_spread_cell(_stat(summary, name, k)) for k in keys]
         cells += [f"{row['params_activated']:,}", f"{row['params_total']:,}"]
         lines.append(f"| {ROW_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
@@ -366,13 +570,14 @@ def results_markdown(summary: dict) -> str:
         f"# LLaVA-MoD distillation ({env['date']}, `{env['command']}`, torch threads "
         f"{env['torch_threads']}, {summary['wall_s'] / 60:.1f} min)",
         "",
-        Protocol(**summary["protocol"]).markdown() if summary.get("protocol") else "",
-        "Test split, exact match per domain (greedy generation), mean over domains, POPE metrics on `pope`." + spread,
+        Protocol.from_dict(summary["protocol"]).markdown() if summary.get("protocol") else "",
+        "Test split, exact match per domain (greedy generation), mean over domains, POPE metrics on `pope`; on "
+        "`pope_cooccur` (half its test asks about a square without a circle, the bait) POPE precision and yes-ratio: "
+        "the co-occurrence hallucination." + spread,
         "",
         *lines,
         "",
         *verdict_lines(summary),
-        *difference_lines(summary),
         "",
         "Per run: training steps, median step time, peak memory (CPU: peak resident set of the whole process).",
         "",
@@ -396,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), argv)
     summary = run(args.out, args.quick, args.mimic_lm_weight, args.reuse, args.seeds, args.control,
-                  command_line("lightning_moe.experiments.distill", argv))
+                  command_line("lightning_moe.experiments.distill", argv), args.jobs, args.threads)
     print((args.out / "results.md").read_text())
     return summary
 

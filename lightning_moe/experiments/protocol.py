@@ -1,26 +1,80 @@
-"""Pre-registered protocols and the statistics every experiment's verdict rests on.
+"""Pre-registered protocols: what an experiment decides before it runs.
 
 An experiment declares its `Protocol` before any run: the seeds, the split that chooses the
-settings the verdict depends on (val), the split it reports (test), how the settings are chosen
-and the verdict rule, in words. `write_results` puts it at the top of results.json and results.md,
-so a reader sees what was decided before the numbers came.
+settings the verdict depends on (val), the split it reports (test), how the settings are chosen,
+its primary metric and the comparisons the verdict rests on (`Comparison`: arm a against arm b,
+with the margin a gain must clear), the gates that make a verdict inconclusive, and the verdict
+rule, in words. `write_results` puts it at the top of results.json and results.md, so a reader
+sees what was decided before the numbers came. The statistics and the verdict rule itself are in
+`statistics`.
 
-Statistics over seeds, used by every table and verdict: `seed_stat` (mean, range, standard error),
-`paired_difference` (the mean of per-seed differences and its standard error, with the seeds in
-which one side wins) and `agreement` (how many seeds give the majority verdict). A difference
-smaller than its standard error is said to be so (`difference_words`), never called a win.
+Data difficulty (and budget): an experiment declares a ladder of settings (`Protocol.difficulties`,
+easiest data first, cheapest budget first within it) and its own rule (`Protocol.difficulty_rule`, an
+instance of `DIFFICULTY_RULE`), and `select_first` measures the rungs on val, in order, with the
+selection seeds, and takes the first that the rule lets through; every rung tried is recorded with why
+it was rejected. When none qualifies, the last rung is run and every verdict is
+`inconclusive: no discriminating setting`. An experiment whose data is fixed says why in
+`difficulty_rule` and declares no ladder.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DEFAULT_SEEDS = [0, 1, 2]  # full runs; --quick runs seed 0 only
+from .statistics import CONFIDENCE
+
+DEFAULT_SEEDS = list(range(10))  # full runs; --quick runs seed 0 only
+# seeds of the runs that choose settings on val: apart from the reported seeds, so that the reported runs
+# are not the very runs a setting was chosen on
+SELECTION_SEEDS = [1000, 1001, 1002]
+NO_DISCRIMINATING_SETTING = "no discriminating setting"
+DIFFICULTY_RULE = ("the first rung of the declared ladder (easiest data first, cheapest budget first within it) at "
+                   "which, on val and in every selection seed, the reference the verdict needs learns what it must "
+                   "(the upper bound, the teacher), the arm a method must beat stays at least the declared gap below "
+                   "it, and no arm measured sits at ceiling (100 %) or at chance on the primary metric; the rungs "
+                   "tried and why each was rejected are reported; none qualifies: the last rung is run and every "
+                   f"verdict is 'inconclusive: {NO_DISCRIMINATING_SETTING}'")
+
+
+def setting_words(difficulty: dict[str, Any] | None, shipped: str) -> str:
+    """A rung's data as a protocol names it: None the `shipped` data, else the generator's settings."""
+    if difficulty is None:
+        return f"the shipped {shipped}"
+    return "generated, " + (", ".join(f"{k}={v}" for k, v in difficulty.items()) or "the defaults")
+
+
+def select_first(ladder: Iterable[dict[str, Any]], measure: Callable[[dict[str, Any]], Any],
+                 rejections: Callable[[dict[str, Any], Any], Sequence[str | None]]) -> dict[str, Any]:
+    """The pre-registered choice of a setting on val: each rung of `ladder` (a dict naming its setting, in the
+    declared order) is measured (`measure(rung)` -> its val scores) and judged (`rejections(rung, scores)` -> the
+    reasons it fails the rule; none = it qualifies); the first that qualifies is chosen and no later rung is
+    measured. Returns {"chosen": that rung (the last one tried when none qualifies), "met": whether one did,
+    "tried": every rung tried with its "val" scores and the "rejected" reasons}."""
+    tried = []
+    for rung in ladder:
+        scores = measure(rung)
+        rejected = [reason for reason in rejections(rung, scores) if reason]
+        tried.append({**rung, "val": scores, "rejected": rejected})
+        if not rejected:
+            break
+    if not tried:
+        raise ValueError("select_first: an empty ladder (declare at least one setting)")
+    return {"chosen": tried[-1], "met": not tried[-1]["rejected"], "tried": tried}
+
+
+@dataclass
+class Comparison:
+    """One comparison the verdict rests on, declared before the runs: arm `a` against arm `b` on the
+    protocol's primary metric (or on `metric`); `a` beats `b` when the 95 % interval of a - b over seeds
+    clears `margin`. A negative margin asks for non-inferiority: a is at most |margin| below b."""
+
+    a: str
+    b: str
+    margin: float
+    claim: str = ""  # what a confirmed comparison would show, in words
+    metric: str = ""  # the metric compared, in words; "" = the protocol's primary metric
 
 
 @dataclass
@@ -33,10 +87,22 @@ class Protocol:
     reported_split: str  # the split every table and verdict reports ("test")
     selection: str  # the procedure that chooses the settings the verdict depends on
     verdict_rule: str
+    primary: str = ""  # the primary metric every comparison is on
+    comparisons: list[Comparison] = field(default_factory=list)
+    gates: list[str] = field(default_factory=list)  # what makes a verdict inconclusive, in words
+    # the ladder of settings (data difficulty, budget; easiest first) chosen on val by `difficulty_rule`; [] = none
+    difficulties: list[str] = field(default_factory=list)
+    # the experiment's instance of DIFFICULTY_RULE, or why its data is fixed (no ladder)
+    difficulty_rule: str = ""
     settings: dict[str, Any] = field(default_factory=dict)  # what the selection chose (filled after it)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Protocol:
+        """A protocol as results.json holds it."""
+        return cls(**{**saved, "comparisons": [Comparison(**c) for c in saved.get("comparisons", [])]})
 
     def markdown(self) -> str:
         # scalars here; the lists behind them (e.g. every candidate's val scores) are in results.json
@@ -47,69 +113,28 @@ class Protocol:
             f"- Question: {self.question}",
             f"- Seeds: {', '.join(map(str, self.seeds))} ({len(self.seeds)}).",
             f"- Settings chosen on the {self.selection_split} split: {self.selection} Chosen: {chosen}.",
+            *([f"- Difficulty of the data, chosen on val, the ladder (easiest first): {'; '.join(self.difficulties)}. "
+               f"Rule: {self.difficulty_rule or DIFFICULTY_RULE}."] if self.difficulties else
+              [f"- Difficulty of the data: {self.difficulty_rule}"] if self.difficulty_rule else []),
+            *self.ladder_lines(),
             f"- Reported: the {self.reported_split} split; tables give the mean over seeds and the range (min-max).",
-            f"- Verdict rule: {self.verdict_rule}", "",
+            *([f"- Primary metric: {self.primary}."] if self.primary else []),
+            *[f"- Comparison: {c.a} - {c.b} on {c.metric or 'the primary metric'}, margin {c.margin:+.3f}"
+              + (f" ({c.claim})" if c.claim else "") + "." for c in self.comparisons],
+            *([f"- Inconclusive when: {'; '.join(self.gates)}."] if self.gates else []),
+            f"- Verdict rule: {self.verdict_rule}",
+            *([f"- Each comparison: confirmed when the {100 * CONFIDENCE:.0f} % paired t interval of a - b over the "
+               "seeds lies at or above its margin, not confirmed when it lies below it, else inconclusive; per-seed "
+               "labels (a diagnosis) are reported only when every seed agrees."] if self.comparisons else []),
+            "",
         ])
 
-
-def seed_stat(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, min, max, standard error of the mean (None for one value) and the values, over seeds."""
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("seed_stat: no values")
-    sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "sem": sem,
-            "values": values, "n": len(values)}
+    def ladder_lines(self) -> list[str]:
+        """The rungs the selection tried (`settings["ladder"]`: each with its "setting" in words and the reasons it
+        was "rejected"), the chosen one marked."""
+        ladder = self.settings.get("ladder") or []
+        return [f"- Tried on val: {rung['setting']}: "
+                + (f"rejected ({'; '.join(rung['rejected'])})" if rung["rejected"] else "**chosen**") + "."
+                for rung in ladder]
 
 
-def spread(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
-    """`mean (min-max)` over several seeds, the value alone for one, blank for none."""
-    if stat is None:
-        return ""
-    fmt = f"{{:.{digits}f}}"
-    mean = fmt.format(scale * stat["mean"])
-    if len(stat["values"]) == 1:
-        return mean
-    return f"{mean} ({fmt.format(scale * stat['min'])}-{fmt.format(scale * stat['max'])})"
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """a - b seed by seed (the same seeds in the same order): mean difference, its standard error (None for
-    one seed), the seeds where a is above / below b, and whether |mean| is smaller than its standard error."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired_difference: {len(a)} against {len(b)} values")
-    diffs = [float(x) - float(y) for x, y in zip(a, b)]
-    stat = seed_stat(diffs)
-    within = stat["sem"] is not None and abs(stat["mean"]) < stat["sem"]
-    return {"mean": stat["mean"], "sem": stat["sem"], "n": len(diffs), "above": sum(d > 0 for d in diffs),
-            "below": sum(d < 0 for d in diffs), "within_se": within}
-
-
-def difference_words(diff: dict[str, Any], what: str, scale: float = 1.0, unit: str = "") -> str:
-    """`diff` (a `paired_difference`) in words: its size with the standard error, in how many seeds each side
-    is ahead, and 'smaller than its standard error' when it is."""
-    n, se = diff["n"], diff["sem"]
-    size = f"{scale * diff['mean']:+.3f}{unit}" + ("" if se is None else f" ± {scale * se:.3f}{unit} (standard error)")
-    seeds = f"higher in {diff['above']} of {n} seeds, lower in {diff['below']}"
-    note = ("; smaller than its standard error, so no difference is shown" if diff["within_se"]
-            else "; one seed, no standard error" if se is None else "")
-    return f"{what} {size}, {seeds}{note}"
-
-
-def agreement(verdicts: Sequence[str]) -> tuple[str, int, int]:
-    """(the most frequent verdict, how many seeds give it, how many seeds); ties go to the verdict seen first."""
-    if not verdicts:
-        raise ValueError("agreement: no verdicts")
-    counts = Counter(verdicts)
-    best = max(counts.values())
-    verdict = next(v for v in verdicts if counts[v] == best)
-    return verdict, best, len(verdicts)
-
-
-def agreement_words(verdicts: Sequence[str]) -> str:
-    """'**verdict** (k of n seeds agree)' or, with several verdicts, each with its seeds."""
-    verdict, count, n = agreement(verdicts)
-    if count == n:
-        return f"**{verdict}** ({n} of {n} seeds agree)"
-    others = ", ".join(f"{v}: {c}" for v, c in Counter(verdicts).items() if v != verdict)
-    return f"**{verdict}** in {count} of {n} seeds (others: {others})"

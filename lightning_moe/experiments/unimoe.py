@@ -1,21 +1,27 @@
 """Do modality-specific experts help? (Uni-MoE's question)
 
-    python -m lightning_moe.experiments.unimoe --out runs/unimoe_exp [--quick] [--seeds 0 1 2] [--threads N]
+    python -m lightning_moe.experiments.unimoe --out runs/unimoe_exp [--quick] [--seeds 0 1 2] [--jobs N] [--threads N]
 
 Through the CLI's classes (`lightning_moe.cli.main` with the shipped configs/unimoe/ files plus a per-run
 config written to OUT/configs/):
 
-1. stage 1 (configs/unimoe/align.yaml) on the shipped audio, video and cross-modal mixture (data/media),
-   twice: with video frames kept in order (`concat`, the shipped default) and averaged (`mean`, the
-   reference): the video pooling comparison (`motion` needs frame order). Stage 1 is the common starting
-   point of every arm, so it is trained once (seed `Plan.base_seed`, in OUT/base) and shared by every seed,
-   as the conflict experiment shares its base model;
+1. stage 1 (configs/unimoe/align.yaml) on the audio, video and cross-modal mixture, twice: with video
+   frames kept in order (`concat`, the shipped default) and averaged (`mean`, the reference): the video
+   pooling comparison (`motion` needs frame order). Stage 1 is the common starting point of every arm, so
+   it is trained once (seed `Plan.base_seed`, in OUT/base) and shared by every seed, as the conflict
+   experiment shares its base model. The data's difficulty is chosen on val by it (`select_difficulty`):
+   the rungs of `Plan.difficulties` in order (the shipped data/media, then `MediaDifficulty` settings
+   generated under OUT/data/ by `generate_media`), stage 1 trained at each, the first at which stage 1 is
+   not already at ceiling on most domains (`rejections`) is used;
 2. per seed, stage 2: one run per modality from the `concat` stage-1 output (experts.yaml,
    experts_video.yaml, experts_image.yaml);
 3. per seed, at equal steps on the mixture, from the same stage-1 output:
    - Uni-MoE: stage 3 (moe.yaml), each expert from its modality's stage-2 FFN (+ the dense FFN);
    - copies: the same MoE recipe with every expert a copy of the stage-1 FFN (MoE-LLaVA's upcycling);
-   - dense: the same LoRA (r=8, alpha=16 on attention and the MLP projections) without experts.
+   - dense: the same LoRA (r=8, alpha=16 on attention and the MLP projections) without experts;
+   - single stage: the copies' MoE recipe in one stage from the untrained model (stage 1's backbone),
+     training the connectors, towers, LLM, router and LoRA, for as many steps as stages 1 to 3 together
+     (does the progressive training help?).
 
 Every arm is tested on every domain's test split (exact match). Writes OUT/results.json, OUT/results.md
 (the protocol; per-domain accuracy per arm, mean and range over seeds; the paired differences behind the
@@ -27,29 +33,35 @@ by `verdict` (rules in code). Training samples are checked for existence, not de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..data.synthetic_media import MediaDifficulty, generate_media
 from ..paths import resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, execute, experiment_parser, parse_args, progress, run_seeds)
-from .protocol import Protocol, difference_words, paired_difference, seed_stat, spread
+from . import (Run, RunResult, command_line, execute, experiment_parser, final_val, majority_answers, parse_args,
+               progress, run_seeds)
+from .protocol import NO_DISCRIMINATING_SETTING, Comparison, Protocol, select_first, setting_words
+from .statistics import at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference, seed_stat, spread
 
 DATA_ROOT = "data/media"
 AUDIO, VIDEO, CROSS = ("beeps", "pitch", "longer"), ("frames", "motion"), ("beeps_shapes",)
 DOMAINS = (*AUDIO, *VIDEO, *CROSS)
-ARMS = ("unimoe", "copies", "dense")
+ARMS = ("unimoe", "copies", "dense", "single_stage")
 BASE_RUNS = ("align_concat", "align_mean")
 LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies of one FFN",
-          "dense": "dense + LoRA (no experts)", "align_concat": "stage 1, video concat (shared)",
+          "dense": "dense + LoRA (no experts)",
+          "single_stage": "one stage: the MoE recipe from the untrained model, everything trained (equal total steps)",
+          "align_concat": "stage 1, video concat (shared)",
           "align_mean": "stage 1, video mean (shared)"}
-# 2 points: below it two arms' mean accuracies over 6 domains x 200 test samples count as equal
+# the primary comparisons' margin: 2 points of the mean accuracy over 6 domains x 200 test samples
 MARGIN = 0.02
-TOLERANCE = 1e-9
+CEILING = 0.99  # a domain at 99 % val exact match or more leaves the later stages nothing to show on it
 
 
 @dataclass
@@ -64,36 +76,120 @@ class Plan:
     seed: int = 0
     base_seed: int = 0  # of stage 1
     train_samples: int | None = None  # the first N train samples of each domain (None: all)
+    curve_points: int = 4  # validations of each stage-3 arm while training (its learning curve), the last at its end
+    # the ladder `select_difficulty` climbs on val (easiest first): None the shipped data/media, else
+    # `MediaDifficulty` settings generated under OUT/data/ (data_seed, data_train / data_eval samples, data_pools)
+    difficulties: list[dict[str, Any] | None] = field(default_factory=lambda: [
+        None, {"pitch_ratio": 2.0, "audio_noise": 0.05}, {"pitch_ratio": 1.5, "audio_noise": 0.1}])
+    difficulty: dict[str, Any] | None = None  # the chosen rung's (None: the shipped data/media)
+    data_root: str | None = None
+    data_seed: int = 0
+    data_train: int = 2000
+    data_eval: int = 200
+    data_pools: dict[str, int] | None = None  # distinct items per split (None: the generator's)
+    discriminating: bool | None = None  # what the selection found (None: no selection yet)
 
     def base_signature(self) -> dict[str, Any]:
         signature = {"align_steps": self.align_steps, "batch_size": self.batch_size, "eval_samples": self.eval_samples,
                      "seed": self.base_seed}
+        if self.difficulty is not None:  # generated data (None: the shipped data/media)
+            signature["data"] = {"difficulty": self.difficulty, "seed": self.data_seed, "train": self.data_train,
+                                 "eval": self.data_eval, "pools": self.data_pools}
         return signature | ({"train_samples": self.train_samples} if self.train_samples else {})
 
 
-QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4, train_samples=32)
+# one rung: the defaults generated at a tiny size
+QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4, train_samples=32, curve_points=2,
+             difficulties=[{}], data_train=32, data_eval=4, data_pools={"train": 8, "val": 4, "test": 4})
+
+
+def with_data(plan: Plan, difficulty: dict[str, Any] | None, directory: Path) -> Plan:
+    """The plan on the data of `difficulty`: None the shipped data/media; else the set `generate_media` writes once
+    under `directory` for these settings and the plan's data sizes (the same plan finds the same directory)."""
+    if difficulty is None:
+        return replace(plan, difficulty=None, data_root=None)
+    root = generate_media(directory, MediaDifficulty(**difficulty), seed=plan.data_seed, n_train=plan.data_train,
+                          n_eval=plan.data_eval, pools=plan.data_pools)
+    return replace(plan, difficulty=dict(difficulty), data_root=str(root))
+
+
+def data_root(plan: Plan) -> Path:
+    return Path(plan.data_root) if plan.data_root else resolve_data_path(DATA_ROOT)
+
+
+def difficulty_words(difficulty: dict[str, Any] | None) -> str:
+    return setting_words(difficulty, "data/media")
+
+
+def rejections(val: dict[str, float]) -> list[str]:
+    """Why a rung fails the selection rule, from stage 1's (video concat: the arms' start) val exact match per domain;
+    none: it qualifies. The rule: stage 1 at ceiling (CEILING or more) on at most half of the domains."""
+    at_ceiling = [d for d, v in val.items() if v >= CEILING]
+    if 2 * len(at_ceiling) > len(val):
+        return [f"stage 1 at ceiling on {len(at_ceiling)} of {len(val)} domains ({', '.join(at_ceiling)})"]
+    return []
+
+
+def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
+    """The data's difficulty, chosen on val (`protocol.select_first` over `plan.difficulties`, easiest first): at each
+    rung its data (`with_data`, under OUT/data/) and stage 1 trained on it (`train_stage1`, in OUT/base: the last
+    rung trained is the chosen one, so OUT/base holds the stage 1 every arm starts from); the first rung
+    `rejections` lets through, else the last. Stage 1 is one run (seed `plan.base_seed`), so the rule reads that
+    run. Returns {"plan": the plan at the chosen rung, "stage1": its stage-1 rows, "met", "tried"}."""
+    plans: dict[int, Plan] = {}
+    stage1: dict[int, dict[str, RunResult]] = {}
+
+    def measure(rung: dict[str, Any]) -> dict[str, float]:
+        plans[rung["level"]] = with_data(plan, rung["difficulty"], out / "data")
+        stage1[rung["level"]] = train_stage1(plans[rung["level"]], out / "base")
+        val = final_val(stage1[rung["level"]]["align_concat"], list(DOMAINS))
+        if val is None:
+            raise RuntimeError(f"unimoe: stage 1 in {out / 'base'} did not validate on every domain")
+        return val
+
+    rungs = [{"setting": difficulty_words(d), "level": i, "difficulty": d} for i, d in enumerate(plan.difficulties)]
+    chosen = select_first(progress(rungs, "unimoe: choosing the data's difficulty on val"), measure,
+                          lambda rung, val: rejections(val))
+    level = chosen["chosen"]["level"]
+    return {"plan": replace(plans[level], discriminating=chosen["met"]), "stage1": stage1[level],
+            "met": chosen["met"], "tried": chosen["tried"]}
+
+
+SELECTION_RULE = (f"the first rung at which stage 1 (video concat, the arms' start; one shared run) is at ceiling "
+                  f"(>= {100 * CEILING:.0f} % val exact match) on at most half of the domains, so that the later stages "
+                  "have something to show on most of them")
 
 
 def protocol(seeds: list[int], plan: Plan) -> Protocol:
     return Protocol(
         question="Do modality-specific experts (each initialised from a dense FFN trained on one modality) beat "
-                 "experts that are copies of one FFN, and a dense model with the same LoRA, at equal steps?",
-        seeds=list(seeds), selection_split="none", reported_split="test",
-        selection="none in this experiment: every setting is configs/unimoe/*.yaml's (stage 1 shared, seed "
-                  f"{plan.base_seed}); the arms train for the same steps from the same stage-1 model.",
-        verdict_rule=f"per seed, Uni-MoE's mean test accuracy over the domains minus each baseline's; confirmed: the "
-                     f"mean difference is at least {100 * MARGIN:.0f} points and larger than its standard error "
-                     "against both baselines, with Uni-MoE ahead in every seed; partly: so against one of them; "
-                     "else not shown.")
+                 "experts that are copies of one FFN, and a dense model with the same LoRA, at equal steps? And does "
+                 "the progressive training beat one stage at equal total steps?",
+        seeds=list(seeds), selection_split="val", reported_split="test",
+        selection="the data's difficulty, by the ladder and the rule below, on val; every other setting is "
+                  f"configs/unimoe/*.yaml's (stage 1 shared, seed {plan.base_seed}); the arms train for the same steps "
+                  "from the same stage-1 model.",
+        difficulties=[difficulty_words(d) for d in plan.difficulties],
+        difficulty_rule=SELECTION_RULE,
+        primary="mean test exact match over the domains",
+        comparisons=[Comparison("unimoe", arm, MARGIN, claim) for arm, claim in BASELINES.items()],
+        gates=[NO_DISCRIMINATING_SETTING, "Uni-MoE or a baseline arm at ceiling or chance"],
+        verdict_rule="each comparison on its own; the verdict on modality-specific experts is that of the comparisons "
+                     "with copies and dense when they agree, else inconclusive; the single-stage comparison answers "
+                     "whether the progressive training helps.")
 
 
 def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any], callbacks: list[dict[str, Any]],
-            seed: int, data: dict[str, Any] | None = None) -> Path:
-    """The per-run overrides on top of a shipped config (merged key by key into it)."""
+            seed: int, data: dict[str, Any] | None = None, validations: int = 0, media: bool = True) -> Path:
+    """The per-run overrides on top of a shipped config (merged key by key into it), on the plan's media data
+    (`media` False: the shipped config's own, data/shapes for the image expert); `validations`: validate on val
+    that many times while training (the last at its end), else never."""
+    validation = ({"limit_val_batches": 1.0, "val_check_interval": max(1, steps // validations),
+                   "check_val_every_n_epoch": None} if validations else {"limit_val_batches": 0})
     config = {
         "seed_everything": seed,
         "trainer": {
-            "max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+            "max_steps": steps, **validation, "num_sanity_val_steps": 0, "enable_checkpointing": False,
             "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(out / "tensorboard"), "name": name, "version": ""}},
@@ -101,7 +197,8 @@ def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any],
                           *callbacks],
         },
         "model": {"init_args": model},
-        "data": {"init_args": {"batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
+        "data": {"init_args": {**({"root": plan.data_root} if plan.data_root and media else {}),
+                               "batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
                                "max_eval_samples_per_domain": plan.eval_samples, "defer_train_decoding": True,
                                "max_train_samples_per_domain": plan.train_samples,
                                **(data or {})}},
@@ -146,7 +243,7 @@ def train_stage1(plan: Plan, base: Path) -> dict[str, RunResult]:
         name = f"align_{pooling}"
         backbone = {"encoders": {**encoders, "video": {**encoders["video"], "pooling": pooling}}}
         config = _config(plan, base, name, plan.align_steps, {"backbone": backbone},
-                         [_save(base / "models" / name)], plan.base_seed)
+                         [_save(base / "models" / name)], plan.base_seed, validations=1)
         results[name] = _run("unimoe/align.yaml", config, name, base, plan.base_seed)
     saved.write_text(json.dumps({"plan": signature, "runs": {n: asdict(r) for n, r in results.items()}}, indent=2))
     return results
@@ -158,12 +255,12 @@ def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
     results: dict[str, RunResult] = dict(stage1)
-    bar = progress(6, f"unimoe runs, seed {plan.seed}")
+    bar = progress(7, f"unimoe runs, seed {plan.seed}")
     start_model = str(base / "models" / "align_concat")
     for modality, shipped in (("audio", "experts.yaml"), ("video", "experts_video.yaml"), ("image", "experts_image.yaml")):
         name = f"experts_{modality}"
         config = _config(plan, out, name, plan.expert_steps, {"backbone": {"pretrained": start_model}},
-                         [_save(models / name)], plan.seed)
+                         [_save(models / name)], plan.seed, media=modality != "image")
         results[name] = _run(f"unimoe/{shipped}", config, name, out, plan.seed, test=False)
         bar.update()
     routing = [{"class_path": "lightning_moe.callbacks.RoutingStatistics"}]
@@ -179,11 +276,21 @@ def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tupl
                    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5.0e-4, "weight_decay": 0.0}}},
                   []),
     }
+    # one stage from the untrained model (stage 1's backbone, not its output): the MoE recipe with copies of one FFN,
+    # training what the three stages train between them, for as many steps as they take together
+    shipped = yaml.safe_load(shipped_path("configs/unimoe/align.yaml").read_text())["model"]["init_args"]
+    arms["single_stage"] = ("unimoe/moe.yaml",
+                            {"backbone": {**shipped["backbone"], "pretrained": None}, "experts": {},
+                             "moe": {"experts": ["dense", "dense", "dense", "dense"]},
+                             "trainable": ["connector", "llm", "router", "adapters"],
+                             "train_vision_tower": shipped["train_vision_tower"]}, routing)
+    steps = {arm: plan.steps for arm in arms} | {"single_stage": plan.align_steps + 3 * plan.expert_steps + plan.steps}
     # lora.yaml reads data/shapes: the dense arm gets the mixture's data options explicitly
-    media = {"root": DATA_ROOT, "tokenizer": "data/media_tokenizer", "domains": None, "audio_chunk_seconds": 1.0,
+    media = {"root": plan.data_root or DATA_ROOT, "tokenizer": "data/media_tokenizer", "domains": None, "audio_chunk_seconds": 1.0,
              "audio_max_chunks": 1, "video_num_frames": 4}
     for arm, (shipped, model, callbacks) in arms.items():
-        config = _config(plan, out, arm, plan.steps, model, callbacks, plan.seed, media if arm == "dense" else None)
+        config = _config(plan, out, arm, steps[arm], model, callbacks, plan.seed, media if arm == "dense" else None,
+                         validations=plan.curve_points)
         results[arm] = _run(shipped, config, arm, out, plan.seed)
         bar.update()
     bar.close()
@@ -203,6 +310,9 @@ def summarise(plan: Plan, results: dict[str, RunResult]) -> dict[str, Any]:
     return {"plan": asdict(plan), "runs": {n: asdict(r) for n, r in results.items()}, "accuracy": acc,
             "mean": {row: sum(acc[row].values()) / len(acc[row]) for row in (*ARMS, *BASE_RUNS)},
             "own_expert_share": share,
+            # the gates' chance level: the mean over the domains of always giving the most frequent answer
+            "chance": sum(chance := majority_answers(data_root(plan), DOMAINS, "test",
+                                                     plan.eval_samples).values()) / len(DOMAINS),
             "modality_routing": {arm: results[arm].details.get("modality_routing", {}) for arm in ("unimoe", "copies")}}
 
 
@@ -215,18 +325,29 @@ def seed_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verdict(means: dict[str, list[float]]) -> str:
-    """Rules (the protocol's): per seed, Uni-MoE's mean test accuracy minus each baseline arm's (`paired_difference`).
-    A baseline is beaten when the mean difference is at least MARGIN and larger than its standard error (one seed:
-    no standard error, the margin alone). `confirmed`: both baselines beaten and Uni-MoE ahead of each in every
-    seed; `partly`: one beaten; else `not shown`."""
-    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in ("copies", "dense")}
-    beaten = {arm: d["mean"] >= MARGIN - TOLERANCE and not d["within_se"] for arm, d in diffs.items()}
-    if all(beaten.values()) and all(d["above"] == d["n"] for d in diffs.values()):
-        return "confirmed"
-    if any(beaten.values()):
-        return "partly"
-    return "not shown"
+# baseline arm -> what Uni-MoE beating it would show
+BASELINES = {"copies": "experts initialised per modality beat experts that are copies of one FFN",
+             "dense": "modality experts beat a dense model with the same LoRA",
+             "single_stage": "progressive training (three stages) beats one stage at equal total steps"}
+QUESTION = ("copies", "dense")  # the comparisons the verdict on "modality-specific experts help" rests on
+
+
+def verdicts(means: dict[str, list[float]], chance: float, met: bool = True) -> dict[str, Any]:
+    """The protocol's rule: per baseline arm, Uni-MoE's mean test accuracy minus the arm's over seeds (paired,
+    95 % interval) against MARGIN (`statistics.decide`), inconclusive when an arm sits at ceiling or chance;
+    the verdict on "modality-specific experts help" is its comparisons' (`QUESTION`) when they agree, else
+    inconclusive; every verdict is inconclusive when no difficulty qualified on val (`met` False). A baseline
+    missing from `means` (results without the arm) is left out."""
+    arms = [arm for arm in BASELINES if arm in means]
+    own = {arm: at_ceiling_or_chance(LABELS[arm], means[arm], chance) for arm in ("unimoe", *arms)}
+    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in arms}
+    chosen = None if met else NO_DISCRIMINATING_SETTING
+    per_arm = {arm: decide(d, MARGIN, [chosen, own["unimoe"], own[arm]]) for arm, d in diffs.items()}
+    distinct = {per_arm[arm] for arm in QUESTION}
+    verdict = distinct.pop() if len(distinct) == 1 else "inconclusive: the comparisons disagree (" + "; ".join(
+        f"against {arm}: {per_arm[arm]}" for arm in QUESTION) + ")"
+    return {"differences": diffs, "verdicts": per_arm, "verdict": verdict,
+            "gates": [g for g in (chosen, *own.values()) if g]}
 
 
 def routing_table(shares: list[dict[str, dict[str, list[float]]]], slots: list[str]) -> list[str]:
@@ -251,12 +372,17 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     per = {row: {d: seed_stat([s["accuracy"][row][d] for s in summaries]) for d in summaries[0]["accuracy"][row]}
            for row in rows}
     means = {row: [s["mean"][row] for s in summaries] for row in rows}
-    diffs = {arm: paired_difference(means["unimoe"], means[arm]) for arm in ("copies", "dense")}
+    decided = verdicts(means, summaries[0].get("chance", 0.0), summaries[0]["plan"].get("discriminating") is not False)
+    diffs = decided["differences"]
     shares = {m: [s["own_expert_share"][m] for s in summaries if s["own_expert_share"][m] is not None]
               for m in ("image", "audio", "video")}
     # keys apart from a seed summary's ("mean", "own_expert_share"): one seed's results.json holds both
-    result = {"per_domain": per, "mean_over_seeds": {row: seed_stat(v) for row, v in means.items()},
-              "differences": diffs, "own_expert_share_over_seeds": shares, "verdict": verdict(means), "margin": MARGIN}
+    # the learning curves: val exact match (mean over domains) against training samples, mean and interval
+    curves = {arm: curve_stat([s["runs"][arm]["details"].get("val_curves", {}).get("val/exact_match", [])
+                               for s in summaries], summaries[0]["plan"]["batch_size"]) for arm in ARMS}
+    result = {"learning_curves": {arm: c for arm, c in curves.items() if c},
+              "per_domain": per, "mean_over_seeds": {row: seed_stat(v) for row, v in means.items()},
+              **decided, "own_expert_share_over_seeds": shares, "margin": MARGIN}
     lines = ["| run | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 2) + "|"]
     for row in rows:
         cells = [spread(per[row].get(d), 100, 1) or "-" for d in DOMAINS]
@@ -273,8 +399,9 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         f"{plan['base_seed']}, shared); stage 2: {plan['expert_steps']} steps per modality; each stage-3 arm: "
         f"{plan['steps']} steps of batch {plan['batch_size']}.", "",
         *lines, "",
-        f"- {difference_words(diffs['copies'], 'Uni-MoE minus copies (mean accuracy)', 100, ' points')}.",
-        f"- {difference_words(diffs['dense'], 'Uni-MoE minus dense + LoRA (mean accuracy)', 100, ' points')}.", "",
+        *[f"- {BASELINES[arm]}? Uni-MoE minus {arm} (mean accuracy) {interval_words(diffs[arm], 100, ' points')}; "
+          f"margin {100 * MARGIN:+.1f} points: **{result['verdicts'][arm]}**." for arm in diffs],
+        f"- Gates: {'; '.join(result['gates']) or 'all passed'}.", "",
         f"Verdict on \"modality-specific experts help\": **{result['verdict']}** (the protocol's rule).", "",
         "### Routing by modality (test split)", "",
         f"Share of each modality's routed token slots (all MoE layers) that Uni-MoE sends to that modality's expert "
@@ -302,10 +429,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = QUICK if args.quick else Plan()
     resolve_data_path(DATA_ROOT)  # fail early, with the data layer's message, if the data is missing
     out = args.out.resolve()
-    stage1 = train_stage1(plan, out / "base")
     command = command_line("lightning_moe.experiments.unimoe", argv)
-    return run_seeds(out, args.seeds, lambda workdir, seed: run(workdir, replace(plan, seed=seed), out / "base", stage1),
-                     command, protocol(args.seeds, plan), combine)
+    declared = protocol(args.seeds, plan)
+    selection = select_difficulty(plan, out)
+    plan, stage1 = selection["plan"], selection["stage1"]
+    declared.settings = {"difficulty": difficulty_words(plan.difficulty),
+                         "met": selection["met"] or f"NO rung met the rule ({NO_DISCRIMINATING_SETTING}): the last one "
+                         "is used", "ladder": selection["tried"]}
+    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, out / "base", stage1), command,
+                     declared, combine, jobs=args.jobs, threads=args.threads)
+
+
+def _one_seed(plan: Plan, base: Path, stage1: dict[str, RunResult], workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
+    return run(workdir, replace(plan, seed=seed), base, stage1)
 
 
 if __name__ == "__main__":

@@ -337,6 +337,6 @@ class ContinualLoRA(Continual, LoRATuning):
 
     def adapter_parameter_counts(self) -> dict[str, int]:
         counts = super().adapter_parameter_counts()
-        if self.strategy == "task_specific":  # one LoRA per task is kept
-            counts["total"] = counts["per_task"] * max(len(self.task_loop.task_names), 1)
+        if self.strategy == "task_specific":  # one LoRA per task is kept (what trains beside it is not an adapter)
+            counts["total"] = counts["total"] * max(len(self.task_loop.task_names), 1)
         return counts

@@ -4,15 +4,18 @@ MoE layers and tune only those (docs/moe_llava.md).
 Each stage starts from the previous stage's output (`backbone.pretrained`). Entering `moe` upcycles
 the MLPs of the chosen decoder layers into `SparseMoE`s whose experts are exact copies of the dense
 MLP (the base's `enter_stage`), so right after upcycling the model computes exactly what the dense
-model did. Loss, evaluation and optimizer are the base's.
+model did. Loss, evaluation and optimizer are the base's. Beside the models' parameter groups, `trainable`
+may name `mlp` (every decoder layer's feed-forward block): the dense control of stage 3 trains those instead
+of the MoE layers (`lightning_moe.experiments.moe_llava`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from ..models import MoEConfig
+from ..models import MoEConfig, ParameterGroup
 from .base import MultimodalMethod, Stage
+from .unimoe import mlp_parameters
 
 
 class MoETuning(MultimodalMethod):
@@ -33,3 +36,6 @@ class MoETuning(MultimodalMethod):
         """
         self.moe_config = moe or MoEConfig()
         super().__init__(stage=stage, **kwargs)
+
+    def parameter_groups(self) -> dict[str, ParameterGroup]:
+        return {"mlp": mlp_parameters}

@@ -107,7 +107,8 @@ def _router_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
         yield from layer.router.parameters()
 
 
-def _mlp_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
+def mlp_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
+    """Every decoder layer's feed-forward block (dense or sparse): the `mlp` parameter group."""
     for layer in decoder_layers(model.llm):
         yield from getattr(layer, mlp_attribute(layer)).parameters()
 
@@ -201,7 +202,7 @@ class UniMoE(MultimodalMethod):
     def parameter_groups(self) -> dict[str, ParameterGroup]:
         # stage 2 trains every decoder layer's feed-forward block; stage 3 only the sparse layers' routers
         # (their experts take LoRA)
-        return {"router": _router_parameters, "mlp": _mlp_parameters}
+        return {"router": _router_parameters, "mlp": mlp_parameters}
 
     def enter_stage(self, model: MultimodalLM) -> None:
         """moe: the base's upcycling into one expert per slot, each slot then filled with its modality's stage-2

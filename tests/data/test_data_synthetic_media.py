@@ -3,12 +3,16 @@ answer recomputed from the signal, held-out pools, within the size budget, cover
 tokenizer without moving the shapes' token ids, and loadable by the DataModule."""
 
 import functools
+import hashlib
+import io
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 from PIL import Image
 
 from lightning_moe.data import DomainMixtureDataModule, read_llava_records
@@ -146,6 +150,70 @@ def test_shipped_media_sizes_balance_held_out_pools_and_budget():
     assert on_disk - referenced == {f for f in on_disk if str(Path(f).parent) in frame_dirs}  # no stale files
     assert frame_dirs <= referenced
     assert sum(p.stat().st_size for p in files) < 15e6
+
+
+def _item_bytes(record: dict) -> bytes:
+    """Every byte of the record's clip, image and video frames, in order."""
+    files = [record[k] for k in ("image", "audio") if k in record]
+    video = record.get("video", [])
+    files += [str(f.relative_to(SHIPPED_MEDIA)) for f in frame_files(SHIPPED_MEDIA / video)] if isinstance(video, str) \
+        else video
+    return b"".join((SHIPPED_MEDIA / f).read_bytes() for f in files)
+
+
+def test_shipped_held_out_items_are_not_training_items():
+    """By content, not by file name: no val or test record's media bytes are a train record's (the question is
+    one per domain), and no test record's a val record's."""
+    records = _records()
+    for domain in M.DOMAINS:
+        items = {s: {hashlib.sha256(_item_bytes(r)).hexdigest() for r in records[(domain, s)]} for s in S.SPLITS}
+        for held, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
+            assert not items[held] & items[earlier], (domain, held, earlier)
+
+
+def test_held_out_pool_items_are_drawn_again_where_they_repeat_train(tmp_path, monkeypatch):
+    """With beeps clips of 12 possible pitches and fixed offsets, 4 train clips per count leave held-out draws
+    a one in three chance of repeating one each: they avoid train's (and test val's) only by redrawing."""
+    pitches = [800.0 + 25 * i for i in range(12)]
+    monkeypatch.setattr(M, "beeps_clip", lambda rng, count: [(0.25 * s + 0.02, rng.choice(pitches), 0.1)
+                                                             for s in range(count)])
+    data = M.generate(tmp_path / "media", n_train=16, n_eval=8, pools={"train": 16, "val": 8, "test": 8})
+    beeps = {s: {(tmp_path / "media" / r["audio"]).read_bytes() for r in data[s]["beeps"]} for s in S.SPLITS}
+    assert len(beeps["train"]) >= 12 and len(beeps["val"]) == len(beeps["test"]) == 8
+    assert not beeps["val"] & beeps["train"] and not beeps["test"] & (beeps["train"] | beeps["val"])
+
+
+def test_pitch_ratio_sets_the_distance_between_high_and_low_tones():
+    rng = random.Random(0)
+    for ratio in (1.0, 5.0, 9.5):
+        high = [M.pitch_clip(rng, "high", ratio)[0][1] for _ in range(200)]
+        low = [M.pitch_clip(rng, "low", ratio)[0][1] for _ in range(200)]
+        assert M.LOW_PITCH[0] <= min(low) and max(low) <= M.LOW_PITCH[1]
+        assert 400 * ratio <= min(high) and max(high) <= 800 * ratio
+        assert min(high) / max(low) >= ratio * 0.999
+
+
+def test_audio_noise_is_white_noise_of_the_given_level():
+    rng = random.Random(0)
+    silence = np.zeros(M.RATE)
+    for noise in (0.0, 0.05):
+        samples, _ = soundfile.read(io.BytesIO(M.flac(silence, rng, noise)))
+        assert abs(samples.std() - noise) < 0.002  # 16000 samples: the estimate is within 1 %, plus 16-bit steps
+    with pytest.raises(ValueError, match="MediaDifficulty.audio_noise must be"):
+        M.MediaDifficulty(audio_noise=-0.1)
+    with pytest.raises(ValueError, match="MediaDifficulty.pitch_ratio must be"):
+        M.MediaDifficulty(pitch_ratio=12)
+
+
+def test_generate_media_is_deterministic_and_cached_by_its_settings(tmp_path):
+    hard = M.MediaDifficulty(pitch_ratio=1.5, audio_noise=0.02)
+    a = M.generate_media(tmp_path / "a", hard, n_train=8, n_eval=4, pools=TINY_POOLS)
+    b = M.generate_media(tmp_path / "b", hard, n_train=8, n_eval=4, pools=TINY_POOLS)
+    assert a.name == b.name and _files(a) == _files(b)
+    assert M.generate_media(tmp_path / "a", hard, n_train=8, n_eval=4, pools=TINY_POOLS) == a
+    assert M.generate_media(tmp_path / "a", n_train=8, n_eval=4, pools=TINY_POOLS) != a
+    highs = [r for r in read_llava_records(a / "pitch" / "train.jsonl") if r["conversations"][1]["value"] == "high"]
+    assert all(600 <= _peak_hz(a / r["audio"]) <= 1200 for r in highs)  # 1.5 x the 400 Hz top of the low tones
 
 
 def test_media_tokenizer_covers_media_and_keeps_the_shapes_token_ids():

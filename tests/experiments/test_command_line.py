@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from lightning_moe import paths
-from lightning_moe.experiments import RunResult, environment, git_commit, parse_args, quiet, seed_directory
+from lightning_moe.experiments import RunResult, environment, map_seeds, parse_args, quiet, seed_directory
+from lightning_moe.provenance import git_state, provenance_words
 from tests.conftest import ROOT
 
-EXPERIMENTS = ["conflict", "continual", "distill"]
+EXPERIMENTS = ["conflict", "continual", "distill", "moe_llava"]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -60,7 +61,28 @@ def test_environment_records_threads_versions_and_the_commit():
     assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"] == torch.__version__
     assert env["versions"]["lightning"] and env["command"].endswith("--out x")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert git_commit().split("+")[0] == head
+    assert env["git_commit"].split("+")[0] == head == git_state()["git_commit"].split("+")[0]
+    assert env["git_dirty"] == env["git_commit"].endswith("+dirty")
+    # a run that started on a dirty tree says so wherever its commit is written
+    assert provenance_words({"git_commit": "abc+dirty", "git_dirty": True}).startswith(
+        "commit abc+dirty (started on a tree with uncommitted changes")
+    assert provenance_words({"git_commit": "abc", "git_dirty": False}) == "commit abc"
+    assert provenance_words({"git_commit": None}) == "commit unknown (not a git checkout)"
+
+
+def test_seeds_run_in_parallel_processes_and_come_back_by_seed():
+    # two spawned processes, one thread each: the results are collected per seed, whichever finishes first
+    assert map_seeds(abs, [-2, -1], jobs=2, threads=1) == {-2: 2, -1: 1}
+    assert map_seeds(abs, [-3], jobs=4) == {-3: 3}  # one seed: in this process
+    threads = torch.get_num_threads()
+    try:
+        args = parse_args(importlib.import_module("lightning_moe.experiments.conflict").build_parser(),
+                          ["--out", "x", "--seeds", "0", "1", "--jobs", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert args.jobs == 2 and args.threads == 1  # parallel seeds: one thread each unless --threads says otherwise
+    assert parse_args(importlib.import_module("lightning_moe.experiments.conflict").build_parser(),
+                      ["--out", "x", "--quick"]).jobs == 1  # one seed, one process
 
 
 def test_quiet_sends_warnings_logs_and_prints_to_the_run_log(tmp_path, capfd):
@@ -113,11 +135,12 @@ def test_the_wheel_ships_what_the_experiments_name():
                    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SHIPPED")
     manifest = (ROOT / "MANIFEST.in").read_text().split("\n")
     assert all(f"graft {s}" in manifest for s in shipped)
-    from lightning_moe.experiments import conflict, continual, distill
+    from lightning_moe.experiments import conflict, continual, distill, moe_llava
 
     named = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.yaml", continual.PRETRAIN,
              continual.CONTINUAL, *(f"{distill.CONFIGS}/{n}.yaml" for n in ("teacher", "mimic_dense", "mimic_sparse",
                                                                          "preference")),
-             conflict.DATA_ROOT, "data/tokenizer"]
+             *(f"configs/moe_llava/{n}.yaml" for n in ("stage1_align", "stage2_instruct", "stage3_moe")),
+             conflict.DATA_ROOT, moe_llava.DATA_ROOT, "data/tokenizer"]
     for path in named:
         assert (ROOT / path).exists() and any(Path(path).is_relative_to(s) for s in shipped), path

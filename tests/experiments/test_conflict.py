@@ -4,9 +4,13 @@ writes its results, its per-run configs, adapters and TensorBoard logs; the base
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 
+from lightning_moe.data.synthetic import ShapesDifficulty, generate_shapes
 from lightning_moe.experiments import RunResult, conflict
 
 
@@ -20,7 +24,7 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     assert "args parameter is intended" not in console and "Seed set to" not in console
     assert "GPU available" not in console and "data report" not in console
     assert "conflict runs, seed 0" in console and "Verdict on the paper's claim" in finished.stdout
-    assert "choosing rank and steps on val" in console
+    assert "choosing difficulty, rank and steps on val" in console
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["torch_threads"] == 1
     names = [r["name"] for r in results["runs"]]
@@ -34,6 +38,16 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
         < 3 * runs["lora_mixture"]["params_trainable"] + 10_000
     assert all({f"test/{d}/exact_match" for d in domains} <= set(r["metrics"]) for r in results["runs"])
     assert all(r["step_time_s"] > 0 for r in results["runs"])
+    # every arm sees the same samples per domain: a run on one of the D domains alone takes steps / D steps
+    plan = results["plan"]
+    assert all(runs[f"lora_{d}"]["steps"] == plan["steps"] // len(domains) for d in domains)
+    assert runs["lora_mixture"]["steps"] == runs["mole3_mixture"]["steps"] == plan["steps"]
+    # the learning curves: each run validated on val while training, averaged over seeds in results.json
+    assert all(r["details"]["val_curves"]["val/exact_match"] for r in results["runs"])
+    assert set(results["learning_curves"]) == set(names) - {"base"}
+    # MoLE's cost from the interleaved benchmark, not from the runs' own step times
+    assert set(results["cost"]["ratios"]) == {"mole3"} and results["cost"]["ratios"]["mole3"] > 0
+    assert (out / "cost" / "results.json").is_file()
     assert runs["lora_mixture"]["details"]["train_domains"] == domains and runs["lora_mixture"]["seed"] == 0
     # what the numbers depend on beside the plan
     env = results["environment"]
@@ -49,10 +63,19 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     # the protocol heads the results; the setting came from the val selection (one candidate in --quick)
     protocol = results["protocol"]
     assert protocol["seeds"] == [0] and protocol["selection_split"] == "val" and protocol["reported_split"] == "test"
-    assert protocol["settings"]["rank"] == 1 and protocol["settings"]["val_scores"][0]["steps"] == 3
+    assert protocol["settings"]["rank"] == 1 and protocol["settings"]["ladder"][0]["steps"] == 4
+    # --quick's one rung: the defaults generated at a tiny size under OUT/data, every adapter run on it
+    root = Path(results["plan"]["data_root"])
+    assert root.parent == out / "data" and results["plan"]["difficulty"] == {}
+    assert json.loads((root / "settings.json").read_text())["n_train"] == conflict.QUICK.data_train
+    assert yaml.safe_load((out / "configs" / "lora_mixture.yaml").read_text())["data"]["init_args"]["root"] == str(root)
+    assert protocol["settings"]["difficulty"] == "generated, the defaults" and "Tried on val: generated" in table
+    assert protocol["comparisons"][0]["a"] == "mole3_mixture" and protocol["primary"].startswith("mean test exact")
     assert table.startswith("## Protocol (declared before the runs)") and "Over 1 seed(s)" in table
-    assert list((out / "selection" / "configs").glob("select_r1_s3_position_lr_seed0.yaml"))
-    assert results["verdict_agreement"] == [results["verdict"], 1, 1]
+    # the selection ran on the selection seeds (not the reported seed 0): alone on each domain, and the mixture
+    assert list((out / "selection" / "configs").glob("select_d0_r1_s4_position_lr_seed1000.yaml"))
+    assert list((out / "selection" / "configs").glob("select_d0_r1_s4_mixture_seed1000.yaml"))
+    assert results["verdict"].startswith("inconclusive")  # one seed: no interval, whatever the gates say
     # the oracle sends every answer token of domain i to expert i, in every layer; the learnt router's shares
     # are measured on the same tokens (each row a distribution over the experts)
     oracle = runs["oracle_mixture"]["details"]["answer_routing"]
@@ -75,7 +98,8 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
 
 
 # ---------------------------------------------------------------- the verdict on hand-written scores
-# position_lr's shipped test split is 53% "left", position_tb's 51.5% "bottom" (the README's tables)
+# hand-made majority-answer levels (the shipped position splits are exactly 50/50): a constant answer scores
+# 53 % on position_lr and 51.5 % on position_tb here
 MAJORITY = {"count": 0.25, "position_lr": 0.53, "position_tb": 0.515}
 
 
@@ -114,7 +138,7 @@ def _row(name: str, accuracy: dict[str, float], step_s: float = 0.1) -> RunResul
                      details={"train_domains": list(accuracy)})
 
 
-def test_summary_verdict_of_the_constant_answer_run_is_no_conflict():
+def test_summary_of_the_constant_answer_run_shows_no_conflicted_domain():
     plan = conflict.Plan(domains=["count", "position_lr", "position_tb"], experts=[2])
     constant = {"count": 1.0, "position_lr": 0.47, "position_tb": 0.485}
     results = [_row("lora_count", {"count": 1.0, "position_lr": 0.0, "position_tb": 0.0}),
@@ -124,15 +148,15 @@ def test_summary_verdict_of_the_constant_answer_run_is_no_conflict():
                _row("mole2_mixture", constant)]
     summary = conflict.summarise(plan, results, MAJORITY)
     assert summary["conflicted_domains"] == [] and summary["learnt_alone"] == ["count"]
-    assert summary["verdict"].startswith("no conflict shown") and summary["recovered_share"]["lora4x"] is None
+    # the primary metric: the mean over every domain, for each mixture run and the per-domain upper bound
+    assert summary["primary"] == pytest.approx({"lora_mixture": 1.955 / 3, "lora4x_mixture": 2.485 / 3,
+                                                "mole2_mixture": 1.955 / 3, "upper_bound": 2.04 / 3})
+    assert summary["primary_val"] == {}  # these rows were not validated while training
     table = conflict.markdown(summary)
-    assert "| majority answer (one constant answer) | - | 25.0 | 53.0 | 51.5 |" in table
-    # seed 1: position_lr learnt alone (100%), lost on the mixture (53%), MoLE wins nothing back, LoRA r=4 all
+    assert "| majority answer (one constant answer) | - | - | 25.0 | 53.0 | 51.5 | 43.2 | - |" in table
+    # seed 1: position_lr learnt alone (100%), lost on the mixture (47%)
     results[1] = _row("lora_position_lr", {"count": 0.005, "position_lr": 1.0, "position_tb": 0.0})
-    summary = conflict.summarise(plan, results, MAJORITY)
-    assert summary["conflicted_domains"] == ["position_lr"]
-    assert summary["recovered_share"]["lora4x"] == 1.0 and summary["recovered_share"]["mole2"] == 0.0
-    assert summary["verdict"] == "not confirmed"
+    assert conflict.summarise(plan, results, MAJORITY)["conflicted_domains"] == ["position_lr"]
 
 
 def test_majority_baseline_counts_normalised_answers_of_the_tested_samples(tmp_path):
@@ -148,92 +172,103 @@ def test_majority_baseline_counts_normalised_answers_of_the_tested_samples(tmp_p
         {"position_lr": 4 / 6}
 
 
-# ---------------------------------------------------------------- diagnosis, selection on val, seeds
-def _shares(oracle: float | None, moles: dict[str, float | None], conflicted: bool = True) -> dict:
-    shares = {"lora4x": 0.0, **moles, **({} if oracle is None else {"oracle": oracle})}
-    return {"recovered_share": shares, "conflicted_domains": ["position_lr"] if conflicted else []}
+# ---------------------------------------------------------------- selection on val
+def test_selection_rule_needs_the_upper_bound_to_learn_the_pair_and_the_mixture_to_lose_in_every_seed():
+    domains, pair = ["count", "position_lr", "position_tb"], ["position_lr", "position_tb"]
+    majority = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
+    alone = {"count": 1.0, "position_lr": 0.9, "position_tb": 0.6}
+    lost = {"count": 1.0, "position_lr": 0.5, "position_tb": 0.5}  # 0.1667 below the upper bound's mean
+    seed = {"alone": alone, "mixture": lost}
+    assert conflict.discriminates({0: seed, 1: seed}, majority, domains, pair)
+    # a domain of the pair not learnt alone in one seed: the upper bound misses its target
+    assert not conflict.discriminates({0: seed, 1: {**seed, "alone": {**alone, "position_tb": 0.54}}}, majority,
+                                      domains, pair)
+    assert conflict.discriminates({0: {**seed, "alone": {**alone, "position_tb": 0.55}}}, majority, domains, pair)
+    # the mixture loses less than the margin on the primary metric: the setting does not discriminate
+    kept = {"count": 1.0, "position_lr": 0.9, "position_tb": 0.52}  # 0.08 / 3 = 0.0267 below: under 0.03
+    assert not conflict.discriminates({0: {**seed, "mixture": kept}}, majority, domains, pair)
+    assert not conflict.discriminates({}, majority, domains, pair)
 
 
-@pytest.mark.parametrize("oracle, moles, expected", [
-    (0.9, {"mole2": 0.1, "mole3": 0.3}, "router"),  # routed by domain it works, learnt routers do not
-    (0.5, {"mole2": 0.49}, "router"),  # the oracle at exactly half: inclusive
-    (0.1, {"mole2": 0.0}, "capacity"),  # even routed by domain the experts do not hold both
-    (0.3, {"mole2": 0.0}, "partly router, partly capacity"),
-    (0.2, {"mole2": 0.0}, "partly router, partly capacity"),  # a fifth is not 'capacity'
-    (0.9, {"mole2": 0.6}, "no failure to diagnose"),
-    (None, {"mole2": 0.1}, "no diagnosis"),
-])
-def test_conflict_diagnosis_router_or_capacity(oracle, moles, expected):
-    assert conflict.diagnosis(_shares(oracle, moles)).split(":")[0] == expected
+def test_rejections_name_why_a_rung_fails_and_reject_a_ceiling_rung():
+    domains, pair = ["count", "position_lr", "position_tb"], ["position_lr", "position_tb"]
+    majority = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
+    lost = {"count": 1.0, "position_lr": 0.5, "position_tb": 0.5}
+    # the shipped data's case: every domain learnt to 100 % alone: the upper bound at ceiling, however much is lost
+    ceiling = {"1000": {"alone": {d: 1.0 for d in domains}, "mixture": lost}}
+    assert conflict.rejections(ceiling, majority, domains, pair) == ["the upper bound at ceiling (100.0 %)"]
+    assert not conflict.discriminates(ceiling, majority, domains, pair)
+    # the mixture at chance on every domain (the majority answer's mean, 41.7 %)
+    at_chance = {"1000": {"alone": {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9}, "mixture": majority}}
+    assert conflict.rejections(at_chance, majority, domains, pair) == [
+        "plain LoRA on the mixture at or below chance (41.7 %, chance 41.7 %)"]
+    # exactly 10 points below the upper bound counts (float rounding aside); a sample less does not
+    alone = {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9}
+    exactly = {"count": 0.9, "position_lr": 0.75, "position_tb": 0.75}  # 0.30 / 3 = 0.10
+    assert conflict.rejections({"7": {"alone": alone, "mixture": exactly}}, majority, domains, pair) == []
+    short = {**exactly, "position_tb": 0.755}
+    assert conflict.rejections({"7": {"alone": alone, "mixture": exactly}, "8": {"alone": alone, "mixture": short}},
+                               majority, domains, pair) == [
+        "plain LoRA on the mixture less than 10 points below the upper bound (seed 8)"]
+    unlearnt = {**alone, "position_tb": 0.54}
+    assert conflict.rejections({"7": {"alone": unlearnt, "mixture": exactly}}, majority, domains, pair)[0] == \
+        "the upper bound does not learn position_tb (seed 7)"
+    assert conflict.rejections({}, majority, domains, pair) == ["no selection seed measured"]
 
 
-def test_conflict_diagnosis_without_a_conflict_and_in_the_summary():
-    assert conflict.diagnosis(_shares(0.9, {"mole2": 0.1}, conflicted=False)).startswith("nothing to diagnose")
-    # through summarise: the oracle run enters the recovered shares and the diagnosis, not the verdicts
-    plan = conflict.Plan(domains=["position_lr"], experts=[2])
-    results = [_row("lora_position_lr", {"position_lr": 1.0}), _row("lora_mixture", {"position_lr": 0.5}),
-               _row("lora4x_mixture", {"position_lr": 0.5}), _row("mole2_mixture", {"position_lr": 0.55}),
-               _row("oracle_mixture", {"position_lr": 0.95})]
-    summary = conflict.summarise(plan, results, {"position_lr": 0.5})
-    assert summary["recovered_share"] == pytest.approx({"lora4x": 0.0, "mole2": 0.1, "oracle": 0.9})
-    assert list(summary["verdicts"]) == ["mole2"] and summary["verdict"] == "not confirmed"
-    assert summary["diagnosis"].startswith("router: routed by domain, the experts win back 90%")
-    assert "Diagnosis (oracle-routed MoLE against the learnt routers): router" in conflict.markdown(summary)
-
-
-def test_selection_rule_needs_every_domain_of_the_pair_in_every_seed():
-    pair, majority = ["position_lr", "position_tb"], {"position_lr": 0.5, "position_tb": 0.5}
-    both = {"position_lr": 0.9, "position_tb": 0.6}
-    assert conflict.learns_everywhere({0: both, 1: both}, majority, pair)
-    assert not conflict.learns_everywhere({0: both, 1: {**both, "position_tb": 0.54}}, majority, pair)
-    assert conflict.learns_everywhere({0: {**both, "position_tb": 0.55}}, majority, pair)  # the margin, inclusive
-    assert not conflict.learns_everywhere({}, majority, pair)
-
-
-def test_select_setting_takes_the_first_candidate_that_meets_the_rule_on_val(tmp_path):
-    plan = conflict.Plan(candidates=[[1, 300], [2, 300], [1, 600]], val_samples=200)
-    majority = conflict.majority_baselines(plan, split="val", domains=plan.pair)
-    learnt, constant = {d: majority[d] + 0.3 for d in plan.pair}, dict(majority)
+def test_select_setting_climbs_the_ladder_to_the_first_qualifying_rung_on_generated_data(tmp_path):
+    # two difficulties (the shipped data, then pixel noise generated at a tiny size), two budgets each
+    plan = conflict.Plan(difficulties=[None, {"pixel_noise": 30}], candidates=[[1, 300], [2, 300]], val_samples=8,
+                         selection_seeds=[7, 8], data_train=64, data_eval=8)
     calls = []
 
-    def measure(rank: int, steps: int) -> dict[int, dict[str, float]]:
-        calls.append((rank, steps))
-        # rank 1 learns position_tb in seed 0 only; rank 2 learns both in both seeds
-        if rank == 1:
-            return {0: learnt, 1: {**learnt, "position_tb": constant["position_tb"]}}
-        return {0: learnt, 1: learnt}
+    def measure(at: conflict.Plan) -> dict[int, dict[str, dict[str, float]]]:
+        calls.append((at.difficulty, at.rank, at.steps, at.data_root))
+        majority = conflict.majority_baselines(at, split="val")
+        learnt = {d: 1.0 if at.difficulty is None else min(0.95, majority[d] + 0.3) for d in at.domains}
+        # the shipped data: learnt to 100 % alone (ceiling); noisy data, rank 1: the mixture learns as much as the
+        # upper bound (no conflict); rank 2: it loses the pair
+        mixture = learnt if at.rank == 1 and at.difficulty else {**learnt, **{d: majority[d] for d in at.pair}}
+        return {s: {"alone": learnt, "mixture": mixture} for s in at.selection_seeds}
 
-    chosen = conflict.select_setting(plan, [0, 1], tmp_path / "unused", tmp_path, measure)
-    assert (chosen["rank"], chosen["steps"], chosen["met"]) == (2, 300, True)
-    assert calls == [(1, 300), (2, 300)]  # stops at the first that meets the rule
-    assert [t["met"] for t in chosen["tried"]] == [False, True]
-    nothing = conflict.select_setting(plan, [0], tmp_path, tmp_path, lambda r, s: {0: constant})
-    assert (nothing["rank"], nothing["steps"], nothing["met"]) == (1, 600, False)  # the last, flagged
+    chosen = conflict.select_setting(plan, tmp_path / "unused", tmp_path / "out" / "selection", measure)
+    generated = generate_shapes(tmp_path / "out" / "data", ShapesDifficulty(pixel_noise=30), seed=0, n_train=64,
+                                n_eval=8)
+    assert [c[:3] for c in calls] == [(None, 1, 300), (None, 2, 300), ({"pixel_noise": 30}, 1, 300),
+                                      ({"pixel_noise": 30}, 2, 300)]  # stops at the first that meets the rule
+    assert calls[0][3] is None and calls[2][3] == calls[3][3] == str(generated)  # generated once, under OUT/data
+    assert chosen["met"] and (chosen["plan"].rank, chosen["plan"].steps) == (2, 300)
+    assert chosen["plan"].difficulty == {"pixel_noise": 30} and chosen["plan"].data_root == str(generated)
+    assert json.loads((generated / "settings.json").read_text())["difficulty"]["pixel_noise"] == 30
+    tried = chosen["tried"]
+    assert [t["rejected"] for t in tried][:2] == [["the upper bound at ceiling (100.0 %)"]] * 2
+    assert tried[2]["rejected"][0].startswith("plain LoRA on the mixture less than 10 points") and not tried[3]["rejected"]
+    assert set(tried[0]["val"]) == {"7", "8"} and tried[3]["setting"] == "generated, pixel_noise=30, rank 2, 300 steps"
+    # the same plan again: the same data directory, not a second set
+    again = conflict.select_setting(plan, tmp_path / "unused", tmp_path / "out" / "selection", measure)
+    assert again["plan"].data_root == str(generated)
+    assert [p.name for p in (tmp_path / "out" / "data").iterdir() if not p.name.startswith(".")] == [generated.name]
 
 
-def _seed_summary(mixture_lr: float, mole_lr: float, oracle_lr: float) -> dict:
-    plan = conflict.Plan(domains=["count", "position_lr"], experts=[2], pair=["position_lr"])
-    results = [_row("lora_count", {"count": 1.0, "position_lr": 0.0}),
-               _row("lora_position_lr", {"count": 0.0, "position_lr": 1.0}),
-               _row("lora_mixture", {"count": 1.0, "position_lr": mixture_lr}),
-               _row("lora4x_mixture", {"count": 1.0, "position_lr": mixture_lr}),
-               _row("mole2_mixture", {"count": 1.0, "position_lr": mole_lr}),
-               _row("oracle_mixture", {"count": 1.0, "position_lr": oracle_lr})]
-    return conflict.summarise(plan, results, {"count": 0.25, "position_lr": 0.5})
+def test_select_setting_without_a_qualifying_rung_runs_the_last_and_every_verdict_is_inconclusive(tmp_path):
+    plan = conflict.Plan(difficulties=[None], candidates=[[1, 300], [1, 600]], selection_seeds=[7])
+    flat = {d: 0.9 for d in plan.domains}
+    nothing = conflict.select_setting(plan, tmp_path, tmp_path / "selection",
+                                      lambda at: {7: {"alone": flat, "mixture": flat}})
+    assert (nothing["plan"].rank, nothing["plan"].steps, nothing["met"]) == (1, 600, False)  # the last, flagged
+    assert all(t["rejected"] for t in nothing["tried"]) and len(nothing["tried"]) == 2
+    declared = conflict.protocol(replace(nothing["plan"], discriminating=False), [0, 1], "on val.")
+    declared.settings = {"ladder": nothing["tried"]}
+    text = declared.markdown()
+    assert "Tried on val: the shipped data/shapes, rank 1, 300 steps: rejected (plain LoRA on the mixture less" in text
+    assert "**chosen**" not in text and "no discriminating setting" in text
 
 
-def test_conflict_over_seeds_counts_agreement_and_reports_differences_within_their_standard_error():
-    # MoLE: +0.05, -0.05, +0.30 against the mixture (lost 0.5 each seed): 10%, -10%, 60% won back
-    summaries = {0: _seed_summary(0.5, 0.55, 1.0), 1: _seed_summary(0.5, 0.45, 1.0), 2: _seed_summary(0.5, 0.8, 0.9)}
-    combined, text = conflict.combine(summaries)
-    assert combined["verdict_per_seed"] == ["not confirmed", "not confirmed", "confirmed"]
-    assert combined["verdict_agreement"] == ["not confirmed", 2, 3]
-    assert combined["diagnosis_agreement"] == ["router", 2, 3]
-    mole = combined["difference_vs_lora_mixture"]["mole2_mixture"]
-    assert mole["mean"] == pytest.approx(0.1) and (mole["above"], mole["below"]) == (2, 1)
-    assert mole["within_se"]  # 0.1 against a standard error of 0.104
-    assert not combined["difference_vs_lora_mixture"]["oracle_mixture"]["within_se"]
-    assert combined["accuracy"]["mole2_mixture"]["position_lr"]["values"] == [0.55, 0.45, 0.8]
-    assert "| mole2_mixture | 100.0 (100.0-100.0) | 60.0 (45.0-80.0) |" in text
-    assert "**not confirmed** in 2 of 3 seeds (others: confirmed: 1)" in text
-    assert "smaller than its standard error" in text
+def test_the_plan_names_its_generated_data_root_in_every_run_config(tmp_path):
+    plan = conflict.with_data(conflict.Plan(data_train=64, data_eval=8), {"distractors": 1}, tmp_path / "data")
+    assert plan.data_root == str(conflict.with_data(plan, {"distractors": 1}, tmp_path / "data").data_root)
+    config = conflict._data_config(plan, ["position_lr"], seed=0)
+    assert config["init_args"]["root"] == plan.data_root
+    assert "root" not in conflict._data_config(conflict.Plan(), ["position_lr"], seed=0)["init_args"]
+    with pytest.raises(ValueError, match="holds no position_tb"):
+        conflict.with_data(conflict.Plan(), {"conventions": 1}, tmp_path / "data")

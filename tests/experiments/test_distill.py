@@ -16,16 +16,28 @@ from lightning_moe.experiments import RunResult, distill
 from lightning_moe.experiments.distill import config, main
 
 
-@pytest.mark.slow  # the quick experiment: 7 CLI runs, in its own process
+@pytest.mark.slow  # the quick experiment: 10 CLI runs (3 of them the one-rung selection), in its own process
 def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     out = quick_outputs.get("distill")
     root = out.parent  # the shared smoke runs' directory
     summary = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in summary["runs"]}
     assert summary["protocol"]["seeds"] == [0] and summary["protocol"]["reported_split"] == "test"
+    # the data: the co-occurrence variant generated (tiny, one rung in --quick) under OUT/data, chosen on val by the
+    # teacher and the undistilled student of the selection seed, whose runs stay apart from the reported ones
+    settings = summary["protocol"]["settings"]
+    assert settings["shapes"] == {"cooccurrence": distill.COOCCURRENCE} and len(settings["ladder"]) == 1
+    assert set(settings["ladder"][0]["val"]) == {"teacher", "students", "chance"}
+    assert set(settings["ladder"][0]["val"]["students"]) == {"1000"}
+    data = Path(summary["data_root"])
+    assert data.parent == out / "data" and (data / "pope_cooccur" / "test.jsonl").is_file()
+    assert (out / "selection" / "d0" / "runs" / "mod" / "select_moe_seed1000" / "model").is_dir()
+    assert (out / "runs" / "mod" / "teacher" / "model").is_dir()  # the chosen rung's teacher, copied
+    assert "Tried on val: generated, cooccurrence=0.9:" in (out / "results.md").read_text()
     assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference", "control",
-                                               "baseline_instruct", "baseline_moe"]
-    assert [r["method"] for r in runs.values()] == ["MoETuning"] + 4 * ["MoDDistillation"] + 2 * ["MoETuning"]
+                                               "baseline_instruct", "baseline_moe", "dense_active"]
+    assert [r["method"] for r in runs.values()] == (["MoETuning"] + 4 * ["MoDDistillation"] + 2 * ["MoETuning"]
+                                                    + ["MoDDistillation"])
     # the control: the mimic objective for as many steps as preference, from the mimic_sparse checkpoint,
     # with the preference stage's optimizer
     assert runs["control"]["stage"] == "mimic_sparse" and runs["control"]["steps"] == runs["preference"]["steps"] == 2
@@ -40,17 +52,23 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     # equal student steps with and without the teacher
     assert runs["mimic_dense"]["steps"] == runs["baseline_instruct"]["steps"] == 2
     assert runs["mimic_sparse"]["steps"] + runs["preference"]["steps"] == runs["baseline_moe"]["steps"] == 4
-    # the teacher is larger; the sparse students activate fewer parameters than they hold
-    assert runs["teacher"]["params_total"] > runs["mimic_dense"]["params_total"]
+    # the teacher is larger than the students, the sparse ones included; the sparse students activate fewer
+    # parameters than they hold, about as many as the dense student of their active size holds
+    assert runs["teacher"]["params_total"] > runs["preference"]["params_total"] > runs["mimic_dense"]["params_total"]
+    assert abs(runs["dense_active"]["params_total"] - runs["preference"]["params_activated"]) < 1_000
+    assert runs["dense_active"]["steps"] == sum(runs[n]["steps"] for n in ("mimic_dense", "mimic_sparse", "preference"))
+    assert set(summary["verdicts"]) == {"preference - baseline_moe", "preference - control", "preference - dense_active"}
+    assert all(v.startswith("inconclusive") for v in summary["verdicts"].values())  # one seed
     for name in ("mimic_sparse", "preference", "control", "baseline_moe"):
         assert runs[name]["params_activated"] < runs[name]["params_total"]
     assert runs["preference"]["params_total"] == runs["baseline_moe"]["params_total"]
     for run in runs.values():
         assert "test/pope/pope_f1" in run["metrics"] and "test/count/exact_match" in run["metrics"]
+        assert "test/pope_cooccur/pope_yes_ratio" in run["metrics"]  # the co-occurrence hallucination, measured
         assert run["step_time_s"] > 0 and run["peak_memory_mb"] > 0
     table = (out / "results.md").read_text()
     assert "| **distilled student** (after preference) |" in table and "POPE F1" in table
-    assert "| control: mimic_sparse + as many more mimic steps |" in table and "against the control" in table
+    assert "| control: mimic_sparse + as many more mimic steps |" in table and "POPE accuracy, preference - control" in table
     assert list((out / "runs" / "mod" / "preference").rglob("events.out.tfevents.*"))
     assert (out / "configs" / "baseline_moe.yaml").is_file()
 
@@ -70,7 +88,7 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     monkeypatch.setattr(distill, "execute", scripted)
     monkeypatch.chdir(root)
     again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
-                  "--seeds", "0", "1"])
+                  "--seeds", "0", "1", "--jobs", "1"])  # one process: the scripted runs are this process's
     teacher = next(r for r in again["runs"] if r["name"] == "teacher")
     assert teacher == runs["teacher"]  # its row is kept, not retrained
     again_out = root / "distill_kd_lm"
@@ -81,7 +99,8 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     for name, seed, workdir, args in calls:  # each seed in its own directory, with the teacher beside it
         assert workdir == again_out / f"seed{seed}", name
         assert f"--seed_everything={seed}" in args and f"--data.init_args.seed={seed}" in args, name
-        assert ("--model.init_args.mimic.lm_weight=1.0" in args) == (name in ("mimic_dense", "mimic_sparse", "control"))
+        assert ("--model.init_args.mimic.lm_weight=1.0" in args) == (name in ("mimic_dense", "mimic_sparse", "control",
+                                                                              "dense_active"))
     for seed in (0, 1):
         assert (again_out / f"seed{seed}" / "runs" / "mod" / "teacher" / "model").is_dir()
     # the aggregate is the mean, min and max of the per-seed values
@@ -89,25 +108,3 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     assert stat["values"] == pytest.approx([0.4, 0.5]) and stat["mean"] == pytest.approx(0.45)
     assert stat["min"] == pytest.approx(0.4) and stat["max"] == pytest.approx(0.5)
     assert "mean over seeds 0, 1" in (again_out / "results.md").read_text()
-
-
-def _aggregate(values: dict[str, list[float]]) -> dict:
-    from lightning_moe.experiments.protocol import seed_stat
-
-    return {name: {key: seed_stat(v) for key, v in metrics.items()} for name, metrics in values.items()}
-
-
-def test_distill_difference_lines_give_standard_errors_and_say_when_a_difference_is_within_it():
-    from lightning_moe.experiments.distill import difference_lines
-
-    summary = {"runs": [{"name": "teacher", "metrics": {}}], "aggregate": _aggregate({
-        # distilled - undistilled: +0.2, +0.2, +0.1 (clear); preference - control POPE: +0.1, -0.1, +0.05 (within)
-        "preference": {"test/exact_match": [0.7, 0.7, 0.6], "test/pope/pope_accuracy": [0.6, 0.5, 0.55]},
-        "baseline_moe": {"test/exact_match": [0.5, 0.5, 0.5]},
-        "control": {"test/pope/pope_accuracy": [0.5, 0.6, 0.5]}})}
-    lines = difference_lines(summary)
-    assert len(lines) == 2  # the control has no exact match here: no third line
-    assert lines[0].startswith("- Mean test exact match, distilled - undistilled +0.167 ± 0.033 (standard error), "
-                               "higher in 3 of 3 seeds") and "smaller than" not in lines[0]
-    assert lines[1].startswith("- POPE accuracy, preference - control +0.017 ± 0.060") and \
-        lines[1].endswith("smaller than its standard error, so no difference is shown.")

@@ -14,10 +14,11 @@ from matplotlib.image import imread
 
 from lightning_moe.experiments import report
 
-EXPECTED = ["conflict_accuracy.png", "conflict_routing_mole3_mixture.png", "conflict_routing_oracle_mixture.png",
+EXPECTED = ["conflict_accuracy.png", "conflict_learning_curves.png", "conflict_routing_mole3_mixture.png", "conflict_routing_oracle_mixture.png",
             "continual_mora.png", "continual_mora_task_oracle.png", "continual_final.png", "distill_accuracy.png",
-            "unimoe_accuracy.png", "moe_speed.png"]
-PARTS = ["conflict", "continual", "distill", "unimoe", "moe_layer"]
+            "unimoe_accuracy.png", "unimoe_learning_curves.png", "moe_llava_accuracy.png", "moe_llava_pope.png",
+            "moe_llava_learning_curves.png", "moe_speed.png"]
+PARTS = ["conflict", "continual", "distill", "unimoe", "moe_llava", "moe_layer"]
 
 
 def assert_real_png(path) -> None:
@@ -28,7 +29,7 @@ def assert_real_png(path) -> None:
     assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 20, path
 
 
-@pytest.mark.slow  # draws from the four quick experiments and moe_layer's quick run (run here if their tests have not)
+@pytest.mark.slow  # draws from the five quick experiments and moe_layer's quick run (run here if their tests have not)
 @pytest.mark.last  # ... which have by then: their tests run before it
 def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
     for name in PARTS:
@@ -45,10 +46,13 @@ def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
     assert_real_png(routing[0])
     # every part's section: its protocol and verdict from the experiment, the stamp beside each figure
     for heading in ("## MoLE: data conflict", "## MoRA: continual", "## LLaVA-MoD: distillation", "## Uni-MoE:",
-                    "## SparseMoE speed"):
+                    "## MoE-LLaVA:", "## SparseMoE speed"):
         assert heading in text
-    assert text.count("### Protocol (declared before the runs)") == 4
-    assert "torch threads._" in text and "Verdict over the seeds" in text and "Not run" not in text
+    assert text.count("### Protocol (declared before the runs)") == 5
+    # every section carries the commit its numbers came from (a dirty tree said so), the benchmark's included
+    assert "Verdict over the expert counts" in text and "Not run" not in text
+    stamps = [line for line in text.splitlines() if line.startswith("From `")]
+    assert len(stamps) == len(PARTS) and all("commit " in line for line in stamps), stamps
     assert all(seconds < 5 for seconds in json.loads((root / "timings.json").read_text()).values())  # reused, not run
 
     # the docs: each page gets its section between markers, figures under docs/figures/report/; twice = once

@@ -1,175 +1,242 @@
-"""The experiments' verdicts on hand-written results: every verdict each function can give, and the
-boundaries between them (inclusive thresholds), so that a wrong comparison or threshold changes a
-verdict here before it changes one in the docs."""
+"""The experiments' verdicts on hand-made results, through each experiment's own verdict function: a clear win
+(confirmed), a tie or mixed seeds (inconclusive), a trade between domains (no recovery), a failed oracle or upper
+bound and an arm at ceiling (inconclusive), and the cost of a MoLE step, so that a wrong comparison, margin or
+gate changes a verdict here before it changes one in the docs."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
-from lightning_moe.experiments import conflict
-from lightning_moe.experiments.distill import verdict_lines
+from lightning_moe.experiments import RunResult, conflict, continual, distill, unimoe
+from lightning_moe.experiments.statistics import seed_stat
 
-# ---------------------------------------------------------------------------- conflict (conflict.summarise)
-DOMAINS = ["count", "position_lr"]
-MAJORITY = {"count": 0.25, "position_lr": 0.5}
-PLAN = conflict.Plan(domains=DOMAINS, experts=[2, 3])
-
-
-def _row(name: str, accuracy: dict[str, float], step_ms: float = 100.0) -> conflict.RunResult:
-    """A run as the experiment records it (the shared `RunResult`): test exact match per domain, step time."""
-    metrics = {f"test/{d}/exact_match": v for d, v in accuracy.items()}
-    return conflict.RunResult(name=name, method="LoRATuning", stage="adapters", steps=1, wall_s=1.0,
-                              step_time_s=step_ms / 1000, peak_memory_mb=None, memory_kind="cpu_peak_rss",
-                              params_total=1, params_activated=1, metrics=metrics, params_trainable=1, label=name,
-                              details={"train_domains": list(accuracy)})
+# ---------------------------------------------------------------------------- conflict (conflict.combine)
+DOMAINS = ["count", "position_lr", "position_tb"]
+MAJORITY = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
+LEARNT = {"count": 1.0, "position_lr": 1.0, "position_tb": 1.0}
+JITTER = [0.0, 0.01, -0.01, 0.005, -0.005]  # per seed, so that the intervals have a width
 
 
-def _summary(alone_lr: float, mixture_lr: float, mole_lr: dict[int, float], mole_ms: dict[int, float] | None = None,
-             lora4x_lr: float = 0.5) -> dict:
-    """count: learnt alone and kept on the mixture; position_lr: `alone_lr` alone, `mixture_lr` on the mixture;
-    MoLE with E experts reaches `mole_lr[E]` on position_lr at `mole_ms[E]` ms a step (plain LoRA: 100 ms)."""
-    mole_ms = mole_ms or {2: 100.0, 3: 100.0}
-    results = [_row("lora_count", {"count": 1.0, "position_lr": 0.0}),
-               _row("lora_position_lr", {"count": 0.0, "position_lr": alone_lr}),
-               _row("lora_mixture", {"count": 1.0, "position_lr": mixture_lr}),
-               _row("lora4x_mixture", {"count": 1.0, "position_lr": lora4x_lr})]
-    results += [_row(f"mole{e}_mixture", {"count": 1.0, "position_lr": mole_lr[e]}, mole_ms[e]) for e in (2, 3)]
-    return conflict.summarise(PLAN, results, MAJORITY)
+def _row(name: str, test: dict[str, float], train_domains: list[str] | None = None) -> RunResult:
+    """A run as the experiment records it: test exact match per domain and its val learning curves (the same
+    scores on val)."""
+    curves = {f"val/{d}/exact_match": [[1, 0.0], [2, v]] for d, v in test.items()}
+    curves["val/exact_match"] = [[1, 0.0], [2, statistics.fmean(test.values())]]
+    return RunResult(name=name, method="LoRATuning", stage="adapters", steps=2, wall_s=1.0, step_time_s=0.1,
+                     peak_memory_mb=None, memory_kind="cpu_peak_rss", params_total=1, params_activated=1,
+                     metrics={f"test/{d}/exact_match": v for d, v in test.items()}, params_trainable=1, label=name,
+                     details={"train_domains": train_domains or list(DOMAINS), "val_curves": curves})
 
 
-def test_conflict_verdict_confirmed_at_the_inclusive_thresholds():
-    # position_lr: 1.0 alone, 0.5 on the mixture (lost 0.5); MoLE wins back exactly half at exactly 1.25x the step time
-    summary = _summary(1.0, 0.5, {2: 0.75, 3: 0.9}, {2: 125.0, 3: 100.0})
-    assert summary["conflicted_domains"] == ["position_lr"] and summary["learnt_alone"] == ["count", "position_lr"]
-    assert summary["recovered_share"] == pytest.approx({"lora4x": 0.0, "mole2": 0.5, "mole3": 0.8})
-    assert summary["mole_step_time_ratio"] == pytest.approx({"mole2": 1.25, "mole3": 1.0})
-    assert summary["verdicts"] == {"mole2": "confirmed", "mole3": "confirmed"} and summary["verdict"] == "confirmed"
+def _shift(scores: dict[str, float], by: float) -> dict[str, float]:
+    return {d: min(1.0, max(0.0, v + by)) for d, v in scores.items()}
 
 
-@pytest.mark.parametrize("mole_lr, mole_ms", [
-    ({2: 0.625, 3: 0.6875}, None),  # wins back 25% and 37.5%: partly
-    ({2: 0.9, 3: 0.9}, {2: 126.0, 3: 130.0}),  # wins back 80%, but over 1.25x the step time: partly
+def _conflict(mixture: dict[str, float], mole: dict[str, float], oracle: dict[str, float] | None = None,
+              alone: dict[str, float] | None = None, discriminating: bool = True, ratio: float | None = 1.1,
+              jitter: list[float] = JITTER) -> dict:
+    """Over len(jitter) seeds: plain LoRA on the mixture and MoLE (2 experts) at these test (= val) scores, MoLE
+    moved by the seed's jitter; per-domain LoRA at `alone`, the oracle at `oracle` (default: the upper bound)."""
+    alone = alone or LEARNT
+    plan = conflict.Plan(domains=DOMAINS, experts=[2], discriminating=discriminating)
+    summaries = {}
+    for seed, by in enumerate(jitter):
+        results = [_row(f"lora_{d}", {x: alone[d] if x == d else 0.0 for x in DOMAINS}, [d]) for d in DOMAINS]
+        results += [_row("lora_mixture", mixture), _row("lora4x_mixture", mixture),
+                    _row("mole2_mixture", _shift(mole, by)), _row("oracle_mixture", oracle or alone)]
+        summaries[seed] = conflict.summarise(plan, results, MAJORITY, MAJORITY)
+    combined, _ = conflict.combine(summaries, {"ratios": {"mole2": ratio}} if ratio else {"ratios": {}, "why": "no"})
+    return combined
+
+
+MIXTURE = {"count": 1.0, "position_lr": 0.5, "position_tb": 0.55}  # the conflict: the pair near its majority
+
+
+def test_conflict_a_clear_win_at_about_the_cost_is_confirmed():
+    combined = _conflict(MIXTURE, {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9})
+    assert combined["gates"] == []
+    assert combined["differences"]["mole2_mixture"]["low"] > conflict.PRIMARY_MARGIN
+    assert combined["verdicts"] == {"mole2_mixture": "confirmed"} and combined["verdict"] == "confirmed"
+    assert combined["diagnosis"].startswith("none: a learnt router's gain is confirmed")
+
+
+def test_conflict_a_win_that_costs_too_much_or_whose_cost_is_unmeasured_is_not_confirmed():
+    slow = _conflict(MIXTURE, {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9}, ratio=1.3)
+    assert slow["verdict"] == "not confirmed: the accuracy gain holds, but a step costs 1.30x plain LoRA's"
+    unmeasured = _conflict(MIXTURE, {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9}, ratio=None)
+    assert unmeasured["verdict"] == "inconclusive: step cost not measured (no)"
+
+
+def test_conflict_a_trade_between_the_domains_is_no_recovery():
+    # MoLE wins position_tb back (+45 points, all of the conflict there) by losing position_lr: the mean over the
+    # domains does not move, so the interval lies below the margin
+    combined = _conflict({"count": 1.0, "position_lr": 1.0, "position_tb": 0.55},
+                         {"count": 1.0, "position_lr": 0.55, "position_tb": 1.0})
+    diff = combined["differences"]["mole2_mixture"]
+    assert abs(diff["mean"]) < 0.01 and diff["high"] < conflict.PRIMARY_MARGIN
+    assert combined["verdict"] == "not confirmed"
+
+
+def test_conflict_a_tie_over_seeds_is_inconclusive():
+    # MoLE +6 points in some seeds, -6 in others (mean 0): the interval straddles the margin
+    combined = _conflict(MIXTURE, MIXTURE, jitter=[0.09, -0.09, 0.09, -0.09])
+    assert combined["differences"]["mole2_mixture"]["above"] == 2 == combined["differences"]["mole2_mixture"]["below"]
+    assert combined["verdict"] == "inconclusive: the interval straddles the margin"
+
+
+def test_conflict_a_failed_oracle_makes_even_a_clear_win_inconclusive():
+    combined = _conflict(MIXTURE, {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9}, oracle=MIXTURE)
+    assert combined["verdict"].startswith("inconclusive: oracle failed")
+    # the diagnosis, which the oracle's own gate does not block: a learnt router gains, so nothing fails
+    assert combined["diagnosis"].startswith("none: a learnt router's gain is confirmed")
+
+
+@pytest.mark.parametrize("mole, oracle, expected", [
+    (MIXTURE, LEARNT, "router"),  # routed by domain the experts gain, the learnt router does not
+    # routed by domain the experts gain nothing either (the oracle gate makes the verdict inconclusive; the diagnosis
+    # is what the oracle is for)
+    (MIXTURE, {"count": 1.0, "position_lr": 0.51, "position_tb": 0.55}, "capacity"),
 ])
-def test_conflict_verdict_partly_confirmed(mole_lr, mole_ms):
-    summary = _summary(1.0, 0.5, mole_lr, mole_ms)
-    assert summary["verdicts"] == {"mole2": "partly confirmed", "mole3": "partly confirmed"}
-    assert summary["verdict"] == "partly confirmed"
+def test_conflict_diagnosis_router_or_capacity(mole, oracle, expected):
+    combined = _conflict(MIXTURE, mole, oracle=oracle)
+    assert combined["diagnosis"].split(":")[0] == expected
 
 
-def test_conflict_verdict_thresholds_of_a_fifth_and_of_an_unknown_step_time():
-    # position_lr lost 0.625 (1.0 -> 0.375); 0.125 won back is exactly a fifth: partly, inclusive
-    fifth = _summary(1.0, 0.375, {2: 0.5, 3: 0.5})
-    assert fifth["recovered_share"]["mole2"] == 0.2 and fifth["verdict"] == "partly confirmed"
-    # a run without a step time (0: not measured) has no ratio and cannot be confirmed, however much it wins back
-    summary = _summary(1.0, 0.5, {2: 1.0, 3: 1.0}, {2: 0.0, 3: 100.0})
-    assert summary["mole_step_time_ratio"] == {"mole2": None, "mole3": 1.0}
-    assert summary["verdicts"] == {"mole2": "partly confirmed", "mole3": "confirmed"}
+def test_conflict_an_arm_at_ceiling_a_failed_upper_bound_or_no_discriminating_setting_is_inconclusive():
+    ceiling = _conflict(MIXTURE, LEARNT, jitter=[0.0, 0.0, 0.0])
+    assert ceiling["verdict"] == "inconclusive: MoLE 2 experts at ceiling (100.0 %)"
+    unlearnt = _conflict(MIXTURE, {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9},
+                         alone={"count": 1.0, "position_lr": 0.52, "position_tb": 1.0})
+    assert unlearnt["verdict"].startswith("inconclusive: upper bound failed: per-domain LoRA does not learn "
+                                          "position_lr (seed 0)")
+    chosen_badly = _conflict(MIXTURE, {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9}, discriminating=False)
+    assert chosen_badly["verdict"] == "inconclusive: no discriminating setting"
+    no_conflict = _conflict(LEARNT | {"count": 0.99}, LEARNT | {"count": 0.99})
+    assert "no conflict to mitigate" in "; ".join(no_conflict["gates"])
 
 
-def test_conflicted_domains_use_the_margin_given():
-    alone, mixture, majority = {"d": 0.9}, {"d": 0.75}, {"d": 0.5}
-    assert conflict.conflicted_domains(alone, mixture, majority, margin=0.1) == ["d"]
-    assert conflict.conflicted_domains(alone, mixture, majority, margin=0.2) == []  # lost 0.15 < 0.2
-    assert conflict.conflicted_domains(alone, {"d": 0.0}, majority, margin=0.45) == []  # learnt by 0.4 < 0.45
+def test_conflict_expert_counts_that_disagree_are_inconclusive():
+    plan = conflict.Plan(domains=DOMAINS, experts=[2, 3], discriminating=True)
+    summaries = {}
+    for seed, by in enumerate(JITTER):
+        results = [_row(f"lora_{d}", {x: 1.0 if x == d else 0.0 for x in DOMAINS}, [d]) for d in DOMAINS]
+        results += [_row("lora_mixture", MIXTURE), _row("lora4x_mixture", MIXTURE), _row("oracle_mixture", LEARNT),
+                    _row("mole2_mixture", _shift({"count": 1.0, "position_lr": 0.9, "position_tb": 0.9}, by)),
+                    _row("mole3_mixture", _shift(MIXTURE, by))]
+        summaries[seed] = conflict.summarise(plan, results, MAJORITY, MAJORITY)
+    combined, text = conflict.combine(summaries, {"ratios": {"mole2": 1.0, "mole3": 1.0}})
+    assert combined["verdicts"] == {"mole2_mixture": "confirmed", "mole3_mixture": "not confirmed"}
+    assert combined["verdict"].startswith("inconclusive: the expert counts disagree")
+    assert "router" not in combined["diagnosis"].split(":")[0]
+    assert "Verdict over the expert counts: **inconclusive" in text
 
 
-def test_conflict_verdict_not_confirmed_below_a_fifth_won_back():
-    summary = _summary(1.0, 0.5, {2: 0.59, 3: 0.5})  # 18% and 0% won back
-    assert summary["verdicts"] == {"mole2": "not confirmed", "mole3": "not confirmed"}
-    assert summary["verdict"] == "not confirmed"
+# ---------------------------------------------------------------------------- distillation (distill.verdicts)
+def _distill(distilled: list[float], undistilled: list[float], teacher: float = 0.9, chance: float = 0.3,
+             met: bool = True) -> dict:
+    aggregate = {"preference": {"test/exact_match": seed_stat(distilled)},
+                 "baseline_moe": {"test/exact_match": seed_stat(undistilled)},
+                 "control": {"test/exact_match": seed_stat(undistilled)},
+                 "dense_active": {"test/exact_match": seed_stat(undistilled)}}
+    summary = {"aggregate": aggregate, "majority_answer": chance,
+               "runs": [{"name": "teacher", "metrics": {"test/exact_match": teacher}}],
+               "protocol": {"settings": {"met": met}}}
+    return distill.verdicts(summary)
 
 
-def test_conflict_verdict_depends_on_the_number_of_experts():
-    summary = _summary(1.0, 0.5, {2: 0.5, 3: 0.9})
-    assert summary["verdicts"] == {"mole2": "not confirmed", "mole3": "confirmed"}
-    assert summary["verdict"] == "partly confirmed (depends on the number of experts)"
+def test_distill_a_clear_win_is_confirmed_and_two_of_three_seeds_is_not():
+    win = _distill([0.8, 0.82, 0.79, 0.81], [0.7, 0.71, 0.69, 0.7])
+    assert win["verdicts"]["preference - baseline_moe"] == "confirmed" and win["gates"] == []
+    # the full run of 2026-12-02: higher in 2 of 3 seeds, +0.014 mean: far from a confirmed win
+    close = _distill([0.882, 0.927, 0.830], [0.867, 0.898, 0.832])
+    assert close["verdicts"]["preference - baseline_moe"] == "inconclusive: the interval straddles the margin"
 
 
-def test_conflict_verdict_no_conflict_when_nothing_is_lost_or_nothing_learnt():
-    kept = _summary(1.0, 1.0 - conflict.CONFLICT_MARGIN + 0.01, {2: 1.0, 3: 1.0})  # lost less than the margin
-    assert kept["conflicted_domains"] == [] and kept["learnt_alone"] == ["count", "position_lr"]
-    assert set(kept["verdicts"].values()) == {"no conflict shown"}
-    assert kept["verdict"] == ("no conflict shown: plain LoRA on the mixture loses no domain it learns alone by the "
-                               "margin, so nothing to mitigate")
-    assert kept["recovered_share"] == {"lora4x": None, "mole2": None, "mole3": None}
-    # no domain learnt alone (LoRA alone at the majority answer on both)
-    results = [_row("lora_count", {"count": 0.25, "position_lr": 0.0}),
-               _row("lora_position_lr", {"count": 0.0, "position_lr": 0.5}),
-               _row("lora_mixture", {"count": 0.0, "position_lr": 0.0}),
-               _row("lora4x_mixture", {"count": 0.0, "position_lr": 0.0}),
-               _row("mole2_mixture", {"count": 0.0, "position_lr": 0.0}),
-               _row("mole3_mixture", {"count": 0.0, "position_lr": 0.0})]
-    nothing = conflict.summarise(PLAN, results, MAJORITY)
-    assert nothing["learnt_alone"] == [] and nothing["verdict"] == (
-        "no conflict shown: plain LoRA alone beats the majority answer on no domain by the margin (nothing learnt to "
-        "lose), so nothing to mitigate")
+def test_distill_gates_teacher_no_better_and_a_student_at_ceiling():
+    weak_teacher = _distill([0.8, 0.82, 0.79], [0.7, 0.71, 0.69], teacher=0.71)
+    assert weak_teacher["verdicts"]["preference - baseline_moe"].startswith("inconclusive: teacher (0.710) less than "
+                                                                            "the margin above the undistilled student")
+    ceiling = _distill([1.0, 1.0, 1.0], [0.7, 0.71, 0.69])
+    assert ceiling["verdicts"]["preference - control"] == "inconclusive: the distilled student at ceiling (100.0 %)"
+    # no rung of the difficulty ladder qualified on val: even a clear win is inconclusive
+    unchosen = _distill([0.8, 0.82, 0.79, 0.81], [0.7, 0.71, 0.69, 0.7], met=False)
+    assert set(unchosen["verdicts"].values()) == {"inconclusive: no discriminating setting"}
 
 
-# ---------------------------------------------------------------------------- distillation (verdict_lines)
-def _stat(*values: float) -> dict:
-    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": list(values)}
+def test_distill_selection_rule_rejects_a_teacher_at_ceiling_and_a_student_too_close():
+    fits = {"teacher": 0.85, "students": {"1000": 0.8, "1001": 0.75}, "chance": 0.4}
+    assert distill.rejections(fits) == []
+    assert distill.rejections({**fits, "teacher": 0.995}) == ["the teacher at ceiling (99.5 %)"]
+    assert distill.rejections({**fits, "students": {"1000": 0.8, "1001": 0.81}}) == [
+        "the undistilled student less than 5 points below the teacher (seed 1001)"]
+    assert distill.rejections({**fits, "teacher": 0.44, "students": {"1000": 0.4}}) == [
+        "the undistilled student less than 5 points below the teacher (seed 1000)",
+        "the undistilled student at or below chance (40.0 %, chance 40.0 %)"]
 
 
-def _distill_summary(distilled: list[float], undistilled: list[float], pope_after: list[float],
-                     pope_control: list[float]) -> dict:
-    """Per-seed test exact match of the distilled and undistilled students, POPE accuracy after preference
-    and of the control; the other POPE scores follow the accuracy."""
-    def pope(values, shift=0.0):
-        return {f"test/pope/pope_{k}": _stat(*[v + shift for v in values]) for k in ("accuracy", "f1", "yes_ratio")}
-
-    aggregate = {
-        "preference": {"test/exact_match": _stat(*distilled), **pope(pope_after)},
-        "baseline_moe": {"test/exact_match": _stat(*undistilled)},
-        "mimic_sparse": pope([0.5] * len(pope_after)),
-        "control": {"test/exact_match": _stat(*undistilled), **pope(pope_control)},
-    }
-    runs = [{"name": "teacher", "metrics": {}}, {"name": "control", "steps": 7, "metrics": {}}]
-    return {"aggregate": aggregate, "runs": runs}
+# ---------------------------------------------------------------------------- continual (continual.verdicts)
+TASKS = ["count", "position_lr", "position_tb"]
+CHANCE = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
 
 
-def test_distill_verdict_when_distillation_and_preference_win():
-    lines = verdict_lines(_distill_summary([0.8, 0.7], [0.6, 0.65], [0.9, 0.8], [0.7, 0.75]))
-    assert len(lines) == 4
-    assert lines[0] == ("- Mean test exact match: distilled sparse student 0.750 (per seed 0.800 / 0.700), undistilled "
-                        "0.625 (per seed 0.600 / 0.650) (equal student steps): the distilled student beats the "
-                        "undistilled one.")
-    assert lines[1] == ("- Preference distillation, POPE accuracy 0.500 -> 0.850, POPE F1 0.500 -> 0.850, "
-                        "POPE yes-ratio 0.500 -> 0.850.")
-    assert lines[2] == ("- Preference against the control (7 more mimic_sparse steps from the same checkpoint instead "
-                        "of the preference steps): POPE accuracy 0.850 vs 0.725, POPE F1 0.850 vs 0.725, POPE "
-                        "yes-ratio 0.850 vs 0.725; POPE accuracy per seed 0.900 / 0.800 vs 0.700 / 0.750: preference "
-                        "beats equal extra steps of the mimic objective on POPE accuracy.")
-    assert lines[3] == "- Mean test exact match, preference 0.750 vs control 0.625."
+def _continual(mora_bwt: list[float], sequential_bwt: list[float], oracle_bwt: list[float] | None = None,
+               unlearnt: dict[str, str] | None = None) -> dict:
+    """Seeds with these BWTs; every method learns every task (diagonal 0.9) except `unlearnt` method -> task."""
+    summaries = {}
+    for seed, (m, s) in enumerate(zip(mora_bwt, sequential_bwt)):
+        scores = {}
+        for name, bwt in (("mora", m), ("lora_sequential", s), ("lora_task_specific", 0.0),
+                          ("mora_task_oracle", (oracle_bwt or mora_bwt)[seed])):
+            diagonal = [CHANCE[t] if (unlearnt or {}).get(name) == t else 0.9 for t in TASKS]
+            scores[name] = {"last": 0.6 + bwt / 2, "avg": 0.7, "bwt": bwt, "diagonal": diagonal}
+        summaries[seed] = {"scores": scores, "tasks": TASKS}
+    return continual.verdicts(summaries, CHANCE)
 
 
-def test_distill_verdict_when_distillation_and_preference_lose():
-    lines = verdict_lines(_distill_summary([0.6, 0.6], [0.6, 0.7], [0.6, 0.7], [0.7, 0.7]))
-    # equal means are not a win; one seed tied and one lost is no seed won
-    assert lines[0].endswith("the distilled student does not beat the undistilled one.")
-    assert lines[2].endswith("preference does not beat equal extra steps of the mimic objective on POPE accuracy.")
+def test_continual_a_clear_reduction_of_forgetting_is_confirmed():
+    decided = _continual([-0.02, -0.03, -0.01], [-0.4, -0.35, -0.45], oracle_bwt=[-0.01, -0.02, 0.0])
+    assert decided["gates"] == [] and decided["verdict"] == "confirmed"
+    assert decided["diagnosis"].startswith("interference")  # the oracle forgets no less than MoRA
 
 
-def test_distill_verdict_counts_the_seeds_distillation_wins():
-    # a higher mean is not "beats": the protocol asks for every seed (the full run of 2026-12-02 had this case)
-    lines = verdict_lines(_distill_summary([0.882, 0.927, 0.830], [0.867, 0.898, 0.832], [0.6] * 3, [0.6] * 3))
-    assert lines[0].endswith("the distilled student beats, in 2 of 3 seeds, the undistilled one.")
+def test_continual_gates_upper_bound_and_oracle_failing():
+    failed = _continual([-0.02, -0.03, -0.01], [-0.4, -0.35, -0.45], unlearnt={"lora_task_specific": "position_lr"})
+    assert failed["verdict"] == "inconclusive: upper bound failed: task-specific LoRA does not learn position_lr"
+    oracle = _continual([-0.3, -0.35, -0.25], [-0.4, -0.35, -0.45], oracle_bwt=[0.0, 0.0, 0.0],
+                        unlearnt={"mora_task_oracle": "count"})
+    assert oracle["diagnosis"] == "inconclusive: oracle failed: the task oracle does not learn count"
+    nothing = _continual([-0.02, -0.03, -0.01], [-0.02, -0.01, -0.03])
+    assert nothing["verdict"] == "inconclusive: sequential LoRA does not forget (nothing to reduce)"
 
 
-def test_distill_verdict_counts_the_seeds_preference_wins():
-    lines = verdict_lines(_distill_summary([0.7, 0.7, 0.7], [0.6, 0.6, 0.6], [0.9, 0.6, 0.8], [0.7, 0.7, 0.7]))
-    assert lines[2].endswith("preference beats, in 2 of 3 seeds, equal extra steps of the mimic objective on POPE "
-                             "accuracy.")
+# ---------------------------------------------------------------------------- Uni-MoE (unimoe.verdicts)
+@pytest.mark.parametrize("means, expected", [
+    ({"unimoe": [0.8, 0.82, 0.81], "copies": [0.7, 0.71, 0.7], "dense": [0.6, 0.62, 0.6]}, "confirmed"),
+    ({"unimoe": [0.8, 0.7], "copies": [0.6, 0.71], "dense": [0.6, 0.6]}, "inconclusive: the interval straddles the margin"),
+    ({"unimoe": [0.7], "copies": [0.6], "dense": [0.6]}, "inconclusive: one seed, no interval"),
+    ({"unimoe": [0.8, 0.82, 0.81], "copies": [0.8, 0.81, 0.81], "dense": [0.6, 0.62, 0.6]},
+     "inconclusive: the comparisons disagree (against copies: not confirmed; against dense: confirmed)"),
+    ({"unimoe": [1.0, 1.0], "copies": [0.6, 0.61], "dense": [0.6, 0.6]}, "inconclusive: Uni-MoE (modality experts) at "
+                                                                        "ceiling (100.0 %)"),
+])
+def test_unimoe_verdicts(means, expected):
+    assert unimoe.verdicts(means, chance=0.4)["verdict"] == expected
 
 
-def test_distill_verdict_of_one_seed_and_of_missing_runs():
-    lines = verdict_lines(_distill_summary([0.8], [0.6], [0.9], [0.7]))
-    assert lines[0] == ("- Mean test exact match: distilled sparse student 0.800, undistilled 0.600 (equal student "
-                        "steps): the distilled student beats the undistilled one.")  # no per-seed list for one seed
-    summary = _distill_summary([0.8], [0.6], [0.9], [0.7])
-    del summary["aggregate"]["control"], summary["aggregate"]["baseline_moe"]
-    lines = verdict_lines(summary)  # no undistilled student and no control: only the POPE change is said
-    assert len(lines) == 1 and lines[0].startswith("- Preference distillation, POPE accuracy 0.500 -> 0.900")
-    summary = _distill_summary([0.8], [0.6], [0.9], [0.7])
-    del summary["aggregate"]["mimic_sparse"], summary["aggregate"]["control"]["test/exact_match"]
-    lines = verdict_lines(summary)  # no POPE before preference; a control without exact match: no such lines
-    assert [line[:30] for line in lines] == ["- Mean test exact match: disti", "- Preference against the contr"]
+def test_unimoe_without_a_qualifying_difficulty_every_verdict_is_inconclusive():
+    means = {"unimoe": [0.8, 0.82, 0.81], "copies": [0.6, 0.61, 0.62], "dense": [0.6, 0.6, 0.6],
+             "single_stage": [0.5, 0.5, 0.5]}
+    assert unimoe.verdicts(means, 0.3)["verdict"] == "confirmed"
+    unchosen = unimoe.verdicts(means, 0.3, met=False)
+    assert set(unchosen["verdicts"].values()) == {"inconclusive: no discriminating setting"}
+    assert unchosen["verdict"] == "inconclusive: no discriminating setting"
+
+
+def test_unimoe_selection_rule_rejects_stage_1_at_ceiling_on_most_domains():
+    half = {"beeps": 1.0, "pitch": 0.99, "longer": 1.0, "frames": 0.7, "motion": 0.5, "beeps_shapes": 0.6}
+    assert unimoe.rejections(half) == []  # three of six: not most
+    most = {**half, "frames": 0.995}
+    assert unimoe.rejections(most) == ["stage 1 at ceiling on 4 of 6 domains (beeps, pitch, longer, frames)"]
+    assert unimoe.rejections({**half, "pitch": 0.985, "frames": 0.995}) == []  # 98.5 % is not the ceiling

@@ -46,6 +46,13 @@ def test_moe_trains_experts_routers_and_connector_only():
     assert not any(n.startswith("llm.model.layers.1.") for n in trainable(method))
 
 
+def test_trainable_mlp_trains_every_dense_mlp_and_the_connector():
+    # the dense control of stage 3 (lightning_moe.experiments.moe_llava): every decoder layer's MLP, nothing else
+    method = make("instruct", trainable=["mlp", "connector"])
+    assert trainable(method) == all_params(method, "connectors.", "llm.model.layers.0.mlp.", "llm.model.layers.1.mlp.")
+    assert any(".mlp.down_proj." in n for n in trainable(method))
+
+
 def test_train_vision_tower_adds_the_encoder():
     method = make("instruct", train_vision_tower=True)
     assert trainable(method) == all_params(method, "connectors.", "llm.", "encoders.")
