@@ -1,7 +1,8 @@
 """What a user sees when a run cannot go on, through the commands as they are typed (`python main.py ...`,
 `python -m lightning_moe.edge ...` in a subprocess): one line naming the key, file or record at fault, exit
-status 1, no traceback. A wrong-type or impossible config value (on the command line or in a config file), a
-disk that fills up while a checkpoint is written, an expert store with damaged files.
+status 1, no traceback. A wrong-type or impossible config value (on the command line or in a config file; an
+impossible `moe` value before the model is built), a disk that fills up while a checkpoint is written, an expert
+store with damaged files.
 
 Each case stops before training, or after one or two steps of the tiny quickstart model.
 """
@@ -63,6 +64,30 @@ def test_every_kind_of_key_is_named_in_full(tmp_path, monkeypatch, capsys, argum
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         main([*QUICKSTART, argument, "--trainer.logger=false"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err[err.index("error: "):].splitlines()[0] == f"error: {words}", err
+
+
+@pytest.mark.parametrize("argument, words", [
+    ("num_experts=-2", "moe.num_experts must be an integer >= 1, got -2"),
+    ("top_k=5", "moe.top_k must be at most moe.num_experts (4), got 5"),
+    ("top_k=0", "moe.top_k must be an integer >= 1, got 0"),
+    ("capacity_factor=0", "moe.capacity_factor must be a finite number > 0, or null (dropless), got 0.0"),
+    ("layers=5:2", "moe.layers '5:2' selects no decoder layer of any model"),
+], ids=["experts", "top-k-above-experts", "top-k-zero", "capacity", "layers"])
+def test_an_impossible_moe_value_is_one_line_before_the_model_is_built(tmp_path, monkeypatch, capsys, argument, words):
+    """MoEConfig refuses it as the CLI builds the config (in process: the same `main` as the subprocesses above)."""
+    from lightning_moe.cli import main
+    from lightning_moe.methods import base
+
+    def build_backbone(self):
+        raise AssertionError(f"the model was built with {argument}")
+
+    monkeypatch.setattr(base.MultimodalMethod, "build_backbone", build_backbone)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*QUICKSTART, f"--model.init_args.moe.{argument}", "--trainer.logger=false"])
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err[err.index("error: "):].splitlines()[0] == f"error: {words}", err

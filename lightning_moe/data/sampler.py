@@ -10,6 +10,13 @@ what the uninterrupted run saw. Two pieces make that so:
   `state_dict` / `load_state_dict`; Lightning's fit loop saves the state of every stateful train
   loader into the checkpoint (`loops.fit_loop.combined_loader`) and restores it on `--ckpt_path`.
 
+The loader's state, not Lightning's epoch counter, says which epoch a restored run continues: a run that
+`max_steps` stops mid-epoch writes its last checkpoint in `on_train_epoch_end` or `on_train_end`, after
+Lightning has counted the epoch as processed, so on resume Lightning starts "epoch e + 1" at batch b while the
+loader stopped at batch b of epoch e. The first `set_epoch` after a restore therefore fixes an offset between
+Lightning's epochs and the epochs drawn, kept for the rest of the run (0 when the two agree, as for a
+checkpoint written after a batch). It holds for any number of processes.
+
 Several processes (DDP, FSDP): the sampler subclasses `DistributedSampler`, so Lightning does not wrap it,
 and shards every global batch of `batch_size x world_size` positions into contiguous per-rank blocks:
 rank r's i-th batch is positions [(i*R + r)*B, (i*R + r + 1)*B) of the epoch's order. One process with
@@ -56,10 +63,15 @@ class ResumableSampler(DistributedSampler):
         self.epoch = 0
         self.shuffle, self.drop_last = True, False  # read by Lightning's sampler inspection
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
+        self.epoch_offset = 0  # Lightning's epoch minus the epoch drawn (module docstring)
         self.skipped_batches = 0  # batches skipped by the current iteration (set when iteration starts)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Lightning starts its epoch `epoch`: draw epoch `epoch - epoch_offset`; after a restore, Lightning's
+        first epoch continues the restored one, whatever its number (module docstring)."""
+        if self._resume is not None:
+            self.epoch_offset = epoch - self._resume[0]
+        self.epoch = epoch - self.epoch_offset
 
     def resume(self, epoch: int, batches: int) -> None:
         """The next iteration over `epoch` starts after its first `batches` batches (a restored checkpoint)."""

@@ -12,6 +12,7 @@ are timed apart: `GenerationOutput.decode_tokens_per_second` is what the EdgeMoE
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -81,9 +82,11 @@ def generate(
     llm = model.llm
     start = time.perf_counter()
     embeds, mask, _ = model.embed(input_ids, attention_mask, padding_side="left", **modality_inputs)
-    cache = DynamicCache(config=llm.config)
+    # transformers 5 renames `past_key_values` to `cache` family by family (the old name warns): the LLM's own name
+    cache_argument = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+    cache = {cache_argument: DynamicCache(config=llm.config)}
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T'): padding repeats position 0
-    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     tokens: list[Tensor] = []
@@ -101,8 +104,7 @@ def generate(
         if finished.all() or step == config.max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        out = llm(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, past_key_values=cache,
-                  use_cache=True)
+        out = llm(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True, **cache)
         next_position = next_position + 1
     decode_seconds = time.perf_counter() - decode_start
     return GenerationOutput(torch.stack(tokens, dim=1), prefill_seconds, decode_seconds, len(tokens) - 1)

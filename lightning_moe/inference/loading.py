@@ -46,9 +46,14 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _materialize_parameters(model: nn.Module) -> None:
-    """Give every meta parameter (uninitialised) CPU memory; a parameter shared by modules stays shared."""
-    memo: dict[int, nn.Parameter] = {}
+def _materialize(model: nn.Module) -> None:
+    """Give every meta parameter and buffer (uninitialised) CPU memory; a tensor shared by modules stays shared.
+
+    A buffer is on the meta device when it was built as a parameter and then turned into a buffer (an image
+    tower's unused pooling keeps its weights as buffers, modalities/image.py); like the parameters, it is
+    filled by the resident weights next. Left on the meta device, `load_state_dict` would skip it with
+    torch's "copying from a non-meta parameter ... is a no-op" warning."""
+    memo: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_meta:
@@ -56,6 +61,12 @@ def _materialize_parameters(model: nn.Module) -> None:
                     memo[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"),
                                                    requires_grad=param.requires_grad)
                 module._parameters[name] = memo[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                if name in module._non_persistent_buffers_set:  # no saved value could ever fill it
+                    raise StoreError(f"buffer {name!r} of {type(module).__name__} was built on the meta device and "
+                                     "is not saved: the model cannot be loaded from a store")
+                module._buffers[name] = memo.setdefault(id(buffer), torch.empty_like(buffer, device="cpu"))
 
 
 def model_from_store(store: ExpertStore, replace_experts: Callable[[MultimodalLM], None] | None = None) -> MultimodalLM:
@@ -76,7 +87,7 @@ def model_from_store(store: ExpertStore, replace_experts: Callable[[MultimodalLM
                          f"{len(store.layers)}")
     if replace_experts is not None:
         replace_experts(model)
-    _materialize_parameters(model)
+    _materialize(model)
     missing, unexpected = model.load_state_dict(store.load_base(), strict=False)
     missing = set(missing) - (expert_keys(model) if replace_experts is None else set())
     if missing or unexpected:

@@ -7,6 +7,7 @@ trained FFN, `methods/unimoe.py`); the log records the structure, and the saved 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -32,11 +33,57 @@ class MoEConfig:
     router_jitter: float = 0.0
     noisy_second_choice: bool = False  # GShard/DeepSpeed: second expert drawn with Gumbel noise
 
+    def __post_init__(self) -> None:
+        """Refuse an impossible value, naming its field: the CLI builds this dataclass while it parses the config,
+        so a bad `moe` stops the run before the model (or the data) is built."""
+        for key in ("num_experts", "top_k"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"moe.{key} must be an integer >= 1, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe.top_k must be at most moe.num_experts ({self.num_experts}), got {self.top_k}")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, key)
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"moe.{key} must be a finite number > 0, or null (dropless), got {value!r}")
+        if not (_is_number(self.router_jitter) and 0 <= self.router_jitter < 1):
+            # the router's input is scaled by U(1 - jitter, 1 + jitter): from 1 on, by 0 or a negative factor
+            raise ValueError(f"moe.router_jitter must be a number in [0, 1), got {self.router_jitter!r}")
+        _check_layer_spec(self.layers)
+
+
+# deeper than any model: a layer slice that selects none of this many layers selects none of any model's
+_ANY_DEPTH = 100_000
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_layer_spec(spec: object) -> None:
+    """A ValueError naming `moe.layers` unless it is "all", a slice that selects some layer of a deep enough model,
+    or a non-empty list of distinct layer indices (whether they exist is known once the model is: `upcycle`)."""
+    if isinstance(spec, str):
+        try:
+            selects = resolve_layers(spec, _ANY_DEPTH)
+        except ValueError as err:  # not a slice, or a step of 0
+            raise ValueError(f"moe.layers: {err}") from None
+        if not selects:
+            raise ValueError(f"moe.layers {spec!r} selects no decoder layer of any model")
+        return
+    if not isinstance(spec, (list, tuple)) or not spec or not all(_is_number(i) and int(i) == i for i in spec):
+        raise ValueError(f"moe.layers must be 'all', a slice like '::2' or a non-empty list of layer indices, "
+                         f"got {spec!r}")
+    if len(set(spec)) != len(spec):
+        raise ValueError(f"moe.layers lists a layer more than once: {spec!r}")
+
 
 def upcycle(model: MultimodalLM, config: MoEConfig) -> list[int]:
     """Replace the chosen layers' MLPs by `SparseMoE` whose experts are copies of that MLP."""
     layers = decoder_layers(model.llm)
     chosen = resolve_layers(config.layers, len(layers))
+    if not chosen:
+        raise ValueError(f"moe.layers {config.layers!r} selects none of the model's {len(layers)} decoder layers")
     args = asdict(config)
     for i in chosen:
         attr = mlp_attribute(layers[i])

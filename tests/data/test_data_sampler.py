@@ -1,13 +1,17 @@
 """The resumable training sampler / loader (data/sampler.py): the order of epoch 0 is what torch's samplers
 drew before, each epoch has its own order, a restored loader continues where the saved one stopped, and
-ranks split each global batch into contiguous blocks that one process with accumulation sees in order."""
+ranks split each global batch into contiguous blocks that one process with accumulation sees in order; and, under
+a real Trainer, a run resumed from a mid-epoch checkpoint trains on the batches the uninterrupted run trained on,
+whether the checkpoint was written after a batch or by a run that `max_steps` stopped mid-epoch."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 
 from lightning_moe.data.datamodule import _permutation, _weighted_draws
@@ -79,3 +83,52 @@ def test_a_mid_epoch_state_from_another_process_count_is_refused():
     next(iter(saved))
     with pytest.raises(ValueError, match="2 training processes"):
         loader(ResumableSampler(partial(_permutation, 30), 30, batch_size=4, seed=1)).load_state_dict(saved.state_dict())
+
+
+class RecordBatches(L.LightningModule):
+    """A one-weight model that records the sample indices of every batch it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.trained_on: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.trained_on.append(batch)
+        return self.weight * sum(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):  # 12 samples, batches of 2: 6 batches per epoch
+        return loader(ResumableSampler(partial(_permutation, 12), 12, batch_size=2, seed=1))
+
+
+def fit(steps: int, tmp_path, checkpoints: list[ModelCheckpoint] = (), ckpt_path=None) -> RecordBatches:
+    model = RecordBatches()
+    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path, callbacks=list(checkpoints), enable_checkpointing=bool(checkpoints)
+              ).fit(model, ckpt_path=ckpt_path)
+    return model
+
+
+# where a 2-step run writes the checkpoint resumed from: the every-step checkpoint after batch 2; a plain last.ckpt,
+# in `on_train_epoch_end`; the quickstart's (a monitored metric, no validation run), in `on_train_end`
+CHECKPOINTS = {
+    "after batch 2": lambda d: ModelCheckpoint(dirpath=d, filename="{step}", every_n_train_steps=1, save_top_k=-1),
+    "at the stopped epoch's end": lambda d: ModelCheckpoint(dirpath=d, save_last=True),
+    "at the stopped run's end": lambda d: ModelCheckpoint(dirpath=d, monitor="val/exact_match", save_last=True),
+}
+
+
+@pytest.mark.parametrize("written", CHECKPOINTS)
+def test_a_trainer_resumed_mid_epoch_trains_on_the_uninterrupted_runs_batches(written, tmp_path):
+    """A run that `max_steps` stops mid-epoch writes its last checkpoint after Lightning counted the epoch as
+    processed: the resumed Trainer numbers the rest of epoch 0 "epoch 1", and every later epoch one more."""
+    uninterrupted = fit(14, tmp_path).trained_on  # into epoch 2: the epochs after the resumed one draw their own orders
+    assert fit(2, tmp_path, [CHECKPOINTS[written](tmp_path / "ckpt")]).trained_on == uninterrupted[:2]
+    path = tmp_path / "ckpt" / ("step=2.ckpt" if written == "after batch 2" else "last.ckpt")
+    saved = torch.load(path, weights_only=False)["loops"]["fit_loop"]
+    assert saved["state_dict"]["combined_loader"][0]["batches"] == 2
+    assert saved["epoch_progress"]["current"]["processed"] == (0 if written == "after batch 2" else 1)
+    assert fit(14, tmp_path, ckpt_path=path).trained_on == uninterrupted[2:]

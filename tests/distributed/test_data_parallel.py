@@ -4,6 +4,10 @@ DDP: the quickstart (MoE), MoLE and MoD's sparse mimic stage, with tiny widths, 
 tiny saved models; this is also the check that every trainable parameter is used (DDP raises otherwise: CLIP's
 `post_layernorm` once was). FSDP2: the quickstart, and its checkpoint is one ordinary file holding those weights.
 
+`test_ddp_and_fsdp2_resume_mid_epoch_on_two_processes` (slow): a 2-process run that `max_steps` stops mid-epoch and
+is resumed from its `last.ckpt` on the same 2 processes trains every later step on the samples, with the loss, of the
+run that was not interrupted, on every rank, and ends with its weights bit for bit (data/sampler.py).
+
 One launch of two processes serves both strategies (each rank runs the DDP runs, then the FSDP2 one: Lightning
 keeps the process group between Trainers) and one single-process run per config serves as the reference of both:
 the launch and the references are what cost time.
@@ -17,8 +21,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_LLM, tiny_encoders
-from tests.distributed.two_processes import (COMMON, TINY, assert_trains_the_same, train_on_one_process,
-                                             train_on_two_processes)
+from tests.distributed.two_processes import (COMMON, TINY, assert_trains_the_same, record_batches, recorded_batches,
+                                             train_on_one_process, train_on_two_processes)
 
 STRATEGIES = {
     "DDP": ["--trainer.strategy=ddp"],
@@ -75,3 +79,37 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_on_the_same_global
         for strategy in [strategy for strategy, run_config in TWO_PROCESS_RUNS if run_config == config]:
             with subtests.test(msg=f"{config} with {strategy}"):
                 assert_trains_the_same(multi[strategy, config], single, f"{config} with {strategy}")
+
+
+@pytest.mark.slow  # six 2-process runs of the quickstart in one launch: 1-2 min on 2 cores
+def test_ddp_and_fsdp2_resume_mid_epoch_on_two_processes(tmp_path, subtests):
+    # 12 samples, 2 per rank: 3 steps per epoch; the stopped run's last.ckpt is written after step 2, mid-epoch 0,
+    # once Lightning has counted that epoch as processed; the resumed run ends epoch 0 and trains all of epoch 1
+    def run(strategy: str, name: str, steps: int, *extra: str) -> list[str]:
+        return ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY, *STRATEGIES[strategy], *COMMON,
+                "--trainer.devices=2", f"--trainer.logger.init_args.name={strategy}_{name}",
+                f"--trainer.max_steps={steps}", "--data.init_args.samples_per_epoch=12",
+                *record_batches(tmp_path / f"{strategy}_{name}"), *extra]
+
+    def checkpoint(strategy: str) -> Path:
+        return tmp_path / "runs" / f"{strategy}_stopped" / "version_0" / "checkpoints" / "last.ckpt"
+
+    runs = [run(strategy, name, steps, *extra) for strategy in STRATEGIES for name, steps, extra in (
+        ("stopped", 2, ()), ("resumed", 5, (f"--ckpt_path={checkpoint(strategy)}",)), ("uninterrupted", 5, ()))]
+    train_on_two_processes(runs, tmp_path / "two", tmp_path)
+    for s, strategy in enumerate(STRATEGIES):
+        with subtests.test(msg=f"{strategy}: the stopped run's checkpoint is mid-epoch"):
+            loops = torch.load(checkpoint(strategy), weights_only=False)["loops"]["fit_loop"]
+            assert loops["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2, "length": 3, "num_replicas": 2}]
+        resumed, uninterrupted = (recorded_batches(tmp_path / f"{strategy}_{name}") for name in ("resumed", "uninterrupted"))
+        for rank in (0, 1):
+            with subtests.test(msg=f"{strategy}, rank {rank}: the resumed steps' samples and losses"):
+                assert sorted(resumed[rank]) == [2, 3, 4]
+                for step, trained in resumed[rank].items():
+                    assert trained == uninterrupted[rank][step], f"{strategy}, rank {rank}, step {step}"
+        with subtests.test(msg=f"{strategy}: the resumed run's weights"):
+            resumed, uninterrupted = (torch.load(tmp_path / "two" / f"{3 * s + i}.pt") for i in (1, 2))
+            assert resumed["global_step"] == uninterrupted["global_step"] == 5
+            different = [name for name, value in uninterrupted["state"].items()
+                         if not torch.equal(resumed["state"][name], value)]
+            assert not different, f"{strategy}: {len(different)} tensors differ, e.g. {different[:3]}"

@@ -12,9 +12,7 @@ expert: loaded into one process it gives the expert-parallel logits.
 configs/strategies/ep.yaml writes one ordinary `last.ckpt` with every expert, which `load_backbone` reads in one
 process with the weights the expert-parallel run trained, and resuming it on the same 2 processes continues
 bit for bit as the run that was not interrupted (weights, optimizer state and step restored into the expert
-shards). The checkpoint ends an epoch (8 samples: 2 global batches): a mid-epoch checkpoint of a 2-process run
-continues with other samples than the uninterrupted run under DDP and FSDP2 alike, a matter of the training
-loader's multi-process resume, not of the strategy.
+shards, the training loader's position restored mid-epoch: each rank trains on the uninterrupted run's samples).
 
 Also: on a 1-process group the expert-parallel dispatch is the plain layer; the benchmark's expert-parallel row
 (slow) checks its parity before timing.
@@ -33,7 +31,8 @@ import torch
 from lightning_moe.formats import load_backbone
 from lightning_moe.models import MoEConfig, build_multimodal, expert_layers, upcycle
 from tests.conftest import ROOT, TINY_LLM, tiny_encoders
-from tests.distributed.two_processes import COMMON, TINY, run_on_two_processes, train_on_two_processes
+from tests.distributed.two_processes import (COMMON, TINY, record_batches, recorded_batches, run_on_two_processes,
+                                             train_on_two_processes)
 from tests.models.test_native_moe import save_hf_moe
 
 # float32 rounding, not bit-equality: each rank runs every layer on half the batch (matmuls over other row counts
@@ -159,15 +158,18 @@ def test_one_process_group_is_the_plain_layer_and_a_dense_model_is_refused(token
 
 @pytest.mark.slow  # three 2-process CLI runs of the quickstart: 1-3 min on 2 cores
 def test_ep_strategy_trains_saves_and_resumes(tokenizer, tmp_path, subtests):
+    # 16 samples, 2 per rank: 4 steps per epoch; the checkpoint after step 2 is mid-epoch 0, and the resumed run
+    # goes on into epoch 1
     def run(name: str, steps: int, *extra: str) -> list[str]:
         return ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY,
                 "--config", str(ROOT / "configs/strategies/ep.yaml"), f"--trainer.logger.init_args.name={name}",
-                *COMMON, f"--trainer.max_steps={steps}", "--data.init_args.samples_per_epoch=8", *extra]
+                *COMMON, f"--trainer.max_steps={steps}", "--data.init_args.samples_per_epoch=16",
+                *record_batches(tmp_path / name), *extra]
 
     checkpoint = tmp_path / "runs" / "two_steps" / "version_0" / "checkpoints" / "last.ckpt"
-    train_on_two_processes([run("two_steps", 2), run("resumed", 3, f"--ckpt_path={checkpoint}"), run("three_steps", 3)],
+    train_on_two_processes([run("two_steps", 2), run("resumed", 5, f"--ckpt_path={checkpoint}"), run("five_steps", 5)],
                            tmp_path / "two", tmp_path)
-    two_steps, resumed, three_steps = (torch.load(tmp_path / "two" / f"{i}.pt") for i in range(3))
+    two_steps, resumed, five_steps = (torch.load(tmp_path / "two" / f"{i}.pt") for i in range(3))
 
     with subtests.test(msg="last.ckpt: one file with every expert"):
         saved = torch.load(checkpoint, weights_only=False)["state_dict"]
@@ -180,9 +182,17 @@ def test_ep_strategy_trains_saves_and_resumes(tokenizer, tmp_path, subtests):
         weights = dict(model.named_parameters())
         for name, value in two_steps["state"].items():
             assert torch.equal(weights[name.removeprefix("model.")], value), name
+    with subtests.test(msg="resumed mid-epoch on the same mesh: the uninterrupted run's samples and losses"):
+        assert torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+            {"epoch": 0, "batches": 2, "length": 4, "num_replicas": 2}]
+        trained, uninterrupted = recorded_batches(tmp_path / "resumed"), recorded_batches(tmp_path / "five_steps")
+        for rank in (0, 1):
+            assert sorted(trained[rank]) == [2, 3, 4]
+            for step, batch in trained[rank].items():
+                assert batch == uninterrupted[rank][step], f"rank {rank}, step {step}"
     with subtests.test(msg="resumed on the same mesh: the uninterrupted run's weights"):
-        assert resumed["global_step"] == three_steps["global_step"] == 3
-        for name, value in three_steps["state"].items():
+        assert resumed["global_step"] == five_steps["global_step"] == 5
+        for name, value in five_steps["state"].items():
             assert torch.equal(resumed["state"][name], value), name
 
 

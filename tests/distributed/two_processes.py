@@ -4,6 +4,9 @@ tests/distributed/ddp_worker.py), then train one process on the same global batc
 One process with `accumulate_grad_batches=2` sees the same micro-batches as the two ranks (the training sampler
 shards each global batch into contiguous per-rank blocks, data/sampler.py), and the data-parallel gradient
 average equals the accumulated mean, so the weights after a few optimizer steps agree up to float summation order.
+
+`RecordBatches` (a callback named on a run's command line) writes what each rank trained on at each step, which
+the resume tests compare between a resumed run and the run that was not interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from lightning_moe.cli import main
@@ -71,3 +75,28 @@ def assert_trains_the_same(multi: dict, single: dict, label: str) -> None:
     for key, value in single["state"].items():
         torch.testing.assert_close(multi["state"][key], value, rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{label}: {key}: {m}")
+
+
+class RecordBatches(L.Callback):
+    """Each rank appends, per training step, its batch's sample ids and its loss to `{prefix}.{rank}.jsonl`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        line = {"step": trainer.global_step - 1, "ids": batch["id"], "loss": outputs["loss"].item()}
+        with open(f"{self.prefix}.{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def record_batches(prefix: Path) -> list[str]:
+    """The CLI arguments that add `RecordBatches(prefix)` to a run's callbacks."""
+    return ["--trainer.callbacks+=" + json.dumps({"class_path": f"{__name__}.RecordBatches",
+                                                  "init_args": {"prefix": str(prefix)}})]
+
+
+def recorded_batches(prefix: Path) -> dict[int, dict[int, dict]]:
+    """What `RecordBatches(prefix)` wrote: rank -> step -> {"ids", "loss"}."""
+    return {rank: {line["step"]: {"ids": line["ids"], "loss": line["loss"]}
+                   for line in map(json.loads, Path(f"{prefix}.{rank}.jsonl").read_text().splitlines())}
+            for rank in range(2)}

@@ -1,6 +1,8 @@
 """Configuration that would be silently ignored is an error: an override the config has no field of (LLM
 presets and checkpoints, the encoder towers' presets) names the nearest field; an LLM checkpoint whose
-weights lack some of the model's tensors names the directory, its files and the missing tensors."""
+weights lack some of the model's tensors names the directory, its files and the missing tensors; an impossible
+`MoEConfig` value names its field (through the CLI: tests/test_one_line_errors.py), and layers that select none of
+the model's are an error when it is upcycled."""
 
 from __future__ import annotations
 
@@ -86,3 +88,26 @@ def test_the_cli_reports_a_misspelt_override_in_one_message(capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Namespace(" not in err
     assert "has no field 'hiden_size' (did you mean 'hidden_size'" in err, err
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"num_experts": True}, "moe.num_experts must be an integer >= 1, got True"),
+    ({"eval_capacity_factor": float("inf")}, "moe.eval_capacity_factor must be a finite number > 0"),
+    ({"router_jitter": -0.1}, r"moe.router_jitter must be a number in \[0, 1\)"),
+    ({"layers": "1:2:3:4"}, "moe.layers: layer spec '1:2:3:4' is neither"),
+    ({"layers": [1, 1]}, r"moe.layers lists a layer more than once: \[1, 1\]"),
+    ({"layers": ["a"]}, "moe.layers must be 'all', a slice like '::2' or a non-empty list"),
+])
+def test_an_impossible_moe_config_names_its_field(fields, words):
+    from lightning_moe.models import MoEConfig
+
+    with pytest.raises(ValueError, match=words):
+        MoEConfig(**fields)
+
+
+def test_layers_that_select_none_of_the_models_layers_are_an_error(tokenizer):
+    from lightning_moe.models import MoEConfig, upcycle
+
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, {})  # 2 decoder layers: "4:" is valid, selects none
+    with pytest.raises(ValueError, match=r"moe.layers '4:' selects none of the model's 2 decoder layers"):
+        upcycle(model, MoEConfig(layers="4:"))

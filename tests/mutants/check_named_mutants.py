@@ -108,6 +108,32 @@ MUTANTS = [
            "if 2 * len(at_ceiling) > len(val):",
            "if 2 * len(at_ceiling) >= len(val):",
            ["tests/experiments/test_verdicts.py"]),
+    # hostile input: a checkpoint of another plan, an edited store manifest, a config value of the wrong type
+    Mutant("--ckpt_path accepts a checkpoint of another surgery or trainable set",
+           "    if other_class or differences:",
+           "    if other_class:",
+           ["tests/test_hostile_checkpoints.py", "-k", "runs_only_its_own_method and (surgery or trainable)"]),
+    Mutant("a store manifest's sections not compared with their checksums",
+           "if k not in sections or recorded.get(k) != _section_sha256(sections[k]))",
+           "if k not in sections)",
+           ["tests/inference/test_store_checks.py", "-k", "edited_model_config_fails_verify"]),
+    Mutant("the wrong-type line names only the innermost key",
+           "return f\"{'.'.join(keys)}: expected {expected}, got {value}\"",
+           "return f\"{keys[-1]}: expected {expected}, got {value}\"",
+           ["tests/test_one_line_errors.py", "-k", "every_kind_of_key"]),
+    Mutant("MoEConfig lets top_k above num_experts through to the model build",
+           "        if self.top_k > self.num_experts:",
+           "        if False:",
+           ["tests/test_one_line_errors.py", "-k", "impossible_moe_value"]),
+    # a store's resident tensors all loaded; a resumed run's data order
+    Mutant("a store's meta buffers left unloaded",
+           "            if buffer is not None and buffer.is_meta:",
+           "            if False:",
+           ["tests/inference/test_commands.py", "-k", "healthy_store"]),
+    Mutant("a resumed sampler follows Lightning's epoch number",
+           "            self.epoch_offset = epoch - self._resume[0]",
+           "            self.epoch_offset = 0",
+           ["tests/data/test_data_sampler.py", "-k", "trainer_resumed_mid_epoch"]),
 ]
 
 
