@@ -34,6 +34,7 @@ def records():
 
 
 @requires_real_model
+@pytest.mark.slow  # 57 questions, twice, through a 135M-parameter LLM
 def test_upcycling_leaves_retention_answers_and_logits_unchanged(records):
     tokenizer = load_tokenizer(REAL_MODEL)
     model = load_backbone(REAL_MODEL).eval()
