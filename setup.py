@@ -1,7 +1,7 @@
 """Packaging hook (everything else is in pyproject.toml): the wheel carries the shipped configs and data.
 
 A non-editable install (`pip install .`) has no checkout around the package, yet the experiments and
-the quickstart name `configs/...`, `data/tokenizer` and `data/shapes`. They are copied into the wheel
+the quickstart name `configs/...`, `data/tokenizer`, `data/shapes` and `data/retention`. They are copied into the wheel
 under `lightning_moe/_shipped/`, where `lightning_moe.paths` looks when no checkout holds them. They
 live at the repository root for the people who read and edit them, so they are copied at build time
 rather than moved into the package. An editable install finds the checkout itself and copies nothing.
@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = ("configs", "data/tokenizer", "data/shapes")  # keep in step with MANIFEST.in (the sdist)
+SHIPPED = ("configs", "data/tokenizer", "data/shapes", "data/retention")  # keep in step with MANIFEST.in (the sdist)
 
 
 class BuildPyWithShippedFiles(build_py):

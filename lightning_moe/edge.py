@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="trained model -> expert store")
-    p.add_argument("--model", required=True, help="save_pretrained directory or Lightning .ckpt of a sparse model")
+    p.add_argument("--model", required=True, help="save_pretrained directory, Lightning .ckpt or GGUF file of a sparse model")
     p.add_argument("--out", required=True, help="store directory to write")
     p.add_argument("--bits", type=int, default=32, choices=(32, 8, 4, 2), help="bitwidth of every expert (32 = float32)")
     p.set_defaults(func=cmd_export)

@@ -4,7 +4,8 @@
                                    [--text-only] [--merge-lora] [--tokenizer NAME_OR_PATH]
                                    [--allow-unsafe-checkpoint]
 
-  --model       a `save_pretrained` directory or a Lightning .ckpt written by any method here
+  --model       a `save_pretrained` directory or a Lightning .ckpt written by any method here, or a GGUF
+                file of a causal LM (or a packaged name, `smollm2-135m-instruct`): its LLM, dequantised
   --format hf   (default) a transformers directory: config.json, weights, generation config and the
                 tokenizer's files. A multimodal model becomes a `LlavaForConditionalGeneration` directory
                 with its processor (`formats/llava_hf.py`). A text-only model (no encoders), or any model with --text-only, becomes
@@ -35,7 +36,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .formats import (NotExportable, detect_format, export_llm, export_multimodal, export_peft, load_backbone,
                       to_hf_causal_lm, without_adapters)
+from .formats.gguf import GGUF
 from .formats.project import LIGHTNING_CHECKPOINT, PROJECT_DIRECTORY
+from .gguf_files import packaged_gguf
 from .models import MultimodalLM, merge_lora
 from .safe_load import OPT_IN, load_torch_file
 from .tokens import DEFAULT_TOKENIZER, load_tokenizer
@@ -47,14 +50,16 @@ FORMATS: tuple[str, ...] = ("hf", "peft", "project")
 
 
 def load_for_export(path: str | Path, allow_unsafe: bool = False) -> tuple[MultimodalLM, str | None]:
-    """The model at `path` and its tokenizer: the one a checkpoint's hyperparameters name, or the directory
-    itself where `SavePretrained` wrote the tokenizer beside the model (else None)."""
-    path = Path(path)
+    """The model at `path` and its tokenizer: the one a checkpoint's hyperparameters name, the directory
+    itself where `SavePretrained` wrote the tokenizer beside the model, a GGUF file's own (else None)."""
+    path = packaged_gguf(str(path)) or Path(path)
     found = detect_format(path)
-    if found not in (PROJECT_DIRECTORY, LIGHTNING_CHECKPOINT):
-        raise NotExportable(f"{path} is {found.description}, not {PROJECT_DIRECTORY.description} or "
-                            f"{LIGHTNING_CHECKPOINT.description}: nothing to export")
+    if found not in (PROJECT_DIRECTORY, LIGHTNING_CHECKPOINT, GGUF):
+        raise NotExportable(f"{path} is {found.description}, not {PROJECT_DIRECTORY.description}, "
+                            f"{LIGHTNING_CHECKPOINT.description} or {GGUF.description}: nothing to export")
     model = load_backbone(path, allow_unsafe=allow_unsafe).eval()
+    if found is GGUF:
+        return model, str(path)
     tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else None
     if path.is_file():
         # the method's hyperparameters name the tokenizer it trained with (read without running code, mmap)
@@ -96,7 +101,7 @@ def export(model: MultimodalLM, out: str | Path, format: ExportFormat = "hf",
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lightning_moe.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="save_pretrained directory or Lightning .ckpt")
+    parser.add_argument("--model", required=True, help="save_pretrained directory, Lightning .ckpt or GGUF file")
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--format", default="hf", choices=FORMATS, help="what to write (see above)")
     parser.add_argument("--text-only", action="store_true", help="export only the language model (no encoders)")

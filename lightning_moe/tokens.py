@@ -21,6 +21,7 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .gguf_files import transformers_source
 from .modalities import modalities
 from .paths import could_be_hub_id, model_source_error, resolve_data_path
 from .safe_load import raise_if_remote_code
@@ -38,9 +39,10 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained` plus a pad token and single-token placeholders.
 
-    `chat_template` replaces the tokenizer's own (for base-model tokenizers that have none).
+    `chat_template` replaces the tokenizer's own (for base-model tokenizers that have none). A GGUF file or
+    packaged name reads the tokenizer and chat template the file holds (`gguf_files.transformers_source`).
     """
-    path = resolve_data_path(name_or_path)
+    path = resolve_data_path(transformers_source(name_or_path))
     if not path.exists() and not could_be_hub_id(name_or_path):  # a typo in a path: no Hub request
         raise model_source_error("tokenizer", name_or_path)
     try:

@@ -11,6 +11,7 @@ import torch
 from lightning_moe.cli import main
 from lightning_moe.methods import MoETuning
 from tests.conftest import ROOT
+from tests.real_model import requires_real_model
 
 # configs/_base/ holds the parts every config includes (trainer, data), not runnable configs; configs/strategies/
 # holds trainer-only files composed after a method's config (tests/distributed/test_strategies.py)
@@ -27,12 +28,17 @@ MOLE = ["configs/mole/base.yaml", "configs/mole/lora.yaml", "configs/mole/mole.y
 # Uni-MoE: align, one experts run per modality, moe (tests/methods/test_unimoe_cli.py)
 UNIMOE = ["configs/unimoe/align.yaml", "configs/unimoe/experts.yaml", "configs/unimoe/experts_video.yaml",
           "configs/unimoe/experts_image.yaml", "configs/unimoe/moe.yaml"]
-CHAINED = STAGES + MOD_STAGES + MORA + MOLE + UNIMOE  # each chain has its own test; the rest run one by one
+# MoE-LLaVA's stages on the packaged SmolLM2 (docs/real_model.md): the `real` extra
+REAL = ["configs/real/stage1_align.yaml", "configs/real/stage2_instruct.yaml", "configs/real/stage3_moe.yaml"]
+CHAINED = STAGES + MOD_STAGES + MORA + MOLE + UNIMOE + REAL  # each chain has its own test; the rest run one by one
 # A few steps on a few samples: the point is that every piece runs, not that it learns.
 FAST = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
         "--data.init_args.max_eval_samples_per_domain=8", "--data.init_args.max_train_samples_per_domain=64"]
+# a 135M-parameter LLM: fewer samples still (one validation batch of two per domain)
+REAL_FAST = ["--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2",
+             "--data.init_args.max_eval_samples_per_domain=2", "--data.init_args.max_train_samples_per_domain=8"]
 
 
 class CountingMoETuning(MoETuning):
@@ -75,7 +81,7 @@ def assert_outputs_load_safely(workdir: Path) -> None:
 
 def test_configs_are_shipped():
     assert "configs/quickstart.yaml" in CONFIGS and set(CHAINED) <= set(CONFIGS)
-    assert len(CONFIGS) == 18 and not any("_base" in c for c in CONFIGS)
+    assert len(CONFIGS) == 21 and not any("_base" in c for c in CONFIGS)
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c not in CHAINED])
@@ -92,6 +98,20 @@ def test_moe_llava_stages_chain_through_their_outputs(workdir):
     assert (workdir / "runs/moe_llava/stage1/model/model.safetensors").is_file()
     assert (workdir / "runs/moe_llava/stage2/model/model.safetensors").is_file()
     assert cli.model.stage == "moe" and cli.model.model.surgery[0]["op"] == "upcycle"
+    assert_outputs_load_safely(workdir)
+
+
+@requires_real_model
+@pytest.mark.slow  # three stages of a 135M-parameter LLM
+def test_real_model_stages_chain_through_their_outputs(workdir):
+    for stage in REAL:
+        cli = fit(stage, *REAL_FAST)
+        assert cli.trainer.global_step == 2
+    model = cli.model.model
+    assert model.llm.config.num_hidden_layers == 30 and model.llm.config.hidden_size == 576
+    assert cli.model.stage == "moe" and model.surgery[0]["op"] == "upcycle" and len(model.surgery[0]["layers"]) == 15
+    # the placeholders follow the GGUF's 49152 tokens: the embeddings grew by them
+    assert model.llm.get_input_embeddings().num_embeddings == len(cli.model.tokenizer) == 49155
     assert_outputs_load_safely(workdir)
 
 

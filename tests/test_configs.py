@@ -20,6 +20,10 @@ from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"
 BEFORE = ROOT / "tests" / "fixtures" / "pre_restructure" / "print_config"
+# configs/real/ (a real pretrained LLM, docs/real_model.md) came after the restructuring: its effective configs
+# as first recorded (tests/fixtures/print_config/real/, written by `--print_config`)
+RECORDED = ROOT / "tests" / "fixtures" / "print_config"
+REAL = "real"
 
 
 # `_base/` holds parts that the others include, not runs; `strategies/` holds trainer-only parts composed after a
@@ -44,13 +48,27 @@ def differences(before, now, key: str = "") -> list[str]:
     return [] if before == now else [f"{key}: {before!r} before, {now!r} now"]
 
 
+def restructured_configs() -> list[Path]:
+    """The shipped configs that existed before the restructuring (all but configs/real/)."""
+    return [p for p in shipped_configs() if p.relative_to(CONFIGS).parts[0] != REAL]
+
+
 def test_the_fixtures_cover_every_shipped_config():
-    names = {p.relative_to(CONFIGS) for p in shipped_configs()}
+    names = {p.relative_to(CONFIGS) for p in restructured_configs()}
     assert names == {p.relative_to(BEFORE) for p in BEFORE.rglob("*.yaml")}
     assert len(names) == 18
+    real = {p.relative_to(CONFIGS) for p in shipped_configs()} - names
+    assert real == {p.relative_to(RECORDED) for p in (RECORDED / REAL).rglob("*.yaml")} and len(real) == 3
 
 
-@pytest.mark.parametrize("config", [str(p.relative_to(CONFIGS)) for p in shipped_configs()])
+@pytest.mark.parametrize("config", [str(p.relative_to(CONFIGS / REAL)) for p in (CONFIGS / REAL).glob("*.yaml")])
+def test_real_model_config_is_as_recorded(config):
+    """Parsing needs no model (the LLM loads when the run starts): these run without the `real` extra."""
+    recorded = yaml.safe_load((RECORDED / REAL / config).read_text())
+    assert differences(recorded, effective_config(CONFIGS / REAL / config)) == []
+
+
+@pytest.mark.parametrize("config", [str(p.relative_to(CONFIGS)) for p in restructured_configs()])
 def test_effective_config_is_unchanged(config):
     before = yaml.safe_load((BEFORE / config).read_text())  # its `# lightning.pytorch==` header is a comment
     now = effective_config(CONFIGS / config)
@@ -77,7 +95,9 @@ def test_every_config_names_the_tokenizer_once():
     # the Uni-MoE chain reads data/media with its own tokenizer (docs/unimoe_data.md), named by the configs that
     # start a run on it; the others name none
     media = sorted(CONFIGS / "unimoe" / f for f in ("align.yaml", "experts.yaml", "moe.yaml"))
-    assert sorted(named) == sorted([CONFIGS / "_base" / "shapes.yaml", *media])
+    # the real model's stages read the shapes data with that model's own tokenizer (docs/real_model.md)
+    real = sorted((CONFIGS / REAL).glob("*.yaml"))
+    assert sorted(named) == sorted([CONFIGS / "_base" / "shapes.yaml", *media, *real])
 
 
 def test_the_model_gets_the_data_modules_tokenizer(tmp_path):

@@ -76,7 +76,8 @@ FORBIDDEN = {
 # parts held to a list of the package's modules they may import (besides the package's own `__init__`)
 OWN_ALLOWED = {
     "layers": (_pkg("layers"),),
-    "formats": tuple(_pkg(p) for p in ("formats", "models", "modalities", "layers", "tokens", "paths", "safe_load")),
+    "formats": tuple(_pkg(p) for p in ("formats", "models", "modalities", "layers", "tokens", "paths", "safe_load",
+                                            "gguf_files")),
 }
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 

@@ -7,6 +7,8 @@ and, where the layout can be written, its exporter.
 - `llava_original.py`: original LLaVA / MoE-LLaVA directories in
 - `hf_causal_lm.py`: transformers `AutoModelForCausalLM` directories out (`to_hf_causal_lm`,
   `export_llm`: the LLM, dense or sparse); one given as a backbone is refused with where it goes instead
+- `gguf.py`: GGUF files (llama.cpp's) of a causal LM in, as a text-only model; `backbone.llm` and the
+  tokenizer take them through `gguf_files` (below `models/`)
 - `peft.py`: peft LoRA adapter directories in and out (adapters on a model, read by `load_adapters`)
 - `base.py`: the `ModelFormat` record, the errors, reading a Hugging Face directory
 
@@ -27,9 +29,11 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from ..models.adapters import load_adapters as load_project_adapters
+from ..gguf_files import packaged_gguf
 from ..models.multimodal import MultimodalLM
 from ..paths import could_be_hub_id, model_source_error
 from .base import ModelFormat, NotExportable, UnknownFormatError, resolve_model_dir
+from .gguf import GGUF
 from .hf_causal_lm import HF_CAUSAL_LM, export_llm, to_hf_causal_lm
 from .llava_hf import LLAVA_HF, export_multimodal, to_llava_hf
 from .llava_original import LLAVA_ORIGINAL
@@ -46,6 +50,7 @@ FORMATS: tuple[ModelFormat, ...] = (
     LLAVA_HF,
     LLAVA_ORIGINAL,
     HF_CAUSAL_LM,
+    GGUF,
 )
 
 
@@ -64,12 +69,13 @@ def detect_format(path: str | Path) -> ModelFormat:
 def load_backbone(path: str | Path, allow_unsafe: bool = False, tokenizer: PreTrainedTokenizerBase | None = None,
                   torch_dtype: str | None = None, trust_remote_code: bool = False) -> MultimodalLM:
     """The `MultimodalLM` at `path`, a local file or directory in any format of `FORMATS`, or a Hugging Face
-    Hub id (downloaded). `tokenizer` maps a llava-hf / original-LLaVA image token.
+    Hub id (downloaded), or a packaged GGUF name (`gguf_files.PACKAGED_GGUF`). `tokenizer` maps a llava-hf /
+    original-LLaVA image token.
 
     Checkpoints are read without executing code from them (`safe_load.load_torch_file`);
     `allow_unsafe` is the explicit opt-in (`backbone.allow_unsafe_checkpoint`) for trusted files.
     """
-    path = Path(path)
+    path = packaged_gguf(str(path)) or Path(path)
     if not path.exists():
         if not could_be_hub_id(path):
             raise model_source_error("pretrained backbone", path)

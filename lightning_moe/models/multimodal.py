@@ -33,6 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..gguf_files import transformers_source
 from ..modalities import from_pretrained_overrides, modalities, modality_names, preset_config
 from ..modalities import modality as modality_spec
 from ..safe_load import hf_load_kwargs, hf_source
@@ -343,6 +344,7 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
               allow_unsafe: bool = False, allow_missing_weights: bool = False) -> PreTrainedModel:
     """A preset name builds a fresh tiny LLM sized to the tokenizer; anything else loads with from_pretrained
     (safetensors only and no repository code, unless `allow_unsafe` / `trust_remote_code` say otherwise).
+    A GGUF file or packaged name loads its converted directory (`gguf_files.transformers_source`).
 
     An override the config has no field of is a ValueError naming the nearest field. A checkpoint whose
     weights lack some of the model's tensors (which transformers would initialise randomly, with a load
@@ -357,6 +359,7 @@ def build_llm(name_or_path: str, tokenizer: PreTrainedTokenizerBase, overrides: 
             raise ValueError(f"{name_or_path} is a lightning-moe save_pretrained directory ({CONFIG_NAME}), not a "
                              "transformers model: name it as backbone.pretrained, or export it to transformers with "
                              "python -m lightning_moe.export")
+        name_or_path = transformers_source(name_or_path)
         dtype = getattr(torch, torch_dtype) if torch_dtype else None
         load_kwargs = hf_load_kwargs(trust_remote_code, allow_unsafe)
         with hf_source("LLM", name_or_path, allow_unsafe, trust_remote_code):

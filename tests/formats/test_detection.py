@@ -101,18 +101,18 @@ def test_a_transformers_causal_lm_as_backbone_says_where_it_goes(layouts):
 
 
 def test_a_format_added_to_the_registry_is_detected_and_loaded(tmp_path, monkeypatch):
-    """What a new format (e.g. GGUF) takes: one `ModelFormat`, one entry in FORMATS; nothing else dispatches."""
-    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(12))
+    """What a new format (e.g. TFLite) takes: one `ModelFormat`, one entry in FORMATS; nothing else dispatches."""
+    (tmp_path / "model.tflite").write_bytes(b"TFL3" + bytes(12))
     loaded = []
 
     def load(path: Path, **options) -> str:
         loaded.append((path, options["allow_unsafe"]))
         return "a model"
 
-    gguf = ModelFormat("gguf", "a GGUF file", lambda path: path.is_file() and path.read_bytes()[:4] == b"GGUF", load)
-    with pytest.raises(UnknownFormatError, match="model.gguf"):
-        detect_format(tmp_path / "model.gguf")
-    monkeypatch.setattr(formats, "FORMATS", (*FORMATS, gguf))
-    assert detect_format(tmp_path / "model.gguf") is gguf
-    assert load_backbone(tmp_path / "model.gguf", allow_unsafe=True) == "a model"
-    assert loaded == [(tmp_path / "model.gguf", True)]
+    tflite = ModelFormat("tflite", "a TFLite file", lambda path: path.is_file() and path.read_bytes()[:4] == b"TFL3", load)
+    with pytest.raises(UnknownFormatError, match="model.tflite"):
+        detect_format(tmp_path / "model.tflite")
+    monkeypatch.setattr(formats, "FORMATS", (*FORMATS, tflite))
+    assert detect_format(tmp_path / "model.tflite") is tflite
+    assert load_backbone(tmp_path / "model.tflite", allow_unsafe=True) == "a model"
+    assert loaded == [(tmp_path / "model.tflite", True)]
