@@ -153,6 +153,14 @@ def _check_architecture(path: Path) -> None:
 
 
 def _content_key(path: Path) -> str:
+    stat = path.stat()
+    return _hashed_content(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _hashed_content(path: Path, size: int, mtime_ns: int) -> str:
+    """Hashed once per (file, size, modification time): a run reads the model and its tokenizer from the same
+    file, and hashing ~100 MB each time is most of a cached load."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         for block in iter(lambda: file.read(1 << 24), b""):

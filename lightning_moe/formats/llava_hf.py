@@ -38,7 +38,7 @@ from transformers import (
 from ..models.connectors import build_connector
 from ..modalities.image import IMAGE_TOKEN, VISION_MODELS, VisionTower
 from ..models.multimodal import MultimodalLM
-from ..safe_load import check_safe_weights, hf_load_kwargs, raise_if_remote_code
+from ..safe_load import hf_load_kwargs, hf_source
 from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, NotExportable, read_json_config
 
 __all__ = ["LLAVA_HF", "is_llava_hf", "load_llava_hf", "to_llava_hf", "image_processor_for", "export_multimodal"]
@@ -101,7 +101,6 @@ def load_llava_hf(directory: str | Path, *, tokenizer: PreTrainedTokenizerBase |
                   allow_unsafe: bool = False) -> MultimodalLM:
     """A llava-hf `LlavaForConditionalGeneration` directory as a `MultimodalLM` with the same weights."""
     directory = Path(directory)
-    check_safe_weights(directory, allow_unsafe=allow_unsafe)
     config = LlavaConfig.from_pretrained(directory)
     layer = config.vision_feature_layer
     if not isinstance(layer, int):
@@ -117,12 +116,10 @@ def load_llava_hf(directory: str | Path, *, tokenizer: PreTrainedTokenizerBase |
             f"{image_token_id(tokenizer)}: use the tokenizer saved with the checkpoint (tokenizer: {directory})"
         )
     dtype = getattr(torch, torch_dtype) if torch_dtype else None
-    try:
+    # hf_source: the remote-code error made clear, and the trust_remote_code opt-in named, as for every model loaded
+    with hf_source("llava-hf model", directory, allow_unsafe, trust_remote_code):
         hf = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype,
                                                            **hf_load_kwargs(trust_remote_code, allow_unsafe))
-    except ValueError as error:
-        raise_if_remote_code(str(directory), error)
-        raise
     inner = hf.model
     tower_model = inner.vision_tower
     if type(tower_model).__name__ not in set(VISION_MODELS.values()):

@@ -4,6 +4,7 @@ and a hand-written original-LLaVA forward as oracles: same logits (max |Δ| ≤ 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,17 @@ def test_llava_hf_image_token_that_disagrees_with_the_tokenizer_is_an_error(tmp_
     (tmp_path / "llava" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="image_token_index is 3"):
         load_backbone(tmp_path / "llava", tokenizer=tokenizer)
+
+
+def test_llava_hf_with_trust_remote_code_names_the_directory_it_trusts(tmp_path, tokenizer):
+    """The opt-in is named for a llava-hf backbone too, as for every model the project loads; without it, nothing."""
+    tiny_llava_hf(tmp_path / "llava", tokenizer)
+    with pytest.warns(UserWarning, match=f"loading llava-hf model {tmp_path / 'llava'} with backbone.trust_remote_code"):
+        load_backbone(tmp_path / "llava", tokenizer=tokenizer, trust_remote_code=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load_backbone(tmp_path / "llava", tokenizer=tokenizer)
+    assert not [w for w in record if "trust_remote_code" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------- original LLaVA
