@@ -8,7 +8,7 @@ them like any other parameter). From then on
 
   1. the (token, slot) pairs are sorted by expert, hence grouped by the rank that holds their expert;
   2. `all_to_all_single` exchanges the per-expert pair counts, then the pairs' token rows;
-  3. the received rows are sorted by local expert and run through the grouped matmuls (`grouped.grouped_linear`);
+  3. the received rows are sorted by local expert and run through the experts' FFN (`grouped.run_sorted_experts`);
   4. a second `all_to_all_single` brings every pair's expert output back to its token's rank, where the gate
      weights combine them exactly as the single-process dispatch does.
 
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .grouped import grouped_linear, make_offsets
+from .grouped import combine_pairs, inverse_permutation, make_offsets, run_sorted_experts, sort_pairs
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -116,10 +116,8 @@ def expert_parallel_forward(layer: nn.Module, flat: Tensor, indices: Tensor, wei
     local_experts = num_experts // ranks
     k, dtype = indices.shape[1], flat.dtype
 
-    pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
-    if dropped is not None:  # dropped pairs go to a sentinel expert E that sorts last and is never sent
-        pair_expert = pair_expert.masked_fill(dropped.reshape(-1), num_experts)
-    sorted_expert, order = torch.sort(pair_expert, stable=True)
+    # dropped pairs go to a sentinel expert E that sorts last and is never sent
+    sorted_expert, order = sort_pairs(indices, dropped, num_experts)  # pair p = token p // k, slot p % k
     counts = torch.bincount(sorted_expert, minlength=num_experts + 1)[:num_experts]  # (E,) pairs per expert
     kept = int(counts.sum())
     order = order[:kept]
@@ -135,32 +133,15 @@ def expert_parallel_forward(layer: nn.Module, flat: Tensor, indices: Tensor, wei
     rows = _exchange(flat.index_select(0, token), recv_splits, send_splits, group)  # (R, H), by source rank
     # sorted by local expert for the grouped matmuls (stable: source rank order inside each expert)
     row_expert = torch.arange(local_experts, device=flat.device).repeat(ranks).repeat_interleave(received.reshape(-1))
-    row_expert, by_expert = torch.sort(row_expert, stable=True)
-    expert_counts = received.sum(0).tolist()
-    offs = make_offsets(expert_counts, flat.device)
+    by_expert = torch.sort(row_expert, stable=True).indices
+    offsets = make_offsets(received.sum(0).tolist(), flat.device)
     w_in, w_down, b_in, b_down = (_local(p, ranks, dtype)
                                   for p in (layer.w_in, layer.down_proj, layer.b_in, layer.down_bias))
+    y = run_sorted_experts(rows.index_select(0, by_expert), offsets, w_in, w_down, b_in, b_down,
+                           layer.act_fn, layer.gated)
+    y = _exchange(y.index_select(0, inverse_permutation(by_expert)), send_splits, recv_splits, group)  # (S, H)
 
-    h = grouped_linear(rows.index_select(0, by_expert), w_in, expert_counts, offs)
-    if b_in is not None:
-        h = h + b_in.index_select(0, row_expert)
-    if layer.gated:
-        gate, up = h.chunk(2, dim=-1)
-        a = layer.act_fn(gate) * up
-    else:
-        a = layer.act_fn(h)
-    y = grouped_linear(a, w_down, expert_counts, offs)
-    if b_down is not None:
-        y = y + b_down.index_select(0, row_expert)
-    back_order = torch.empty_like(by_expert)
-    back_order[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
-    y = _exchange(y.index_select(0, back_order), send_splits, recv_splits, group)  # (S, H), pairs sorted by expert
-
+    # pairs sorted by expert; every token has its k pairs unless some dropped, as the single-process dispatch sums
     pair_w = weights.reshape(-1)[order].to(dtype)
-    if dropped is not None:  # scatter-add the kept pairs
-        return y.new_zeros(flat.shape).index_add_(0, token, y * pair_w[:, None])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    # every token has its k pairs: in token order, (T, 1, k) @ (T, k, H), as the single-process dispatch sums
-    rows_by_token = y.index_select(0, inverse).view(flat.shape[0], k, -1)
-    return torch.bmm(pair_w.index_select(0, inverse).view(flat.shape[0], 1, k), rows_by_token).view(flat.shape)
+    inverse = inverse_permutation(order) if dropped is None else None
+    return combine_pairs(y, pair_w, token, inverse, flat.shape)

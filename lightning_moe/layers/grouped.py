@@ -14,16 +14,22 @@ These take the row counts as Python ints (a host synchronisation, a graph break 
 `torch.compile`). The traceable variant, `grouped_linear_offsets`, takes only the int32 offsets
 tensor (`sorted_offsets`), with a backward of two grouped_mm calls (`_GroupedLinearOffsets`);
 it traces wherever `grouped_mm_compiles(dtype, device)` holds.
+
+Around them, what every sorted dispatch shares (`SparseMoE`, its expert-parallel exchange, `MoLEMLP`):
+`dispatch_path` picks the implementation, `sort_pairs` groups the (token, slot) pairs by expert and
+`inverse_permutation` undoes the sort, `run_sorted_experts` is the experts' FFN on sorted rows, and
+`combine_pairs` sums the pairs' outputs back into their tokens.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["grouped_linear", "grouped_linear_offsets", "grouped_mm_compiles", "grouped_mm_supported", "linear_groups",
-           "mm_groups", "weight_grad_groups", "make_offsets", "offsets_dispatch", "sorted_offsets"]
+           "mm_groups", "weight_grad_groups", "make_offsets", "offsets_dispatch", "dispatch_path", "sorted_offsets",
+           "sort_pairs", "inverse_permutation", "run_sorted_experts", "combine_pairs"]
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # dtypes for which this torch build has a grouped_mm kernel on each device type, probed lazily
@@ -87,6 +93,18 @@ def offsets_dispatch(dtype: torch.dtype, device: torch.device, sizes: tuple[int,
     """
     align = 16 // dtype.itemsize
     return grouped_mm_compiles(dtype, device) and all(n % align == 0 for n in sizes)
+
+
+def dispatch_path(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...]) -> str:
+    """Which grouped dispatch experts with row widths `sizes` take for inputs computed in `dtype` on `device`.
+
+    "grouped" (tensor offsets, `grouped_linear_offsets`) where `offsets_dispatch` says so, in eager and under
+    compile; elsewhere under `torch.compile` "all_experts" (every expert on every row, traceable), in eager
+    "sorted" (per-expert counts as Python ints, `grouped_linear`).
+    """
+    if offsets_dispatch(dtype, device, sizes):
+        return "grouped"
+    return "all_experts" if torch.compiler.is_compiling() else "sorted"
 
 
 def _aligned(t: Tensor) -> bool:
@@ -252,3 +270,94 @@ def make_offsets(counts: list[int], device: torch.device) -> Tensor:
         total += c
         offs.append(total)
     return torch.tensor(offs, dtype=torch.int32, device=device)
+
+
+def sort_pairs(indices: Tensor, dropped: Tensor | None, num_experts: int) -> tuple[Tensor, Tensor]:
+    """The (token, slot) pairs of `indices` (T, k) grouped by expert: (sorted_expert, order), both (T*k,).
+
+    Pair p is token p // k, slot p % k; order[i] is the pair at sorted position i. Pairs marked in
+    `dropped` (T, k) go to a sentinel expert `num_experts` that sorts after every expert's pairs. The sort
+    is stable: inside an expert the pairs keep token order.
+    """
+    pair_expert = indices.reshape(-1)
+    if dropped is not None:
+        pair_expert = pair_expert.masked_fill(dropped.reshape(-1), num_experts)
+    return torch.sort(pair_expert, stable=True)
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """inverse[order[i]] = i: where each element of the permutation `order` (N,) went."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def is_silu(act: nn.Module) -> bool:
+    # transformers' SiLUActivation is F.silu; recognised by name so layers/ need not import it
+    return type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def run_sorted_experts(
+    x_sorted: Tensor,
+    offsets: Tensor,
+    w_in: Tensor,
+    w_down: Tensor,
+    b_in: Tensor | None,
+    b_down: Tensor | None,
+    act: nn.Module,
+    gated: bool,
+    *,
+    masked_tail: bool = False,
+) -> Tensor:
+    """The experts' FFN on rows already sorted by expert: (S, H) -> (S, H), unweighted, no host sync.
+
+    offsets: int32 (E,) cumulative rows per expert (`sorted_offsets`); expert e owns rows
+    offsets[e-1]:offsets[e]. w_in (E, N, H) with N = 2I [gate rows first] when `gated`, else I;
+    w_down (E, H, I); b_in (E, N), b_down (E, H) or None. All in x_sorted's dtype.
+    masked_tail: rows at or after offsets[-1] may exist (pairs dropped into a sentinel group sorted
+    last); they are not computed, come out 0, and pass no gradient. Without it offsets[-1] must be S.
+    Autograd through `grouped_linear_offsets`; traceable by `torch.compile` (no `.tolist()`), and the
+    local expert computation for a caller that exchanges the rows itself (expert parallelism).
+    """
+    rows = x_sorted.shape[0]
+    kept = None
+    if masked_tail:
+        # grouped_mm leaves the rows after offsets[-1] undefined, forward and backward; zero them on
+        # the way in (their gradient to x), after the bias (the gradient to b_in) and on the way out
+        kept = (torch.arange(rows, device=x_sorted.device) < offsets[-1])[:, None]  # (S, 1)
+        x_sorted = torch.where(kept, x_sorted, 0)
+    expert = None
+    if b_in is not None or b_down is not None:
+        row = torch.arange(rows, device=x_sorted.device, dtype=offsets.dtype)
+        expert = torch.searchsorted(offsets, row, right=True).clamp_max(w_in.shape[0] - 1)  # (S,) row's expert
+    h = grouped_linear_offsets(x_sorted, w_in, offsets)  # (S, N)
+    if b_in is not None:
+        h = h + b_in.index_select(0, expert)
+    if kept is not None:
+        h = torch.where(kept, h, 0)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        a = (F.silu(gate) if is_silu(act) else act(gate)) * up
+    else:
+        a = act(h)
+    y = grouped_linear_offsets(a, w_down, offsets)  # (S, H)
+    if b_down is not None:
+        y = y + b_down.index_select(0, expert)
+    return y if kept is None else torch.where(kept, y, 0)
+
+
+def combine_pairs(rows: Tensor, pair_w: Tensor | None, token: Tensor, inverse: Tensor | None,
+                  shape: torch.Size) -> Tensor:
+    """Sum the pair rows (S, H) sorted by expert, each scaled by its gate weight (S,) if given, into tokens (T, H).
+
+    token: (S,) each row's token. inverse: (T*k,) the sorted position of pair t*k+s when no pair was
+    dropped (`inverse_permutation`), else None.
+    """
+    if inverse is None:  # some pairs dropped: scatter-add
+        rows = rows if pair_w is None else rows * pair_w[:, None]
+        return rows.new_zeros(shape).index_add_(0, token, rows)
+    # dropless: every token has exactly k pairs; gather them back in token order and reduce,
+    # faster than index_add_ on CPU and deterministic everywhere
+    rows = rows.index_select(0, inverse).view(shape[0], -1, shape[1])  # (T, k, H)
+    if pair_w is None:
+        return rows.sum(dim=1)
+    # (T, 1, k) @ (T, k, H): the weighted sum in one pass
+    return torch.bmm(pair_w.index_select(0, inverse).view(shape[0], 1, -1), rows).view(shape)

@@ -37,11 +37,15 @@ from torch import Tensor, nn
 
 from .expert_parallel import expert_parallel_forward
 from .grouped import (
-    grouped_linear_offsets,
+    combine_pairs,
+    dispatch_path,
+    inverse_permutation,
+    is_silu,
     linear_groups,
     make_offsets,
     mm_groups,
-    offsets_dispatch,
+    run_sorted_experts,
+    sort_pairs,
     sorted_offsets,
     weight_grad_groups,
 )
@@ -78,11 +82,6 @@ def get_activation(activation: str | nn.Module) -> nn.Module:
     return _ACTIVATIONS[activation]()
 
 
-def _is_silu(act: nn.Module) -> bool:
-    # transformers' SiLUActivation is F.silu; recognised by name so layers/ need not import it
-    return type(act).__name__ in ("SiLU", "SiLUActivation")
-
-
 class _ExpertFFN(torch.autograd.Function):
     """gather -> grouped up/gate_up -> activation -> grouped down -> x gate weight -> sum per token.
 
@@ -105,7 +104,7 @@ class _ExpertFFN(torch.autograd.Function):
             h = h + b_in.index_select(0, expert)
         if gated:
             gate, up = h.chunk(2, dim=-1)  # (S, I) views
-            act_out = F.silu(gate) if _is_silu(act) else act(gate)
+            act_out = F.silu(gate) if is_silu(act) else act(gate)
             a = act_out * up
         else:
             act_out = None
@@ -113,7 +112,7 @@ class _ExpertFFN(torch.autograd.Function):
         y = linear_groups(a, w_down, counts, offs)  # (S, H)
         if b_down is not None:
             y = y + b_down.index_select(0, expert)
-        out = _combine(y, pair_w, token, inverse, x.shape)
+        out = combine_pairs(y, pair_w, token, inverse, x.shape)
         ctx.save_for_backward(x, w_in, w_down, pair_w, token, expert, inverse, h, act_out, a, y)
         ctx.counts, ctx.offs, ctx.act, ctx.gated = counts, offs, act, gated
         return out
@@ -133,27 +132,13 @@ class _ExpertFFN(torch.autograd.Function):
         grad_b_in = h.new_zeros(E, h.shape[1]).index_add_(0, expert, gh) if need[3] else None
         xs = x.index_select(0, token)  # (S, H)
         grad_w_in = weight_grad_groups(gh, xs, counts, w_in, offs) if need[1] else None
-        grad_x = _combine(mm_groups(gh, w_in, counts, offs), None, token, inverse, x.shape) if need[0] else None
+        grad_x = combine_pairs(mm_groups(gh, w_in, counts, offs), None, token, inverse, x.shape) if need[0] else None
         return grad_x, grad_w_in, grad_w_down, grad_b_in, grad_b_down, grad_pair_w, *([None] * 7)
-
-
-def _combine(rows: Tensor, pair_w: Tensor | None, token: Tensor, inverse: Tensor | None, shape: torch.Size) -> Tensor:
-    """Sum the pair rows (S, H), each scaled by its gate weight (S,) if given, into tokens (T, H)."""
-    if inverse is None:  # some pairs dropped: scatter-add
-        rows = rows if pair_w is None else rows * pair_w[:, None]
-        return rows.new_zeros(shape).index_add_(0, token, rows)
-    # dropless: every token has exactly k pairs; gather them back in token order and reduce,
-    # faster than index_add_ on CPU and deterministic everywhere
-    rows = rows.index_select(0, inverse).view(shape[0], -1, shape[1])  # (T, k, H)
-    if pair_w is None:
-        return rows.sum(dim=1)
-    # (T, 1, k) @ (T, k, H): the weighted sum in one pass
-    return torch.bmm(pair_w.index_select(0, inverse).view(shape[0], 1, -1), rows).view(shape)
 
 
 def _activation_grad(h: Tensor, act_out: Tensor | None, ga: Tensor, act: nn.Module, gated: bool) -> Tensor:
     """Gradient w.r.t. the pre-activation h (S, N) given the gradient ga (S, I) of the activation."""
-    if gated and _is_silu(act):
+    if gated and is_silu(act):
         gate, up = h.chunk(2, dim=-1)
         half = gate.shape[1]
         gh = h.new_empty(h.shape)  # row-major whatever h's layout, for the grouped matmuls
@@ -169,55 +154,6 @@ def _activation_grad(h: Tensor, act_out: Tensor | None, ga: Tensor, act: nn.Modu
             a = act(hd)
         (gh,) = torch.autograd.grad(a, hd, ga)
     return gh.contiguous()
-
-
-def run_sorted_experts(
-    x_sorted: Tensor,
-    offsets: Tensor,
-    w_in: Tensor,
-    w_down: Tensor,
-    b_in: Tensor | None,
-    b_down: Tensor | None,
-    act: nn.Module,
-    gated: bool,
-    *,
-    masked_tail: bool = False,
-) -> Tensor:
-    """The experts' FFN on rows already sorted by expert: (S, H) -> (S, H), unweighted, no host sync.
-
-    offsets: int32 (E,) cumulative rows per expert (`grouped.sorted_offsets`); expert e owns rows
-    offsets[e-1]:offsets[e]. w_in (E, N, H) with N = 2I [gate rows first] when `gated`, else I;
-    w_down (E, H, I); b_in (E, N), b_down (E, H) or None. All in x_sorted's dtype.
-    masked_tail: rows at or after offsets[-1] may exist (pairs dropped into a sentinel group sorted
-    last); they are not computed, come out 0, and pass no gradient. Without it offsets[-1] must be S.
-    Autograd through `grouped.grouped_linear_offsets`; traceable by `torch.compile` (no `.tolist()`),
-    and the local expert computation for a caller that exchanges the rows itself (expert parallelism).
-    """
-    rows = x_sorted.shape[0]
-    kept = None
-    if masked_tail:
-        # grouped_mm leaves the rows after offsets[-1] undefined, forward and backward; zero them on
-        # the way in (their gradient to x), after the bias (the gradient to b_in) and on the way out
-        kept = (torch.arange(rows, device=x_sorted.device) < offsets[-1])[:, None]  # (S, 1)
-        x_sorted = torch.where(kept, x_sorted, 0)
-    expert = None
-    if b_in is not None or b_down is not None:
-        row = torch.arange(rows, device=x_sorted.device, dtype=offsets.dtype)
-        expert = torch.searchsorted(offsets, row, right=True).clamp_max(w_in.shape[0] - 1)  # (S,) row's expert
-    h = grouped_linear_offsets(x_sorted, w_in, offsets)  # (S, N)
-    if b_in is not None:
-        h = h + b_in.index_select(0, expert)
-    if kept is not None:
-        h = torch.where(kept, h, 0)
-    if gated:
-        gate, up = h.chunk(2, dim=-1)
-        a = (F.silu(gate) if _is_silu(act) else act(gate)) * up
-    else:
-        a = act(h)
-    y = grouped_linear_offsets(a, w_down, offsets)  # (S, H)
-    if b_down is not None:
-        y = y + b_down.index_select(0, expert)
-    return y if kept is None else torch.where(kept, y, 0)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -348,17 +284,15 @@ class SparseMoE(nn.Module, RoutedLayer):
     def dispatch_path(self, dtype: torch.dtype, device: torch.device) -> str:
         """The expert dispatch `forward` takes for inputs computed in `dtype` on `device`.
 
-        "grouped" (`_experts_grouped`) where `grouped.offsets_dispatch` says so: grouped_mm traces for
-        the dtype (bfloat16 in torch 2.13) and hidden and intermediate rows are multiples of 16 bytes,
-        in eager and under compile. Elsewhere under `torch.compile` "all_experts", in eager "sorted"
-        (float32 on the CPU, where its custom backward is the fastest). A subclass that overrides
+        `grouped.dispatch_path` over the hidden and intermediate sizes: "grouped" (`_experts_grouped`) where
+        grouped_mm traces for the dtype (bfloat16 in torch 2.13) and hidden and intermediate rows are multiples
+        of 16 bytes, in eager and under compile. Elsewhere under `torch.compile` "all_experts", in eager
+        "sorted" (float32 on the CPU, where its custom backward is the fastest). A subclass that overrides
         `expert_weights` (its experts are picked by the Python counts) always takes "sorted".
         """
         if type(self).expert_weights is not SparseMoE.expert_weights:
             return "sorted"
-        if offsets_dispatch(dtype, device, (self.hidden_size, self.intermediate_size)):
-            return "grouped"
-        return "all_experts" if torch.compiler.is_compiling() else "sorted"
+        return dispatch_path(dtype, device, (self.hidden_size, self.intermediate_size))
 
     def _experts(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
         if self.expert_group is not None:
@@ -376,37 +310,28 @@ class SparseMoE(nn.Module, RoutedLayer):
         sentinel group E after every expert's rows and are not computed."""
         T, k = indices.shape
         dtype = flat.dtype
-        pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
-        if dropped is not None:
-            pair_expert = pair_expert.masked_fill(dropped.reshape(-1), self.num_experts)
-        sorted_expert, order = torch.sort(pair_expert, stable=True)  # (T*k,)
+        sorted_expert, order = sort_pairs(indices, dropped, self.num_experts)  # (T*k,)
         offsets = sorted_offsets(sorted_expert, self.num_experts)  # (E,) int32
         cast = lambda p: None if p is None else p.to(dtype)  # noqa: E731  (no-op unless autocast)
         y = run_sorted_experts(flat.index_select(0, order // k), offsets, cast(self.w_in), cast(self.down_proj),
                                cast(self.b_in), cast(self.down_bias), self.act_fn, self.gated,
                                masked_tail=dropped is not None)  # (T*k, H) in sorted order
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        rows = y.index_select(0, inverse).view(T, k, -1)  # (T, k, H) back in pair order; dropped rows are 0
+        # (T, k, H) back in pair order; dropped rows are 0
+        rows = y.index_select(0, inverse_permutation(order)).view(T, k, -1)
         return torch.bmm(weights.to(dtype).view(T, 1, k), rows).view(T, -1)
 
     def _experts_sorted(self, flat: Tensor, indices: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
         k = indices.shape[1]
         dtype = flat.dtype
-        pair_expert = indices.reshape(-1)  # (T*k,) pair p = token p // k, slot p % k
-        if dropped is not None:
-            # dropped pairs go to a sentinel group E that sorts last and is never computed
-            pair_expert = pair_expert.masked_fill(dropped.reshape(-1), self.num_experts)
-        sorted_expert, order = torch.sort(pair_expert, stable=True)  # (S,) grouped by expert
+        # dropped pairs go to a sentinel group E that sorts last and is never computed
+        sorted_expert, order = sort_pairs(indices, dropped, self.num_experts)  # (S,) grouped by expert
         counts = torch.bincount(sorted_expert, minlength=self.num_experts + 1).tolist()
         kept = sum(counts[: self.num_experts])
         counts = counts[: self.num_experts]
         order, sorted_expert = order[:kept], sorted_expert[:kept]  # (S_kept,)
         token = order // k  # (S_kept,) token of each sorted pair
         pair_w = weights.reshape(-1)[order].to(dtype)  # (S_kept,)
-        inverse = None
-        if dropped is None:
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)  # (T*k,)
+        inverse = inverse_permutation(order) if dropped is None else None  # (T*k,)
         w_in, w_down, b_in, b_down, counts, sorted_expert = self.expert_weights(counts, sorted_expert)
         offs = make_offsets(counts, flat.device)
         cast = lambda p: None if p is None else p.to(dtype)  # noqa: E731  (no-op unless autocast)

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..grouped import grouped_linear, grouped_linear_offsets, make_offsets, offsets_dispatch, sorted_offsets
+from ..grouped import (
+    dispatch_path,
+    grouped_linear,
+    grouped_linear_offsets,
+    make_offsets,
+    sort_pairs,
+    sorted_offsets,
+)
 from ..mlp import mlp_layout
 from ..routing import BalanceForm, RoutedLayer, RouterOutput, TopKRouter, register_balance_form
 from .lora import _dropout
@@ -44,7 +51,7 @@ class MoLEMLP(nn.Module, RoutedLayer):
     the router learns from the task loss). False: the reference behaviour, update unscaled; the
     router then learns only from the balance loss (`load_balancing_loss(..., form="mole")`).
     Expert LoRA weights: `lora_A[role]` (E, r, in), `lora_B[role]` (E, out, r).
-    The LoRA experts take the tensor-offsets grouped matmuls (`grouped.offsets_dispatch`: traceable by
+    The LoRA experts take the tensor-offsets grouped matmuls (`grouped.dispatch_path`: traceable by
     `torch.compile`, no host synchronisation; eager too) where the LoRA dtype allows (bfloat16 with in, out and r
     multiples of 8 in torch 2.13); else in eager per-expert counts as Python ints, and under compile
     every LoRA expert on every token with the others' outputs zeroed (E x the LoRA FLOPs, small at rank r).
@@ -70,6 +77,8 @@ class MoLEMLP(nn.Module, RoutedLayer):
         self.scale_by_prob = scale_by_prob
         hidden = projections["up"].in_features
         self.router = TopKRouter(hidden, num_experts, 1, normalize=False, bias=router_bias)
+        # every LoRA matmul's row width, for the dispatch choice (`grouped.dispatch_path`)
+        self._lora_widths = (*(n for p in projections.values() for n in (p.in_features, p.out_features)), r)
         dev = projections["up"].weight.device
         self.lora_A = nn.ParameterDict(
             {k: nn.Parameter(torch.empty(num_experts, r, p.in_features, device=dev)) for k, p in projections.items()}
@@ -111,20 +120,19 @@ class MoLEMLP(nn.Module, RoutedLayer):
         if self.forced_expert is not None:
             routing = self.force_routing(routing, shape)
         self.last_routing = routing
-        expert = routing.indices[:, 0]  # (T,)
-        sorted_expert, order = torch.sort(expert, stable=True)  # (T,) tokens grouped by expert
-        widths = [n for p in (self._proj(role) for role in self.lora_A) for n in (p.in_features, p.out_features)]
+        sorted_expert, order = sort_pairs(routing.indices, None, self.num_experts)  # (T,) tokens grouped by expert
         xs = flat[order]  # (T, H) sorted
         # per-token scale of the expert update, (T, 1) in the LoRA dtype
         gate_w = routing.weights[:, 0][order] if self.scale_by_prob else torch.ones_like(order, dtype=torch.float32)
         scale = (gate_w * self.scaling).to(self.lora_A["up"].dtype)[:, None]
-        if offsets_dispatch(self.lora_A["up"].dtype, flat.device, (*widths, self.r)):
+        path = dispatch_path(self.lora_A["up"].dtype, flat.device, self._lora_widths)
+        if path == "grouped":
             counts, offs = None, sorted_offsets(sorted_expert, self.num_experts)
-        elif torch.compiler.is_compiling():
+        elif path == "all_experts":
             counts = offs = None
             scale = F.one_hot(sorted_expert, self.num_experts).to(scale.dtype) * scale  # (T, E)
         else:
-            counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+            counts = torch.bincount(sorted_expert, minlength=self.num_experts).tolist()
             offs = make_offsets(counts, flat.device)
 
         def proj(role: str, h: Tensor) -> Tensor:
