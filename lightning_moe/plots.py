@@ -142,43 +142,28 @@ def accuracy_bars(stats: dict[str, dict[str, dict[str, Any]]], domains: Sequence
     return figure
 
 
-def curves(series: dict[str, Sequence[Sequence[float]]], *, title: str, xlabel: str, ylabel: str) -> Figure:
-    """One line per name through its (x, y) points, e.g. router entropy per layer over training steps."""
+def curves(series: dict[str, Sequence[Sequence[float]]], *, title: str, xlabel: str, ylabel: str, band: bool = False,
+           ylim: tuple[float, float] | None = None) -> Figure:
+    """One line per name through its (x, y) points, e.g. router entropy per layer over training steps; with `band`,
+    through (x, mean, low, high) points with the interval shaded (low = high = mean where there is none, e.g. one
+    seed), e.g. learning curves over seeds, on a wider figure with the legend beside the axes (long arm names)."""
     if not series:
         raise ValueError(f"curves '{title}': nothing to draw")
-    figure = Figure(figsize=(6.0, 3.2), dpi=DPI)
+    figure = Figure(figsize=(6.5, 3.4) if band else (6.0, 3.2), dpi=DPI)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for i, (name, points) in enumerate(series.items()):
-        xy = _array(points).reshape(-1, 2)
-        ax.plot(xy[:, 0], xy[:, 1], marker="o", markersize=2, label=name, color=PALETTE[i % len(PALETTE)])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    figure.tight_layout()
-    return figure
-
-
-def learning_curves(series: dict[str, Sequence[Sequence[float]]], *, title: str, xlabel: str,
-                    ylabel: str = "val exact match") -> Figure:
-    """One line per arm through its (x, mean, low, high) points: the mean over seeds and, shaded, its interval
-    (low = high = mean where there is none, e.g. one seed)."""
-    if not series:
-        raise ValueError(f"learning curves '{title}': nothing to draw")
-    figure = Figure(figsize=(6.5, 3.4), dpi=DPI)
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    for i, (name, points) in enumerate(series.items()):
-        rows = _array(points).reshape(-1, 4)
+        rows = _array(points).reshape(-1, 4 if band else 2)
         colour = PALETTE[i % len(PALETTE)]
         ax.plot(rows[:, 0], rows[:, 1], marker="o", markersize=2, label=name, color=colour)
-        ax.fill_between(rows[:, 0], rows[:, 2], rows[:, 3], color=colour, alpha=0.2, linewidth=0)
-    ax.set_ylim(0, 1.05)
+        if band:
+            ax.fill_between(rows[:, 0], rows[:, 2], rows[:, 3], color=colour, alpha=0.2, linewidth=0)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if band else {}))
     figure.tight_layout()
     return figure
 

@@ -116,10 +116,11 @@ def test_speed_ratios_frontier_and_curves_carry_their_numbers(tmp_path):
 
 def test_learning_curves_draw_the_mean_and_shade_the_interval():
     series = {"LoRA": [(64, 0.5, 0.4, 0.6), (128, 0.7, 0.65, 0.75)], "MoLE": [(64, 0.55, 0.55, 0.55)]}
-    ax = plots.learning_curves(series, title="l", xlabel="samples per domain").axes[0]
+    ax = plots.curves(series, title="l", xlabel="samples per domain", ylabel="val exact match", band=True,
+                      ylim=(0, 1.05)).axes[0]
     assert ax.lines[0].get_xydata().tolist() == [[64.0, 0.5], [128.0, 0.7]]
     band = ax.collections[0].get_paths()[0].vertices  # LoRA's shaded interval: low and high at each x
     assert {(x, y) for x, y in np.round(band, 6).tolist()} >= {(64.0, 0.4), (64.0, 0.6), (128.0, 0.65), (128.0, 0.75)}
     assert [t.get_text() for t in ax.get_legend().texts] == ["LoRA", "MoLE"]
     with pytest.raises(ValueError, match="nothing to draw"):
-        plots.learning_curves({}, title="l", xlabel="x")
+        plots.curves({}, title="l", xlabel="x", ylabel="y", band=True)

@@ -13,7 +13,9 @@ What every experiment shares lives here, once:
 - `environment` (read when a run starts: the command, torch threads, library versions, the git commit and
   whether the tree had uncommitted changes) and `write_results`: `results.json` with that environment and
   `results.md`, whose footer names the commit (and a dirty tree);
-- `working_directory`: run inside the output directory (the configs' relative `runs/...` outputs land there).
+- `working_directory`: run inside the output directory (the configs' relative `runs/...` outputs land there);
+- `write_run_config` (with `validation_schedule` and `save_pretrained_callback`): a run's overrides on top of a
+  shipped config, written to OUT/configs/<run>.yaml.
 Configs are named through `lightning_moe.paths.shipped_path`, so the experiments also run from an
 installed wheel, without a checkout.
 """
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from ..callbacks import StageProfile
@@ -130,6 +133,45 @@ def working_directory(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+def validation_schedule(steps: int, validations: int) -> dict[str, Any]:
+    """The trainer keys that validate on val `validations` times over `steps` steps (the last at the end); 0:
+    never."""
+    if not validations:
+        return {"limit_val_batches": 0}
+    return {"limit_val_batches": 1.0, "val_check_interval": max(1, steps // validations),
+            "check_val_every_n_epoch": None}
+
+
+def save_pretrained_callback(directory: Path) -> dict[str, Any]:
+    """The callback that saves the trained model (`save_pretrained`) into `directory`, as a config names it."""
+    return {"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(directory)}}
+
+
+def write_run_config(out: Path, name: str, seed: int, steps: int, validation: dict[str, Any], model: dict[str, Any],
+                     data: dict[str, Any], callbacks: list[dict[str, Any]]) -> Path:
+    """A run's overrides on top of a shipped config (merged key by key into it), written to OUT/configs/<name>.yaml
+    where a reader can rerun them: `steps` quiet steps (no checkpoints, progress bar or summary), `validation`'s
+    trainer keys (`validation_schedule`), TensorBoard under OUT/tensorboard/<name>, a `StageProfile` (step time
+    and memory) before `callbacks`, the model's `init_args` and the data module's config."""
+    config = {
+        "seed_everything": seed,
+        "trainer": {
+            "max_steps": steps, **validation, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(out / "tensorboard"), "name": name, "version": ""}},
+            "callbacks": [{"class_path": "lightning_moe.callbacks.StageProfile", "init_args": {"warmup_steps": 5}},
+                          *callbacks],
+        },
+        "model": {"init_args": model},
+        "data": data,
+    }
+    path = out / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 @contextmanager

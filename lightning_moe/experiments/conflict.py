@@ -57,14 +57,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..models import routed_layers
 from ..paths import REPO_ROOT, resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, logged_scalars,
-               majority_answers, parse_args, progress, run_seeds)
+               majority_answers, parse_args, progress, run_seeds, save_pretrained_callback, write_run_config)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
                          decide, interval_words, paired_difference, seed_stat, spread)
@@ -184,25 +183,11 @@ def _data_config(plan: Plan, train_domains: list[str], seed: int, split: str = "
 def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], steps: int,
                 callbacks: list[dict[str, Any]], model: dict[str, Any], seed: int, split: str = "test",
                 evaluated: list[str] | None = None) -> Path:
-    """The per-run overrides on top of a shipped config, written where a reader can rerun them."""
+    """The per-run overrides on top of a shipped config (`write_run_config`)."""
     # validation every steps / curve_points steps (the learning curve), the last at the end
-    config = {
-        "seed_everything": seed,
-        "trainer": {
-            "max_steps": steps, "val_check_interval": max(1, steps // plan.curve_points),
-            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(out / "tensorboard"), "name": name, "version": ""}},
-            "callbacks": [{"class_path": "lightning_moe.callbacks.StageProfile", "init_args": {"warmup_steps": 5}}, *callbacks],
-        },
-        "model": {"init_args": model},
-        "data": _data_config(plan, train_domains, seed, split, evaluated),
-    }
-    path = out / "configs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    validation = {"val_check_interval": max(1, steps // plan.curve_points), "check_val_every_n_epoch": None}
+    return write_run_config(out, name, seed, steps, validation, model,
+                            _data_config(plan, train_domains, seed, split, evaluated), callbacks)
 
 
 def _fit_and_test(shipped: str, run_config: Path, name: str, label: str, train_domains: list[str],
@@ -238,7 +223,7 @@ def train_base(plan: Plan, base: Path, out: Path, reuse: Path | None = None) -> 
             return saved
     plan = replace(plan, difficulty=None, data_root=None)  # a fixed pretrained model: the shipped data, any difficulty
     model_dir, signature_file = base / "model", base / "plan.json"
-    callbacks = [{"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(model_dir)}}]
+    callbacks = [save_pretrained_callback(model_dir)]
     # the base trains on the white-image domains only (configs/mole/base.yaml); it is tested on the plan's
     run_config = _run_config(plan, out, "base", list(BASE_DOMAINS), plan.base_steps, callbacks, {}, plan.base_seed)
     result = _fit_and_test("base.yaml", run_config, "base", "base model (no adapters)", list(BASE_DOMAINS), out, None)
@@ -335,12 +320,6 @@ def rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[st
     for name, key in (("the upper bound", "alone"), ("plain LoRA on the mixture", "mixture")):
         reasons.append(at_ceiling_or_chance(name, [primary(seed[key], domains) for seed in scores.values()], chance))
     return [r for r in reasons if r]
-
-
-def discriminates(scores: dict[int, dict[str, dict[str, float]]], majority: dict[str, float], domains: list[str],
-                  pair: list[str], gap: float = DIFFICULTY_GAP) -> bool:
-    """Whether a rung qualifies: `rejections` finds nothing."""
-    return not rejections(scores, majority, domains, pair, gap)
 
 
 def ladder(plan: Plan) -> list[dict[str, Any]]:

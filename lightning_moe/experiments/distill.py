@@ -58,7 +58,7 @@ from ..cli import effective_config
 from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..paths import shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, majority_answers,
-               map_seeds, parse_args, progress, working_directory, write_results)
+               map_seeds, parse_args, progress, seed_directory, working_directory, write_results)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import TOLERANCE, at_ceiling_or_chance, decide, interval_words, paired_difference, seed_stat, spread
 
@@ -252,7 +252,7 @@ def _seed_runs(out: Path, seeds: list[int], quick: bool, mimic_lm_weight: float 
                seed: int) -> dict[str, RunResult]:
     """One seed's student runs (one seed keeps the single-run layout, everything under `out`; several get
     out/seed<N>/, with the teacher copied beside them)."""
-    workdir = out if len(seeds) == 1 else out / f"seed{seed}"
+    workdir = seed_directory(out, seed, seeds)
     if workdir != out:
         copy_teacher(out, workdir)
     bar = progress(STUDENT_RUNS + control, f"distill runs, seed {seed}")

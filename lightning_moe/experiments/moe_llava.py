@@ -50,10 +50,12 @@ import yaml
 from torch import nn
 
 from ..data.synthetic import ShapesDifficulty, generate_shapes
+from ..layers import mlp_layout
+from ..metrics import pope_says_yes
 from ..models import MoEConfig, MultimodalLM, decoder_layers, mlp_attribute, parameter_counts, upcycle
 from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, answers, command_line, execute, experiment_parser, majority_answers, parse_args,
-               progress, run_seeds)
+               progress, run_seeds, save_pretrained_callback, validation_schedule, write_run_config)
 from .protocol import Comparison, Protocol
 from .statistics import (INCONCLUSIVE, at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference,
                          seed_stat, spread)
@@ -142,15 +144,6 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
 
 
 # ---------------------------------------------------------------------------- the dense model of the MoE's total
-def _mlp_linears(mlp: nn.Module) -> tuple[list[str], str]:
-    """The names of an MLP's input projections (their outputs are its neurons) and of its output projection."""
-    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-        return ["gate_proj", "up_proj"], "down_proj"
-    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("fc1", "fc2")):
-        return ["fc1"], "fc2"
-    raise ValueError(f"widen_mlps: {type(mlp).__name__} is neither a gated (gate/up/down_proj) nor an fc1/fc2 MLP")
-
-
 def _grown(linear: nn.Linear, rows: int = 0, columns: int = 0, std: float = 0.0,
            generator: torch.Generator | None = None) -> nn.Linear:
     """`linear` with `rows` more outputs (weights drawn from N(0, std), bias 0) and `columns` more inputs
@@ -182,10 +175,11 @@ def widen_mlps(model: MultimodalLM, width: int, seed: int = 0) -> None:
     std = getattr(config, "initializer_range", 0.02)
     for layer in decoder_layers(model.llm):
         mlp = getattr(layer, mlp_attribute(layer))
-        inputs, output = _mlp_linears(mlp)
-        for name in inputs:
-            setattr(mlp, name, _grown(getattr(mlp, name), rows=width - old, std=std, generator=generator))
-        setattr(mlp, output, _grown(getattr(mlp, output), columns=width - old))
+        names = mlp_layout(mlp).names  # the input projections (gate, up: their outputs are the neurons), then down
+        for role, name in names.items():
+            if role != "down":
+                setattr(mlp, name, _grown(getattr(mlp, name), rows=width - old, std=std, generator=generator))
+        setattr(mlp, names["down"], _grown(getattr(mlp, names["down"]), columns=width - old))
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = width
     config.intermediate_size = width
@@ -249,31 +243,15 @@ def domains(plan: Plan) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- the runs
 def _config(plan: Plan, out: Path, root: Path, name: str, steps: int, model: dict[str, Any], seed: int,
             save: Path | None = None, curve: bool = False) -> Path:
-    """The per-run overrides on top of a shipped config (merged key by key into it), written to OUT/configs/;
-    `save`: the model's output directory; `curve`: validate on val `plan.curve_points` times while training."""
-    validation = ({"limit_val_batches": 1.0, "val_check_interval": max(1, steps // plan.curve_points),
-                   "check_val_every_n_epoch": None} if curve else {"limit_val_batches": 0})
-    callbacks = [{"class_path": "lightning_moe.callbacks.StageProfile", "init_args": {"warmup_steps": 5}}]
-    if save is not None:
-        callbacks.append({"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(save)}})
-    config = {
-        "seed_everything": seed,
-        "trainer": {
-            "max_steps": steps, **validation, "num_sanity_val_steps": 0, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(out / "tensorboard"), "name": name, "version": ""}},
-            "callbacks": callbacks,
-        },
-        "model": {"init_args": {**model, "pope_domains": sorted({"pope", plan.pope})}},
-        "data": {"init_args": {"root": str(root), "batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
-                               "max_eval_samples_per_domain": plan.eval_samples, "defer_train_decoding": True,
-                               "max_train_samples_per_domain": plan.train_samples}},
-    }
-    path = out / "configs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    """The per-run overrides on top of a shipped config (`write_run_config`); `save`: the model's output directory;
+    `curve`: validate on val `plan.curve_points` times while training."""
+    return write_run_config(
+        out, name, seed, steps, validation_schedule(steps, plan.curve_points if curve else 0),
+        {**model, "pope_domains": sorted({"pope", plan.pope})},
+        {"init_args": {"root": str(root), "batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
+                       "max_eval_samples_per_domain": plan.eval_samples, "defer_train_decoding": True,
+                       "max_train_samples_per_domain": plan.train_samples}},
+        [] if save is None else [save_pretrained_callback(save)])
 
 
 def _run(shipped: str, config: Path, name: str, out: Path, seed: int) -> RunResult:
@@ -347,7 +325,7 @@ def summarise(plan: Plan, results: dict[str, RunResult], root: Path, widths: dic
     accuracy = {name: {d: r.metrics[f"test/{d}/exact_match"] for d in evaluated if f"test/{d}/exact_match" in r.metrics}
                 for name, r in results.items()}
     key = answers(root, plan.pope, "test", plan.eval_samples)
-    yes_share = sum(a.strip().lower() == "yes" for a in key) / len(key)
+    yes_share = sum(pope_says_yes(a) for a in key) / len(key)
     chance = majority_answers(root, evaluated, "test", plan.eval_samples)
     return {"plan": asdict(plan), "runs": {n: asdict(r) for n, r in results.items()}, "accuracy": accuracy,
             "mean": {n: sum(a.values()) / len(a) for n, a in accuracy.items()},

@@ -114,8 +114,9 @@ def learning_curve_figure(name: str, results: dict[str, Any], labels: dict[str, 
     seeds = len(per_seed_summaries(results))
     return [(f"Learning curves: val exact match (mean over domains) against {xlabel}, mean and 95 % interval over "
              f"{seeds} seed(s)",
-             plots.save_png(plots.learning_curves(curves, title=f"{name}: val exact match while training",
-                                                  xlabel=xlabel), figures / f"{name}_learning_curves.png"))]
+             plots.save_png(plots.curves(curves, title=f"{name}: val exact match while training", xlabel=xlabel,
+                                         ylabel="val exact match", band=True, ylim=(0, 1.05)),
+                            figures / f"{name}_learning_curves.png"))]
 
 
 def conflict_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Path]]:

@@ -45,7 +45,7 @@ import yaml
 from ..data.synthetic_media import MediaDifficulty, generate_media
 from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, execute, experiment_parser, final_val, majority_answers, parse_args,
-               progress, run_seeds)
+               progress, run_seeds, save_pretrained_callback, validation_schedule, write_run_config)
 from .protocol import NO_DISCRIMINATING_SETTING, Comparison, Protocol, select_first, setting_words
 from .statistics import at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference, seed_stat, spread
 
@@ -181,36 +181,16 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
 
 def _config(plan: Plan, out: Path, name: str, steps: int, model: dict[str, Any], callbacks: list[dict[str, Any]],
             seed: int, data: dict[str, Any] | None = None, validations: int = 0, media: bool = True) -> Path:
-    """The per-run overrides on top of a shipped config (merged key by key into it), on the plan's media data
-    (`media` False: the shipped config's own, data/shapes for the image expert); `validations`: validate on val
-    that many times while training (the last at its end), else never."""
-    validation = ({"limit_val_batches": 1.0, "val_check_interval": max(1, steps // validations),
-                   "check_val_every_n_epoch": None} if validations else {"limit_val_batches": 0})
-    config = {
-        "seed_everything": seed,
-        "trainer": {
-            "max_steps": steps, **validation, "num_sanity_val_steps": 0, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": max(1, min(20, steps)),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(out / "tensorboard"), "name": name, "version": ""}},
-            "callbacks": [{"class_path": "lightning_moe.callbacks.StageProfile", "init_args": {"warmup_steps": 5}},
-                          *callbacks],
-        },
-        "model": {"init_args": model},
-        "data": {"init_args": {**({"root": plan.data_root} if plan.data_root and media else {}),
-                               "batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
-                               "max_eval_samples_per_domain": plan.eval_samples, "defer_train_decoding": True,
-                               "max_train_samples_per_domain": plan.train_samples,
-                               **(data or {})}},
-    }
-    path = out / "configs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def _save(directory: Path) -> dict[str, Any]:
-    return {"class_path": "lightning_moe.callbacks.SavePretrained", "init_args": {"dirpath": str(directory)}}
+    """The per-run overrides on top of a shipped config (`write_run_config`), on the plan's media data (`media`
+    False: the shipped config's own, data/shapes for the image expert); `validations`: validate on val that many
+    times while training (the last at its end), else never."""
+    return write_run_config(
+        out, name, seed, steps, validation_schedule(steps, validations), model,
+        {"init_args": {**({"root": plan.data_root} if plan.data_root and media else {}),
+                       "batch_size": plan.batch_size, "eval_batch_size": 200, "seed": seed,
+                       "max_eval_samples_per_domain": plan.eval_samples, "defer_train_decoding": True,
+                       "max_train_samples_per_domain": plan.train_samples, **(data or {})}},
+        callbacks)
 
 
 def modality_routing(cli: Any) -> dict[str, Any]:
@@ -243,7 +223,7 @@ def train_stage1(plan: Plan, base: Path) -> dict[str, RunResult]:
         name = f"align_{pooling}"
         backbone = {"encoders": {**encoders, "video": {**encoders["video"], "pooling": pooling}}}
         config = _config(plan, base, name, plan.align_steps, {"backbone": backbone},
-                         [_save(base / "models" / name)], plan.base_seed, validations=1)
+                         [save_pretrained_callback(base / "models" / name)], plan.base_seed, validations=1)
         results[name] = _run("unimoe/align.yaml", config, name, base, plan.base_seed)
     saved.write_text(json.dumps({"plan": signature, "runs": {n: asdict(r) for n, r in results.items()}}, indent=2))
     return results
@@ -260,7 +240,7 @@ def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tupl
     for modality, shipped in (("audio", "experts.yaml"), ("video", "experts_video.yaml"), ("image", "experts_image.yaml")):
         name = f"experts_{modality}"
         config = _config(plan, out, name, plan.expert_steps, {"backbone": {"pretrained": start_model}},
-                         [_save(models / name)], plan.seed, media=modality != "image")
+                         [save_pretrained_callback(models / name)], plan.seed, media=modality != "image")
         results[name] = _run(f"unimoe/{shipped}", config, name, out, plan.seed, test=False)
         bar.update()
     routing = [{"class_path": "lightning_moe.callbacks.RoutingStatistics"}]

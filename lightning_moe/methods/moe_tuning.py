@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ..models import MoEConfig, ParameterGroup
+from ..models import MoEConfig, ParameterGroup, mlp_parameters
 from .base import MultimodalMethod, Stage
-from .unimoe import mlp_parameters
 
 
 class MoETuning(MultimodalMethod):

@@ -34,7 +34,7 @@ from torchmetrics import SumMetric
 from ..formats import load_backbone
 from ..layers import SparseMoE
 from ..models import (AdapterRule, MoEConfig, MultimodalLM, ParameterGroup, add_adapters, decoder_layers,
-                      expert_layers, is_sparse, mlp_attribute)
+                      expert_layers, is_sparse, mlp_attribute, mlp_parameters)
 from ..modalities import modalities, modality_names
 from ..safe_load import checkpoint_safe
 from .base import MultimodalMethod, Stage, StepOutput
@@ -105,12 +105,6 @@ def non_mlp_differences(model: MultimodalLM, other: MultimodalLM, atol: float = 
 def _router_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
     for _, layer in expert_layers(model.llm):
         yield from layer.router.parameters()
-
-
-def mlp_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
-    """Every decoder layer's feed-forward block (dense or sparse): the `mlp` parameter group."""
-    for layer in decoder_layers(model.llm):
-        yield from getattr(layer, mlp_attribute(layer)).parameters()
 
 
 @checkpoint_safe

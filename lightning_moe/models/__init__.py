@@ -6,7 +6,7 @@
 - `upcycle.py`: dense MLPs -> `SparseMoE`, parameter counts
 - `native_moe.py`: Hugging Face MoE blocks (Mixtral, Qwen-MoE, OLMoE) -> `SparseMoE`
 - `adapters.py`: adapter rules, planned, added, saved, loaded and merged through the kind registry
-- `freeze.py`: parameter groups and `set_trainable`
+- `freeze.py`: parameter groups (`mlp_parameters` among them) and `set_trainable`
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
 Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, add_adapter_task) and
 reads the records older code wrote (`checkpoint.register_old_op`). Other model formats on disk (llava-hf,
@@ -29,11 +29,11 @@ from .adapters import (
     plan_adapters,
     save_adapters,
 )
-from .freeze import PARAMETER_GROUPS, ParameterGroup, set_trainable
+from .freeze import PARAMETER_GROUPS, ParameterGroup, mlp_parameters, set_trainable
 
 __all__ = ["MultimodalLM", "MultimodalOutput", "build_llm", "build_multimodal", "MoEConfig",
            "decoder_layers", "mlp_attribute", "resolve_layers", "is_sparse", "routed_layers", "expert_layers",
-           "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "ParameterGroup", "upcycle", "AdapterRule",
-           "add_adapters", "add_adapter_task", "adapter_parameters", "plan_adapters", "save_adapters", "load_adapters",
-           "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery", "register_old_op",
-           "replay_surgery", "canonical_log", "convert_native_moe"]
+           "adapter_modules", "set_trainable", "PARAMETER_GROUPS", "ParameterGroup", "mlp_parameters", "upcycle",
+           "AdapterRule", "add_adapters", "add_adapter_task", "adapter_parameters", "plan_adapters", "save_adapters",
+           "load_adapters", "merge_lora", "ParameterCounts", "parameter_counts", "SURGERIES", "register_surgery",
+           "register_old_op", "replay_surgery", "canonical_log", "convert_native_moe"]

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator, Mapping
 from torch import nn
 
 from .adapters import adapter_parameters
-from .architecture import expert_layers
+from .architecture import decoder_layers, expert_layers, mlp_attribute
 from .multimodal import MultimodalLM
 
-__all__ = ["PARAMETER_GROUPS", "ParameterGroup", "set_trainable"]
+__all__ = ["PARAMETER_GROUPS", "ParameterGroup", "mlp_parameters", "set_trainable"]
 
 ParameterGroup = Callable[[MultimodalLM], Iterator[nn.Parameter]]  # model -> the parameters the group names
 
@@ -24,6 +24,12 @@ ParameterGroup = Callable[[MultimodalLM], Iterator[nn.Parameter]]  # model -> th
 def _sparse_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
     for _, layer in expert_layers(model.llm):
         yield from layer.parameters()
+
+
+def mlp_parameters(model: MultimodalLM) -> Iterator[nn.Parameter]:
+    """Every decoder layer's feed-forward block (dense or sparse): the `mlp` group of the methods that offer it."""
+    for layer in decoder_layers(model.llm):
+        yield from getattr(layer, mlp_attribute(layer)).parameters()
 
 
 # group name -> the parameters it names. "vision" is every modality encoder (image and audio towers). A stage's freeze plan is a list of group names.

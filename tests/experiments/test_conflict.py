@@ -179,15 +179,15 @@ def test_selection_rule_needs_the_upper_bound_to_learn_the_pair_and_the_mixture_
     alone = {"count": 1.0, "position_lr": 0.9, "position_tb": 0.6}
     lost = {"count": 1.0, "position_lr": 0.5, "position_tb": 0.5}  # 0.1667 below the upper bound's mean
     seed = {"alone": alone, "mixture": lost}
-    assert conflict.discriminates({0: seed, 1: seed}, majority, domains, pair)
+    assert conflict.rejections({0: seed, 1: seed}, majority, domains, pair) == []
     # a domain of the pair not learnt alone in one seed: the upper bound misses its target
-    assert not conflict.discriminates({0: seed, 1: {**seed, "alone": {**alone, "position_tb": 0.54}}}, majority,
-                                      domains, pair)
-    assert conflict.discriminates({0: {**seed, "alone": {**alone, "position_tb": 0.55}}}, majority, domains, pair)
+    assert conflict.rejections({0: seed, 1: {**seed, "alone": {**alone, "position_tb": 0.54}}}, majority, domains,
+                               pair)
+    assert conflict.rejections({0: {**seed, "alone": {**alone, "position_tb": 0.55}}}, majority, domains, pair) == []
     # the mixture loses less than the margin on the primary metric: the setting does not discriminate
     kept = {"count": 1.0, "position_lr": 0.9, "position_tb": 0.52}  # 0.08 / 3 = 0.0267 below: under 0.03
-    assert not conflict.discriminates({0: {**seed, "mixture": kept}}, majority, domains, pair)
-    assert not conflict.discriminates({}, majority, domains, pair)
+    assert conflict.rejections({0: {**seed, "mixture": kept}}, majority, domains, pair)
+    assert conflict.rejections({}, majority, domains, pair) == ["no selection seed measured"]
 
 
 def test_rejections_name_why_a_rung_fails_and_reject_a_ceiling_rung():
@@ -197,7 +197,6 @@ def test_rejections_name_why_a_rung_fails_and_reject_a_ceiling_rung():
     # the shipped data's case: every domain learnt to 100 % alone: the upper bound at ceiling, however much is lost
     ceiling = {"1000": {"alone": {d: 1.0 for d in domains}, "mixture": lost}}
     assert conflict.rejections(ceiling, majority, domains, pair) == ["the upper bound at ceiling (100.0 %)"]
-    assert not conflict.discriminates(ceiling, majority, domains, pair)
     # the mixture at chance on every domain (the majority answer's mean, 41.7 %)
     at_chance = {"1000": {"alone": {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9}, "mixture": majority}}
     assert conflict.rejections(at_chance, majority, domains, pair) == [

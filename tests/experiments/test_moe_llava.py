@@ -122,7 +122,7 @@ def test_widening_keeps_what_the_model_computes_and_saves_a_loadable_model(dense
 
 def test_widening_refuses_a_sparse_layer(dense):
     upcycle(dense, MoEConfig(num_experts=2, top_k=1, layers="all"))
-    with pytest.raises(ValueError, match="SparseMoE is neither a gated"):
+    with pytest.raises(ValueError, match="SparseMoE has no known MLP layout"):
         moe_llava.widen_mlps(dense, 200)
 
 
