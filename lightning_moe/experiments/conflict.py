@@ -12,9 +12,9 @@ difficulty's data generated once under OUT/data/ by `generate_shapes`; skipped w
 given), then trains every arm per seed on the chosen data, through the CLI's classes
 (`lightning_moe.cli.main` with the shipped configs plus a per-run config written to OUT/configs/):
 
-- plain LoRA on each domain alone (configs/mole/lora.yaml, one run per domain, each for steps / D of
-  the D domains: the samples of that domain a mixture run sees; together, the per-domain-LoRA upper
-  bound, at the optimizer steps of one mixture run),
+- plain LoRA on each domain alone (configs/mole/lora.yaml, one run per domain, each with a batch of
+  batch / D for the mixture's steps: the samples of that domain a mixture run sees, in as many optimizer
+  steps; together, the per-domain-LoRA upper bound),
 - plain LoRA on the mixture of all the experiment's domains,
 - plain LoRA with 4x the rank on the mixture,
 - MoLE on the mixture (configs/mole/mole.yaml, same LoRA rank as plain LoRA),
@@ -63,7 +63,8 @@ from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..models import routed_layers
 from ..paths import REPO_ROOT, resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, logged_scalars,
-               majority_answers, parse_args, progress, run_seeds, save_pretrained_callback, write_run_config)
+               majority_answers, map_seeds, parse_args, progress, run_seeds, save_pretrained_callback,
+               validation_schedule, write_run_config)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
                          decide, interval_words, paired_difference, seed_stat, spread)
@@ -95,7 +96,7 @@ class Plan:
     rank: int = 1  # plain LoRA and MoLE (per expert) rank; the big LoRA gets 4x
     experts: list[int] = field(default_factory=lambda: [2, 3])  # one MoLE run per expert count (reference: 3)
     lr: float = 2e-3
-    batch_size: int = 64
+    batch_size: int = 63  # of a mixture run: 21 samples per domain and step for the three domains
     eval_samples: int = 200  # test samples per domain (the whole shipped test split)
     seed: int = 0  # of every adapter run (initialisation, sampling order, dropout)
     base_seed: int = 0  # of the base model's training
@@ -122,10 +123,12 @@ class Plan:
     data_eval: int = 200
     discriminating: bool | None = None  # what the selection found (None: settings given, no selection)
 
-    def alone_steps(self) -> int:
-        """Steps of a run on one domain alone: the samples of each domain that a mixture run sees (the
-        mixture draws its equal-sized domains equally often: `sampling: proportional`)."""
-        return max(1, self.steps // len(self.domains))
+    def batch_for(self, train_domains: list[str]) -> int:
+        """The batch of a run on `train_domains`: batch_size / D samples per domain and step (D the plan's domains),
+        so that a run on one domain alone, for the same steps, sees the samples of that domain a mixture run sees
+        (the mixture draws its equal-sized domains equally often: `sampling: proportional`) and takes as many
+        optimizer steps: the per-domain upper bound is matched in samples and in updates."""
+        return max(1, self.batch_size * len(train_domains) // len(self.domains))
 
     def base_signature(self) -> dict[str, Any]:
         signature = {"base_steps": self.base_steps, "batch_size": self.batch_size, "seed": self.base_seed}
@@ -166,16 +169,18 @@ def accuracy(result: RunResult, domains: list[str]) -> dict[str, float]:
 def _data_config(plan: Plan, train_domains: list[str], seed: int, split: str = "test",
                  evaluated: list[str] | None = None) -> dict[str, Any]:
     """Train on `train_domains`, validate during training on every domain of `evaluated` (default the plan's)
-    on val, and test it (`trainer.test`) on `split`: test for the reported runs, val for the selection."""
+    on val, and test it (`trainer.test`) on `split`: test for the reported runs, val for the selection (which then
+    does not validate during training: its val files are its test split)."""
     evaluated = plan.domains if evaluated is None else evaluated
     domains = {d: {"train": f"{d}/train.jsonl" if d in train_domains else None,
-                   "val": f"{d}/val.jsonl" if d in evaluated else None,
+                   "val": f"{d}/val.jsonl" if d in evaluated and split != "val" else None,
                    "test": f"{d}/{split}.jsonl" if d in evaluated else None}
                for d in [*evaluated, *(d for d in train_domains if d not in evaluated)]}
     samples = plan.val_samples if split == "val" else plan.eval_samples
     root = {"root": plan.data_root} if plan.data_root else {}
     return {"class_path": "lightning_moe.data.DomainMixtureDataModule",
-            "init_args": {**root, "domains": domains, "batch_size": plan.batch_size, "eval_batch_size": 200,
+            "init_args": {**root, "domains": domains, "batch_size": plan.batch_for(train_domains),
+                          "eval_batch_size": 200,
                           "max_eval_samples_per_domain": samples, "max_train_samples_per_domain": plan.train_samples,
                           "seed": seed}}
 
@@ -184,8 +189,9 @@ def _run_config(plan: Plan, out: Path, name: str, train_domains: list[str], step
                 callbacks: list[dict[str, Any]], model: dict[str, Any], seed: int, split: str = "test",
                 evaluated: list[str] | None = None) -> Path:
     """The per-run overrides on top of a shipped config (`write_run_config`)."""
-    # validation every steps / curve_points steps (the learning curve), the last at the end
-    validation = {"val_check_interval": max(1, steps // plan.curve_points), "check_val_every_n_epoch": None}
+    # validation every steps / curve_points steps (the learning curve), the last at the end; none in a selection
+    # run (split "val": it scores val once, at the end)
+    validation = validation_schedule(steps, 0 if split == "val" else plan.curve_points)
     return write_run_config(out, name, seed, steps, validation, model,
                             _data_config(plan, train_domains, seed, split, evaluated), callbacks)
 
@@ -234,12 +240,12 @@ def train_base(plan: Plan, base: Path, out: Path, reuse: Path | None = None) -> 
 
 def adapter_runs(plan: Plan) -> list[tuple[str, str, str, list[str], dict[str, Any], int]]:
     """(name, label, shipped config, training domains, model overrides, steps) of every adapter run. Every arm
-    sees the same samples per domain: a mixture run `plan.steps` steps, a run on one domain alone
-    `plan.alone_steps()`."""
+    sees the same samples per domain in the same steps, `plan.steps` (`Plan.batch_for`: a run on one domain alone
+    takes a batch of batch_size / D)."""
     lora = {"lora": {"r": plan.rank, "alpha": 2.0 * plan.rank}}
     big = {"lora": {"r": 4 * plan.rank, "alpha": 8.0 * plan.rank}}
-    alone = plan.alone_steps()
-    runs = [(f"lora_{d}", f"LoRA r={plan.rank}, {d} alone", "lora.yaml", [d], lora, alone) for d in plan.domains]
+    runs = [(f"lora_{d}", f"LoRA r={plan.rank}, {d} alone", "lora.yaml", [d], lora, plan.steps)
+            for d in plan.domains]
     runs += [("lora_mixture", f"LoRA r={plan.rank}, mixture", "lora.yaml", plan.domains, lora, plan.steps),
              ("lora4x_mixture", f"LoRA r={4 * plan.rank}, mixture", "lora.yaml", plan.domains, big, plan.steps)]
     runs += [(f"mole{e}_mixture", f"MoLE {e} experts r={plan.rank}, mixture", "mole.yaml", plan.domains,
@@ -329,8 +335,28 @@ def ladder(plan: Plan) -> list[dict[str, Any]]:
             for i, d in enumerate(plan.difficulties) for rank, steps in plan.candidates]
 
 
+def _selection_seed(at: Plan, base_model: Path, out: Path, seed: int) -> dict[str, dict[str, float]]:
+    """One selection seed at one rung (`at`): plain LoRA alone on each domain and on the mixture, scored on val:
+    {"alone": domain -> accuracy on it alone, "mixture": domain -> accuracy}. Module-level: `map_seeds` runs the
+    seeds in processes of their own."""
+    lora = {"lora": {"r": at.rank, "alpha": 2.0 * at.rank}}
+    level = at.difficulties.index(at.difficulty)
+    entry: dict[str, dict[str, float]] = {"alone": {}, "mixture": {}}
+    for what, train_domains in [*((d, [d]) for d in at.domains), ("mixture", at.domains)]:
+        name = f"select_d{level}_r{at.rank}_s{at.steps}_{what}_seed{seed}"
+        config = _run_config(at, out, name, train_domains, at.steps, [], _adapter_overrides(at, lora, base_model),
+                             seed, split="val")
+        acc = accuracy(_fit_and_test("lora.yaml", config, name, name, train_domains, out, seed), at.domains)
+        if what == "mixture":
+            entry["mixture"] = acc
+        else:
+            entry["alone"][what] = acc[what]
+    return entry
+
+
 def select_setting(plan: Plan, base_model: Path, out: Path,
-                   measure: Callable[[Plan], dict[int, dict[str, dict[str, float]]]] | None = None) -> dict[str, Any]:
+                   measure: Callable[[Plan], dict[int, dict[str, dict[str, float]]]] | None = None,
+                   jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
     """The pre-registered choice of the data's difficulty, the rank and the steps, on val, with the plan's selection
     seeds (not the reported ones): the rungs of `ladder` in order (`protocol.select_first`); at each, the
     difficulty's data (`with_data`, generated under OUT/data/), then plain LoRA alone on each domain (at the
@@ -338,27 +364,12 @@ def select_setting(plan: Plan, base_model: Path, out: Path,
     chosen. None does: the last one, with `met` False (every verdict is then `inconclusive: no discriminating
     setting`). Returns {"plan": the plan at the chosen rung, "met", "tried": every rung with its val scores and
     why it was rejected}. `measure(plan at a rung) -> seed -> {"alone", "mixture"} -> domain -> val accuracy`
-    replaces the training."""
+    replaces the training; else the selection seeds run `jobs` at a time in processes of their own (`map_seeds`,
+    `threads` torch threads each)."""
     data_dir = out.parent / "data"
 
     def train(at: Plan) -> dict[int, dict[str, dict[str, float]]]:
-        lora = {"lora": {"r": at.rank, "alpha": 2.0 * at.rank}}
-        scores: dict[int, dict[str, dict[str, float]]] = {}
-        level = plan.difficulties.index(at.difficulty)
-        for seed in plan.selection_seeds:
-            runs = [(d, [d], at.alone_steps()) for d in plan.domains] + [("mixture", plan.domains, at.steps)]
-            for what, train_domains, run_steps in runs:
-                name = f"select_d{level}_r{at.rank}_s{at.steps}_{what}_seed{seed}"
-                config = _run_config(at, out, name, train_domains, run_steps, [],
-                                     _adapter_overrides(plan, lora, base_model), seed, split="val")
-                result = _fit_and_test("lora.yaml", config, name, name, train_domains, out, seed)
-                acc = accuracy(result, plan.domains)
-                entry = scores.setdefault(seed, {"alone": {}, "mixture": {}})
-                if what == "mixture":
-                    entry["mixture"] = acc
-                else:
-                    entry["alone"][what] = acc[what]
-        return scores
+        return map_seeds(functools.partial(_selection_seed, at, base_model, out), plan.selection_seeds, jobs, threads)
 
     plans: dict[int, Plan] = {}  # the plan at each difficulty, its data generated once
     majorities: dict[int, dict[str, float]] = {}
@@ -476,8 +487,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"# Data conflict: plain LoRA vs MoLE, seed {plan['seed']}",
         "",
         f"Exact-match accuracy (%) on each domain's test split ({plan['eval_samples']} samples per domain); "
-        f"a mixture run takes {plan['steps']} steps of batch {plan['batch_size']}, a run on one domain alone "
-        f"{max(1, plan['steps'] // len(domains))} (the same samples per domain); lr {plan['lr']}; base model: "
+        f"every run takes {plan['steps']} steps, a mixture run of batch {plan['batch_size']}, a run on one domain "
+        f"alone of batch {max(1, plan['batch_size'] // len(domains))} (the same samples per domain and the same "
+        f"optimizer steps); lr {plan['lr']}; base model: "
         f"{plan['base_steps']} dense steps on the white-image domains (seed {plan['base_seed']}).",
         "",
         *lines,
@@ -648,10 +660,9 @@ def combine(summaries: dict[int, dict[str, Any]], cost: dict[str, Any] | None = 
     decided = verdicts(summaries, cost or {})
     curves = {}
     for name in names:
-        train_domains = runs[seeds[0]][name]["details"]["train_domains"]
         per_seed = [runs[s][name]["details"].get("val_curves", {}).get("val/exact_match", []) for s in seeds]
-        if all(per_seed):  # x: training samples per domain (a mixture step carries batch / D of each domain)
-            curves[name] = curve_stat(per_seed, plan["batch_size"] / len(train_domains))
+        if all(per_seed):  # x: training samples per domain (every step carries batch / D of each domain it trains)
+            curves[name] = curve_stat(per_seed, plan["batch_size"] / len(domains))
     combined = {"accuracy": acc, "alone": alone, "primary_over_seeds": primary_stats, **decided,
                 "cost": cost or {}, "learning_curves": curves}
     return combined, combined_markdown(combined, labels, domains, seeds, plan)
@@ -752,7 +763,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         chosen_by = "none: rank and steps given on the command line (not a pre-registered run)."
         settings: dict[str, Any] = {"difficulty": difficulty_words(None), "rank": plan.rank, "steps": plan.steps}
     else:
-        selection = select_setting(plan, base_model, out / "selection")
+        selection = select_setting(plan, base_model, out / "selection", jobs=args.jobs, threads=args.threads)
         plan = replace(selection["plan"], discriminating=selection["met"])
         chosen_by = ("the data's difficulty, the rank and the steps, by the ladder and the rule below, on val with the "
                      f"selection seeds ({', '.join(map(str, plan.selection_seeds))}), apart from the reported ones.")

@@ -38,10 +38,14 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
         < 3 * runs["lora_mixture"]["params_trainable"] + 10_000
     assert all({f"test/{d}/exact_match" for d in domains} <= set(r["metrics"]) for r in results["runs"])
     assert all(r["step_time_s"] > 0 for r in results["runs"])
-    # every arm sees the same samples per domain: a run on one of the D domains alone takes steps / D steps
+    # every arm sees the same samples per domain in the same optimizer steps: a run on one of the D domains alone
+    # takes a batch of batch / D
     plan = results["plan"]
-    assert all(runs[f"lora_{d}"]["steps"] == plan["steps"] // len(domains) for d in domains)
+    assert all(runs[f"lora_{d}"]["steps"] == plan["steps"] for d in domains)
     assert runs["lora_mixture"]["steps"] == runs["mole3_mixture"]["steps"] == plan["steps"]
+    batches = {name: yaml.safe_load((out / "configs" / f"{name}.yaml").read_text())["data"]["init_args"]["batch_size"]
+               for name in ("lora_position_lr", "lora_mixture")}
+    assert batches == {"lora_position_lr": plan["batch_size"] // len(domains), "lora_mixture": plan["batch_size"]}
     # the learning curves: each run validated on val while training, averaged over seeds in results.json
     assert all(r["details"]["val_curves"]["val/exact_match"] for r in results["runs"])
     assert set(results["learning_curves"]) == set(names) - {"base"}
