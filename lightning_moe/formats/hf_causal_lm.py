@@ -4,7 +4,8 @@ Out (`to_hf_causal_lm`, `export_llm`): the LLM as a plain transformers causal LM
 weights, in the family `architecture.sparse_export_config` picks: a dense LLM stays its own
 family, a converted native MoE goes back to its family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), an
 upcycled Llama becomes Mixtral or Qwen2-MoE; a model no family represents is refused with the
-reason (a ValueError).
+reason (a ValueError). `causal_lm_layout` makes the same checks and says where each tensor goes without
+building the model (the peft export names the adapted modules by it).
 
 In: such a directory is a language model, not a multimodal one. It is detected (its `config.json`
 names a transformers causal-LM `model_type`) so that naming it as a backbone gets an error that

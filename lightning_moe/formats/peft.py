@@ -10,14 +10,19 @@ differ) and `adapter_model.safetensors` with peft's key names
 (`base_model.model.<module in the base>.lora_A.weight`), for the base that `export_multimodal`
 (`LlavaForConditionalGeneration`: the LLM under `model.language_model.`) or the text-only export
 (`AutoModelForCausalLM`: the LLM's own names) writes, so `PeftModel.from_pretrained(base, dir)` computes
-what the project's model does. Only plain LoRA: MoLE and MoRA route each token to its own experts or
-ranks, which peft has no way to express (an error saying so).
+what the project's model does. A sparse LLM's base is the transformers MoE model `to_hf_causal_lm` builds
+(`hf_causal_lm.causal_lm_layout` names its tensors without building it): LoRA outside the sparse layers and
+on a shared expert keeps its name; each expert's LoRA (`moe_lora`) becomes peft's LoRA on the stacked
+experts' parameters (`target_parameters`, peft's `ParamWrapper` layout). Refused with the reason: MoLE
+and MoRA (they route each token to its own experts or ranks, which peft has no way to express), LoRA on
+a router (the project's router computes from the weight under it, never through the LoRA), and a base
+that no transformers model represents.
 
 In (`load_peft_lora`, which `formats.load_adapters` calls for a peft directory): a peft LoRA trained
 on the LLM alone or on a llava-hf model becomes `lora` adapter rules naming the exact modules (logged as surgery, so `save_pretrained` and checkpoints replay it) and loads its
 tensors. rsLoRA's scale (alpha/sqrt(r)) is kept exactly as an equivalent alpha. What LoRA variants
-the project's layer does not compute (DoRA, biases, modules_to_save, LoRA on embeddings or on the
-vision tower) is refused by name, never a KeyError.
+the project's layer does not compute (DoRA, biases, modules_to_save, LoRA on embeddings, on the
+vision tower or on bare parameters) is refused by name, never a KeyError.
 """
 
 from __future__ import annotations
@@ -96,10 +101,11 @@ def _linear_target(layout: CausalLMLayout, llm_name: str, module: nn.Module) -> 
     for moe, block in layout.blocks.items():
         if llm_name.startswith(f"{moe}.router."):
             raise PeftFormatError(
-                f"LoRA on {llm_name} (the router of the sparse layer {moe}) cannot be exported: the router reads its "
-                "projection's weight directly (TopKRouter, in float32), so that LoRA changes nothing the model "
-                f"computes, and the transformers router ({block}.{layout.family.router}) holds a bare weight, no "
-                "nn.Linear. Train LoRA elsewhere (attention, dense MLPs, the shared expert)")
+                f"LoRA on {llm_name} (the router of the sparse layer {moe}) cannot be exported: the router computes "
+                "its logits from the projection's weight itself (TopKRouter, in float32), never through the module "
+                "a LoRA wraps, so the model does not compute that LoRA; and the transformers router "
+                f"({block}.{layout.family.router}) holds a bare weight, no nn.Linear. Train LoRA elsewhere "
+                "(attention, dense MLPs, the shared expert, the experts with moe_lora)")
     return layout.key(llm_name + ".weight").removesuffix(".weight"), module.lora_A.weight, module.lora_B.weight
 
 

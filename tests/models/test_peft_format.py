@@ -1,6 +1,7 @@
 """peft both ways (formats/peft.py), with peft itself as the oracle: the project's LoRA exported as a peft
 adapter gives the project's logits on the exported base under `PeftModel.from_pretrained`; a peft-saved LoRA
-loaded by the project gives peft's logits."""
+loaded by the project gives peft's logits; on a sparse LLM (a converted native MoE, an upcycled Llama) too,
+the experts' own LoRA included."""
 
 from __future__ import annotations
 
@@ -201,16 +202,19 @@ def _sparse_llm(source: str, tokenizer, tmp_path, encoders: dict | None = None):
 @pytest.mark.parametrize("source", ["mixtral", "qwen2_moe", "upcycled-llama"])
 def test_lora_on_a_sparse_llm_exports_as_peft_with_the_models_logits(source, tmp_path, tokenizer):
     """Plain LoRA on the attention (and on Qwen2-MoE's shared expert) and each expert's own LoRA (`moe_lora`),
-    exported by the export command's function: `PeftModel.from_pretrained` on the base it writes (the native
-    family, or Mixtral for the upcycled Llama) gives the project's logits."""
-    from lightning_moe.export import export
+    saved and exported by `python -m lightning_moe.export --format peft`: `PeftModel.from_pretrained` on the
+    base it writes (the native family, or Mixtral for the upcycled Llama) gives the project's logits."""
+    from lightning_moe.export import main as export_main
+    from tests.conftest import TOKENIZER
 
     model, sparse = _sparse_llm(source, tokenizer, tmp_path)
     lora = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["shared_expert.up_proj"] if source == "qwen2_moe" else [])
     add_adapters(model, [AdapterRule(kind="lora", targets=lora, r=4, alpha=8),
                          AdapterRule(kind="moe_lora", targets=["mlp"], layers=sparse, r=2, alpha=6)])
     randomize_b(model)
-    export(model, tmp_path / "peft", "peft")
+    model.save_pretrained(tmp_path / "model")
+    export_main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "peft"), "--format", "peft",
+                 "--tokenizer", TOKENIZER])
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(
         f"model.layers.{i}.mlp.experts.{p}" for i in sparse for p in ("gate_up_proj", "down_proj"))
