@@ -199,7 +199,7 @@ def _sparse_llm(source: str, tokenizer, tmp_path, encoders: dict | None = None):
     return build_multimodal(tokenizer, llm=hf_dir, encoders=encoders or {}).eval(), SPARSE_LAYERS[source]
 
 
-@pytest.mark.parametrize("source", ["mixtral", "qwen2_moe", "upcycled-llama"])
+@pytest.mark.parametrize("source", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "upcycled-llama"])
 def test_lora_on_a_sparse_llm_exports_as_peft_with_the_models_logits(source, tmp_path, tokenizer):
     """Plain LoRA on the attention (and on Qwen2-MoE's shared expert) and each expert's own LoRA (`moe_lora`),
     saved and exported by `python -m lightning_moe.export --format peft`: `PeftModel.from_pretrained` on the
