@@ -179,12 +179,14 @@ def export_peft(model: MultimodalLM, out: str | Path, base: PeftBase | None = No
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "inference_mode": True,
         # peft has one dropout (training only), which its LoRA on bare parameters refuses
         "r": r, "lora_alpha": alpha, "lora_dropout": 0.0 if parameters else max(dropouts, default=0.0),
-        "target_modules": sorted(t.name for t in targets if not t.parameter), "target_parameters": parameters or None,
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
+        "target_modules": sorted(t.name for t in targets if not t.parameter), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None,
         "rank_pattern": {t.name: t.r for t in targets if t.r != r},
         "alpha_pattern": {t.name: t.alpha for t in targets if t.alpha != alpha},
     }
+    if parameters:  # a field of peft 0.17 on: written only where it is needed
+        config["target_parameters"] = parameters
     tensors = {}
     for t in targets:
         # a LoRA on a parameter is keyed by the module holding it, under one `base_layer.` per wrapper around it

@@ -292,6 +292,11 @@ def test_adapters_whose_base_or_place_has_no_transformers_form_are_refused(tmp_p
     dense.surgery.insert(0, {"op": "prune_heads", "heads": [0]})
     with pytest.raises(PeftFormatError, match=r"surgery \['prune_heads'\] has no transformers counterpart"):
         export_peft(dense, tmp_path / "x")
+    dense.surgery.pop(0)
+    # an adapter folded into its base weight already: exporting it again would add it twice
+    dense.llm.get_submodule("model.layers.1.self_attn.q_proj").merge()
+    with pytest.raises(PeftFormatError, match=r"\['model\.layers\.1\.self_attn\.q_proj'\] are merged"):
+        export_peft(dense, tmp_path / "x")
     # LoRA on a router: the project's router reads the weight, not the LoRA
     model, _ = _sparse_llm("mixtral", tokenizer, tmp_path)
     add_adapters(model, [AdapterRule(kind="lora", targets=["router.proj"], layers=[0], r=2, alpha=4)])
