@@ -14,7 +14,11 @@
                 upcycled Llama becomes Mixtral or Qwen2-MoE; a model no family represents is refused with
                 the reason and the setting that would make it exportable.
   --format peft a peft LoRA adapter (`adapter_config.json`, peft's key names; `formats/peft.py`) in DIR
-                and the base it goes on in DIR/base; MoLE / MoRA adapters, which peft cannot represent, are refused.
+                and the base it goes on in DIR/base, the model without its adapters as --format hf writes
+                it (a sparse LLM as its MoE family). Plain LoRA keeps its module names; each expert's LoRA
+                (moe_lora) becomes peft's `target_parameters` on the stacked experts (peft >= 0.17).
+                Refused, with the reason: MoLE / MoRA adapters (per-token routing peft cannot represent),
+                LoRA on a router, and a base no transformers family represents (the --format hf refusal).
   --format project  the project's own `save_pretrained` directory; with --merge-lora this is `merge_lora`
                 as a command (plain LoRA folded into the base weights, the adapters gone from the log).
   --merge-lora  fold plain LoRA adapters into their base weights first (MoLE / MoRA cannot be: an error).

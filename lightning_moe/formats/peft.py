@@ -10,14 +10,19 @@ differ) and `adapter_model.safetensors` with peft's key names
 (`base_model.model.<module in the base>.lora_A.weight`), for the base that `export_multimodal`
 (`LlavaForConditionalGeneration`: the LLM under `model.language_model.`) or the text-only export
 (`AutoModelForCausalLM`: the LLM's own names) writes, so `PeftModel.from_pretrained(base, dir)` computes
-what the project's model does. Only plain LoRA: MoLE and MoRA route each token to its own experts or
-ranks, which peft has no way to express (an error saying so).
+what the project's model does. A sparse LLM's base is the transformers MoE model `to_hf_causal_lm` builds
+(`hf_causal_lm.causal_lm_layout` names its tensors without building it): LoRA outside the sparse layers and
+on a shared expert keeps its name; each expert's LoRA (`moe_lora`) becomes peft's LoRA on the stacked
+experts' parameters (`target_parameters`, peft's `ParamWrapper` layout). Refused with the reason: MoLE
+and MoRA (they route each token to its own experts or ranks, which peft has no way to express), LoRA on
+a router (the project's router computes from the weight under it, never through the LoRA), and a base
+that no transformers model represents.
 
 In (`load_peft_lora`, which `formats.load_adapters` calls for a peft directory): a peft LoRA trained
 on the LLM alone or on a llava-hf model becomes `lora` adapter rules naming the exact modules (logged as surgery, so `save_pretrained` and checkpoints replay it) and loads its
 tensors. rsLoRA's scale (alpha/sqrt(r)) is kept exactly as an equivalent alpha. What LoRA variants
-the project's layer does not compute (DoRA, biases, modules_to_save, LoRA on embeddings or on the
-vision tower) is refused by name, never a KeyError.
+the project's layer does not compute (DoRA, biases, modules_to_save, LoRA on embeddings, on the
+vision tower or on bare parameters) is refused by name, never a KeyError.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +46,7 @@ from ..models.architecture import adapter_modules
 from ..models.checkpoint import adapter_ops
 from ..models.multimodal import MultimodalLM
 from .base import read_json_config
+from .hf_causal_lm import CausalLMLayout, causal_lm_layout
 
 __all__ = ["PeftBase", "PeftFormatError", "export_peft", "load_peft_lora", "without_adapters", "is_peft_directory",
            "PEFT_WEIGHTS_NAME", "PEFT_PREFIX"]
@@ -68,7 +75,7 @@ class PeftFormatError(ValueError):
 
 # ---------------------------------------------------------------------------- out
 def _base_name(llm_name: str, prefix: str, base: PeftBase) -> str:
-    """A module's name relative to the LLM -> its name in the exported transformers base."""
+    """A name in the LLM's transformers export -> its name in the exported base."""
     if base == "causal_lm":
         return llm_name
     if not llm_name.startswith(prefix + "."):
@@ -76,8 +83,61 @@ def _base_name(llm_name: str, prefix: str, base: PeftBase) -> str:
     return LLAVA_LM_PREFIXES[0] + llm_name[len(prefix) + 1:]
 
 
+@dataclass
+class _Target:
+    """One peft LoRA: a module (`target_modules`) or a bare parameter (`target_parameters`) of the base."""
+
+    name: str  # its full name in the exported base
+    r: int
+    alpha: float
+    lora_A: torch.Tensor  # peft's layout: (r, in) for a module, (E * r, in) for stacked experts
+    lora_B: torch.Tensor  # (out, r); (out, r * E) for stacked experts
+    parameter: bool = False
+    nesting: int = 0  # how many peft ParamWrappers of later parameters of the same module wrap this one
+
+
+def _linear_target(layout: CausalLMLayout, llm_name: str, module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """A `lora` adapter's module name in the transformers export, and its factors."""
+    for moe, block in layout.blocks.items():
+        if llm_name.startswith(f"{moe}.router."):
+            raise PeftFormatError(
+                f"LoRA on {llm_name} (the router of the sparse layer {moe}) cannot be exported: the router computes "
+                "its logits from the projection's weight itself (TopKRouter, in float32), never through the module "
+                "a LoRA wraps, so the model does not compute that LoRA; and the transformers router "
+                f"({block}.{layout.family.router}) holds a bare weight, no nn.Linear. Train LoRA elsewhere "
+                "(attention, dense MLPs, the shared expert, the experts with moe_lora)")
+    return layout.key(llm_name + ".weight").removesuffix(".weight"), module.lora_A.weight, module.lora_B.weight
+
+
+def _stacked_factors(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert LoRA factors of the row blocks of one stacked tensor (gate and up of gate_up_proj: A (E, r, in),
+    B (E, out, r) each) -> one rank-sum(r) LoRA per expert, B block-diagonal, in peft's ParamWrapper layout:
+    lora_A (E * R, in) expert-major, lora_B (out, R * E) rank-major (`ParamWrapper.get_delta_weight`)."""
+    A = torch.cat(a, dim=1)  # (E, R, in)
+    E, R, _ = A.shape
+    B = A.new_zeros(E, sum(x.shape[1] for x in b), R)
+    row = col = 0
+    for block in b:
+        B[:, row:row + block.shape[1], col:col + block.shape[2]] = block
+        row, col = row + block.shape[1], col + block.shape[2]
+    return A.reshape(E * R, -1), B.permute(1, 2, 0).reshape(B.shape[1], R * E)
+
+
+def _expert_targets(layout: CausalLMLayout, llm_name: str, module: nn.Module) -> list[_Target]:
+    """A `moe_lora` adapter (each expert's gate / up / down its own LoRA) as peft LoRAs on the transformers experts'
+    stacked parameters: gate and up side by side on gate_up_proj (rank 2r, alpha 2·alpha: the same alpha / r),
+    down on down_proj. The experts module registers gate_up_proj before down_proj, so peft's wrapper of
+    down_proj wraps the one of gate_up_proj (whose keys gain one `base_layer.`)."""
+    gate_up_A, gate_up_B = _stacked_factors([module.lora_A["gate"], module.lora_A["up"]],
+                                            [module.lora_B["gate"], module.lora_B["up"]])
+    down_A, down_B = _stacked_factors([module.lora_A["down"]], [module.lora_B["down"]])
+    r, alpha = module.r, float(module.alpha)
+    return [_Target(layout.key(f"{llm_name}.gate_up_proj"), 2 * r, 2 * alpha, gate_up_A, gate_up_B, True, 1),
+            _Target(layout.key(f"{llm_name}.down_proj"), r, alpha, down_A, down_B, True, 0)]
+
+
 def export_peft(model: MultimodalLM, out: str | Path, base: PeftBase | None = None) -> Path:
-    """Write the model's plain LoRA adapters as a peft LoRA adapter for the exported base (module docstring).
+    """Write the model's LoRA adapters as a peft LoRA adapter for the exported base (module docstring).
 
     `base`: "llava" for `export_multimodal`'s LlavaForConditionalGeneration, "causal_lm" for the text-only
     export; default llava when the model has an image encoder.
@@ -86,36 +146,53 @@ def export_peft(model: MultimodalLM, out: str | Path, base: PeftBase | None = No
     adapters = [(n, m) for n, m in adapter_modules(model.llm)]
     if not adapters:
         raise PeftFormatError("the model has no adapters to export")
-    others = sorted({kind_of(m).name for _, m in adapters} - {"lora"})
+    others = sorted({kind_of(m).name for _, m in adapters} - {"lora", "moe_lora"})
     if others:
         raise PeftFormatError(
             f"peft cannot represent {', '.join(others)} adapters: they route each token to its own experts / ranks, "
             "and a peft LoRA is one fixed update per module. Keep them in the project's format (models.save_adapters), "
             "or train plain LoRA for a peft export"
         )
-    base_ops = [e["op"] for e in model.surgery if e["op"] not in ("adapters",)]
-    if base_ops:
-        raise PeftFormatError(f"the base under the LoRA has surgery {base_ops}; a peft adapter goes on a plain "
-                              "transformers base (export it and the adapters from a model without that surgery)")
+    merged = [n for n, m in adapters if getattr(m, "merged", False)]
+    if merged:
+        raise PeftFormatError(f"the adapters {merged[:3]} are merged into their base weights already: unmerge them, "
+                              "or export the merged model (--format hf --merge-lora)")
+    try:
+        layout = causal_lm_layout(without_adapters(model))
+    except ValueError as err:
+        raise PeftFormatError(f"the base under the adapters has no transformers form, so no peft adapter can name "
+                              f"its modules: {err}") from None
     prefix = model.llm.base_model_prefix
-    names = {llm_name: _base_name(llm_name, prefix, base) for llm_name, _ in adapters}
-    modules = dict(adapters)
-    shape = Counter((m.r, float(m.alpha)) for m in modules.values())
-    (r, alpha), _ = shape.most_common(1)[0]
-    dropouts = {float(getattr(m.lora_dropout, "p", 0.0)) for m in modules.values()}
+    targets: list[_Target] = []
+    for llm_name, module in adapters:
+        if kind_of(module).name == "moe_lora":
+            targets += _expert_targets(layout, llm_name, module)
+        else:
+            name, lora_A, lora_B = _linear_target(layout, llm_name, module)
+            targets.append(_Target(name, module.r, float(module.alpha), lora_A, lora_B))
+    for target in targets:
+        target.name = _base_name(target.name, prefix, base)
+    (r, alpha), _ = Counter((t.r, t.alpha) for t in targets).most_common(1)[0]
+    dropouts = {float(getattr(m.lora_dropout, "p", 0.0)) for _, m in adapters if hasattr(m, "lora_dropout")}
+    parameters = sorted(t.name for t in targets if t.parameter)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "inference_mode": True,
-        "r": r, "lora_alpha": alpha, "lora_dropout": max(dropouts),  # peft has one dropout (training only)
-        "target_modules": sorted(names.values()), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
-        "rank_pattern": {names[n]: m.r for n, m in modules.items() if m.r != r},
-        "alpha_pattern": {names[n]: float(m.alpha) for n, m in modules.items() if float(m.alpha) != alpha},
+        # peft has one dropout (training only), which its LoRA on bare parameters refuses
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0 if parameters else max(dropouts, default=0.0),
+        "target_modules": sorted(t.name for t in targets if not t.parameter), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None,
+        "rank_pattern": {t.name: t.r for t in targets if t.r != r},
+        "alpha_pattern": {t.name: t.alpha for t in targets if t.alpha != alpha},
     }
+    if parameters:  # a field of peft 0.17 on: written only where it is needed
+        config["target_parameters"] = parameters
     tensors = {}
-    for llm_name, module in modules.items():
-        key = PEFT_PREFIX + names[llm_name]
-        tensors[f"{key}.lora_A.weight"] = module.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{key}.lora_B.weight"] = module.lora_B.weight.detach().contiguous().cpu()
+    for t in targets:
+        # a LoRA on a parameter is keyed by the module holding it, under one `base_layer.` per wrapper around it
+        key = PEFT_PREFIX + (t.name.rpartition(".")[0] + ".base_layer" * t.nesting if t.parameter else t.name)
+        tensors[f"{key}.lora_A.weight"] = t.lora_A.detach().contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = t.lora_B.detach().contiguous().cpu()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -157,6 +234,12 @@ def load_peft_lora(model: MultimodalLM, directory: str | Path) -> MultimodalLM:
         if config.get(option, default) not in (default, None, False, "none", []):
             raise PeftFormatError(f"{config_file}: {option}={config[option]!r} is a LoRA variant the project's LoRA "
                                   "layer does not compute; only plain LoRA loads")
+    if config.get("target_parameters"):
+        raise PeftFormatError(
+            f"{config_file}: target_parameters {config['target_parameters']} (LoRA on bare parameters, such as the "
+            "experts' stacked gate_up_proj / down_proj) does not load: the project's LoRA wraps nn.Linear modules, "
+            "and its experts' LoRA (moe_lora) gives the gate and up projections factors of their own, where peft's "
+            "LoRA on gate_up_proj shares one A between them")
     weights_file = directory / PEFT_WEIGHTS_NAME
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} not found (peft adapters saved as adapter_model.bin: load them with "

@@ -1,6 +1,7 @@
 """peft both ways (formats/peft.py), with peft itself as the oracle: the project's LoRA exported as a peft
 adapter gives the project's logits on the exported base under `PeftModel.from_pretrained`; a peft-saved LoRA
-loaded by the project gives peft's logits."""
+loaded by the project gives peft's logits; on a sparse LLM (a converted native MoE, an upcycled Llama) too,
+the experts' own LoRA included."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
-from lightning_moe.formats import PeftFormatError, export_multimodal, export_peft, load_adapters, without_adapters
-from lightning_moe.models import AdapterRule, add_adapters, build_multimodal, save_adapters
+from lightning_moe.formats import (PeftFormatError, export_multimodal, export_peft, load_adapters, to_hf_causal_lm,
+                                   without_adapters)
+from lightning_moe.models import AdapterRule, MoEConfig, add_adapters, build_multimodal, save_adapters, upcycle
 from lightning_moe.modalities import IMAGE_TOKEN
 from tests.conftest import TINY_LLM, tiny_encoders
+from tests.models.test_native_moe import text_batch
 
 PATCHES = 16
 
@@ -180,3 +183,132 @@ def test_the_base_under_the_adapters_keeps_every_record_but_the_adapters(tokeniz
     base = without_adapters(model)
     assert base.config_dict() == {**model.config_dict(), "surgery": []}
     torch.testing.assert_close(base(ids, torch.ones_like(ids)).logits, before, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- adapters on a sparse LLM
+def _sparse_llm(source: str, tokenizer, tmp_path, encoders: dict | None = None):
+    """A sparse LLM with its MoE layers: a tiny Hugging Face Mixtral / Qwen2-MoE (saved, loaded as backbone.llm:
+    the `native_moe` conversion), or a tiny Llama upcycled here (exported as Mixtral)."""
+    from tests.models.test_native_moe import SPARSE_LAYERS, decisive, save_hf_moe
+
+    if source == "upcycled-llama":
+        model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders or {})
+        upcycle(model, MoEConfig(num_experts=4, top_k=2, layers="all"))
+        return decisive(model).eval(), list(range(TINY_LLM["num_hidden_layers"]))
+    hf_dir = save_hf_moe(source, tmp_path / source, tokenizer)
+    return build_multimodal(tokenizer, llm=hf_dir, encoders=encoders or {}).eval(), SPARSE_LAYERS[source]
+
+
+@pytest.mark.parametrize("source", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "upcycled-llama"])
+def test_lora_on_a_sparse_llm_exports_as_peft_with_the_models_logits(source, tmp_path, tokenizer):
+    """Plain LoRA on the attention (and on Qwen2-MoE's shared expert) and each expert's own LoRA (`moe_lora`),
+    saved and exported by `python -m lightning_moe.export --format peft`: `PeftModel.from_pretrained` on the
+    base it writes (the native family, or Mixtral for the upcycled Llama) gives the project's logits."""
+    from lightning_moe.export import main as export_main
+    from tests.conftest import TOKENIZER
+
+    model, sparse = _sparse_llm(source, tokenizer, tmp_path)
+    lora = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["shared_expert.up_proj"] if source == "qwen2_moe" else [])
+    add_adapters(model, [AdapterRule(kind="lora", targets=lora, r=4, alpha=8),
+                         AdapterRule(kind="moe_lora", targets=["mlp"], layers=sparse, r=2, alpha=6)])
+    randomize_b(model)
+    model.save_pretrained(tmp_path / "model")
+    export_main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "peft"), "--format", "peft",
+                 "--tokenizer", TOKENIZER])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in sparse for p in ("gate_up_proj", "down_proj"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base").eval()
+    b = text_batch(tokenizer)
+    hf_inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    with torch.no_grad():
+        plain = base(**hf_inputs).logits
+        theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(**hf_inputs).logits
+        ours = model(b["input_ids"], b["attention_mask"]).logits
+        ours_attention_only = without_moe_lora(model)(b["input_ids"], b["attention_mask"]).logits
+    real = b["attention_mask"].bool()
+    assert (ours - theirs)[real].abs().max() <= 1e-4
+    # both kinds matter: the check above is not vacuous for either
+    assert (ours - plain)[real].abs().max() > 1e-2 and (ours - ours_attention_only)[real].abs().max() > 1e-2
+
+
+def without_moe_lora(model):
+    """A copy of `model` whose experts' LoRA is zero (its attention LoRA kept)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if ".lora_B." in name and "mlp" in name and "shared_expert" not in name:
+                p.zero_()
+    return twin
+
+
+def test_lora_on_a_native_moe_in_a_llava_base(tmp_path, tokenizer):
+    """The same on llava-hf's LlavaForConditionalGeneration (the LLM under `model.language_model.`)."""
+    model, sparse = _sparse_llm("mixtral", tokenizer, tmp_path, encoders=tiny_encoders())
+    add_adapters(model, [AdapterRule(kind="lora", targets=["q_proj", "o_proj"], r=4, alpha=8),
+                         AdapterRule(kind="moe_lora", targets=["mlp"], r=2, alpha=6)])
+    randomize_b(model)
+    export_peft(model, tmp_path / "peft")
+    base_model = without_adapters(model)
+    export_multimodal(base_model, tmp_path / "base", tokenizer, language_model=to_hf_causal_lm(base_model))
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    ids, mask, pixels = inputs(tokenizer, 1)
+    hf_ids, _, _ = inputs(tokenizer, PATCHES)
+    with torch.no_grad():
+        ours = model(ids, mask, pixel_values=pixels).logits
+        plain = base(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels).logits
+        theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(
+            input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels).logits
+    assert (ours - theirs).abs().max() <= 1e-4 and (ours - plain).abs().max() > 1e-2
+
+
+def test_adapters_whose_base_or_place_has_no_transformers_form_are_refused(tmp_path, tokenizer):
+    from transformers import Qwen3MoeConfig
+
+    from tests.models.test_native_moe import SMALL
+
+    attention = AdapterRule(kind="lora", targets=["q_proj"], r=2, alpha=4)
+    # upcycling on top of a native Qwen3-MoE: its config places experts only on its own layers
+    config = Qwen3MoeConfig(**SMALL, intermediate_size=48, moe_intermediate_size=48, num_experts=4,
+                            norm_topk_prob=True, decoder_sparse_step=2, vocab_size=len(tokenizer))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "q3")
+    model = build_multimodal(tokenizer, llm=str(tmp_path / "q3"), encoders={})
+    upcycle(model, MoEConfig(num_experts=4, top_k=2, layers=[0]))
+    add_adapters(model, [attention])
+    with pytest.raises(PeftFormatError, match=r"no transformers form.*sparse layers \[0, 1\] differ from the "
+                                              r"qwen3_moe model's own \[1\]"):
+        export_peft(model, tmp_path / "x")
+    # an upcycled Phi: no transformers MoE family has its layout
+    phi = build_multimodal(tokenizer, "tiny-phi", TINY_LLM, encoders={})
+    upcycle(phi, MoEConfig(layers="all"))
+    add_adapters(phi, [attention])
+    with pytest.raises(PeftFormatError, match="no transformers form.*no Hugging Face MoE family has phi"):
+        export_peft(phi, tmp_path / "x")
+    # a rewrite transformers does not know
+    dense = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, encoders={})
+    add_adapters(dense, [attention])
+    dense.surgery.insert(0, {"op": "prune_heads", "heads": [0]})
+    with pytest.raises(PeftFormatError, match=r"surgery \['prune_heads'\] has no transformers counterpart"):
+        export_peft(dense, tmp_path / "x")
+    dense.surgery.pop(0)
+    # an adapter folded into its base weight already: exporting it again would add it twice
+    dense.llm.get_submodule("model.layers.1.self_attn.q_proj").merge()
+    with pytest.raises(PeftFormatError, match=r"\['model\.layers\.1\.self_attn\.q_proj'\] are merged"):
+        export_peft(dense, tmp_path / "x")
+    # LoRA on a router: the project's router reads the weight, not the LoRA
+    model, _ = _sparse_llm("mixtral", tokenizer, tmp_path)
+    add_adapters(model, [AdapterRule(kind="lora", targets=["router.proj"], layers=[0], r=2, alpha=4)])
+    with pytest.raises(PeftFormatError, match=r"LoRA on model\.layers\.0\.mlp\.router\.proj \(the router of the "
+                                              r"sparse layer model\.layers\.0\.mlp\).*model\.layers\.0\.mlp\.gate"):
+        export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # nothing written by a refusal
+
+
+def test_peft_lora_on_parameters_is_refused_on_load_with_the_reason(tmp_path, tokenizer):
+    model, _ = _sparse_llm("mixtral", tokenizer, tmp_path)
+    add_adapters(model, [AdapterRule(kind="moe_lora", targets=["mlp"], r=2, alpha=4)])
+    export_peft(model, tmp_path / "peft")
+    with pytest.raises(PeftFormatError, match="target_parameters"):
+        load_adapters(without_adapters(model), tmp_path / "peft")
