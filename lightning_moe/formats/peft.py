@@ -98,14 +98,7 @@ class _Target:
 
 def _linear_target(layout: CausalLMLayout, llm_name: str, module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor]:
     """A `lora` adapter's module name in the transformers export, and its factors."""
-    for moe, block in layout.blocks.items():
-        if llm_name.startswith(f"{moe}.router."):
-            raise PeftFormatError(
-                f"LoRA on {llm_name} (the router of the sparse layer {moe}) cannot be exported: the router computes "
-                "its logits from the projection's weight itself (TopKRouter, in float32), never through the module "
-                "a LoRA wraps, so the model does not compute that LoRA; and the transformers router "
-                f"({block}.{layout.family.router}) holds a bare weight, no nn.Linear. Train LoRA elsewhere "
-                "(attention, dense MLPs, the shared expert, the experts with moe_lora)")
+    # (no LoRA on a router: `plan_adapters` refuses it, the router reads its weight itself)
     return layout.key(llm_name + ".weight").removesuffix(".weight"), module.lora_A.weight, module.lora_B.weight
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..layers.adapters import adapter_kind, adapter_kinds, adapter_tensors, kind_of, trainable_adapter_tensors
+from ..layers.routing import TopKRouter
 from .architecture import adapter_modules, decoder_layers, mlp_attribute, resolve_layers
 from .checkpoint import adapter_ops, canonical_log, register_old_op, register_surgery, replay_surgery
 from .multimodal import MultimodalLM
@@ -95,6 +96,8 @@ def plan_adapters(model: MultimodalLM, rules: list[AdapterRule | dict[str, Any]]
         wants_mlp = any(t == "mlp" and i in in_layers for t, in_layers in zip(targets, chosen))
         mlp = getattr(layer, mlp_attribute(layer)) if wants_mlp else None
         claimed: list[str] = []  # adapted (or already adapter) modules: their insides are skipped
+        # a router reads its projection's weight itself (float32 routing), so an adapter there would be bypassed
+        routers = {f"{sub}.proj" if sub else "proj" for sub, m in layer.named_modules() if isinstance(m, TopKRouter)}
         for sub, module in layer.named_modules():
             name = f"{prefix}.{i}.{sub}" if sub else f"{prefix}.{i}"
             if any(name.startswith(c + ".") for c in claimed):
@@ -105,6 +108,10 @@ def plan_adapters(model: MultimodalLM, rules: list[AdapterRule | dict[str, Any]]
                     continue
                 if is_adapter:
                     raise ValueError(f"{name} already has an adapter ({type(module).__name__}); adapt it once")
+                if sub in routers:
+                    raise ValueError(f"{name} is a MoE router's projection: the router computes its logits from "
+                                     f"the weight directly and takes no adapter ({rule.kind} targets {rule.targets}); "
+                                     "train the router itself instead (its weights are in the `moe` trainable group)")
                 if (module is mlp) if target == "mlp" else isinstance(module, nn.Linear):
                     plan[name] = rule
                     break
