@@ -200,7 +200,8 @@ def main() -> None:
     with torch.no_grad():
         project_loss = method.compute_loss(batches[0]).logs["lm_loss"]
         plain_loss = plain.loss(*plain.inputs(batches[0]), batches[0]["pixel_values"])
-    torch.testing.assert_close(plain_loss, project_loss, rtol=1e-5, atol=1e-6, msg="the plain step's first loss")
+    torch.testing.assert_close(plain_loss, project_loss, rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"the plain step's first loss: {m}")
     method.eval()
     for batch in val_batches:
         project_answers = method.generate_answers(batch)
