@@ -86,8 +86,9 @@ def test_edge_offload_quick_quality_table(tmp_path, tokenizer):
 
 
 # moe_layer.py is slow: its --quick run compiles the layer (aot_eager) for several shapes; the run is shared with the
-# report's test. The other two run in this process (the imports they would pay in a fresh one are most of their time).
-@pytest.mark.parametrize("script", [pytest.param("moe_layer.py", marks=pytest.mark.slow), "lora_experts.py", "mole_step.py"])
+# report's test. The others run in this process (the imports they would pay in a fresh one are most of their time).
+@pytest.mark.parametrize("script", [pytest.param("moe_layer.py", marks=pytest.mark.slow), "lora_experts.py", "mole_step.py",
+                                    "template_overhead.py"])
 def test_speed_script_parity_checks_run(script, quick_outputs, monkeypatch, capsys):
     """Each script's --quick run asserts, before timing, that the implementations it compares compute the
     same thing on the same weights, and prints its table."""

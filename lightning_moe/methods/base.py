@@ -224,10 +224,16 @@ def check_stage_parameter(cls: type) -> None:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy. Returns (batch mean over trained tokens, per-sample sum, per-sample count)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
-    trained = labels != IGNORE_INDEX
+    """Next-token cross-entropy: the logits at each position predict the next position's label. Returns (batch
+    mean over trained tokens, per-sample sum, per-sample count).
+
+    Computed in float32 over the logits' rows as they lie (B * T rows of V, no copy of float32 logits), the
+    last position predicting nothing: the softmax runs along contiguous memory, which is faster and rounds
+    less than over the class dimension of a transposed (B, V, T) view."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
+    token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view(targets.shape)
+    trained = targets != IGNORE_INDEX
     per_sample, counts = token_loss.sum(1), trained.sum(1)
     return per_sample.sum() / counts.sum().clamp(min=1), per_sample, counts
 
@@ -379,7 +385,7 @@ class MultimodalMethod(L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
         """LM cross-entropy on assistant tokens + coef × load balancing + z_coef × z-loss + `extra_losses`."""
-        out = self.model(**self.model_inputs(batch), labels=batch["labels"])
+        out = self.model(**self.model_inputs(batch), labels=batch["labels"], loss_logits_only=True)
         lm_loss, per_sample, counts = causal_lm_loss(out.logits, out.labels)
         logs = {"lm_loss": lm_loss}
         routing, routing_loss = self.routing_losses(out.attention_mask, logs)

@@ -22,9 +22,11 @@ weights, so a stage's output is the next stage's input.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,28 @@ WEIGHTS_NAME = "model.safetensors"
 
 @dataclass
 class MultimodalOutput:
-    logits: torch.Tensor  # (B, T', V)
-    labels: torch.Tensor | None  # (B, T') aligned with logits (not shifted), IGNORE_INDEX where untrained
+    logits: torch.Tensor  # (B, T', V), or (B, K, V) at `positions`
+    labels: torch.Tensor | None  # aligned with logits (not shifted), IGNORE_INDEX where untrained
     attention_mask: torch.Tensor  # (B, T'): 1 on real tokens, also what routing losses use as padding mask
+    # (K,) the positions of the spliced sequence that logits and labels hold (`loss_positions`); None: all T'
+    positions: torch.Tensor | None = None
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(K,) positions of (B, T') labels whose logits a next-token loss reads: those predicting a trained label in
+    some sample, and the position after each. Held in order, consecutive positions still pair logits with the
+    next label: where they skip positions, the label they end at is untrained in every sample, so the loss is
+    the full sequence's. When only the answers train, K is a small part of T' and the LM head, over the whole
+    vocabulary, runs on those positions only."""
+    predicts = (labels[:, 1:] != IGNORE_INDEX).any(0)  # (T' - 1,)
+    keep = torch.nn.functional.pad(predicts, (0, 1)) | torch.nn.functional.pad(predicts, (1, 0))
+    return keep.nonzero()[:, 0]
+
+
+@lru_cache(maxsize=None)
+def keeps_chosen_logits(llm_class: type) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (transformers' models do; a custom one may not)."""
+    return "logits_to_keep" in inspect.signature(llm_class.forward).parameters
 
 
 class MultimodalLM(nn.Module):
@@ -245,11 +266,20 @@ class MultimodalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
+        loss_logits_only: bool = False,
         **modality_inputs: torch.Tensor,
     ) -> MultimodalOutput:
+        """loss_logits_only: with `labels`, logits (and labels) only at the positions a next-token loss on them
+        reads (`loss_positions`, the output's `positions`); the loss is the same. All positions where the LLM's
+        forward cannot choose (no `logits_to_keep`) or under torch.compile (the count depends on the data)."""
         embeds, mask, labels = self.embed(input_ids, attention_mask, labels, **modality_inputs)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        return MultimodalOutput(logits=out.logits, labels=labels, attention_mask=mask)
+        positions, chosen = None, {}
+        if (loss_logits_only and labels is not None and keeps_chosen_logits(type(self.llm))
+                and not torch.compiler.is_compiling()):
+            positions = loss_positions(labels)
+            labels, chosen = labels[:, positions], {"logits_to_keep": positions}
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **chosen)
+        return MultimodalOutput(logits=out.logits, labels=labels, attention_mask=mask, positions=positions)
 
     @torch.no_grad()
     def generate(
