@@ -47,6 +47,15 @@ Prints two markdown tables (with the date and the machine):
    `python main.py fit`), or a trained model given with --checkpoint (a .ckpt or save_pretrained
    directory). Exact-match accuracy on the shipped test split with experts offloaded at float32,
    int8, int4, int2 and the bitwidths planned on the validation split within --tolerance points.
+   With --quality-set, a text set instead (`lightning_moe.retention`: one-word questions through the
+   model's own tokenizer and chat template), on a real LLM: --model NAME (a dense LLM, e.g.
+   smollm2-135m-instruct, upcycled as configs/real/stage3_moe.yaml does, before any training: its
+   experts are copies of the dense MLPs) or --checkpoint (e.g. a configs/real/ stage 3 output). Each
+   store is scored against the float32 one: greedy answers identical to float32's, answers correct,
+   and the reference answers' negative log-likelihood per token (and its perplexity) given the prompt.
+   The bitwidths are planned on --calibration-set, other questions of the same kinds written as one
+   chat (`retention.conversation_ids`): teacher-forced next-token agreement with the float32 model
+   within --tolerance points; a calibration question that is also in the scored set is refused.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -79,6 +89,8 @@ from lightning_moe.inference.plan import reference_tokens  # noqa: E402
 from lightning_moe.inference.store import expert_layers  # noqa: E402
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle  # noqa: E402
 from lightning_moe.formats import load_backbone  # noqa: E402
+from lightning_moe.retention import (CALIBRATION_SET, conversation_ids, evaluate_retention,  # noqa: E402
+                                     read_retention_set)
 from lightning_moe.tokens import load_tokenizer  # noqa: E402
 
 TOKENIZER = str(ROOT / "data" / "tokenizer")
@@ -295,7 +307,22 @@ def speed_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------- quality
+UPCYCLING_CONFIG = ROOT / "configs/real/stage3_moe.yaml"  # MoE-LLaVA stage 3's surgery on a real LLM
+
+
+def upcycled_model(name: str):
+    """The dense LLM `name` upcycled with the `moe` settings of configs/real/stage3_moe.yaml (no training)."""
+    import yaml
+
+    moe = yaml.safe_load(UPCYCLING_CONFIG.read_text())["model"]["init_args"]["moe"]
+    model = load_backbone(name)
+    upcycle(model, MoEConfig(**moe))
+    return model.eval(), f"{name} upcycled as {UPCYCLING_CONFIG.relative_to(ROOT)} ({moe}), untrained"
+
+
 def trained_model(args, workdir: Path):
+    if args.model:
+        return upcycled_model(args.model)
     if args.checkpoint:
         return load_backbone(args.checkpoint).eval(), f"checkpoint {args.checkpoint}"
     from lightning_moe.cli import effective_config
@@ -315,41 +342,115 @@ def trained_model(args, workdir: Path):
     return cli.model.model.eval(), f"configs/quickstart.yaml trained {steps} steps"
 
 
-def quality_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
-    from lightning_moe.edge import eval_batches  # reads datasets (Lightning): not imported by the speed children
+class ShapesQuality:
+    """Exact match of greedy answers on the shipped test split; bitwidths planned on the val split."""
 
+    def __init__(self, args, tokenizer) -> None:
+        from lightning_moe.edge import eval_batches  # reads datasets (Lightning): not imported by the speed children
+
+        self.tokenizer = tokenizer
+        self.test = eval_batches(str(ROOT / "data/shapes"), TOKENIZER, "test", args.max_eval_samples)
+        self.val = eval_batches(str(ROOT / "data/shapes"), TOKENIZER, "val", args.max_eval_samples)
+        self.samples = sum(len(b["answers"]) for b in self.test)
+        self.header = ["test exact match (%)", "change (points)"]
+
+    def plan_quality(self, model) -> float:
+        return exact_match_quality(model, self.val, self.tokenizer)
+
+    def score(self, model) -> dict:
+        return {"exact_match": exact_match_quality(model, self.test, self.tokenizer)}
+
+    def cells(self, result: dict, float32: dict) -> list[str]:
+        return [f"{result['exact_match']:.2f}", f"{result['exact_match'] - float32['exact_match']:+.2f}"]
+
+    def goals(self, results: dict) -> dict[str, bool]:
+        return {"int8 within 1 point of float32": abs(results["int8"]["exact_match"] - results["float32"]["exact_match"])
+                <= 1.0}
+
+    def title(self, source: str, args, plan) -> str:
+        return (f"Quality: {source}; exact match on {self.samples} test samples (all shipped domains); bitwidths "
+                f"planned on the val split within {args.tolerance} point(s) (val: {plan.quality:.2f} vs "
+                f"{plan.reference_quality:.2f})")
+
+
+class TextSetQuality:
+    """A retention text set scored against the float32 model; bitwidths planned on other text (module docstring)."""
+
+    def __init__(self, args, model, model_name: str) -> None:
+        self.tokenizer = load_tokenizer(model_name)
+        self.quality_set, self.calibration_set = args.quality_set, args.calibration_set
+        self.records = read_retention_set(args.quality_set)[: args.max_eval_samples]
+        calibration = read_retention_set(args.calibration_set)
+        scored = {r["question"].strip().lower() for r in self.records}
+        overlap = [r["id"] for r in calibration if r["question"].strip().lower() in scored]
+        if overlap:
+            raise ValueError(f"{args.calibration_set}: {len(overlap)} calibration question(s) are in the scored set "
+                             f"{args.quality_set} ({overlap[:3]}): the plan must not see the questions it is scored on")
+        ids = torch.tensor([conversation_ids(self.tokenizer, calibration)])
+        self.calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+        self.calibration_questions = len(calibration)
+        self.reference_tokens = reference_tokens(model, self.calibration)  # the model's own, float32 experts
+        self.float32 = None  # the float32 store's scores (the first row), the reference of every row
+        self.header = ["answers as float32", "answers correct", "answer NLL (nats/token)", "answer perplexity",
+                       "change in NLL"]
+
+    def plan_quality(self, model) -> float:
+        return token_agreement_quality(model, self.calibration, self.reference_tokens)
+
+    def score(self, model) -> dict:
+        scores = evaluate_retention(model, self.tokenizer, self.records)
+        if self.float32 is None:
+            self.float32 = scores
+        return {"retained": scores.retained(self.float32), "correct": sum(scores.correct),
+                "questions": len(scores.ids), "answer_nll": scores.answer_nll,
+                "answer_perplexity": scores.answer_perplexity, "answers": scores.answers}
+
+    def cells(self, result: dict, float32: dict) -> list[str]:
+        n = result["questions"]
+        return [f"{result['retained']}/{n}", f"{result['correct']}/{n}", f"{result['answer_nll']:.4f}",
+                f"{result['answer_perplexity']:.3f}", f"{result['answer_nll'] - float32['answer_nll']:+.4f}"]
+
+    def goals(self, results: dict) -> dict[str, bool]:
+        return {"int8 answers every question as float32 does": results["int8"]["retained"]
+                == results["int8"]["questions"]}
+
+    def title(self, source: str, args, plan) -> str:
+        return (f"Quality: {source}; {len(self.records)} questions of {self.quality_set}, greedy (at most 4 new "
+                f"tokens), each store against the float32 one; bitwidths planned on {self.calibration_set} "
+                f"({self.calibration_questions} other questions as one chat of {self.calibration[0]['input_ids'].shape[1]} "
+                f"tokens) within {args.tolerance} point(s) of next-token agreement with float32 (planned: "
+                f"{plan.quality:.2f})")
+
+
+def quality_table(args, tokenizer, workdir: Path) -> tuple[str, dict]:
     start = time.perf_counter()
     model, source = trained_model(args, workdir)
     print(f"trained model ({source}) ready in {time.perf_counter() - start:.0f}s", flush=True)
-    test = eval_batches(str(ROOT / "data/shapes"), TOKENIZER, "test", args.max_eval_samples)
-    val = eval_batches(str(ROOT / "data/shapes"), TOKENIZER, "val", args.max_eval_samples)
-    plan = plan_bitwidths(model, lambda m: exact_match_quality(m, val, tokenizer), PlanConfig(tolerance=args.tolerance))
+    task = (TextSetQuality(args, model, args.model or args.checkpoint) if args.quality_set
+            else ShapesQuality(args, tokenizer))
+    plan = plan_bitwidths(model, task.plan_quality, PlanConfig(tolerance=args.tolerance))
     counts = {b: sum(v == b for v in plan.bits.values()) for b in (8, 4, 2)}
-    print(f"planned on val: {counts}, val exact match {plan.quality:.2f} vs float32 {plan.reference_quality:.2f}",
-          flush=True)
+    print(f"planned in {time.perf_counter() - start:.0f}s: {counts}, quality {plan.quality:.2f} vs float32 "
+          f"{plan.reference_quality:.2f}", flush=True)
     results = {}
     for name, bits in [("float32", 32), ("int8", 8), ("int4", 4), ("int2", 2), ("planned", None)]:
         store = export_store(model, workdir / f"quality_{name}", bits=32 if bits is None else bits)
         if bits is None:
             apply_bits(store, plan.bits, plan.to_manifest())
         loaded, offloader = load_offloaded(ExpertStore(store.directory), budget_bytes=store.expert_memory_bytes)
-        accuracy = exact_match_quality(loaded, test, tokenizer)
+        results[name] = {**task.score(loaded), "expert_bytes": store.expert_memory_bytes}
         offloader.close()
-        results[name] = {"exact_match": accuracy, "expert_bytes": store.expert_memory_bytes}
-    f32 = results["float32"]["exact_match"]
-    rows = ["| experts | expert bytes (KiB) | vs float32 | test exact match (%) | change (points) |",
-            "|---|---|---|---|---|"]
+        print(f"  {name}: {task.cells(results[name], results['float32'])} ({time.perf_counter() - start:.0f}s)",
+              flush=True)
+    f32 = results["float32"]
+    rows = ["| experts | expert bytes (KiB) | vs float32 | " + " | ".join(task.header) + " |",
+            "|---|---|---|" + "---|" * len(task.header)]
     for name, r in results.items():
         label = f"planned {counts}" if name == "planned" else name
-        rows.append(f"| {label} | {r['expert_bytes'] / 1024:.1f} | "
-                    f"{100 * r['expert_bytes'] / results['float32']['expert_bytes']:.1f}% | {r['exact_match']:.2f} | "
-                    f"{r['exact_match'] - f32:+.2f} |")
-    goals = {"int8 within 1 point of float32": abs(results["int8"]["exact_match"] - f32) <= 1.0}
-    samples = sum(len(b["answers"]) for b in test)
-    title = (f"Quality: {source}; exact match on {samples} test samples (all shipped domains); bitwidths planned on "
-             f"the val split within {args.tolerance} point(s) (val: {plan.quality:.2f} vs {plan.reference_quality:.2f})")
-    return "\n".join([title, "", *rows]), {"results": results, "goals": goals, "plan": plan.to_manifest(),
-                                          "source": source}
+        rows.append(f"| {label} | {r['expert_bytes'] / 1024:.1f} | {100 * r['expert_bytes'] / f32['expert_bytes']:.1f}% | "
+                    + " | ".join(task.cells(r, f32)) + " |")
+    return "\n".join([task.title(source, args, plan), "", *rows]), {
+        "results": results, "goals": task.goals(results), "plan": plan.to_manifest(), "source": source}
 
 
 def main() -> None:
@@ -357,10 +458,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few steps")
     parser.add_argument("--checkpoint", default=None, help="trained sparse model for the quality table "
                                                            "(.ckpt or save_pretrained dir); default: train quickstart")
+    parser.add_argument("--model", default=None,
+                        help="quality table: a dense LLM (e.g. smollm2-135m-instruct) upcycled as configs/real/stage3_moe.yaml "
+                             "does, untrained; needs --quality-set")
+    parser.add_argument("--quality-set", default=None,
+                        help="quality table: score on this retention text set (e.g. data/retention/smollm2_facts.jsonl) "
+                             "instead of the shapes test split")
+    parser.add_argument("--calibration-set", default=CALIBRATION_SET,
+                        help="with --quality-set: the questions the bitwidth plan is calibrated on (none of the scored ones)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps of the quickstart model (default: the config's own)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="quality table: planning tolerance (points)")
-    parser.add_argument("--max-eval-samples", type=int, default=None, help="per domain, val and test")
+    parser.add_argument("--max-eval-samples", type=int, default=None,
+                        help="per domain, val and test (with --quality-set: the first N questions)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--inter", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
@@ -385,6 +495,9 @@ def main() -> None:
     parser.add_argument("--only", choices=("speed", "quality"), default=None, help="run one table only")
     parser.add_argument("--out", default=None, help="also write results.json and results.md here")
     args = parser.parse_args()
+    if args.model and (args.checkpoint or not args.quality_set):
+        parser.error("--model takes a dense LLM to upcycle: not with --checkpoint, and only with --quality-set "
+                     "(the shapes data are not in its vocabulary)")
     provenance = git_state()  # the commit the run starts from (and whether the tree is dirty)
     if args.quick:
         args.hidden, args.inter, args.layers, args.steps = 64, 128, 2, 2
@@ -402,13 +515,14 @@ def main() -> None:
     stamp = (f"{datetime.date.today()} on {platform.machine()} ({torch.get_num_threads()} torch threads), torch "
              f"{torch.__version__}; total {time.perf_counter() - start:.0f}s; {provenance_words(provenance)}")
     goals = {**speed_results["goals"], **quality_results["goals"]}
-    text = "\n\n".join([f"`python benchmarks/edge_offload.py` ({stamp})", speed, quality,
+    command = shlex.join(["python", "benchmarks/edge_offload.py", *sys.argv[1:]])
+    text = "\n\n".join([f"`{command}` ({stamp})", speed, quality,
                         "Goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items())])
     print("\n" + text)
     if args.out:
         Path(args.out, "results.md").write_text(text + "\n")
         Path(args.out, "results.json").write_text(json.dumps(
-            {"speed": speed_results, "quality": quality_results, "stamp": stamp, **provenance}, indent=1, default=str))
+            {"speed": speed_results, "quality": quality_results, "command": command, "stamp": stamp, **provenance}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,19 @@ as `smollm2-135m-instruct`) or a transformers causal-LM directory (an export). E
 (JSONL: `id`, `question`, `answers`, the first the reference) is asked as one user turn after
 `SYSTEM_PROMPT` and three worked examples (`EXAMPLES`), through the tokenizer's chat template; the greedy answer is correct when it matches
 one of `answers` (`tokens.normalize_answer`). The log-probability is that of the reference answer's
-tokens right after the generation prompt. Training on images should leave both where they were:
-data/retention/README.md says how the set was checked against the untrained model.
+tokens right after the generation prompt; their mean negative log-likelihood per token and its
+perplexity summarise a set. `RetentionScores.retained(reference)` counts the questions answered exactly as a
+reference model answered them (a quantised model against its float32 self: `benchmarks/edge_offload.py
+--quality-set`). `conversation_ids` writes records as one chat in the same format, each question answered
+with its reference: text to calibrate on that is not the scored set. Training on images should leave the
+scores where they were: data/retention/README.md says how the set was checked against the untrained model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +32,15 @@ from .models import MultimodalLM
 from .paths import resolve_data_path
 from .tokens import load_tokenizer, normalize_answer
 
-__all__ = ["SYSTEM_PROMPT", "RETENTION_SET", "RetentionScores", "read_retention_set", "evaluate_retention", "main"]
+__all__ = ["SYSTEM_PROMPT", "RETENTION_SET", "CALIBRATION_SET", "RetentionScores", "read_retention_set",
+           "evaluate_retention", "conversation_ids", "main"]
 
 SYSTEM_PROMPT = "Answer with one word."
 # worked examples before each question (none of them in the set): an instruct model of this size answers in
 # sentences after the system prompt alone, and in one word after these
 EXAMPLES = (("What colour is a lemon?", "Yellow"), ("What is 3 + 3?", "6"), ("What is the capital of Poland?", "Warsaw"))
 RETENTION_SET = "data/retention/smollm2_facts.jsonl"
+CALIBRATION_SET = "data/retention/smollm2_calibration.jsonl"  # other questions of the same kinds, never scored
 MAX_NEW_TOKENS = 4
 
 
@@ -44,14 +51,31 @@ class RetentionScores:
     correct: list[bool]
     answer_logprobs: torch.Tensor  # (N,) float64: log p(reference answer tokens | prompt)
     next_token_logits: torch.Tensor  # (N, V) float32: the distribution of each answer's first token
+    answer_tokens: torch.Tensor  # (N,) int64: how many tokens each reference answer has
 
     @property
     def accuracy(self) -> float:
         return sum(self.correct) / len(self.correct)
 
+    @property
+    def answer_nll(self) -> float:
+        """Mean negative log-likelihood (nats) per reference-answer token, over the whole set."""
+        return -self.answer_logprobs.sum().item() / self.answer_tokens.sum().item()
+
+    @property
+    def answer_perplexity(self) -> float:
+        return math.exp(self.answer_nll)
+
+    def retained(self, reference: "RetentionScores") -> int:
+        """How many questions get exactly the greedy answer `reference` gave (the same questions, in order)."""
+        if self.ids != reference.ids:
+            raise ValueError(f"the scores cover other questions than the reference's ({len(self.ids)} against "
+                             f"{len(reference.ids)}; first ids {self.ids[:3]} and {reference.ids[:3]})")
+        return sum(mine == theirs for mine, theirs in zip(self.answers, reference.answers))
+
     def summary(self) -> str:
         return (f"retention: {sum(self.correct)}/{len(self.correct)} correct ({self.accuracy:.1%}), mean answer "
-                f"log-prob {self.answer_logprobs.mean().item():.4f}")
+                f"log-prob {self.answer_logprobs.mean().item():.4f}, answer perplexity {self.answer_perplexity:.3f}")
 
 
 def read_retention_set(path: str | Path = RETENTION_SET) -> list[dict]:
@@ -75,12 +99,24 @@ def read_retention_set(path: str | Path = RETENTION_SET) -> list[dict]:
     return records
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+def _few_shot_chat(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """The system prompt, the worked examples, then `turns` (question, answer) as user / assistant turns."""
     chat = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for example, answer in EXAMPLES:
-        chat += [{"role": "user", "content": example}, {"role": "assistant", "content": answer}]
-    chat.append({"role": "user", "content": question})
+    for question, answer in (*EXAMPLES, *turns):
+        chat += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return chat
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+    chat = _few_shot_chat([]) + [{"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def conversation_ids(tokenizer: PreTrainedTokenizerBase, records: list[dict]) -> list[int]:
+    """Every record asked and answered with its reference, in turn, after the prompt's worked examples: one chat."""
+    chat = _few_shot_chat([(r["question"], r["answers"][0]) for r in records])
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -90,7 +126,7 @@ def evaluate_retention(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
     """Greedy answers and reference log-probabilities of `model` (a `MultimodalLM`, whose LLM reads the text, or a
     transformers causal LM), one question at a time (no padding: nothing depends on a padding side)."""
     llm = model.llm if isinstance(model, MultimodalLM) else model
-    answers, correct, logprobs, first_logits = [], [], [], []
+    answers, correct, logprobs, first_logits, lengths = [], [], [], [], []
     for record in records:
         prompt = prompt_ids(tokenizer, record["question"])
         reference = tokenizer(record["answers"][0], add_special_tokens=False)["input_ids"]
@@ -98,6 +134,7 @@ def evaluate_retention(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
         logits = llm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
         steps = torch.log_softmax(logits[len(prompt) - 1:-1].double(), dim=-1)
         logprobs.append(steps.gather(1, torch.tensor(reference)[:, None]).sum())
+        lengths.append(len(reference))
         first_logits.append(logits[len(prompt) - 1])
         generated = llm.generate(input_ids=ids[:, :len(prompt)], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                  max_new_tokens=max_new_tokens, do_sample=False,
@@ -106,7 +143,7 @@ def evaluate_retention(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
         answers.append(answer)
         correct.append(normalize_answer(answer) in {normalize_answer(a) for a in record["answers"]})
     return RetentionScores([r["id"] for r in records], answers, correct, torch.stack(logprobs),
-                           torch.stack(first_logits))
+                           torch.stack(first_logits), torch.tensor(lengths))
 
 
 def load_model(name: str) -> nn.Module:

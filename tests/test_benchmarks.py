@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,68 @@ def test_edge_offload_quick_quality_table(tmp_path, tokenizer):
     assert quality["goals"]["int8 within 1 point of float32"] == (
         abs(results["int8"]["exact_match"] - results["float32"]["exact_match"]) <= 1.0)
     assert "| int8 |" in (tmp_path / "out/results.md").read_text()
+
+
+def run_text_quality(tmp_path: Path, monkeypatch, calibration: list[dict]) -> dict:
+    """The quality table's text-set route, in this process, on a small saved sparse model whose experts are made
+    large (x4: their output dominates the residual stream, so their quantisation shows in the logits)."""
+    from lightning_moe.inference.store import expert_layers
+    from lightning_moe.tokens import load_tokenizer
+    from tests.inference.conftest import make_sparse_model
+    from tests.test_retention import RECORDS
+
+    tokenizer = load_tokenizer(ROOT / "data/tokenizer")
+    model = make_sparse_model(tokenizer)
+    with torch.no_grad():
+        for _, moe in expert_layers(model):
+            moe.w_in.mul_(4)
+            moe.down_proj.mul_(4)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")  # the route reads the model's own tokenizer
+    for name, records in (("set", RECORDS), ("calibration", calibration)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(sys, "argv", [
+        "edge_offload.py", "--quick", "--only", "quality", "--checkpoint", str(tmp_path / "model"),
+        "--quality-set", str(tmp_path / "set.jsonl"), "--calibration-set", str(tmp_path / "calibration.jsonl"),
+        "--out", str(tmp_path / "out")])
+    runpy.run_path(str(ROOT / "benchmarks/edge_offload.py"), run_name="__main__")
+    return {"model": model, "tokenizer": tokenizer, **json.loads((tmp_path / "out/results.json").read_text())}
+
+
+CALIBRATION = [{"id": "x", "question": "is there a blue cross?", "answers": ["yes"]},
+               {"id": "y", "question": "how many circles are there?", "answers": ["three"]}]
+
+
+def test_edge_offload_text_quality_table(tmp_path, monkeypatch):
+    """--quality-set: each store scored against float32 on a text set; the float32 row against the resident model
+    scored without any store (the oracle), each row's count of kept answers recounted here, and int2's large
+    quantisation error moving the answers' NLL far beyond int8's."""
+    from lightning_moe.retention import evaluate_retention
+    from tests.test_retention import RECORDS
+
+    run = run_text_quality(tmp_path, monkeypatch, CALIBRATION)
+    results = run["quality"]["results"]
+    assert list(results) == ["float32", "int8", "int4", "int2", "planned"]
+    resident = evaluate_retention(run["model"], run["tokenizer"], RECORDS)
+    f32 = results["float32"]
+    assert f32["answers"] == resident.answers and f32["retained"] == f32["questions"] == len(RECORDS)
+    # the same float32 weights, offloaded: only the order of the expert sums differs (float32 rounding, ~1e-7 relative)
+    assert f32["answer_nll"] == pytest.approx(resident.answer_nll, rel=1e-5)
+    for name, r in results.items():
+        assert r["retained"] == sum(a == b for a, b in zip(r["answers"], resident.answers)), name
+    change = {name: abs(r["answer_nll"] - f32["answer_nll"]) for name, r in results.items()}
+    # an int2 step is 85x an int8 step (range / 3 against range / 255): its NLL change is far beyond int8's
+    assert change["int2"] > 5 * change["int8"] > 0
+    assert run["quality"]["goals"]["int8 answers every question as float32 does"] == (results["int8"]["retained"] == 3)
+    text = (tmp_path / "out/results.md").read_text()
+    assert "answers as float32" in text and f"--quality-set {tmp_path / 'set.jsonl'}" in text and "commit " in text
+
+
+def test_edge_offload_text_quality_refuses_to_calibrate_on_scored_questions(tmp_path, monkeypatch):
+    from tests.test_retention import RECORDS
+
+    with pytest.raises(ValueError, match="1 calibration question.*in the scored set"):
+        run_text_quality(tmp_path, monkeypatch, [*CALIBRATION, {**RECORDS[1], "id": "again"}])
 
 
 # moe_layer.py is slow: its --quick run compiles the layer (aot_eager) for several shapes; the run is shared with the

@@ -2,14 +2,19 @@
 without the `real` extra): the shipped retention set is answered right by the model as loaded from its GGUF;
 MoE-LLaVA upcycling leaves every greedy answer and every logit on it where it was; a two-step run of
 configs/real/ stage 3 saves, exports with `python -m lightning_moe.export` and reloads in plain transformers
-with the same greedy answers and logits."""
+with the same greedy answers and logits; EdgeMoE stores of the upcycled model keep its answers with int8 experts and
+lose them with int2 experts."""
 
 from __future__ import annotations
+
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_moe.export import main as export_main
+from lightning_moe.inference import export_store, load_offloaded
 from lightning_moe.formats import load_backbone
 from lightning_moe.models import MoEConfig, build_multimodal, upcycle
 from lightning_moe.retention import evaluate_retention, read_retention_set
@@ -70,3 +75,27 @@ def test_a_stage3_run_exports_to_plain_transformers_with_the_same_answers(tmp_pa
     plain = evaluate_retention(exported, load_tokenizer(tmp_path / "hf"), questions)
     assert plain.answers == trained.answers
     torch.testing.assert_close(plain.next_token_logits, trained.next_token_logits, rtol=0, atol=EXPORT_ATOL)
+
+
+@requires_real_model
+@pytest.mark.slow  # two stores of a 270M-parameter sparse model, three questions through each
+def test_int2_experts_lose_the_answers_int8_experts_keep(tmp_path, records):
+    """The model of `benchmarks/edge_offload.py --model` (SmolLM2 upcycled as configs/real/stage3_moe.yaml does),
+    its experts offloaded from stores at int8 and at int2: int8 keeps the float32 answers, int2 loses them and
+    their reference tokens' NLL rises by nats (the full table: docs/edgemoe.md, "Quality on a real model")."""
+    upcycled_model = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks/edge_offload.py"))["upcycled_model"]
+    model, _ = upcycled_model(REAL_MODEL)
+    tokenizer = load_tokenizer(REAL_MODEL)
+    questions = records[:3]  # capitals the model answers with log-probabilities above -0.6
+    reference = evaluate_retention(model, tokenizer, questions)
+    scores = {}
+    for bits in (8, 2):
+        store = export_store(model, tmp_path / f"int{bits}", bits=bits)
+        loaded, offloader = load_offloaded(store, budget_bytes=store.expert_memory_bytes)
+        scores[bits] = evaluate_retention(loaded, tokenizer, questions)
+        offloader.close()
+    assert scores[8].retained(reference) == 3, scores[8].answers
+    assert scores[2].retained(reference) == 0, scores[2].answers
+    # int8 moved the 57 answers' NLL by hundredths of a nat per token (docs/edgemoe.md); int2 by tens
+    assert abs(scores[8].answer_nll - reference.answer_nll) < 0.1
+    assert scores[2].answer_nll > reference.answer_nll + 5
