@@ -61,6 +61,27 @@ def seed_task(sequence_seed: int, task: int) -> None:
     random.seed(seed)
 
 
+def reopen_unfinished_epoch(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written at the end of an epoch that stopped before its last batch resume that epoch.
+
+    A run that `trainer.max_steps` (or `trainer.should_stop`) stops mid-epoch e still ends the epoch:
+    Lightning counts it as processed and its `on_train_epoch_end` / `on_train_end` checkpoints say so. Resumed
+    from such a checkpoint, Lightning calls the rest of epoch e "epoch e + 1" (then task e + 1 would start
+    without task e being finished) or, when it does continue epoch e, stops one epoch early (at `max_epochs`,
+    before the last task). Counting epoch e as unfinished, as a checkpoint written after its last batch does,
+    makes Lightning continue task e at the batch after the last one trained (the loader's state) and then
+    run every later task. Called from `on_load_checkpoint`, before Lightning restores its loops from the dict.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop:
+        return  # not a training checkpoint: Lightning restores no loop either
+    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
+    if epochs["total"]["processed"] < epochs["total"]["started"] or batches["is_last_batch"]:
+        return  # written mid-epoch (after a batch), or at the end of an epoch that trained all its batches
+    for counts in (epochs["total"], epochs["current"]):
+        counts["processed"] = counts["completed"] = counts["started"] - 1
+
+
 class TaskLoop:
     """The task loop of one continual method (module docstring): the task sequence, the task in training,
     the accuracy matrix, and the loop's state in checkpoints.
@@ -150,6 +171,7 @@ class TaskLoop:
                              f"{state['current_task']}; resume with the configuration it was trained with")
         self.task_names, self.current_task = list(state["tasks"]), state["current_task"]
         self._resume = state
+        reopen_unfinished_epoch(checkpoint)
 
     def _ckpt_name(self) -> str:
         trainer = self.method._trainer
