@@ -138,6 +138,10 @@ MUTANTS = [
            "            self.epoch_offset = epoch - self._resume[0]",
            "            self.epoch_offset = 0",
            ["tests/data/test_data_sampler.py", "-k", "trainer_resumed_mid_epoch"]),
+    Mutant("a continual run stopped by max_steps mid-task resumes with that epoch counted as done",
+           "        reopen_unfinished_epoch(checkpoint)",
+           "        pass",
+           ["tests/methods/test_continual_resume.py", "-k", "stopped_mid_task"]),
 ]
 
 
