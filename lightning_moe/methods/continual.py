@@ -105,8 +105,7 @@ class TaskLoop:
     The method's Lightning hooks call it (`Continual`'s): `fit_start` (on_fit_start), `train_epoch_start`
     (on_train_epoch_start and on_train_batch_start), `eval_batch_start` (on_eval_batch_start),
     `eval_epoch_metrics` (merged into its own), `save` / `load` (on_save_checkpoint / on_load_checkpoint, after
-    the base's). It calls the
-    method's task hooks, what happens around a task (`Continual`'s docstring).
+    the base's). It calls the method's task hooks, what happens around a task (`Continual`'s docstring).
     """
 
     def __init__(self, method: Continual):
@@ -186,10 +185,11 @@ class TaskLoop:
             task = state["current_task"]
             raise ValueError(
                 f"{name}: the checkpoint{self._ckpt_name()} was written after the last step of task {task} "
-                f"({state['tasks'][task]}, global step {checkpoint.get('global_step')}), before the task's evaluation: "
-                f"Lightning would resume it in task {task + 1} without evaluating task {task} (its row of the accuracy "
-                f"matrix) or running the end of its epoch; resume from the checkpoint written at the end of task {task} "
-                f"(after its evaluation: the continual config's task{task}.ckpt) or from one written after an earlier step")
+                f"({state['tasks'][task]}, global step {checkpoint.get('global_step')}), before the task's "
+                f"evaluation: Lightning would resume it in task {task + 1} without evaluating task {task} (its row "
+                f"of the accuracy matrix) or running the end of its epoch; resume from the checkpoint written at the "
+                f"end of task {task} (after its evaluation: the continual config's task{task}.ckpt) or from one "
+                "written after an earlier step")
         self.method.restore_task(max(state["current_task"], 0), state["method"])
         surgery = self.method.model.surgery
         saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("surgery")

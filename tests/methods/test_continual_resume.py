@@ -93,11 +93,11 @@ MORA = MoRAOptions(temperature=0.5, top_k=5, threshold=None, ranks_per_task=3)
 
 @pytest.fixture(scope="module")
 def uninterrupted(shapes, tmp_path_factory):  # noqa: F811
-    """A MoRA run of the 2 x 3 steps, its trained steps, and its checkpoint written after step 3 (the last of task 0,
-    before task 0's evaluation) by `every_n_train_steps`."""
+    """A MoRA run of the 2 x 3 steps, its trained steps, and its checkpoint written after step 3 (the last of
+    task 0, before task 0's evaluation) by `every_n_train_steps`."""
     root, seen = tmp_path_factory.mktemp("uninterrupted"), TrainedSteps()
-    after_steps = ModelCheckpoint(dirpath=root / "steps", filename="step{step}", every_n_train_steps=3, save_top_k=-1,
-                                  auto_insert_metric_name=False)
+    after_steps = ModelCheckpoint(dirpath=root / "steps", filename="step{step}", every_n_train_steps=3,
+                                  save_top_k=-1, auto_insert_metric_name=False)
     method = make(MoRAContinual, mora=MORA)
     trainer, data = trainer_and_data(shapes, root, callbacks=(seen, after_steps))
     trainer.fit(method, data)
@@ -133,12 +133,14 @@ def test_a_run_stopped_by_max_steps_resumes_exactly(shapes, tmp_path, uninterrup
             assert torch.equal(before[name], after[name]), (max_steps, name)
 
 
-def test_a_checkpoint_between_a_tasks_last_step_and_its_evaluation_is_refused(shapes, tmp_path, uninterrupted):  # noqa: F811
-    # Lightning would resume it in task 1 without task 0's evaluation: the message names the file, the task and the step
+def test_a_checkpoint_between_a_tasks_last_step_and_its_evaluation_is_refused(  # noqa: F811
+        shapes, tmp_path, uninterrupted):
+    # Lightning would resume it in task 1 without task 0's evaluation: the message names the file, task and step
     after_last_step = uninterrupted[2]
     trainer, data = trainer_and_data(shapes, tmp_path)
-    with pytest.raises(ValueError, match=r"step3.ckpt was written after the last step of task 0 \(count, global step 3\)"
-                                         r".*resume from .*task0.ckpt.* or from one written after an earlier step"):
+    with pytest.raises(ValueError, match=r"step3.ckpt was written after the last step of task 0 "
+                                         r"\(count, global step 3\).*resume from .*task0.ckpt.* or from one "
+                                         r"written after an earlier step"):
         trainer.fit(make(MoRAContinual, mora=MORA), data, ckpt_path=after_last_step)
 
 
