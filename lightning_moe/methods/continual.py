@@ -21,7 +21,10 @@ Lightning calls before it loads the state dict, checks the task sequence against
 and rebuilds the module as it was in that task (`restore_task`: MoRA adds the later tasks' ranks
 and freezes the earlier ones), so the state dict and the task's optimizer state load onto the same
 parameters. A checkpoint written at the end of a task (the shipped config's `ModelCheckpoint`)
-continues exactly as the uninterrupted run would.
+continues exactly as the uninterrupted run would, under `max_steps` too, and so does one written in the
+middle of a task: after a step, or at the end of an epoch that `max_steps` cut short (`resume_after_epoch_end`
+rewrites Lightning's loop state of an epoch-end checkpoint so). One written after the last step of a task but
+before its evaluation is refused with an error saying which checkpoints resume it.
 
 A continual method is a `LoRATuning` (`lora`: where the adapters go and their size; only the
 `adapters` group trains) with the `Continual` mixin listed before it: it holds a `TaskLoop(self)`,
@@ -61,14 +64,48 @@ def seed_task(sequence_seed: int, task: int) -> None:
     random.seed(seed)
 
 
+def written_after_an_epochs_last_batch(fit_loop: dict[str, Any]) -> bool:
+    """Whether Lightning's fit-loop state `fit_loop` (a checkpoint's `loops.fit_loop`) was saved right after the
+    last batch of an epoch (`on_train_batch_end`, e.g. by `every_n_train_steps`), before the epoch's evaluation
+    and its `on_train_epoch_end`: Lightning resumes such a checkpoint in the next epoch and runs neither."""
+    epochs, batches = fit_loop["epoch_progress"]["total"], fit_loop["epoch_loop.batch_progress"]
+    return (epochs["processed"] < epochs["started"] and batches["is_last_batch"]
+            and batches["total"]["completed"] < batches["total"]["processed"])
+
+
+def resume_after_epoch_end(fit_loop: dict[str, Any]) -> None:
+    """Rewrite Lightning's fit-loop state of a checkpoint saved at an epoch's end (`on_train_epoch_end`, or after
+    the fit) as the state saved after the epoch's last trained batch, whose resume Lightning gets right.
+
+    Lightning counts an epoch as processed before `on_train_epoch_end`, also when `trainer.max_steps` (or
+    `should_stop`) ended it before its last batch. Resumed from such a state, Lightning calls the rest of epoch e
+    "epoch e + 1" or, under `max_steps` (whose resume always restarts the loop), replays the end of epoch e and
+    counts it twice: the run then stops at `max_epochs` one epoch early. With one epoch per task, that starts
+    task e + 1 before task e is finished, or drops the last task. As saved after its last trained batch, epoch e
+    continues at the next batch (the loader's state says which) when it was cut short, or the next epoch starts
+    from its first batch when it was complete (its evaluation and `on_train_epoch_end` already ran, and are not
+    run again; Lightning then calls no `on_train_epoch_start` for that epoch, so the task loop also starts a task
+    at its first batch). Called from `on_load_checkpoint`, before Lightning restores its loops from the dict.
+    """
+    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
+    if epochs["total"]["processed"] < epochs["total"]["started"]:
+        return  # saved during the epoch
+    for counts in (epochs["total"], epochs["current"]):
+        counts["processed"] = counts["completed"] = counts["started"] - 1
+    if batches["is_last_batch"]:  # complete: as saved in `on_train_batch_end` of its last batch
+        for counts in (batches["total"], batches["current"]):
+            counts["completed"] = counts["processed"] - 1
+        fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # counted after `on_train_batch_end`
+
+
 class TaskLoop:
     """The task loop of one continual method (module docstring): the task sequence, the task in training,
     the accuracy matrix, and the loop's state in checkpoints.
 
     The method's Lightning hooks call it (`Continual`'s): `fit_start` (on_fit_start), `train_epoch_start`
-    (on_train_epoch_start), `eval_batch_start` (on_eval_batch_start), `eval_epoch_metrics` (merged into
-    its own), `save` / `load` (on_save_checkpoint / on_load_checkpoint, after the base's). It calls the
-    method's task hooks, what happens around a task (`Continual`'s docstring).
+    (on_train_epoch_start and on_train_batch_start), `eval_batch_start` (on_eval_batch_start),
+    `eval_epoch_metrics` (merged into its own), `save` / `load` (on_save_checkpoint / on_load_checkpoint, after
+    the base's). It calls the method's task hooks, what happens around a task (`Continual`'s docstring).
     """
 
     def __init__(self, method: Continual):
@@ -107,6 +144,8 @@ class TaskLoop:
             self.accuracy.acc.copy_(resume["accuracy"])
 
     def train_epoch_start(self) -> None:
+        """Start task `trainer.current_epoch` if it is not the task in training (the task loop also calls this at
+        every training batch: Lightning resuming into a new epoch calls no `on_train_epoch_start`)."""
         trainer = self.method.trainer
         task = trainer.current_epoch
         if task == self.current_task:
@@ -141,6 +180,16 @@ class TaskLoop:
         data = trainer.datamodule if trainer is not None else None
         if data is not None and hasattr(data, "task_names"):
             self._check_task_sequence(state["tasks"], list(data.task_names))
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop")  # none: not a training checkpoint, no loop restored
+        if fit_loop and written_after_an_epochs_last_batch(fit_loop):
+            task = state["current_task"]
+            raise ValueError(
+                f"{name}: the checkpoint{self._ckpt_name()} was written after the last step of task {task} "
+                f"({state['tasks'][task]}, global step {checkpoint.get('global_step')}), before the task's "
+                f"evaluation: Lightning would resume it in task {task + 1} without evaluating task {task} (its row "
+                f"of the accuracy matrix) or running the end of its epoch; resume from the checkpoint written at the "
+                f"end of task {task} (after its evaluation: the continual config's task{task}.ckpt) or from one "
+                "written after an earlier step")
         self.method.restore_task(max(state["current_task"], 0), state["method"])
         surgery = self.method.model.surgery
         saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("surgery")
@@ -150,6 +199,8 @@ class TaskLoop:
                              f"{state['current_task']}; resume with the configuration it was trained with")
         self.task_names, self.current_task = list(state["tasks"]), state["current_task"]
         self._resume = state
+        if fit_loop:
+            resume_after_epoch_end(fit_loop)
 
     def _ckpt_name(self) -> str:
         trainer = self.method._trainer
@@ -232,6 +283,10 @@ class Continual:
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
+        self.task_loop.train_epoch_start()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self.task_loop.train_epoch_start()
 
     def on_eval_batch_start(self, batch: dict[str, Any], stage: str) -> None:

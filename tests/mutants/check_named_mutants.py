@@ -138,6 +138,14 @@ MUTANTS = [
            "            self.epoch_offset = epoch - self._resume[0]",
            "            self.epoch_offset = 0",
            ["tests/data/test_data_sampler.py", "-k", "trainer_resumed_mid_epoch"]),
+    Mutant("a continual run stopped by max_steps resumes with Lightning's epoch-end loop state",
+           "            resume_after_epoch_end(fit_loop)",
+           "            pass",
+           ["tests/methods/test_continual_resume.py", "-k", "max_steps_resumes_exactly"]),
+    Mutant("a continual run resumed into a new epoch starts no task at its first batch",
+           "        super().on_train_batch_start(batch, batch_idx)\n        self.task_loop.train_epoch_start()",
+           "        super().on_train_batch_start(batch, batch_idx)",
+           ["tests/methods/test_continual_resume.py", "-k", "max_steps_resumes_exactly"]),
 ]
 
 
