@@ -26,8 +26,8 @@ RECORDED = ROOT / "tests" / "fixtures" / "print_config"
 REAL = "real"
 # values changed on purpose since the fixtures were recorded: config -> dotted key -> (recorded, now, why)
 CHANGED_ON_PURPOSE = {
-    "quickstart.yaml": {"trainer.max_steps": (1500, 3000, "pope, learnt last, starts anywhere between steps 750 "
-                                              "and 2000 with the seed and the float order (docs/quickstart.md)")},
+    "quickstart.yaml": {"trainer.max_steps": (1500, 3000, "pope, learnt last, is learnt between steps 500 and "
+                                              "2500 as the seed and the float order go (docs/quickstart.md)")},
 }
 
 
