@@ -49,11 +49,21 @@ class Part:
     run: Callable[[Path, argparse.Namespace], None]
 
 
+def _as_given(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it: the experiment records its command line in
+    its results, and `--out runs/report` run from the repository root should read so there, not as this machine's
+    absolute path."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _experiment(module: str) -> Callable[[Path, argparse.Namespace], None]:
     def run(out: Path, args: argparse.Namespace) -> None:
         from importlib import import_module
 
-        argv = ["--out", str(out), "--seeds", *map(str, args.seeds)]
+        argv = ["--out", _as_given(out), "--seeds", *map(str, args.seeds)]
         argv += ["--quick"] if args.quick else []
         argv += ["--threads", str(args.threads)] if args.threads else []
         argv += ["--jobs", str(args.jobs)]

@@ -88,3 +88,15 @@ def test_edge_frontier_is_drawn_from_the_benchmarks_results(tmp_path):
     # a part without results says so instead of failing
     moe = [p for p in report.PARTS if p.name == "moe_layer"]
     assert "Not run" in report.write_report(out, moe, "python -m lightning_moe.experiments.report").read_text()
+
+
+def test_an_experiment_records_its_output_directory_as_given_from_the_repository(tmp_path, monkeypatch):
+    """`--out runs/report` run from the repository root reads so in the command each experiment records, not as this
+    machine's absolute path; a directory outside the working directory stays absolute."""
+    given = {}
+    monkeypatch.setattr("lightning_moe.experiments.continual.main", lambda argv: given.setdefault("argv", argv))
+    monkeypatch.chdir(tmp_path)
+    args = report.build_parser().parse_args(["--out", "runs/report", "--seeds", "0", "--jobs", "1"])
+    report.PARTS[[p.name for p in report.PARTS].index("continual")].run((tmp_path / "runs/report/continual"), args)
+    assert given["argv"][:2] == ["--out", "runs/report/continual"]
+    assert report._as_given(tmp_path.parent / "elsewhere") == str(tmp_path.parent / "elsewhere")
