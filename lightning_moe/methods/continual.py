@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from torch.nn.parallel import DistributedDataParallel
 
 from ..metrics import AccuracyMatrix
 from ..models import canonical_log
@@ -62,6 +64,11 @@ def seed_task(sequence_seed: int, task: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def wrapped_by_ddp(strategy: Strategy) -> bool:
+    """Whether Lightning's `strategy` trains through a `DistributedDataParallel` wrapper it built (DDP, not DeepSpeed)."""
+    return isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel)
 
 
 def written_after_an_epochs_last_batch(fit_loop: dict[str, Any]) -> bool:
@@ -127,6 +134,7 @@ class TaskLoop:
     def fit_start(self) -> None:
         data = self._continual_data()
         data.check_trainer(self.method.trainer)
+        self._check_strategy()
         resume, self._resume = self._resume, None
         if resume is not None:
             self._check_task_sequence(resume["tasks"], list(data.task_names))
@@ -143,6 +151,16 @@ class TaskLoop:
         if resume["accuracy"] is not None:
             self.accuracy.acc.copy_(resume["accuracy"])
 
+    def _check_strategy(self) -> None:
+        """A method whose trainable parameters change between tasks runs in one process or under DDP, whose wrapper
+        `train_epoch_start` rebuilds; other multi-process strategies keep what they set up at the start of the fit."""
+        strategy = self.method.trainer.strategy
+        if self.method.changes_trainable_parameters and self.method.trainer.world_size > 1 and not wrapped_by_ddp(strategy):
+            raise ValueError(
+                f"{type(self.method).__name__} changes its trainable parameters at each task, which "
+                f"{type(strategy).__name__} does not follow after it set the model up (the new parameters would "
+                "train on each process apart): run it in one process or with trainer.strategy=ddp")
+
     def train_epoch_start(self) -> None:
         """Start task `trainer.current_epoch` if it is not the task in training (the task loop also calls this at
         every training batch: Lightning resuming into a new epoch calls no `on_train_epoch_start`)."""
@@ -157,8 +175,14 @@ class TaskLoop:
         seed_task(self.sequence_seed, task)
         self.method.start_task(task)
         if task > 0:
+            strategy = trainer.strategy
+            if wrapped_by_ddp(strategy):
+                # DDP averages the gradients of the parameters that trained when it wrapped the model: a task that
+                # adds or unfreezes parameters (MoRA's new ranks) needs a new wrapper, or each rank trains its own
+                strategy.model = strategy.lightning_module
+                strategy.configure_ddp()
             # the parameter set (or its values) changed: a fresh optimizer, as at the start of a task.
-            trainer.strategy.setup_optimizers(trainer)
+            strategy.setup_optimizers(trainer)
 
     # ------------------------------------------------------------------ checkpoints: resume a sequence
     def save(self, checkpoint: dict[str, Any]) -> None:
@@ -253,6 +277,7 @@ class Continual:
     """
 
     task_loop: TaskLoop
+    changes_trainable_parameters = False  # whether `start_task` adds or (un)freezes parameters (multi-process: DDP only)
 
     # ------------------------------------------------------------------ the task hooks (TaskLoop calls them)
     def start_task(self, task: int) -> None:

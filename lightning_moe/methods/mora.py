@@ -57,6 +57,8 @@ class MoRAOptions:
 
 
 class MoRAContinual(Continual, LoRATuning):
+    changes_trainable_parameters = True  # each task adds its ranks and freezes the earlier ones
+
     def __init__(self, mora: MoRAOptions | None = None, lora: LoRAOptions | None = None, **kwargs: Any):
         """
         Args:

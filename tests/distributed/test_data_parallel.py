@@ -8,6 +8,10 @@ tiny saved models; this is also the check that every trainable parameter is used
 is resumed from its `last.ckpt` on the same 2 processes trains every later step on the samples, with the loss, of the
 run that was not interrupted, on every rank, and ends with its weights bit for bit (data/sampler.py).
 
+`test_mora_replicas_stay_identical_across_a_task_boundary_under_ddp` (slow): MoRA, whose second task adds ranks and
+freezes the first's after DDP wrapped the model, ends its second task with the same trainable weights on both ranks
+(the task loop rebuilds the DDP wrapper at each task; without that, each rank trained its new ranks alone).
+
 One launch of two processes serves both strategies (each rank runs the DDP runs, then the FSDP2 one: Lightning
 keeps the process group between Trainers) and one single-process run per config serves as the reference of both:
 the launch and the references are what cost time.
@@ -113,3 +117,24 @@ def test_ddp_and_fsdp2_resume_mid_epoch_on_two_processes(tmp_path, subtests):
             different = [name for name, value in uninterrupted["state"].items()
                          if not torch.equal(resumed["state"][name], value)]
             assert not different, f"{strategy}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.slow  # two extra Python processes, one tiny 2-task run on them: 30-60 s on 2 cores
+def test_mora_replicas_stay_identical_across_a_task_boundary_under_ddp(tokenizer, tmp_path):
+    # MoRA adds the second task's ranks and freezes the first's when the task starts, after DDP wrapped the model:
+    # unless the wrapper is rebuilt, the new ranks' gradients are not averaged and each rank trains its own
+    mora = ["fit", "--config", str(ROOT / "configs/mora/continual.yaml"), "--trainer.strategy=ddp",
+            "--trainer.devices=2", "--trainer.max_epochs=2", "--trainer.limit_val_batches=0",
+            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--data.init_args.order=[count, position_lr]",
+            # 4 batches of 2 per task over 2 ranks: 2 optimizer steps per task
+            "--data.init_args.steps_per_task=4", "--data.init_args.batch_size=2",
+            f"--model.init_args.backbone.pretrained={_save_tiny_model(tokenizer, tmp_path / 'base', 0)}"]
+    train_on_two_processes([mora], tmp_path / "two", tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / "two" / name) for name in ("0.pt", "0.rank1.pt"))
+    assert rank0["global_step"] == rank1["global_step"] == 4
+    assert all(".lora_A.1" in name or ".lora_B.1" in name for name in rank0["state"]), "only task 1's ranks train"
+    different = [name for name, value in rank0["state"].items() if not torch.equal(rank1["state"][name], value)]
+    gap = max((rank0["state"][name] - rank1["state"][name]).abs().max().item() for name in rank0["state"])
+    assert not different, f"{len(different)} of {len(rank0['state'])} trainable tensors differ between the ranks " \
+                          f"(largest difference {gap:.3g}), e.g. {different[:3]}"

@@ -2,7 +2,7 @@
 ranks get no gradient and stay bit-identical while later tasks train; a MoRA layer of the adapted
 model equals its definition written out in float64; active ranks respect the budget; the accuracy
 matrix is filled row by row; the task-specific oracle evaluates each task with its own LoRA;
-`mora.alpha` scales MoRA's ranks only."""
+`mora.alpha` scales MoRA's ranks only; MoRA refuses a multi-process strategy other than DDP."""
 
 from __future__ import annotations
 
@@ -161,3 +161,24 @@ def test_mora_alpha_scales_only_the_rank1_experts():
     assert {layer.scaling for layer in make(MoRAContinual).mora_layers} == {8 / 4}  # default: lora.alpha
     lora = make(ContinualLoRA)
     assert {m.scaling for m in lora.model.modules() if isinstance(m, LoRALinear)} == {8 / 4}
+
+
+@pytest.mark.parametrize("method, refused", [(MoRAContinual, True), (ContinualLoRA, False)])
+def test_a_method_that_changes_its_trainable_parameters_refuses_multi_process_strategies_other_than_ddp(
+        method, refused):
+    # DDP's wrapper is rebuilt at each task (tests/distributed/test_data_parallel.py); FSDP2 shards what it saw once
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_moe.methods.continual import TaskLoop
+
+    fake = SimpleNamespace(changes_trainable_parameters=method.changes_trainable_parameters,
+                           trainer=SimpleNamespace(world_size=2, strategy=ModelParallelStrategy()))
+    if refused:
+        with pytest.raises(ValueError, match="changes its trainable parameters.*one process or with trainer.strategy=ddp"):
+            TaskLoop(fake)._check_strategy()
+    else:
+        TaskLoop(fake)._check_strategy()
+    fake.trainer.world_size = 1
+    TaskLoop(fake)._check_strategy()  # one process: nothing to keep in step
