@@ -5,23 +5,24 @@
 Through the CLI's classes (`lightning_moe.cli.main` with the shipped configs/unimoe/ files plus a per-run
 config written to OUT/configs/):
 
-1. stage 1 (configs/unimoe/align.yaml) on the audio, video and cross-modal mixture, twice: with video
-   frames kept in order (`concat`, the shipped default) and averaged (`mean`, the reference): the video
-   pooling comparison (`motion` needs frame order). Stage 1 is the common starting point of every arm, so
-   it is trained once (seed `Plan.base_seed`, in OUT/base) and shared by every seed, as the conflict
-   experiment shares its base model. The data's difficulty is chosen on val by it (`select_difficulty`):
-   the rungs of `Plan.difficulties` in order (the shipped data/media, then `MediaDifficulty` settings
-   generated under OUT/data/ by `generate_media`), stage 1 trained at each, the first at which stage 1 is
-   not already at ceiling on most domains (`rejections`) is used;
+1. stage 1 (configs/unimoe/align.yaml) on the audio, video and cross-modal mixture, with video frames kept
+   in order (`concat`, the shipped default), and at the chosen difficulty also averaged (`mean`, the
+   reference): the video pooling comparison (`motion` needs frame order). Stage 1 is the common starting
+   point of every arm, so it is trained once (seed `Plan.base_seed`, in OUT/base/stage1-<settings>/, reused by
+   a later run with the same settings) and shared by every seed, as the conflict experiment shares its base
+   model. The data's difficulty is chosen on val by it (`select_difficulty`): the rungs of
+   `Plan.difficulties` in order (the shipped data/media, then `MediaDifficulty` settings generated under
+   OUT/data/ by `generate_media`), stage 1 trained at each, the first at which stage 1 is not already at
+   ceiling on most domains (`rejections`) is used;
 2. per seed, stage 2: one run per modality from the `concat` stage-1 output (experts.yaml,
    experts_video.yaml, experts_image.yaml);
 3. per seed, at equal steps on the mixture, from the same stage-1 output:
    - Uni-MoE: stage 3 (moe.yaml), each expert from its modality's stage-2 FFN (+ the dense FFN);
    - copies: the same MoE recipe with every expert a copy of the stage-1 FFN (MoE-LLaVA's upcycling);
    - dense: the same LoRA (r=8, alpha=16 on attention and the MLP projections) without experts;
-   - single stage: the copies' MoE recipe in one stage from the untrained model (stage 1's backbone),
-     training the connectors, towers, LLM, router and LoRA, for as many steps as stages 1 to 3 together
-     (does the progressive training help?).
+   - single stage: the copies' MoE recipe in one stage from the same stage-1 model, training what stages 2
+     and 3 train between them (the FFNs, now the experts, the router and the LoRA) for as many steps as
+     they take together (does the progressive training help?).
 
 Every arm is tested on every domain's test split (exact match). Writes OUT/results.json, OUT/results.md
 (the protocol; per-domain accuracy per arm, mean and range over seeds; the paired differences behind the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -56,7 +58,7 @@ ARMS = ("unimoe", "copies", "dense", "single_stage")
 BASE_RUNS = ("align_concat", "align_mean")
 LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies of one FFN",
           "dense": "dense + LoRA (no experts)",
-          "single_stage": "one stage: the MoE recipe from the untrained model, everything trained (equal total steps)",
+          "single_stage": "one stage: the MoE recipe from stage 1, experts + router + LoRA (equal steps)",
           "align_concat": "stage 1, video concat (shared)",
           "align_mean": "stage 1, video mean (shared)"}
 # the primary comparisons' margin: 2 points of the mean accuracy over 6 domains x 200 test samples
@@ -132,16 +134,17 @@ def rejections(val: dict[str, float]) -> list[str]:
 
 def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
     """The data's difficulty, chosen on val (`protocol.select_first` over `plan.difficulties`, easiest first): at each
-    rung its data (`with_data`, under OUT/data/) and stage 1 trained on it (`train_stage1`, in OUT/base: the last
-    rung trained is the chosen one, so OUT/base holds the stage 1 every arm starts from); the first rung
-    `rejections` lets through, else the last. Stage 1 is one run (seed `plan.base_seed`), so the rule reads that
-    run. Returns {"plan": the plan at the chosen rung, "stage1": its stage-1 rows, "met", "tried"}."""
+    rung its data (`with_data`, under OUT/data/) and stage 1 with video `concat` trained on it (`train_stage1`,
+    under OUT/base/); the first rung `rejections` lets through, else the last, where stage 1 with video `mean` is
+    trained too. Stage 1 is one run (seed `plan.base_seed`), so the rule reads that run. Returns {"plan": the plan
+    at the chosen rung, "stage1": its stage-1 rows, "base": their directory, the stage 1 every arm starts from,
+    "met", "tried"}."""
     plans: dict[int, Plan] = {}
     stage1: dict[int, dict[str, RunResult]] = {}
 
     def measure(rung: dict[str, Any]) -> dict[str, float]:
         plans[rung["level"]] = with_data(plan, rung["difficulty"], out / "data")
-        stage1[rung["level"]] = train_stage1(plans[rung["level"]], out / "base")
+        stage1[rung["level"]] = train_stage1(plans[rung["level"]], out / "base", ("concat",))
         val = final_val(stage1[rung["level"]]["align_concat"], list(DOMAINS))
         if val is None:
             raise RuntimeError(f"unimoe: stage 1 in {out / 'base'} did not validate on every domain")
@@ -151,8 +154,9 @@ def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
     chosen = select_first(progress(rungs, "unimoe: choosing the data's difficulty on val"), measure,
                           lambda rung, val: rejections(val))
     level = chosen["chosen"]["level"]
+    stage1[level] |= train_stage1(plans[level], out / "base", ("mean",))  # the pooling comparison's other arm
     return {"plan": replace(plans[level], discriminating=chosen["met"]), "stage1": stage1[level],
-            "met": chosen["met"], "tried": chosen["tried"]}
+            "base": stage1_directory(plans[level], out / "base"), "met": chosen["met"], "tried": chosen["tried"]}
 
 
 SELECTION_RULE = (f"the first rung at which stage 1 (video concat, the arms' start; one shared run) is at ceiling "
@@ -164,7 +168,8 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
     return Protocol(
         question="Do modality-specific experts (each initialised from a dense FFN trained on one modality) beat "
                  "experts that are copies of one FFN, and a dense model with the same LoRA, at equal steps? And does "
-                 "the progressive training beat one stage at equal total steps?",
+                 "the progressive training after alignment (stage 2's dense FFN per modality, then stage 3) beat "
+                 "training the MoE in one stage from the aligned model at equal steps?",
         seeds=list(seeds), selection_split="val", reported_split="test",
         selection="the data's difficulty, by the ladder and the rule below, on val; every other setting is "
                   f"configs/unimoe/*.yaml's (stage 1 shared, seed {plan.base_seed}); the arms train for the same steps "
@@ -207,30 +212,37 @@ def _run(shipped: str, config: Path, name: str, out: Path, seed: int, test: bool
     return execute(run, out, inspect=modality_routing)
 
 
-def train_stage1(plan: Plan, base: Path) -> dict[str, RunResult]:
-    """Both stage-1 runs (video `concat` and `mean`), trained once in `base` with `plan.base_seed` and reused
-    when `base` already holds them for this plan's stage-1 settings."""
-    saved, signature = base / "results.json", plan.base_signature()
-    if saved.is_file():
-        stored = json.loads(saved.read_text())
-        if stored.get("plan") == signature:
-            return {name: RunResult.from_dict(row) for name, row in stored["runs"].items()}
+def stage1_directory(plan: Plan, base: Path) -> Path:
+    """Where stage 1 for this plan's stage-1 settings (`Plan.base_signature`) lives under `base`: one directory per
+    setting, so that every rung the selection tried stays reusable."""
+    digest = hashlib.sha256(json.dumps(plan.base_signature(), sort_keys=True).encode()).hexdigest()[:12]
+    return base / f"stage1-{digest}"
+
+
+def train_stage1(plan: Plan, base: Path, poolings: tuple[str, ...] = ("concat", "mean")) -> dict[str, RunResult]:
+    """The stage-1 runs with these video poolings, each trained once with `plan.base_seed` in `stage1_directory`
+    and reused when it already holds the run."""
+    directory, signature = stage1_directory(plan, base), plan.base_signature()
+    saved = directory / "results.json"
+    stored = json.loads(saved.read_text())["runs"] if saved.is_file() else {}
     results: dict[str, RunResult] = {}
     # a config's `encoders` mapping replaces the shipped one whole: the shipped one, with the video pooling changed
     shipped = yaml.safe_load(shipped_path("configs/unimoe/align.yaml").read_text())
     encoders = shipped["model"]["init_args"]["backbone"]["encoders"]
-    for pooling in ("concat", "mean"):
+    for pooling in poolings:
         name = f"align_{pooling}"
-        backbone = {"encoders": {**encoders, "video": {**encoders["video"], "pooling": pooling}}}
-        config = _config(plan, base, name, plan.align_steps, {"backbone": backbone},
-                         [save_pretrained_callback(base / "models" / name)], plan.base_seed, validations=1)
-        results[name] = _run("unimoe/align.yaml", config, name, base, plan.base_seed)
-    saved.write_text(json.dumps({"plan": signature, "runs": {n: asdict(r) for n, r in results.items()}}, indent=2))
+        if name not in stored:
+            backbone = {"encoders": {**encoders, "video": {**encoders["video"], "pooling": pooling}}}
+            config = _config(plan, directory, name, plan.align_steps, {"backbone": backbone},
+                             [save_pretrained_callback(directory / "models" / name)], plan.base_seed, validations=1)
+            stored[name] = asdict(_run("unimoe/align.yaml", config, name, directory, plan.base_seed))
+            saved.write_text(json.dumps({"plan": signature, "runs": stored}, indent=2))
+        results[name] = RunResult.from_dict(stored[name])
     return results
 
 
 def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tuple[dict[str, Any], str]:
-    """One seed: the stage-2 runs and the three stage-3 arms from the shared stage-1 model in `base`."""
+    """One seed: the stage-2 runs and the stage-3 arms from the shared stage-1 model in `base` (`stage1_directory`)."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
@@ -256,15 +268,13 @@ def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tupl
                    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5.0e-4, "weight_decay": 0.0}}},
                   []),
     }
-    # one stage from the untrained model (stage 1's backbone, not its output): the MoE recipe with copies of one FFN,
-    # training what the three stages train between them, for as many steps as they take together
-    shipped = yaml.safe_load(shipped_path("configs/unimoe/align.yaml").read_text())["model"]["init_args"]
+    # one stage from the same stage-1 model: the MoE recipe with copies of its FFN, training what stages 2 and 3
+    # train between them (the FFNs, here the experts; the router; the LoRA), for as many steps as they take together
     arms["single_stage"] = ("unimoe/moe.yaml",
-                            {"backbone": {**shipped["backbone"], "pretrained": None}, "experts": {},
+                            {"backbone": {"pretrained": start_model}, "experts": {},
                              "moe": {"experts": ["dense", "dense", "dense", "dense"]},
-                             "trainable": ["connector", "llm", "router", "adapters"],
-                             "train_vision_tower": shipped["train_vision_tower"]}, routing)
-    steps = {arm: plan.steps for arm in arms} | {"single_stage": plan.align_steps + 3 * plan.expert_steps + plan.steps}
+                             "trainable": ["mlp", "router", "adapters"]}, routing)
+    steps = {arm: plan.steps for arm in arms} | {"single_stage": 3 * plan.expert_steps + plan.steps}
     # lora.yaml reads data/shapes: the dense arm gets the mixture's data options explicitly
     media = {"root": plan.data_root or DATA_ROOT, "tokenizer": "data/media_tokenizer", "domains": None, "audio_chunk_seconds": 1.0,
              "audio_max_chunks": 1, "video_num_frames": 4}
@@ -308,7 +318,7 @@ def seed_table(summary: dict[str, Any]) -> str:
 # baseline arm -> what Uni-MoE beating it would show
 BASELINES = {"copies": "experts initialised per modality beat experts that are copies of one FFN",
              "dense": "modality experts beat a dense model with the same LoRA",
-             "single_stage": "progressive training (three stages) beats one stage at equal total steps"}
+             "single_stage": "progressive training (stages 2 and 3) beats one MoE stage at equal steps"}
 QUESTION = ("copies", "dense")  # the comparisons the verdict on "modality-specific experts help" rests on
 
 
@@ -412,11 +422,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = command_line("lightning_moe.experiments.unimoe", argv)
     declared = protocol(args.seeds, plan)
     selection = select_difficulty(plan, out)
-    plan, stage1 = selection["plan"], selection["stage1"]
+    plan, stage1, base = selection["plan"], selection["stage1"], selection["base"]
     declared.settings = {"difficulty": difficulty_words(plan.difficulty),
                          "met": selection["met"] or f"NO rung met the rule ({NO_DISCRIMINATING_SETTING}): the last one "
                          "is used", "ladder": selection["tried"]}
-    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, out / "base", stage1), command,
+    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, base, stage1), command,
                      declared, combine, jobs=args.jobs, threads=args.threads)
 
 

@@ -21,10 +21,11 @@ def test_quick_run_writes_results(quick_outputs):
     assert set(summary["accuracy"]["unimoe"]) == set(unimoe.DOMAINS)
     assert summary["verdict"].startswith("inconclusive")  # one seed: no interval
     assert [c["b"] for c in summary["protocol"]["comparisons"]] == ["copies", "dense", "single_stage"]
-    # the single-stage arm: from the untrained model, everything trained, for as many steps as stages 1 to 3
-    single, plan = summary["runs"]["single_stage"], summary["plan"]
-    assert single["steps"] == plan["align_steps"] + 3 * plan["expert_steps"] + plan["steps"]
-    assert single["params_trainable"] == single["params_total"] > summary["runs"]["unimoe"]["params_trainable"]
+    # the single-stage arm: the MoE from the aligned model, its experts trained whole besides the router and LoRA,
+    # for as many steps as stages 2 and 3 together
+    single, plan, moe = summary["runs"]["single_stage"], summary["plan"], summary["runs"]["copies"]
+    assert single["steps"] == 3 * plan["expert_steps"] + plan["steps"]
+    assert moe["params_trainable"] < single["params_trainable"] < single["params_total"] == moe["params_total"]
     assert 0 < summary["chance"] < 1
     # each stage-3 arm validated while training: its learning curve, over seeds in results.json
     assert set(summary["learning_curves"]) == set(unimoe.ARMS)
@@ -35,8 +36,8 @@ def test_quick_run_writes_results(quick_outputs):
     for shares in routing.values():
         for row in shares.values():
             assert len(row) == 4 and sum(row) == pytest.approx(1.0)
-    # stage 1 is trained once (OUT/base) and its rows are the same in every seed's summary
-    assert (out / "base" / "models" / "align_concat").is_dir()
+    # stage 1 is trained once (OUT/base/stage1-<settings>/, both poolings) and its rows are the same in every seed's
+    assert [p.parent.name for p in (out / "base").glob("stage1-*/models/align_*")] == ["models", "models"]
     text = (out / "results.md").read_text()
     for heading in ("## Protocol", "Verdict", "### Routing by modality", "### Video pooling", "Uni-MoE minus copies"):
         assert heading in text, heading
@@ -46,8 +47,8 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
     plan = replace(unimoe.QUICK, difficulties=[None, {"pitch_ratio": 2.0}, {"pitch_ratio": 1.5}])
     trained = []
 
-    def stage1(at, base):  # the shipped data: stage 1 learns every domain; generated harder data: not
-        trained.append((at.difficulty, at.data_root, base))
+    def stage1(at, base, poolings):  # the shipped data: stage 1 learns every domain; generated harder data: not
+        trained.append((at.difficulty, at.data_root, base, poolings))
         score = 1.0 if at.difficulty is None else 0.8
         row = RunResult(name="align_concat", method="", stage="", steps=1, wall_s=0.0, step_time_s=None,
                         peak_memory_mb=None, memory_kind="", params_total=1, params_activated=1,
@@ -58,8 +59,12 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
     chosen = unimoe.select_difficulty(plan, tmp_path)
     generated = generate_media(tmp_path / "data", MediaDifficulty(pitch_ratio=2.0), seed=0, n_train=plan.data_train,
                                n_eval=plan.data_eval, pools=plan.data_pools)
-    assert [t[0] for t in trained] == [None, {"pitch_ratio": 2.0}]  # stops at the first that qualifies
+    # stops at the first that qualifies; video `mean` trained only there (the pooling comparison)
+    assert [(t[0], t[3]) for t in trained] == [(None, ("concat",)), ({"pitch_ratio": 2.0}, ("concat",)),
+                                               ({"pitch_ratio": 2.0}, ("mean",))]
     assert trained[0][1] is None and trained[1][1] == str(generated) and trained[1][2] == tmp_path / "base"
+    assert chosen["base"] == unimoe.stage1_directory(chosen["plan"], tmp_path / "base")
+    assert chosen["base"] != unimoe.stage1_directory(replace(chosen["plan"], difficulty=None), tmp_path / "base")
     assert chosen["met"] and chosen["plan"].data_root == str(generated) and chosen["plan"].discriminating
     assert chosen["tried"][0]["rejected"] == ["stage 1 at ceiling on 6 of 6 domains (beeps, pitch, longer, frames, "
                                               "motion, beeps_shapes)"]
