@@ -1,6 +1,7 @@
 """Entry point: `python main.py fit|validate|test|predict --config configs/...yaml`."""
 
-from lightning_moe.cli import main
+from lightning_moe.cli import end_process_group, main
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # under torchrun: leave the process group before the interpreter exits

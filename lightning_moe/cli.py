@@ -266,6 +266,17 @@ def main(args: list[str] | None = None) -> LightningMoECLI:
         raise SystemExit(1) from None
 
 
+def end_process_group() -> None:
+    """Destroy the process group the runs joined, once every rank got here. Lightning leaves it (so runs can follow
+    one another in one launch); left to the interpreter's exit, gloo's worker threads can outlive it and abort the
+    process ("terminate called without an active exception") after a run that succeeded. Call it last, once."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """What `main.py fit --config A [--config B ...] [overrides] --print_config` prints, as a dict: the
     shipped configs include parts of configs/_base/, so their files alone are not the whole run."""
@@ -280,4 +291,5 @@ def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> d
 
 
 __all__ = ["LightningMoECLI", "LogDirSaveConfig", "NonFiniteError", "PLAN_SETTINGS", "add_run_safety",
-           "check_same_method", "effective_config", "help_for_named_model", "main", "plan_differences"]
+           "check_same_method", "effective_config", "end_process_group", "help_for_named_model", "main",
+           "plan_differences"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lightning_moe.cli import main
+from tests.distributed.two_processes import leave_worker
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
@@ -28,3 +29,4 @@ if __name__ == "__main__":
         rank = int(os.environ["RANK"])
         torch.save({"state": state, "global_step": cli.trainer.global_step},
                    out / (f"{i}.pt" if rank == 0 else f"{i}.rank{rank}.pt"))
+    leave_worker()

@@ -27,6 +27,7 @@ from lightning_moe.methods.base import causal_lm_loss
 from lightning_moe.strategies import shard_blocks, shard_experts
 from lightning_moe.tokens import load_tokenizer
 from tests.conftest import TOKENIZER
+from tests.distributed.two_processes import leave_worker
 
 RANKS = 2
 
@@ -100,4 +101,4 @@ if __name__ == "__main__":
         }
     if dist.get_rank() == 0:
         torch.save(results, out_file)
-    dist.destroy_process_group()
+    leave_worker()

@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_moe.cli import main
+from lightning_moe.cli import end_process_group, main
 from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 
 STEPS = 2
@@ -38,14 +38,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def leave_worker() -> None:
+    """A worker's last call, once its results are on disk: the process group destroyed after every rank got here
+    (`end_process_group`), then exit without the interpreter's finalisation, where threads of the distributed
+    runtime still alive have aborted a rank that had finished its work ("terminate called without an active
+    exception", SIGABRT)."""
+    end_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_on_two_processes(module: str, argv: list[str], cwd: Path) -> None:
     """`python -m module *argv` as ranks 0 and 1 of one gloo group (environment as torchrun sets it); fails with
     the ranks' output when either fails."""
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        # PYTHONFAULTHANDLER: a rank that dies of a signal prints where it was
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0",
+               "RANK": str(rank), "LOCAL_RANK": str(rank)}
         procs.append(subprocess.Popen([sys.executable, "-m", module, *argv],
                                       cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
