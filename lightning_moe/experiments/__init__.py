@@ -352,9 +352,44 @@ def write_results(out: Path, summary: dict[str, Any], markdown: str, command: st
     return summary
 
 
+SEED_RESULT = "seed_result.json"  # in a seed's directory: what it returned, with the resume key it was made under
+
+
+def resume_key(env: dict[str, Any], threads: int | None) -> dict[str, Any] | None:
+    """What a finished seed's result depends on besides its seed: the commit, the command without the seed list
+    and the number of processes (`--seeds`, `--jobs`), and the torch threads of a seed process. None on a tree with
+    uncommitted changes or outside a git checkout: the code is then unknown, so nothing is reused."""
+    if env.get("git_dirty") or not env.get("git_commit"):
+        return None
+    words, kept, skip = env["command"].split(), [], False
+    for word in words:
+        if word in ("--seeds", "--jobs"):
+            skip = True
+            continue
+        if skip and not word.startswith("--"):
+            continue
+        skip = False
+        kept.append(word)
+    return {"git_commit": env["git_commit"], "command": " ".join(kept), "threads": threads}
+
+
 def _one_seed_in(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
-                 seed: int) -> tuple[dict[str, Any], str]:
-    return one_seed(seed_directory(out, seed, seeds), seed)
+                 key: dict[str, Any] | None, seed: int) -> tuple[dict[str, Any], str]:
+    """`one_seed` in the seed's directory; its result kept there (SEED_RESULT) as soon as it is made, and taken
+    from there instead when a run under the same `resume_key` made it: an interrupted experiment, started again
+    with the same command on the same commit, reruns only the seeds that had not finished."""
+    directory = seed_directory(out, seed, seeds)
+    saved = directory / SEED_RESULT
+    if key is not None and saved.is_file():
+        stored = json.loads(saved.read_text())
+        if stored.get("key") == key:
+            print(f"seed {seed}: its result from {saved} (made by this command on this commit)", file=sys.stderr)
+            return stored["summary"], stored["table"]
+    summary, table = one_seed(directory, seed)
+    if key is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"key": key, "summary": summary, "table": table}))
+    return summary, table
 
 
 def run_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
@@ -367,13 +402,16 @@ def run_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple
     table and returns what results.json holds (`per_seed_summaries` reads the seeds back). `protocol` heads
     results.json and results.md; `combine(per-seed summaries) -> (summary over seeds, its markdown)` adds the
     tables and verdicts over the seeds (also for one seed, so that every results file has the same layout).
-    `env` (default: read now, before the first run) is the environment every file written records."""
+    `env` (default: read now, before the first run) is the environment every file written records. A seed
+    finished by an earlier run of the same command on the same clean commit is not run again (`_one_seed_in`);
+    every seed's summary goes through JSON before `combine`, so a reused one and a fresh one look the same."""
     env = env or environment(command)
-    results = map_seeds(functools.partial(_one_seed_in, out, seeds, one_seed), seeds, jobs, threads)
+    key = resume_key(env, threads)
+    results = map_seeds(functools.partial(_one_seed_in, out, seeds, one_seed, key), seeds, jobs, threads)
     summaries, tables = {}, []
     for seed in seeds:
         summary, table = results[seed]
-        summary = {**summary, "environment": env}
+        summary = {**json.loads(json.dumps(summary)), "environment": env}
         if len(seeds) > 1:
             write_results(seed_directory(out, seed, seeds), summary, table, command)
         summaries[seed], tables = summary, [*tables, f"## Seed {seed}\n\n{table}"]

@@ -4,6 +4,7 @@ on, and finds its configs through the package (a checkout or an installed wheel)
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from lightning_moe import paths
-from lightning_moe.experiments import RunResult, environment, map_seeds, parse_args, quiet, seed_directory
+from lightning_moe.experiments import (RunResult, environment, map_seeds, parse_args, quiet, resume_key, run_seeds,
+                                      seed_directory)
 from lightning_moe.provenance import git_state, provenance_words
 from tests.conftest import ROOT
 
@@ -83,6 +85,42 @@ def test_seeds_run_in_parallel_processes_and_come_back_by_seed():
     assert args.jobs == 2 and args.threads == 1  # parallel seeds: one thread each unless --threads says otherwise
     assert parse_args(importlib.import_module("lightning_moe.experiments.conflict").build_parser(),
                       ["--out", "x", "--quick"]).jobs == 1  # one seed, one process
+
+
+def _counting_seed(calls: list[int], directory: Path, seed: int) -> tuple[dict, str]:
+    calls.append(seed)
+    return {"score": {1: seed / 10}}, f"table {seed}"  # an int key: JSON makes it a string
+
+
+def test_an_interrupted_experiment_reruns_only_its_unfinished_seeds(tmp_path):
+    command = "python -m lightning_moe.experiments.conflict --out runs/x --seeds 0 1 2 --threads 1 --jobs 2"
+    env = {"command": command, "git_commit": "abc", "git_dirty": False, "date": "d", "torch_threads": 1,
+           "versions": {"torch": "t"}}
+    seen: list[dict] = []
+
+    def run(calls: list[int], env: dict, seeds=(0, 1, 2)) -> dict:
+        return run_seeds(tmp_path, list(seeds), functools.partial(_counting_seed, calls), env["command"],
+                         combine=lambda summaries: (seen.append(summaries) or {}, ""), env=env, threads=1)
+
+    first: list[int] = []
+    run(first, env)
+    assert first == [0, 1, 2] and all((tmp_path / f"seed{s}" / "seed_result.json").is_file() for s in (0, 1, 2))
+    (tmp_path / "seed1" / "seed_result.json").unlink()  # seed 1 had not finished when the run stopped
+    again: list[int] = []
+    written = run(again, {**env, "command": command.replace("--jobs 2", "--jobs 1"), "date": "later"})
+    assert again == [1]  # the others come from their directories: same commit, same command but for --jobs
+    # combine sees the same summaries, fresh or reused (JSON both times); the environment is the run's
+    assert [{s: {k: v for k, v in summary.items() if k != "environment"} for s, summary in run_.items()}
+            for run_ in seen[:2]] == [{s: {"score": {"1": s / 10}} for s in (0, 1, 2)}] * 2
+    assert seen[1][0]["score"] == {"1": 0.0} and written["environment"]["date"] == "later"
+    for changed in ({"git_commit": "abd"}, {"git_commit": "abc+dirty", "git_dirty": True},
+                    {"command": command.replace("--threads 1", "--threads 2")}):
+        calls: list[int] = []
+        run(calls, {**env, **changed}, seeds=[0])
+        assert calls == [0], changed  # another commit, a dirty tree, other threads: run again
+    assert resume_key({**env, "command": command + " --quick"}, 1) != resume_key(env, 1)
+    assert resume_key(env, 1) == resume_key({**env, "command": command.replace("--seeds 0 1 2", "--seeds 0")}, 1)
+    assert resume_key(env, 1) != resume_key(env, 2)
 
 
 def test_quiet_sends_warnings_logs_and_prints_to_the_run_log(tmp_path, capfd):
