@@ -204,7 +204,13 @@ def unimoe_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Pa
     drawn = [("Test exact match per domain and run: mean over seeds, whiskers the range",
               plots.save_png(plots.accuracy_bars(stats, list(DOMAINS), title=f"Uni-MoE: test exact match (mean, range "
                                                  f"over {len(summaries)} seed(s))"), figures / "unimoe_accuracy.png"))]
-    drawn += learning_curve_figure("unimoe", results, LABELS, "training samples", figures)
+    # every arm starts from stage 1; Uni-MoE's stage 3 comes after its stage-2 runs, whose samples count too
+    plan = summaries[0]["plan"]
+    stage2 = 3 * plan["expert_steps"] * plan["batch_size"]
+    curves = {arm: [[x + stage2, *rest] for x, *rest in points] if arm == "unimoe" else points
+              for arm, points in results.get("learning_curves", {}).items()}
+    drawn += learning_curve_figure("unimoe", {**results, "learning_curves": curves}, LABELS,
+                                   "training samples after stage 1", figures)
     slots = {"unimoe": ["dense", "image", "audio", "video"], "copies": [f"copy {e}" for e in range(4)]}
     for arm, names in slots.items():
         routing = [s["modality_routing"][arm] for s in summaries if s.get("modality_routing", {}).get(arm)]

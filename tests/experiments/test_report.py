@@ -100,3 +100,19 @@ def test_an_experiment_records_its_output_directory_as_given_from_the_repository
     report.PARTS[[p.name for p in report.PARTS].index("continual")].run((tmp_path / "runs/report/continual"), args)
     assert given["argv"][:2] == ["--out", "runs/report/continual"]
     assert report._as_given(tmp_path.parent / "elsewhere") == str(tmp_path.parent / "elsewhere")
+
+
+def test_unimoe_learning_curves_count_the_stage_2_samples_of_uni_moe(tmp_path, monkeypatch):
+    from lightning_moe.experiments.unimoe import ARMS, BASE_RUNS, DOMAINS, LABELS
+
+    drawn = {}
+    monkeypatch.setattr(report.plots, "curves", lambda curves, **kwargs: drawn.setdefault("curves", curves))
+    monkeypatch.setattr(report.plots, "save_png", lambda figure, path: path)
+    summary = {"plan": {"expert_steps": 80, "batch_size": 64}, "modality_routing": {},
+               "accuracy": {row: {d: 0.5 for d in DOMAINS} for row in (*ARMS, *BASE_RUNS)}}
+    curve = [[1280.0, 0.5, 0.4, 0.6], [10240.0, 0.6, 0.5, 0.7]]
+    results = {"per_seed": {"0": summary, "1": summary}, "learning_curves": {arm: curve for arm in ARMS}}
+    report.unimoe_figures(results, tmp_path)
+    # every arm starts from stage 1; Uni-MoE's stage 3 follows its three stage-2 runs of 80 steps of 64 samples
+    assert drawn["curves"][LABELS["unimoe"]] == [[1280.0 + 15360, 0.5, 0.4, 0.6], [10240.0 + 15360, 0.6, 0.5, 0.7]]
+    assert all(drawn["curves"][LABELS[arm]] == curve for arm in ARMS if arm != "unimoe")
