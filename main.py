@@ -1,7 +1,7 @@
 """Entry point: `python main.py fit|validate|test|predict --config configs/...yaml`."""
 
-from lightning_moe.cli import end_process_group, main
+from lightning_moe.cli import leave_process_group_and_exit, main
 
 if __name__ == "__main__":
     main()
-    end_process_group()  # under torchrun: leave the process group before the interpreter exits
+    leave_process_group_and_exit()  # under torchrun: no rank may abort in the interpreter's finalisation

@@ -395,6 +395,7 @@ def expert_parallel_rank(rank: int, port: int, shapes: list[tuple], reps: int, w
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from lightning_moe.cli import leave_process_group_and_exit
     from lightning_moe.layers.expert_parallel import shard_layer_experts
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -425,7 +426,7 @@ def expert_parallel_rank(rank: int, port: int, shapes: list[tuple], reps: int, w
             print(f"| {tokens} | {hidden} | {inter} | {experts} | {k} | {slowest.item():.2f} | {times['one']:.2f} "
                   f"| {int(sent) / EP_RANKS / 1e6:.3f} |", flush=True)
         dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group_and_exit()  # the mesh and the sharded layers still hold the group
 
 
 def expert_parallel_main() -> None:

@@ -277,6 +277,26 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def leave_process_group_and_exit() -> None:
+    """A distributed process's last call, once its results are written: `end_process_group`, then exit at once
+    (status 0) without the interpreter's finalisation. Destroying the group drops only the registry's reference;
+    a device mesh, an expert-parallel layer or a finished collective's work object can still hold the group and
+    its tensors, and gloo's threads releasing them while the interpreter is torn down abort the process
+    (SIGABRT) after it finished its work. Without a process group this returns and the interpreter exits as
+    usual."""
+    import logging
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    end_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """What `main.py fit --config A [--config B ...] [overrides] --print_config` prints, as a dict: the
     shipped configs include parts of configs/_base/, so their files alone are not the whole run."""
@@ -291,5 +311,6 @@ def effective_config(*configs: str | Path, overrides: tuple[str, ...] = ()) -> d
 
 
 __all__ = ["LightningMoECLI", "LogDirSaveConfig", "NonFiniteError", "PLAN_SETTINGS", "add_run_safety",
-           "check_same_method", "effective_config", "end_process_group", "help_for_named_model", "main",
+           "check_same_method", "effective_config", "end_process_group", "help_for_named_model",
+           "leave_process_group_and_exit", "main",
            "plan_differences"]

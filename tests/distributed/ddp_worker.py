@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_moe.cli import main
-from tests.distributed.two_processes import leave_worker
+from lightning_moe.cli import leave_process_group_and_exit, main
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
@@ -29,4 +28,4 @@ if __name__ == "__main__":
         rank = int(os.environ["RANK"])
         torch.save({"state": state, "global_step": cli.trainer.global_step},
                    out / (f"{i}.pt" if rank == 0 else f"{i}.rank{rank}.pt"))
-    leave_worker()
+    leave_process_group_and_exit()

@@ -21,13 +21,13 @@ import sys
 import torch
 import torch.distributed as dist
 
+from lightning_moe.cli import leave_process_group_and_exit
 from lightning_moe.formats import load_backbone
 from lightning_moe.layers import collect_routing, load_balancing_loss, router_z_loss
 from lightning_moe.methods.base import causal_lm_loss
 from lightning_moe.strategies import shard_blocks, shard_experts
 from lightning_moe.tokens import load_tokenizer
 from tests.conftest import TOKENIZER
-from tests.distributed.two_processes import leave_worker
 
 RANKS = 2
 
@@ -101,4 +101,4 @@ if __name__ == "__main__":
         }
     if dist.get_rank() == 0:
         torch.save(results, out_file)
-    leave_worker()
+    leave_process_group_and_exit()

@@ -138,3 +138,32 @@ def test_mora_replicas_stay_identical_across_a_task_boundary_under_ddp(tokenizer
     gap = max((rank0["state"][name] - rank1["state"][name]).abs().max().item() for name in rank0["state"])
     assert not different, f"{len(different)} of {len(rank0['state'])} trainable tensors differ between the ranks " \
                           f"(largest difference {gap:.3g}), e.g. {different[:3]}"
+
+
+LEAVE = """
+import sys
+import torch.distributed as dist
+from lightning_moe.cli import leave_process_group_and_exit
+if sys.argv[1] == "group":
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+print("written", end="")
+leave_process_group_and_exit()
+print(" after", end="")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("group", ["group", "none"])
+def test_leaving_the_process_group_exits_at_once_with_the_output_flushed_and_without_a_group_returns(group):
+    """A distributed process's last call destroys the group and exits with status 0 at once (the interpreter's
+    finalisation, where gloo's threads have aborted finished ranks, never runs), its buffered output written;
+    without a process group (a plain `main.py` run) it returns and the program goes on."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LEAVE, group], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    if group == "group":
+        assert (done.returncode, done.stdout) == (0, "written"), done.stderr
+    else:
+        assert (done.returncode, done.stdout) == (3, "written after"), done.stderr

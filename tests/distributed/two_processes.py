@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_moe.cli import end_process_group, main
+from lightning_moe.cli import main
 from tests.conftest import ROOT, TINY_LLM, tiny_encoders
 
 STEPS = 2
@@ -36,17 +36,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def leave_worker() -> None:
-    """A worker's last call, once its results are on disk: the process group destroyed after every rank got here
-    (`end_process_group`), then exit without the interpreter's finalisation, where threads of the distributed
-    runtime still alive have aborted a rank that had finished its work ("terminate called without an active
-    exception", SIGABRT)."""
-    end_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def run_on_two_processes(module: str, argv: list[str], cwd: Path) -> None:
