@@ -565,10 +565,9 @@ def results_markdown(summary: dict) -> str:
                            f"{run['memory_kind']} | {run['wall_s']:.0f} |")
     spread = ("" if len(seeds) == 1 else
               f" Student rows: mean over seeds {', '.join(map(str, seeds))} (min-max in brackets); the teacher is one run.")
-    env = summary["environment"]
     return "\n".join([
-        f"# LLaVA-MoD distillation ({env['date']}, `{env['command']}`, torch threads "
-        f"{env['torch_threads']}, {summary['wall_s'] / 60:.1f} min)",
+        # the command, date and commit are in the footer (`write_results`) and in the report's stamp
+        f"# Does the distilled sparse student beat its controls? ({summary['wall_s'] / 60:.1f} min of wall time)",
         "",
         Protocol.from_dict(summary["protocol"]).markdown() if summary.get("protocol") else "",
         "Test split, exact match per domain (greedy generation), mean over domains, POPE metrics on `pope`; on "

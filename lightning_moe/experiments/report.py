@@ -13,8 +13,10 @@ torch threads of the results it was drawn from.
 
 `--docs DOCS_DIR` also writes the sections into the results pages (docs/mole.md, mora.md, mod.md,
 unimoe.md, moe_llava.md, performance.md, edgemoe.md) between `<!-- report:NAME begin -->` /
-`<!-- report:NAME end -->` markers (appended at the end of the page the first time) and copies the figures
-to DOCS_DIR/figures/report/, so the docs' results are generated, not typed.
+`<!-- report:NAME end -->` markers (appended at the end of the page the first time), copies the figures
+to DOCS_DIR/figures/report/ and each experiment's results.json and results.md to DOCS_DIR/results/<name>/,
+so the docs' results are generated, not typed, and can be regenerated (`--reuse DOCS_DIR/results`) or
+compared with another run (`robustness`) without running again.
 """
 
 from __future__ import annotations
@@ -311,8 +313,9 @@ def write_report(out: Path, parts: list[Part], command: str, env: dict[str, Any]
 
 
 def update_docs(out: Path, docs: Path, parts: list[Part]) -> list[Path]:
-    """Each part's docs-ready section (OUT/docs/<name>.md) into DOCS/<page> between its markers, and the figures
-    into DOCS/figures/report/. Returns the pages written."""
+    """Each part's docs-ready section (OUT/docs/<name>.md) into DOCS/<page> between its markers, the figures
+    into DOCS/figures/report/ and its results.json and results.md into DOCS/results/<name>/. Returns the pages
+    written."""
     written = []
     target = docs / "figures" / "report"
     target.mkdir(parents=True, exist_ok=True)
@@ -323,6 +326,11 @@ def update_docs(out: Path, docs: Path, parts: list[Part]) -> list[Path]:
         page = docs / part.page
         if not source.is_file() or not page.is_file():
             continue
+        # kept beside the page: `--reuse DOCS/results` regenerates the section, `robustness` reads the verdicts
+        for kept in ("results.json", "results.md"):
+            if (out / part.name / kept).is_file():
+                (docs / "results" / part.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(out / part.name / kept, docs / "results" / part.name / kept)
         write_block(page, part.name, source.read_text(), "python -m lightning_moe.experiments.report --docs")
         written.append(page)
     return written

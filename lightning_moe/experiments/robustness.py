@@ -12,13 +12,16 @@ For each experiment found in both (DIR/<name>/results.json): every verdict it re
 before the reason) agree, and every paired difference with its interval in both. An experiment is robust when
 every label agrees; runs of different commits are said to be so (their verdicts may differ for other reasons).
 Writes OUT_A/robustness.md (and, with `--docs`, each experiment's page between `<!-- report:NAME-threads begin -->`
-markers) and returns whether every experiment compared was robust.
+markers, with run B's results.json kept in DOCS/results/threads<N>/<name>/ beside run A's in DOCS/results/<name>/,
+so that `robustness docs/results docs/results/threads2` redoes it) and returns whether every experiment compared
+was robust.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +74,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
              name in va and name in vb and label(va[name]) == label(vb[name])) for name in {**va, **vb}]
     da, db = difference_items(a), difference_items(b)
     differences = [(name, da.get(name), db.get(name)) for name in {**da, **db}]
-    commits = (a.get("environment", {}).get("commit"), b.get("environment", {}).get("commit"))
+    commits = (a.get("environment", {}).get("git_commit"), b.get("environment", {}).get("git_commit"))
     return {"rows": rows, "differences": differences, "robust": bool(rows) and all(r[3] for r in rows),
             "same_commit": commits[0] is not None and commits[0] == commits[1]}
 
@@ -124,7 +127,10 @@ def main(argv: list[str] | None = None) -> bool:
         text, robust = section(part.name, a, b, str(args.a / part.name), str(args.b / part.name))
         texts.append(f"## {part.title}\n\n{text}")
         verdicts[part.name] = robust
-        if args.docs:
+        if args.docs:  # run B's results kept beside run A's (DOCS/results/<name>/, from `report --docs`)
+            kept = args.docs / "results" / f"threads{_threads(b)}" / part.name
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(files[1], kept / "results.json")
             write_block(args.docs / part.page, f"{part.name}-threads", text,
                         "python -m lightning_moe.experiments.robustness --docs")
     if not verdicts:

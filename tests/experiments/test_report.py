@@ -68,6 +68,11 @@ def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
     assert mole.count("<!-- report:conflict begin -->") == 1 and mole.count("<!-- report:conflict end -->") == 1
     assert "](figures/report/conflict_accuracy.png)" in mole
     assert (docs / "figures" / "report" / "conflict_accuracy.png").is_file()
+    # each experiment's results kept beside its page, so that --reuse docs/results regenerates the section
+    assert (docs / "results" / "conflict" / "results.json").read_bytes() == (root / "conflict" / "results.json").read_bytes()
+    regenerated = tmp_path / "regenerated"
+    report.main(["--out", str(regenerated), "--quick", "--reuse", str(docs / "results"), "--only", "conflict"])
+    assert (regenerated / "docs" / "conflict.md").read_text() == (root / "docs" / "conflict.md").read_text()
 
 
 def test_edge_frontier_is_drawn_from_the_benchmarks_results(tmp_path):

@@ -16,7 +16,7 @@ def diff(mean: float, low: float, high: float) -> dict:
 
 def results(threads: int, commit: str = "abc", **verdicts) -> dict:
     return {"environment": {"command": f"python -m x --threads {threads}", "date": "2026-12-07",
-                            "torch_threads": threads, "commit": commit, "dirty": False},
+                            "torch_threads": threads, "git_commit": commit, "git_dirty": False},
             "differences": {"mora - lora_sequential": {"bwt": diff(0.02, -0.01, 0.05)}, "unimoe": diff(1, 0, 2)},
             **verdicts}
 
@@ -50,7 +50,8 @@ def test_labels_must_agree_and_a_changed_or_missing_one_is_not_robust(tmp_path, 
     assert "**Not robust**: the label changes for verdicts: copies." in unimoe and "| verdicts: dense |" in unimoe
     moe_llava = (docs / "moe_llava.md").read_text()
     assert "claims: sparse matches dense | confirmed | missing | **no** |" in moe_llava
-    assert "different commits" in moe_llava and "different commits" not in mora
+    assert "different commits" in moe_llava and "different commits" not in mora and "commit abc." in mora
+    assert json.loads((docs / "results/threads2/unimoe/results.json").read_text())["verdicts"]["dense"] == "confirmed"
     # rewritten in place, not appended again
     assert robustness.main([str(a), str(b), "--docs", str(docs), "--only", "continual"]) is True
     assert (docs / "mora.md").read_text().count("<!-- report:continual-threads begin -->") == 1
