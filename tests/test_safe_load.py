@@ -113,7 +113,7 @@ def test_directory_with_only_pickle_weights_is_refused(tmp_path):
     check_safe_weights(tmp_path)  # safetensors beside it: transformers reads those
 
 
-def test_trust_remote_code_names_each_model_it_trusts(tmp_path, tokenizer):
+def test_trust_remote_code_names_each_model_it_trusts_once_per_run(tmp_path, tokenizer, monkeypatch):
     """One warning per model loaded under the opt-in, naming it; a preset runs no code and is not named."""
     import warnings
 
@@ -139,6 +139,15 @@ def test_trust_remote_code_names_each_model_it_trusts(tmp_path, tokenizer):
         warnings.simplefilter("always")
         build_multimodal(tokenizer, str(tmp_path / "llm"), encoders={"image": {"tower": str(tmp_path / "tower")}})
     assert not [w for w in record if "trust_remote_code" in str(w.message)]  # no opt-in, nothing trusted
+    # under several processes only the first rank says it (each rank loads the model)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        build_multimodal(tokenizer, str(tmp_path / "llm"), encoders={"image": {"tower": str(tmp_path / "tower")}},
+                         trust_remote_code=True)
+    assert not [w for w in record if "trust_remote_code" in str(w.message)]
 
 
 def test_no_unsafe_torch_load_outside_the_opt_in():
