@@ -327,10 +327,13 @@ def update_docs(out: Path, docs: Path, parts: list[Part]) -> list[Path]:
         if not source.is_file() or not page.is_file():
             continue
         # kept beside the page: `--reuse DOCS/results` regenerates the section, `robustness` reads the verdicts
-        for kept in ("results.json", "results.md"):
-            if (out / part.name / kept).is_file():
-                (docs / "results" / part.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(out / part.name / kept, docs / "results" / part.name / kept)
+        keep = docs / "results" / part.name
+        if (out / part.name / "results.json").is_file():
+            keep.mkdir(parents=True, exist_ok=True)  # without the indentation: a third of the size
+            keep.joinpath("results.json").write_text(json.dumps(json.loads((out / part.name / "results.json")
+                                                                           .read_text()), separators=(",", ":")))
+            if (out / part.name / "results.md").is_file():
+                shutil.copy2(out / part.name / "results.md", keep / "results.md")
         write_block(page, part.name, source.read_text(), "python -m lightning_moe.experiments.report --docs")
         written.append(page)
     return written

@@ -69,7 +69,8 @@ def test_quick_report_writes_figures_and_docs_sections(quick_outputs, tmp_path):
     assert "](figures/report/conflict_accuracy.png)" in mole
     assert (docs / "figures" / "report" / "conflict_accuracy.png").is_file()
     # each experiment's results kept beside its page, so that --reuse docs/results regenerates the section
-    assert (docs / "results" / "conflict" / "results.json").read_bytes() == (root / "conflict" / "results.json").read_bytes()
+    kept = json.loads((docs / "results" / "conflict" / "results.json").read_text())
+    assert kept == json.loads((root / "conflict" / "results.json").read_text())
     regenerated = tmp_path / "regenerated"
     report.main(["--out", str(regenerated), "--quick", "--reuse", str(docs / "results"), "--only", "conflict"])
     assert (regenerated / "docs" / "conflict.md").read_text() == (root / "docs" / "conflict.md").read_text()
