@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> bool:
         if args.docs:  # run B's results kept beside run A's (DOCS/results/<name>/, from `report --docs`)
             kept = args.docs / "results" / f"threads{_threads(b)}" / part.name
             kept.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(files[1], kept / "results.json")
+            (kept / "results.json").write_text(json.dumps(b, separators=(",", ":")))
             write_block(args.docs / part.page, f"{part.name}-threads", text,
                         "python -m lightning_moe.experiments.robustness --docs")
     if not verdicts:
