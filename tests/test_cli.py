@@ -186,6 +186,21 @@ def test_mora_continual_chains_from_its_pretraining_and_trains_every_task(workdi
     assert_outputs_load_safely(workdir)
 
 
+def test_how_often_a_run_validates_does_not_change_its_training(workdir):
+    """Plain LoRA with dropout (drawn from torch's global generator) trains to the same weights whether it
+    validates after every step, with a sanity check first, or never: an evaluation loader draws from a generator
+    of its own (data/datamodule.py)."""
+    fit("configs/mole/base.yaml")
+    weights = []
+    for validation in (["--trainer.val_check_interval=1", "--trainer.num_sanity_val_steps=1"],
+                       ["--trainer.limit_val_batches=0"]):
+        cli = fit("configs/mole/lora.yaml", "--trainer.max_steps=3", "--trainer.limit_train_batches=3", *validation)
+        assert cli.trainer.global_step == 3 and cli.model.hparams["lora"]["dropout"] > 0
+        weights.append({n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad})
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
 def test_mole_configs_chain_from_the_base_and_log_routing(workdir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -465,6 +465,10 @@ class DomainMixtureDataModule(L.LightningDataModule):
         workers = self.hparams.num_workers
         # a training loader carries its position in the epoch into checkpoints (exact resume)
         loader_class = ResumableDataLoader if isinstance(sampler, ResumableSampler) else DataLoader
+        # An evaluation loader draws its iterator's base seed from a generator of its own: from torch's global
+        # one, each validation would move the stream that dropout and the router's noise draw from afterwards,
+        # and a run's training would depend on how often (and whether) it validates.
+        generator = None if sampler is not None else torch.Generator().manual_seed(self.hparams.seed)
         return loader_class(
             dataset,
             batch_size=batch_size,
@@ -473,6 +477,7 @@ class DomainMixtureDataModule(L.LightningDataModule):
             collate_fn=partial(collate, pad_token_id=self.pad_token_id),
             num_workers=workers,
             persistent_workers=workers > 0,
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:

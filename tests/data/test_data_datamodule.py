@@ -5,6 +5,7 @@ from collections import Counter
 
 import lightning as L
 import pytest
+import torch
 from jsonargparse import ArgumentParser
 
 from lightning_moe.data import DomainMixtureDataModule, DomainSpec, mixture_probabilities
@@ -91,6 +92,19 @@ def test_one_eval_loader_per_domain_in_config_order(uneven):
             assert all(b["domain"] == [domain] * len(b["id"]) for b in batches)
             # evaluation keeps file order
             assert [i for b in batches for i in b["id"]] == [f"{domain}-{'val' if stage == 'validate' else 'test'}-{k:05d}" for k in range(5)]
+
+
+def test_evaluating_leaves_the_global_random_stream_alone(uneven):
+    """A validation in the middle of training must not move torch's global generator (dropout, router noise):
+    a run's training then does not depend on how often it validates."""
+    dm = uneven(eval_batch_size=4, max_eval_samples_per_domain=5)
+    dm.setup("validate")
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    for loader in dm.val_dataloader():
+        list(loader)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_train_cap_keeps_each_domains_first_samples_and_leaves_evaluation_alone(uneven):
