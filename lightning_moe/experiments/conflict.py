@@ -328,6 +328,22 @@ def rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[st
     return [r for r in reasons if r]
 
 
+CEILING_REASON = "the upper bound at ceiling"  # how `rejections` (`at_ceiling_or_chance`) begins that reason
+
+
+def beyond_ceiling(rung: dict[str, Any], tried: list[dict[str, Any]]) -> str | None:
+    """Why a rung need not be measured: on the same data, a rung with no more rank and no more steps already had
+    the upper bound at ceiling, and more rank or more steps on the same data only fit it better (the protocol
+    declares this), so the rung is rejected for the same reason unmeasured. None: measure it."""
+    for earlier in tried:
+        if (earlier["level"] == rung["level"] and not earlier.get("skipped")
+                and earlier["rank"] <= rung["rank"] and earlier["steps"] <= rung["steps"]
+                and any(r.startswith(CEILING_REASON) for r in earlier["rejected"])):
+            return (f"{CEILING_REASON} at rank {earlier['rank']} x {earlier['steps']} steps on the same data: "
+                    "more rank or steps only fit it better")
+    return None
+
+
 def ladder(plan: Plan) -> list[dict[str, Any]]:
     """The rungs `select_setting` climbs, in order: each difficulty (easiest first), at each budget (cheapest first)."""
     return [{"setting": f"{difficulty_words(d)}, rank {rank}, {steps} steps", "level": i, "difficulty": d,
@@ -387,7 +403,7 @@ def select_setting(plan: Plan, base_model: Path, out: Path,
         return rejections(scores, majorities[rung["level"]], plan.domains, plan.pair)
 
     chosen = select_first(progress(ladder(plan), "conflict: choosing difficulty, rank and steps on val"), measured,
-                          judged)
+                          judged, beyond_ceiling)
     rung = chosen["chosen"]
     return {"plan": at_rung(rung), "met": chosen["met"], "tried": chosen["tried"],
             "majority_val": majorities[rung["level"]]}
@@ -732,6 +748,8 @@ def protocol(plan: Plan, seeds: list[int], chosen_by: str, selected: bool = True
         difficulties=[f"{difficulty_words(d)} (budgets {', '.join(f'rank {r} x {n} steps' for r, n in plan.candidates)})"
                       for d in plan.difficulties] if selected else [],
         difficulty_rule=(f"the first rung (each difficulty in order, at each budget in order) at which {DIFFICULTY_RULE_WORDS}"
+                         " A rung with at least the rank and the steps of a rung of the same data whose upper bound sat "
+                         "at ceiling is skipped (more rank or steps only fit it better)"
                          if selected else "the shipped data/shapes (settings given, no selection)"),
         primary=f"mean test exact match over every evaluated domain ({', '.join(plan.domains)}): winning one domain "
                 "back by losing another is no gain",

@@ -46,22 +46,30 @@ def setting_words(difficulty: dict[str, Any] | None, shipped: str) -> str:
 
 
 def select_first(ladder: Iterable[dict[str, Any]], measure: Callable[[dict[str, Any]], Any],
-                 rejections: Callable[[dict[str, Any], Any], Sequence[str | None]]) -> dict[str, Any]:
+                 rejections: Callable[[dict[str, Any], Any], Sequence[str | None]],
+                 skip: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = None) -> dict[str, Any]:
     """The pre-registered choice of a setting on val: each rung of `ladder` (a dict naming its setting, in the
     declared order) is measured (`measure(rung)` -> its val scores) and judged (`rejections(rung, scores)` -> the
     reasons it fails the rule; none = it qualifies); the first that qualifies is chosen and no later rung is
-    measured. Returns {"chosen": that rung (the last one tried when none qualifies), "met": whether one did,
-    "tried": every rung tried with its "val" scores and the "rejected" reasons}."""
+    measured. `skip(rung, tried so far)`, given, names why a rung cannot qualify from what earlier rungs showed
+    (the protocol declares it); such a rung is not measured and is listed with `"skipped"`. Returns {"chosen":
+    that rung (the last one measured when none qualifies), "met": whether one did, "tried": every rung with its
+    "val" scores (None when skipped) and the "rejected" reasons}."""
     tried = []
     for rung in ladder:
+        reason = skip(rung, tried) if skip else None
+        if reason:
+            tried.append({**rung, "val": None, "rejected": [reason], "skipped": True})
+            continue
         scores = measure(rung)
         rejected = [reason for reason in rejections(rung, scores) if reason]
         tried.append({**rung, "val": scores, "rejected": rejected})
         if not rejected:
             break
-    if not tried:
-        raise ValueError("select_first: an empty ladder (declare at least one setting)")
-    return {"chosen": tried[-1], "met": not tried[-1]["rejected"], "tried": tried}
+    measured = [rung for rung in tried if not rung.get("skipped")]
+    if not measured:
+        raise ValueError("select_first: no rung measured (declare at least one setting)")
+    return {"chosen": measured[-1], "met": not measured[-1]["rejected"], "tried": tried}
 
 
 @dataclass
@@ -134,7 +142,8 @@ class Protocol:
         was "rejected"), the chosen one marked."""
         ladder = self.settings.get("ladder") or []
         return [f"- Tried on val: {rung['setting']}: "
-                + (f"rejected ({'; '.join(rung['rejected'])})" if rung["rejected"] else "**chosen**") + "."
+                + (f"skipped ({'; '.join(rung['rejected'])})" if rung.get("skipped") else
+                   f"rejected ({'; '.join(rung['rejected'])})" if rung["rejected"] else "**chosen**") + "."
                 for rung in ladder]
 
 

@@ -237,14 +237,16 @@ def test_select_setting_climbs_the_ladder_to_the_first_qualifying_rung_on_genera
     chosen = conflict.select_setting(plan, tmp_path / "unused", tmp_path / "out" / "selection", measure)
     generated = generate_shapes(tmp_path / "out" / "data", ShapesDifficulty(pixel_noise=30), seed=0, n_train=64,
                                 n_eval=8)
-    assert [c[:3] for c in calls] == [(None, 1, 300), (None, 2, 300), ({"pixel_noise": 30}, 1, 300),
-                                      ({"pixel_noise": 30}, 2, 300)]  # stops at the first that meets the rule
-    assert calls[0][3] is None and calls[2][3] == calls[3][3] == str(generated)  # generated once, under OUT/data
+    # the shipped data's rank 2 is not measured (rank 1 already at ceiling there); stops at the first that qualifies
+    assert [c[:3] for c in calls] == [(None, 1, 300), ({"pixel_noise": 30}, 1, 300), ({"pixel_noise": 30}, 2, 300)]
+    assert calls[0][3] is None and calls[1][3] == calls[2][3] == str(generated)  # generated once, under OUT/data
     assert chosen["met"] and (chosen["plan"].rank, chosen["plan"].steps) == (2, 300)
     assert chosen["plan"].difficulty == {"pixel_noise": 30} and chosen["plan"].data_root == str(generated)
     assert json.loads((generated / "settings.json").read_text())["difficulty"]["pixel_noise"] == 30
     tried = chosen["tried"]
-    assert [t["rejected"] for t in tried][:2] == [["the upper bound at ceiling (100.0 %)"]] * 2
+    assert tried[0]["rejected"] == ["the upper bound at ceiling (100.0 %)"] and not tried[0].get("skipped")
+    assert tried[1]["skipped"] and tried[1]["val"] is None and tried[1]["rejected"] == [
+        "the upper bound at ceiling at rank 1 x 300 steps on the same data: more rank or steps only fit it better"]
     assert tried[2]["rejected"][0].startswith("plain LoRA on the mixture less than 10 points") and not tried[3]["rejected"]
     assert set(tried[0]["val"]) == {"7", "8"} and tried[3]["setting"] == "generated, pixel_noise=30, rank 2, 300 steps"
     # the same plan again: the same data directory, not a second set
@@ -275,3 +277,16 @@ def test_the_plan_names_its_generated_data_root_in_every_run_config(tmp_path):
     assert "root" not in conflict._data_config(conflict.Plan(), ["position_lr"], seed=0)["init_args"]
     with pytest.raises(ValueError, match="holds no position_tb"):
         conflict.with_data(conflict.Plan(), {"conventions": 1}, tmp_path / "data")
+
+
+def test_a_budget_is_skipped_only_beyond_a_ceiling_on_the_same_data():
+    at_ceiling = {"level": 0, "rank": 2, "steps": 300, "rejected": ["the upper bound at ceiling (99.7 %)"]}
+    not_learnt = {"level": 0, "rank": 1, "steps": 600, "rejected": ["the upper bound does not learn position_lr"]}
+    assert conflict.beyond_ceiling({"level": 0, "rank": 4, "steps": 600}, [not_learnt, at_ceiling])
+    assert conflict.beyond_ceiling({"level": 0, "rank": 2, "steps": 300}, [at_ceiling])  # the same budget
+    assert conflict.beyond_ceiling({"level": 0, "rank": 1, "steps": 600}, [at_ceiling]) is None  # less rank
+    assert conflict.beyond_ceiling({"level": 0, "rank": 4, "steps": 200}, [at_ceiling]) is None  # fewer steps
+    assert conflict.beyond_ceiling({"level": 1, "rank": 4, "steps": 600}, [at_ceiling]) is None  # other data
+    assert conflict.beyond_ceiling({"level": 0, "rank": 4, "steps": 600}, [not_learnt]) is None
+    # a skipped rung does not skip others by itself
+    assert conflict.beyond_ceiling({"level": 0, "rank": 4, "steps": 600}, [{**at_ceiling, "skipped": True}]) is None

@@ -181,8 +181,29 @@ def test_select_first_without_a_qualifying_rung_keeps_the_last_and_every_reason(
     chosen, measured = _ladder_run({"easy": ["at ceiling"], "hard": ["at chance", "no gap"]})
     assert not chosen["met"] and chosen["chosen"]["setting"] == "hard" and measured == ["easy", "hard"]
     assert chosen["tried"][1]["rejected"] == ["at chance", "no gap"]
-    with pytest.raises(ValueError, match="empty ladder"):
+    with pytest.raises(ValueError, match="no rung measured"):
         select_first([], lambda rung: {}, lambda rung, scores: [])
+
+
+def test_select_first_skips_the_rungs_its_rule_rules_out_and_never_chooses_one():
+    measured = []
+
+    def measure(rung):
+        measured.append(rung["setting"])
+        return rung["setting"]
+
+    def skip(rung, tried):  # nothing after a rung at ceiling can qualify
+        return "an easier rung at ceiling" if any("at ceiling" in t["rejected"] for t in tried) else None
+
+    reasons = {"a": ["at ceiling"], "b": [], "c": []}
+    chosen = select_first([{"setting": n} for n in reasons], measure, lambda rung, scores: reasons[scores], skip)
+    assert measured == ["a"] and not chosen["met"] and chosen["chosen"]["setting"] == "a"
+    assert [(t["setting"], t["val"], t.get("skipped", False)) for t in chosen["tried"]] == [
+        ("a", "a", False), ("b", None, True), ("c", None, True)]
+    assert chosen["tried"][1]["rejected"] == ["an easier rung at ceiling"]
+    text = Protocol(question="?", seeds=[0], selection_split="val", reported_split="test", selection="ladder.",
+                    verdict_rule="rule.", settings={"ladder": chosen["tried"]}).markdown()
+    assert "- Tried on val: b: skipped (an easier rung at ceiling)." in text
 
 
 def test_protocol_lists_the_rungs_tried_and_the_chosen_one():
