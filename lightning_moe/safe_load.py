@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn  # once per run, not once per rank
 
 from .paths import could_be_hub_id, model_source_error
 
@@ -108,6 +109,18 @@ def _import_own_classes(path: Path) -> None:
                 continue
 
 
+# where launchers put a process's rank (torchrun, Lightning's own launcher, SLURM, LSF): the order Lightning reads it
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def _warn_on_first_rank(message: str) -> None:
+    """A loading opt-in's warning, once per run: every process of a multi-process run loads the model, and only
+    the first says so. The rank comes from the environment the launcher set (this layer imports no Lightning)."""
+    rank = next((os.environ[name] for name in RANK_VARIABLES if os.environ.get(name)), "0")
+    if int(rank) == 0:
+        warnings.warn(message, stacklevel=3)
+
+
 def load_torch_file(path: str | Path, *, allow_unsafe: bool = False, what: str = "checkpoint",
                     remedy: str = f"If you trust the file, set {OPT_IN}") -> Any:
     """`torch.load` of `path` onto the CPU without executing code from it (`remedy`: the refusal's last sentence).
@@ -121,8 +134,8 @@ def load_torch_file(path: str | Path, *, allow_unsafe: bool = False, what: str =
     if path.stat().st_size == 0:
         raise DamagedFileError(f"{what} {path} is empty (0 bytes): it was not written completely; write it again")
     if allow_unsafe:
-        rank_zero_warn(f"loading {path} with full pickle ({OPT_IN}): this runs any code the file holds; "
-                       "do it only for files you trust")
+        _warn_on_first_rank(f"loading {path} with full pickle ({OPT_IN}): this runs any code the file holds; "
+                            "do it only for files you trust")
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RenamingPickle)
     try:
         _import_own_classes(path)
@@ -161,8 +174,8 @@ def without_loading_opt_ins(hparams: dict[str, Any], source: str | Path) -> dict
             setattr(backbone, key, False)
     if refused:
         settings = ", ".join(f"backbone.{key}: true" for key in refused)
-        rank_zero_warn(f"checkpoint {source}: ignored {settings} from its hyperparameters (a loading opt-in is taken "
-                       "only from the command line or a config file you name)")
+        _warn_on_first_rank(f"checkpoint {source}: ignored {settings} from its hyperparameters (a loading opt-in is "
+                            "taken only from the command line or a config file you name)")
     return {**hparams, "backbone": backbone}
 
 
@@ -180,8 +193,8 @@ def check_safe_weights(directory: str | Path, *, allow_unsafe: bool = False) -> 
             f"{directory} holds its weights only as pickle ({', '.join(pickled)}), which loading could execute; "
             f"convert them to safetensors, or, if you trust the files, set {OPT_IN}"
         )
-    rank_zero_warn(f"loading {directory} from pickle weights ({', '.join(pickled)}; {OPT_IN}): this runs any "
-                   "code the files hold; do it only for files you trust")
+    _warn_on_first_rank(f"loading {directory} from pickle weights ({', '.join(pickled)}; {OPT_IN}): this runs any "
+                        "code the files hold; do it only for files you trust")
 
 
 def hf_load_kwargs(trust_remote_code: bool = False, allow_unsafe: bool = False) -> dict[str, Any]:
@@ -213,8 +226,8 @@ def hf_source(what: str, name_or_path: str | Path, allow_unsafe: bool = False,
     if not Path(name_or_path).exists() and not could_be_hub_id(name_or_path):
         raise model_source_error(what, name_or_path)
     if trust_remote_code:
-        rank_zero_warn(f"loading {what} {name_or_path} with {REMOTE_CODE_OPT_IN}: the Python code shipped with it (if "
-                       "any) runs; do it only for models you trust")
+        _warn_on_first_rank(f"loading {what} {name_or_path} with {REMOTE_CODE_OPT_IN}: the Python code shipped with "
+                            "it (if any) runs; do it only for models you trust")
     try:
         yield
     except ValueError as error:

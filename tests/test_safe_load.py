@@ -139,10 +139,8 @@ def test_trust_remote_code_names_each_model_it_trusts_once_per_run(tmp_path, tok
         warnings.simplefilter("always")
         build_multimodal(tokenizer, str(tmp_path / "llm"), encoders={"image": {"tower": str(tmp_path / "tower")}})
     assert not [w for w in record if "trust_remote_code" in str(w.message)]  # no opt-in, nothing trusted
-    # under several processes only the first rank says it (each rank loads the model)
-    from lightning.pytorch.utilities import rank_zero_only
-
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    # under several processes only the first rank says it (each rank loads the model): rank 1 as torchrun sets it
+    monkeypatch.setenv("RANK", "1")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         build_multimodal(tokenizer, str(tmp_path / "llm"), encoders={"image": {"tower": str(tmp_path / "tower")}},
