@@ -83,6 +83,11 @@ TOLERANCE = 1e-9
 DATA_ROOT = "data/shapes"  # the shipped configs' data root
 # what the base trains on (configs/mole/base.yaml): the white-image domains, none of the position pair
 BASE_DOMAINS = ("count", "colour", "pope")
+# Plain LoRA learns a position domain at rank 1 in a sudden step that some seeds reach within a budget and others
+# do not, and the reported gate asks the upper bound to learn it in every one of the reported seeds: three
+# selection seeds all passing say too little (docs/mole.md: a budget passing 3 of 3 learnt position_lr in 3 of the
+# 10 reported seeds). A fourth costs no wall time with two seed processes (two rounds either way).
+CONFLICT_SELECTION_SEEDS = [*SELECTION_SEEDS, max(SELECTION_SEEDS) + 1]
 
 
 @dataclass
@@ -112,7 +117,7 @@ class Plan:
     oracle: bool = True  # the oracle-routed MoLE (one expert per domain, routed by the domain id)
     train_samples: int | None = None  # the first N train samples of each domain (None: all)
     margin: float = PRIMARY_MARGIN  # of every comparison on the primary metric
-    selection_seeds: list[int] = field(default_factory=lambda: list(SELECTION_SEEDS))
+    selection_seeds: list[int] = field(default_factory=lambda: list(CONFLICT_SELECTION_SEEDS))
     curve_points: int = 5  # validations during each run (its learning curve), the last at its end
     # the data of every adapter run: None the shipped data/shapes, else these `ShapesDifficulty` settings, generated
     # (`with_data`) with data_seed, data_train train and data_eval val and test samples per domain into data_root
