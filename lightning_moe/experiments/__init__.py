@@ -98,7 +98,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    oversubscription = oversubscription_warning(args.jobs, args.threads or torch.get_num_threads(), available_cores())
+    if oversubscription:
+        print(oversubscription, file=sys.stderr, flush=True)
     return args
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the platform says, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def oversubscription_warning(jobs: int, threads: int, cores: int) -> str | None:
+    """What to say when `jobs` seed processes of `threads` torch threads each ask for more than `cores`: each
+    parallel region waits for every thread of its team, and a team whose thread is descheduled waits for the other
+    process's time slice (docs/experiments.md: several times slower per step). None: it fits."""
+    if threads <= 1 or jobs * threads <= cores:
+        return None
+    return (f"warning: --jobs {jobs} x --threads {threads} = {jobs * threads} torch threads on {cores} cores: "
+            f"multi-threaded runs that share cores wait on each other's time slices and slow down several times "
+            f"over; use --jobs {max(1, cores // threads)} with --threads {threads}")
 
 
 def _seed_worker_start(threads: int | None) -> None:

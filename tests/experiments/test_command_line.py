@@ -52,6 +52,25 @@ def test_repeated_seeds_and_zero_threads_are_refused(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_oversubscribed_threads_are_warned_about(capsys, monkeypatch):
+    from lightning_moe import experiments
+    from lightning_moe.experiments import conflict
+
+    assert experiments.oversubscription_warning(jobs=2, threads=1, cores=2) is None  # one thread per process
+    assert experiments.oversubscription_warning(jobs=1, threads=2, cores=2) is None
+    message = experiments.oversubscription_warning(jobs=2, threads=2, cores=2)
+    assert "--jobs 2 x --threads 2 = 4 torch threads on 2 cores" in message and "use --jobs 1 with --threads 2" in message
+    monkeypatch.setattr(experiments, "available_cores", lambda: 2)
+    threads = torch.get_num_threads()
+    try:
+        parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--jobs", "2", "--threads", "2"])
+        assert "use --jobs 1 with --threads 2" in capsys.readouterr().err
+        parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--jobs", "1", "--threads", "2"])
+        assert "warning" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_seed_directories():
     assert seed_directory(Path("out"), 3, [3]) == Path("out")
     assert seed_directory(Path("out"), 3, [0, 3]) == Path("out/seed3")
