@@ -138,6 +138,21 @@ def decide(diff: dict[str, Any], margin: float, failed_gates: Sequence[str | Non
     return f"{INCONCLUSIVE}: the interval straddles the margin"
 
 
+def learnt_over_seeds(gains: Sequence[float], margin: float) -> bool:
+    """Whether an oracle or upper bound reaches its target over the seeds, by the comparisons' own rule: the 95 %
+    t interval of its gain over chance (accuracy minus the majority answer, per seed) lies at or above `margin`;
+    one seed: that seed's gain reaches it. A target that one seed of ten misses (a sudden step that seed takes
+    late) is still met; one that most seeds miss, or that the seeds scatter over, is not."""
+    stat = seed_stat(gains)
+    low = stat["mean"] if stat["low"] is None else stat["low"]
+    return low >= margin - TOLERANCE
+
+
+def learnt_words(gains: Sequence[float], margin: float) -> str:
+    """How many seeds reached `margin` above chance, for a gate's reason."""
+    return f"learnt in {sum(g >= margin - TOLERANCE for g in gains)} of {len(gains)} seeds"
+
+
 def at_ceiling_or_chance(name: str, values: Sequence[float], chance: float, ceiling: float = 1.0,
                          tolerance: float = 0.01) -> str | None:
     """The gate on an arm's primary metric over seeds: a reason when its mean is within `tolerance` of the
