@@ -88,15 +88,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has repeated seeds: {args.seeds}")
-    if args.jobs is None:
-        args.jobs = max(1, min(len(args.seeds), os.cpu_count() or 1))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.jobs is None:  # as many seed processes as the cores hold at the threads asked for
+        args.jobs = max(1, min(len(args.seeds), available_cores() // (args.threads or 1)))
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.threads is None and args.jobs > 1:
         args.threads = 1  # one core per seed's process
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     oversubscription = oversubscription_warning(args.jobs, args.threads or torch.get_num_threads(), available_cores())
     if oversubscription:
@@ -115,9 +115,10 @@ def oversubscription_warning(jobs: int, threads: int, cores: int) -> str | None:
     process's time slice (docs/experiments.md: several times slower per step). None: it fits."""
     if threads <= 1 or jobs * threads <= cores:
         return None
+    fitting = min(threads, cores)
     return (f"warning: --jobs {jobs} x --threads {threads} = {jobs * threads} torch threads on {cores} cores: "
             f"multi-threaded runs that share cores wait on each other's time slices and slow down several times "
-            f"over; use --jobs {max(1, cores // threads)} with --threads {threads}")
+            f"over; use --jobs {max(1, cores // fitting)} with --threads {fitting}")
 
 
 def _seed_worker_start(threads: int | None) -> None:

@@ -85,7 +85,7 @@ DATA_ROOT = "data/shapes"  # the shipped configs' data root
 # what the base trains on (configs/mole/base.yaml): the white-image domains, none of the position pair
 BASE_DOMAINS = ("count", "colour", "pope")
 # Plain LoRA learns a position domain at rank 1 in a sudden step that some seeds reach within a budget and others
-# do not, and the reported gate asks the upper bound to learn it reliably over the reported seeds
+# do not, and the reported gate asks the upper bound to learn it in all reported seeds but one of ten
 # (`learnt_over_seeds`): three selection seeds all passing say too little (docs/mole.md: a budget passing 3 of 3
 # learnt position_lr in 3 of the 10 reported seeds). A fourth costs no wall time with two seed processes (two
 # rounds either way).
@@ -586,9 +586,10 @@ def gates(summaries: dict[int, dict[str, Any]], margin: float) -> list[str]:
         reasons.append(NO_DISCRIMINATING_SETTING)
     majority_val = first.get("majority_val")
     missed = []
+    unvalidated = [str(s) for s in seeds if summaries[s]["alone_val"] is None]
     for d in (d for d in plan["pair"] if d in domains):
-        if majority_val is None or any(summaries[s]["alone_val"] is None for s in seeds):
-            missed.append(f"{d} (not validated)")
+        if majority_val is None or unvalidated:
+            missed.append(f"{d} (not validated" + (f" in seed {', '.join(unvalidated)})" if unvalidated else ")"))
             continue
         gains = [summaries[s]["alone_val"][d] - majority_val[d] for s in seeds]
         if not learnt_over_seeds(gains, CONFLICT_MARGIN):
@@ -767,8 +768,8 @@ def protocol(plan: Plan, seeds: list[int], chosen_by: str, selected: bool = True
         comparisons=[Comparison(f"mole{e}_mixture", "lora_mixture", plan.margin,
                                 f"MoLE with {e} experts mitigates the conflict") for e in plan.experts],
         gates=[NO_DISCRIMINATING_SETTING, "the upper bound (per-domain LoRA) not learning a domain of the pair on val "
-               f"over the seeds (the 95 % interval of its accuracy above the majority answer reaching below "
-               f"{100 * CONFLICT_MARGIN:.0f} points)",
+               f"over the seeds (less than {100 * CONFLICT_MARGIN:.0f} points above the majority answer in more "
+               "than one seed of ten)",
                "no conflict on val (upper bound less than the margin above plain LoRA on the mixture)",
                "the oracle-routed MoLE less than the margin above plain LoRA on the mixture on val",
                "plain LoRA on the mixture or the MoLE arm at ceiling or chance on test"])

@@ -138,19 +138,27 @@ def decide(diff: dict[str, Any], margin: float, failed_gates: Sequence[str | Non
     return f"{INCONCLUSIVE}: the interval straddles the margin"
 
 
-def learnt_over_seeds(gains: Sequence[float], margin: float) -> bool:
-    """Whether an oracle or upper bound reaches its target over the seeds, by the comparisons' own rule: the 95 %
-    t interval of its gain over chance (accuracy minus the majority answer, per seed) lies at or above `margin`;
-    one seed: that seed's gain reaches it. A target that one seed of ten misses (a sudden step that seed takes
-    late) is still met; one that most seeds miss, or that the seeds scatter over, is not."""
-    stat = seed_stat(gains)
-    low = stat["mean"] if stat["low"] is None else stat["low"]
-    return low >= margin - TOLERANCE
+# the share of the seeds in which an oracle or upper bound may miss its target (`learnt_over_seeds`): one of ten
+LATE_SEEDS_SHARE = 0.1
+
+
+def _reaches(gain: float, margin: float) -> bool:
+    return math.isfinite(gain) and gain >= margin - TOLERANCE  # a gain that is not a number misses
+
+
+def learnt_over_seeds(gains: Sequence[float], margin: float, late_share: float = LATE_SEEDS_SHARE) -> bool:
+    """Whether an oracle or upper bound reaches its target over the seeds: its gain over chance (accuracy minus the
+    majority answer) reaches `margin` in every seed but at most `late_share` of them (one of ten; none of fewer
+    than ten). Seed by seed, ten seeds would fail whenever one takes the sudden step of learning late; on the mean
+    or its interval, a target reached in half of the seeds would pass (five near-ceiling seeds of ten put the
+    interval's lower end above 5 points)."""
+    missed = sum(not _reaches(g, margin) for g in gains)
+    return missed <= math.floor(late_share * len(gains) + TOLERANCE)
 
 
 def learnt_words(gains: Sequence[float], margin: float) -> str:
     """How many seeds reached `margin` above chance, for a gate's reason."""
-    return f"learnt in {sum(g >= margin - TOLERANCE for g in gains)} of {len(gains)} seeds"
+    return f"learnt in {sum(_reaches(g, margin) for g in gains)} of {len(gains)} seeds"
 
 
 def at_ceiling_or_chance(name: str, values: Sequence[float], chance: float, ceiling: float = 1.0,

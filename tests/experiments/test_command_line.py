@@ -60,12 +60,17 @@ def test_oversubscribed_threads_are_warned_about(capsys, monkeypatch):
     assert experiments.oversubscription_warning(jobs=1, threads=2, cores=2) is None
     message = experiments.oversubscription_warning(jobs=2, threads=2, cores=2)
     assert "--jobs 2 x --threads 2 = 4 torch threads on 2 cores" in message and "use --jobs 1 with --threads 2" in message
+    assert "use --jobs 1 with --threads 2" in experiments.oversubscription_warning(jobs=1, threads=4, cores=2)
     monkeypatch.setattr(experiments, "available_cores", lambda: 2)
     threads = torch.get_num_threads()
     try:
         parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--jobs", "2", "--threads", "2"])
         assert "use --jobs 1 with --threads 2" in capsys.readouterr().err
         parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--jobs", "1", "--threads", "2"])
+        assert "warning" not in capsys.readouterr().err
+        # without --jobs: as many seed processes as the cores hold at the threads asked for
+        assert parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--threads", "2"]).jobs == 1
+        assert parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "2"]).jobs == 2
         assert "warning" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)

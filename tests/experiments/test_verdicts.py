@@ -127,13 +127,42 @@ def test_conflict_upper_bound_judged_over_the_seeds_not_seed_by_seed():
 
     jitter = [0.01 * (seed % 3 - 1) for seed in range(10)]
     win = {"count": 1.0, "position_lr": 0.9, "position_tb": 0.9}
-    # one late seed of ten: the target is met over the seeds (the gain +44.1 points [+33.0, +55.2])
+    # one late seed of ten: the target is met
     one_late = _conflict(MIXTURE, win, oracle=LEARNT, alone=upper_bound(9), jitter=jitter)
     assert not any("upper bound" in g for g in one_late["gates"]) and one_late["verdict"] == "confirmed"
-    # learnt in 3 of 10 (a coin flip per seed): not met (+14.7 [-2.2, +31.6])
-    coin_flip = _conflict(MIXTURE, win, oracle=LEARNT, alone=upper_bound(3), jitter=jitter)
+    # learnt in 5 of 10, a coin flip per seed: not met, although the 95 % interval of the gain, +24.5 points
+    # [+6.0, +43.0], lies above the 5-point margin
+    coin_flip = _conflict(MIXTURE, win, oracle=LEARNT, alone=upper_bound(5), jitter=jitter)
     assert coin_flip["verdict"] == ("inconclusive: upper bound failed: per-domain LoRA does not learn position_lr "
-                                    "(learnt in 3 of 10 seeds) on val")
+                                    "(learnt in 5 of 10 seeds) on val")
+
+
+def test_a_target_is_met_in_all_seeds_but_one_of_ten():
+    from lightning_moe.experiments.statistics import learnt_over_seeds, learnt_words
+
+    assert learnt_over_seeds([0.45, 0.45, 0.10], 0.05)  # every seed learnt, however scattered
+    assert learnt_over_seeds([0.9, 0.3], 0.05) and learnt_over_seeds([0.06], 0.05)
+    assert not learnt_over_seeds([0.45, 0.45, 0.0], 0.05)  # fewer than ten seeds: none may miss
+    assert learnt_over_seeds([0.05] * 9 + [0.0], 0.05)  # exactly the margin counts; one of ten late
+    assert not learnt_over_seeds([0.49] * 8 + [0.0, 0.0], 0.05)
+    assert learnt_over_seeds([0.49] * 9 + [float("nan")], 0.0)  # a NaN misses: the one miss allowed in ten
+    assert not learnt_over_seeds([0.49] * 8 + [float("nan")] * 2, 0.0)
+    assert learnt_words([0.49, float("nan"), 0.0, 0.2], 0.05) == "learnt in 2 of 4 seeds"
+
+
+def test_conflict_an_unvalidated_upper_bound_names_its_seeds():
+    plan = conflict.Plan(domains=DOMAINS, experts=[2], discriminating=True)
+    summaries = {}
+    for seed, by in enumerate(JITTER):
+        results = [_row(f"lora_{d}", {x: 1.0 if x == d else 0.0 for x in DOMAINS}, [d]) for d in DOMAINS]
+        if seed == 1:  # its position_lr run logged no validation
+            results[1].details["val_curves"] = {}
+        results += [_row("lora_mixture", MIXTURE), _row("lora4x_mixture", MIXTURE),
+                    _row("mole2_mixture", _shift(LEARNT, by - 0.1)), _row("oracle_mixture", LEARNT)]
+        summaries[seed] = conflict.summarise(plan, results, MAJORITY, MAJORITY)
+    combined, _ = conflict.combine(summaries, {"ratios": {"mole2": 1.1}})
+    assert combined["verdict"] == ("inconclusive: upper bound failed: per-domain LoRA does not learn position_lr "
+                                   "(not validated in seed 1), position_tb (not validated in seed 1) on val")
 
 
 def test_conflict_expert_counts_that_disagree_are_inconclusive():
@@ -229,8 +258,8 @@ def test_continual_gates_upper_bound_and_oracle_failing():
     oracle = _continual([-0.3, -0.35, -0.25], [-0.4, -0.35, -0.45], oracle_bwt=[0.0, 0.0, 0.0],
                         unlearnt={"mora_task_oracle": "count"})
     assert oracle["diagnosis"] == "inconclusive: oracle failed: the task oracle does not learn count (learnt in 0 of 3 seeds)"
-    # over ten seeds: the upper bound at the majority answer on position_tb in one seed still learns it (the
-    # interval of its gain lies above 5 points), in six of them it does not
+    # over ten seeds: the upper bound at the majority answer on position_tb in one seed still learns it (one late
+    # seed of ten), in six of them it does not
     mora, sequential = [-0.02, -0.03, -0.01] * 3 + [-0.02], [-0.4, -0.35, -0.45] * 3 + [-0.4]
     one_late = _continual(mora, sequential, unlearnt={"lora_task_specific": "position_tb"}, unlearnt_seeds=[9])
     assert one_late["gates"] == [] and one_late["verdict"] == "confirmed"
