@@ -412,6 +412,15 @@ def _one_seed_in(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tu
     return summary, table
 
 
+def map_kept_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
+                   key: dict[str, Any] | None, jobs: int = 1,
+                   threads: int | None = None) -> dict[int, tuple[dict[str, Any], str]]:
+    """seed -> `one_seed(seed_directory, seed)` (`map_seeds`), each seed's result kept in its directory as soon as
+    it is made and taken from there by a later run under the same `key` (`resume_key`; None, on a dirty tree:
+    neither kept nor taken): what lets an interrupted experiment rerun only its unfinished seeds."""
+    return map_seeds(functools.partial(_one_seed_in, out, seeds, one_seed, key), seeds, jobs, threads)
+
+
 def run_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
               command: str, protocol: Protocol | None = None,
               combine: Callable[[dict[int, dict[str, Any]]], tuple[dict[str, Any], str]] | None = None,
@@ -427,7 +436,7 @@ def run_seeds(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple
     every seed's summary goes through JSON before `combine`, so a reused one and a fresh one look the same."""
     env = env or environment(command)
     key = resume_key(env, threads)
-    results = map_seeds(functools.partial(_one_seed_in, out, seeds, one_seed, key), seeds, jobs, threads)
+    results = map_kept_seeds(out, seeds, one_seed, key, jobs, threads)
     summaries, tables = {}, []
     for seed in seeds:
         summary, table = results[seed]

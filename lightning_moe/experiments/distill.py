@@ -36,7 +36,9 @@ logs of every run under DIR/runs/mod/ and each run's console output under DIR/lo
 takes the teacher of an earlier output directory, and the difficulty it was chosen at, instead of
 choosing and training them. `--seeds 0 1 2` repeats the student runs (2-4) per seed,
 each in DIR/seed<N>/ (one teacher for all, trained at its config's seed under DIR/runs/mod/), and
-reports the mean and the range over the seeds. `--quick` is the smoke version (a few steps, few samples).
+reports the mean and the range over the seeds; started again on the same clean commit, it takes each finished
+seed's student runs from DIR/seed<N>/seed_result.json (the selection and the teacher are trained again).
+`--quick` is the smoke version (a few steps, few samples).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from ..cli import effective_config
 from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..paths import shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, majority_answers,
-               map_seeds, parse_args, progress, seed_directory, working_directory, write_results)
+               map_kept_seeds, parse_args, progress, resume_key, working_directory, write_results)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import TOLERANCE, at_ceiling_or_chance, decide, interval_words, paired_difference, seed_stat, spread
 
@@ -248,18 +250,19 @@ def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float |
     return results
 
 
-def _seed_runs(out: Path, seeds: list[int], quick: bool, mimic_lm_weight: float | None, control: bool, root: Path,
-               seed: int) -> dict[str, RunResult]:
-    """One seed's student runs (one seed keeps the single-run layout, everything under `out`; several get
-    out/seed<N>/, with the teacher copied beside them)."""
-    workdir = seed_directory(out, seed, seeds)
+def _seed_runs(out: Path, quick: bool, mimic_lm_weight: float | None, control: bool, root: Path, workdir: Path,
+               seed: int) -> tuple[dict[str, dict[str, Any]], str]:
+    """One seed's student runs in `workdir` (`seed_directory`: `out` itself for a single seed, with everything
+    under it; several get out/seed<N>/, with the teacher copied beside them), as `map_kept_seeds` keeps them:
+    run name -> its row."""
     if workdir != out:
         copy_teacher(out, workdir)
     bar = progress(STUDENT_RUNS + control, f"distill runs, seed {seed}")
     try:
-        return student_runs(workdir, seed, quick, mimic_lm_weight, control, root, bar)
+        runs = student_runs(workdir, seed, quick, mimic_lm_weight, control, root, bar)
     finally:
         bar.close()
+    return {name: asdict(result) for name, result in runs.items()}, ""
 
 
 STUDENT_RUNS = 6  # mimic_dense, mimic_sparse, preference, baseline_instruct, baseline_moe, dense_active
@@ -304,8 +307,10 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
                     "ladder": selection["tried"]}
     root = generated(out, settings["shapes"], sizes)
     rows = [{**asdict(teacher), "seed": None}]
-    per_seed = map_seeds(functools.partial(_seed_runs, out, seeds, quick, mimic_lm_weight, control, root), seeds, jobs,
-                         threads)
+    # a seed finished by an earlier run of this command on this clean commit is taken from its directory
+    kept = map_kept_seeds(out, seeds, functools.partial(_seed_runs, out, quick, mimic_lm_weight, control, root),
+                          resume_key(env, threads), jobs, threads)
+    per_seed = {seed: {name: RunResult.from_dict(row) for name, row in kept[seed][0].items()} for seed in seeds}
     for seed in seeds:
         rows += [asdict(r) for r in per_seed[seed].values()]
     declared = protocol(seeds, control, quick)

@@ -86,6 +86,10 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
                          metrics={"test/exact_match": score + run.seed / 10, "test/pope/pope_accuracy": 0.5})
 
     monkeypatch.setattr(distill, "execute", scripted)
+    # a clean commit, so that each seed's result is kept for a rerun (a dirty checkout keeps nothing)
+    environment = distill.environment
+    monkeypatch.setattr(distill, "environment", lambda command: {**environment(command), "git_commit": "0" * 40,
+                                                                 "git_dirty": False})
     monkeypatch.chdir(root)
     again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
                   "--seeds", "0", "1", "--jobs", "1"])  # one process: the scripted runs are this process's
@@ -108,3 +112,11 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     assert stat["values"] == pytest.approx([0.4, 0.5]) and stat["mean"] == pytest.approx(0.45)
     assert stat["min"] == pytest.approx(0.4) and stat["max"] == pytest.approx(0.5)
     assert "mean over seeds 0, 1" in (again_out / "results.md").read_text()
+
+    # stopped before seed 1 finished: the same command runs seed 1 again and takes seed 0 from its directory
+    (again_out / "seed1" / "seed_result.json").unlink()
+    calls.clear()
+    resumed = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
+                    "--seeds", "0", "1", "--jobs", "1"])
+    assert [(name, seed) for name, seed, _, _ in calls] == [(n, 1) for n in students]
+    assert resumed["aggregate"] == again["aggregate"] and resumed["runs"] == again["runs"]
