@@ -3,11 +3,11 @@
     python -m lightning_moe.experiments.conflict --out runs/conflict [--quick] [--seeds 0 1 ...] [--jobs N]
         [--threads N] [--reuse EARLIER_OUT] [--steps N] [--rank R]
 
-From one dense base model (configs/mole/base.yaml: trained on the white-image domains, saved
-once under OUT/base and reused by every run and seed; `--reuse` takes it from an earlier output
-directory trained with the same base plan), first chooses the data's difficulty, the rank and the steps on
-val (`select_setting`, in OUT/selection/, with the selection seeds, apart from the reported ones: the first
-rung of the ladder `Plan.difficulties` x `Plan.candidates` that the rule `rejections` lets through, each
+From a dense base model per seed (configs/mole/base.yaml: trained on the white-image domains at the seed,
+saved under OUT/base/seed<N>/ and reused by every run of that seed, selection seeds included; `--reuse` takes it
+from an earlier output directory trained with the same base plan), first chooses the data's difficulty, the rank
+and the steps on val (`select_setting`, in OUT/selection/, with the selection seeds, apart from the reported ones:
+the first rung of the ladder `Plan.difficulties` x `Plan.candidates` that the rule `rejections` lets through, each
 difficulty's data generated once under OUT/data/ by `generate_shapes`; skipped when `--rank`/`--steps` are
 given), then trains every arm per seed on the chosen data, through the CLI's classes
 (`lightning_moe.cli.main` with the shipped configs plus a per-run config written to OUT/configs/):
@@ -105,8 +105,7 @@ class Plan:
     lr: float = 2e-3
     batch_size: int = 63  # of a mixture run: 21 samples per domain and step for the three domains
     eval_samples: int = 200  # test samples per domain (the whole shipped test split)
-    seed: int = 0  # of every adapter run (initialisation, sampling order, dropout)
-    base_seed: int = 0  # of the base model's training
+    seed: int = 0  # of the base model's training and of every adapter run (initialisation, sampling order, dropout)
     # the conflicting pair: the upper bound must learn each of them on val
     pair: list[str] = field(default_factory=lambda: ["position_lr", "position_tb"])
     # the ladder `select_setting` climbs on val: each difficulty of the data (easiest first; None: the shipped
@@ -138,7 +137,7 @@ class Plan:
         return max(1, self.batch_size * len(train_domains) // len(self.domains))
 
     def base_signature(self) -> dict[str, Any]:
-        signature = {"base_steps": self.base_steps, "batch_size": self.batch_size, "seed": self.base_seed}
+        signature = {"base_steps": self.base_steps, "batch_size": self.batch_size, "seed": self.seed}
         return signature | ({"train_samples": self.train_samples} if self.train_samples else {})
 
 
@@ -227,19 +226,29 @@ def _saved_base(base: Path, plan: Plan) -> tuple[Path, RunResult | None] | None:
     return model_dir, result if covered else None
 
 
-def train_base(plan: Plan, base: Path, out: Path, reuse: Path | None = None) -> tuple[Path, RunResult | None]:
-    """The dense base model: trained once per base plan, reused when `base` (or `reuse`, the base directory of
-    an earlier output) already holds it. It trains (and is tested) on the shipped data/shapes whatever the plan's
-    difficulty: a fixed pretrained model, which the ladder does not change (it varies the adapters' data)."""
-    for candidate in (base, reuse):
-        if candidate is not None and (saved := _saved_base(candidate, plan)) is not None:
+def base_directory(bases: Path, seed: int) -> Path:
+    """Where the base model of `seed` is kept under `bases` (OUT/base)."""
+    return bases / f"seed{seed}"
+
+
+def train_base(plan: Plan, bases: Path, reuse: Path | None = None) -> tuple[Path, RunResult | None]:
+    """The dense base model of `plan.seed`, trained at that seed in `base_directory(bases, plan.seed)` (its config
+    and log there too), reused when that directory (or the seed's under `reuse`, the base directory of an earlier
+    output) already holds it for this base plan. Each seed trains its own: a base trained once would hold every
+    seed's interval to one draw of it, which another float order (other torch threads) changes. It trains (and
+    is tested) on the shipped data/shapes whatever the plan's difficulty: a pretrained model, which the ladder
+    does not change (it varies the adapters' data)."""
+    base = base_directory(bases, plan.seed)
+    for candidate in (base, reuse and base_directory(reuse, plan.seed)):
+        if candidate and (saved := _saved_base(candidate, plan)) is not None:
             return saved
     plan = replace(plan, difficulty=None, data_root=None)  # a fixed pretrained model: the shipped data, any difficulty
     model_dir, signature_file = base / "model", base / "plan.json"
     callbacks = [save_pretrained_callback(model_dir)]
     # the base trains on the white-image domains only (configs/mole/base.yaml); it is tested on the plan's
-    run_config = _run_config(plan, out, "base", list(BASE_DOMAINS), plan.base_steps, callbacks, {}, plan.base_seed)
-    result = _fit_and_test("base.yaml", run_config, "base", "base model (no adapters)", list(BASE_DOMAINS), out, None)
+    run_config = _run_config(plan, base, "base", list(BASE_DOMAINS), plan.base_steps, callbacks, {}, plan.seed)
+    result = _fit_and_test("base.yaml", run_config, "base", "base model (no adapters)", list(BASE_DOMAINS), base,
+                           plan.seed)
     signature_file.write_text(json.dumps(plan.base_signature()))
     (base / "result.json").write_text(json.dumps(asdict(result)))
     return model_dir, result
@@ -358,10 +367,11 @@ def ladder(plan: Plan) -> list[dict[str, Any]]:
             for i, d in enumerate(plan.difficulties) for rank, steps in plan.candidates]
 
 
-def _selection_seed(at: Plan, base_model: Path, out: Path, seed: int) -> dict[str, dict[str, float]]:
-    """One selection seed at one rung (`at`): plain LoRA alone on each domain and on the mixture, scored on val:
-    {"alone": domain -> accuracy on it alone, "mixture": domain -> accuracy}. Module-level: `map_seeds` runs the
-    seeds in processes of their own."""
+def _selection_seed(at: Plan, bases: Path, reuse: Path | None, out: Path, seed: int) -> dict[str, dict[str, float]]:
+    """One selection seed at one rung (`at`): the seed's base (`train_base`: trained at the first rung, then
+    reused), plain LoRA alone on each domain and on the mixture, scored on val: {"alone": domain -> accuracy on
+    it alone, "mixture": domain -> accuracy}. Module-level: `map_seeds` runs the seeds in processes of their own."""
+    base_model, _ = train_base(replace(at, seed=seed), bases, reuse)
     lora = {"lora": {"r": at.rank, "alpha": 2.0 * at.rank}}
     level = at.difficulties.index(at.difficulty)
     entry: dict[str, dict[str, float]] = {"alone": {}, "mixture": {}}
@@ -377,9 +387,9 @@ def _selection_seed(at: Plan, base_model: Path, out: Path, seed: int) -> dict[st
     return entry
 
 
-def select_setting(plan: Plan, base_model: Path, out: Path,
+def select_setting(plan: Plan, bases: Path, out: Path,
                    measure: Callable[[Plan], dict[int, dict[str, dict[str, float]]]] | None = None,
-                   jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
+                   jobs: int = 1, threads: int | None = None, reuse: Path | None = None) -> dict[str, Any]:
     """The pre-registered choice of the data's difficulty, the rank and the steps, on val, with the plan's selection
     seeds (not the reported ones): the rungs of `ladder` in order (`protocol.select_first`); at each, the
     difficulty's data (`with_data`, generated under OUT/data/), then plain LoRA alone on each domain (at the
@@ -392,7 +402,8 @@ def select_setting(plan: Plan, base_model: Path, out: Path,
     data_dir = out.parent / "data"
 
     def train(at: Plan) -> dict[int, dict[str, dict[str, float]]]:
-        return map_seeds(functools.partial(_selection_seed, at, base_model, out), plan.selection_seeds, jobs, threads)
+        return map_seeds(functools.partial(_selection_seed, at, bases, reuse, out), plan.selection_seeds, jobs,
+                         threads)
 
     plans: dict[int, Plan] = {}  # the plan at each difficulty, its data generated once
     majorities: dict[int, dict[str, float]] = {}
@@ -416,12 +427,13 @@ def select_setting(plan: Plan, base_model: Path, out: Path,
             "majority_val": majorities[rung["level"]]}
 
 
-def run(out: Path, plan: Plan, base: Path | None = None, reuse: Path | None = None) -> tuple[dict[str, Any], str]:
-    """One seed (`plan.seed`) of the experiment in `out`: the base (trained in `base`, default OUT/base, unless
-    it or `reuse` holds one of this base plan), then every adapter run. Returns the summary and its table."""
+def run(out: Path, plan: Plan, bases: Path | None = None, reuse: Path | None = None) -> tuple[dict[str, Any], str]:
+    """One seed (`plan.seed`) of the experiment in `out`: the seed's base (`train_base` under `bases`, default
+    OUT/base, unless it or `reuse` holds one of this base plan), then every adapter run. Returns the summary and
+    its table."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    base_model, base_result = train_base(plan, base or out / "base", out, reuse)
+    base_model, base_result = train_base(plan, bases or out / "base", reuse)
     if base_result and plan.data_root:  # the base's own data, not the adapters'
         base_result = replace(base_result, label="base model (no adapters; trained and tested on the shipped data)")
     results: list[RunResult] = [base_result] if base_result else []
@@ -513,7 +525,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"every run takes {plan['steps']} steps, a mixture run of batch {plan['batch_size']}, a run on one domain "
         f"alone of batch {max(1, plan['batch_size'] // len(domains))} (the same samples per domain and the same "
         f"optimizer steps); lr {plan['lr']}; base model: "
-        f"{plan['base_steps']} dense steps on the white-image domains (seed {plan['base_seed']}).",
+        f"{plan['base_steps']} dense steps on the white-image domains (at the seed's own seed).",
         "",
         *lines,
         "",
@@ -729,8 +741,8 @@ def combined_markdown(combined: dict[str, Any], labels: dict[str, str], domains:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = experiment_parser(__doc__.split("\n\n")[0],
-                               reuse="an earlier output directory whose base model (DIR/base) is reused when it was "
-                               "trained with the same base plan")
+                               reuse="an earlier output directory whose base models (DIR/base/seed<N>) are reused "
+                               "when they were trained with the same base plan")
     parser.add_argument("--steps", type=int, default=None, help="training steps of each mixture run")
     parser.add_argument("--rank", type=int, default=None, help="LoRA / MoLE expert rank")
     return parser
@@ -775,8 +787,8 @@ def protocol(plan: Plan, seeds: list[int], chosen_by: str, selected: bool = True
                "plain LoRA on the mixture or the MoLE arm at ceiling or chance on test"])
 
 
-def _one_seed(plan: Plan, base: Path, reuse: Path | None, workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
-    return run(workdir, replace(plan, seed=seed), base, reuse)
+def _one_seed(plan: Plan, bases: Path, reuse: Path | None, workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
+    return run(workdir, replace(plan, seed=seed), bases, reuse)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -789,13 +801,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     reuse = args.reuse.resolve() / "base" if args.reuse else None
     given = {k: v for k, v in (("steps", args.steps), ("rank", args.rank)) if v is not None}
-    base_model, _ = train_base(plan, out / "base", out, reuse)  # once for the selection and every seed
     if given:  # the user's setting, on the shipped data: no selection, and the protocol says so
         plan = replace(plan, **given)
         chosen_by = "none: rank and steps given on the command line (not a pre-registered run)."
         settings: dict[str, Any] = {"difficulty": difficulty_words(None), "rank": plan.rank, "steps": plan.steps}
     else:
-        selection = select_setting(plan, base_model, out / "selection", jobs=args.jobs, threads=args.threads)
+        selection = select_setting(plan, out / "base", out / "selection", jobs=args.jobs, threads=args.threads,
+                                   reuse=reuse)
         plan = replace(selection["plan"], discriminating=selection["met"])
         chosen_by = ("the data's difficulty, the rank and the steps, by the ladder and the rule below, on val with the "
                      f"selection seeds ({', '.join(map(str, plan.selection_seeds))}), apart from the reported ones.")

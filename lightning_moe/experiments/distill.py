@@ -11,7 +11,9 @@ precision and yes-ratio), at the difficulty chosen on val (`select_difficulty`, 
 first rung of `LADDER` at which the teacher is off the ceiling and the undistilled student, in every
 selection seed, at least `SELECTION_GAP` below it; `rejections`):
 
-1. the teacher (trained once, in the selection, on the chosen rung's data) (`configs/mod/teacher.yaml`: a larger dense model, instruct stage);
+1. the teacher, per seed (`configs/mod/teacher.yaml`: a larger dense model, instruct stage), trained at the seed on
+   the chosen rung's data: a teacher trained once would hold every seed's interval to one draw of it, which another
+   float order changes (the selection's teachers only choose the rung);
 2. the student through `mimic_dense`, `mimic_sparse` and `preference` (`configs/mod/*.yaml`), at
    half the teacher's width (`STUDENT`: hidden 64, MLP 128 against 128 / 256), so that even with its
    experts it holds fewer parameters than the teacher;
@@ -34,10 +36,10 @@ Each run is tested on the test split (per-domain exact match from greedy generat
 accuracy / F1 / yes-ratio). Writes DIR/results.json, DIR/results.md (tables), the TensorBoard
 logs of every run under DIR/runs/mod/ and each run's console output under DIR/logs/. `--reuse`
 takes the teacher of an earlier output directory, and the difficulty it was chosen at, instead of
-choosing and training them. `--seeds 0 1 2` repeats the student runs (2-4) per seed,
-each in DIR/seed<N>/ (one teacher for all, trained at its config's seed under DIR/runs/mod/), and
-reports the mean and the range over the seeds; started again on the same clean commit, it takes each finished
-seed's student runs from DIR/seed<N>/seed_result.json (the selection and the teacher are trained again).
+choosing and training them (that one teacher, copied to every seed). `--seeds 0 1 2` repeats the runs (1-5) per
+seed, each in DIR/seed<N>/ (its teacher under DIR/seed<N>/runs/mod/), and reports the mean and the range over the
+seeds; started again on the same clean commit, it takes each finished seed's runs from DIR/seed<N>/seed_result.json
+(the selection is trained again).
 `--quick` is the smoke version (a few steps, few samples).
 """
 
@@ -183,13 +185,16 @@ def control_config(target: Path, steps: int) -> Path:
 
 
 def reuse_teacher(previous: Path, out: Path) -> RunResult:
-    """The teacher of an earlier run of this experiment: its model is copied, its results row is kept."""
-    source = previous / "runs" / "mod" / "teacher" / "model"
+    """The teacher of an earlier run of this experiment: its model is copied, its results row is kept. An earlier run
+    over several seeds trained one per seed: the first seed's is taken."""
     summary_file = previous / "results.json"
-    if not source.is_dir() or not summary_file.is_file():
-        raise FileNotFoundError(f"{previous} holds no finished run of this experiment ({source}, {summary_file})")
-    copy_teacher(previous, out)
+    if not summary_file.is_file():
+        raise FileNotFoundError(f"{previous} holds no finished run of this experiment ({summary_file})")
     row = next(r for r in json.loads(summary_file.read_text())["runs"] if r["name"] == "teacher")
+    holder = previous if (previous / "runs" / "mod" / "teacher" / "model").is_dir() else previous / f"seed{row['seed']}"
+    if not (holder / "runs" / "mod" / "teacher" / "model").is_dir():
+        raise FileNotFoundError(f"{previous}: no teacher model under runs/mod/teacher/model (nor under {holder})")
+    copy_teacher(holder, out)
     return RunResult.from_dict(row)
 
 
@@ -250,16 +255,27 @@ def student_runs(workdir: Path, seed: int, quick: bool, mimic_lm_weight: float |
     return results
 
 
-def _seed_runs(out: Path, quick: bool, mimic_lm_weight: float | None, control: bool, root: Path, workdir: Path,
-               seed: int) -> tuple[dict[str, dict[str, Any]], str]:
-    """One seed's student runs in `workdir` (`seed_directory`: `out` itself for a single seed, with everything
-    under it; several get out/seed<N>/, with the teacher copied beside them), as `map_kept_seeds` keeps them:
-    run name -> its row."""
-    if workdir != out:
+def seed_teacher(workdir: Path, seed: int, quick: bool, root: Path) -> RunResult:
+    """The teacher of one seed, trained and tested at the seed inside `workdir` (its model in
+    runs/mod/teacher/model, where the student configs find it)."""
+    quick_args = [*QUICK, *quick_data(False)] if quick else []
+    with working_directory(workdir):
+        return execute(Run("teacher", ["--config", str(config("teacher")), *NO_VALIDATION, *quick_args,
+                                       *seed_overrides(seed), *data_overrides(root)], seed=seed), workdir)
+
+
+def _seed_runs(out: Path, quick: bool, mimic_lm_weight: float | None, control: bool, root: Path, shared_teacher: bool,
+               workdir: Path, seed: int) -> tuple[dict[str, dict[str, Any]], str]:
+    """One seed's runs in `workdir` (`seed_directory`: `out` itself for a single seed, with everything under it;
+    several get out/seed<N>/): its teacher (`seed_teacher`; `shared_teacher`: the one in `out`, copied beside the
+    students), then the student runs, as `map_kept_seeds` keeps them: run name -> its row."""
+    if shared_teacher and workdir != out:
         copy_teacher(out, workdir)
-    bar = progress(STUDENT_RUNS + control, f"distill runs, seed {seed}")
+    bar = progress(STUDENT_RUNS + control + (not shared_teacher), f"distill runs, seed {seed}")
     try:
-        runs = student_runs(workdir, seed, quick, mimic_lm_weight, control, root, bar)
+        runs = {} if shared_teacher else {"teacher": seed_teacher(workdir, seed, quick, root)}
+        bar.update(len(runs))
+        runs |= student_runs(workdir, seed, quick, mimic_lm_weight, control, root, bar)
     finally:
         bar.close()
     return {name: asdict(result) for name, result in runs.items()}, ""
@@ -272,9 +288,9 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
         seeds: list[int] | None = None, control: bool = True, command: str | None = None, jobs: int = 1,
         threads: int | None = None) -> dict:
     """All runs (module docstring); `mimic_lm_weight` overrides the mimic stages' `mimic.lm_weight`,
-    `teacher_from` reuses the teacher of an earlier output directory instead of training one, `seeds`
-    repeats every student run per seed (one teacher for all; `jobs` seeds at a time in processes of their
-    own, `threads` torch threads each), `control` adds the extra-steps control."""
+    `teacher_from` reuses the teacher of an earlier output directory for every seed instead of training one per
+    seed, `seeds` repeats the runs per seed (`jobs` seeds at a time in processes of their own, `threads` torch
+    threads each), `control` adds the extra-steps control."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds) if seeds else [0]
@@ -291,7 +307,8 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
     env = environment(command)  # command, date, torch threads, versions, git commit: when the run starts
     start = time.perf_counter()
     sizes = QUICK_DATA_SIZES if quick else DATA_SIZES
-    if teacher_from is not None:  # the earlier output's teacher, at the difficulty it was chosen at
+    shared_teacher = teacher_from is not None
+    if shared_teacher:  # the earlier output's teacher, at the difficulty it was chosen at
         teacher = reuse_teacher(teacher_from, out)
         settings = json.loads((teacher_from / "results.json").read_text())["protocol"]["settings"]
         if "shapes" not in settings:
@@ -301,14 +318,13 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
         selection = select_difficulty(out, quick, LADDER[:1] if quick else LADDER, sizes,
                                       SELECTION_SEEDS[:1] if quick else SELECTION_SEEDS)
         chosen = selection["chosen"]
-        copy_teacher(out / "selection" / f"d{chosen['level']}", out)
-        teacher = selection["teachers"][chosen["level"]]
         settings = {"difficulty": chosen["setting"], "shapes": chosen["difficulty"], "met": selection["met"],
                     "ladder": selection["tried"]}
     root = generated(out, settings["shapes"], sizes)
-    rows = [{**asdict(teacher), "seed": None}]
+    rows = [{**asdict(teacher), "seed": None}] if shared_teacher else []
     # a seed finished by an earlier run of this command on this clean commit is taken from its directory
-    kept = map_kept_seeds(out, seeds, functools.partial(_seed_runs, out, quick, mimic_lm_weight, control, root),
+    kept = map_kept_seeds(out, seeds, functools.partial(_seed_runs, out, quick, mimic_lm_weight, control, root,
+                                                        shared_teacher),
                           resume_key(env, threads), jobs, threads)
     per_seed = {seed: {name: RunResult.from_dict(row) for name, row in kept[seed][0].items()} for seed in seeds}
     for seed in seeds:
@@ -324,7 +340,7 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
         "data_root": str(root),
         "majority_answer": majority_answer(root, QUICK_DOMAINS if quick else DOMAINS),
         "wall_s": time.perf_counter() - start,
-        "runs": rows,  # the teacher (seed None: its config's seed), then every student run of every seed
+        "runs": rows,  # every run of every seed (first a reused teacher, seed None: the one every seed shares)
         "aggregate": aggregate(per_seed),
     }
     summary |= verdicts(summary)
@@ -388,8 +404,8 @@ def rejections(scores: dict[str, Any]) -> list[str]:
 def select_difficulty(out: Path, quick: bool, ladder: tuple[dict[str, Any], ...], sizes: dict[str, int],
                       seeds: list[int]) -> dict[str, Any]:
     """The data's difficulty, chosen on val (`protocol.select_first` over `ladder`, easiest first): at each rung its
-    set (`generated`), the teacher (trained in OUT/selection/d<i>/ at its config's seed, validated at its end and
-    tested: the reported teacher when the rung is chosen) and the undistilled student in every selection seed; the
+    set (`generated`), a teacher (trained in OUT/selection/d<i>/ at its config's seed, validated at its end; it
+    only chooses the rung, the reported seeds train their own) and the undistilled student in every selection seed; the
     first rung `rejections` lets through is chosen, else the last. Returns `select_first`'s answer with the
     teachers' rows by rung ("teachers")."""
     teachers: dict[int, RunResult] = {}
@@ -427,7 +443,8 @@ def protocol(seeds: list[int], control: bool, quick: bool = False) -> Protocol:
         seeds=list(seeds), selection_split="val", reported_split="test",
         selection="the data's difficulty, by the ladder and the rule below, on val with the selection seeds ("
                   + ", ".join(map(str, SELECTION_SEEDS[:1] if quick else SELECTION_SEEDS)) + "); every other setting "
-                  "is configs/mod/*.yaml's, the students at half the teacher's width; the baseline, the control and the "
+                  "is configs/mod/*.yaml's, the students at half the teacher's width, each seed with its own teacher "
+                  "(trained at the seed); the baseline, the control and the "
                   "dense student of the active size take their step counts from the distilled runs (equal steps)"
                   + ("" if control else "; the control is off (--no-control)") + ".",
         difficulties=[setting_words(shapes, "data/shapes") for shapes in (LADDER[:1] if quick else LADDER)],
@@ -437,7 +454,7 @@ def protocol(seeds: list[int], control: bool, quick: bool = False) -> Protocol:
         comparisons=[Comparison(a, b, MARGIN, claim) for a, b, claim in COMPARISONS
                      if control or b != "control"],
         gates=[NO_DISCRIMINATING_SETTING,
-               "the teacher (one run) less than the margin above the undistilled student's mean (nothing to distil)",
+               "the teacher's mean less than the margin above the undistilled student's (nothing to distil)",
                "the distilled or the undistilled student at ceiling or chance"],
         verdict_rule="each comparison on its own; the POPE scores are reported beside them (no verdict).")
 
@@ -459,7 +476,8 @@ def verdicts(summary: dict) -> dict[str, Any]:
     """The comparisons (`COMPARISONS`) over the seeds, each a paired difference on the primary metric with its
     95 % interval and `statistics.decide`'s verdict against MARGIN, with the gates."""
     values = {name: metrics[PRIMARY]["values"] for name, metrics in summary["aggregate"].items() if PRIMARY in metrics}
-    teacher = next(r for r in summary["runs"] if r["name"] == "teacher")["metrics"].get(PRIMARY)
+    teacher_stat = _stat(summary, "teacher", PRIMARY)
+    teacher = None if teacher_stat is None else teacher_stat["mean"]
     failed = []
     if summary.get("protocol", {}).get("settings", {}).get("met") is False:
         failed.append(NO_DISCRIMINATING_SETTING)
@@ -511,8 +529,8 @@ POPE_LABELS = {"accuracy": "accuracy", "f1": "F1", "yes_ratio": "yes-ratio"}
 
 
 def _stat(summary: dict, name: str, key: str) -> dict[str, float] | None:
-    """{mean, min, max, values} of a test metric of a student run over the seeds (the teacher: its one value)."""
-    if name == "teacher":
+    """{mean, min, max, values} of a test metric of a run over the seeds (a reused teacher: its one value)."""
+    if name == "teacher" and name not in summary["aggregate"]:
         value = next(r for r in summary["runs"] if r["name"] == "teacher")["metrics"].get(key)
         return None if value is None else {"mean": value, "min": value, "max": value, "values": [value]}
     return summary["aggregate"].get(name, {}).get(key)
@@ -550,7 +568,7 @@ def verdict_lines(summary: dict) -> list[str]:
 
 def results_markdown(summary: dict) -> str:
     seeds = summary.get("seeds", [0])
-    names = ["teacher", *summary["aggregate"]]
+    names = list(dict.fromkeys(["teacher", *summary["aggregate"]]))
     header = ["model", *DOMAINS, "mean", "POPE acc", "POPE F1", "yes-ratio", "co-occurrence precision",
               "co-occurrence yes-ratio", "activated params", "total params"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
@@ -569,7 +587,8 @@ def results_markdown(summary: dict) -> str:
                            f"{_cell(run['step_time_s'])} | {_cell(run['peak_memory_mb'], '{:.0f}')} | "
                            f"{run['memory_kind']} | {run['wall_s']:.0f} |")
     spread = ("" if len(seeds) == 1 else
-              f" Student rows: mean over seeds {', '.join(map(str, seeds))} (min-max in brackets); the teacher is one run.")
+              f" Rows: mean over seeds {', '.join(map(str, seeds))} (min-max in brackets)"
+              + ("; the teacher is one run, reused." if "teacher" not in summary["aggregate"] else "."))
     return "\n".join([
         # the command, date and commit are in the footer (`write_results`) and in the report's stamp
         f"# Does the distilled sparse student beat its controls? ({summary['wall_s'] / 60:.1f} min of wall time)",
@@ -592,8 +611,8 @@ def results_markdown(summary: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = experiment_parser(__doc__.split("\n\n")[0],
-                               reuse="an earlier output directory of this experiment whose teacher is reused "
-                               "(copied, its results row kept) instead of training one")
+                               reuse="an earlier output directory of this experiment whose teacher is reused by "
+                               "every seed (copied, its results row kept) instead of training one per seed")
     parser.add_argument("--teacher-from", dest="reuse", type=Path, help="the former name of --reuse")
     parser.add_argument("--mimic-lm-weight", type=float, default=None,
                         help="add the student's own LM loss with this weight in the mimic stages (kd_lm)")

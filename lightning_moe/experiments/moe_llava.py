@@ -6,12 +6,13 @@
 Through the CLI's classes (`lightning_moe.cli.main` with the shipped configs/moe_llava/ files plus a per-run
 config written to OUT/configs/):
 
-1. the starting point, trained once (seed `Plan.base_seed`, in OUT/base) and shared by every seed and arm, as the
-   unimoe experiment shares its stage 1: stage 1 (stage1_align.yaml: the connector), then stage 2
+1. per seed, the seed's starting point, trained at the seed in its directory's base/ (a starting point trained
+   once would hold the intervals over seeds to one draw of it, which another float order changes): stage 1
+   (stage1_align.yaml: the connector), then stage 2
    (stage2_instruct.yaml: the LLM and the connector); and that instruction-tuned model widened (`widen_mlps`) to
    as many parameters as the top-2 MoE holds (`same_total_width`, computed from the models): every decoder layer's
    MLP gets new neurons whose output weights are zero, so the widened model computes exactly what it did;
-2. per seed, four arms from that starting point, each for `Plan.steps` steps of the same batches (the same
+2. per seed, four arms from the seed's starting point, each for `Plan.steps` steps of the same batches (the same
    samples per domain), each training its feed-forward blocks and the connector:
    - `dense`: the instruction-tuned model with its MLPs trainable (`trainable: [mlp, connector]`);
    - `moe_top1`: stage 3 (stage3_moe.yaml) with top-1 routing: every other MLP upcycled into E copies, one of
@@ -70,7 +71,7 @@ ARMS = ("dense", "moe_top1", "moe_top2", "dense_wide")
 BASE_RUNS = ("align", "instruct")
 LABELS = {"dense": "dense (MLPs trained)", "moe_top1": "MoE top-1 (equal activated)",
           "moe_top2": "MoE top-2 (MoE-LLaVA)", "dense_wide": "dense, wide (equal total to MoE top-2)",
-          "align": "stage 1 (shared)", "instruct": "stage 2 (shared starting point)"}
+          "align": "stage 1", "instruct": "stage 2 (the seed's starting point)"}
 # non-inferiority on the primary metric: 2 points of the mean accuracy over the domains (200 test samples each)
 MARGIN = 0.02
 POPE_MARGIN = 0.02  # hallucination: 2 points of POPE F1 / of the yes-ratio's distance to the answer key's
@@ -84,14 +85,13 @@ class Plan:
     batch_size: int = 64
     eval_samples: int = 200  # test samples per domain
     seed: int = 0
-    base_seed: int = 0  # of stages 1 and 2 and the widening
     train_samples: int | None = None  # the first N train samples of each domain (None: all)
     curve_points: int = 4  # validations of each arm while training (its learning curve), the last at its end
     pope: str = "pope_cooccur"  # the domain POPE metrics come from: POPE_DOMAINS
 
     def base_signature(self) -> dict[str, Any]:
         signature = {"align_steps": self.align_steps, "instruct_steps": self.instruct_steps,
-                     "batch_size": self.batch_size, "eval_samples": self.eval_samples, "seed": self.base_seed,
+                     "batch_size": self.batch_size, "eval_samples": self.eval_samples, "seed": self.seed,
                      "pope": self.pope}
         return signature | ({"train_samples": self.train_samples} if self.train_samples else {})
 
@@ -130,7 +130,7 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
                  "less on POPE?",
         seeds=list(seeds), selection_split="none", reported_split="test",
         selection="none in this experiment: every setting is configs/moe_llava/*.yaml's; stages 1 and 2 are trained "
-                  f"once (seed {plan.base_seed}) and every arm starts from their output (dense_wide from it widened "
+                  f"per seed, at the seed, and that seed's arms start from their output (dense_wide from it widened "
                   f"without changing what it computes) and trains for {plan.steps} steps of the same batches. POPE "
                   f"from the `{plan.pope}` domain.",
         primary="mean test exact match over the domains",
@@ -261,7 +261,7 @@ def _run(shipped: str, config: Path, name: str, out: Path, seed: int) -> RunResu
 
 
 def train_base(plan: Plan, base: Path, root: Path) -> tuple[dict[str, RunResult], dict[str, int]]:
-    """Stages 1 and 2 and the widened stage-2 model, made once in `base` with `plan.base_seed` and reused when
+    """Stages 1 and 2 and the widened stage-2 model, made in `base` with `plan.seed` and reused when
     `base` already holds them for this plan's settings. Returns the two runs and the widths (`write_wide_model`)."""
     saved, signature = base / "results.json", plan.base_signature()
     if saved.is_file():
@@ -270,19 +270,19 @@ def train_base(plan: Plan, base: Path, root: Path) -> tuple[dict[str, RunResult]
             return {n: RunResult.from_dict(r) for n, r in stored["runs"].items()}, stored["widths"]
     models = base / "models"
     results = {
-        "align": _run("stage1_align.yaml", _config(plan, base, root, "align", plan.align_steps, {}, plan.base_seed,
-                                                   save=models / "align"), "align", base, plan.base_seed)}
+        "align": _run("stage1_align.yaml", _config(plan, base, root, "align", plan.align_steps, {}, plan.seed,
+                                                   save=models / "align"), "align", base, plan.seed)}
     config = _config(plan, base, root, "instruct", plan.instruct_steps,
-                     {"backbone": {"pretrained": str(models / "align")}}, plan.base_seed, save=models / "instruct")
-    results["instruct"] = _run("stage2_instruct.yaml", config, "instruct", base, plan.base_seed)
-    widths = write_wide_model(models / "instruct", models / "instruct_wide", plan.base_seed)
+                     {"backbone": {"pretrained": str(models / "align")}}, plan.seed, save=models / "instruct")
+    results["instruct"] = _run("stage2_instruct.yaml", config, "instruct", base, plan.seed)
+    widths = write_wide_model(models / "instruct", models / "instruct_wide", plan.seed)
     saved.write_text(json.dumps({"plan": signature, "runs": {n: asdict(r) for n, r in results.items()},
                                  "widths": widths}, indent=2))
     return results, widths
 
 
 def arms(base: Path) -> dict[str, tuple[str, dict[str, Any]]]:
-    """arm -> (the shipped config it starts from, its model overrides): every arm from the shared starting point,
+    """arm -> (the shipped config it starts from, its model overrides): every arm from the seed's starting point,
     training its feed-forward blocks and the connector (the vision tower frozen, as in stage 3)."""
     instruct, wide = str(base / "models" / "instruct"), str(base / "models" / "instruct_wide")
     dense = {"trainable": ["mlp", "connector"], "train_vision_tower": False}
@@ -292,12 +292,12 @@ def arms(base: Path) -> dict[str, tuple[str, dict[str, Any]]]:
             "dense_wide": ("stage2_instruct.yaml", {"backbone": {"pretrained": wide}, **dense})}
 
 
-def run(out: Path, plan: Plan, base: Path, root: Path, shared: dict[str, RunResult],
-        widths: dict[str, int]) -> tuple[dict[str, Any], str]:
-    """One seed: the four arms from the shared starting point in `base`."""
+def run(out: Path, plan: Plan, root: Path) -> tuple[dict[str, Any], str]:
+    """One seed (`plan.seed`) in `out`: its starting point in OUT/base (`train_base`), then the four arms from it."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, RunResult] = dict(shared)
+    base = out / "base"
+    results, widths = train_base(plan, base, root)
     bar = progress(len(ARMS), f"moe_llava arms, seed {plan.seed}")
     for arm, (shipped, model) in arms(base).items():
         config = _config(plan, out, root, arm, plan.steps, model, plan.seed, curve=True)
@@ -433,7 +433,7 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         "## MoE-LLaVA: sparse against dense at equal activated and equal total parameters", "",
         f"Test exact match (%) per domain ({plan.eval_samples} samples each) and POPE (`{plan.pope}`; the answer key "
         f"says yes to {100 * summaries[0]['yes_share']:.0f}%), mean (min-max) over {len(summaries)} seed(s); stage 1: "
-        f"{plan.align_steps} steps, stage 2: {plan.instruct_steps} steps (seed {plan.base_seed}, shared); each arm: "
+        f"{plan.align_steps} steps, stage 2: {plan.instruct_steps} steps (per seed); each arm: "
         f"{plan.steps} steps of batch {plan.batch_size} from stage 2's model. Parameters counted on each trained model "
         f"(activated: a top-k of E experts counts k/E); the wide dense model's MLPs have {widths['wide_width']} "
         f"neurons (stage 2's: {widths['width']}), the width whose total is nearest the top-2 MoE's.", "",
@@ -460,15 +460,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = replace(QUICK if args.quick else Plan(), pope=args.pope)
     out = args.out.resolve()
     root = data_root(plan, out)
-    shared, widths = train_base(plan, out / "base", root)
     command = command_line("lightning_moe.experiments.moe_llava", argv)
-    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, out / "base", root, shared, widths), command,
+    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, root), command,
                      protocol(args.seeds, plan), combine, jobs=args.jobs, threads=args.threads)
 
 
-def _one_seed(plan: Plan, base: Path, root: Path, shared: dict[str, RunResult], widths: dict[str, int], workdir: Path,
-              seed: int) -> tuple[dict[str, Any], str]:
-    return run(workdir, replace(plan, seed=seed), base, root, shared, widths)
+def _one_seed(plan: Plan, root: Path, workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
+    return run(workdir, replace(plan, seed=seed), root)
 
 
 if __name__ == "__main__":

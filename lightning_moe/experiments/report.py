@@ -183,9 +183,11 @@ def continual_figures(results: dict[str, Any], figures: Path) -> list[tuple[str,
 def distill_figures(results: dict[str, Any], figures: Path) -> list[tuple[str, Path]]:
     from .distill import DOMAINS, ROW_NAMES
 
-    teacher = next(r for r in results["runs"] if r["name"] == "teacher")["metrics"]
-    stats = {"teacher": {d: seed_stat([teacher[f"test/{d}/exact_match"]]) for d in DOMAINS
-                         if f"test/{d}/exact_match" in teacher}}
+    stats = {}
+    if "teacher" not in results["aggregate"]:  # one teacher for every seed (reused): its single run
+        teacher = next(r for r in results["runs"] if r["name"] == "teacher")["metrics"]
+        stats["teacher"] = {d: seed_stat([teacher[f"test/{d}/exact_match"]]) for d in DOMAINS
+                            if f"test/{d}/exact_match" in teacher}
     for name, metrics in results["aggregate"].items():
         stats[ROW_NAMES.get(name, name).replace("*", "")] = {d: metrics[f"test/{d}/exact_match"] for d in DOMAINS
                                                             if f"test/{d}/exact_match" in metrics}

@@ -7,16 +7,19 @@ config written to OUT/configs/):
 
 1. stage 1 (configs/unimoe/align.yaml) on the audio, video and cross-modal mixture, with video frames kept
    in order (`concat`, the shipped default), and at the chosen difficulty also averaged (`mean`, the
-   reference): the video pooling comparison (`motion` needs frame order). Stage 1 is the common starting
-   point of every arm, so it is trained once (seed `Plan.base_seed`, in OUT/base/stage1-<settings>/, reused by
-   a later run with the same settings) and shared by every seed, as the conflict experiment shares its base
-   model. The data's difficulty is chosen on val by it (`select_difficulty`): the rungs of
+   reference): the video pooling comparison (`motion` needs frame order), at the selection seed
+   (`Plan.selection_seed`). The data's difficulty is chosen on val by that seed's stage 1 (`select_difficulty`):
+   the rungs of
    `Plan.difficulties` in order (the shipped data/media, then `MediaDifficulty` settings generated under
    OUT/data/ by `generate_media`), stage 1 trained at each, the first at which stage 1 is not already at
    ceiling on most domains (`rejections`) is used;
-2. per seed, stage 2: one run per modality from the `concat` stage-1 output (experts.yaml,
+2. per seed, stage 1 with video `concat` at the chosen difficulty, trained at the seed: the seed's starting
+   point, where all its arms start (a starting point trained once would hold every seed's interval to one draw
+   of it, which another float order changes); each stage-1 run lives in OUT/base/stage1-<settings>/ (the seed
+   among them), reused by a later run with the same settings (the selection seed's by that seed);
+3. per seed, stage 2: one run per modality from the `concat` stage-1 output (experts.yaml,
    experts_video.yaml, experts_image.yaml);
-3. per seed, at equal steps on the mixture, from the same stage-1 output:
+4. per seed, at equal steps on the mixture, from the seed's stage-1 output:
    - Uni-MoE: stage 3 (moe.yaml), each expert from its modality's stage-2 FFN (+ the dense FFN);
    - copies: the same MoE recipe with every expert a copy of the stage-1 FFN (MoE-LLaVA's upcycling);
    - dense: the same LoRA (r=8, alpha=16 on attention and the MLP projections) without experts;
@@ -48,7 +51,7 @@ from ..data.synthetic_media import MediaDifficulty, generate_media
 from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, execute, experiment_parser, final_val, majority_answers, parse_args,
                progress, run_seeds, save_pretrained_callback, validation_schedule, write_run_config)
-from .protocol import NO_DISCRIMINATING_SETTING, Comparison, Protocol, select_first, setting_words
+from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference, seed_stat, spread
 
 DATA_ROOT = "data/media"
@@ -59,8 +62,8 @@ BASE_RUNS = ("align_concat", "align_mean")
 LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies of one FFN",
           "dense": "dense + LoRA (no experts)",
           "single_stage": "one stage: the MoE recipe from stage 1, experts + router + LoRA (equal steps)",
-          "align_concat": "stage 1, video concat (shared)",
-          "align_mean": "stage 1, video mean (shared)"}
+          "align_concat": "stage 1, video concat (the seed's own: its arms' start)",
+          "align_mean": "stage 1, video mean (the selection seed's)"}
 # the primary comparisons' margin: 2 points of the mean accuracy over 6 domains x 200 test samples
 MARGIN = 0.02
 CEILING = 0.99  # a domain at 99 % val exact match or more leaves the later stages nothing to show on it
@@ -68,15 +71,16 @@ CEILING = 0.99  # a domain at 99 % val exact match or more leaves the later stag
 
 @dataclass
 class Plan:
-    # stage 1, each pooling (trained once, shared by the seeds): 600 steps of 64 learn every audio and video
-    # domain of the shipped mixture; 300 learn none of the video ones (measured, 2 December 2026)
+    # stage 1: 600 steps of 64 learn every audio and video domain of the shipped mixture; 300 learn none of the
+    # video ones (measured, 2 December 2026)
     align_steps: int = 600
     expert_steps: int = 80  # stage 2, per modality
     steps: int = 160  # every stage-3 arm
     batch_size: int = 64
     eval_samples: int = 200  # test samples per domain
-    seed: int = 0
-    base_seed: int = 0  # of stage 1
+    seed: int = 0  # of stage 1 and of every later run of the seed
+    # of the stage-1 runs the difficulty selection and the pooling comparison read (apart from the reported seeds)
+    selection_seed: int = SELECTION_SEEDS[0]
     train_samples: int | None = None  # the first N train samples of each domain (None: all)
     curve_points: int = 4  # validations of each stage-3 arm while training (its learning curve), the last at its end
     # the ladder `select_difficulty` climbs on val (easiest first): None the shipped data/media, else
@@ -93,7 +97,7 @@ class Plan:
 
     def base_signature(self) -> dict[str, Any]:
         signature = {"align_steps": self.align_steps, "batch_size": self.batch_size, "eval_samples": self.eval_samples,
-                     "seed": self.base_seed}
+                     "seed": self.seed}
         if self.difficulty is not None:  # generated data (None: the shipped data/media)
             signature["data"] = {"difficulty": self.difficulty, "seed": self.data_seed, "train": self.data_train,
                                  "eval": self.data_eval, "pools": self.data_pools}
@@ -135,15 +139,15 @@ def rejections(val: dict[str, float]) -> list[str]:
 def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
     """The data's difficulty, chosen on val (`protocol.select_first` over `plan.difficulties`, easiest first): at each
     rung its data (`with_data`, under OUT/data/) and stage 1 with video `concat` trained on it (`train_stage1`,
-    under OUT/base/); the first rung `rejections` lets through, else the last, where stage 1 with video `mean` is
-    trained too. Stage 1 is one run (seed `plan.base_seed`), so the rule reads that run. Returns {"plan": the plan
-    at the chosen rung, "stage1": its stage-1 rows, "base": their directory, the stage 1 every arm starts from,
-    "met", "tried"}."""
+    under OUT/base/), at the selection seed; the first rung `rejections` lets through, else the last, where stage 1
+    with video `mean` is trained too. Returns {"plan": the plan at the chosen rung, "stage1": the selection seed's
+    stage-1 rows there, "met", "tried"}."""
     plans: dict[int, Plan] = {}
     stage1: dict[int, dict[str, RunResult]] = {}
+    at_seed = replace(plan, seed=plan.selection_seed)
 
     def measure(rung: dict[str, Any]) -> dict[str, float]:
-        plans[rung["level"]] = with_data(plan, rung["difficulty"], out / "data")
+        plans[rung["level"]] = with_data(at_seed, rung["difficulty"], out / "data")
         stage1[rung["level"]] = train_stage1(plans[rung["level"]], out / "base", ("concat",))
         val = final_val(stage1[rung["level"]]["align_concat"], list(DOMAINS))
         if val is None:
@@ -155,11 +159,12 @@ def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
                           lambda rung, val: rejections(val))
     level = chosen["chosen"]["level"]
     stage1[level] |= train_stage1(plans[level], out / "base", ("mean",))  # the pooling comparison's other arm
-    return {"plan": replace(plans[level], discriminating=chosen["met"]), "stage1": stage1[level],
-            "base": stage1_directory(plans[level], out / "base"), "met": chosen["met"], "tried": chosen["tried"]}
+    return {"plan": replace(plans[level], seed=plan.seed, discriminating=chosen["met"]), "stage1": stage1[level],
+            "met": chosen["met"], "tried": chosen["tried"]}
 
 
-SELECTION_RULE = (f"the first rung at which stage 1 (video concat, the arms' start; one shared run) is at ceiling "
+SELECTION_RULE = (f"the first rung at which stage 1 (video concat, the arms' start; the selection seed's run) is at "
+                  f"ceiling "
                   f"(>= {100 * CEILING:.0f} % val exact match) on at most half of the domains, so that the later stages "
                   "have something to show on most of them")
 
@@ -171,9 +176,10 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
                  "the progressive training after alignment (stage 2's dense FFN per modality, then stage 3) beat "
                  "training the MoE in one stage from the aligned model at equal steps?",
         seeds=list(seeds), selection_split="val", reported_split="test",
-        selection="the data's difficulty, by the ladder and the rule below, on val; every other setting is "
-                  f"configs/unimoe/*.yaml's (stage 1 shared, seed {plan.base_seed}); the arms train for the same steps "
-                  "from the same stage-1 model.",
+        selection=f"the data's difficulty, by the ladder and the rule below, on val with selection seed "
+                  f"{plan.selection_seed}; every other setting is "
+                  f"configs/unimoe/*.yaml's; stage 1 is trained per seed, at the seed, and that seed's arms train "
+                  "for the same steps from it.",
         difficulties=[difficulty_words(d) for d in plan.difficulties],
         difficulty_rule=SELECTION_RULE,
         primary="mean test exact match over the domains",
@@ -220,8 +226,8 @@ def stage1_directory(plan: Plan, base: Path) -> Path:
 
 
 def train_stage1(plan: Plan, base: Path, poolings: tuple[str, ...] = ("concat", "mean")) -> dict[str, RunResult]:
-    """The stage-1 runs with these video poolings, each trained once with `plan.base_seed` in `stage1_directory`
-    and reused when it already holds the run."""
+    """The stage-1 runs with these video poolings, each trained with `plan.seed` in `stage1_directory` and reused
+    when it already holds the run."""
     directory, signature = stage1_directory(plan, base), plan.base_signature()
     saved = directory / "results.json"
     stored = json.loads(saved.read_text())["runs"] if saved.is_file() else {}
@@ -234,21 +240,22 @@ def train_stage1(plan: Plan, base: Path, poolings: tuple[str, ...] = ("concat", 
         if name not in stored:
             backbone = {"encoders": {**encoders, "video": {**encoders["video"], "pooling": pooling}}}
             config = _config(plan, directory, name, plan.align_steps, {"backbone": backbone},
-                             [save_pretrained_callback(directory / "models" / name)], plan.base_seed, validations=1)
-            stored[name] = asdict(_run("unimoe/align.yaml", config, name, directory, plan.base_seed))
+                             [save_pretrained_callback(directory / "models" / name)], plan.seed, validations=1)
+            stored[name] = asdict(_run("unimoe/align.yaml", config, name, directory, plan.seed))
             saved.write_text(json.dumps({"plan": signature, "runs": stored}, indent=2))
         results[name] = RunResult.from_dict(stored[name])
     return results
 
 
-def run(out: Path, plan: Plan, base: Path, stage1: dict[str, RunResult]) -> tuple[dict[str, Any], str]:
-    """One seed: the stage-2 runs and the stage-3 arms from the shared stage-1 model in `base` (`stage1_directory`)."""
+def run(out: Path, plan: Plan, bases: Path, pooling: dict[str, RunResult]) -> tuple[dict[str, Any], str]:
+    """One seed (`plan.seed`) in `out`: its stage 1 (`train_stage1` under `bases`, OUT/base), the stage-2 runs and
+    the stage-3 arms from it; `pooling`: the selection seed's stage 1 with video mean, its row in the tables."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
-    results: dict[str, RunResult] = dict(stage1)
+    results: dict[str, RunResult] = train_stage1(plan, bases, ("concat",)) | {"align_mean": pooling["align_mean"]}
     bar = progress(7, f"unimoe runs, seed {plan.seed}")
-    start_model = str(base / "models" / "align_concat")
+    start_model = str(stage1_directory(plan, bases) / "models" / "align_concat")
     for modality, shipped in (("audio", "experts.yaml"), ("video", "experts_video.yaml"), ("image", "experts_image.yaml")):
         name = f"experts_{modality}"
         config = _config(plan, out, name, plan.expert_steps, {"backbone": {"pretrained": start_model}},
@@ -385,8 +392,8 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     text = "\n".join([
         "## Uni-MoE: do modality-specific experts help?", "",
         f"Test exact match (%) per domain ({plan['eval_samples']} samples each), mean (min-max) over "
-        f"{len(summaries)} seed(s); stage 1: {plan['align_steps']} steps of batch {plan['batch_size']} (seed "
-        f"{plan['base_seed']}, shared); stage 2: {plan['expert_steps']} steps per modality; each stage-3 arm: "
+        f"{len(summaries)} seed(s); stage 1: {plan['align_steps']} steps of batch {plan['batch_size']} (per "
+        f"seed); stage 2: {plan['expert_steps']} steps per modality; each stage-3 arm: "
         f"{plan['steps']} steps of batch {plan['batch_size']}.", "",
         *lines, "",
         *[f"- {BASELINES[arm]}? Uni-MoE minus {arm} (mean accuracy) {interval_words(diffs[arm], 100, ' points')}; "
@@ -402,9 +409,10 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         *(["The same for the copies arm (its experts start identical, so any split is learnt by the router):", "",
            *routing_table(routing["copies"], [f"copy {e}" for e in range(4)])] if routing["copies"] else []),
         "### Video pooling", "",
-        f"`motion` (needs frame order) after stage 1 with concat {spread(per['align_concat'].get('motion'), 100, 1)}, "
-        f"with mean {spread(per['align_mean'].get('motion'), 100, 1)} (chance 50; one shared stage-1 run each); "
-        f"`frames` with concat {spread(per['align_concat'].get('frames'), 100, 1)}, with mean "
+        f"`motion` (needs frame order) after stage 1 with concat {spread(per['align_concat'].get('motion'), 100, 1)} "
+        f"(over the seeds), with mean {spread(per['align_mean'].get('motion'), 100, 1)} (chance 50; one run, the "
+        f"selection seed's, {plan.get('selection_seed', 0)}); `frames` with concat "
+        f"{spread(per['align_concat'].get('frames'), 100, 1)}, with mean "
         f"{spread(per['align_mean'].get('frames'), 100, 1)} (chance 25).", "",
     ])
     return result, text
@@ -422,16 +430,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = command_line("lightning_moe.experiments.unimoe", argv)
     declared = protocol(args.seeds, plan)
     selection = select_difficulty(plan, out)
-    plan, stage1, base = selection["plan"], selection["stage1"], selection["base"]
+    plan, stage1 = selection["plan"], selection["stage1"]
     declared.settings = {"difficulty": difficulty_words(plan.difficulty),
                          "met": selection["met"] or f"NO rung met the rule ({NO_DISCRIMINATING_SETTING}): the last one "
                          "is used", "ladder": selection["tried"]}
-    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, base, stage1), command,
+    return run_seeds(out, args.seeds, functools.partial(_one_seed, plan, out / "base", stage1), command,
                      declared, combine, jobs=args.jobs, threads=args.threads)
 
 
-def _one_seed(plan: Plan, base: Path, stage1: dict[str, RunResult], workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
-    return run(workdir, replace(plan, seed=seed), base, stage1)
+def _one_seed(plan: Plan, bases: Path, pooling: dict[str, RunResult], workdir: Path,
+              seed: int) -> tuple[dict[str, Any], str]:
+    return run(workdir, replace(plan, seed=seed), bases, pooling)
 
 
 if __name__ == "__main__":

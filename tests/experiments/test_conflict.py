@@ -94,10 +94,14 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     assert (out / "adapters" / "mole3_mixture" / "adapter_config.json").is_file()
     assert list((out / "tensorboard" / "mole3_mixture").glob("events.out.tfevents.*"))
 
+    # every seed, selection seeds included, trains its own base at its seed
+    for seed in (0, *conflict.QUICK.selection_seeds):
+        assert json.loads((out / "base" / f"seed{seed}" / "plan.json").read_text())["seed"] == seed
+    assert runs["base"]["seed"] == 0
     # a second invocation with the same base plan reuses the saved base instead of training it again
-    base_weights = out / "base" / "model" / "model.safetensors"
+    base_weights = out / "base" / "seed0" / "model" / "model.safetensors"
     stamp = base_weights.stat().st_mtime_ns
-    conflict.train_base(conflict.QUICK, out / "base", out)
+    conflict.train_base(conflict.QUICK, out / "base")
     assert base_weights.stat().st_mtime_ns == stamp
 
 

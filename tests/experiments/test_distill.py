@@ -32,7 +32,9 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     data = Path(summary["data_root"])
     assert data.parent == out / "data" and (data / "pope_cooccur" / "test.jsonl").is_file()
     assert (out / "selection" / "d0" / "runs" / "mod" / "select_moe_seed1000" / "model").is_dir()
-    assert (out / "runs" / "mod" / "teacher" / "model").is_dir()  # the chosen rung's teacher, copied
+    # the seed's own teacher, trained at the seed where its students find it (not the selection's, copied)
+    assert (out / "runs" / "mod" / "teacher" / "model").is_dir() and runs["teacher"]["seed"] == 0
+    assert "teacher" in summary["aggregate"]
     assert "Tried on val: generated, cooccurrence=0.9:" in (out / "results.md").read_text()
     assert summary["quick"] and list(runs) == ["teacher", "mimic_dense", "mimic_sparse", "preference", "control",
                                                "baseline_instruct", "baseline_moe", "dense_active"]
@@ -94,7 +96,7 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
     again = main(["--out", "distill_kd_lm", "--quick", "--teacher-from", "distill", "--mimic-lm-weight", "1.0",
                   "--seeds", "0", "1", "--jobs", "1"])  # one process: the scripted runs are this process's
     teacher = next(r for r in again["runs"] if r["name"] == "teacher")
-    assert teacher == runs["teacher"]  # its row is kept, not retrained
+    assert teacher == {**runs["teacher"], "seed": None}  # its row is kept (every seed's teacher), not retrained
     again_out = root / "distill_kd_lm"
     assert (again_out / "runs" / "mod" / "teacher" / "model").is_dir()
     assert not (again_out / "runs" / "mod" / "teacher" / "version_0").exists()

@@ -137,7 +137,7 @@ def test_cooccurrence_pope_data_is_generated_at_the_plans_sizes(tmp_path):
     assert (shipped / "pope" / "test.jsonl").is_file() and not (shipped / "pope_cooccur").exists()
 
 
-@pytest.mark.slow  # the quick experiment over two seeds: stages 1 and 2 once, four arms per seed through the CLI
+@pytest.mark.slow  # the quick experiment over two seeds: stages 1 and 2 and four arms per seed through the CLI
 def test_quick_run_over_two_seeds(tmp_path):
     summary = moe_llava.main(["--out", str(tmp_path), "--quick", "--seeds", "0", "1", "--jobs", "1",
                               "--threads", "1"])
@@ -160,7 +160,11 @@ def test_quick_run_over_two_seeds(tmp_path):
         assert set(seed["accuracy"][arm]) == {*moe_llava.DOMAINS, "pope_cooccur"}
         assert set(seed["pope"][arm]) == {"accuracy", "f1", "yes_ratio", "yes_error"}
     assert set(summary["learning_curves"]) == set(moe_llava.ARMS)
-    assert (tmp_path / "base" / "models" / "instruct_wide").is_dir()  # the shared starting points
+    # each seed trains its own starting point, at the seed, in its directory
+    for s in (0, 1):
+        assert (tmp_path / f"seed{s}" / "base" / "models" / "instruct_wide").is_dir()
+        assert {summary["per_seed"][str(s)]["runs"][stage]["seed"] for stage in ("align", "instruct")} == {s}
+    assert not (tmp_path / "base").exists()
     text = (tmp_path / "results.md").read_text()
     for heading in ("## Protocol", "margin -0.020", "## MoE-LLaVA", "moe_top1 minus dense", "Verdict on", "## Seed 1"):
         assert heading in text, heading

@@ -36,8 +36,12 @@ def test_quick_run_writes_results(quick_outputs):
     for shares in routing.values():
         for row in shares.values():
             assert len(row) == 4 and sum(row) == pytest.approx(1.0)
-    # stage 1 is trained once (OUT/base/stage1-<settings>/, both poolings) and its rows are the same in every seed's
-    assert [p.parent.name for p in (out / "base").glob("stage1-*/models/align_*")] == ["models", "models"]
+    # the selection seed trains stage 1 with both poolings, the reported seed its own with concat, each in
+    # OUT/base/stage1-<settings>/; the seed's arms start from its own, the pooling row is the selection seed's
+    trained = sorted(p.name for p in (out / "base").glob("stage1-*/models/align_*"))
+    assert trained == ["align_concat", "align_concat", "align_mean"]
+    assert summary["runs"]["align_concat"]["seed"] == 0
+    assert summary["runs"]["align_mean"]["seed"] == unimoe.QUICK.selection_seed != 0
     text = (out / "results.md").read_text()
     for heading in ("## Protocol", "Verdict", "### Routing by modality", "### Video pooling", "Uni-MoE minus copies"):
         assert heading in text, heading
@@ -63,8 +67,8 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
     assert [(t[0], t[3]) for t in trained] == [(None, ("concat",)), ({"pitch_ratio": 2.0}, ("concat",)),
                                                ({"pitch_ratio": 2.0}, ("mean",))]
     assert trained[0][1] is None and trained[1][1] == str(generated) and trained[1][2] == tmp_path / "base"
-    assert chosen["base"] == unimoe.stage1_directory(chosen["plan"], tmp_path / "base")
-    assert chosen["base"] != unimoe.stage1_directory(replace(chosen["plan"], difficulty=None), tmp_path / "base")
+    assert unimoe.stage1_directory(chosen["plan"], tmp_path / "base") != unimoe.stage1_directory(
+        replace(chosen["plan"], difficulty=None), tmp_path / "base")
     assert chosen["met"] and chosen["plan"].data_root == str(generated) and chosen["plan"].discriminating
     assert chosen["tried"][0]["rejected"] == ["stage 1 at ceiling on 6 of 6 domains (beeps, pitch, longer, frames, "
                                               "motion, beeps_shapes)"]
@@ -73,3 +77,24 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
     assert config["data"]["init_args"]["root"] == str(generated)
     image = yaml.safe_load(unimoe._config(chosen["plan"], tmp_path, "y", 4, {}, [], 0, media=False).read_text())
     assert "root" not in image["data"]["init_args"]
+
+
+def test_each_seed_trains_its_own_stage_1(tmp_path, monkeypatch):
+    # every arm of a seed starts from that seed's stage 1: one trained once would hold the intervals over seeds to
+    # one draw of it. The selection seed's (selection_seed) is found again by its settings, not trained twice.
+    trained = []
+
+    class Started(Exception):
+        pass
+
+    def stage1(at, bases, poolings):
+        trained.append((at.seed, bases, poolings))
+        raise Started
+
+    monkeypatch.setattr(unimoe, "train_stage1", stage1)
+    with pytest.raises(Started):
+        unimoe.run(tmp_path / "seed3", replace(unimoe.QUICK, seed=3), tmp_path / "base", {})
+    assert trained == [(3, tmp_path / "base", ("concat",))]
+    directories = {unimoe.stage1_directory(replace(unimoe.QUICK, seed=s), tmp_path) for s in (0, 3)}
+    assert len(directories) == 2
+    assert unimoe.stage1_directory(replace(unimoe.QUICK, seed=0, selection_seed=5), tmp_path) in directories
