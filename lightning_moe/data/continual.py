@@ -13,8 +13,9 @@ task j. That needs the trainer to run one epoch per task and rebuild the train l
 clearly when a config forgets it.
 
 Reading, tokenization, collate and sampling are `DomainMixtureDataModule`'s: a task is a domain
-whose evaluation split is its test file. There is no model selection in this protocol, so there is
-no separate validation split.
+whose evaluation split is its test file. Choosing a setting (the steps per task) on the test split the
+results report would leak it, so `evaluate_on: val` fills the matrix from each task's val file instead,
+for the runs a setting is chosen on.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ SCHEDULES = ("sequential", "joint")
 
 @dataclass
 class TaskSpec:
-    """One task: its name (the `domain` every sample carries) and train / test file(s) under `root`."""
+    """One task: its name (the `domain` every sample carries) and train / test (/ val) file(s) under `root`."""
 
     name: str
     train: str | list[str]
     test: str | list[str]
+    val: str | list[str] | None = None  # needed only by `evaluate_on: val`
 
 
 class ContinualDataModule(DomainMixtureDataModule):
@@ -52,6 +54,8 @@ class ContinualDataModule(DomainMixtureDataModule):
             is allowed, so a config can pick which shipped domains form the sequence.
         steps_per_task: training batches drawn per task (with replacement), i.e. per epoch.
         schedule: `sequential` (epoch i trains task i) or `joint` (every epoch draws from all tasks).
+        evaluate_on: `test` (the results) or `val` (for choosing a setting: each task's val file fills the
+            matrix, so that the test split stays unseen).
         **kwargs: `DomainMixtureDataModule`'s arguments (root, tokenizer, batch_size, ...);
             `max_eval_samples_per_domain` caps each task's test split.
     """
@@ -65,10 +69,13 @@ class ContinualDataModule(DomainMixtureDataModule):
         steps_per_task: int = 100,
         schedule: str = "sequential",
         root: str = "data/shapes",
+        evaluate_on: str = "test",
         **kwargs: Any,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if evaluate_on not in ("test", "val"):
+            raise ValueError(f"evaluate_on must be 'test' or 'val', got {evaluate_on!r}")
         if steps_per_task <= 0:
             raise ValueError(f"steps_per_task must be positive, got {steps_per_task}")
         if tasks is None:
@@ -82,13 +89,18 @@ class ContinualDataModule(DomainMixtureDataModule):
             raise ValueError("the task sequence is empty")
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
-        domains = {t.name: DomainSpec(train=t.train, val=t.test, test=t.test) for t in self.tasks}
+        if evaluate_on == "val" and (missing := [t.name for t in self.tasks if not t.val]):
+            raise ValueError(f"evaluate_on: val needs a val file for every task; none for {missing} under {root}")
+        # both evaluation splits hold the files the matrix is filled from
+        evaluated = {t.name: t.val if evaluate_on == "val" else t.test for t in self.tasks}
+        domains = {t.name: DomainSpec(train=t.train, val=evaluated[t.name], test=evaluated[t.name]) for t in self.tasks}
         kwargs.pop("samples_per_epoch", None)  # set from steps_per_task below
         super().__init__(domains=domains, root=root, **kwargs)
         self.steps_per_task, self.schedule = steps_per_task, schedule
         # after the base saved its hyperparameters (under the CLI they are the given config, so set here)
         self.hparams.update(tasks=[t.name for t in self.tasks], order=order, steps_per_task=steps_per_task,
-                            schedule=schedule, samples_per_epoch=steps_per_task * self.hparams.batch_size)
+                            schedule=schedule, evaluate_on=evaluate_on,
+                            samples_per_epoch=steps_per_task * self.hparams.batch_size)
 
     @property
     def task_names(self) -> list[str]:
@@ -124,7 +136,7 @@ class ContinualDataModule(DomainMixtureDataModule):
 
     def task_test_dataloaders(self) -> dict[str, DataLoader]:
         """Every task's test loader by name (needs `setup("test")` or `setup("fit")`)."""
-        split = "test" if "test" in self.datasets else "val"  # both hold the test files
+        split = "test" if "test" in self.datasets else "val"  # both hold the evaluated files
         return {name: self._loader(d, self.hparams.eval_batch_size) for name, d in self.datasets[split].items()}
 
 
@@ -139,4 +151,4 @@ def default_tasks(root: str, order: list[str] | None = None) -> list[TaskSpec]:
         raise ValueError(f"tasks {unknown} not found under {root} with train and test files; available: {sorted(usable)}")
     if len(set(order)) != len(order):
         raise ValueError(f"task order names a task twice: {order}")
-    return [TaskSpec(name, usable[name].train, usable[name].test) for name in order]
+    return [TaskSpec(name, usable[name].train, usable[name].test, usable[name].val) for name in order]

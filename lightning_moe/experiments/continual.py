@@ -6,8 +6,14 @@
 1. A short dense pre-training of the tiny model on `colour` (`configs/mora/pretrain.yaml`), the base
    every run below starts from (a tiny preset has no pretrained vision tower, so adapters alone on
    a random model would learn little).
-2. The task sequence of `configs/mora/continual.yaml` (count -> position_lr -> position_tb), each
-   method for the same steps per task, evaluating every task after each task:
+2. The steps per task, chosen on val (`select_steps`, in DIR/selection/, with the selection seeds, apart from
+   the reported ones): the first rung of `STEP_LADDER` (cheapest first) at which, in every selection seed,
+   MoRA and the upper bound (task-specific LoRA) learn every task and sequential LoRA forgets
+   (`selection_rejections`), each task's val split filling the accuracy matrix (`evaluate_on: val`). A
+   position task is learnt in a sudden step that some seeds miss at too few steps, and a verdict whose gate
+   sits on that edge moves with the float order.
+3. The task sequence of `configs/mora/continual.yaml` (count -> position_lr -> position_tb), each
+   method for the chosen steps per task, evaluating every task's test split after each task:
    - `mora`: MoRA rank-1 experts, new ranks per task, earlier ranks frozen;
    - `lora_sequential`: one plain LoRA trained task after task (forgetting expected);
    - `lora_joint`: one LoRA on the mixture of all tasks (the multi-task reference);
@@ -47,9 +53,9 @@ from typing import Any
 from .. import plots
 from ..metrics import accuracy_table, continual_scores
 from ..paths import resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, execute, experiment_parser, majority_answers, parse_args, progress,
-               run_seeds, working_directory)
-from .protocol import Comparison, Protocol
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, majority_answers, map_seeds,
+               parse_args, progress, run_seeds, working_directory)
+from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, decide, difference_words, learnt_over_seeds,
                          learnt_words, paired_difference, seed_stat, spread)
 
@@ -74,6 +80,13 @@ BWT_MARGIN = 0.05
 # a method "learns" a task when its accuracy right after training it is this far above the majority answer
 LEARNT_MARGIN = 0.05
 TOLERANCE = 1e-9
+# the steps per task `select_steps` tries on val, cheapest first (configs/mora/continual.yaml's 150 first)
+STEP_LADDER = [150, 300, 600]
+QUICK_STEP_LADDER = [2]
+# four selection seeds, as the conflict experiment's: a position task learnt in a sudden step that some seeds miss
+# needs more than three passing seeds to say something of ten reported ones
+CONTINUAL_SELECTION_SEEDS = [*SELECTION_SEEDS, max(SELECTION_SEEDS) + 1]
+SELECTION_METHODS = ["mora", "lora_task_specific", "lora_sequential"]  # the arms the selection rule reads
 COMMON = ["--trainer.enable_progress_bar=false"]
 # smoke version: a few steps and samples; the shipped test files double as small train files
 QUICK_PRETRAIN = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.batch_size=4",
@@ -82,9 +95,9 @@ QUICK_PRETRAIN = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--
 QUICK_CONTINUAL = ["--data.init_args.steps_per_task=2", "--data.init_args.batch_size=4",
                    "--data.init_args.eval_batch_size=8", "--data.init_args.max_eval_samples_per_domain=4",
                    "--data.init_args.order=null",
-                   '--data.init_args.tasks=[{"name": "count", "train": "count/test.jsonl", "test": "count/test.jsonl"}, '
-                   '{"name": "position_lr", "train": "position_lr/test.jsonl", "test": "position_lr/test.jsonl"}, '
-                   '{"name": "position_tb", "train": "position_tb/test.jsonl", "test": "position_tb/test.jsonl"}]']
+                   "--data.init_args.tasks=[" + ", ".join(
+                       f'{{"name": "{t}", "train": "{t}/test.jsonl", "test": "{t}/test.jsonl", "val": "{t}/val.jsonl"}}'
+                       for t in ("count", "position_lr", "position_tb")) + "]"]
 
 
 def continual_details(cli: Any) -> dict[str, Any]:
@@ -146,11 +159,12 @@ def unlearnt(summaries: dict[int, dict[str, Any]], method: str, tasks: list[str]
     return missed
 
 
-def verdicts(summaries: dict[int, dict[str, Any]], chance: dict[str, float]) -> dict[str, Any]:
+def verdicts(summaries: dict[int, dict[str, Any]], chance: dict[str, float], met: bool = True) -> dict[str, Any]:
     """The verdict (MoRA's BWT - sequential LoRA's, over seeds, against BWT_MARGIN) and the diagnosis (the task
-    oracle's BWT - MoRA's), with their gates: the upper bound (task-specific LoRA) or MoRA not learning a task
-    over the seeds (`unlearnt`), sequential LoRA not forgetting (nothing to reduce); the diagnosis also
-    needs the oracle to learn every task (`inconclusive: oracle failed`)."""
+    oracle's BWT - MoRA's), with their gates: no step budget qualified on val (`met` False), the upper bound
+    (task-specific LoRA) or MoRA not learning a task over the seeds (`unlearnt`), sequential LoRA not
+    forgetting (nothing to reduce); the diagnosis also needs the oracle to learn every task (`inconclusive:
+    oracle failed`)."""
     seeds = sorted(summaries)
     first = summaries[seeds[0]]
     tasks = first["tasks"]
@@ -162,7 +176,7 @@ def verdicts(summaries: dict[int, dict[str, Any]], chance: dict[str, float]) -> 
     if "mora - lora_sequential" not in differences:
         return {"differences": differences, "gates": [], "verdict": f"{INCONCLUSIVE}: MoRA or sequential LoRA missing",
                 "diagnosis": "no diagnosis: MoRA or sequential LoRA missing"}
-    failed = []
+    failed = [] if met else [NO_DISCRIMINATING_SETTING]
     if "lora_task_specific" in methods and (missed := unlearnt(summaries, "lora_task_specific", tasks, chance)):
         failed.append(f"upper bound failed: task-specific LoRA does not learn {', '.join(missed)}")
     if missed := unlearnt(summaries, "mora", tasks, chance):
@@ -177,7 +191,7 @@ def verdicts(summaries: dict[int, dict[str, Any]], chance: dict[str, float]) -> 
     else:
         gate = [f"oracle failed: the task oracle does not learn {', '.join(missed)}"
                 if (missed := unlearnt(summaries, "mora_task_oracle", tasks, chance)) else None]
-        gate += [f for f in failed if f.startswith(("MoRA does not", "upper bound"))]
+        gate += [f for f in failed if f.startswith(("MoRA does not", "upper bound", NO_DISCRIMINATING_SETTING))]
         decided = decide(differences["mora_task_oracle - mora"]["bwt"], BWT_MARGIN, gate)
         diagnosis = {CONFIRMED: "selection failure: perfect rank selection forgets less by the margin",
                      NOT_CONFIRMED: "interference: perfect rank selection does not forget less by the margin"
@@ -185,29 +199,77 @@ def verdicts(summaries: dict[int, dict[str, Any]], chance: dict[str, float]) -> 
     return {"differences": differences, "gates": failed, "verdict": verdict, "diagnosis": diagnosis}
 
 
-DIFFICULTY = ("fixed, the shipped data/shapes (count -> position_lr -> position_tb), not chosen: the task loop "
-              "has no validation split to choose on (a ladder would choose on the test split the verdict reports), "
-              "and what makes the comparison discriminating is checked over the seeds by the gates (the upper bound "
-              "learns each task, sequential LoRA forgets)")
+STEPS_RULE = ("the first rung at which, on val (each task's val split filling the accuracy matrix) and in every "
+              "selection seed, MoRA and the upper bound (task-specific LoRA) learn every task (accuracy right after "
+              f"training it at least {100 * LEARNT_MARGIN:.0f} points above the majority answer), and sequential LoRA "
+              f"forgets (mean BWT over the selection seeds at most -{BWT_MARGIN}); the data is the shipped data/shapes "
+              "(count -> position_lr -> position_tb)")
 
 
-def protocol(seeds: list[int]) -> Protocol:
+def selection_rejections(scores: dict[str, dict[str, Any]]) -> list[str]:
+    """Why a step budget fails the rule (`STEPS_RULE`), from its val scores per selection seed ({"diagonal": method
+    -> each task's accuracy right after training it, "bwt": sequential LoRA's, "chance": task -> the majority
+    answer's}); none: it qualifies."""
+    reasons = []
+    for method, label in (("lora_task_specific", "the upper bound (task-specific LoRA)"), ("mora", "MoRA")):
+        missed = [f"{task} in seed {seed}" for seed, entry in scores.items()
+                  for task, acc in zip(entry["chance"], entry["diagonal"][method], strict=True)
+                  if acc - entry["chance"][task] < LEARNT_MARGIN - TOLERANCE]
+        if missed:
+            reasons.append(f"{label} does not learn {', '.join(missed)}")
+    bwt = statistics.fmean(entry["bwt"] for entry in scores.values())
+    if bwt > -BWT_MARGIN + TOLERANCE:
+        reasons.append(f"sequential LoRA does not forget (mean BWT {bwt:+.3f})")
+    return reasons
+
+
+def _selection_seed(quick: bool, steps: int, out: Path, seed: int) -> dict[str, Any]:
+    """One selection seed at one step budget, on val: the pre-training and the methods the rule reads, in
+    OUT/steps<N>/seed<S>/. Module-level: `map_seeds` runs the seeds in processes of their own."""
+    summary, _ = run(out / f"steps{steps}" / f"seed{seed}", quick, SELECTION_METHODS, seed, steps, "val")
+    scores = summary["scores"]
+    return {"diagonal": {m: scores[m]["diagonal"] for m in ("mora", "lora_task_specific")},
+            "bwt": scores["lora_sequential"]["bwt"], "chance": summary["majority_answer"]}
+
+
+def select_steps(out: Path, quick: bool, seeds: list[int], jobs: int = 1, threads: int | None = None,
+                 measure: Any = None) -> dict[str, Any]:
+    """The steps per task, chosen on val (`protocol.select_first` over the ladder, cheapest first) with the
+    selection seeds, each rung's runs in OUT/steps<N>/seed<S>/; the first rung `selection_rejections` lets
+    through, else the last (`met` False: every verdict is then `inconclusive: no discriminating setting`).
+    `measure(rung) -> seed -> val scores` replaces the training. Returns {"steps", "met", "tried"}."""
+    def train(rung: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        measured = map_seeds(functools.partial(_selection_seed, quick, rung["steps"], out), seeds, jobs, threads)
+        return {str(seed): scores for seed, scores in measured.items()}
+
+    rungs = [{"setting": f"{steps} steps per task", "steps": steps}
+             for steps in (QUICK_STEP_LADDER if quick else STEP_LADDER)]
+    chosen = select_first(progress(rungs, "continual: choosing the steps per task on val"), measure or train,
+                          lambda rung, scores: selection_rejections(scores))
+    return {"steps": chosen["chosen"]["steps"], "met": chosen["met"], "tried": chosen["tried"]}
+
+
+def protocol(seeds: list[int], quick: bool = False) -> Protocol:
+    selection_seeds = SELECTION_SEEDS[:1] if quick else CONTINUAL_SELECTION_SEEDS
     return Protocol(
         question="Does MoRA forget less than plain LoRA trained task after task, and is its forgetting a failure "
                  "to select each task's ranks or interference that even perfect selection keeps?",
-        seeds=list(seeds), selection_split="none (the task loop has no validation split)",
+        seeds=list(seeds), selection_split="val",
         reported_split="test (every task's test split after every task: the accuracy matrix)",
-        selection="none in this experiment: every setting is configs/mora/continual.yaml's (docs/mora.md says how "
-                  "they were chosen), the same steps per task for every method; every method trains its adapters "
-                  "and the shared connector.",
-        difficulty_rule=DIFFICULTY,
+        selection="the steps per task (the same for every method), by the ladder and the rule below, on val with "
+                  f"the selection seeds ({', '.join(map(str, selection_seeds))}), apart from the reported ones; "
+                  "every other setting is configs/mora/continual.yaml's (docs/mora.md says how they were chosen); "
+                  "every method trains its adapters and the shared connector.",
+        difficulties=[f"{steps} steps per task" for steps in (QUICK_STEP_LADDER if quick else STEP_LADDER)],
+        difficulty_rule=STEPS_RULE,
         primary="BWT (mean change of each earlier task's accuracy from right after training it to after the last "
                 "task), reported beside Last and Avg",
         comparisons=[Comparison("mora", "lora_sequential", BWT_MARGIN, "MoRA forgets less"),
                      Comparison("mora_task_oracle", "mora", BWT_MARGIN,
                                 "diagnosis: perfect rank selection forgets less (selection failure; "
                                 "not confirmed: interference)")],
-        gates=["the upper bound (task-specific LoRA) or MoRA not learning a task over the seeds (its accuracy right "
+        gates=[NO_DISCRIMINATING_SETTING,
+               "the upper bound (task-specific LoRA) or MoRA not learning a task over the seeds (its accuracy right "
                f"after training the task less than {100 * LEARNT_MARGIN:.0f} points above the majority answer in "
                "more than one seed of ten)",
                f"sequential LoRA not forgetting (mean BWT above -{BWT_MARGIN})",
@@ -230,7 +292,8 @@ def combine(summaries: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         if all(p is not None for p in precision):
             scores[m]["rank_selection_precision"] = seed_stat(precision)
     chance = summaries[seeds[0]].get("majority_answer") or majority_answers(resolve_data_path(DATA_ROOT), tasks)
-    decided = verdicts({s: {**summaries[s], "tasks": tasks} for s in seeds}, chance)
+    decided = verdicts({s: {**summaries[s], "tasks": tasks} for s in seeds}, chance,
+                       summaries[seeds[0]].get("discriminating") is not False)
     combined = {"scores": scores, "majority_answer": chance, **decided}
     keys = ("last", "avg", "bwt", "forgetting", "rank_selection_precision")
     lines = [f"## Over {len(seeds)} seed(s): mean (min-max)", "",
@@ -248,11 +311,13 @@ def combine(summaries: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     return combined, "\n".join(lines)
 
 
-def method_run(method: str, quick: bool, seed: int = 0) -> Run:
-    """One method over the task sequence (trained and evaluated task after task: no separate test)."""
+def method_run(method: str, quick: bool, seed: int = 0, steps: int | None = None, evaluate_on: str = "test") -> Run:
+    """One method over the task sequence (trained and evaluated task after task: no separate test), for `steps`
+    per task (None: the config's), its matrix filled from each task's `evaluate_on` split."""
     args = ["--config", str(shipped_path(CONTINUAL)), *COMMON, *SHARED, *METHODS[method],
-            f"--trainer.logger.init_args.name={method}", f"--seed_everything={seed}"]
-    return Run(method, args + (QUICK_CONTINUAL if quick else []), test=False, seed=seed)
+            f"--trainer.logger.init_args.name={method}", f"--seed_everything={seed}",
+            *(QUICK_CONTINUAL if quick else []), f"--data.init_args.evaluate_on={evaluate_on}"]
+    return Run(method, args + ([f"--data.init_args.steps_per_task={steps}"] if steps else []), test=False, seed=seed)
 
 
 def _fmt(value: float) -> str:
@@ -289,10 +354,11 @@ def results_markdown(results: list[RunResult], pretrain_seconds: float, quick: b
     return "\n".join(lines)
 
 
-def run(out: str | Path, quick: bool = False, methods: list[str] | None = None,
-        seed: int = 0) -> tuple[dict[str, Any], str]:
-    """One seed in `out`: the pre-training, then every method (module docstring). Returns the summary and
-    its table; also draws every method's accuracy matrix to OUT/figures/."""
+def run(out: str | Path, quick: bool = False, methods: list[str] | None = None, seed: int = 0,
+        steps: int | None = None, evaluate_on: str = "test") -> tuple[dict[str, Any], str]:
+    """One seed in `out`: the pre-training, then every method (module docstring) for `steps` per task (None: the
+    config's), evaluated on each task's `evaluate_on` split. Returns the summary and its table; also draws every
+    method's accuracy matrix to OUT/figures/."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     methods = methods or list(METHODS)
@@ -300,15 +366,17 @@ def run(out: str | Path, quick: bool = False, methods: list[str] | None = None,
                                 *(QUICK_PRETRAIN if quick else [])], test=False, seed=seed)
     with working_directory(out):
         results = [execute(run, out) if run.name == "pretrain" else execute(run, out, continual_details)
-                   for run in progress([pretrain, *(method_run(m, quick, seed) for m in methods)],
+                   for run in progress([pretrain, *(method_run(m, quick, seed, steps, evaluate_on) for m in methods)],
                                        f"continual runs, seed {seed}")]
     pretrain_result, results = results[0], results[1:]
     for r in results:
         plots.save_png(plots.accuracy_matrix(r.details["accuracy"], r.details["tasks"]),
                        out / "figures" / f"{r.name}_accuracy.png")
     summary = {"quick": quick, "seed": seed, "pretrain_seconds": round(pretrain_result.wall_s, 1),
+               "steps_per_task": steps, "evaluated_on": evaluate_on,
                "runs": [asdict(r) for r in [pretrain_result, *results]], **summarise(results),
-               "majority_answer": majority_answers(resolve_data_path(DATA_ROOT), results[0].details["tasks"])}
+               "majority_answer": majority_answers(resolve_data_path(DATA_ROOT), results[0].details["tasks"],
+                                                   evaluate_on)}
     precision = ", ".join(f"{m} {v['mean']:.2f}" for m, v in summary["rank_selection_precision"].items()) or "-"
     return summary, "\n".join([results_markdown(results, pretrain_result.wall_s, quick, seed),
                                f"Rank-selection precision (share of active ranks from the input's own task): {precision}.",
@@ -321,16 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_seed(quick: bool, methods: list[str] | None, workdir: Path, seed: int) -> tuple[dict[str, Any], str]:
-    return run(workdir, quick, methods, seed)
+def _one_seed(quick: bool, methods: list[str] | None, steps: int, met: bool, workdir: Path,
+              seed: int) -> tuple[dict[str, Any], str]:
+    summary, table = run(workdir, quick, methods, seed, steps)
+    return {**summary, "discriminating": met}, table
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(build_parser(), argv)
     out = args.out.resolve()
-    return run_seeds(out, args.seeds, functools.partial(_one_seed, args.quick, args.methods),
-                     command_line("lightning_moe.experiments.continual", argv), protocol(args.seeds), combine,
-                     jobs=args.jobs, threads=args.threads)
+    command = command_line("lightning_moe.experiments.continual", argv)
+    env = environment(command)  # the commit the run starts from
+    selection = select_steps(out / "selection", args.quick,
+                             SELECTION_SEEDS[:1] if args.quick else CONTINUAL_SELECTION_SEEDS, args.jobs, args.threads)
+    declared = protocol(args.seeds, args.quick)
+    declared.settings = {"steps_per_task": selection["steps"],
+                         "met": selection["met"] or f"NO rung met the rule ({NO_DISCRIMINATING_SETTING}): the last "
+                         "one is used", "ladder": selection["tried"]}
+    return run_seeds(out, args.seeds, functools.partial(_one_seed, args.quick, args.methods, selection["steps"],
+                                                        selection["met"]),
+                     command, declared, combine, jobs=args.jobs, threads=args.threads, env=env)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,20 @@ def test_each_epoch_trains_only_its_task_and_evaluation_sees_every_task(tiny_sha
     assert list(dm.task_test_dataloaders()) == dm.task_names
 
 
+def test_evaluate_on_val_fills_the_matrix_from_the_val_files(tiny_shapes, tokenizer):
+    # a setting chosen on the accuracy matrix must not see the test split the results report
+    dm = _module(tiny_shapes, tokenizer, order=["count", "position_lr"], evaluate_on="val")
+    dm.setup("fit")
+    for loaders in (dm.val_dataloader(), list(dm.task_test_dataloaders().values())):
+        assert [next(iter(loader))["domain"][0] for loader in loaders] == dm.task_names
+        assert {i.split("-")[-2] for loader in loaders for b in loader for i in b["id"]} == {"val"}
+    with pytest.raises(ValueError, match=r"needs a val file for every task; none for \['a'\]"):
+        _module(tiny_shapes, tokenizer, tasks=[TaskSpec("a", "count/train.jsonl", "count/test.jsonl")],
+                evaluate_on="val")
+    with pytest.raises(ValueError, match="evaluate_on must be 'test' or 'val'"):
+        _module(tiny_shapes, tokenizer, evaluate_on="train")
+
+
 def test_joint_schedule_mixes_all_tasks_every_epoch(tiny_shapes, tokenizer):
     L.seed_everything(0)
     dm = _module(tiny_shapes, tokenizer, order=["count", "position_lr"], steps_per_task=8, schedule="joint")

@@ -42,6 +42,12 @@ def test_quick_continual_experiment_writes_results(quick_outputs):
     assert all("--model.init_args.trainable=[adapters, connector]" in continual.method_run(m, True).args
                for m in METHODS)
     assert set(results["majority_answer"]) == {"count", "position_lr", "position_tb"}
+    # the steps per task chosen on val first, with a selection seed apart from the reported one
+    settings = results["protocol"]["settings"]
+    assert settings["steps_per_task"] == 2 and len(settings["ladder"]) == 1
+    assert set(settings["ladder"][0]["val"]) == {"1000"}
+    assert (out / "selection" / "steps2" / "seed1000" / "logs" / "mora_seed1000.log").is_file()
+    assert not (out / "selection" / "steps2" / "seed1000" / "logs" / "lora_joint_seed1000.log").exists()
     assert results["environment"]["torch_threads"] == 1
     table = (out / "results.md").read_text()
     assert "| mora |" in table and "acc[i, j]" in table and "1 threads" in table
@@ -88,7 +94,64 @@ def test_continual_combine_over_seeds_gives_last_avg_and_bwt_with_intervals():
            "straddles the margin**" in text
 
 
-def test_the_protocol_declares_the_fixed_difficulty_and_why():
+def test_the_protocol_declares_the_steps_ladder_and_its_rule_on_val():
     text = continual.protocol([0, 1]).markdown()
-    assert "- Difficulty of the data: fixed, the shipped data/shapes" in text and "no validation split" in text
-    assert "chosen on val, the ladder" not in text
+    assert "150 steps per task; 300 steps per task; 600 steps per task" in text
+    assert "on val (each task's val split filling the accuracy matrix) and in every selection seed" in text
+    assert "1000, 1001, 1002, 1003" in text and continual.NO_DISCRIMINATING_SETTING in text
+
+
+def _val_scores(mora_tb: float = 0.9, bwt: float = -0.5) -> dict:
+    """One selection seed's val scores: every task learnt by both arms except MoRA's position_tb as given."""
+    chance = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
+    return {"diagonal": {"lora_task_specific": [0.9, 0.9, 0.9], "mora": [0.9, 0.9, mora_tb]}, "bwt": bwt,
+            "chance": chance}
+
+
+def test_a_budget_qualifies_only_when_every_selection_seed_learns_every_task_and_sequential_lora_forgets():
+    assert continual.selection_rejections({"1000": _val_scores(), "1001": _val_scores()}) == []
+    # one seed of four at the majority answer on one task is enough to reject the budget: the edge the gate sits on
+    missed = continual.selection_rejections({"1000": _val_scores(), "1001": _val_scores(mora_tb=0.52)})
+    assert missed == ["MoRA does not learn position_tb in seed 1001"]
+    assert continual.selection_rejections({"1000": _val_scores(bwt=-0.01)}) == [
+        "sequential LoRA does not forget (mean BWT -0.010)"]
+
+
+def test_select_steps_climbs_the_ladder_and_says_when_none_qualifies(tmp_path):
+    measured = []
+
+    def measure(rung):  # MoRA learns position_tb in every selection seed only from 300 steps on
+        measured.append(rung["steps"])
+        return {"1000": _val_scores(mora_tb=0.9 if rung["steps"] >= 300 else 0.5)}
+
+    chosen = continual.select_steps(tmp_path, False, [1000], measure=measure)
+    assert measured == [150, 300] and chosen["steps"] == 300 and chosen["met"]
+    assert chosen["tried"][0]["rejected"] == ["MoRA does not learn position_tb in seed 1000"]
+    never = continual.select_steps(tmp_path, False, [1000], measure=lambda rung: {"1000": _val_scores(mora_tb=0.5)})
+    assert never["steps"] == 600 and not never["met"]
+    # no qualifying budget: every verdict and the diagnosis are inconclusive, whatever the intervals say
+    summaries = {s: {"scores": {m: {"last": 0.5, "avg": 0.5, "bwt": b, "diagonal": [0.9, 0.9, 0.9]} for m, b in
+                                (("mora", -0.1 - s / 100), ("lora_sequential", -0.8), ("mora_task_oracle", 0.0))},
+                     "tasks": ["count", "position_lr", "position_tb"]} for s in range(4)}
+    chance = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
+    assert continual.verdicts(summaries, chance)["verdict"] == "confirmed"
+    decided = continual.verdicts(summaries, chance, met=False)
+    assert decided["verdict"] == decided["diagnosis"] == f"inconclusive: {continual.NO_DISCRIMINATING_SETTING}"
+
+
+def test_a_selection_seed_runs_the_rules_arms_on_val(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(out, quick, methods, seed, steps, evaluate_on):
+        calls.append((out, methods, seed, steps, evaluate_on))
+        scores = {m: {"diagonal": [0.9, 0.8, 0.7], "bwt": -0.4} for m in methods}
+        return {"scores": scores, "majority_answer": {"count": 0.25}}, ""
+
+    monkeypatch.setattr(continual, "run", fake_run)
+    entry = continual._selection_seed(False, 300, tmp_path, 1001)
+    assert calls == [(tmp_path / "steps300" / "seed1001", continual.SELECTION_METHODS, 1001, 300, "val")]
+    assert entry == {"diagonal": {"mora": [0.9, 0.8, 0.7], "lora_task_specific": [0.9, 0.8, 0.7]}, "bwt": -0.4,
+                     "chance": {"count": 0.25}}
+    # the runs' command lines: the steps and the evaluated split reach the data module
+    run = continual.method_run("mora", False, 1001, 300, "val")
+    assert "--data.init_args.steps_per_task=300" in run.args and "--data.init_args.evaluate_on=val" in run.args
