@@ -311,6 +311,14 @@ def final_val(result: RunResult | dict[str, Any], domains: list[str]) -> dict[st
     return None if not all(points.values()) else {d: p[-1][1] for d, p in points.items()}
 
 
+def val_at(result: RunResult, domain: str, step: int) -> float | None:
+    """`domain`'s val exact match at the last validation logged at or before `step` (a point of its learning
+    curve); None when none was logged by then."""
+    points = [value for logged, value in result.details.get("val_curves", {}).get(f"val/{domain}/exact_match", [])
+              if logged <= step]
+    return points[-1] if points else None
+
+
 def logged_scalars(cli: Any, *tags: str, prefix: str | None = None, suffix: str = "") -> dict[str, list[list[float]]]:
     """tag -> [(step, value)] of the scalars a finished CLI's TensorBoard logger wrote: the `tags` named, and
     every tag with `prefix` (and `suffix`). {} without a TensorBoard logger."""

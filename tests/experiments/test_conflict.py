@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lightning_moe.data.synthetic import ShapesDifficulty, generate_shapes
-from lightning_moe.experiments import RunResult, conflict
+from lightning_moe.experiments import RunResult, conflict, val_at
 
 
 @pytest.mark.slow  # the quick conflict experiment, a Python process running every arm through the CLI
@@ -79,6 +79,13 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     # the selection ran on the selection seeds (not the reported seed 0): alone on each domain, and the mixture
     assert list((out / "selection" / "configs").glob("select_d0_r1_s4_position_lr_seed1000.yaml"))
     assert list((out / "selection" / "configs").glob("select_d0_r1_s4_mixture_seed1000.yaml"))
+    # the selection's alone runs on the pair validate by learnt_by of their steps (the rule reads that point); the
+    # mixture run scores val once, at its end
+    trainer = {name: yaml.safe_load((out / "selection" / "configs" / f"select_d0_r1_s4_{name}_seed1000.yaml")
+                                    .read_text())["trainer"] for name in ("position_lr", "mixture")}
+    assert trainer["position_lr"]["val_check_interval"] == 2 and trainer["mixture"]["limit_val_batches"] == 0
+    early = protocol["settings"]["ladder"][0]["val"]["1000"]["alone_early"]
+    assert set(early) == set(conflict.QUICK.pair) and all(0 <= v <= 1 for v in early.values())
     assert results["verdict"].startswith("inconclusive")  # one seed: no interval, whatever the gates say
     # the oracle sends every answer token of domain i to expert i, in every layer; the learnt router's shares
     # are measured on the same tokens (each row a distribution over the experts)
@@ -186,12 +193,15 @@ def test_selection_rule_needs_the_upper_bound_to_learn_the_pair_and_the_mixture_
     majority = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
     alone = {"count": 1.0, "position_lr": 0.9, "position_tb": 0.6}
     lost = {"count": 1.0, "position_lr": 0.5, "position_tb": 0.5}  # 0.1667 below the upper bound's mean
-    seed = {"alone": alone, "mixture": lost}
+    seed = {"alone": alone, "alone_early": alone, "mixture": lost}
     assert conflict.rejections({0: seed, 1: seed}, majority, domains, pair) == []
-    # a domain of the pair not learnt alone in one seed: the upper bound misses its target
-    assert conflict.rejections({0: seed, 1: {**seed, "alone": {**alone, "position_tb": 0.54}}}, majority, domains,
-                               pair)
-    assert conflict.rejections({0: {**seed, "alone": {**alone, "position_tb": 0.55}}}, majority, domains, pair) == []
+    # a domain of the pair not learnt alone by half the steps in one seed: the upper bound misses its target, even
+    # when that seed has learnt it by the end (a budget some seeds only just reach)
+    late = {**seed, "alone_early": {**alone, "position_tb": 0.54}}
+    assert conflict.rejections({0: seed, 1: late}, majority, domains, pair) == [
+        "the upper bound has not learnt by 50 % of its steps position_tb (seed 1)"]
+    assert conflict.rejections({0: {**seed, "alone_early": {**alone, "position_tb": 0.55}}}, majority, domains,
+                               pair) == []
     # the mixture loses less than the margin on the primary metric: the setting does not discriminate
     kept = {"count": 1.0, "position_lr": 0.9, "position_tb": 0.52}  # 0.08 / 3 = 0.0267 below: under 0.03
     assert conflict.rejections({0: {**seed, "mixture": kept}}, majority, domains, pair)
@@ -203,23 +213,27 @@ def test_rejections_name_why_a_rung_fails_and_reject_a_ceiling_rung():
     majority = {"count": 0.25, "position_lr": 0.5, "position_tb": 0.5}
     lost = {"count": 1.0, "position_lr": 0.5, "position_tb": 0.5}
     # the shipped data's case: every domain learnt to 100 % alone: the upper bound at ceiling, however much is lost
-    ceiling = {"1000": {"alone": {d: 1.0 for d in domains}, "mixture": lost}}
+    ceiling = {"1000": {"alone": {d: 1.0 for d in domains}, "alone_early": {d: 1.0 for d in domains}, "mixture": lost}}
     assert conflict.rejections(ceiling, majority, domains, pair) == ["the upper bound at ceiling (100.0 %)"]
     # the mixture at chance on every domain (the majority answer's mean, 41.7 %)
-    at_chance = {"1000": {"alone": {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9}, "mixture": majority}}
+    at_chance = {"1000": {"alone": {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9},
+                          "alone_early": {"position_lr": 0.9, "position_tb": 0.9}, "mixture": majority}}
     assert conflict.rejections(at_chance, majority, domains, pair) == [
         "plain LoRA on the mixture at or below chance (41.7 %, chance 41.7 %)"]
     # exactly 10 points below the upper bound counts (float rounding aside); a sample less does not
     alone = {"count": 0.9, "position_lr": 0.9, "position_tb": 0.9}
     exactly = {"count": 0.9, "position_lr": 0.75, "position_tb": 0.75}  # 0.30 / 3 = 0.10
-    assert conflict.rejections({"7": {"alone": alone, "mixture": exactly}}, majority, domains, pair) == []
+    assert conflict.rejections({"7": {"alone": alone, "alone_early": alone, "mixture": exactly}}, majority, domains,
+                               pair) == []
     short = {**exactly, "position_tb": 0.755}
-    assert conflict.rejections({"7": {"alone": alone, "mixture": exactly}, "8": {"alone": alone, "mixture": short}},
+    assert conflict.rejections({"7": {"alone": alone, "alone_early": alone, "mixture": exactly},
+                                "8": {"alone": alone, "alone_early": alone, "mixture": short}},
                                majority, domains, pair) == [
         "plain LoRA on the mixture less than 10 points below the upper bound (seed 8)"]
     unlearnt = {**alone, "position_tb": 0.54}
-    assert conflict.rejections({"7": {"alone": unlearnt, "mixture": exactly}}, majority, domains, pair)[0] == \
-        "the upper bound does not learn position_tb (seed 7)"
+    assert conflict.rejections({"7": {"alone": unlearnt, "alone_early": unlearnt, "mixture": exactly}}, majority,
+                               domains, pair, learnt_by=0.25)[0] == \
+        "the upper bound has not learnt by 25 % of its steps position_tb (seed 7)"
     assert conflict.rejections({}, majority, domains, pair) == ["no selection seed measured"]
 
 
@@ -236,7 +250,7 @@ def test_select_setting_climbs_the_ladder_to_the_first_qualifying_rung_on_genera
         # the shipped data: learnt to 100 % alone (ceiling); noisy data, rank 1: the mixture learns as much as the
         # upper bound (no conflict); rank 2: it loses the pair
         mixture = learnt if at.rank == 1 and at.difficulty else {**learnt, **{d: majority[d] for d in at.pair}}
-        return {s: {"alone": learnt, "mixture": mixture} for s in at.selection_seeds}
+        return {s: {"alone": learnt, "alone_early": learnt, "mixture": mixture} for s in at.selection_seeds}
 
     chosen = conflict.select_setting(plan, tmp_path / "unused", tmp_path / "out" / "selection", measure)
     generated = generate_shapes(tmp_path / "out" / "data", ShapesDifficulty(pixel_noise=30), seed=0, n_train=64,
@@ -263,7 +277,7 @@ def test_select_setting_without_a_qualifying_rung_runs_the_last_and_every_verdic
     plan = conflict.Plan(difficulties=[None], candidates=[[1, 300], [1, 600]], selection_seeds=[7])
     flat = {d: 0.9 for d in plan.domains}
     nothing = conflict.select_setting(plan, tmp_path, tmp_path / "selection",
-                                      lambda at: {7: {"alone": flat, "mixture": flat}})
+                                      lambda at: {7: {"alone": flat, "alone_early": flat, "mixture": flat}})
     assert (nothing["plan"].rank, nothing["plan"].steps, nothing["met"]) == (1, 600, False)  # the last, flagged
     assert all(t["rejected"] for t in nothing["tried"]) and len(nothing["tried"]) == 2
     declared = conflict.protocol(replace(nothing["plan"], discriminating=False), [0, 1], "on val.")
@@ -294,3 +308,13 @@ def test_a_budget_is_skipped_only_beyond_a_ceiling_on_the_same_data():
     assert conflict.beyond_ceiling({"level": 0, "rank": 4, "steps": 600}, [not_learnt]) is None
     # a skipped rung does not skip others by itself
     assert conflict.beyond_ceiling({"level": 0, "rank": 4, "steps": 600}, [{**at_ceiling, "skipped": True}]) is None
+
+
+def test_val_at_reads_the_last_validation_logged_by_a_step():
+    # validations after 150 and 300 steps, logged at the trainer's step
+    run = RunResult(name="r", method="m", stage="", steps=300, wall_s=0.0, step_time_s=0.0, peak_memory_mb=0.0,
+                    memory_kind="", params_total=0, params_activated=0, details={
+                        "val_curves": {"val/position_lr/exact_match": [[150, 0.5], [300, 0.95]]}})
+    assert val_at(run, "position_lr", 150) == val_at(run, "position_lr", 299) == 0.5
+    assert val_at(run, "position_lr", 300) == 0.95
+    assert val_at(run, "position_lr", 149) is None and val_at(run, "position_tb", 300) is None
