@@ -401,22 +401,30 @@ def resume_key(env: dict[str, Any], threads: int | None) -> dict[str, Any] | Non
     return {"git_commit": env["git_commit"], "command": " ".join(kept), "threads": threads}
 
 
-def _one_seed_in(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
-                 key: dict[str, Any] | None, seed: int) -> tuple[dict[str, Any], str]:
-    """`one_seed` in the seed's directory; its result kept there (SEED_RESULT) as soon as it is made, and taken
-    from there instead when a run under the same `resume_key` made it: an interrupted experiment, started again
-    with the same command on the same commit, reruns only the seeds that had not finished."""
-    directory = seed_directory(out, seed, seeds)
-    saved = directory / SEED_RESULT
+def kept(saved: Path, key: dict[str, Any] | None, make: Callable[[], Any], what: str) -> Any:
+    """`make()` (JSON-able), kept in `saved` as soon as it is made, and taken from there instead when a run under
+    the same `resume_key` made it (None, on a dirty tree: neither kept nor taken): what lets an interrupted
+    experiment, started again with the same command on the same commit, redo only what had not finished. `what`
+    names it on stderr when it is taken."""
     if key is not None and saved.is_file():
         stored = json.loads(saved.read_text())
         if stored.get("key") == key:
-            print(f"seed {seed}: its result from {saved} (made by this command on this commit)", file=sys.stderr)
-            return stored["summary"], stored["table"]
-    summary, table = one_seed(directory, seed)
+            print(f"{what}: from {saved} (made by this command on this commit)", file=sys.stderr)
+            return stored["value"]
+    value = make()
     if key is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"key": key, "summary": summary, "table": table}))
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"key": key, "value": value}))
+    return value
+
+
+def _one_seed_in(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tuple[dict[str, Any], str]],
+                 key: dict[str, Any] | None, seed: int) -> tuple[dict[str, Any], str]:
+    """`one_seed` in the seed's directory, its result `kept` there (SEED_RESULT): an interrupted experiment reruns
+    only the seeds that had not finished."""
+    directory = seed_directory(out, seed, seeds)
+    summary, table = kept(directory / SEED_RESULT, key, lambda: list(one_seed(directory, seed)),
+                          f"seed {seed}: its result")
     return summary, table
 
 

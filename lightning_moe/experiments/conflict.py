@@ -63,8 +63,8 @@ from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..models import routed_layers
 from ..paths import REPO_ROOT, resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, logged_scalars,
-               majority_answers, map_seeds, parse_args, progress, run_seeds, save_pretrained_callback,
-               val_at, validation_schedule, write_run_config)
+               kept, majority_answers, map_seeds, parse_args, progress, resume_key, run_seeds,
+               save_pretrained_callback, val_at, validation_schedule, write_run_config)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
                          decide, interval_words, learnt_over_seeds, learnt_words, paired_difference, seed_stat,
@@ -374,6 +374,17 @@ def ladder(plan: Plan) -> list[dict[str, Any]]:
             for i, d in enumerate(plan.difficulties) for rank, steps in plan.candidates]
 
 
+def _kept_selection_seed(at: Plan, bases: Path, reuse: Path | None, out: Path, key: dict[str, Any] | None,
+                         seed: int) -> dict[str, dict[str, float]]:
+    """`_selection_seed`, kept in OUT/selection/kept/ under the run's `resume_key` (`kept`): a selection stopped
+    part-way and started again with the same command on the same commit measures only what it had not.
+    Module-level: `map_seeds` runs the seeds in processes of their own."""
+    level = at.difficulties.index(at.difficulty)
+    return kept(out / "kept" / f"d{level}_r{at.rank}_s{at.steps}_seed{seed}.json", key,
+                lambda: _selection_seed(at, bases, reuse, out, seed),
+                f"selection seed {seed} at {difficulty_words(at.difficulty)}, rank {at.rank}, {at.steps} steps")
+
+
 def _selection_seed(at: Plan, bases: Path, reuse: Path | None, out: Path, seed: int) -> dict[str, dict[str, float]]:
     """One selection seed at one rung (`at`): the seed's base (`train_base`: trained at the first rung, then
     reused), plain LoRA alone on each domain and on the mixture, scored on val: {"alone": domain -> accuracy on
@@ -407,7 +418,8 @@ def _selection_seed(at: Plan, bases: Path, reuse: Path | None, out: Path, seed: 
 
 def select_setting(plan: Plan, bases: Path, out: Path,
                    measure: Callable[[Plan], dict[int, dict[str, dict[str, float]]]] | None = None,
-                   jobs: int = 1, threads: int | None = None, reuse: Path | None = None) -> dict[str, Any]:
+                   jobs: int = 1, threads: int | None = None, reuse: Path | None = None,
+                   key: dict[str, Any] | None = None) -> dict[str, Any]:
     """The pre-registered choice of the data's difficulty, the rank and the steps, on val, with the plan's selection
     seeds (not the reported ones): the rungs of `ladder` in order (`protocol.select_first`); at each, the
     difficulty's data (`with_data`, generated under OUT/data/), then plain LoRA alone on each domain (at the
@@ -416,12 +428,12 @@ def select_setting(plan: Plan, bases: Path, out: Path,
     setting`). Returns {"plan": the plan at the chosen rung, "met", "tried": every rung with its val scores and
     why it was rejected}. `measure(plan at a rung) -> seed -> {"alone", "mixture"} -> domain -> val accuracy`
     replaces the training; else the selection seeds run `jobs` at a time in processes of their own (`map_seeds`,
-    `threads` torch threads each)."""
+    `threads` torch threads each), each seed's scores at a rung kept under `key` (`_kept_selection_seed`)."""
     data_dir = out.parent / "data"
 
     def train(at: Plan) -> dict[int, dict[str, dict[str, float]]]:
-        return map_seeds(functools.partial(_selection_seed, at, bases, reuse, out), plan.selection_seeds, jobs,
-                         threads)
+        return map_seeds(functools.partial(_kept_selection_seed, at, bases, reuse, out, key), plan.selection_seeds,
+                         jobs, threads)
 
     plans: dict[int, Plan] = {}  # the plan at each difficulty, its data generated once
     majorities: dict[int, dict[str, float]] = {}
@@ -828,7 +840,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings: dict[str, Any] = {"difficulty": difficulty_words(None), "rank": plan.rank, "steps": plan.steps}
     else:
         selection = select_setting(plan, out / "base", out / "selection", jobs=args.jobs, threads=args.threads,
-                                   reuse=reuse)
+                                   reuse=reuse, key=resume_key(env, args.threads))
         plan = replace(selection["plan"], discriminating=selection["met"])
         chosen_by = ("the data's difficulty, the rank and the steps, by the ladder and the rule below, on val with the "
                      f"selection seeds ({', '.join(map(str, plan.selection_seeds))}), apart from the reported ones.")

@@ -53,8 +53,8 @@ from typing import Any
 from .. import plots
 from ..metrics import accuracy_table, continual_scores
 from ..paths import resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, environment, execute, experiment_parser, majority_answers, map_seeds,
-               parse_args, progress, run_seeds, working_directory)
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, kept, majority_answers,
+               map_seeds, parse_args, progress, resume_key, run_seeds, working_directory)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, decide, difference_words, learnt_over_seeds,
                          learnt_words, paired_difference, seed_stat, spread)
@@ -223,23 +223,31 @@ def selection_rejections(scores: dict[str, dict[str, Any]]) -> list[str]:
     return reasons
 
 
-def _selection_seed(quick: bool, steps: int, out: Path, seed: int) -> dict[str, Any]:
+def _selection_seed(quick: bool, steps: int, out: Path, key: dict[str, Any] | None, seed: int) -> dict[str, Any]:
     """One selection seed at one step budget, on val: the pre-training and the methods the rule reads, in
-    OUT/steps<N>/seed<S>/. Module-level: `map_seeds` runs the seeds in processes of their own."""
-    summary, _ = run(out / f"steps{steps}" / f"seed{seed}", quick, SELECTION_METHODS, seed, steps, "val")
-    scores = summary["scores"]
-    return {"diagonal": {m: scores[m]["diagonal"] for m in ("mora", "lora_task_specific")},
-            "bwt": scores["lora_sequential"]["bwt"], "chance": summary["majority_answer"]}
+    OUT/steps<N>/seed<S>/, its scores kept there under `key` (`kept`: a selection stopped part-way and started
+    again with the same command on the same commit measures only what it had not). Module-level: `map_seeds` runs
+    the seeds in processes of their own."""
+    directory = out / f"steps{steps}" / f"seed{seed}"
+
+    def measured() -> dict[str, Any]:
+        summary, _ = run(directory, quick, SELECTION_METHODS, seed, steps, "val")
+        scores = summary["scores"]
+        return {"diagonal": {m: scores[m]["diagonal"] for m in ("mora", "lora_task_specific")},
+                "bwt": scores["lora_sequential"]["bwt"], "chance": summary["majority_answer"]}
+
+    return kept(directory / "selection_scores.json", key, measured, f"selection seed {seed} at {steps} steps per task")
 
 
 def select_steps(out: Path, quick: bool, seeds: list[int], jobs: int = 1, threads: int | None = None,
-                 measure: Any = None) -> dict[str, Any]:
+                 measure: Any = None, key: dict[str, Any] | None = None) -> dict[str, Any]:
     """The steps per task, chosen on val (`protocol.select_first` over the ladder, cheapest first) with the
     selection seeds, each rung's runs in OUT/steps<N>/seed<S>/; the first rung `selection_rejections` lets
     through, else the last (`met` False: every verdict is then `inconclusive: no discriminating setting`).
-    `measure(rung) -> seed -> val scores` replaces the training. Returns {"steps", "met", "tried"}."""
+    `measure(rung) -> seed -> val scores` replaces the training; else each seed's scores are kept under `key`
+    (`_selection_seed`). Returns {"steps", "met", "tried"}."""
     def train(rung: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        measured = map_seeds(functools.partial(_selection_seed, quick, rung["steps"], out), seeds, jobs, threads)
+        measured = map_seeds(functools.partial(_selection_seed, quick, rung["steps"], out, key), seeds, jobs, threads)
         return {str(seed): scores for seed, scores in measured.items()}
 
     rungs = [{"setting": f"{steps} steps per task", "steps": steps}
@@ -401,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = command_line("lightning_moe.experiments.continual", argv)
     env = environment(command)  # the commit the run starts from
     selection = select_steps(out / "selection", args.quick,
-                             SELECTION_SEEDS[:1] if args.quick else CONTINUAL_SELECTION_SEEDS, args.jobs, args.threads)
+                             SELECTION_SEEDS[:1] if args.quick else CONTINUAL_SELECTION_SEEDS, args.jobs, args.threads,
+                             key=resume_key(env, args.threads))
     declared = protocol(args.seeds, args.quick)
     declared.settings = {"steps_per_task": selection["steps"],
                          "met": selection["met"] or f"NO rung met the rule ({NO_DISCRIMINATING_SETTING}): the last "

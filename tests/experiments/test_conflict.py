@@ -318,3 +318,24 @@ def test_val_at_reads_the_last_validation_logged_by_a_step():
     assert val_at(run, "position_lr", 150) == val_at(run, "position_lr", 299) == 0.5
     assert val_at(run, "position_lr", 300) == 0.95
     assert val_at(run, "position_lr", 149) is None and val_at(run, "position_tb", 300) is None
+
+
+def test_a_selection_seed_is_kept_and_taken_again_under_the_same_key(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_seed(at, bases, reuse, out, seed):
+        calls.append((at.difficulty, at.rank, at.steps, seed))
+        return {"alone": {"position_lr": 0.9}, "alone_early": {"position_lr": 0.6}, "mixture": {"position_lr": 0.5}}
+
+    monkeypatch.setattr(conflict, "_selection_seed", fake_seed)
+    plan = replace(conflict.Plan(), difficulty={"pixel_noise": 30}, rank=2, steps=600)
+    key = {"git_commit": "abc", "command": "python -m lightning_moe.experiments.conflict --out x", "threads": 1}
+    first = conflict._kept_selection_seed(plan, tmp_path / "base", None, tmp_path, key, 1001)
+    assert (tmp_path / "kept" / "d1_r2_s600_seed1001.json").is_file()
+    assert conflict._kept_selection_seed(plan, tmp_path / "base", None, tmp_path, key, 1001) == first
+    assert calls == [({"pixel_noise": 30}, 2, 600, 1001)]
+    # another rung, another key or none (a dirty tree): measured
+    conflict._kept_selection_seed(replace(plan, steps=300), tmp_path / "base", None, tmp_path, key, 1001)
+    conflict._kept_selection_seed(plan, tmp_path / "base", None, tmp_path, {**key, "threads": 2}, 1001)
+    conflict._kept_selection_seed(plan, tmp_path / "base", None, tmp_path, None, 1001)
+    assert len(calls) == 4

@@ -148,10 +148,17 @@ def test_a_selection_seed_runs_the_rules_arms_on_val(tmp_path, monkeypatch):
         return {"scores": scores, "majority_answer": {"count": 0.25}}, ""
 
     monkeypatch.setattr(continual, "run", fake_run)
-    entry = continual._selection_seed(False, 300, tmp_path, 1001)
+    key = {"git_commit": "abc", "command": "python -m lightning_moe.experiments.continual --out x", "threads": 1}
+    entry = continual._selection_seed(False, 300, tmp_path, key, 1001)
     assert calls == [(tmp_path / "steps300" / "seed1001", continual.SELECTION_METHODS, 1001, 300, "val")]
     assert entry == {"diagonal": {"mora": [0.9, 0.8, 0.7], "lora_task_specific": [0.9, 0.8, 0.7]}, "bwt": -0.4,
                      "chance": {"count": 0.25}}
+    # kept: the same command on the same commit takes the scores instead of training again; another key, or no
+    # key (a dirty tree), trains
+    assert continual._selection_seed(False, 300, tmp_path, key, 1001) == entry and len(calls) == 1
+    continual._selection_seed(False, 300, tmp_path, {**key, "git_commit": "def"}, 1001)
+    continual._selection_seed(False, 300, tmp_path, None, 1001)
+    assert len(calls) == 3
     # the runs' command lines: the steps and the evaluated split reach the data module
     run = continual.method_run("mora", False, 1001, 300, "val")
     assert "--data.init_args.steps_per_task=300" in run.args and "--data.init_args.evaluate_on=val" in run.args
