@@ -312,10 +312,11 @@ def final_val(result: RunResult | dict[str, Any], domains: list[str]) -> dict[st
 
 
 def val_at(result: RunResult, domain: str, step: int) -> float | None:
-    """`domain`'s val exact match at the last validation logged at or before `step` (a point of its learning
-    curve); None when none was logged by then."""
+    """`domain`'s val exact match at the last validation made after at most `step` training steps (a point of its
+    learning curve); None when there was none by then. Lightning logs the validation made after step s at step
+    s - 1 (the optimizer-step counter moves on after it)."""
     points = [value for logged, value in result.details.get("val_curves", {}).get(f"val/{domain}/exact_match", [])
-              if logged <= step]
+              if logged + 1 <= step]
     return points[-1] if points else None
 
 
@@ -412,9 +413,11 @@ def kept(saved: Path, key: dict[str, Any] | None, make: Callable[[], Any], what:
             print(f"{what}: from {saved} (made by this command on this commit)", file=sys.stderr)
             return stored["value"]
     value = make()
-    if key is not None:
+    if key is not None:  # written whole or not at all: a run killed while writing leaves no half file to trip on
         saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"key": key, "value": value}))
+        partial = saved.with_name(saved.name + ".partial")
+        partial.write_text(json.dumps({"key": key, "value": value}))
+        os.replace(partial, saved)
     return value
 
 

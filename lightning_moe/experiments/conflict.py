@@ -99,7 +99,7 @@ class Plan:
     # the conflicting pair + one domain the base already knows (does adapting break it?)
     domains: list[str] = field(default_factory=lambda: ["count", "position_lr", "position_tb"])
     base_steps: int = 400  # dense pre-training of the base model (configs/mole/base.yaml)
-    steps: int = 300  # training steps of every mixture run; a run on one domain alone takes steps / len(domains)
+    steps: int = 300  # training steps of every run; a run on one domain alone at batch_size / D (`batch_for`)
     rank: int = 1  # plain LoRA and MoLE (per expert) rank; the big LoRA gets 4x
     experts: list[int] = field(default_factory=lambda: [2, 3])  # one MoLE run per expert count (reference: 3)
     lr: float = 2e-3
@@ -390,19 +390,21 @@ def _selection_seed(at: Plan, bases: Path, reuse: Path | None, out: Path, seed: 
     reused), plain LoRA alone on each domain and on the mixture, scored on val: {"alone": domain -> accuracy on
     it alone, "alone_early": domain of the pair -> that run's accuracy after `at.learnt_by` of its steps (a
     validation then; it draws from no generator the training reads), "mixture": domain -> accuracy}.
-    Module-level: `map_seeds` runs the seeds in processes of their own."""
+    Module-level: `map_seeds` runs the seeds in processes of their own. A run alone is scored on its own domain
+    only (all the rule reads of it)."""
     base_model, _ = train_base(replace(at, seed=seed), bases, reuse)
     lora = {"lora": {"r": at.rank, "alpha": 2.0 * at.rank}}
     level = at.difficulties.index(at.difficulty)
-    early_step = max(1, round(at.learnt_by * at.steps))
+    early_step = max(1, int(at.learnt_by * at.steps))
     entry: dict[str, dict[str, float]] = {"alone": {}, "alone_early": {}, "mixture": {}}
     for what, train_domains in [*((d, [d]) for d in at.domains), ("mixture", at.domains)]:
         name = f"select_d{level}_r{at.rank}_s{at.steps}_{what}_seed{seed}"
         early = {"limit_val_batches": 1.0, "val_check_interval": early_step, "check_val_every_n_epoch": None}
         config = _run_config(at, out, name, train_domains, at.steps, [], _adapter_overrides(at, lora, base_model),
-                             seed, split="val", validation=early if what in at.pair else None)
+                             seed, split="val", evaluated=train_domains,
+                             validation=early if what in at.pair else None)
         result = _fit_and_test("lora.yaml", config, name, name, train_domains, out, seed)
-        acc = accuracy(result, at.domains)
+        acc = accuracy(result, train_domains)
         if what == "mixture":
             entry["mixture"] = acc
         else:

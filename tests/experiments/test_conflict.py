@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_moe.data.synthetic import ShapesDifficulty, generate_shapes
 from lightning_moe.experiments import RunResult, conflict, val_at
@@ -86,6 +87,12 @@ def test_quick_conflict_experiment_writes_results_and_reuses_the_base(quick_outp
     assert trainer["position_lr"]["val_check_interval"] == 2 and trainer["mixture"]["limit_val_batches"] == 0
     early = protocol["settings"]["ladder"][0]["val"]["1000"]["alone_early"]
     assert set(early) == set(conflict.QUICK.pair) and all(0 <= v <= 1 for v in early.values())
+    # Lightning logs the validations after steps 2 and 4 at steps 1 and 3; the rule read the first
+    events = EventAccumulator(str(out / "selection" / "tensorboard" / "select_d0_r1_s4_position_lr_seed1000"),
+                              size_guidance={"scalars": 0})
+    events.Reload()
+    curve = [(e.step, e.value) for e in events.Scalars("val/position_lr/exact_match")]
+    assert [s for s, _ in curve] == [1, 3] and abs(early["position_lr"] - curve[0][1]) < 1e-6
     assert results["verdict"].startswith("inconclusive")  # one seed: no interval, whatever the gates say
     # the oracle sends every answer token of domain i to expert i, in every layer; the learnt router's shares
     # are measured on the same tokens (each row a distribution over the experts)
@@ -311,13 +318,16 @@ def test_a_budget_is_skipped_only_beyond_a_ceiling_on_the_same_data():
 
 
 def test_val_at_reads_the_last_validation_logged_by_a_step():
-    # validations after 150 and 300 steps, logged at the trainer's step
+    # validations after 150 and 300 steps, which Lightning logs at steps 149 and 299 (as the runs' curves hold them)
     run = RunResult(name="r", method="m", stage="", steps=300, wall_s=0.0, step_time_s=0.0, peak_memory_mb=0.0,
                     memory_kind="", params_total=0, params_activated=0, details={
-                        "val_curves": {"val/position_lr/exact_match": [[150, 0.5], [300, 0.95]]}})
+                        "val_curves": {"val/position_lr/exact_match": [[149, 0.5], [299, 0.95]]}})
     assert val_at(run, "position_lr", 150) == val_at(run, "position_lr", 299) == 0.5
     assert val_at(run, "position_lr", 300) == 0.95
     assert val_at(run, "position_lr", 149) is None and val_at(run, "position_tb", 300) is None
+    # a validation after every step (steps 1 and 2, logged at 0 and 1): after step 1 only the first
+    every = replace(run, details={"val_curves": {"val/position_lr/exact_match": [[0, 0.25], [1, 0.75]]}})
+    assert val_at(every, "position_lr", 1) == 0.25
 
 
 def test_a_selection_seed_is_kept_and_taken_again_under_the_same_key(tmp_path, monkeypatch):
@@ -331,7 +341,7 @@ def test_a_selection_seed_is_kept_and_taken_again_under_the_same_key(tmp_path, m
     plan = replace(conflict.Plan(), difficulty={"pixel_noise": 30}, rank=2, steps=600)
     key = {"git_commit": "abc", "command": "python -m lightning_moe.experiments.conflict --out x", "threads": 1}
     first = conflict._kept_selection_seed(plan, tmp_path / "base", None, tmp_path, key, 1001)
-    assert (tmp_path / "kept" / "d1_r2_s600_seed1001.json").is_file()
+    assert (tmp_path / "kept" / "d1_r2_s600_seed1001.json").is_file() and not list((tmp_path / "kept").glob("*.partial"))
     assert conflict._kept_selection_seed(plan, tmp_path / "base", None, tmp_path, key, 1001) == first
     assert calls == [({"pixel_noise": 30}, 2, 600, 1001)]
     # another rung, another key or none (a dirty tree): measured
