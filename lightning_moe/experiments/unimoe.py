@@ -12,7 +12,7 @@ config written to OUT/configs/):
    the rungs of
    `Plan.difficulties` in order (the shipped data/media, then `MediaDifficulty` settings generated under
    OUT/data/ by `generate_media`), stage 1 trained at each, the first at which stage 1 is not already at
-   ceiling on most domains (`rejections`) is used;
+   ceiling on most domains and has learnt something of each modality (`rejections`) is used;
 2. per seed, stage 1 with video `concat` at the chosen difficulty, trained at the seed: the seed's starting
    point, where all its arms start (a starting point trained once would hold every seed's interval to one draw
    of it, which another float order changes); each stage-1 run lives in OUT/base/stage1-<settings>/ (the seed
@@ -67,6 +67,7 @@ LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies
 # the primary comparisons' margin: 2 points of the mean accuracy over 6 domains x 200 test samples
 MARGIN = 0.02
 CEILING = 0.99  # a domain at 99 % val exact match or more leaves the later stages nothing to show on it
+LEARNT_MARGIN = 0.05  # a domain stage 1 has learnt something of: this far above its majority answer on val
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Plan:
     # the ladder `select_difficulty` climbs on val (easiest first): None the shipped data/media, else
     # `MediaDifficulty` settings generated under OUT/data/ (data_seed, data_train / data_eval samples, data_pools)
     difficulties: list[dict[str, Any] | None] = field(default_factory=lambda: [
-        None, {"pitch_ratio": 2.0, "audio_noise": 0.05}, {"pitch_ratio": 1.5, "audio_noise": 0.1}])
+        None, {"audio_noise": 0.01}, {"pitch_ratio": 2.0, "audio_noise": 0.05}, {"pitch_ratio": 1.5, "audio_noise": 0.1}])
     difficulty: dict[str, Any] | None = None  # the chosen rung's (None: the shipped data/media)
     data_root: str | None = None
     data_seed: int = 0
@@ -127,13 +128,19 @@ def difficulty_words(difficulty: dict[str, Any] | None) -> str:
     return setting_words(difficulty, "data/media")
 
 
-def rejections(val: dict[str, float]) -> list[str]:
-    """Why a rung fails the selection rule, from stage 1's (video concat: the arms' start) val exact match per domain;
-    none: it qualifies. The rule: stage 1 at ceiling (CEILING or more) on at most half of the domains."""
+def rejections(val: dict[str, float], chance: dict[str, float]) -> list[str]:
+    """Why a rung fails the selection rule, from stage 1's (video concat: the arms' start) val exact match per domain
+    and each domain's majority answer on val (`chance`); none: it qualifies. The rule: stage 1 at ceiling (CEILING
+    or more) on at most half of the domains, and LEARNT_MARGIN above chance on at least one domain of each
+    modality (audio, video): every modality's expert starts from a model that has learnt something of it."""
+    reasons = []
     at_ceiling = [d for d, v in val.items() if v >= CEILING]
     if 2 * len(at_ceiling) > len(val):
-        return [f"stage 1 at ceiling on {len(at_ceiling)} of {len(val)} domains ({', '.join(at_ceiling)})"]
-    return []
+        reasons.append(f"stage 1 at ceiling on {len(at_ceiling)} of {len(val)} domains ({', '.join(at_ceiling)})")
+    for modality, domains in (("audio", AUDIO), ("video", VIDEO)):
+        if not any(val[d] - chance[d] >= LEARNT_MARGIN - 1e-9 for d in domains):
+            reasons.append(f"stage 1 at chance on every {modality} domain ({', '.join(domains)})")
+    return reasons
 
 
 def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
@@ -146,17 +153,18 @@ def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
     stage1: dict[int, dict[str, RunResult]] = {}
     at_seed = replace(plan, seed=plan.selection_seed)
 
-    def measure(rung: dict[str, Any]) -> dict[str, float]:
+    def measure(rung: dict[str, Any]) -> dict[str, Any]:
         plans[rung["level"]] = with_data(at_seed, rung["difficulty"], out / "data")
         stage1[rung["level"]] = train_stage1(plans[rung["level"]], out / "base", ("concat",))
         val = final_val(stage1[rung["level"]]["align_concat"], list(DOMAINS))
         if val is None:
             raise RuntimeError(f"unimoe: stage 1 in {out / 'base'} did not validate on every domain")
-        return val
+        return {"val": val, "chance": majority_answers(data_root(plans[rung["level"]]), DOMAINS, "val",
+                                                        plan.eval_samples)}
 
     rungs = [{"setting": difficulty_words(d), "level": i, "difficulty": d} for i, d in enumerate(plan.difficulties)]
     chosen = select_first(progress(rungs, "unimoe: choosing the data's difficulty on val"), measure,
-                          lambda rung, val: rejections(val))
+                          lambda rung, scores: rejections(scores["val"], scores["chance"]))
     level = chosen["chosen"]["level"]
     stage1[level] |= train_stage1(plans[level], out / "base", ("mean",))  # the pooling comparison's other arm
     return {"plan": replace(plans[level], seed=plan.seed, discriminating=chosen["met"]), "stage1": stage1[level],
@@ -166,7 +174,9 @@ def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
 SELECTION_RULE = (f"the first rung at which stage 1 (video concat, the arms' start; the selection seed's run) is at "
                   f"ceiling "
                   f"(>= {100 * CEILING:.0f} % val exact match) on at most half of the domains, so that the later stages "
-                  "have something to show on most of them")
+                  f"have something to show on most of them, and at least {100 * LEARNT_MARGIN:.0f} points above the "
+                  "majority answer on one domain of each modality (audio, video), so that every modality's expert "
+                  "starts from a model that has learnt something of it")
 
 
 def protocol(seeds: list[int], plan: Plan) -> Protocol:

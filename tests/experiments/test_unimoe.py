@@ -72,6 +72,7 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
     assert chosen["met"] and chosen["plan"].data_root == str(generated) and chosen["plan"].discriminating
     assert chosen["tried"][0]["rejected"] == ["stage 1 at ceiling on 6 of 6 domains (beeps, pitch, longer, frames, "
                                               "motion, beeps_shapes)"]
+    assert set(chosen["tried"][1]["val"]["chance"]) == set(unimoe.DOMAINS)  # each domain's majority answer on val
     # the plan's data in the runs' configs: the media runs read it, the image expert keeps data/shapes
     config = yaml.safe_load(unimoe._config(chosen["plan"], tmp_path, "x", 4, {}, [], 0).read_text())
     assert config["data"]["init_args"]["root"] == str(generated)
@@ -98,3 +99,4 @@ def test_each_seed_trains_its_own_stage_1(tmp_path, monkeypatch):
     directories = {unimoe.stage1_directory(replace(unimoe.QUICK, seed=s), tmp_path) for s in (0, 3)}
     assert len(directories) == 2
     assert unimoe.stage1_directory(replace(unimoe.QUICK, seed=0, selection_seed=5), tmp_path) in directories
+

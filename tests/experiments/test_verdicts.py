@@ -295,8 +295,26 @@ def test_unimoe_without_a_qualifying_difficulty_every_verdict_is_inconclusive():
 
 
 def test_unimoe_selection_rule_rejects_stage_1_at_ceiling_on_most_domains():
+    chance = {"beeps": 0.25, "pitch": 0.5, "longer": 0.5, "frames": 0.25, "motion": 0.5, "beeps_shapes": 0.5}
     half = {"beeps": 1.0, "pitch": 0.99, "longer": 1.0, "frames": 0.7, "motion": 0.5, "beeps_shapes": 0.6}
-    assert unimoe.rejections(half) == []  # three of six: not most
+    assert unimoe.rejections(half, chance) == []  # three of six: not most
     most = {**half, "frames": 0.995}
-    assert unimoe.rejections(most) == ["stage 1 at ceiling on 4 of 6 domains (beeps, pitch, longer, frames)"]
-    assert unimoe.rejections({**half, "pitch": 0.985, "frames": 0.995}) == []  # 98.5 % is not the ceiling
+    assert unimoe.rejections(most, chance) == ["stage 1 at ceiling on 4 of 6 domains (beeps, pitch, longer, frames)"]
+    assert unimoe.rejections({**half, "pitch": 0.985, "frames": 0.995}, chance) == []  # 98.5 % is not the ceiling
+
+
+def test_unimoe_selection_rule_wants_something_learnt_of_each_modality():
+    chance = {"beeps": 0.25, "pitch": 0.5, "longer": 0.5, "frames": 0.25, "motion": 0.5, "beeps_shapes": 0.5}
+    val = {"beeps": 0.25, "pitch": 1.0, "longer": 0.5, "frames": 0.685, "motion": 1.0, "beeps_shapes": 0.5}
+    assert unimoe.rejections(val, chance) == []
+    # every audio domain at chance (the audio expert would start from nothing): rejected, though room is left; a
+    # domain exactly 5 points above chance counts as learnt
+    deaf = {**val, "pitch": 0.5}
+    assert unimoe.rejections(deaf, chance) == ["stage 1 at chance on every audio domain (beeps, pitch, longer)"]
+    assert unimoe.rejections({**deaf, "beeps": 0.30}, chance) == []
+    blind = {**val, "frames": 0.25, "motion": 0.54}
+    assert unimoe.rejections(blind, chance) == ["stage 1 at chance on every video domain (frames, motion)"]
+    # both reasons at once, the ceiling first
+    assert unimoe.rejections({d: 1.0 for d in chance} | {"frames": 0.25, "motion": 0.5}, chance) == [
+        "stage 1 at ceiling on 4 of 6 domains (beeps, pitch, longer, beeps_shapes)",
+        "stage 1 at chance on every video domain (frames, motion)"]
