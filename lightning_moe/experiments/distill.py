@@ -61,8 +61,8 @@ import yaml
 from ..cli import effective_config
 from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..paths import shipped_path
-from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, majority_answers,
-               map_kept_seeds, parse_args, progress, resume_key, working_directory, write_results)
+from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, kept,
+               majority_answers, map_kept_seeds, parse_args, progress, resume_key, working_directory, write_results)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import TOLERANCE, at_ceiling_or_chance, decide, interval_words, paired_difference, seed_stat, spread
 
@@ -305,6 +305,7 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
                           + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else "")
                           + ("" if control else " --no-control"))
     env = environment(command)  # command, date, torch threads, versions, git commit: when the run starts
+    key = resume_key(env, threads)  # what a rerun of this command on this clean commit may take from this one
     start = time.perf_counter()
     sizes = QUICK_DATA_SIZES if quick else DATA_SIZES
     shared_teacher = teacher_from is not None
@@ -316,17 +317,17 @@ def run(out: Path, quick: bool = False, mimic_lm_weight: float | None = None, te
                              " written before the difficulty was chosen on val; train a new teacher instead")
     else:
         selection = select_difficulty(out, quick, LADDER[:1] if quick else LADDER, sizes,
-                                      SELECTION_SEEDS[:1] if quick else SELECTION_SEEDS)
+                                      SELECTION_SEEDS[:1] if quick else SELECTION_SEEDS, key)
         chosen = selection["chosen"]
         settings = {"difficulty": chosen["setting"], "shapes": chosen["difficulty"], "met": selection["met"],
                     "ladder": selection["tried"]}
     root = generated(out, settings["shapes"], sizes)
     rows = [{**asdict(teacher), "seed": None}] if shared_teacher else []
     # a seed finished by an earlier run of this command on this clean commit is taken from its directory
-    kept = map_kept_seeds(out, seeds, functools.partial(_seed_runs, out, quick, mimic_lm_weight, control, root,
-                                                        shared_teacher),
-                          resume_key(env, threads), jobs, threads)
-    per_seed = {seed: {name: RunResult.from_dict(row) for name, row in kept[seed][0].items()} for seed in seeds}
+    finished = map_kept_seeds(out, seeds, functools.partial(_seed_runs, out, quick, mimic_lm_weight, control, root,
+                                                            shared_teacher),
+                              key, jobs, threads)
+    per_seed = {seed: {name: RunResult.from_dict(row) for name, row in finished[seed][0].items()} for seed in seeds}
     for seed in seeds:
         rows += [asdict(r) for r in per_seed[seed].values()]
     declared = protocol(seeds, control, quick)
@@ -401,32 +402,42 @@ def rejections(scores: dict[str, Any]) -> list[str]:
     return [r for r in reasons if r]
 
 
+def selection_teacher_val(workdir: Path, quick: bool, root: Path) -> float:
+    """A selection rung's teacher (trained inside `workdir` at its config's seed, validated at its end; it only
+    chooses the rung, the reported seeds train their own): its val primary metric."""
+    quick_args = [*QUICK, *quick_data(False), "--trainer.val_check_interval=2"] if quick else []
+    with working_directory(workdir):
+        result = execute(Run("teacher", ["--config", str(config("teacher")), *quick_args, *data_overrides(root)]),
+                         workdir)
+    return val_primary(result, QUICK_DOMAINS if quick else DOMAINS)
+
+
 def select_difficulty(out: Path, quick: bool, ladder: tuple[dict[str, Any], ...], sizes: dict[str, int],
-                      seeds: list[int]) -> dict[str, Any]:
+                      seeds: list[int], key: dict[str, Any] | None = None) -> dict[str, Any]:
     """The data's difficulty, chosen on val (`protocol.select_first` over `ladder`, easiest first): at each rung its
-    set (`generated`), a teacher (trained in OUT/selection/d<i>/ at its config's seed, validated at its end; it
-    only chooses the rung, the reported seeds train their own) and the undistilled student in every selection seed; the
-    first rung `rejections` lets through is chosen, else the last. Returns `select_first`'s answer with the
-    teachers' rows by rung ("teachers")."""
-    teachers: dict[int, RunResult] = {}
+    set (`generated`), a teacher (`selection_teacher_val`, in OUT/selection/d<i>/) and the undistilled student in
+    every selection seed; the first rung `rejections` lets through is chosen, else the last. Each of those scores
+    is `kept` in OUT/selection/d<i>/kept/ under `key` (the run's `resume_key`): a selection stopped part-way and
+    started again with the same command on the same commit trains only what it had not. Returns `select_first`'s
+    answer."""
     domains = QUICK_DOMAINS if quick else DOMAINS
 
     def measure(rung: dict[str, Any]) -> dict[str, Any]:
         root, workdir = generated(out, rung["difficulty"], sizes), out / "selection" / f"d{rung['level']}"
         workdir.mkdir(parents=True, exist_ok=True)
-        quick_args = [*QUICK, *quick_data(False), "--trainer.val_check_interval=2"] if quick else []
-        with working_directory(workdir):
-            teachers[rung["level"]] = execute(Run("teacher", ["--config", str(config("teacher")), *quick_args,
-                                                              *data_overrides(root)]), workdir)
-        students = {str(seed): undistilled_val(workdir, seed, quick, root) for seed in seeds}
-        chance = majority_answer(root, domains, "val")
-        return {"teacher": val_primary(teachers[rung["level"]], domains), "students": students, "chance": chance}
+        where = f"the selection at {rung['setting']}"
+        teacher = kept(workdir / "kept" / "teacher.json", key, lambda: selection_teacher_val(workdir, quick, root),
+                       f"{where}: the teacher's val score")
+        students = {str(seed): kept(workdir / "kept" / f"undistilled_seed{seed}.json", key,
+                                    functools.partial(undistilled_val, workdir, seed, quick, root),
+                                    f"{where}: the undistilled student's val score, seed {seed}")
+                    for seed in seeds}
+        return {"teacher": teacher, "students": students, "chance": majority_answer(root, domains, "val")}
 
     rungs = [{"setting": setting_words(shapes, "data/shapes"), "level": i, "difficulty": shapes}
              for i, shapes in enumerate(ladder)]
-    chosen = select_first(progress(rungs, "distill: choosing the data's difficulty on val"), measure,
-                          lambda rung, scores: rejections(scores))
-    return {**chosen, "teachers": teachers}
+    return select_first(progress(rungs, "distill: choosing the data's difficulty on val"), measure,
+                        lambda rung, scores: rejections(scores))
 
 
 SELECTION_RULE = (f"the first rung at which, on val, the teacher is off the ceiling (100 %) and above chance, and the "

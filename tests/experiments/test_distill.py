@@ -122,3 +122,37 @@ def test_distill_experiment_quick_writes_results(quick_outputs, monkeypatch):
                     "--seeds", "0", "1", "--jobs", "1"])
     assert [(name, seed) for name, seed, _, _ in calls] == [(n, 1) for n in students]
     assert resumed["aggregate"] == again["aggregate"] and resumed["runs"] == again["runs"]
+
+
+def test_a_stopped_selection_trains_again_only_what_it_had_not_scored(tmp_path, monkeypatch):
+    """The selection's teacher and undistilled students are kept per rung under the run's resume key: the same
+    key takes them back, one lost score is trained again alone, another key (another commit) trains everything."""
+    trained = []
+    scores = {0: (1.0, 0.97), 1: (0.9, 0.7)}  # rung -> (teacher, undistilled student): rung 0 is at the ceiling
+
+    def teacher_val(workdir, quick, root):
+        trained.append(("teacher", workdir.name))
+        return scores[int(workdir.name[1:])][0]
+
+    def undistilled_val(workdir, seed, quick, root):
+        trained.append((seed, workdir.name))
+        return scores[int(workdir.name[1:])][1] + seed / 1e4
+
+    monkeypatch.setattr(distill, "selection_teacher_val", teacher_val)
+    monkeypatch.setattr(distill, "undistilled_val", undistilled_val)
+    monkeypatch.setattr(distill, "generated", lambda out, shapes, sizes: out / "data")
+    monkeypatch.setattr(distill, "majority_answer", lambda root, domains, split: 0.3)
+    ladder, key = ({"cooccurrence": 0.9}, {"cooccurrence": 0.9, "pixel_noise": 30}), {"git_commit": "a"}
+
+    def select(run_key):
+        trained.clear()
+        return distill.select_difficulty(tmp_path, False, ladder, {}, [1, 2], run_key)
+
+    first = select(key)
+    assert first["chosen"]["level"] == 1
+    assert trained == [("teacher", "d0"), (1, "d0"), (2, "d0"), ("teacher", "d1"), (1, "d1"), (2, "d1")]
+    assert select(key) == first and trained == []
+    (tmp_path / "selection" / "d1" / "kept" / "undistilled_seed2.json").unlink()
+    assert select(key) == first and trained == [(2, "d1")]
+    assert select({"git_commit": "b"}) == first and len(trained) == 6
+    assert select(None) == first and len(trained) == 6  # a dirty tree keeps and takes nothing
