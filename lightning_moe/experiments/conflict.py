@@ -335,6 +335,18 @@ def rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[st
     metric (mean over the seeds)."""
     if not scores:
         return ["no selection seed measured"]
+    reasons = seed_rejections(scores, majority, domains, pair, gap, learnt_by)
+    chance = primary(majority, domains)
+    for name, key in (("the upper bound", "alone"), ("plain LoRA on the mixture", "mixture")):
+        reasons.append(at_ceiling_or_chance(name, [primary(seed[key], domains) for seed in scores.values()], chance))
+    return [r for r in reasons if r]
+
+
+def seed_rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[str, float], domains: list[str],
+                    pair: list[str], gap: float = DIFFICULTY_GAP, learnt_by: float = 0.5) -> list[str]:
+    """The part of `rejections` that every selection seed must meet on its own (the pair learnt by `learnt_by` of
+    the steps, the mixture `gap` below the upper bound): one seed failing it rejects the rung, whatever the seeds
+    not yet measured would show."""
     reasons = []
     missed = [f"{d} (seed {s})" for s, seed in scores.items() for d in pair
               if seed["alone_early"][d] - majority[d] < CONFLICT_MARGIN - TOLERANCE]
@@ -345,10 +357,7 @@ def rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[st
     if short:
         reasons.append(f"plain LoRA on the mixture less than {100 * gap:.0f} points below the upper bound "
                        f"(seed {', '.join(short)})")
-    chance = primary(majority, domains)
-    for name, key in (("the upper bound", "alone"), ("plain LoRA on the mixture", "mixture")):
-        reasons.append(at_ceiling_or_chance(name, [primary(seed[key], domains) for seed in scores.values()], chance))
-    return [r for r in reasons if r]
+    return reasons
 
 
 CEILING_REASON = "the upper bound at ceiling"  # how `rejections` (`at_ceiling_or_chance`) begins that reason
@@ -429,13 +438,22 @@ def select_setting(plan: Plan, bases: Path, out: Path,
     chosen. None does: the last one, with `met` False (every verdict is then `inconclusive: no discriminating
     setting`). Returns {"plan": the plan at the chosen rung, "met", "tried": every rung with its val scores and
     why it was rejected}. `measure(plan at a rung) -> seed -> {"alone", "mixture"} -> domain -> val accuracy`
-    replaces the training; else the selection seeds run `jobs` at a time in processes of their own (`map_seeds`,
-    `threads` torch threads each), each seed's scores at a rung kept under `key` (`_kept_selection_seed`)."""
+    replaces the training; else the selection seeds run in rounds of `jobs` in processes of their own
+    (`map_seeds`, `threads` torch threads each), each seed's scores at a rung kept under `key`
+    (`_kept_selection_seed`). Once a round leaves a seed failing what every seed must meet (`seed_rejections`),
+    the rung is rejected and its later rounds are not run: the choice is the same, a rejected rung costs less."""
     data_dir = out.parent / "data"
+    seeds, per_round = plan.selection_seeds, max(1, jobs)
 
     def train(at: Plan) -> dict[int, dict[str, dict[str, float]]]:
-        return map_seeds(functools.partial(_kept_selection_seed, at, bases, reuse, out, key), plan.selection_seeds,
-                         jobs, threads)
+        scores: dict[int, dict[str, dict[str, float]]] = {}
+        for first in range(0, len(seeds), per_round):
+            scores |= map_seeds(functools.partial(_kept_selection_seed, at, bases, reuse, out, key),
+                                seeds[first:first + per_round], jobs, threads)
+            if seed_rejections(scores, majorities[at.difficulties.index(at.difficulty)], plan.domains, plan.pair,
+                               learnt_by=plan.learnt_by):
+                break
+        return scores
 
     plans: dict[int, Plan] = {}  # the plan at each difficulty, its data generated once
     majorities: dict[int, dict[str, float]] = {}
@@ -450,6 +468,11 @@ def select_setting(plan: Plan, bases: Path, out: Path,
         return {str(seed): v for seed, v in (measure or train)(at_rung(rung)).items()}
 
     def judged(rung: dict[str, Any], scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+        not_run = [str(seed) for seed in seeds if str(seed) not in scores]
+        if not_run:  # `train` stopped early: only the conditions of single seeds can be judged
+            return [*seed_rejections(scores, majorities[rung["level"]], plan.domains, plan.pair,
+                                     learnt_by=plan.learnt_by),
+                    f"seed {', '.join(not_run)} not run (a seed had already failed what every seed must meet)"]
         return rejections(scores, majorities[rung["level"]], plan.domains, plan.pair, learnt_by=plan.learnt_by)
 
     chosen = select_first(progress(ladder(plan), "conflict: choosing difficulty, rank and steps on val"), measured,
@@ -792,7 +815,9 @@ def difficulty_rule_words(learnt_by: float) -> str:
             f"above the majority answer) by {100 * learnt_by:.0f} % of the rung's steps in every selection seed (a "
             "budget with room: the seeds learn at different times), plain LoRA on the mixture stays at least "
             f"{100 * DIFFICULTY_GAP:.0f} points below that upper bound (at the end) on the primary metric, and "
-            "neither sits at ceiling (100 %) or chance on it (mean over the selection seeds).")
+            "neither sits at ceiling (100 %) or chance on it (mean over the selection seeds). The selection seeds run "
+            "in rounds (as many as run at once); once one fails a condition every seed must meet, the rung is "
+            "rejected without the later rounds.")
 
 
 def protocol(plan: Plan, seeds: list[int], chosen_by: str, selected: bool = True) -> Protocol:
