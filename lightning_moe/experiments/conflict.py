@@ -360,7 +360,14 @@ def seed_rejections(scores: dict[int, dict[str, dict[str, float]]], majority: di
     return reasons
 
 
-CEILING_REASON = "the upper bound at ceiling"  # how `rejections` (`at_ceiling_or_chance`) begins that reason
+CEILING_REASON = "the upper bound at ceiling"
+
+
+def ceiling_possible(scores: dict[int, dict[str, dict[str, float]]], seeds: int, domains: list[str]) -> bool:
+    """Whether the upper bound could still be at ceiling on the mean over `seeds` selection seeds, the ones not yet
+    in `scores` at 100 %: a rung that may still earn `CEILING_REASON` is measured in full."""
+    best = [primary(seed["alone"], domains) for seed in scores.values()] + [1.0] * (seeds - len(scores))
+    return (at_ceiling_or_chance("the upper bound", best, 0.0) or "").startswith(CEILING_REASON)  # how `rejections` (`at_ceiling_or_chance`) begins that reason
 
 
 def beyond_ceiling(rung: dict[str, Any], tried: list[dict[str, Any]]) -> str | None:
@@ -440,18 +447,23 @@ def select_setting(plan: Plan, bases: Path, out: Path,
     why it was rejected}. `measure(plan at a rung) -> seed -> {"alone", "mixture"} -> domain -> val accuracy`
     replaces the training; else the selection seeds run in rounds of `jobs` in processes of their own
     (`map_seeds`, `threads` torch threads each), each seed's scores at a rung kept under `key`
-    (`_kept_selection_seed`). Once a round leaves a seed failing what every seed must meet (`seed_rejections`),
-    the rung is rejected and its later rounds are not run: the choice is the same, a rejected rung costs less."""
+    (`_kept_selection_seed`). Once a round leaves a seed failing what every seed must meet (`seed_rejections`)
+    and the upper bound can no longer sit at ceiling over all the seeds (`ceiling_possible`: that reason lets
+    `beyond_ceiling` skip later budgets), the rung is rejected and its later rounds are not run: the choice is
+    the same, a rejected rung costs less."""
     data_dir = out.parent / "data"
     seeds, per_round = plan.selection_seeds, max(1, jobs)
+    stopped: set[tuple[int, int, int]] = set()  # (level, rank, steps) of the rungs `train` left part-measured
 
     def train(at: Plan) -> dict[int, dict[str, dict[str, float]]]:
+        level = at.difficulties.index(at.difficulty)
         scores: dict[int, dict[str, dict[str, float]]] = {}
         for first in range(0, len(seeds), per_round):
             scores |= map_seeds(functools.partial(_kept_selection_seed, at, bases, reuse, out, key),
                                 seeds[first:first + per_round], jobs, threads)
-            if seed_rejections(scores, majorities[at.difficulties.index(at.difficulty)], plan.domains, plan.pair,
-                               learnt_by=plan.learnt_by):
+            if (len(scores) < len(seeds) and not ceiling_possible(scores, len(seeds), plan.domains)
+                    and seed_rejections(scores, majorities[level], plan.domains, plan.pair, learnt_by=plan.learnt_by)):
+                stopped.add((level, at.rank, at.steps))
                 break
         return scores
 
@@ -468,8 +480,8 @@ def select_setting(plan: Plan, bases: Path, out: Path,
         return {str(seed): v for seed, v in (measure or train)(at_rung(rung)).items()}
 
     def judged(rung: dict[str, Any], scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-        not_run = [str(seed) for seed in seeds if str(seed) not in scores]
-        if not_run:  # `train` stopped early: only the conditions of single seeds can be judged
+        if (rung["level"], rung["rank"], rung["steps"]) in stopped:  # only the conditions of single seeds judged
+            not_run = [str(seed) for seed in seeds if str(seed) not in scores]
             return [*seed_rejections(scores, majorities[rung["level"]], plan.domains, plan.pair,
                                      learnt_by=plan.learnt_by),
                     f"seed {', '.join(not_run)} not run (a seed had already failed what every seed must meet)"]
@@ -816,8 +828,8 @@ def difficulty_rule_words(learnt_by: float) -> str:
             "budget with room: the seeds learn at different times), plain LoRA on the mixture stays at least "
             f"{100 * DIFFICULTY_GAP:.0f} points below that upper bound (at the end) on the primary metric, and "
             "neither sits at ceiling (100 %) or chance on it (mean over the selection seeds). The selection seeds run "
-            "in rounds (as many as run at once); once one fails a condition every seed must meet, the rung is "
-            "rejected without the later rounds.")
+            "in rounds (as many as run at once); once one fails a condition every seed must meet and the upper "
+            "bound can no longer be at ceiling over the seeds, the rung is rejected without the later rounds.")
 
 
 def protocol(plan: Plan, seeds: list[int], chosen_by: str, selected: bool = True) -> Protocol:

@@ -39,7 +39,7 @@ takes the teacher of an earlier output directory, and the difficulty it was chos
 choosing and training them (that one teacher, copied to every seed). `--seeds 0 1 2` repeats the runs (1-5) per
 seed, each in DIR/seed<N>/ (its teacher under DIR/seed<N>/runs/mod/), and reports the mean and the range over the
 seeds; started again on the same clean commit, it takes each finished seed's runs from DIR/seed<N>/seed_result.json
-(the selection is trained again).
+and the selection's scores from DIR/selection/d<i>/kept/.
 `--quick` is the smoke version (a few steps, few samples).
 """
 
