@@ -7,16 +7,16 @@ config written to OUT/configs/):
 
 1. stage 1 (configs/unimoe/align.yaml) on the audio, video and cross-modal mixture, with video frames kept
    in order (`concat`, the shipped default), and at the chosen difficulty also averaged (`mean`, the
-   reference): the video pooling comparison (`motion` needs frame order), at the selection seed
-   (`Plan.selection_seed`). The data's difficulty is chosen on val by that seed's stage 1 (`select_difficulty`):
-   the rungs of
-   `Plan.difficulties` in order (the shipped data/media, then `MediaDifficulty` settings generated under
-   OUT/data/ by `generate_media`), stage 1 trained at each, the first at which stage 1 is not already at
-   ceiling on most domains and has learnt something of each modality (`rejections`) is used;
+   reference): the video pooling comparison (`motion` needs frame order), at the first selection seed
+   (`Plan.selection_seeds`). The data's difficulty is chosen on val by the selection seeds' stage 1
+   (`select_difficulty`): the rungs of `Plan.difficulties` in order (the shipped data/media, then
+   `MediaDifficulty` settings generated under OUT/data/ by `generate_media`), stage 1 trained at each in every
+   selection seed, the first at which, in every selection seed, stage 1 is not already at ceiling on most
+   domains and has learnt something of each modality (`selection_rejections`) is used;
 2. per seed, stage 1 with video `concat` at the chosen difficulty, trained at the seed: the seed's starting
    point, where all its arms start (a starting point trained once would hold every seed's interval to one draw
    of it, which another float order changes); each stage-1 run lives in OUT/base/stage1-<settings>/ (the seed
-   among them), reused by a later run with the same settings (the selection seed's by that seed);
+   among them), reused by a later run with the same settings (a selection seed's by that seed);
 3. per seed, stage 2: one run per modality from the `concat` stage-1 output (experts.yaml,
    experts_video.yaml, experts_image.yaml);
 4. per seed, at equal steps on the mixture, from the seed's stage-1 output:
@@ -49,8 +49,8 @@ import yaml
 
 from ..data.synthetic_media import MediaDifficulty, generate_media
 from ..paths import resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, execute, experiment_parser, final_val, majority_answers, parse_args,
-               progress, run_seeds, save_pretrained_callback, validation_schedule, write_run_config)
+from . import (Run, RunResult, command_line, execute, experiment_parser, final_val, majority_answers, map_seeds,
+               parse_args, progress, run_seeds, save_pretrained_callback, validation_schedule, write_run_config)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference, seed_stat, spread
 
@@ -63,7 +63,7 @@ LABELS = {"unimoe": "Uni-MoE (modality experts)", "copies": "MoE, experts copies
           "dense": "dense + LoRA (no experts)",
           "single_stage": "one stage: the MoE recipe from stage 1, experts + router + LoRA (equal steps)",
           "align_concat": "stage 1, video concat (the seed's own: its arms' start)",
-          "align_mean": "stage 1, video mean (the selection seed's)"}
+          "align_mean": "stage 1, video mean (the first selection seed's)"}
 # the primary comparisons' margin: 2 points of the mean accuracy over 6 domains x 200 test samples
 MARGIN = 0.02
 CEILING = 0.99  # a domain at 99 % val exact match or more leaves the later stages nothing to show on it
@@ -80,8 +80,9 @@ class Plan:
     batch_size: int = 64
     eval_samples: int = 200  # test samples per domain
     seed: int = 0  # of stage 1 and of every later run of the seed
-    # of the stage-1 runs the difficulty selection and the pooling comparison read (apart from the reported seeds)
-    selection_seed: int = SELECTION_SEEDS[0]
+    # of the stage-1 runs the difficulty selection reads (apart from the reported seeds; the first also trains the
+    # pooling comparison's): which domains stage 1 learns varies with the seed, so one seed says too little
+    selection_seeds: list[int] = field(default_factory=lambda: list(SELECTION_SEEDS))
     train_samples: int | None = None  # the first N train samples of each domain (None: all)
     curve_points: int = 4  # validations of each stage-3 arm while training (its learning curve), the last at its end
     # the ladder `select_difficulty` climbs on val (easiest first): None the shipped data/media, else
@@ -107,7 +108,7 @@ class Plan:
 
 # one rung: the defaults generated at a tiny size
 QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4, train_samples=32, curve_points=2,
-             difficulties=[{}], data_train=32, data_eval=4, data_pools={"train": 8, "val": 4, "test": 4})
+             selection_seeds=SELECTION_SEEDS[:1], difficulties=[{}], data_train=32, data_eval=4, data_pools={"train": 8, "val": 4, "test": 4})
 
 
 def with_data(plan: Plan, difficulty: dict[str, Any] | None, directory: Path) -> Plan:
@@ -143,35 +144,62 @@ def rejections(val: dict[str, float], chance: dict[str, float]) -> list[str]:
     return reasons
 
 
-def select_difficulty(plan: Plan, out: Path) -> dict[str, Any]:
+def selection_rejections(scores: dict[str, Any]) -> list[str]:
+    """`rejections` in every selection seed ({"val": seed -> stage 1's val exact match per domain, "chance": each
+    domain's majority answer on val}), each reason naming its seed; none: the rung qualifies."""
+    return [f"seed {seed}: {reason}" for seed, val in scores["val"].items()
+            for reason in rejections(val, scores["chance"])]
+
+
+def stage1_val(plan: Plan, base: Path, seed: int) -> dict[str, float]:
+    """Stage 1 with video `concat` at `seed` (`train_stage1` under `base`): its val exact match per domain.
+    Module-level: `map_seeds` runs the selection seeds in processes of their own."""
+    row = train_stage1(replace(plan, seed=seed), base, ("concat",))["align_concat"]
+    val = final_val(row, list(DOMAINS))
+    if val is None:
+        raise RuntimeError(f"unimoe: stage 1 of seed {seed} in {stage1_directory(replace(plan, seed=seed), base)} "
+                           "did not validate on every domain")
+    return val
+
+
+def select_difficulty(plan: Plan, out: Path, jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
     """The data's difficulty, chosen on val (`protocol.select_first` over `plan.difficulties`, easiest first): at each
-    rung its data (`with_data`, under OUT/data/) and stage 1 with video `concat` trained on it (`train_stage1`,
-    under OUT/base/), at the selection seed; the first rung `rejections` lets through, else the last, where stage 1
-    with video `mean` is trained too. Returns {"plan": the plan at the chosen rung, "stage1": the selection seed's
-    stage-1 rows there, "met", "tried"}."""
+    rung its data (`with_data`, under OUT/data/) and stage 1 with video `concat` trained on it (`stage1_val`, under
+    OUT/base/, where a rerun finds it) in every selection seed, in rounds of `jobs` processes (`threads` torch
+    threads each); the rule holds in every seed, so a round with a seed that fails it rejects the rung without the
+    later rounds. The first rung `selection_rejections` lets through is chosen, else the last; there stage 1 with
+    video `mean` is trained too, at the first selection seed. Returns {"plan": the plan at the chosen rung,
+    "stage1": the first selection seed's stage-1 rows there, "met", "tried"}."""
     plans: dict[int, Plan] = {}
-    stage1: dict[int, dict[str, RunResult]] = {}
-    at_seed = replace(plan, seed=plan.selection_seed)
+    seeds, per_round = plan.selection_seeds, max(1, jobs)
 
     def measure(rung: dict[str, Any]) -> dict[str, Any]:
-        plans[rung["level"]] = with_data(at_seed, rung["difficulty"], out / "data")
-        stage1[rung["level"]] = train_stage1(plans[rung["level"]], out / "base", ("concat",))
-        val = final_val(stage1[rung["level"]]["align_concat"], list(DOMAINS))
-        if val is None:
-            raise RuntimeError(f"unimoe: stage 1 in {out / 'base'} did not validate on every domain")
-        return {"val": val, "chance": majority_answers(data_root(plans[rung["level"]]), DOMAINS, "val",
-                                                        plan.eval_samples)}
+        plans[rung["level"]] = at_rung = with_data(plan, rung["difficulty"], out / "data")
+        scores: dict[str, Any] = {"val": {}, "chance": majority_answers(data_root(at_rung), DOMAINS, "val",
+                                                                         plan.eval_samples)}
+        for first in range(0, len(seeds), per_round):
+            measured = map_seeds(functools.partial(stage1_val, at_rung, out / "base"), seeds[first:first + per_round],
+                                 jobs, threads)
+            scores["val"] |= {str(seed): val for seed, val in measured.items()}
+            if selection_rejections(scores):
+                break
+        return scores
+
+    def judged(rung: dict[str, Any], scores: dict[str, Any]) -> list[str]:
+        not_run = [str(seed) for seed in seeds if str(seed) not in scores["val"]]
+        return [*selection_rejections(scores),
+                *([f"seed {', '.join(not_run)} not run (a seed had already failed the rule)"] if not_run else [])]
 
     rungs = [{"setting": difficulty_words(d), "level": i, "difficulty": d} for i, d in enumerate(plan.difficulties)]
-    chosen = select_first(progress(rungs, "unimoe: choosing the data's difficulty on val"), measure,
-                          lambda rung, scores: rejections(scores["val"], scores["chance"]))
+    chosen = select_first(progress(rungs, "unimoe: choosing the data's difficulty on val"), measure, judged)
     level = chosen["chosen"]["level"]
-    stage1[level] |= train_stage1(plans[level], out / "base", ("mean",))  # the pooling comparison's other arm
-    return {"plan": replace(plans[level], seed=plan.seed, discriminating=chosen["met"]), "stage1": stage1[level],
+    # the pooling comparison: both poolings at the first selection seed (its concat run is the selection's)
+    stage1 = train_stage1(replace(plans[level], seed=seeds[0]), out / "base", ("concat", "mean"))
+    return {"plan": replace(plans[level], seed=plan.seed, discriminating=chosen["met"]), "stage1": stage1,
             "met": chosen["met"], "tried": chosen["tried"]}
 
 
-SELECTION_RULE = (f"the first rung at which stage 1 (video concat, the arms' start; the selection seed's run) is at "
+SELECTION_RULE = (f"the first rung at which, in every selection seed, stage 1 (video concat, the arms' start) is at "
                   f"ceiling "
                   f"(>= {100 * CEILING:.0f} % val exact match) on at most half of the domains, so that the later stages "
                   f"have something to show on most of them, and at least {100 * LEARNT_MARGIN:.0f} points above the "
@@ -186,8 +214,8 @@ def protocol(seeds: list[int], plan: Plan) -> Protocol:
                  "the progressive training after alignment (stage 2's dense FFN per modality, then stage 3) beat "
                  "training the MoE in one stage from the aligned model at equal steps?",
         seeds=list(seeds), selection_split="val", reported_split="test",
-        selection=f"the data's difficulty, by the ladder and the rule below, on val with selection seed "
-                  f"{plan.selection_seed}; every other setting is "
+        selection=f"the data's difficulty, by the ladder and the rule below, on val with the selection seeds "
+                  f"({', '.join(map(str, plan.selection_seeds))}); every other setting is "
                   f"configs/unimoe/*.yaml's; stage 1 is trained per seed, at the seed, and that seed's arms train "
                   "for the same steps from it.",
         difficulties=[difficulty_words(d) for d in plan.difficulties],
@@ -259,7 +287,7 @@ def train_stage1(plan: Plan, base: Path, poolings: tuple[str, ...] = ("concat", 
 
 def run(out: Path, plan: Plan, bases: Path, pooling: dict[str, RunResult]) -> tuple[dict[str, Any], str]:
     """One seed (`plan.seed`) in `out`: its stage 1 (`train_stage1` under `bases`, OUT/base), the stage-2 runs and
-    the stage-3 arms from it; `pooling`: the selection seed's stage 1 with video mean, its row in the tables."""
+    the stage-3 arms from it; `pooling`: the first selection seed's stage 1 with video mean, its row in the tables."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
@@ -395,6 +423,8 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         cells = [spread(per[row].get(d), 100, 1) or "-" for d in DOMAINS]
         lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + f" | {spread(result['mean_over_seeds'][row], 100, 1)} |")
     plan = summaries[0]["plan"]
+    # the pooling rows' seed: the first selection seed (a single `selection_seed` in results written before)
+    pooling_seed = (plan.get("selection_seeds") or [plan.get("selection_seed", 0)])[0]
     slots = ["dense", "image", "audio", "video"]
     routing = {arm: [s["modality_routing"][arm] for s in summaries if s["modality_routing"].get(arm)]
                for arm in ("unimoe", "copies")}
@@ -421,7 +451,7 @@ def combine(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         "### Video pooling", "",
         f"`motion` (needs frame order) after stage 1 with concat {spread(per['align_concat'].get('motion'), 100, 1)} "
         f"(over the seeds), with mean {spread(per['align_mean'].get('motion'), 100, 1)} (chance 50; one run, the "
-        f"selection seed's, {plan.get('selection_seed', 0)}); `frames` with concat "
+        f"first selection seed's, {pooling_seed}); `frames` with concat "
         f"{spread(per['align_concat'].get('frames'), 100, 1)}, with mean "
         f"{spread(per['align_mean'].get('frames'), 100, 1)} (chance 25).", "",
     ])
@@ -439,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out.resolve()
     command = command_line("lightning_moe.experiments.unimoe", argv)
     declared = protocol(args.seeds, plan)
-    selection = select_difficulty(plan, out)
+    selection = select_difficulty(plan, out, args.jobs, args.threads)
     plan, stage1 = selection["plan"], selection["stage1"]
     declared.settings = {"difficulty": difficulty_words(plan.difficulty),
                          "met": selection["met"] or f"NO rung met the rule ({NO_DISCRIMINATING_SETTING}): the last one "

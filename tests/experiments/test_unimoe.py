@@ -41,18 +41,21 @@ def test_quick_run_writes_results(quick_outputs):
     trained = sorted(p.name for p in (out / "base").glob("stage1-*/models/align_*"))
     assert trained == ["align_concat", "align_concat", "align_mean"]
     assert summary["runs"]["align_concat"]["seed"] == 0
-    assert summary["runs"]["align_mean"]["seed"] == unimoe.QUICK.selection_seed != 0
+    assert summary["runs"]["align_mean"]["seed"] == unimoe.QUICK.selection_seeds[0] != 0
     text = (out / "results.md").read_text()
     for heading in ("## Protocol", "Verdict", "### Routing by modality", "### Video pooling", "Uni-MoE minus copies"):
         assert heading in text, heading
 
 
 def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path, monkeypatch):
-    plan = replace(unimoe.QUICK, difficulties=[None, {"pitch_ratio": 2.0}, {"pitch_ratio": 1.5}])
+    # three selection seeds, one per round: on the shipped data the first seed's stage 1 is at ceiling, which
+    # rejects the rung whatever the others show, so they are not run there
+    plan = replace(unimoe.QUICK, difficulties=[None, {"pitch_ratio": 2.0}, {"pitch_ratio": 1.5}],
+                   selection_seeds=[7, 8, 9])
     trained = []
 
     def stage1(at, base, poolings):  # the shipped data: stage 1 learns every domain; generated harder data: not
-        trained.append((at.difficulty, at.data_root, base, poolings))
+        trained.append((at.difficulty, at.seed, at.data_root, base, poolings))
         score = 1.0 if at.difficulty is None else 0.8
         row = RunResult(name="align_concat", method="", stage="", steps=1, wall_s=0.0, step_time_s=None,
                         peak_memory_mb=None, memory_kind="", params_total=1, params_activated=1,
@@ -63,16 +66,21 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
     chosen = unimoe.select_difficulty(plan, tmp_path)
     generated = generate_media(tmp_path / "data", MediaDifficulty(pitch_ratio=2.0), seed=0, n_train=plan.data_train,
                                n_eval=plan.data_eval, pools=plan.data_pools)
-    # stops at the first that qualifies; video `mean` trained only there (the pooling comparison)
-    assert [(t[0], t[3]) for t in trained] == [(None, ("concat",)), ({"pitch_ratio": 2.0}, ("concat",)),
-                                               ({"pitch_ratio": 2.0}, ("mean",))]
-    assert trained[0][1] is None and trained[1][1] == str(generated) and trained[1][2] == tmp_path / "base"
+    # stops at the first that qualifies, every seed measured there; video `mean` trained only there, at the first
+    # selection seed (the pooling comparison)
+    pitch = {"pitch_ratio": 2.0}
+    assert [(t[0], t[1], t[4]) for t in trained] == [(None, 7, ("concat",)), (pitch, 7, ("concat",)),
+                                                     (pitch, 8, ("concat",)), (pitch, 9, ("concat",)),
+                                                     (pitch, 7, ("concat", "mean"))]
+    assert trained[0][2] is None and trained[1][2] == str(generated) and trained[1][3] == tmp_path / "base"
     assert unimoe.stage1_directory(chosen["plan"], tmp_path / "base") != unimoe.stage1_directory(
         replace(chosen["plan"], difficulty=None), tmp_path / "base")
     assert chosen["met"] and chosen["plan"].data_root == str(generated) and chosen["plan"].discriminating
-    assert chosen["tried"][0]["rejected"] == ["stage 1 at ceiling on 6 of 6 domains (beeps, pitch, longer, frames, "
-                                              "motion, beeps_shapes)"]
+    assert chosen["tried"][0]["rejected"] == ["seed 7: stage 1 at ceiling on 6 of 6 domains (beeps, pitch, longer, "
+                                              "frames, motion, beeps_shapes)",
+                                              "seed 8, 9 not run (a seed had already failed the rule)"]
     assert set(chosen["tried"][1]["val"]["chance"]) == set(unimoe.DOMAINS)  # each domain's majority answer on val
+    assert set(chosen["tried"][1]["val"]["val"]) == {"7", "8", "9"}
     # the plan's data in the runs' configs: the media runs read it, the image expert keeps data/shapes
     config = yaml.safe_load(unimoe._config(chosen["plan"], tmp_path, "x", 4, {}, [], 0).read_text())
     assert config["data"]["init_args"]["root"] == str(generated)
@@ -82,7 +90,7 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
 
 def test_each_seed_trains_its_own_stage_1(tmp_path, monkeypatch):
     # every arm of a seed starts from that seed's stage 1: one trained once would hold the intervals over seeds to
-    # one draw of it. The selection seed's (selection_seed) is found again by its settings, not trained twice.
+    # one draw of it. A selection seed's (selection_seeds) is found again by its settings, not trained twice.
     trained = []
 
     class Started(Exception):
@@ -98,5 +106,5 @@ def test_each_seed_trains_its_own_stage_1(tmp_path, monkeypatch):
     assert trained == [(3, tmp_path / "base", ("concat",))]
     directories = {unimoe.stage1_directory(replace(unimoe.QUICK, seed=s), tmp_path) for s in (0, 3)}
     assert len(directories) == 2
-    assert unimoe.stage1_directory(replace(unimoe.QUICK, seed=0, selection_seed=5), tmp_path) in directories
+    assert unimoe.stage1_directory(replace(unimoe.QUICK, seed=0, selection_seeds=[5]), tmp_path) in directories
 

@@ -318,3 +318,12 @@ def test_unimoe_selection_rule_wants_something_learnt_of_each_modality():
     assert unimoe.rejections({d: 1.0 for d in chance} | {"frames": 0.25, "motion": 0.5}, chance) == [
         "stage 1 at ceiling on 4 of 6 domains (beeps, pitch, longer, beeps_shapes)",
         "stage 1 at chance on every video domain (frames, motion)"]
+
+
+def test_unimoe_selection_rule_holds_in_every_selection_seed():
+    chance = {"beeps": 0.25, "pitch": 0.5, "longer": 0.5, "frames": 0.25, "motion": 0.5, "beeps_shapes": 0.5}
+    learnt = {"beeps": 1.0, "pitch": 1.0, "longer": 0.6, "frames": 0.68, "motion": 0.5, "beeps_shapes": 0.5}
+    blind = {**learnt, "frames": 0.27}  # which domains stage 1 learns varies with the seed
+    assert unimoe.selection_rejections({"val": {"1000": learnt, "1001": learnt}, "chance": chance}) == []
+    assert unimoe.selection_rejections({"val": {"1000": learnt, "1001": blind}, "chance": chance}) == [
+        "seed 1001: stage 1 at chance on every video domain (frames, motion)"]
