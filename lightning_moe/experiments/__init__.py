@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 import multiprocessing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -137,6 +137,30 @@ def map_seeds(one_seed: Callable[[int], Any], seeds: list[int], jobs: int = 1,
                              initializer=_seed_worker_start, initargs=(threads,)) as pool:
         futures = {seed: pool.submit(one_seed, seed) for seed in seeds}
         return {seed: future.result() for seed, future in futures.items()}
+
+
+def map_seeds_until(one_seed: Callable[[int], Any], seeds: list[int], failed: Callable[[dict[int, Any]], bool],
+                    jobs: int = 1, threads: int | None = None) -> dict[int, Any]:
+    """`map_seeds` in rounds of `jobs` seeds, stopping after the round whose results so far `failed` says settle
+    the question: a selection rule that every seed must meet, broken by one of them, rejects its rung whatever
+    the seeds not yet run would show, so a rejected rung costs only the rounds up to that seed."""
+    results: dict[int, Any] = {}
+    per_round = max(1, jobs)
+    for first in range(0, len(seeds), per_round):
+        results |= map_seeds(one_seed, seeds[first:first + per_round], jobs, threads)
+        if len(results) < len(seeds) and failed(results):
+            break
+    return results
+
+
+def not_run(seeds: list[int], measured: Iterable[str]) -> list[str]:
+    """The reason a rung `map_seeds_until` stopped early lists beside the failures it saw (none when every seed
+    ran)."""
+    done = {str(seed) for seed in measured}
+    missing = [str(seed) for seed in seeds if str(seed) not in done]
+    return [f"seed {', '.join(missing)} not run (a seed had already failed what every seed must meet)"] if missing \
+        else []
+
 
 def seed_directory(out: Path, seed: int, seeds: list[int]) -> Path:
     """Where one seed's runs go: OUT itself for a single seed, OUT/seed<N>/ for several."""

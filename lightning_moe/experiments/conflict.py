@@ -63,7 +63,7 @@ from ..data.synthetic import ShapesDifficulty, generate_shapes
 from ..models import routed_layers
 from ..paths import REPO_ROOT, resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, final_val, logged_scalars,
-               kept, majority_answers, map_seeds, parse_args, progress, resume_key, run_seeds,
+               kept, majority_answers, map_seeds_until, not_run, parse_args, progress, resume_key, run_seeds,
                save_pretrained_callback, val_at, validation_schedule, write_run_config)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, at_ceiling_or_chance, curve_stat,
@@ -446,26 +446,23 @@ def select_setting(plan: Plan, bases: Path, out: Path,
     setting`). Returns {"plan": the plan at the chosen rung, "met", "tried": every rung with its val scores and
     why it was rejected}. `measure(plan at a rung) -> seed -> {"alone", "mixture"} -> domain -> val accuracy`
     replaces the training; else the selection seeds run in rounds of `jobs` in processes of their own
-    (`map_seeds`, `threads` torch threads each), each seed's scores at a rung kept under `key`
+    (`map_seeds_until`, `threads` torch threads each), each seed's scores at a rung kept under `key`
     (`_kept_selection_seed`). Once a round leaves a seed failing what every seed must meet (`seed_rejections`)
     and the upper bound can no longer sit at ceiling over all the seeds (`ceiling_possible`: that reason lets
     `beyond_ceiling` skip later budgets), the rung is rejected and its later rounds are not run: the choice is
     the same, a rejected rung costs less."""
     data_dir = out.parent / "data"
-    seeds, per_round = plan.selection_seeds, max(1, jobs)
-    stopped: set[tuple[int, int, int]] = set()  # (level, rank, steps) of the rungs `train` left part-measured
+    seeds = plan.selection_seeds
 
     def train(at: Plan) -> dict[int, dict[str, dict[str, float]]]:
-        level = at.difficulties.index(at.difficulty)
-        scores: dict[int, dict[str, dict[str, float]]] = {}
-        for first in range(0, len(seeds), per_round):
-            scores |= map_seeds(functools.partial(_kept_selection_seed, at, bases, reuse, out, key),
-                                seeds[first:first + per_round], jobs, threads)
-            if (len(scores) < len(seeds) and not ceiling_possible(scores, len(seeds), plan.domains)
-                    and seed_rejections(scores, majorities[level], plan.domains, plan.pair, learnt_by=plan.learnt_by)):
-                stopped.add((level, at.rank, at.steps))
-                break
-        return scores
+        majority = majorities[at.difficulties.index(at.difficulty)]
+
+        def settled(scores: dict[int, dict[str, dict[str, float]]]) -> bool:
+            return not ceiling_possible(scores, len(seeds), plan.domains) and bool(
+                seed_rejections(scores, majority, plan.domains, plan.pair, learnt_by=plan.learnt_by))
+
+        return map_seeds_until(functools.partial(_kept_selection_seed, at, bases, reuse, out, key), seeds, settled,
+                               jobs, threads)
 
     plans: dict[int, Plan] = {}  # the plan at each difficulty, its data generated once
     majorities: dict[int, dict[str, float]] = {}
@@ -480,11 +477,9 @@ def select_setting(plan: Plan, bases: Path, out: Path,
         return {str(seed): v for seed, v in (measure or train)(at_rung(rung)).items()}
 
     def judged(rung: dict[str, Any], scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-        if (rung["level"], rung["rank"], rung["steps"]) in stopped:  # only the conditions of single seeds judged
-            not_run = [str(seed) for seed in seeds if str(seed) not in scores]
+        if missing := not_run(seeds, scores):  # `train` stopped early: only the conditions of single seeds judged
             return [*seed_rejections(scores, majorities[rung["level"]], plan.domains, plan.pair,
-                                     learnt_by=plan.learnt_by),
-                    f"seed {', '.join(not_run)} not run (a seed had already failed what every seed must meet)"]
+                                     learnt_by=plan.learnt_by), *missing]
         return rejections(scores, majorities[rung["level"]], plan.domains, plan.pair, learnt_by=plan.learnt_by)
 
     chosen = select_first(progress(ladder(plan), "conflict: choosing difficulty, rank and steps on val"), measured,

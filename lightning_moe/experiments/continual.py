@@ -54,7 +54,7 @@ from .. import plots
 from ..metrics import accuracy_table, continual_scores
 from ..paths import resolve_data_path, shipped_path
 from . import (Run, RunResult, command_line, environment, execute, experiment_parser, kept, majority_answers,
-               map_seeds, parse_args, progress, resume_key, run_seeds, working_directory)
+               map_seeds_until, not_run, parse_args, progress, resume_key, run_seeds, working_directory)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first
 from .statistics import (CONFIRMED, INCONCLUSIVE, NOT_CONFIRMED, decide, difference_words, learnt_over_seeds,
                          learnt_words, paired_difference, seed_stat, spread)
@@ -210,6 +210,16 @@ def selection_rejections(scores: dict[str, dict[str, Any]]) -> list[str]:
     """Why a step budget fails the rule (`STEPS_RULE`), from its val scores per selection seed ({"diagonal": method
     -> each task's accuracy right after training it, "bwt": sequential LoRA's, "chance": task -> the majority
     answer's}); none: it qualifies."""
+    reasons = seed_rejections(scores)
+    bwt = statistics.fmean(entry["bwt"] for entry in scores.values())
+    if bwt > -BWT_MARGIN + TOLERANCE:
+        reasons.append(f"sequential LoRA does not forget (mean BWT {bwt:+.3f})")
+    return reasons
+
+
+def seed_rejections(scores: dict[str, dict[str, Any]]) -> list[str]:
+    """The part of `selection_rejections` that every selection seed must meet on its own (MoRA and the upper bound
+    learn every task): one seed failing it rejects the budget, whatever the seeds not yet run would show."""
     reasons = []
     for method, label in (("lora_task_specific", "the upper bound (task-specific LoRA)"), ("mora", "MoRA")):
         missed = [f"{task} in seed {seed}" for seed, entry in scores.items()
@@ -217,9 +227,6 @@ def selection_rejections(scores: dict[str, dict[str, Any]]) -> list[str]:
                   if acc - entry["chance"][task] < LEARNT_MARGIN - TOLERANCE]
         if missed:
             reasons.append(f"{label} does not learn {', '.join(missed)}")
-    bwt = statistics.fmean(entry["bwt"] for entry in scores.values())
-    if bwt > -BWT_MARGIN + TOLERANCE:
-        reasons.append(f"sequential LoRA does not forget (mean BWT {bwt:+.3f})")
     return reasons
 
 
@@ -244,16 +251,23 @@ def select_steps(out: Path, quick: bool, seeds: list[int], jobs: int = 1, thread
     """The steps per task, chosen on val (`protocol.select_first` over the ladder, cheapest first) with the
     selection seeds, each rung's runs in OUT/steps<N>/seed<S>/; the first rung `selection_rejections` lets
     through, else the last (`met` False: every verdict is then `inconclusive: no discriminating setting`).
-    `measure(rung) -> seed -> val scores` replaces the training; else each seed's scores are kept under `key`
-    (`_selection_seed`). Returns {"steps", "met", "tried"}."""
+    `measure(rung) -> seed -> val scores` replaces the training; else the seeds run in rounds of `jobs`
+    (`map_seeds_until`), each seed's scores kept under `key` (`_selection_seed`), and a round that leaves a seed
+    failing what every seed must meet (`seed_rejections`) rejects the budget without the later rounds. Returns
+    {"steps", "met", "tried"}."""
     def train(rung: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        measured = map_seeds(functools.partial(_selection_seed, quick, rung["steps"], out, key), seeds, jobs, threads)
+        measured = map_seeds_until(functools.partial(_selection_seed, quick, rung["steps"], out, key), seeds,
+                                   lambda scores: bool(seed_rejections(scores)), jobs, threads)
         return {str(seed): scores for seed, scores in measured.items()}
+
+    def judged(rung: dict[str, Any], scores: dict[str, dict[str, Any]]) -> list[str]:
+        if missing := not_run(seeds, scores):  # stopped early: the mean BWT over the seeds is not known
+            return [*seed_rejections(scores), *missing]
+        return selection_rejections(scores)
 
     rungs = [{"setting": f"{steps} steps per task", "steps": steps}
              for steps in (QUICK_STEP_LADDER if quick else STEP_LADDER)]
-    chosen = select_first(progress(rungs, "continual: choosing the steps per task on val"), measure or train,
-                          lambda rung, scores: selection_rejections(scores))
+    chosen = select_first(progress(rungs, "continual: choosing the steps per task on val"), measure or train, judged)
     return {"steps": chosen["chosen"]["steps"], "met": chosen["met"], "tried": chosen["tried"]}
 
 

@@ -49,8 +49,8 @@ import yaml
 
 from ..data.synthetic_media import MediaDifficulty, generate_media
 from ..paths import resolve_data_path, shipped_path
-from . import (Run, RunResult, command_line, execute, experiment_parser, final_val, majority_answers, map_seeds,
-               parse_args, progress, run_seeds, save_pretrained_callback, validation_schedule, write_run_config)
+from . import (Run, RunResult, command_line, execute, experiment_parser, final_val, majority_answers, map_seeds_until,
+               not_run, parse_args, progress, run_seeds, save_pretrained_callback, validation_schedule, write_run_config)
 from .protocol import NO_DISCRIMINATING_SETTING, SELECTION_SEEDS, Comparison, Protocol, select_first, setting_words
 from .statistics import at_ceiling_or_chance, curve_stat, decide, interval_words, paired_difference, seed_stat, spread
 
@@ -153,7 +153,7 @@ def selection_rejections(scores: dict[str, Any]) -> list[str]:
 
 def stage1_val(plan: Plan, base: Path, seed: int) -> dict[str, float]:
     """Stage 1 with video `concat` at `seed` (`train_stage1` under `base`): its val exact match per domain.
-    Module-level: `map_seeds` runs the selection seeds in processes of their own."""
+    Module-level: `map_seeds_until` runs the selection seeds in processes of their own."""
     row = train_stage1(replace(plan, seed=seed), base, ("concat",))["align_concat"]
     val = final_val(row, list(DOMAINS))
     if val is None:
@@ -171,24 +171,18 @@ def select_difficulty(plan: Plan, out: Path, jobs: int = 1, threads: int | None 
     video `mean` is trained too, at the first selection seed. Returns {"plan": the plan at the chosen rung,
     "stage1": the first selection seed's stage-1 rows there, "met", "tried"}."""
     plans: dict[int, Plan] = {}
-    seeds, per_round = plan.selection_seeds, max(1, jobs)
+    seeds = plan.selection_seeds
 
     def measure(rung: dict[str, Any]) -> dict[str, Any]:
         plans[rung["level"]] = at_rung = with_data(plan, rung["difficulty"], out / "data")
-        scores: dict[str, Any] = {"val": {}, "chance": majority_answers(data_root(at_rung), DOMAINS, "val",
-                                                                         plan.eval_samples)}
-        for first in range(0, len(seeds), per_round):
-            measured = map_seeds(functools.partial(stage1_val, at_rung, out / "base"), seeds[first:first + per_round],
-                                 jobs, threads)
-            scores["val"] |= {str(seed): val for seed, val in measured.items()}
-            if selection_rejections(scores):
-                break
-        return scores
+        chance = majority_answers(data_root(at_rung), DOMAINS, "val", plan.eval_samples)
+        val = map_seeds_until(functools.partial(stage1_val, at_rung, out / "base"), seeds,
+                              lambda measured: bool(selection_rejections({"val": measured, "chance": chance})),
+                              jobs, threads)
+        return {"val": {str(seed): v for seed, v in val.items()}, "chance": chance}
 
     def judged(rung: dict[str, Any], scores: dict[str, Any]) -> list[str]:
-        not_run = [str(seed) for seed in seeds if str(seed) not in scores["val"]]
-        return [*selection_rejections(scores),
-                *([f"seed {', '.join(not_run)} not run (a seed had already failed the rule)"] if not_run else [])]
+        return [*selection_rejections(scores), *not_run(seeds, scores["val"])]
 
     rungs = [{"setting": difficulty_words(d), "level": i, "difficulty": d} for i, d in enumerate(plan.difficulties)]
     chosen = select_first(progress(rungs, "unimoe: choosing the data's difficulty on val"), measure, judged)

@@ -12,6 +12,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_moe.data.synthetic import ShapesDifficulty, generate_shapes
+from lightning_moe import experiments
 from lightning_moe.experiments import RunResult, conflict, val_at
 
 
@@ -305,7 +306,7 @@ def test_select_setting_stops_a_rung_once_a_seed_fails_what_every_seed_must_meet
         return {seed: one_seed(seed) for seed in seeds}
 
     monkeypatch.setattr(conflict, "_kept_selection_seed", selection_seed)
-    monkeypatch.setattr(conflict, "map_seeds", in_rounds)
+    monkeypatch.setattr(experiments, "map_seeds", in_rounds)  # what map_seeds_until runs each round
     chosen = conflict.select_setting(plan, tmp_path / "bases", tmp_path / "out" / "selection", jobs=2)
     assert rounds == [("pixel_noise", 1, [7, 8]), ("pixel_noise", 1, [9]), ("distractors", 1, [7, 8]),
                       ("distractors", 2, [7, 8]), ("distractors", 2, [9])]

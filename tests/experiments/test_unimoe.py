@@ -78,7 +78,7 @@ def test_select_difficulty_trains_stage_1_per_rung_until_one_qualifies(tmp_path,
     assert chosen["met"] and chosen["plan"].data_root == str(generated) and chosen["plan"].discriminating
     assert chosen["tried"][0]["rejected"] == ["seed 7: stage 1 at ceiling on 6 of 6 domains (beeps, pitch, longer, "
                                               "frames, motion, beeps_shapes)",
-                                              "seed 8, 9 not run (a seed had already failed the rule)"]
+                                              "seed 8, 9 not run (a seed had already failed what every seed must meet)"]
     assert set(chosen["tried"][1]["val"]["chance"]) == set(unimoe.DOMAINS)  # each domain's majority answer on val
     assert set(chosen["tried"][1]["val"]["val"]) == {"7", "8", "9"}
     # the plan's data in the runs' configs: the media runs read it, the image expert keeps data/shapes
