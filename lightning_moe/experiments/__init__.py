@@ -9,7 +9,8 @@ What every experiment shares lives here, once:
   quietly, with everything the run prints (Lightning's set-up lines, warnings, tables) in
   `OUT/logs/<run>.log` so that the console keeps one progress bar over the runs and the final table;
 - `run_seeds` / `map_seeds`: the seeds, each in its own process (`--jobs` at a time, `--threads` torch
-  threads each), their results collected;
+  threads each), their results collected; `map_seeds_until`: a selection's seeds in rounds, stopped once one
+  fails what every seed must meet;
 - `environment` (read when a run starts: the command, torch threads, library versions, the git commit and
   whether the tree had uncommitted changes) and `write_results`: `results.json` with that environment and
   `results.md`, whose footer names the commit (and a dirty tree);

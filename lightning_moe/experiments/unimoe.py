@@ -108,7 +108,8 @@ class Plan:
 
 # one rung: the defaults generated at a tiny size
 QUICK = Plan(align_steps=2, expert_steps=2, steps=2, batch_size=4, eval_samples=4, train_samples=32, curve_points=2,
-             selection_seeds=SELECTION_SEEDS[:1], difficulties=[{}], data_train=32, data_eval=4, data_pools={"train": 8, "val": 4, "test": 4})
+             selection_seeds=SELECTION_SEEDS[:1], difficulties=[{}], data_train=32, data_eval=4,
+             data_pools={"train": 8, "val": 4, "test": 4})
 
 
 def with_data(plan: Plan, difficulty: dict[str, Any] | None, directory: Path) -> Plan:

@@ -118,14 +118,15 @@ def test_a_budget_qualifies_only_when_every_selection_seed_learns_every_task_and
         "sequential LoRA does not forget (mean BWT -0.010)"]
 
 
-
 def test_select_steps_stops_a_budget_once_a_seed_does_not_learn_a_task(tmp_path, monkeypatch):
     # rounds of two seeds: at 150 steps seed 1001's MoRA misses position_tb, which rejects the budget whatever
-    # seeds 1002 and 1003 show, so they are not run there; the mean BWT, which needs every seed, is not judged
+    # seeds 1002 and 1003 show, so they are not run there; the mean BWT needs every seed: at 300 the first round's
+    # does not forget enough, the four's does
     rounds = []
 
-    def selection_seed(quick, steps, out, key, seed):
-        return _val_scores(mora_tb=0.5 if (steps, seed) == (150, 1001) else 0.9)
+    def selection_seed(quick, steps, out, key, seed):  # at 300, seeds 1000 and 1001 alone forget too little
+        return _val_scores(mora_tb=0.5 if (steps, seed) == (150, 1001) else 0.9,
+                           bwt=-0.01 if steps == 300 and seed < 1002 else -0.2)
 
     def in_rounds(one_seed, seeds, jobs, threads):
         rounds.append((one_seed.args[1], list(seeds)))
@@ -135,10 +136,11 @@ def test_select_steps_stops_a_budget_once_a_seed_does_not_learn_a_task(tmp_path,
     monkeypatch.setattr(experiments, "map_seeds", in_rounds)  # what map_seeds_until runs each round
     chosen = continual.select_steps(tmp_path, False, [1000, 1001, 1002, 1003], jobs=2)
     assert rounds == [(150, [1000, 1001]), (300, [1000, 1001]), (300, [1002, 1003])]
-    assert chosen["steps"] == 300 and chosen["met"]
+    assert chosen["steps"] == 300 and chosen["met"] and not chosen["tried"][1]["rejected"]
     assert chosen["tried"][0]["rejected"] == [
         "MoRA does not learn position_tb in seed 1001",
         "seed 1002, 1003 not run (a seed had already failed what every seed must meet)"]
+
 
 def test_select_steps_climbs_the_ladder_and_says_when_none_qualifies(tmp_path):
     measured = []
