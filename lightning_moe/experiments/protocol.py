@@ -31,11 +31,12 @@ DEFAULT_SEEDS = list(range(10))  # full runs; --quick runs seed 0 only
 SELECTION_SEEDS = [1000, 1001, 1002]
 NO_DISCRIMINATING_SETTING = "no discriminating setting"
 DIFFICULTY_RULE = ("the first rung of the declared ladder (easiest data first, cheapest budget first within it) at "
-                   "which, on val and in every selection seed, the reference the verdict needs learns what it must "
+                   "which, on val over the selection seeds (each experiment declares which conditions every seed "
+                   "must meet and which hold for the mean), the reference the verdict needs learns what it must "
                    "(the upper bound, the teacher), the arm a method must beat stays at least the declared gap below "
-                   "it, and no arm measured sits at ceiling (100 %) or at chance on the primary metric; the rungs "
-                   "tried and why each was rejected are reported; none qualifies: the last rung is run and every "
-                   f"verdict is 'inconclusive: {NO_DISCRIMINATING_SETTING}'")
+                   "it, and the arms compared sit neither at ceiling (100 %) nor at chance on the primary metric (an "
+                   "oracle may reach 100 %); the rungs tried and why each was rejected are reported; none qualifies: "
+                   f"the last rung is run and every verdict is 'inconclusive: {NO_DISCRIMINATING_SETTING}'")
 
 
 def setting_words(difficulty: dict[str, Any] | None, shipped: str) -> str:
