@@ -338,7 +338,7 @@ def rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[st
     is no fault (the compared arms are the ones held off the ceiling)."""
     if not scores:
         return ["no selection seed measured"]
-    reasons = seed_rejections(scores, majority, domains, pair, learnt_by)
+    reasons = seed_rejections(scores, majority, pair, learnt_by)
     upper = statistics.fmean(primary(seed["alone"], domains) for seed in scores.values())
     mixture = [primary(seed["mixture"], domains) for seed in scores.values()]
     if upper - statistics.fmean(mixture) < gap - TOLERANCE:
@@ -348,8 +348,8 @@ def rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[st
     return [r for r in reasons if r]
 
 
-def seed_rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[str, float], domains: list[str],
-                    pair: list[str], learnt_by: float = 1.0) -> list[str]:
+def seed_rejections(scores: dict[int, dict[str, dict[str, float]]], majority: dict[str, float], pair: list[str],
+                    learnt_by: float = 1.0) -> list[str]:
     """The part of `rejections` that every selection seed must meet on its own (the upper bound has learnt each
     domain of the pair by `learnt_by` of its steps): one seed failing it rejects the rung, whatever the seeds not
     yet measured would show."""
@@ -436,7 +436,7 @@ def select_setting(plan: Plan, bases: Path, out: Path,
         majority = majorities[at.difficulties.index(at.difficulty)]
 
         def settled(scores: dict[int, dict[str, dict[str, float]]]) -> bool:
-            return bool(seed_rejections(scores, majority, plan.domains, plan.pair, plan.learnt_by))
+            return bool(seed_rejections(scores, majority, plan.pair, plan.learnt_by))
 
         return map_seeds_until(functools.partial(_kept_selection_seed, at, bases, reuse, out, key), seeds, settled,
                                jobs, threads)
@@ -455,7 +455,7 @@ def select_setting(plan: Plan, bases: Path, out: Path,
 
     def judged(rung: dict[str, Any], scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
         if missing := not_run(seeds, scores):  # `train` stopped early: only the conditions of single seeds judged
-            return [*seed_rejections(scores, majorities[rung["level"]], plan.domains, plan.pair, plan.learnt_by),
+            return [*seed_rejections(scores, majorities[rung["level"]], plan.pair, plan.learnt_by),
                     *missing]
         return rejections(scores, majorities[rung["level"]], plan.domains, plan.pair, learnt_by=plan.learnt_by)
 
