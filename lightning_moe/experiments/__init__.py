@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 import multiprocessing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -110,16 +110,37 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def oversubscription_warning(jobs: int, threads: int, cores: int) -> str | None:
-    """What to say when `jobs` seed processes of `threads` torch threads each ask for more than `cores`: each
-    parallel region waits for every thread of its team, and a team whose thread is descheduled waits for the other
-    process's time slice (docs/experiments.md: several times slower per step). None: it fits."""
+def seed_process_environment(jobs: int, threads: int, cores: int,
+                             environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What the seed processes' environment gains: `OMP_WAIT_POLICY=PASSIVE` when `jobs` processes of `threads`
+    torch threads ask for more than `cores` and the caller chose no policy. By default a thread that reaches the
+    end of a parallel region spins, waiting for its team; two multi-threaded processes sharing the cores then
+    spend each other's time slices spinning (docs/experiments.md: about 3 x slower). A passive thread sleeps
+    instead. The policy decides how a thread waits, not how the work is split among the threads, so the results
+    are bit for bit those of the processes run one at a time (`benchmarks/seed_processes.py` checks it)."""
+    if jobs <= 1 or threads <= 1 or jobs * threads <= cores or "OMP_WAIT_POLICY" in environ:
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def oversubscription_warning(jobs: int, threads: int, cores: int,
+                             environ: Mapping[str, str] = os.environ) -> str | None:
+    """What to say when `jobs` seed processes of `threads` torch threads each ask for more than `cores` and
+    waiting passively (`seed_process_environment`) does not make up for it: one process's team is larger than
+    the cores, or the caller's OMP_WAIT_POLICY keeps the threads spinning. Each parallel region waits for every
+    thread of its team, and a descheduled thread holds its team up for a time slice. None: it fits, or the
+    seed processes wait passively."""
     if threads <= 1 or jobs * threads <= cores:
         return None
+    policy = environ.get("OMP_WAIT_POLICY")
+    if jobs > 1 and threads <= cores and (policy is None or policy.lower() == "passive"):
+        return None
     fitting = min(threads, cores)
+    reason = (f"OMP_WAIT_POLICY={policy} keeps waiting threads spinning on cores the other processes need"
+              if threads <= cores else "each process has more threads than the cores")
     return (f"warning: --jobs {jobs} x --threads {threads} = {jobs * threads} torch threads on {cores} cores: "
-            f"multi-threaded runs that share cores wait on each other's time slices and slow down several times "
-            f"over; use --jobs {max(1, cores // fitting)} with --threads {fitting}")
+            f"{reason}, and runs slow down several times over; use --jobs {max(1, cores // fitting)} with "
+            f"--threads {fitting}" + (" or unset OMP_WAIT_POLICY" if threads <= cores else ""))
 
 
 def _seed_worker_start(threads: int | None) -> None:
@@ -134,10 +155,28 @@ def map_seeds(one_seed: Callable[[int], Any], seeds: list[int], jobs: int = 1,
     threads. `one_seed` must then be picklable: a module-level function, or a `functools.partial` of one."""
     if jobs <= 1 or len(seeds) <= 1:
         return {seed: one_seed(seed) for seed in seeds}
-    with ProcessPoolExecutor(max_workers=min(jobs, len(seeds)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_seed_worker_start, initargs=(threads,)) as pool:
+    workers = min(jobs, len(seeds))
+    extra = seed_process_environment(workers, threads or torch.get_num_threads(), available_cores())
+    with environment_variables(extra), ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_seed_worker_start,
+            initargs=(threads,)) as pool:
         futures = {seed: pool.submit(one_seed, seed) for seed in seeds}
         return {seed: future.result() for seed, future in futures.items()}
+
+
+@contextmanager
+def environment_variables(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ while inside (what a process spawned there inherits), the previous values after."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def map_seeds_until(one_seed: Callable[[int], Any], seeds: list[int], failed: Callable[[dict[int, Any]], bool],

@@ -4,7 +4,7 @@ counts, so every trained weight differs in its last bits and the differences gro
 verdict by verdict.
 
     python -m lightning_moe.experiments.report --out runs/report --threads 1 --jobs 2
-    python -m lightning_moe.experiments.report --out runs/report_t2 --threads 2 --jobs 1
+    python -m lightning_moe.experiments.report --out runs/report_t2 --threads 2 --jobs 2
     python -m lightning_moe.experiments.robustness runs/report runs/report_t2 [--only NAME ...] [--docs DOCS_DIR]
 
 For each experiment found in both (DIR/<name>/results.json): every verdict it recorded (`verdict`, `verdicts`,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,16 +57,28 @@ def test_oversubscribed_threads_are_warned_about(capsys, monkeypatch):
     from lightning_moe import experiments
     from lightning_moe.experiments import conflict
 
-    assert experiments.oversubscription_warning(jobs=2, threads=1, cores=2) is None  # one thread per process
-    assert experiments.oversubscription_warning(jobs=1, threads=2, cores=2) is None
-    message = experiments.oversubscription_warning(jobs=2, threads=2, cores=2)
-    assert "--jobs 2 x --threads 2 = 4 torch threads on 2 cores" in message and "use --jobs 1 with --threads 2" in message
-    assert "use --jobs 1 with --threads 2" in experiments.oversubscription_warning(jobs=1, threads=4, cores=2)
+    warning = experiments.oversubscription_warning
+    assert warning(jobs=2, threads=1, cores=2, environ={}) is None  # one thread per process
+    assert warning(jobs=1, threads=2, cores=2, environ={}) is None
+    # seed processes sharing the cores wait passively (seed_process_environment): nothing to warn about
+    assert warning(jobs=2, threads=2, cores=2, environ={}) is None
+    assert warning(jobs=2, threads=2, cores=2, environ={"OMP_WAIT_POLICY": "passive"}) is None
+    message = warning(jobs=2, threads=2, cores=2, environ={"OMP_WAIT_POLICY": "ACTIVE"})  # the caller's spinning
+    assert "--jobs 2 x --threads 2 = 4 torch threads on 2 cores" in message and "OMP_WAIT_POLICY=ACTIVE" in message
+    assert "use --jobs 1 with --threads 2 or unset OMP_WAIT_POLICY" in message
+    # one process's team larger than the cores: waiting passively does not make up for it
+    message = warning(jobs=1, threads=4, cores=2, environ={})
+    assert "more threads than the cores" in message and "use --jobs 1 with --threads 2" in message
+    assert "use --jobs 1 with --threads 2" in warning(jobs=2, threads=4, cores=2, environ={})
     monkeypatch.setattr(experiments, "available_cores", lambda: 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     threads = torch.get_num_threads()
     try:
         parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--jobs", "2", "--threads", "2"])
         assert "use --jobs 1 with --threads 2" in capsys.readouterr().err
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--jobs", "2", "--threads", "2"])
+        assert "warning" not in capsys.readouterr().err
         parse_args(conflict.build_parser(), ["--out", "x", "--seeds", "0", "1", "--jobs", "1", "--threads", "2"])
         assert "warning" not in capsys.readouterr().err
         # without --jobs: as many seed processes as the cores hold at the threads asked for
@@ -74,6 +87,28 @@ def test_oversubscribed_threads_are_warned_about(capsys, monkeypatch):
         assert "warning" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
+
+
+def wait_policy(_seed: int) -> str | None:
+    return os.environ.get("OMP_WAIT_POLICY")
+
+
+def test_seed_processes_sharing_the_cores_wait_passively(monkeypatch):
+    """Seed processes with more torch threads together than the cores get OMP_WAIT_POLICY=PASSIVE (their threads
+    sleep at the end of a parallel region instead of spinning on a core another process needs); a policy the
+    caller set is theirs to keep, and the calling process's environment is left as it was."""
+    from lightning_moe import experiments
+
+    environment_for = experiments.seed_process_environment
+    assert environment_for(jobs=2, threads=2, cores=2, environ={}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert environment_for(jobs=2, threads=1, cores=2, environ={}) == {}  # one thread each: no team to wait for
+    assert environment_for(jobs=2, threads=2, cores=4, environ={}) == {}  # it fits
+    assert environment_for(jobs=1, threads=4, cores=2, environ={}) == {}  # no seed processes: this process's own
+    assert environment_for(jobs=2, threads=2, cores=2, environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(experiments, "available_cores", lambda: 2)
+    assert map_seeds(wait_policy, [0, 1], jobs=2, threads=2) == {0: "PASSIVE", 1: "PASSIVE"}  # spawned: slow
+    assert "OMP_WAIT_POLICY" not in os.environ
 
 
 def test_seed_directories():
