@@ -12,6 +12,10 @@ run that was not interrupted, on every rank, and ends with its weights bit for b
 freezes the first's after DDP wrapped the model, ends its second task with the same trainable weights on both ranks
 (the task loop rebuilds the DDP wrapper at each task; without that, each rank trained its new ranks alone).
 
+`test_mora_resumes_mid_sequence_under_ddp` (slow): a MoRA run that `max_steps` stops one step into its second task,
+resumed from its `last.ckpt` on the same 2 processes, trains the next step on the uninterrupted run's samples with
+its loss on each rank, and ends with its weights on both ranks, bit for bit.
+
 One launch of two processes serves both strategies (each rank runs the DDP runs, then the FSDP2 one: Lightning
 keeps the process group between Trainers) and one single-process run per config serves as the reference of both:
 the launch and the references are what cost time.
@@ -19,6 +23,7 @@ the launch and the references are what cost time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -167,3 +172,44 @@ def test_leaving_the_process_group_exits_at_once_with_the_output_flushed_and_wit
         assert (done.returncode, done.stdout) == (0, "written"), done.stderr
     else:
         assert (done.returncode, done.stdout) == (3, "written after"), done.stderr
+
+
+@pytest.mark.slow  # two extra Python processes, three tiny 2-task MoRA runs on them: about a minute on 2 cores
+def test_mora_resumes_mid_sequence_under_ddp(tokenizer, tmp_path, subtests):
+    # 2 optimizer steps per task; `max_steps=3` stops the run one step into task 1, after MoRA added that task's
+    # ranks and DDP was rewrapped around them. Resumed from its last.ckpt on the same 2 processes, the run must add
+    # the ranks again before loading them, train step 3 on the uninterrupted run's samples with its loss, on each
+    # rank, and end with its weights on both ranks
+    base = _save_tiny_model(tokenizer, tmp_path / "base", 0)
+
+    def run(name: str, steps: int, *extra: str) -> list[str]:
+        return ["fit", "--config", str(ROOT / "configs/mora/continual.yaml"), "--trainer.strategy=ddp",
+                "--trainer.devices=2", "--trainer.max_epochs=2", f"--trainer.max_steps={steps}",
+                "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                f"--trainer.logger.init_args.name=mora_{name}", "--data.init_args.order=[count, position_lr]",
+                "--data.init_args.steps_per_task=4", "--data.init_args.batch_size=2",
+                "--trainer.callbacks+=" + json.dumps({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                                      "init_args": {"dirpath": str(tmp_path / name), "every_n_train_steps": 1,
+                                                                    "save_last": True, "save_top_k": 0}}),
+                f"--model.init_args.backbone.pretrained={base}", *record_batches(tmp_path / f"{name}_batches"),
+                *extra]
+
+    stopped = tmp_path / "stopped" / "last.ckpt"
+    train_on_two_processes([run("stopped", 3), run("resumed", 4, f"--ckpt_path={stopped}"), run("uninterrupted", 4)],
+                           tmp_path / "two", tmp_path)
+    with subtests.test(msg="the stopped run's checkpoint is one step into task 1"):
+        checkpoint = torch.load(stopped, weights_only=False)
+        assert checkpoint["global_step"] == 3 and checkpoint["epoch"] == 1
+    resumed, uninterrupted = (recorded_batches(tmp_path / f"{name}_batches") for name in ("resumed", "uninterrupted"))
+    for rank in (0, 1):
+        with subtests.test(msg=f"rank {rank}: the resumed step's samples and loss"):
+            assert sorted(resumed[rank]) == [3] and resumed[rank][3] == uninterrupted[rank][3]
+    for rank, suffix in ((0, ""), (1, ".rank1")):
+        with subtests.test(msg=f"rank {rank}: the resumed run's weights"):
+            ended, reference = (torch.load(tmp_path / "two" / f"{i}{suffix}.pt") for i in (1, 2))
+            assert ended["global_step"] == reference["global_step"] == 4
+            assert ended["state"].keys() == reference["state"].keys()
+            assert any(".lora_A.1" in name for name in ended["state"]), "task 1's ranks train"
+            different = [name for name, value in reference["state"].items() if not torch.equal(ended["state"][name], value)]
+            assert not different, f"rank {rank}: {len(different)} tensors differ, e.g. {different[:3]}"
