@@ -1,23 +1,27 @@
-"""Seeds in parallel processes on a small machine: what `--jobs` costs and saves when the processes have more
-torch threads together than there are cores, and that the results do not move with it.
+"""Seeds in parallel processes on a small machine: what `--jobs` costs when the processes have more torch threads
+together than there are cores, and that the results do not move with it.
 
-    python benchmarks/seed_processes.py [--steps 60] [--threads 2] [--seeds 2] [--quick] [--out DIR]
+    python benchmarks/seed_processes.py [--steps 60] [--threads 2] [--seeds N] [--quick] [--out DIR]
 
 Every seed trains the `make run` model (configs/quickstart.yaml: the tiny Llama with its MoE layer and the
 tiny CLIP tower) for `--steps` steps on the shipped shapes data, through the CLI (`lightning_moe.cli.main`),
-without validation, logger or checkpoint, and returns a digest of its trained weights. The seeds run four ways,
-each through `experiments.map_seeds` or a pool like it (spawned processes, a fresh torch in each):
+without validation, logger or checkpoint, and returns a digest of its trained weights. `--seeds` (by default
+as many as the cores, 2 to 4: with `--threads 2` up to 4 cores are asked for twice their number) run four ways, each in spawned processes
+(a fresh torch in each):
 
-a. one at a time: one process, `--threads` threads (`--jobs 1`, but in a process of its own like the others);
-b. all at once, one process per seed, `--threads` threads each, the waiting policy `map_seeds` gives them
-   (`OMP_WAIT_POLICY=PASSIVE` when they ask for more threads than the cores: `seed_process_environment`);
-c. as b, with OMP_WAIT_POLICY=ACTIVE (OpenMP's spinning waits, what b had before `map_seeds` set the policy);
-d. all at once with 1 thread each: a different float reduction order, so its digests should differ from a's
-   (that is what makes the equality of b's and c's digests with a's a check that can fail).
+a. one at a time: one process of `--threads` threads (what `--jobs 1` runs, in a process of its own like the
+   others);
+b. at once through `experiments.map_seeds`, one process per seed, `--threads` threads each, with the waiting
+   policy it gives them (`OMP_WAIT_POLICY=PASSIVE` when they ask for more threads than the cores:
+   `seed_process_environment`);
+c. at once, one process per seed, `--threads` threads each, with the environment's OMP_WAIT_POLICY (unset:
+   OpenMP's default, a waiting thread spins for a while before it sleeps);
+d. at once through `map_seeds` with 1 thread each: another float reduction order, so its digests should differ
+   from a's (which makes the equality of b's and c's digests with a's a check that can fail).
 
 Parity: each seed's digest in b and c equals its digest in a (else the script exits 1). The table gives each
 way's wall time (process start-up and data set-up included: what a run of seeds costs) and its ratio to a,
-with the date, the threads and the commit; `--out DIR` writes DIR/results.json.
+with the date, the cores and the commit; `--out DIR` writes DIR/results.json.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import datetime
 import hashlib
 import json
 import multiprocessing
+import os
 import platform
 import sys
 import tempfile
@@ -39,8 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from lightning_moe.experiments import (_seed_worker_start, available_cores, environment_variables,  # noqa: E402
-                                       map_seeds, quiet, seed_process_environment)
+from lightning_moe.experiments import (_seed_worker_start, available_cores, map_seeds, quiet,  # noqa: E402
+                                       seed_process_environment)
 from lightning_moe.provenance import git_state, provenance_words  # noqa: E402
 
 
@@ -60,11 +65,12 @@ def train_seed(steps: int, quick: bool, seed: int) -> str:
                                    for name in sorted(state))).hexdigest()[:16]
 
 
-def one_at_a_time(fn, seeds: list[int], threads: int) -> dict[int, str]:
-    """The seeds one after another in one spawned process of `threads` threads."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+def in_processes(train, seeds: list[int], processes: int, threads: int) -> dict[int, str]:
+    """The seeds in `processes` spawned processes of `threads` threads each, with this process's environment as it
+    is (no waiting policy added)."""
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_seed_worker_start, initargs=(threads,)) as pool:
-        return dict(zip(seeds, pool.map(fn, seeds)))
+        return dict(zip(seeds, pool.map(train, seeds)))
 
 
 def timed(run) -> tuple[dict[int, str], float]:
@@ -77,41 +83,45 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps per seed")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each process in ways a to c")
-    parser.add_argument("--seeds", type=int, default=2, help="how many seeds (processes at once in b to d)")
+    parser.add_argument("--seeds", type=int, default=max(2, min(available_cores(), 4)),
+                        help="how many seeds, at least 2 (processes at once in b to d; default: one per core, 2 to 4)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 steps of batch 4 on 16 samples, without way c (the slowest)")
+                        help="smoke run: 2 steps of batch 4 on 16 samples per domain, without way c (the slowest)")
     parser.add_argument("--out", type=Path, default=None, help="also write results.json here")
     args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: one seed runs in this process, never at once")
     provenance = git_state()  # when the run starts
     if args.quick:
         args.steps = 2
     seeds, cores = list(range(args.seeds)), available_cores()
-    fn = partial(train_seed, args.steps, args.quick)
+    train = partial(train_seed, args.steps, args.quick)
     policy = seed_process_environment(len(seeds), args.threads, cores).get("OMP_WAIT_POLICY", "unchanged")
-    ways = {
-        "a. one at a time": (f"1 x {args.threads}", lambda: one_at_a_time(fn, seeds, args.threads)),
-        f"b. at once, wait policy {policy}": (f"{len(seeds)} x {args.threads}",
-                                              lambda: map_seeds(fn, seeds, len(seeds), args.threads)),
-        "c. at once, OMP_WAIT_POLICY=ACTIVE": (f"{len(seeds)} x {args.threads}", lambda: _active(fn, seeds, args)),
-        "d. at once, 1 thread each": (f"{len(seeds)} x 1", lambda: map_seeds(fn, seeds, len(seeds), 1)),
+    ways = {  # key: (row label, processes x threads, the run)
+        "a": ("a. one at a time", f"1 x {args.threads}", lambda: in_processes(train, seeds, 1, args.threads)),
+        "b": (f"b. at once, map_seeds: wait policy {policy}", f"{len(seeds)} x {args.threads}",
+              lambda: map_seeds(train, seeds, len(seeds), args.threads)),
+        "c": (f"c. at once, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}",
+              f"{len(seeds)} x {args.threads}", lambda: in_processes(train, seeds, len(seeds), args.threads)),
+        "d": ("d. at once, 1 thread each", f"{len(seeds)} x 1", lambda: map_seeds(train, seeds, len(seeds), 1)),
     }
     if args.quick:
-        ways = {name: way for name, way in ways.items() if not name.startswith("c.")}
-    found = {name: timed(run) for name, (_, run) in ways.items()}
-    reference_digests, reference_time = found["a. one at a time"]
+        del ways["c"]
+    found = {key: timed(run) for key, (_, _, run) in ways.items()}
+    reference_digests, reference_time = found["a"]
     stamp = (f"{datetime.date.today()}, {platform.machine()} {cores} cores, torch {torch.__version__}, "
              f"{provenance_words(provenance)}")
     print(f"{stamp}, {len(seeds)} seeds of {args.steps} quickstart steps\n")
     print("| way | processes x threads | wall s | / one at a time | weights equal to a's |\n|---|---|---|---|---|")
-    rows = []
-    for name, (shape, _) in ways.items():
-        digests, seconds = found[name]
+    rows = {}
+    for key, (label, shape, _) in ways.items():
+        digests, seconds = found[key]
         same = digests == reference_digests
-        rows.append({"way": name, "processes_x_threads": shape, "wall_s": seconds,
-                     "ratio": seconds / reference_time, "weights_equal": same})
-        print(f"| {name} | {shape} | {seconds:.1f} | {seconds / reference_time:.2f} | {'yes' if same else 'no'} |")
-    parity = all(row["weights_equal"] for row in rows if not row["way"].startswith("d."))
-    sensitive = not rows[-1]["weights_equal"]
+        rows[key] = {"way": label, "processes_x_threads": shape, "wall_s": seconds,
+                     "ratio": seconds / reference_time, "weights_equal": same}
+        print(f"| {label} | {shape} | {seconds:.1f} | {seconds / reference_time:.2f} | {'yes' if same else 'no'} |")
+    parity = all(row["weights_equal"] for key, row in rows.items() if key != "d")
+    sensitive = not rows["d"]["weights_equal"]
     print()
     print("parity: ok (every seed's weights are bit for bit the same one at a time and at once)" if parity else
           "parity: FAILED (a seed's weights changed with the number of processes at once)")
@@ -121,14 +131,9 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({
             "stamp": stamp, **provenance, "command": " ".join(["python", *sys.argv]), "steps": args.steps,
-            "seeds": len(seeds), "threads": args.threads, "cores": cores, "rows": rows, "parity": parity,
+            "seeds": len(seeds), "threads": args.threads, "cores": cores, "rows": list(rows.values()), "parity": parity,
             "thread_count_changes_weights": sensitive}, indent=2))
     return 0 if parity else 1
-
-
-def _active(fn, seeds: list[int], args: argparse.Namespace) -> dict[int, str]:
-    with environment_variables({"OMP_WAIT_POLICY": "ACTIVE"}):
-        return map_seeds(fn, seeds, len(seeds), args.threads)
 
 
 if __name__ == "__main__":

@@ -113,11 +113,12 @@ def available_cores() -> int:
 def seed_process_environment(jobs: int, threads: int, cores: int,
                              environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """What the seed processes' environment gains: `OMP_WAIT_POLICY=PASSIVE` when `jobs` processes of `threads`
-    torch threads ask for more than `cores` and the caller chose no policy. By default a thread that reaches the
-    end of a parallel region spins, waiting for its team; two multi-threaded processes sharing the cores then
-    spend each other's time slices spinning (docs/experiments.md: about 3 x slower). A passive thread sleeps
-    instead. The policy decides how a thread waits, not how the work is split among the threads, so the results
-    are bit for bit those of the processes run one at a time (`benchmarks/seed_processes.py` checks it)."""
+    torch threads ask for more than `cores` and the caller chose no policy. Without a policy, a thread that
+    reaches the end of a parallel region spins for a while before it sleeps, waiting for its team; two
+    multi-threaded processes sharing the cores then spend each other's time slices spinning
+    (`benchmarks/seed_processes.py`, docs/experiments.md). A passive thread sleeps at once. The policy decides how
+    a thread waits, not how the work is split among the threads: the benchmark finds the trained weights bit for
+    bit those of the seeds run one at a time."""
     if jobs <= 1 or threads <= 1 or jobs * threads <= cores or "OMP_WAIT_POLICY" in environ:
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -126,21 +127,24 @@ def seed_process_environment(jobs: int, threads: int, cores: int,
 def oversubscription_warning(jobs: int, threads: int, cores: int,
                              environ: Mapping[str, str] = os.environ) -> str | None:
     """What to say when `jobs` seed processes of `threads` torch threads each ask for more than `cores` and
-    waiting passively (`seed_process_environment`) does not make up for it: one process's team is larger than
-    the cores, or the caller's OMP_WAIT_POLICY keeps the threads spinning. Each parallel region waits for every
-    thread of its team, and a descheduled thread holds its team up for a time slice. None: it fits, or the
-    seed processes wait passively."""
+    waiting passively (`seed_process_environment`) is not known to make up for it: one process's team is larger
+    than the cores, the threads ask for more than twice the cores (the benchmark measured twice), or the
+    caller's OMP_WAIT_POLICY keeps the threads spinning. Each parallel region waits for every thread of its team,
+    and a descheduled thread holds its team up for a time slice. None: it fits, or the seed processes wait
+    passively on at most twice the cores."""
     if threads <= 1 or jobs * threads <= cores:
         return None
     policy = environ.get("OMP_WAIT_POLICY")
-    if jobs > 1 and threads <= cores and (policy is None or policy.lower() == "passive"):
+    passive = policy is None or policy.lower() == "passive"
+    if jobs > 1 and threads <= cores and jobs * threads <= 2 * cores and passive:
         return None
     fitting = min(threads, cores)
-    reason = (f"OMP_WAIT_POLICY={policy} keeps waiting threads spinning on cores the other processes need"
-              if threads <= cores else "each process has more threads than the cores")
+    reason = ("each process has more threads than the cores" if threads > cores else
+              f"OMP_WAIT_POLICY={policy} keeps waiting threads spinning on cores the other processes need"
+              if not passive else "more than twice the cores")
     return (f"warning: --jobs {jobs} x --threads {threads} = {jobs * threads} torch threads on {cores} cores: "
             f"{reason}, and runs slow down several times over; use --jobs {max(1, cores // fitting)} with "
-            f"--threads {fitting}" + (" or unset OMP_WAIT_POLICY" if threads <= cores else ""))
+            f"--threads {fitting}" + (" or unset OMP_WAIT_POLICY" if threads <= cores and not passive else ""))
 
 
 def _seed_worker_start(threads: int | None) -> None:
@@ -156,8 +160,9 @@ def map_seeds(one_seed: Callable[[int], Any], seeds: list[int], jobs: int = 1,
     if jobs <= 1 or len(seeds) <= 1:
         return {seed: one_seed(seed) for seed in seeds}
     workers = min(jobs, len(seeds))
-    extra = seed_process_environment(workers, threads or torch.get_num_threads(), available_cores())
-    with environment_variables(extra), ProcessPoolExecutor(
+    # threads None: a spawned torch's default, one per core
+    wait_policy = seed_process_environment(workers, threads or available_cores(), available_cores())
+    with environment_variables(wait_policy), ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_seed_worker_start,
             initargs=(threads,)) as pool:
         futures = {seed: pool.submit(one_seed, seed) for seed in seeds}

@@ -70,6 +70,9 @@ def test_oversubscribed_threads_are_warned_about(capsys, monkeypatch):
     message = warning(jobs=1, threads=4, cores=2, environ={})
     assert "more threads than the cores" in message and "use --jobs 1 with --threads 2" in message
     assert "use --jobs 1 with --threads 2" in warning(jobs=2, threads=4, cores=2, environ={})
+    # passive waits were measured at twice the cores, not beyond
+    message = warning(jobs=3, threads=2, cores=2, environ={})
+    assert "more than twice the cores" in message and "unset" not in message
     monkeypatch.setattr(experiments, "available_cores", lambda: 2)
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     threads = torch.get_num_threads()
@@ -107,7 +110,7 @@ def test_seed_processes_sharing_the_cores_wait_passively(monkeypatch):
     assert environment_for(jobs=2, threads=2, cores=2, environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {}
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(experiments, "available_cores", lambda: 2)
-    assert map_seeds(wait_policy, [0, 1], jobs=2, threads=2) == {0: "PASSIVE", 1: "PASSIVE"}  # spawned: slow
+    assert map_seeds(wait_policy, [0, 1], jobs=2, threads=2) == {0: "PASSIVE", 1: "PASSIVE"}  # in the children
     assert "OMP_WAIT_POLICY" not in os.environ
 
 
