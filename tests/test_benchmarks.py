@@ -178,7 +178,7 @@ def test_moe_layer_cuda_mode_runs_on_the_cpu_and_says_what_it_skips():
     assert "parity: ok (in bfloat16" in stdout, stdout[-2000:]
 
 
-@pytest.mark.slow  # five spawned processes on 2 cores, each importing the project
+@pytest.mark.slow  # fresh processes (one, then one per seed), each importing the project
 def test_seed_processes_benchmark_checks_that_weights_do_not_move_with_jobs(tmp_path):
     """benchmarks/seed_processes.py --quick: every seed's trained weights are bit for bit the same whether the
     seeds run one at a time or at once (with more threads than the cores, up to 4 cores); it writes the table with

@@ -1,6 +1,6 @@
 """The packaged SmolLM2-135M-Instruct through the template (docs/real_model.md; marked `real_model`, skipped
 without the `real` extra): the shipped retention set is answered right by the model as loaded from its GGUF;
-MoE-LLaVA upcycling leaves every greedy answer and every logit on it where it was; a two-step run of
+MoE-LLaVA upcycling leaves the greedy answers and logits on every third of its questions where they were; a two-step run of
 configs/real/ stage 3 saves, exports with `python -m lightning_moe.export` and reloads in plain transformers
 with the same greedy answers and logits; EdgeMoE stores of the upcycled model keep its answers with int8 experts and
 lose them with int2 experts."""
@@ -39,17 +39,19 @@ def records():
 
 
 @requires_real_model
-@pytest.mark.slow  # 57 questions, twice, through a 135M-parameter LLM
+@pytest.mark.slow  # 57 questions, then 19 of them again through the sparse model, of a 135M-parameter LLM
 def test_upcycling_leaves_retention_answers_and_logits_unchanged(records):
     tokenizer = load_tokenizer(REAL_MODEL)
     model = load_backbone(REAL_MODEL).eval()
     before = evaluate_retention(model, tokenizer, records)
     assert all(before.correct), [a for a, ok in zip(before.answers, before.correct) if not ok]  # the set's check
     upcycle(model, MoEConfig(num_experts=4, top_k=2, layers="::2"))
-    after = evaluate_retention(model.eval(), tokenizer, records)
-    assert after.answers == before.answers
-    torch.testing.assert_close(after.next_token_logits, before.next_token_logits, rtol=0, atol=UPCYCLE_ATOL)
-    torch.testing.assert_close(after.answer_logprobs, before.answer_logprobs, rtol=0, atol=UPCYCLE_ATOL)
+    # every third question: a wrongly upcycled layer moves every question's logits, and each question through the
+    # sparse model costs seconds on a CPU
+    after = evaluate_retention(model.eval(), tokenizer, records[::3])
+    assert after.answers == before.answers[::3]
+    torch.testing.assert_close(after.next_token_logits, before.next_token_logits[::3], rtol=0, atol=UPCYCLE_ATOL)
+    torch.testing.assert_close(after.answer_logprobs, before.answer_logprobs[::3], rtol=0, atol=UPCYCLE_ATOL)
 
 
 @requires_real_model

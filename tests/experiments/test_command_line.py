@@ -92,14 +92,15 @@ def test_oversubscribed_threads_are_warned_about(capsys, monkeypatch):
         torch.set_num_threads(threads)
 
 
-def wait_policy(_seed: int) -> str | None:
-    return os.environ.get("OMP_WAIT_POLICY")
+def seed_process_state(seed: int) -> tuple[int, str | None]:
+    """What a seed's process returns and sees: its seed's absolute value and its OMP_WAIT_POLICY."""
+    return abs(seed), os.environ.get("OMP_WAIT_POLICY")
 
 
 def test_seed_processes_sharing_the_cores_wait_passively(monkeypatch):
     """Seed processes with more torch threads together than the cores get OMP_WAIT_POLICY=PASSIVE (their threads
     sleep at the end of a parallel region instead of spinning on a core another process needs); a policy the
-    caller set is theirs to keep, and the calling process's environment is left as it was."""
+    caller set is theirs to keep."""
     from lightning_moe import experiments
 
     environment_for = experiments.seed_process_environment
@@ -108,10 +109,7 @@ def test_seed_processes_sharing_the_cores_wait_passively(monkeypatch):
     assert environment_for(jobs=2, threads=2, cores=4, environ={}) == {}  # it fits
     assert environment_for(jobs=1, threads=4, cores=2, environ={}) == {}  # no seed processes: this process's own
     assert environment_for(jobs=2, threads=2, cores=2, environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {}
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(experiments, "available_cores", lambda: 2)
-    assert map_seeds(wait_policy, [0, 1], jobs=2, threads=2) == {0: "PASSIVE", 1: "PASSIVE"}  # in the children
-    assert "OMP_WAIT_POLICY" not in os.environ
+    # what the children see: test_seeds_run_in_parallel_processes_and_come_back_by_seed
 
 
 def test_seed_directories():
@@ -134,9 +132,15 @@ def test_environment_records_threads_versions_and_the_commit():
     assert provenance_words({"git_commit": None}) == "commit unknown (not a git checkout)"
 
 
-def test_seeds_run_in_parallel_processes_and_come_back_by_seed():
-    # two spawned processes, one thread each: the results are collected per seed, whichever finishes first
-    assert map_seeds(abs, [-2, -1], jobs=2, threads=1) == {-2: 2, -1: 1}
+def test_seeds_run_in_parallel_processes_and_come_back_by_seed(monkeypatch):
+    # two spawned processes of 2 threads on "2 cores": the results are collected per seed, whichever finishes
+    # first; the children wait passively (seed_process_environment), the calling process's environment stays as it was
+    from lightning_moe import experiments
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(experiments, "available_cores", lambda: 2)
+    assert map_seeds(seed_process_state, [-2, -1], jobs=2, threads=2) == {-2: (2, "PASSIVE"), -1: (1, "PASSIVE")}
+    assert "OMP_WAIT_POLICY" not in os.environ
     assert map_seeds(abs, [-3], jobs=4) == {-3: 3}  # one seed: in this process
     threads = torch.get_num_threads()
     try:
