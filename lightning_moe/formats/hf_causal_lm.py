@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..models.architecture import (MoEFamily, adapter_modules, decoder_layers, expert_layers, hf_moe_keys,
                                    sparse_export_config)
 from ..models.checkpoint import adapter_ops
+from ..models.meta import materialize, parameters_on_meta
 from ..models.multimodal import MultimodalLM
 from .base import ORIGINAL_LLAVA_KEYS, ModelFormat, read_json_config
 
@@ -114,7 +115,9 @@ def to_hf_causal_lm(model: MultimodalLM) -> PreTrainedModel:
     if layout.config is None:
         return llm
     dtype = next(p.dtype for n, p in llm.named_parameters() if ".router." not in n)
-    hf = AutoModelForCausalLM.from_config(layout.config, dtype=dtype)
+    with parameters_on_meta():  # every weight is loaded next (strictly)
+        hf = AutoModelForCausalLM.from_config(layout.config, dtype=dtype)
+    materialize(hf)
     state = {layout.key(key): value for key, value in llm.state_dict().items()}
     expected = hf.state_dict()
     family = layout.family

@@ -8,6 +8,7 @@
 - `adapters.py`: adapter rules, planned, added, saved, loaded and merged through the kind registry
 - `freeze.py`: parameter groups (`mlp_parameters` among them) and `set_trainable`
 - `checkpoint.py`: the surgery log (`register_surgery`, `replay_surgery`)
+- `meta.py`: building a model without initialising the weights a load fills next (`parameters_on_meta`, `materialize`)
 Importing this package registers the shipped surgeries (upcycle, native_moe, adapters, add_adapter_task) and
 reads the records older code wrote (`checkpoint.register_old_op`). Other model formats on disk (llava-hf,
 original LLaVA, peft, transformers causal LMs, Lightning checkpoints) are read and written by

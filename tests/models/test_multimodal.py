@@ -90,6 +90,49 @@ def test_save_pretrained_round_trips_an_upcycled_model(tmp_path, tokenizer, llm)
                                rtol=0, atol=0)
 
 
+def test_loaders_fill_every_weight_from_the_file_and_draw_no_random_init(tmp_path, tokenizer, monkeypatch):
+    """A saved model, a checkpoint's record and a transformers export are built with uninitialised weights that
+    the load fills: no random draw on a real tensor (seconds for a 135M LLM), and the logits are the saved model's."""
+    from lightning_moe.formats.hf_causal_lm import to_hf_causal_lm
+    from lightning_moe.formats.project import CHECKPOINT_CONFIG_KEY, model_from_checkpoint
+
+    model = build_multimodal(tokenizer, "tiny-llama", TINY_LLM, tiny_encoders()).eval()
+    upcycle(model, MoEConfig(num_experts=3, top_k=2, layers="all"))
+    model.save_pretrained(tmp_path / "m")
+    checkpoint = {CHECKPOINT_CONFIG_KEY: model.config_dict(),
+                  "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    draws = []
+
+    def counted(name):
+        draw = getattr(torch.Tensor, name)
+
+        def drawing(tensor, *args, **kwargs):
+            if not tensor.is_meta:
+                draws.append((name, tuple(tensor.shape)))
+            return draw(tensor, *args, **kwargs)
+        return drawing
+
+    with monkeypatch.context() as patched:
+        for name in ("normal_", "uniform_"):
+            patched.setattr(torch.Tensor, name, counted(name))
+        loaded = MultimodalLM.from_pretrained(tmp_path / "m").eval()
+        from_checkpoint = model_from_checkpoint(checkpoint).eval()
+        hf = to_hf_causal_lm(model).eval()
+    assert draws == []
+    ids, mask = _batch(tokenizer, [f"{IMAGE_TOKEN} " + " ".join(sorted(w for w in tokenizer.get_vocab() if w.isalpha())[:5])])
+    pixels = torch.randn(1, 3, 32, 32)
+    expected = model(ids, mask, pixel_values=pixels).logits
+    for other in (loaded, from_checkpoint):
+        torch.testing.assert_close(other(ids, mask, pixel_values=pixels).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(hf(input_ids=ids[:, 1:]).logits, model.llm(input_ids=ids[:, 1:]).logits)
+    # the oracle counts: building the same model the usual way draws its initial weights
+    with monkeypatch.context() as patched:
+        for name in ("normal_", "uniform_"):
+            patched.setattr(torch.Tensor, name, counted(name))
+        MultimodalLM.from_config_dict(model.config_dict())
+    assert draws
+
+
 def test_from_pretrained_directory_is_required(tmp_path):
     with pytest.raises(FileNotFoundError, match="multimodal_config.json"):
         MultimodalLM.from_pretrained(tmp_path)
