@@ -495,6 +495,7 @@ def _one_seed_in(out: Path, seeds: list[int], one_seed: Callable[[Path, int], tu
     """`one_seed` in the seed's directory, its result `kept` there (SEED_RESULT): an interrupted experiment reruns
     only the seeds that had not finished."""
     directory = seed_directory(out, seed, seeds)
+    directory.mkdir(parents=True, exist_ok=True)  # the seed's runs start inside it (distill's teacher, first)
     summary, table = kept(directory / SEED_RESULT, key, lambda: list(one_seed(directory, seed)),
                           f"seed {seed}: its result")
     return summary, table

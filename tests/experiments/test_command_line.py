@@ -154,6 +154,7 @@ def test_seeds_run_in_parallel_processes_and_come_back_by_seed(monkeypatch):
 
 
 def _counting_seed(calls: list[int], directory: Path, seed: int) -> tuple[dict, str]:
+    assert directory.is_dir(), f"seed {seed} starts in {directory}, which does not exist"  # a run may chdir there first
     calls.append(seed)
     return {"score": {1: seed / 10}}, f"table {seed}"  # an int key: JSON makes it a string
 
