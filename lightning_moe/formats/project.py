@@ -60,7 +60,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkp
     """The `MultimodalLM` a Lightning checkpoint of any method here holds (its recorded config and weights)."""
     if CHECKPOINT_CONFIG_KEY not in checkpoint:
         raise ValueError(f"{path} is not a lightning-moe checkpoint (no {CHECKPOINT_CONFIG_KEY!r} entry)")
-    model = MultimodalLM.empty_from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY], path)
+    model = MultimodalLM.from_config_dict(checkpoint[CHECKPOINT_CONFIG_KEY], path)  # initialised: see from_pretrained
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=True)

@@ -42,7 +42,6 @@ from ..safe_load import hf_load_kwargs, hf_source
 from ..tokens import IGNORE_INDEX
 from .checkpoint import replay_surgery
 from .connectors import build_connector
-from .meta import materialize, parameters_on_meta
 from .encoders import (EncoderConfig, build_encoders, default_encoders, encoder_configs, pooling_from_record,
                        pooling_record)
 from .architecture import moe_family
@@ -340,15 +339,6 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"{source}: {error}") from error
         return model
 
-    @classmethod
-    def empty_from_config_dict(cls, config: dict[str, Any], source: str | Path | None = None) -> "MultimodalLM":
-        """`from_config_dict` with uninitialised parameters, for a load that fills every one next (and fails on a
-        missing key): the random initialisation it skips takes seconds for a 135M-parameter LLM on a CPU."""
-        with parameters_on_meta():
-            model = cls.from_config_dict(config, source)
-        materialize(model)
-        return model
-
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -363,11 +353,14 @@ class MultimodalLM(nn.Module):
             raise FileNotFoundError(
                 f"{config_file} not found: not a MultimodalLM directory (write one with save_pretrained)"
             )
-        model = cls.empty_from_config_dict(json.loads(config_file.read_text()), config_file)
+        # built with its random initialisation, though the load overwrites every weight: a seeded run draws its
+        # new routers and adapters from the random stream after the load, and building on the meta device
+        # (models/meta.py, which the transformers export uses) would move that stream and every seeded result
+        model = cls.from_config_dict(json.loads(config_file.read_text()), config_file)
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
             raise RuntimeError(f"{directory / WEIGHTS_NAME} does not match the recorded model: "
-                               f"missing {missing[:5]}..., unexpected {unexpected[:5]}...")
+                               f"missing {sorted(missing)[:5]}..., unexpected {sorted(unexpected)[:5]}...")
         return model
 
 

@@ -90,9 +90,13 @@ def test_save_pretrained_round_trips_an_upcycled_model(tmp_path, tokenizer, llm)
                                rtol=0, atol=0)
 
 
-def test_loaders_fill_every_weight_from_the_file_and_draw_no_random_init(tmp_path, tokenizer, monkeypatch):
-    """A saved model, a checkpoint's record and a transformers export are built with uninitialised weights that
-    the load fills: no random draw on a real tensor (seconds for a 135M LLM), and the logits are the saved model's."""
+def test_loading_keeps_the_random_stream_of_a_fresh_build_and_the_export_draws_nothing(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    """A saved model and a checkpoint's record load with their random initialisation, so the random stream after
+    a load (where a seeded run draws its new routers and adapters) is a fresh build's; the transformers export
+    builds on the meta device and draws nothing (seconds for a 135M LLM). All three give the saved logits."""
+    from safetensors.torch import load_file, save_file
+
     from lightning_moe.formats.hf_causal_lm import to_hf_causal_lm
     from lightning_moe.formats.project import CHECKPOINT_CONFIG_KEY, model_from_checkpoint
 
@@ -101,36 +105,45 @@ def test_loaders_fill_every_weight_from_the_file_and_draw_no_random_init(tmp_pat
     model.save_pretrained(tmp_path / "m")
     checkpoint = {CHECKPOINT_CONFIG_KEY: model.config_dict(),
                   "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+
+    def stream_after(build):
+        torch.manual_seed(0)
+        built = build()
+        return built, torch.rand(4)
+
+    _, fresh = stream_after(lambda: MultimodalLM.from_config_dict(model.config_dict()))
+    loaded, after_load = stream_after(lambda: MultimodalLM.from_pretrained(tmp_path / "m"))
+    from_checkpoint, after_checkpoint = stream_after(lambda: model_from_checkpoint(checkpoint))
+    torch.testing.assert_close(after_load, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(after_checkpoint, fresh, rtol=0, atol=0)
+
     draws = []
-
-    def counted(name):
-        draw = getattr(torch.Tensor, name)
-
-        def drawing(tensor, *args, **kwargs):
+    for name in ("normal_", "uniform_"):
+        def drawing(tensor, *args, _draw=getattr(torch.Tensor, name), _name=name, **kwargs):
             if not tensor.is_meta:
-                draws.append((name, tuple(tensor.shape)))
-            return draw(tensor, *args, **kwargs)
-        return drawing
-
-    with monkeypatch.context() as patched:
-        for name in ("normal_", "uniform_"):
-            patched.setattr(torch.Tensor, name, counted(name))
-        loaded = MultimodalLM.from_pretrained(tmp_path / "m").eval()
-        from_checkpoint = model_from_checkpoint(checkpoint).eval()
-        hf = to_hf_causal_lm(model).eval()
+                draws.append((_name, tuple(tensor.shape)))
+            return _draw(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, drawing)
+    hf = to_hf_causal_lm(model).eval()
     assert draws == []
+    MultimodalLM.from_config_dict(model.config_dict())
+    assert draws  # the counter sees a build's initialisation
+    monkeypatch.undo()
+
     ids, mask = _batch(tokenizer, [f"{IMAGE_TOKEN} " + " ".join(sorted(w for w in tokenizer.get_vocab() if w.isalpha())[:5])])
     pixels = torch.randn(1, 3, 32, 32)
     expected = model(ids, mask, pixel_values=pixels).logits
-    for other in (loaded, from_checkpoint):
+    for other in (loaded.eval(), from_checkpoint.eval()):
         torch.testing.assert_close(other(ids, mask, pixel_values=pixels).logits, expected, rtol=0, atol=0)
     torch.testing.assert_close(hf(input_ids=ids[:, 1:]).logits, model.llm(input_ids=ids[:, 1:]).logits)
-    # the oracle counts: building the same model the usual way draws its initial weights
-    with monkeypatch.context() as patched:
-        for name in ("normal_", "uniform_"):
-            patched.setattr(torch.Tensor, name, counted(name))
-        MultimodalLM.from_config_dict(model.config_dict())
-    assert draws
+
+    # a weights file that lacks a tensor of the recorded model is an error naming the file and the tensor
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights)
+    with pytest.raises(RuntimeError, match=f"model.safetensors does not match the recorded model: missing .*{dropped}"):
+        MultimodalLM.from_pretrained(tmp_path / "m")
 
 
 def test_from_pretrained_directory_is_required(tmp_path):
